@@ -1,0 +1,3 @@
+from sd4match.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""The ``sd4match`` command: parses arguments, then calls the library.
+
+Errors in the input (a missing file, a bad annotation, a wrong prediction) print one line
+``sd4match: error: <file or pair>: <problem>`` and exit with status 2; ``--debug`` shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from sd4match.errors import Sd4MatchError
+
+DATASET_NAMES = ("spair", "pfpascal", "pfwillow", "synthetic")
+
+
+def _alphas(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not vals or any(not 0 < v <= 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"alphas must lie in (0, 1], got {text!r}")
+    return vals
+
+
+def _dataset_args(p: argparse.ArgumentParser, split: bool = True) -> None:
+    p.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="benchmark name")
+    p.add_argument("--root", required=True, type=Path, help="the dataset's own top folder (DESIGN.md)")
+    if split:
+        p.add_argument("--split", required=True, help="trn, val or test")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sd4match", description="Semantic correspondence with Stable Diffusion features and learned prompts.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pairs", help="export a split's pair records as JSON Lines")
+    _dataset_args(p)
+    p.add_argument("--out", type=Path, help="write here instead of stdout")
+    p.add_argument("--apply-flip", action="store_true", help="PF-Pascal trn: return pairs with flip=1 mirrored")
+    p.set_defaults(func=cmd_pairs)
+
+    p = sub.add_parser("score", help="PCK of a predictions file under a named protocol")
+    _dataset_args(p)
+    p.add_argument("--predictions", required=True, type=Path, help='JSON Lines {"id", "kps"} in original target pixels')
+    p.add_argument("--protocol", default="standard", choices=("standard", "sd4match"))
+    p.add_argument("--alphas", type=_alphas, default=[0.05, 0.1, 0.15], help="comma-separated, default 0.05,0.1,0.15")
+    p.add_argument("--allow-missing", action="store_true", help="score pairs without a prediction as 0")
+    p.add_argument("--json", action="store_true", help="print the score as JSON")
+    p.add_argument("--out", type=Path, help="also write the score JSON here")
+    p.add_argument("--plot", type=Path, help="write a per-category bar chart (PNG)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("datasets", help="inspect datasets")
+    dsub = p.add_subparsers(dest="datasets_command", required=True, metavar="ACTION")
+    c = dsub.add_parser("check", help="what is present and missing; non-zero exit on the first problem")
+    _dataset_args(c, split=False)
+    c.add_argument("--no-images", action="store_true", help="skip reading image headers")
+    c.set_defaults(func=cmd_datasets_check)
+
+    p = sub.add_parser("download", help="fetch a benchmark from its published address")
+    p.add_argument("dataset", choices=("spair", "pfpascal", "pfwillow"))
+    p.add_argument("--root", required=True, type=Path, help="the dataset root to create or complete")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_download)
+    return parser
+
+
+def _open(args):
+    from sd4match.data import open_dataset
+
+    return open_dataset(args.dataset, args.root)
+
+
+def cmd_pairs(args) -> int:
+    from sd4match.data import write_jsonl
+
+    ds = _open(args)
+    recs = ds.pairs(args.split, apply_flip=True) if args.apply_flip and args.dataset == "pfpascal" else ds.pairs(args.split)
+    if args.out is None:
+        write_jsonl(recs, sys.stdout)
+    else:
+        _write_atomic(args.out, lambda fh: write_jsonl(recs, fh))
+        print(f"wrote {len(recs)} pairs to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from sd4match.metrics import format_table, load_predictions, plot_categories, score
+
+    recs = _open(args).pairs(args.split)
+    preds = load_predictions(args.predictions)
+    result = score(recs, preds, protocol=args.protocol, alphas=args.alphas, allow_missing=args.allow_missing, where=str(args.predictions))
+    result["dataset"], result["split"] = args.dataset, args.split
+    text = json.dumps(result, indent=2)
+    if args.out:
+        _write_atomic(args.out, lambda fh: fh.write(text + "\n"))
+    if args.plot:
+        plot_categories(result, args.plot, title=f"{args.dataset}/{args.split}")
+    print(text if args.json else format_table(result, f"{args.dataset}/{args.split}"))
+    return 0
+
+
+def cmd_datasets_check(args) -> int:
+    from sd4match.data.check import check_dataset
+
+    rep = check_dataset(args.dataset, args.root, images=not args.no_images)
+    print(rep.format())
+    if not rep.ok:
+        raise Sd4MatchError(rep.problems[0])
+    return 0
+
+
+def cmd_download(args) -> int:
+    from sd4match.data.download import download
+
+    root = download(args.dataset, args.root, progress=not args.no_progress)
+    print(f"{args.dataset} is in {root}; check it with: sd4match datasets check --dataset {args.dataset} --root {root}", file=sys.stderr)
+    return 0
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same folder; an error leaves ``path`` as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            write(fh)
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except Sd4MatchError as e:
+        if args.debug:
+            raise
+        print(f"sd4match: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"sd4match: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `sd4match pairs ... | head`: the reader left, not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print("sd4match: interrupted", file=sys.stderr)
+        return 130

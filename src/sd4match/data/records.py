@@ -1,0 +1,224 @@
+"""Pair records: the one structure every dataset reader returns.
+
+A record holds what a pair needs for matching and scoring: image paths (relative to the
+dataset root), image sizes, keypoints in original pixels, boxes, and the PCK threshold
+base under both protocols (DESIGN.md). ``to_json`` writes the pair-export format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+
+from sd4match.errors import DataError
+
+Protocol = Literal["standard", "sd4match"]
+PROTOCOLS: tuple[str, ...] = ("standard", "sd4match")
+BaseRule = Literal["bbox", "image", "kps"]
+#: Side of the square frame of the official SD4Match code (the ``sd4match`` protocol).
+SD4MATCH_RESOLUTION = 768
+#: Ground-truth points are clamped to [CLAMP_EPS, R - 1 - CLAMP_EPS] in the sd4match frame.
+CLAMP_EPS = 1e-4
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    return protocol
+
+
+def as_points(values: Any, where: str, what: str) -> np.ndarray:
+    """Turn a list of (x, y) into a float64 array (N, 2); reject bad shapes and NaN/inf."""
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(where, f"{what} is not a list of [x, y] numbers") from None
+    if arr.size == 0:
+        return np.zeros((0, 2), dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise DataError(where, f"{what} has shape {list(arr.shape)}, expected [N, 2]")
+    if not np.isfinite(arr).all():
+        row = int(np.nonzero(~np.isfinite(arr).all(axis=1))[0][0])
+        raise DataError(where, f"{what}[{row}] = {arr[row].tolist()} is not finite")
+    return arr
+
+
+def pck_bases(
+    rule: BaseRule,
+    trg_size: Sequence[int],
+    trg_kps: np.ndarray,
+    trg_bbox: Sequence[float] | None,
+    resolution: int = SD4MATCH_RESOLUTION,
+) -> dict[str, float]:
+    """Threshold base ``b`` of PCK under both protocols.
+
+    Args:
+        rule: ``bbox`` (SPair-71k: max side of the target box), ``image`` (PF-Pascal:
+            max side of the target image) or ``kps`` (PF-Willow: max extent of the
+            target keypoints).
+        trg_size: target image (W, H).
+        trg_kps: target keypoints (N, 2), original pixels.
+        trg_bbox: target box [x1, y1, x2, y2] or None.
+        resolution: side of the square sd4match frame.
+
+    Returns:
+        ``{"standard": b, "sd4match": b'}`` where ``b'`` is measured in the square frame
+        (x scaled by R/W, y by R/H) from unclamped points.
+    """
+    w, h = float(trg_size[0]), float(trg_size[1])
+    sx, sy = resolution / w, resolution / h
+    if rule == "bbox":
+        if trg_bbox is None:
+            raise ValueError("the bbox rule needs a target box")
+        bw, bh = trg_bbox[2] - trg_bbox[0], trg_bbox[3] - trg_bbox[1]
+        return {"standard": float(max(bw, bh)), "sd4match": float(max(bw * sx, bh * sy))}
+    if rule == "image":
+        return {"standard": float(max(w, h)), "sd4match": float(resolution)}
+    if rule == "kps":
+        if len(trg_kps) == 0:
+            return {"standard": 0.0, "sd4match": 0.0}
+        ext = trg_kps.max(axis=0) - trg_kps.min(axis=0)
+        return {"standard": float(max(ext[0], ext[1])), "sd4match": float(max(ext[0] * sx, ext[1] * sy))}
+    raise ValueError(f"unknown PCK base rule {rule!r}; expected bbox, image or kps")
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """One annotated image pair.
+
+    Attributes:
+        id: pair id (SPair-71k: annotation stem; PF datasets: 0-based row in the pair list).
+        category: object category.
+        src, trg: image paths relative to the dataset root, with ``/`` separators.
+        src_size, trg_size: (W, H) in pixels.
+        src_kps, trg_kps: (N, 2) float64 arrays of (x, y) in original pixels, row i of
+            one corresponding to row i of the other.
+        src_bbox, trg_bbox: [x1, y1, x2, y2] or None.
+        pck_base: ``{"standard": b, "sd4match": b}``.
+        meta: dataset-specific fields (SPair difficulty levels, PF-Pascal ``flip``, ...).
+    """
+
+    id: str
+    category: str
+    src: str
+    trg: str
+    src_size: tuple[int, int]
+    trg_size: tuple[int, int]
+    src_kps: np.ndarray
+    trg_kps: np.ndarray
+    src_bbox: tuple[float, float, float, float] | None
+    trg_bbox: tuple[float, float, float, float] | None
+    pck_base: dict[str, float]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_points(self) -> int:
+        return int(self.src_kps.shape[0])
+
+    def to_json(self) -> dict[str, Any]:
+        """The pair-export dict (DESIGN.md, JSON Lines format)."""
+        return {
+            "id": self.id,
+            "category": self.category,
+            "src": self.src,
+            "trg": self.trg,
+            "src_size": list(self.src_size),
+            "trg_size": list(self.trg_size),
+            "src_kps": _plain(self.src_kps),
+            "trg_kps": _plain(self.trg_kps),
+            "src_bbox": None if self.src_bbox is None else _plain(self.src_bbox),
+            "trg_bbox": None if self.trg_bbox is None else _plain(self.trg_bbox),
+            "pck_base": dict(self.pck_base),
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], where: str = "<record>") -> "PairRecord":
+        missing = [k for k in ("id", "category", "src", "trg", "src_size", "trg_size", "src_kps", "trg_kps", "pck_base") if k not in d]
+        if missing:
+            raise DataError(where, f"missing key {missing[0]!r}")
+        return cls(
+            id=str(d["id"]),
+            category=str(d["category"]),
+            src=d["src"],
+            trg=d["trg"],
+            src_size=tuple(int(v) for v in d["src_size"]),
+            trg_size=tuple(int(v) for v in d["trg_size"]),
+            src_kps=as_points(d["src_kps"], where, "src_kps"),
+            trg_kps=as_points(d["trg_kps"], where, "trg_kps"),
+            src_bbox=None if d.get("src_bbox") is None else tuple(float(v) for v in d["src_bbox"]),
+            trg_bbox=None if d.get("trg_bbox") is None else tuple(float(v) for v in d["trg_bbox"]),
+            pck_base={k: float(v) for k, v in d["pck_base"].items()},
+            meta=dict(d.get("meta") or {}),
+        )
+
+    def mirrored(self) -> "PairRecord":
+        """Both images mirrored left-right: x -> W - x for points and boxes.
+
+        The convention of the field's PF-Pascal training code (boxes swap x1/x2).
+        Keypoint order is kept: both images are mirrored, so row i still matches row i.
+        Loading images of the returned record (``sd4match.data.load_pair_images``)
+        mirrors the pixels too.
+        """
+
+        def flip_pts(p: np.ndarray, w: int) -> np.ndarray:
+            q = p.copy()
+            q[:, 0] = w - q[:, 0]
+            return q
+
+        def flip_box(b, w):
+            return None if b is None else (w - b[2], b[1], w - b[0], b[3])
+
+        meta = dict(self.meta)
+        meta["mirrored"] = not bool(meta.get("mirrored", False))
+        return replace(
+            self,
+            src_kps=flip_pts(self.src_kps, self.src_size[0]),
+            trg_kps=flip_pts(self.trg_kps, self.trg_size[0]),
+            src_bbox=flip_box(self.src_bbox, self.src_size[0]),
+            trg_bbox=flip_box(self.trg_bbox, self.trg_size[0]),
+            meta=meta,
+        )
+
+
+def _plain(values: Iterable) -> Any:
+    """Numbers as JSON-friendly Python values: ints stay ints, floats keep full precision."""
+    arr = np.asarray(values)
+    out = arr.tolist()
+
+    def fix(v):
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        if isinstance(v, float) and v.is_integer() and math.isfinite(v):
+            return int(v)
+        return v
+
+    return fix(out)
+
+
+def write_jsonl(records: Iterable[PairRecord], fh) -> int:
+    n = 0
+    for r in records:
+        fh.write(json.dumps(r.to_json()) + "\n")
+        n += 1
+    return n
+
+
+def read_jsonl(path: str | Path) -> list[PairRecord]:
+    path = Path(path)
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}", f"not valid JSON ({e.msg})") from None
+            out.append(PairRecord.from_json(d, f"{path}:{i}"))
+    return out

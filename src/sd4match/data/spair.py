@@ -1,0 +1,114 @@
+"""SPair-71k (Min et al., 2019) in its official layout.
+
+``root`` is the ``SPair-71k/`` folder::
+
+    JPEGImages/<category>/<image>.jpg
+    PairAnnotation/{trn,val,test}/<pair id>.json
+    Layout/large/{trn,val,test}.txt
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sd4match.data.base import PairDataset
+from sd4match.data.records import PairRecord, as_points, pck_bases
+from sd4match.errors import DataError
+
+PAIR_KEYS = (
+    "src_imname", "trg_imname", "src_imsize", "trg_imsize", "src_bndbox", "trg_bndbox",
+    "category", "src_kps", "trg_kps",
+)
+DIFFICULTY_KEYS = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")
+CATEGORIES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor",
+)
+
+
+class SPair71k(PairDataset):
+    name = "spair"
+    splits = ("trn", "val", "test")
+    base_rule = "bbox"
+    required = ("JPEGImages", "PairAnnotation", "Layout")
+
+    def layout_problem(self) -> str | None:
+        if not self.root.is_dir():
+            return "dataset root does not exist"
+        if (self.root / "Layout").is_dir() and (self.root / "PairAnnotation").is_dir():
+            return None
+        hint = " (did you mean its SPair-71k/ subfolder?)" if (self.root / "SPair-71k").is_dir() else ""
+        return f"not a SPair-71k root: expected Layout/large/ and PairAnnotation/ in the folder that holds JPEGImages/{hint}"
+
+    def split_file(self, split: str) -> Path | None:
+        p = self.root / "Layout" / "large" / f"{split}.txt"
+        return p if p.is_file() else None
+
+    def expected_split_file(self, split: str) -> str:
+        return f"Layout/large/{split}.txt"
+
+    def _read_split(self, split: str, path: Path) -> list[PairRecord]:
+        ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [self.read_pair(split, pid) for pid in ids]
+
+    def read_pair(self, split: str, pair_id: str) -> PairRecord:
+        path = self.root / "PairAnnotation" / split / f"{pair_id}.json"
+        if not path.is_file():
+            raise DataError(path, f"pair annotation is missing (listed in Layout/large/{split}.txt)")
+        try:
+            ann = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(path, f"not valid JSON ({e})") from None
+        if not isinstance(ann, dict):
+            raise DataError(path, "expected a JSON object")
+        for key in PAIR_KEYS + DIFFICULTY_KEYS:
+            if key not in ann:
+                raise DataError(path, f"missing key {key!r}")
+        cat = ann["category"]
+        src_kps = as_points(ann["src_kps"], str(path), "src_kps")
+        trg_kps = as_points(ann["trg_kps"], str(path), "trg_kps")
+        if len(src_kps) != len(trg_kps):
+            raise DataError(path, f"{len(src_kps)} source keypoints but {len(trg_kps)} target keypoints")
+        src_size = _size(ann["src_imsize"], path, "src_imsize")
+        trg_size = _size(ann["trg_imsize"], path, "trg_imsize")
+        src_bbox = _box(ann["src_bndbox"], path, "src_bndbox")
+        trg_bbox = _box(ann["trg_bndbox"], path, "trg_bndbox")
+        meta = {k: int(ann[k]) for k in DIFFICULTY_KEYS}
+        meta["mirror"] = int(ann.get("mirror", 0))
+        meta["kps_ids"] = [str(k) for k in ann.get("kps_ids", [])]
+        for k in ("src_pose", "trg_pose"):
+            if k in ann:
+                meta[k] = ann[k]
+        return PairRecord(
+            id=pair_id,
+            category=cat,
+            src=f"JPEGImages/{cat}/{ann['src_imname']}",
+            trg=f"JPEGImages/{cat}/{ann['trg_imname']}",
+            src_size=src_size,
+            trg_size=trg_size,
+            src_kps=src_kps,
+            trg_kps=trg_kps,
+            src_bbox=src_bbox,
+            trg_bbox=trg_bbox,
+            pck_base=pck_bases("bbox", trg_size, trg_kps, trg_bbox),
+            meta=meta,
+        )
+
+
+def _size(v, path: Path, key: str) -> tuple[int, int]:
+    if not isinstance(v, (list, tuple)) or len(v) < 2:
+        raise DataError(path, f"{key} is {v!r}, expected [width, height, depth]")
+    w, h = int(v[0]), int(v[1])
+    if w < 1 or h < 1:
+        raise DataError(path, f"{key} is {v!r}, not a positive size")
+    return w, h
+
+
+def _box(v, path: Path, key: str) -> tuple[float, float, float, float]:
+    if not isinstance(v, (list, tuple)) or len(v) != 4:
+        raise DataError(path, f"{key} is {v!r}, expected [x1, y1, x2, y2]")
+    x1, y1, x2, y2 = (float(a) for a in v)
+    if not (x2 >= x1 and y2 >= y1):
+        raise DataError(path, f"{key} is {v!r}, x2 < x1 or y2 < y1")
+    return x1, y1, x2, y2

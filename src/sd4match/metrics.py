@@ -1,0 +1,258 @@
+"""PCK under named protocols, aggregated per image and per point (DESIGN.md).
+
+A prediction p of target keypoint q is correct at alpha iff ||p - q|| <= alpha * b.
+
+* ``standard``: original target pixels; b from ``record.pck_base["standard"]``.
+* ``sd4match``: points mapped into the R x R frame (x * R / W, y * R / H); ground truth
+  clamped to [1e-4, R - 1 - 1e-4], predictions not clamped; b from
+  ``record.pck_base["sd4match"]`` (measured at R = 768, scaled linearly for another R).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from sd4match.data.records import CLAMP_EPS, SD4MATCH_RESOLUTION, PairRecord, check_protocol
+from sd4match.errors import PredictionError
+
+DEFAULT_ALPHAS: tuple[float, ...] = (0.05, 0.1, 0.15)
+DIFFICULTY_KEYS = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")
+
+
+def alpha_key(alpha: float) -> str:
+    """How an alpha is written as a JSON key: ``0.1`` -> ``"0.1"``."""
+    return f"{float(alpha):g}"
+
+
+def protocol_frame(
+    record: PairRecord,
+    pred: np.ndarray,
+    protocol: str,
+    resolution: int = SD4MATCH_RESOLUTION,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Predicted points, ground-truth points and threshold base in the protocol's frame.
+
+    Shape:
+        pred: (N, 2) in original target pixels. Returns (N, 2), (N, 2), scalar.
+    """
+    check_protocol(protocol)
+    gt = record.trg_kps
+    if protocol == "standard":
+        return np.asarray(pred, dtype=np.float64), gt, record.pck_base["standard"]
+    w, h = record.trg_size
+    scale = np.array([resolution / w, resolution / h])
+    gt_f = np.clip(gt * scale, CLAMP_EPS, resolution - 1 - CLAMP_EPS)
+    base = record.pck_base["sd4match"] * resolution / SD4MATCH_RESOLUTION
+    return np.asarray(pred, dtype=np.float64) * scale, gt_f, base
+
+
+def pck_correct(pred: np.ndarray, gt: np.ndarray, base: float, alphas: Sequence[float]) -> np.ndarray:
+    """Which predictions are correct at each alpha.
+
+    Shape:
+        pred, gt: (N, 2). Returns bool (N, A).
+    """
+    dist = np.linalg.norm(np.asarray(pred, dtype=np.float64) - np.asarray(gt, dtype=np.float64), axis=-1)
+    return dist[:, None] <= np.asarray(alphas, dtype=np.float64)[None, :] * base
+
+
+def load_predictions(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a predictions file: JSON Lines ``{"id": ..., "kps": [[x, y], ...]}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise PredictionError(path, "predictions file is missing")
+    out: dict[str, np.ndarray] = {}
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PredictionError(where, f"not valid JSON ({e.msg})") from None
+            if not isinstance(d, dict) or "id" not in d or "kps" not in d:
+                raise PredictionError(where, 'expected an object with "id" and "kps"')
+            pid = str(d["id"])
+            if pid in out:
+                raise PredictionError(where, f"pair {pid!r} is predicted twice")
+            try:
+                kps = np.asarray(d["kps"], dtype=np.float64)
+            except (TypeError, ValueError):
+                raise PredictionError(where, f"pair {pid!r}: kps is not a list of [x, y] numbers") from None
+            if kps.size == 0:
+                kps = kps.reshape(0, 2)
+            if kps.ndim != 2 or kps.shape[1] != 2:
+                raise PredictionError(where, f"pair {pid!r}: kps has shape {list(kps.shape)}, expected [N, 2]")
+            if not np.isfinite(kps).all():
+                i = int(np.nonzero(~np.isfinite(kps).all(axis=1))[0][0])
+                raise PredictionError(where, f"pair {pid!r}: point {i} is {d['kps'][i]}, not a finite coordinate")
+            out[pid] = kps
+    return out
+
+
+def write_predictions(path: str | Path, predictions: Iterable[tuple[str, np.ndarray]]) -> Path:
+    """Write predictions as JSON Lines (temporary name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for pid, kps in predictions:
+            fh.write(json.dumps({"id": str(pid), "kps": np.asarray(kps, dtype=np.float64).tolist()}) + "\n")
+    tmp.replace(path)
+    return path
+
+
+class _Tally:
+    """Running sums for one group: per-image PCK sum / count and pooled point counts."""
+
+    def __init__(self, n_alphas: int):
+        self.img_sum = np.zeros(n_alphas)
+        self.n_img = 0
+        self.pt_hits = np.zeros(n_alphas)
+        self.n_pt = 0
+
+    def add(self, correct: np.ndarray) -> None:
+        if len(correct) == 0:
+            return
+        self.img_sum += correct.mean(axis=0)
+        self.n_img += 1
+        self.pt_hits += correct.sum(axis=0)
+        self.n_pt += len(correct)
+
+    def per_image(self, keys: list[str]) -> dict[str, float]:
+        return {k: float(v / self.n_img) if self.n_img else math.nan for k, v in zip(keys, self.img_sum)}
+
+    def per_point(self, keys: list[str]) -> dict[str, float]:
+        return {k: float(v / self.n_pt) if self.n_pt else math.nan for k, v in zip(keys, self.pt_hits)}
+
+
+def score(
+    records: Sequence[PairRecord],
+    predictions: Mapping[str, np.ndarray],
+    *,
+    protocol: str = "standard",
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    allow_missing: bool = False,
+    resolution: int = SD4MATCH_RESOLUTION,
+    where: str = "predictions",
+) -> dict:
+    """PCK of ``predictions`` on ``records``, per image and per point.
+
+    Args:
+        records: the pairs of one split.
+        predictions: pair id -> (N, 2) predicted target points in original pixels, one per
+            source keypoint, in annotation order.
+        protocol: ``standard`` or ``sd4match``.
+        alphas: thresholds.
+        allow_missing: score a pair without a prediction as 0 instead of failing.
+        resolution: side of the sd4match frame.
+        where: name of the predictions source, for error messages.
+
+    Returns:
+        ``{"protocol", "alphas", "n_pairs", "n_points", "per_image": {"all", "by_category"
+        [, "by_difficulty"]}, "per_point": {...}}``; alpha keys as strings (``"0.1"``).
+        Pairs without keypoints count in ``n_pairs`` but not in the PCK means.
+    """
+    check_protocol(protocol)
+    alphas = [float(a) for a in alphas]
+    keys = [alpha_key(a) for a in alphas]
+    ids = {r.id for r in records}
+    unknown = [pid for pid in predictions if pid not in ids]
+    if unknown:
+        raise PredictionError(where, f"pair {unknown[0]!r} is not in the pair list being scored ({len(unknown)} unknown ids)")
+    total = _Tally(len(alphas))
+    by_cat: dict[str, _Tally] = defaultdict(lambda: _Tally(len(alphas)))
+    by_diff: dict[str, dict[str, _Tally]] = defaultdict(lambda: defaultdict(lambda: _Tally(len(alphas))))
+    n_points = 0
+    for r in records:
+        pred = predictions.get(r.id)
+        if pred is None:
+            if not allow_missing:
+                raise PredictionError(where, f"no prediction for pair {r.id!r} (use --allow-missing to score it as 0)")
+            correct = np.zeros((r.n_points, len(alphas)), dtype=bool)
+        else:
+            if pred.shape != r.trg_kps.shape:
+                raise PredictionError(where, f"pair {r.id!r}: {len(pred)} predicted points for {r.n_points} source keypoints")
+            p, g, b = protocol_frame(r, pred, protocol, resolution)
+            correct = pck_correct(p, g, b, alphas)
+        n_points += r.n_points
+        total.add(correct)
+        by_cat[r.category].add(correct)
+        for k in DIFFICULTY_KEYS:
+            if k in r.meta:
+                by_diff[k][str(r.meta[k])].add(correct)
+    out = {
+        "protocol": protocol,
+        "alphas": alphas,
+        "n_pairs": len(records),
+        "n_points": n_points,
+        "per_image": {"all": total.per_image(keys), "by_category": {c: t.per_image(keys) for c, t in sorted(by_cat.items())}},
+        "per_point": {"all": total.per_point(keys), "by_category": {c: t.per_point(keys) for c, t in sorted(by_cat.items())}},
+    }
+    if protocol == "sd4match" and resolution != SD4MATCH_RESOLUTION:
+        out["resolution"] = resolution
+    if by_diff:
+        for agg, fn in (("per_image", _Tally.per_image), ("per_point", _Tally.per_point)):
+            out[agg]["by_difficulty"] = {
+                k: {lvl: fn(t, keys) for lvl, t in sorted(levels.items(), key=lambda kv: int(kv[0]))} for k, levels in by_diff.items()
+            }
+    return out
+
+
+def format_table(result: dict, title: str = "") -> str:
+    """A readable table naming the protocol and the aggregation in its headers."""
+    keys = [alpha_key(a) for a in result["alphas"]]
+    head = f"PCK{(' on ' + title) if title else ''} | protocol: {result['protocol']}"
+    if "resolution" in result:
+        head += f" ({result['resolution']} px frame)"
+    head += f" | {result['n_pairs']} pairs, {result['n_points']} points"
+    lines = [head]
+    for agg, label in (("per_image", "per image (mean of pair PCK)"), ("per_point", "per point (all points pooled)")):
+        block = result[agg]
+        rows = [("all", block["all"])] + list(block["by_category"].items())
+        for k, levels in block.get("by_difficulty", {}).items():
+            rows += [(f"{k}={lvl}", v) for lvl, v in levels.items()]
+        width = max(12, *(len(name) for name, _ in rows))
+        lines.append("")
+        lines.append(f"[{label}]")
+        lines.append(f"{'':<{width}}  " + "  ".join(f"{'a=' + k:>7}" for k in keys))
+        for name, vals in rows:
+            lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * vals[k]:7.2f}" for k in keys))
+    lines.append("")
+    lines.append("values in %")
+    return "\n".join(lines)
+
+
+def plot_categories(result: dict, path: str | Path, title: str = "") -> Path:
+    """Per-category per-image PCK as grouped bars (one group per category, one bar per alpha)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    keys = [alpha_key(a) for a in result["alphas"]]
+    cats = list(result["per_image"]["by_category"]) + ["all"]
+    vals = [result["per_image"]["by_category"].get(c, result["per_image"]["all"]) for c in cats]
+    x = np.arange(len(cats))
+    width = 0.8 / len(keys)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(cats) + 2), 4))
+    for i, k in enumerate(keys):
+        ax.bar(x + (i - (len(keys) - 1) / 2) * width, [100 * v[k] for v in vals], width, label=f"α={k}")
+    ax.set_xticks(x, cats, rotation=45, ha="right")
+    ax.set_ylabel("PCK per image (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{title} | protocol: {result['protocol']}".strip(" |"))
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

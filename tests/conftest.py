@@ -1,0 +1,62 @@
+"""Shared test helpers: where the real fixtures are, and stand-in images."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("SD4MATCH_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+
+def fixture_dir(*parts: str) -> Path:
+    """A folder of the real fixtures; skip the test (saying why) where it is absent."""
+    p = FIXTURES.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"real fixtures not found at {p} (set SD4MATCH_FIXTURES)")
+    return p
+
+
+@pytest.fixture
+def spair_root() -> Path:
+    return fixture_dir("SPair-71k")
+
+
+@pytest.fixture
+def willow_root() -> Path:
+    return fixture_dir("pf-willow")
+
+
+@pytest.fixture
+def pascal_lists() -> Path:
+    return fixture_dir("pf-pascal")
+
+
+def stand_in_image(path: Path, size: tuple[int, int], seed: int = 0) -> Path:
+    """A random-noise JPEG/PNG of ``size`` = (W, H): the fixtures ship no images for SPair and PF-Pascal."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def spair_with_images(tmp_path, spair_root) -> Path:
+    """The real SPair-71k annotations plus stand-in JPEGs of the annotated sizes."""
+    import json
+
+    root = tmp_path / "SPair-71k"
+    shutil.copytree(spair_root, root)
+    for split in ("trn", "val", "test"):
+        for f in (root / "PairAnnotation" / split).glob("*.json"):
+            ann = json.loads(f.read_text())
+            for side in ("src", "trg"):
+                p = root / "JPEGImages" / ann["category"] / ann[f"{side}_imname"]
+                if not p.exists():
+                    stand_in_image(p, tuple(ann[f"{side}_imsize"][:2]))
+    return root
