@@ -1,0 +1,141 @@
+"""The command line: pair export, scoring, dataset checks, one-line errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sd4match.cli import main
+
+
+def run(*args):
+    """Run ``python -m sd4match`` in a fresh process: exit code, stdout, stderr."""
+    p = subprocess.run([sys.executable, "-m", "sd4match", *map(str, args)], capture_output=True, text=True)
+    return p.returncode, p.stdout, p.stderr
+
+
+def assert_one_line_error(rc, err, *fragments):
+    assert rc != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("sd4match: error: ")
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_pairs_export_format(tmp_path, spair_root):
+    out = tmp_path / "pairs.jsonl"
+    assert main(["pairs", "--dataset", "spair", "--root", str(spair_root), "--split", "test", "--out", str(out)]) == 0
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(rows) == 27
+    first = rows[0]
+    assert list(first) == ["id", "category", "src", "trg", "src_size", "trg_size", "src_kps", "trg_kps", "src_bbox", "trg_bbox", "pck_base", "meta"]
+    raw = json.loads((spair_root / "PairAnnotation/test" / f"{first['id']}.json").read_text())
+    assert first["trg_kps"] == raw["trg_kps"] and first["trg_bbox"] == raw["trg_bndbox"]
+    assert first["src_size"] == raw["src_imsize"][:2]
+    assert first["pck_base"]["standard"] == 464
+
+
+def _willow_predictions(tmp_path, willow_root, noise_px, seed=0):
+    from sd4match.data import open_dataset
+
+    recs = open_dataset("pfwillow", willow_root).pairs("test")
+    rng = np.random.default_rng(seed)
+    path = tmp_path / "pred.jsonl"
+    with open(path, "w") as fh:
+        for r in recs:
+            fh.write(json.dumps({"id": r.id, "kps": (r.trg_kps + rng.normal(0, noise_px, r.trg_kps.shape)).tolist()}) + "\n")
+    return recs, path
+
+
+def test_score_cli_matches_library_and_hand_count(tmp_path, willow_root):
+    recs, path = _willow_predictions(tmp_path, willow_root, noise_px=8.0)
+    rc, out, err = run("score", "--dataset", "pfwillow", "--root", willow_root, "--split", "test", "--predictions", path, "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["protocol"] == "standard" and res["n_pairs"] == 450 and res["n_points"] == 4500
+    assert set(res["per_image"]["all"]) == {"0.05", "0.1", "0.15"}
+    # independent count: distances against alpha * max extent of the target points
+    preds = [json.loads(l)["kps"] for l in path.read_text().splitlines()]
+    hits = [np.linalg.norm(np.array(p) - r.trg_kps, axis=1) <= 0.1 * max(r.trg_kps.max(0) - r.trg_kps.min(0)) for p, r in zip(preds, recs)]
+    assert res["per_point"]["all"]["0.1"] == pytest.approx(np.concatenate(hits).mean())
+    assert res["per_image"]["all"]["0.1"] == pytest.approx(np.mean([h.mean() for h in hits]))
+    assert set(res["per_image"]["by_category"]) == {"car(G)", "car(S)", "duck(S)", "motorbike(M)", "winebottle(wC)"}
+
+
+def test_score_table_and_plot(tmp_path, willow_root):
+    _, path = _willow_predictions(tmp_path, willow_root, noise_px=8.0)
+    png = tmp_path / "bars.png"
+    rc, out, err = run("score", "--dataset", "pfwillow", "--root", willow_root, "--split", "test", "--predictions", path, "--protocol", "sd4match", "--plot", png)
+    assert rc == 0, err
+    assert "protocol: sd4match" in out.splitlines()[0]
+    assert "[per image (mean of pair PCK)]" in out and "[per point (all points pooled)]" in out
+    im = Image.open(png)
+    assert im.width > 300 and im.height > 200
+    assert np.asarray(im.convert("L")).std() > 5  # not blank
+
+
+def test_score_errors(tmp_path, willow_root):
+    recs, path = _willow_predictions(tmp_path, willow_root, noise_px=1.0)
+    lines = path.read_text().splitlines()
+    base = ["score", "--dataset", "pfwillow", "--root", willow_root, "--split", "test", "--predictions"]
+    bad = tmp_path / "bad.jsonl"
+    d = json.loads(lines[5]); d["kps"] = d["kps"][:9]
+    bad.write_text("\n".join(lines[:5] + [json.dumps(d)] + lines[6:]) + "\n")
+    assert_one_line_error(*run(*base, bad)[::2], "pair '5': 9 predicted points for 10 source keypoints")
+    bad.write_text("\n".join(lines + [json.dumps({"id": "9999", "kps": d["kps"]})]) + "\n")
+    assert_one_line_error(*run(*base, bad)[::2], "pair '9999' is not in the pair list")
+    bad.write_text("\n".join(lines[1:]) + "\n")
+    assert_one_line_error(*run(*base, bad)[::2], "no prediction for pair '0'", "--allow-missing")
+    d = json.loads(lines[0]); d["kps"][3][1] = float("nan")
+    bad.write_text("\n".join([json.dumps(d)] + lines[1:]) + "\n")
+    assert_one_line_error(*run(*base, bad)[::2], "bad.jsonl:1", "pair '0': point 3", "not a finite coordinate")
+    rc, _, err = run("--debug", *base, bad)
+    assert rc != 0 and "Traceback" in err
+
+
+def test_dataset_errors_are_one_line(tmp_path, willow_root, spair_root):
+    root = tmp_path / "pf-willow"
+    shutil.copytree(willow_root, root)
+    (root / "PF-dataset/duck(S)/060_0002.png").unlink()
+    assert_one_line_error(*run("pairs", "--dataset", "pfwillow", "--root", root, "--split", "test")[::2], "060_0002.png", "image file is missing")
+    (root / "PF-dataset/duck(S)/060_0002.png").write_bytes(b"GIF89a garbage")
+    assert_one_line_error(*run("pairs", "--dataset", "pfwillow", "--root", root, "--split", "test")[::2], "060_0002.png", "not a readable image")
+    assert_one_line_error(*run("pairs", "--dataset", "spair", "--root", tmp_path, "--split", "test")[::2], str(tmp_path), "not a SPair-71k root")
+    sp = tmp_path / "sp"
+    shutil.copytree(spair_root, sp)
+    f = next((sp / "PairAnnotation/test").glob("000001-*.json"))
+    ann = json.loads(f.read_text()); del ann["src_bndbox"]; f.write_text(json.dumps(ann))
+    assert_one_line_error(*run("pairs", "--dataset", "spair", "--root", sp, "--split", "test")[::2], f.name, "missing key 'src_bndbox'")
+
+
+def test_pairs_out_failure_keeps_existing_file(tmp_path, willow_root):
+    out = tmp_path / "pairs.jsonl"
+    out.write_text("precious\n")
+    root = tmp_path / "w"
+    shutil.copytree(willow_root, root)
+    (root / "PF-dataset/duck(S)/060_0002.png").unlink()
+    rc, _, _ = run("pairs", "--dataset", "pfwillow", "--root", root, "--split", "test", "--out", out)
+    assert rc != 0 and out.read_text() == "precious\n"
+
+
+def test_datasets_check(tmp_path, willow_root, spair_root, spair_with_images):
+    rc, out, err = run("datasets", "check", "--dataset", "pfwillow", "--root", willow_root)
+    assert rc == 0, err
+    assert "test  450 pairs" in out and "duck(S) 90" in out and "complete" in out
+    rc, out, err = run("datasets", "check", "--dataset", "spair", "--root", spair_with_images)
+    assert rc == 0, err
+    assert "test  27 pairs" in out and "trn   2 pairs" in out
+    # the annotation-only fixture lacks JPEGImages/: non-zero exit naming it
+    rc, out, err = run("datasets", "check", "--dataset", "spair", "--root", spair_root)
+    assert_one_line_error(rc, err, "JPEGImages: missing")
+    # one image unreadable: named
+    victim = next((spair_with_images / "JPEGImages/bird").glob("*.jpg"))
+    victim.write_bytes(victim.read_bytes()[:20])
+    rc, out, err = run("datasets", "check", "--dataset", "spair", "--root", spair_with_images)
+    assert_one_line_error(rc, err, victim.name)

@@ -1,0 +1,107 @@
+"""PCK scoring against hand-computed values, both protocols and both aggregations."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sd4match.data.records import PairRecord, pck_bases
+from sd4match.errors import PredictionError
+from sd4match.metrics import alpha_key, load_predictions, score
+
+
+def rec(pid, cat, trg_size, trg_kps, rule="image", bbox=None, **meta):
+    trg_kps = np.asarray(trg_kps, dtype=float)
+    return PairRecord(
+        id=pid, category=cat, src="a.jpg", trg="b.jpg", src_size=trg_size, trg_size=trg_size,
+        src_kps=trg_kps.copy(), trg_kps=trg_kps, src_bbox=bbox, trg_bbox=bbox,
+        pck_base=pck_bases(rule, trg_size, trg_kps, bbox), meta=meta,
+    )
+
+
+def test_alpha_keys():
+    assert [alpha_key(a) for a in (0.05, 0.1, 0.15, 1.0)] == ["0.05", "0.1", "0.15", "1"]
+
+
+def test_per_image_vs_per_point_by_hand():
+    # square 100 x 100 images, image rule: standard b = 100, threshold at alpha 0.1 = 10 px
+    a = rec("a", "cat", (100, 100), [[50, 50]])
+    b = rec("b", "dog", (100, 100), [[10, 10], [20, 20], [30, 30]])
+    preds = {
+        "a": np.array([[55.0, 50.0]]),  # 5 px: correct at 0.1 and 0.15, wrong at 0.05 (5 <= 5 -> correct!)
+        "b": np.array([[10.0, 22.0], [20.0, 35.0], [30.0, 30.0]]),  # 12 px, 15 px, 0 px
+    }
+    res = score([a, b], preds, protocol="standard", alphas=[0.05, 0.1, 0.15])
+    # alpha 0.05 -> 5 px: a correct (5 <= 5); b: only the 0 px point
+    # alpha 0.1 -> 10 px: a correct; b: 1 of 3
+    # alpha 0.15 -> 15 px: a correct; b: all 3 (12, 15, 0)
+    assert res["per_image"]["all"] == pytest.approx({"0.05": (1 + 1 / 3) / 2, "0.1": (1 + 1 / 3) / 2, "0.15": 1.0})
+    assert res["per_point"]["all"] == pytest.approx({"0.05": 2 / 4, "0.1": 2 / 4, "0.15": 1.0})
+    assert res["per_image"]["by_category"]["dog"] == pytest.approx({"0.05": 1 / 3, "0.1": 1 / 3, "0.15": 1.0})
+    assert res["n_pairs"] == 2 and res["n_points"] == 4 and res["protocol"] == "standard"
+
+
+def test_protocols_disagree_on_non_square_image():
+    # target 200 (W) x 100 (H); image rule: standard b = 200 -> 20 px at alpha 0.1;
+    # sd4match: frame scale (3.84, 7.68), b = 768 -> 76.8 at alpha 0.1.
+    r = rec("p", "x", (200, 100), [[100, 50], [100, 50], [0, 0]])
+    pred = np.array(
+        [
+            [100.0, 65.0],  # 15 px down: standard correct (15 <= 20); sd4match 115.2 > 76.8 wrong
+            [119.0, 50.0],  # 19 px right: standard correct; sd4match 72.96 <= 76.8 correct
+            [0.0, 9.0],  # gt (0,0) is clamped to (1e-4, 1e-4) in the frame; pred (0, 69.12): dist 69.12 -> correct in both
+        ]
+    )
+    std = score([r], {"p": pred}, protocol="standard", alphas=[0.1])
+    sd = score([r], {"p": pred}, protocol="sd4match", alphas=[0.1])
+    assert std["per_point"]["all"]["0.1"] == pytest.approx(3 / 3)
+    assert sd["per_point"]["all"]["0.1"] == pytest.approx(2 / 3)
+
+
+def test_sd4match_clamp_and_bbox_base():
+    # SPair-like bbox rule on a 400 x 200 target, box 100 x 100 -> standard b = 100,
+    # sd4match b = max(100 * 768/400, 100 * 768/200) = 384. alpha 0.05 -> 5 px vs 19.2.
+    box = (0.0, 0.0, 100.0, 100.0)
+    r = rec("s", "x", (400, 200), [[400, 200]], rule="bbox", bbox=box)
+    assert r.pck_base == {"standard": 100.0, "sd4match": 384.0}
+    pred = np.array([[400.0, 200.0]])
+    # standard: exact hit. sd4match: gt (768, 768) clamped to 767 - 1e-4; pred maps to (768, 768):
+    # distance sqrt(2) * (1 + 1e-4) = 1.4144 <= 19.2 -> correct; at alpha 0.001 (0.384) wrong.
+    res = score([r], {"s": pred}, protocol="sd4match", alphas=[0.05, 0.001])
+    assert res["per_point"]["all"] == {"0.05": 1.0, "0.001": 0.0}
+    assert score([r], {"s": pred}, protocol="standard", alphas=[0.001])["per_point"]["all"]["0.001"] == 1.0
+
+
+def test_difficulty_groups():
+    a = rec("a", "c", (100, 100), [[50, 50]], occlusion=0, truncation=1, viewpoint_variation=0, scale_variation=2)
+    b = rec("b", "c", (100, 100), [[50, 50]], occlusion=1, truncation=1, viewpoint_variation=0, scale_variation=2)
+    res = score([a, b], {"a": np.array([[50.0, 50]]), "b": np.array([[90.0, 90]])}, alphas=[0.1])
+    assert res["per_image"]["by_difficulty"]["occlusion"] == {"0": {"0.1": 1.0}, "1": {"0.1": 0.0}}
+    assert res["per_point"]["by_difficulty"]["truncation"] == {"1": {"0.1": 0.5}}
+
+
+def test_missing_unknown_and_wrong_count():
+    a = rec("a", "c", (100, 100), [[50, 50], [10, 10]])
+    with pytest.raises(PredictionError, match="no prediction for pair 'a'"):
+        score([a], {}, alphas=[0.1])
+    assert score([a], {}, alphas=[0.1], allow_missing=True)["per_image"]["all"]["0.1"] == 0.0
+    with pytest.raises(PredictionError, match="pair 'zz' is not in the pair list"):
+        score([a], {"a": np.zeros((2, 2)), "zz": np.zeros((2, 2))}, alphas=[0.1])
+    with pytest.raises(PredictionError, match="pair 'a': 1 predicted points for 2 source keypoints"):
+        score([a], {"a": np.zeros((1, 2))}, alphas=[0.1])
+
+
+def test_prediction_file_errors(tmp_path):
+    p = tmp_path / "pred.jsonl"
+    p.write_text('{"id": "0", "kps": [[1, 2], [NaN, 3]]}\n')
+    with pytest.raises(PredictionError, match=r"pred\.jsonl:1: pair '0': point 1 is \[nan, 3\], not a finite coordinate"):
+        load_predictions(p)
+    p.write_text('{"id": "0", "kps": [[1, 2]]}\n{"id": "0", "kps": [[1, 2]]}\n')
+    with pytest.raises(PredictionError, match=r"pred\.jsonl:2: pair '0' is predicted twice"):
+        load_predictions(p)
+    p.write_text('{"id": "0", "kps": [[1, 2, 3]]}\n')
+    with pytest.raises(PredictionError, match=r"shape \[1, 3\]"):
+        load_predictions(p)
+    p.write_text('{"id": "0", "kps": [[1, 2]]\n')
+    with pytest.raises(PredictionError, match=r"pred\.jsonl:1: not valid JSON"):
+        load_predictions(p)
