@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("download", help="fetch a benchmark from its published address")
     p.add_argument("dataset", choices=("spair", "pfpascal", "pfwillow"))
     p.add_argument("--root", required=True, type=Path, help="the dataset root to create or complete")
+    p.add_argument("--mirror", help="fetch each file as MIRROR/<file name> instead of its published address")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_download)
     return parser
@@ -121,7 +122,7 @@ def cmd_datasets_check(args) -> int:
 def cmd_download(args) -> int:
     from sd4match.data.download import download
 
-    root = download(args.dataset, args.root, progress=not args.no_progress)
+    root = download(args.dataset, args.root, mirror=args.mirror, progress=not args.no_progress)
     print(f"{args.dataset} is in {root}; check it with: sd4match datasets check --dataset {args.dataset} --root {root}", file=sys.stderr)
     return 0
 

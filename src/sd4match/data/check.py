@@ -43,12 +43,13 @@ def check_dataset(name: str, root: str | Path, *, images: bool = True) -> CheckR
     """Read every split's pair list and annotations, and the header of every image.
 
     Raises:
-        DataError: ``root`` is not in the dataset's layout at all.
+        DataError: ``root`` is not in the dataset's layout at all, or holds an
+            interrupted extraction (``sd4match download`` was stopped half-way).
     """
+    for leftover in interrupted_extractions(Path(root)):
+        raise DataError(leftover, f"interrupted extraction; run `sd4match download {name} --root {root}` again")
     ds = open_dataset(name, root)
     rep = CheckReport(name, Path(root))
-    for leftover in interrupted_extractions(ds.root):
-        rep.problems.append(f"{leftover}: interrupted extraction; run `sd4match download {name} --root {root}` again")
     for entry in ds.required:
         if not (ds.root / entry).exists():
             rep.problems.append(f"{ds.root / entry}: missing")

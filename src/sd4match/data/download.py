@@ -13,6 +13,7 @@ has one, so a half-extracted tree never passes. A finished source is recorded in
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Literal, Sequence
 
@@ -90,13 +91,23 @@ class DownloadError(Sd4MatchError):
     pass
 
 
-def download(name: str, root: str | Path, *, sources: Sequence[Source] | None = None, progress: bool = True, timeout: float = 60.0) -> Path:
+def download(
+    name: str,
+    root: str | Path,
+    *,
+    sources: Sequence[Source] | None = None,
+    mirror: str | None = None,
+    progress: bool = True,
+    timeout: float = 60.0,
+) -> Path:
     """Fetch, verify and extract dataset ``name`` into ``root``; return ``root``.
 
     Args:
         name: ``spair``, ``pfpascal`` or ``pfwillow``.
         root: the dataset root (DESIGN.md), created if missing.
         sources: override the published sources (tests serve their own).
+        mirror: fetch every file as ``<mirror>/<filename>`` instead of its published
+            address (a local copy or an institute mirror); checksums still apply.
         progress: show a progress bar on stderr.
         timeout: seconds without data before a request fails.
     """
@@ -104,6 +115,8 @@ def download(name: str, root: str | Path, *, sources: Sequence[Source] | None = 
         if name not in SOURCES:
             raise DownloadError(f"no download known for dataset {name!r}; known: {', '.join(SOURCES)}")
         sources = SOURCES[name]
+    if mirror:
+        sources = [replace(s, url=f"{mirror.rstrip('/')}/{s.filename}") for s in sources]
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     dl = root / DOWNLOAD_DIR
@@ -168,7 +181,7 @@ def fetch(src: Source, folder: Path, *, progress: bool = True, timeout: float = 
                     while True:
                         try:
                             chunk = resp.read(CHUNK)
-                        except (OSError, ValueError) as e:
+                        except (OSError, ValueError, http.client.HTTPException) as e:
                             raise DownloadError(f"{src.url}: connection lost after {fh.tell()} bytes ({e}); run again to resume") from None
                         if not chunk:
                             break
