@@ -60,3 +60,8 @@ def spair_with_images(tmp_path, spair_root) -> Path:
                 if not p.exists():
                     stand_in_image(p, tuple(ann[f"{side}_imsize"][:2]))
     return root
+
+
+@pytest.fixture
+def fixture_images() -> Path:
+    return fixture_dir("images")

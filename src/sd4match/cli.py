@@ -36,6 +36,33 @@ def _dataset_args(p: argparse.ArgumentParser, split: bool = True) -> None:
         p.add_argument("--split", required=True, help="trn, val or test")
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """What every command that runs a model takes."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="sd-2-1", help="registry name (sd-2-1, sd-1-5, effnet-lite0), hub id, diffusers folder or .safetensors/.ckpt file")
+    g.add_argument("--model-config", help="for a single checkpoint file: the diffusers folder or hub id with its component configs")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    g.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="autocast dtype on GPU (fp32 on CPU)")
+    g.add_argument("--timestep", type=int, default=261, help="noise level t")
+    g.add_argument("--up-block", type=int, default=1, help="read the output of unet.up_blocks[k]")
+    g.add_argument("--ensemble", type=int, default=8, help="noisy copies averaged")
+    g.add_argument("--resolution", type=int, help="square working size (default: 768 for SD, 512 for effnet-lite0)")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def load_model(args):
+    """The featurizer the model arguments describe, on the chosen device."""
+    from sd4match.features import load_featurizer
+    from sd4match.features.extract import pick_device
+
+    kw = {"timestep": args.timestep, "up_block": args.up_block, "ensemble": args.ensemble, "amp_dtype": None if args.dtype == "fp32" else args.dtype}
+    if args.model_config:
+        kw["config"] = args.model_config
+    if args.resolution:
+        kw["resolution"] = args.resolution
+    return load_featurizer(args.model, **kw).to(pick_device(args.device))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd4match", description="Semantic correspondence with Stable Diffusion features and learned prompts.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -64,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     _dataset_args(c, split=False)
     c.add_argument("--no-images", action="store_true", help="skip reading image headers")
     c.set_defaults(func=cmd_datasets_check)
+
+    p = sub.add_parser("features", help="extract and cache feature maps of a folder of images")
+    p.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, type=Path, help="cache folder (safetensors per image + index.json)")
+    p.add_argument("--text", help="text prompt (default: the empty prompt)")
+    p.add_argument("--batch-size", type=int, default=4)
+    _model_args(p)
+    p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("download", help="fetch a benchmark from its published address")
     p.add_argument("dataset", choices=("spair", "pfpascal", "pfwillow"))
@@ -116,6 +151,15 @@ def cmd_datasets_check(args) -> int:
     print(rep.format())
     if not rep.ok:
         raise Sd4MatchError(rep.problems[0])
+    return 0
+
+
+def cmd_features(args) -> int:
+    from sd4match.features.extract import extract_folder
+
+    feat = load_model(args)
+    path = extract_folder(feat, args.images, args.out, text=args.text, seed=args.seed, batch_size=args.batch_size, progress=True)
+    print(f"features of {args.images} under {args.model} are in {path.parent} (index: {path})", file=sys.stderr)
     return 0
 
 

@@ -94,7 +94,7 @@ def download_hint(res: ResolvedModel) -> str:
 
     rev = f" --revision {res.revision}" if res.revision else ""
     return (
-        f"download them where the hub is reachable with `huggingface-cli download {res.location}{rev}` "
+        f"download them where the hub is reachable with `hf download {res.location}{rev}` (huggingface-cli in older huggingface_hub) "
         f"(files land in HF_HOME, here {constants.HF_HOME}; copy that folder to this machine), "
         f"or pass a local diffusers folder or a single .safetensors/.ckpt file as --model"
     )

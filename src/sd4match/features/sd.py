@@ -303,10 +303,12 @@ def load_sd_components(res: ResolvedModel, *, config=None, local_files_only: boo
 
 def _load_parts(where: str, revision: str | None, *, local_files_only: bool, what: str):
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.schedulers import DDIMScheduler  # noqa: F401 (import check)
     from transformers import AutoTokenizer, CLIPTextModel
 
+    import warnings
+
     kw = {"revision": revision, "local_files_only": local_files_only}
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
     unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", **kw)
     vae = AutoencoderKL.from_pretrained(where, subfolder="vae", **kw)
     text_encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **kw)

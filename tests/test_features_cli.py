@@ -1,0 +1,67 @@
+"""`sd4match features`: extraction, content-keyed caching, corrupt cache files."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from sd4match.cli import main
+from sd4match.features.extract import load_cached
+
+
+@pytest.fixture
+def small_images(tmp_path, fixture_images):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for n in ("cat.jpg", "pets.jpg", "owl.jpg"):
+        shutil.copy(fixture_images / n, d / n)
+    return d
+
+
+def run_features(images, out, *extra):
+    return main(["features", "--model", "effnet-lite0", "--resolution", "128", "--images", str(images), "--out", str(out), "--device", "cpu", *extra])
+
+
+def test_extract_skip_and_recompute(tmp_path, small_images):
+    out = tmp_path / "cache"
+    assert run_features(small_images, out) == 0
+    idx = json.loads((out / "index.json").read_text())
+    assert set(idx["images"]) == {"cat.jpg", "pets.jpg", "owl.jpg"}
+    assert idx["images"]["cat.jpg"]["grid_size"] == [8, 8]
+    files = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    assert len(files) == 3
+    a = load_cached(out / "index.json", "cat.jpg")
+    assert a.shape == (432, 8, 8)
+    # second run: nothing rewritten
+    assert run_features(small_images, out) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == files
+    # a truncated cache file is detected and recomputed, to the same values
+    victim = out / idx["images"]["cat.jpg"]["file"]
+    victim.write_bytes(victim.read_bytes()[:100])
+    assert run_features(small_images, out) == 0
+    torch.testing.assert_close(load_cached(out / "index.json", "cat.jpg"), a)
+    # other settings: other keys, old entries kept
+    assert run_features(small_images, out, "--resolution", "160") == 0
+    assert len(list(out.glob("*.safetensors"))) == 6
+
+
+def test_renamed_image_keeps_its_key(tmp_path, small_images):
+    out = tmp_path / "cache"
+    run_features(small_images, out)
+    before = json.loads((out / "index.json").read_text())["images"]["owl.jpg"]["file"]
+    (small_images / "owl.jpg").rename(small_images / "night-bird.jpg")
+    run_features(small_images, out)
+    assert json.loads((out / "index.json").read_text())["images"]["night-bird.jpg"]["file"] == before
+
+
+def test_sd_features_are_seeded_per_image(tmp_path, small_images):
+    from sd4match.testing import tiny_sd
+
+    model = tiny_sd(tmp_path / "tiny")
+    out1, out2 = tmp_path / "c1", tmp_path / "c2"
+    common = ["features", "--model", str(model), "--resolution", "64", "--ensemble", "2", "--device", "cpu"]
+    assert main(common + ["--images", str(small_images), "--out", str(out1), "--batch-size", "1"]) == 0
+    assert main(common + ["--images", str(small_images), "--out", str(out2), "--batch-size", "3"]) == 0
+    for name in ("cat.jpg", "owl.jpg"):
+        torch.testing.assert_close(load_cached(out1 / "index.json", name), load_cached(out2 / "index.json", name))

