@@ -96,3 +96,41 @@ def test_effnet_rejects_wrong_or_truncated_weights(tmp_path):
     torch.save(sd, tmp_path / "partial.pth")
     with pytest.raises(Sd4MatchError, match=r"partial.pth: not EfficientNet-Lite0 weights"):
         load_effnet_lite0(tmp_path / "partial.pth")
+
+
+@pytest.mark.parametrize("style,suffix", [("sd2", ".safetensors"), ("sd1", ".ckpt")])
+def test_single_file_round_trip(style, suffix, tmp_path):
+    from sd4match.testing import write_single_file
+
+    folder = tiny_sd(tmp_path / f"tiny-{style}", style=style, seed=3)
+    ckpt = write_single_file(folder, tmp_path / f"model{suffix}")
+    a = SDFeaturizer.from_pretrained(folder, resolution=64, ensemble=2)
+    b = SDFeaturizer.from_pretrained(ckpt, config=folder, local_files_only=True, resolution=64, ensemble=2)
+    assert b.model_id == str(ckpt.resolve())
+    for name in ("unet", "vae", "text_encoder"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a(x, text=["a cat"], generator=torch.Generator().manual_seed(1)), b(x, text=["a cat"], generator=torch.Generator().manual_seed(1)))
+
+
+def test_truncated_single_file_is_one_clear_error(tmp_path):
+    from sd4match.testing import write_single_file
+
+    folder = tiny_sd(tmp_path / "tiny")
+    ckpt = write_single_file(folder, tmp_path / "model.safetensors")
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(Sd4MatchError, match=r"model\.safetensors: cannot read checkpoint \(truncated or corrupt"):
+        SDFeaturizer.from_pretrained(ckpt, config=folder, local_files_only=True)
+
+
+def test_single_file_offline_without_config_says_what_to_pass(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from sd4match.testing import write_single_file
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    ckpt = write_single_file(tiny_sd(tmp_path / "tiny"), tmp_path / "model.safetensors")
+    with pytest.raises(Sd4MatchError, match=r"model\.safetensors: cannot load as a Stable Diffusion checkpoint .*--model-config"):
+        SDFeaturizer.from_pretrained(ckpt, local_files_only=True)

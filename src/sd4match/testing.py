@@ -156,3 +156,134 @@ def tiny_dinov2(path: str | Path, *, seed: int = 0) -> Path:
     )
     model.save_pretrained(Path(path), safe_serialization=True)
     return Path(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Single-file checkpoints: write a diffusers folder as one original-layout (LDM) file, the
+# format of the distributed `v2-1_768-ema-pruned.safetensors`, so the single-file loading
+# path can be tested offline. The key layout is that of the CompVis / Stability AI code
+# (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*).
+
+_RESNET_UNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _rename(sd: dict, src_prefix: str, dst_prefix: str, inner: dict | None = None) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if not k.startswith(src_prefix):
+            continue
+        rest = k[len(src_prefix):]
+        for a, b in (inner or {}).items():
+            if rest.startswith(a + "."):
+                rest = b + rest[len(a):]
+                break
+        out[dst_prefix + rest] = v
+    return out
+
+
+def unet_to_ldm(unet) -> dict:
+    """UNet2DConditionModel weights under the original ``model.diffusion_model.`` keys."""
+    sd, cfg, out = unet.state_dict(), unet.config, {}
+    P = "model.diffusion_model."
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2", "conv_in": "input_blocks.0.0",
+             "conv_norm_out": "out.0", "conv_out": "out.2"}
+    for a, b in fixed.items():
+        out.update(_rename(sd, a + ".", P + b + "."))
+    L = cfg.layers_per_block
+    for i, blk in enumerate(unet.down_blocks):
+        for j in range(len(blk.resnets)):
+            n = 1 + i * (L + 1) + j
+            out.update(_rename(sd, f"down_blocks.{i}.resnets.{j}.", f"{P}input_blocks.{n}.0.", _RESNET_UNET))
+            out.update(_rename(sd, f"down_blocks.{i}.attentions.{j}.", f"{P}input_blocks.{n}.1."))
+        if blk.downsamplers:
+            out.update(_rename(sd, f"down_blocks.{i}.downsamplers.0.conv.", f"{P}input_blocks.{(i + 1) * (L + 1)}.0.op."))
+    out.update(_rename(sd, "mid_block.resnets.0.", f"{P}middle_block.0.", _RESNET_UNET))
+    out.update(_rename(sd, "mid_block.attentions.0.", f"{P}middle_block.1."))
+    out.update(_rename(sd, "mid_block.resnets.1.", f"{P}middle_block.2.", _RESNET_UNET))
+    for i, blk in enumerate(unet.up_blocks):
+        n_layers = len(blk.resnets)
+        for j in range(n_layers):
+            n = i * n_layers + j
+            out.update(_rename(sd, f"up_blocks.{i}.resnets.{j}.", f"{P}output_blocks.{n}.0.", _RESNET_UNET))
+            out.update(_rename(sd, f"up_blocks.{i}.attentions.{j}.", f"{P}output_blocks.{n}.1."))
+        if blk.upsamplers:
+            pos = 2 if getattr(blk, "attentions", None) else 1
+            out.update(_rename(sd, f"up_blocks.{i}.upsamplers.0.conv.", f"{P}output_blocks.{i * n_layers + n_layers - 1}.{pos}.conv."))
+    if len(out) != len(sd):
+        raise RuntimeError(f"UNet export covered {len(out)} of {len(sd)} tensors")
+    return out
+
+
+def vae_to_ldm(vae) -> dict:
+    """AutoencoderKL weights under the original ``first_stage_model.`` keys."""
+    sd, out = vae.state_dict(), {}
+    P = "first_stage_model."
+    res = {"conv_shortcut": "nin_shortcut"}
+    for a in ("quant_conv", "post_quant_conv", "encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.conv_out"):
+        out.update(_rename(sd, a + ".", P + a + "."))
+    for part in ("encoder", "decoder"):
+        out.update(_rename(sd, f"{part}.conv_norm_out.", f"{P}{part}.norm_out."))
+        out.update(_rename(sd, f"{part}.mid_block.resnets.0.", f"{P}{part}.mid.block_1.", res))
+        out.update(_rename(sd, f"{part}.mid_block.resnets.1.", f"{P}{part}.mid.block_2.", res))
+        attn = _rename(sd, f"{part}.mid_block.attentions.0.", f"{P}{part}.mid.attn_1.", _VAE_ATTN)
+        out.update({k: (v[:, :, None, None] if v.ndim == 2 else v) for k, v in attn.items()})  # linear -> 1x1 conv
+    n = len(vae.encoder.down_blocks)
+    for i in range(n):
+        out.update(_rename(sd, f"encoder.down_blocks.{i}.resnets.", f"{P}encoder.down.{i}.block.", None))
+        out.update(_rename(sd, f"encoder.down_blocks.{i}.downsamplers.0.conv.", f"{P}encoder.down.{i}.downsample.conv."))
+        out.update(_rename(sd, f"decoder.up_blocks.{i}.resnets.", f"{P}decoder.up.{n - 1 - i}.block.", None))
+        out.update(_rename(sd, f"decoder.up_blocks.{i}.upsamplers.0.conv.", f"{P}decoder.up.{n - 1 - i}.upsample.conv."))
+    out = {k.replace(".conv_shortcut.", ".nin_shortcut."): v for k, v in out.items()}
+    if len(out) != len(sd):
+        raise RuntimeError(f"VAE export covered {len(out)} of {len(sd)} tensors")
+    return out
+
+
+def text_encoder_to_ldm(text_encoder, open_clip: bool) -> dict:
+    """CLIP text encoder weights: HF layout under ``cond_stage_model.transformer.`` (SD 1.x)
+    or OpenCLIP layout under ``cond_stage_model.model.`` (SD 2.x, fused q/k/v)."""
+    # transformers 5 drops the "text_model." level from CLIPTextModel keys; checkpoints keep it
+    sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in text_encoder.state_dict().items()}
+    if not open_clip:
+        return {"cond_stage_model.transformer." + k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    P, out = "cond_stage_model.model.", {}
+    out[P + "token_embedding.weight"] = sd["text_model.embeddings.token_embedding.weight"]
+    out[P + "positional_embedding"] = sd["text_model.embeddings.position_embedding.weight"]
+    out[P + "ln_final.weight"] = sd["text_model.final_layer_norm.weight"]
+    out[P + "ln_final.bias"] = sd["text_model.final_layer_norm.bias"]
+    for i in range(text_encoder.config.num_hidden_layers):
+        s, d = f"text_model.encoder.layers.{i}.", f"{P}transformer.resblocks.{i}."
+        for w in ("weight", "bias"):
+            out[d + f"attn.in_proj_{w}"] = torch.cat([sd[s + f"self_attn.{p}_proj.{w}"] for p in "qkv"])
+            out[d + f"attn.out_proj.{w}"] = sd[s + f"self_attn.out_proj.{w}"]
+            out[d + f"ln_1.{w}"] = sd[s + f"layer_norm1.{w}"]
+            out[d + f"ln_2.{w}"] = sd[s + f"layer_norm2.{w}"]
+            out[d + f"mlp.c_fc.{w}"] = sd[s + f"mlp.fc1.{w}"]
+            out[d + f"mlp.c_proj.{w}"] = sd[s + f"mlp.fc2.{w}"]
+    return out
+
+
+def write_single_file(folder: str | Path, path: str | Path) -> Path:
+    """Write the diffusers Stable Diffusion ``folder`` as one original-layout checkpoint.
+
+    ``.safetensors`` or ``.ckpt`` (a plain ``{"state_dict": ...}`` torch file, loadable with
+    ``weights_only=True``), by the suffix of ``path``. Load it back with
+    ``SDFeaturizer.from_pretrained(path, config=folder)``.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder, path = Path(folder), Path(path)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    state = {**unet_to_ldm(unet), **vae_to_ldm(vae), **text_encoder_to_ldm(te, open_clip=bool(unet.config.use_linear_projection))}
+    state = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state}, path)
+    return path

@@ -328,9 +328,29 @@ def _load_scheduler(where: str, kw: dict):
     return cls.from_config(cfg)
 
 
+def check_safetensors(path: Path) -> None:
+    """Raise a one-line error if a .safetensors file is truncated or its header is broken."""
+    import json
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header of {n} bytes in a {size}-byte file")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise Sd4MatchError(f"{path}: cannot read checkpoint (truncated or corrupt: {e})") from None
+    if 8 + n + end > size:
+        raise Sd4MatchError(f"{path}: cannot read checkpoint (truncated or corrupt: {size} bytes, the header promises {8 + n + end})")
+
+
 def _load_single_file(path: Path, *, config, offline: bool):
     from diffusers import StableDiffusionPipeline
 
+    if path.suffix.lower() == ".safetensors":
+        check_safetensors(path)
     kw = {"local_files_only": offline}
     if config is not None:
         kw["config"] = str(config)
@@ -338,7 +358,7 @@ def _load_single_file(path: Path, *, config, offline: bool):
         pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if any(s in msg.lower() for s in ("header", "deserializ", "incomplete", "corrupt", "unpickl", "eof", "invalid load key", "zip")):
+        if any(s in msg.lower() for s in ("header", "deserializ", "incomplete", "corrupt", "unpickl", "eof", "invalid load key", "zip", "unable to load weights")):
             raise Sd4MatchError(f"{path}: cannot read checkpoint (truncated or corrupt: {msg})") from None
         hint = "" if config else " Pass --model-config with the diffusers folder or hub id that matches this checkpoint."
         raise Sd4MatchError(f"{path}: cannot load as a Stable Diffusion checkpoint ({msg}).{hint}") from None
