@@ -57,3 +57,74 @@ def argmax_cells(corr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     score, idx = corr.reshape(b, n, h * w).max(dim=-1)
     cells = torch.stack([(idx % w).float() + 0.5, torch.div(idx, w, rounding_mode="floor").float() + 0.5], dim=-1)
     return cells, score
+
+
+def softargmax_cells(corr: torch.Tensor, temperature: float = 0.04, window: torch.Tensor | None = None) -> torch.Tensor:
+    """Expected cell centre under softmax(corr / T), optionally times a window.
+
+    Shape:
+        corr: (B, N, h, w); window: broadcastable to corr -> (B, N, 2).
+    """
+    b, n, h, w = corr.shape
+    p = torch.softmax(corr.float().reshape(b, n, h * w) / temperature, dim=-1).reshape(b, n, h, w)
+    if window is not None:
+        p = p * window
+        p = p / p.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
+    xs = torch.arange(w, device=corr.device, dtype=torch.float32) + 0.5
+    ys = torch.arange(h, device=corr.device, dtype=torch.float32) + 0.5
+    return torch.stack([(p.sum(dim=-2) * xs).sum(-1), (p.sum(dim=-1) * ys).sum(-1)], dim=-1)
+
+
+def gaussian_window(centres: torch.Tensor, h: int, w: int, sigma: float) -> torch.Tensor:
+    """exp(-d^2 / 2 sigma^2) between every cell centre and ``centres`` (in cells).
+
+    Shape:
+        centres: (B, N, 2) -> (B, N, h, w).
+    """
+    xs = torch.arange(w, device=centres.device, dtype=torch.float32) + 0.5
+    ys = torch.arange(h, device=centres.device, dtype=torch.float32) + 0.5
+    dx = xs.view(1, 1, 1, w) - centres[..., 0, None, None]
+    dy = ys.view(1, 1, h, 1) - centres[..., 1, None, None]
+    return torch.exp(-(dx**2 + dy**2) / (2 * sigma**2))
+
+
+def match_cells(
+    corr: torch.Tensor,
+    rule: str = "kernel-softargmax",
+    *,
+    temperature: float = 0.04,
+    sigma: float = 7.0,
+    upsample: int = 5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target cell coordinates and a confidence for each source point.
+
+    Rules:
+        ``nn``: centre of the best cell.
+        ``bilinear``: the correlation upsampled ``upsample`` times with bilinear
+            interpolation, then the best sub-cell (1 / upsample cell precision; odd, so
+            every cell centre is also a sub-cell centre).
+        ``softargmax``: the expectation of cell centres under softmax(corr / T).
+        ``kernel-softargmax``: the same, with the probabilities multiplied by a Gaussian
+            (``sigma`` cells) around the best cell and renormalised, so a far second peak
+            cannot pull the estimate.
+
+    Shape:
+        corr: (B, N, h, w) -> cells (B, N, 2) as (x, y), scores (B, N) (the best correlation).
+    """
+    if rule not in MATCH_RULES:
+        raise ValueError(f"unknown match rule {rule!r}; expected one of {', '.join(MATCH_RULES)}")
+    corr = corr.float()
+    best, score = argmax_cells(corr)
+    if rule == "nn":
+        return best, score
+    if rule == "bilinear":
+        if upsample < 1 or upsample % 2 == 0:
+            raise ValueError(f"upsample must be odd and positive, got {upsample}")
+        b, n, h, w = corr.shape
+        fine = F.interpolate(corr.reshape(b * n, 1, h, w), scale_factor=upsample, mode="bilinear", align_corners=False)
+        cells, _ = argmax_cells(fine.reshape(b, n, h * upsample, w * upsample))
+        return cells / upsample, score
+    if rule == "softargmax":
+        return softargmax_cells(corr, temperature), score
+    h, w = corr.shape[-2:]
+    return softargmax_cells(corr, temperature, gaussian_window(best, h, w, sigma)), score
