@@ -75,8 +75,8 @@ def softargmax_cells(corr: torch.Tensor, temperature: float = 0.04, window: torc
     return torch.stack([(p.sum(dim=-2) * xs).sum(-1), (p.sum(dim=-1) * ys).sum(-1)], dim=-1)
 
 
-def gaussian_window(centres: torch.Tensor, h: int, w: int, sigma: float) -> torch.Tensor:
-    """exp(-d^2 / 2 sigma^2) between every cell centre and ``centres`` (in cells).
+def cell_sq_dist(centres: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Squared distance from every cell centre to ``centres`` (in cells).
 
     Shape:
         centres: (B, N, 2) -> (B, N, h, w).
@@ -85,7 +85,12 @@ def gaussian_window(centres: torch.Tensor, h: int, w: int, sigma: float) -> torc
     ys = torch.arange(h, device=centres.device, dtype=torch.float32) + 0.5
     dx = xs.view(1, 1, 1, w) - centres[..., 0, None, None]
     dy = ys.view(1, 1, h, 1) - centres[..., 1, None, None]
-    return torch.exp(-(dx**2 + dy**2) / (2 * sigma**2))
+    return dx**2 + dy**2
+
+
+def gaussian_window(centres: torch.Tensor, h: int, w: int, sigma: float) -> torch.Tensor:
+    """exp(-d^2 / 2 sigma^2) between every cell centre and ``centres``: (B, N, 2) -> (B, N, h, w)."""
+    return torch.exp(-cell_sq_dist(centres, h, w) / (2 * sigma**2))
 
 
 def match_cells(
@@ -122,7 +127,11 @@ def match_cells(
             raise ValueError(f"upsample must be odd and positive, got {upsample}")
         b, n, h, w = corr.shape
         fine = F.interpolate(corr.reshape(b * n, 1, h, w), scale_factor=upsample, mode="bilinear", align_corners=False)
-        cells, _ = argmax_cells(fine.reshape(b, n, h * upsample, w * upsample))
+        fine = fine.reshape(b, n, h * upsample, w * upsample)
+        # ties (flat tops, the replicated border) go to the sub-cell nearest the best cell
+        top = fine >= fine.amax(dim=(-2, -1), keepdim=True) - 1e-6
+        near = cell_sq_dist(best * upsample, h * upsample, w * upsample)
+        cells, _ = argmax_cells(torch.where(top, -near, torch.full_like(fine, -float("inf"))))
         return cells / upsample, score
     if rule == "softargmax":
         return softargmax_cells(corr, temperature), score
