@@ -165,7 +165,7 @@ def main() -> None:
     x = torch.rand(args.batch, 3, res, res, device=dev)
     cond = torch.randn(1, 77, feat.prompt_dim, device=dev)
     if args.compile:
-        feat.unet = torch.compile(feat.unet)
+        feat.compile_blocks()
     rows = []
     for ens in [] if args.flops_only else [int(e) for e in args.ensembles.split(",")]:
         feat.reconfigure(ensemble=ens)

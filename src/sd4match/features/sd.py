@@ -32,7 +32,7 @@ class SDFeaturizerConfig:
     deterministic_latent: bool = False  # VAE latent mean instead of a sample
     resolution: int = 768  # images are squashed to resolution x resolution
     max_batch: int = 8  # most UNet samples per call (images x ensemble are chunked to this)
-    amp_dtype: str | None = None  # "bf16" / "fp16": autocast on GPU; None: the modules' own dtype
+    amp_dtype: str | None = None  # "bf16" / "fp16": autocast (GPU; bf16 also on CPU); None: the modules' own dtype
 
 
 class _EarlyExit(Exception):
@@ -217,10 +217,24 @@ class SDFeaturizer(Featurizer):
         return out
 
     def _autocast(self, device: torch.device):
+        """Mixed precision for the VAE and UNet; the ensemble mean and everything after it is fp32."""
         dt = _AMP[self.config.amp_dtype]
-        if dt is None or device.type == "cpu":
+        if dt is None:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=dt)
+
+    def compile_blocks(self, **kwargs) -> "SDFeaturizer":
+        """``torch.compile`` each UNet block that runs (regional compilation), in place.
+
+        The early-exit hook stays outside the compiled regions. Keyword arguments go to
+        ``nn.Module.compile`` (e.g. ``mode="max-autotune"``). Returns self.
+        """
+        blocks = [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks[: self.config.up_block + 1]]
+        for blk in blocks:
+            for sub in blk.children():  # resnets / attentions / samplers lists: compile their members
+                for m in sub if isinstance(sub, torch.nn.ModuleList) else [sub]:
+                    m.compile(**kwargs)
+        return self
 
     # ------------------------------------------------------------------ call
     def forward(
