@@ -149,7 +149,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-naive", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the UNet for 'ours'")
+    ap.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks ours runs (naive rows reuse them)")
     ap.add_argument("--flops-only", action="store_true", help="skip the timings")
     ap.add_argument("--flops-resolution", type=int, default=None, help="resolution of the FLOP count (default: --resolution)")
     args = ap.parse_args()
