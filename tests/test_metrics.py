@@ -91,17 +91,17 @@ def test_missing_unknown_and_wrong_count():
         score([a], {"a": np.zeros((1, 2))}, alphas=[0.1])
 
 
-def test_prediction_file_errors(tmp_path):
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ('{"id": "0", "kps": [[1, 2], [NaN, 3]]}\n', r"pred\.jsonl:1: pair '0': point 1 is \[nan, 3\], not a finite coordinate"),
+        ('{"id": "0", "kps": [[1, 2]]}\n{"id": "0", "kps": [[1, 2]]}\n', r"pred\.jsonl:2: pair '0' is predicted twice"),
+        ('{"id": "0", "kps": [[1, 2, 3]]}\n', r"shape \[1, 3\]"),
+        ('{"id": "0", "kps": [[1, 2]]\n', r"pred\.jsonl:1: not valid JSON"),
+    ],
+)
+def test_prediction_file_errors(tmp_path, text, message):
     p = tmp_path / "pred.jsonl"
-    p.write_text('{"id": "0", "kps": [[1, 2], [NaN, 3]]}\n')
-    with pytest.raises(PredictionError, match=r"pred\.jsonl:1: pair '0': point 1 is \[nan, 3\], not a finite coordinate"):
-        load_predictions(p)
-    p.write_text('{"id": "0", "kps": [[1, 2]]}\n{"id": "0", "kps": [[1, 2]]}\n')
-    with pytest.raises(PredictionError, match=r"pred\.jsonl:2: pair '0' is predicted twice"):
-        load_predictions(p)
-    p.write_text('{"id": "0", "kps": [[1, 2, 3]]}\n')
-    with pytest.raises(PredictionError, match=r"shape \[1, 3\]"):
-        load_predictions(p)
-    p.write_text('{"id": "0", "kps": [[1, 2]]\n')
-    with pytest.raises(PredictionError, match=r"pred\.jsonl:1: not valid JSON"):
+    p.write_text(text)
+    with pytest.raises(PredictionError, match=message):
         load_predictions(p)
