@@ -107,6 +107,9 @@ def test_dataset_errors_are_one_line(tmp_path, willow_root, spair_root):
     (root / "PF-dataset/duck(S)/060_0002.png").write_bytes(b"GIF89a garbage")
     assert_one_line_error(*run("pairs", "--dataset", "pfwillow", "--root", root, "--split", "test")[::2], "060_0002.png", "not a readable image")
     assert_one_line_error(*run("pairs", "--dataset", "spair", "--root", tmp_path, "--split", "test")[::2], str(tmp_path), "not a SPair-71k root")
+    lines = (root / "test_pairs.csv").read_text().splitlines()
+    (root / "test_pairs.csv").write_text("\n".join(lines[:7] + [lines[7] + ",3.5"] + lines[8:]) + "\n")
+    assert_one_line_error(*run("pairs", "--dataset", "pfwillow", "--root", root, "--split", "test")[::2], "test_pairs.csv:8", "expected 42 columns, got 43")
     sp = tmp_path / "sp"
     shutil.copytree(spair_root, sp)
     f = next((sp / "PairAnnotation/test").glob("000001-*.json"))
