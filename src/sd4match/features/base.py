@@ -56,33 +56,33 @@ def image_sizes(images: ImagesLike) -> list[tuple[int, int]]:
 class CellMap:
     """Exact mapping between original image pixels and feature cells.
 
-    The image is squashed to the feature grid: an image of size (W, H) covers
+    By default the image is squashed onto the grid: an image of size (W, H) covers
     [0, W] x [0, H] in continuous pixels, the grid (w, h) covers [0, w] x [0, h] in
     continuous cells, cell (i, j) has its centre at (i + 0.5, j + 0.5), and each axis
-    scales on its own: x_cell = x * w / W.
+    scales on its own: x_cell = x * w / W. A featurizer that crops passes its own
+    ``scale`` and ``offset``: cell = pixel * scale - offset.
     """
 
-    def __init__(self, image_size: Sequence[int], grid_size: Sequence[int]):
+    def __init__(self, image_size: Sequence[int], grid_size: Sequence[int], scale: Sequence[float] | None = None, offset: Sequence[float] = (0.0, 0.0)):
         self.image_size = (float(image_size[0]), float(image_size[1]))
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
-        self._scale = (self.grid_size[0] / self.image_size[0], self.grid_size[1] / self.image_size[1])
+        self._scale = tuple(scale) if scale is not None else (self.grid_size[0] / self.image_size[0], self.grid_size[1] / self.image_size[1])
+        self._offset = tuple(offset)
 
     def pixel_to_cell(self, xy):
         """(..., 2) pixel coordinates -> continuous cell coordinates (same type as input)."""
-        s = torch.as_tensor(self._scale, dtype=torch.float64) if isinstance(xy, torch.Tensor) else np.asarray(self._scale)
         if isinstance(xy, torch.Tensor):
-            return xy * s.to(xy.device, xy.dtype)
-        return np.asarray(xy, dtype=np.float64) * s
+            return xy * torch.as_tensor(self._scale, dtype=xy.dtype, device=xy.device) - torch.as_tensor(self._offset, dtype=xy.dtype, device=xy.device)
+        return np.asarray(xy, dtype=np.float64) * np.asarray(self._scale) - np.asarray(self._offset)
 
     def cell_to_pixel(self, cells):
         """(..., 2) continuous cell coordinates -> pixel coordinates (cell centres are at i + 0.5)."""
-        inv = (1.0 / self._scale[0], 1.0 / self._scale[1])
         if isinstance(cells, torch.Tensor):
-            return cells * torch.as_tensor(inv, dtype=cells.dtype, device=cells.device)
-        return np.asarray(cells, dtype=np.float64) * np.asarray(inv)
+            return (cells + torch.as_tensor(self._offset, dtype=cells.dtype, device=cells.device)) / torch.as_tensor(self._scale, dtype=cells.dtype, device=cells.device)
+        return (np.asarray(cells, dtype=np.float64) + np.asarray(self._offset)) / np.asarray(self._scale)
 
     def __repr__(self) -> str:
-        return f"CellMap(image_size={self.image_size}, grid_size={self.grid_size})"
+        return f"CellMap(image_size={self.image_size}, grid_size={self.grid_size}, scale={self._scale}, offset={self._offset})"
 
 
 class Featurizer(torch.nn.Module):

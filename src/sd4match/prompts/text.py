@@ -1,0 +1,42 @@
+"""Hand-written prompts: a text template per category, or the empty prompt."""
+
+from __future__ import annotations
+
+import torch
+
+from sd4match.errors import Sd4MatchError
+from sd4match.prompts.base import Prompt, PromptConfig, TextEncoderBridge
+
+
+class TextPrompt(Prompt):
+    """``template.format(category=...)`` per pair, through the model's tokenizer and encoder."""
+
+    kind = "text"
+
+    def __init__(self, bridge: TextEncoderBridge, template: str = "a photo of a {category}", config: PromptConfig | None = None):
+        super().__init__(bridge, config or PromptConfig(kind="text", text_dim=bridge.dim, template=template, n_tokens=0))
+        self.template = self.config.template
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, batch: dict | None = None) -> torch.Tensor:
+        cats = list((batch or {}).get("categories") or [])
+        if "{category}" in self.template and not cats:
+            raise Sd4MatchError(f"text prompt {self.template!r} needs the categories of the batch")
+        texts = [self.template.format(category=c) for c in cats] if cats else [self.template]
+        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if missing:
+            for t, e in zip(missing, self.bridge.encode_text(missing)):
+                self._cache[t] = e
+        return torch.stack([self._cache[t] for t in texts])
+
+
+class EmptyPrompt(TextPrompt):
+    """The empty string: (1, 77, D), the same for every pair."""
+
+    kind = "empty"
+
+    def __init__(self, bridge: TextEncoderBridge, config: PromptConfig | None = None):
+        super().__init__(bridge, "", config or PromptConfig(kind="empty", text_dim=bridge.dim, template="", n_tokens=0))
+
+    def forward(self, batch: dict | None = None) -> torch.Tensor:
+        return super().forward({})
