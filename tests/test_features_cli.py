@@ -65,3 +65,17 @@ def test_sd_features_are_seeded_per_image(tmp_path, small_images):
     assert main(common + ["--images", str(small_images), "--out", str(out2), "--batch-size", "3"]) == 0
     for name in ("cat.jpg", "owl.jpg"):
         torch.testing.assert_close(load_cached(out1 / "index.json", name), load_cached(out2 / "index.json", name))
+
+
+def test_dinov2_features_use_the_same_cache(tmp_path, small_images):
+    from sd4match.testing import tiny_dinov2
+
+    model = tiny_dinov2(tmp_path / "dino")
+    out = tmp_path / "dino-cache"
+    assert main(["features", "--model", str(model), "--images", str(small_images), "--out", str(out), "--device", "cpu"]) == 0
+    idx = json.loads((out / "index.json").read_text())
+    assert idx["settings"]["featurizer"] == "dinov2" and idx["images"]["cat.jpg"]["grid_size"] == [16, 16]
+    assert load_cached(out / "index.json", "owl.jpg").shape == (32, 16, 16)
+    files = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    assert main(["features", "--model", str(model), "--images", str(small_images), "--out", str(out), "--device", "cpu"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == files

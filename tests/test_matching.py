@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sd4match.loss import gaussian_window_ce, gaussian_window_target
-from sd4match.matching import MATCH_RULES, match_cells, point_correlation, sample_descriptors
+from sd4match.matching import MATCH_RULES, dense_match, match_cells, match_pixels, point_correlation, sample_descriptors
 
 
 def one_hot_maps(h, w):
@@ -109,3 +109,34 @@ def test_loss_masks_padding_and_outside_points():
     q = gaussian_window_target(gt, 5, 5)
     assert q[0, 0].sum().item() == pytest.approx(1.0)
     assert q[0, 0].argmax().item() == 2 * 5 + 2  # peak at the cell holding the ground truth
+
+
+def test_match_pixels_through_cell_maps():
+    from sd4match.features.base import CellMap
+
+    class Grid:  # a featurizer stand-in: only the cell mapping is used
+        def cell_map(self, size):
+            return CellMap(size, (8, 6))
+
+    f = one_hot_maps(6, 8)
+    # source 400 x 300 px, point in cell (2, 3) centre: x = 2.5 * 50, y = 3.5 * 50
+    out = match_pixels(Grid(), f[0], f[0], [[125.0, 175.0]], (400, 300), (160, 120), rule="nn")
+    # target 160 x 120: cell (2, 3) centre is at (2.5 * 20, 3.5 * 20)
+    assert out["kps"].tolist() == [[50.0, 70.0]] and out["scores"].tolist() == [1.0]
+
+
+def test_dense_match_and_mutual_filter():
+    h, w = 4, 5
+    src = one_hot_maps(h, w)
+    perm = torch.randperm(h * w, generator=torch.Generator().manual_seed(0))
+    trg = src.reshape(1, h * w, h * w)[:, :, perm].reshape(1, h * w, h, w)  # target cell k holds source cell perm[k]
+    out = dense_match(src, trg, "nn")
+    inv = torch.argsort(perm)
+    expect = torch.stack([(inv % w).float() + 0.5, (inv // w).float() + 0.5], dim=-1)
+    torch.testing.assert_close(out["cells"][0], expect)
+    assert out["mutual"].all()
+    # two source cells share one descriptor: only the first keeps a mutual match
+    src2 = src.clone()
+    src2[0, :, 0, 1] = src2[0, :, 0, 0]
+    filt = dense_match(src2, src, "nn", mutual=True)
+    assert filt["mutual"][0, :2].tolist() == [True, False] and filt["scores"][0, 1].item() == 0.0

@@ -137,3 +137,73 @@ def match_cells(
         return softargmax_cells(corr, temperature), score
     h, w = corr.shape[-2:]
     return softargmax_cells(corr, temperature, gaussian_window(best, h, w, sigma)), score
+
+
+def cell_centres(h: int, w: int, device=None) -> torch.Tensor:
+    """All cell centres of an (h, w) grid in row-major order: (h * w, 2) as (x, y)."""
+    ys, xs = torch.meshgrid(torch.arange(h, device=device) + 0.5, torch.arange(w, device=device) + 0.5, indexing="ij")
+    return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1).float()
+
+
+def match(
+    src_feats: torch.Tensor,
+    trg_feats: torch.Tensor,
+    src_cells: torch.Tensor,
+    rule: str = "kernel-softargmax",
+    **rule_kwargs,
+) -> dict[str, torch.Tensor]:
+    """Match source points (in cells) into the target grid.
+
+    Args:
+        src_feats, trg_feats: (B, C, hs, ws) and (B, C, ht, wt) feature maps.
+        src_cells: (B, N, 2) source points in continuous cells (``CellMap.pixel_to_cell``).
+        rule: ``nn``, ``bilinear``, ``softargmax`` or ``kernel-softargmax``.
+        rule_kwargs: ``temperature``, ``sigma``, ``upsample`` (see ``match_cells``).
+
+    Returns:
+        ``{"cells": (B, N, 2) target cells, "scores": (B, N) best cosine similarity}``.
+    """
+    _check("src_feats", src_feats, 4)
+    _check("trg_feats", trg_feats, 4)
+    if src_feats.shape[:2] != trg_feats.shape[:2]:
+        raise ValueError(f"feature maps differ in batch or channels: {tuple(src_feats.shape)} vs {tuple(trg_feats.shape)}")
+    cells, scores = match_cells(point_correlation(src_feats, trg_feats, src_cells), rule, **rule_kwargs)
+    return {"cells": cells, "scores": scores}
+
+
+def match_pixels(featurizer, src_feats, trg_feats, src_kps, src_size, trg_size, rule: str = "kernel-softargmax", **rule_kwargs) -> dict[str, torch.Tensor]:
+    """``match`` for one pair in original pixels, through the featurizer's own cell mapping.
+
+    Shape:
+        src_feats, trg_feats: (1, C, h, w) or (C, h, w); src_kps: (N, 2) pixels of the
+        source image -> ``{"kps": (N, 2) pixels of the target image, "scores": (N,)}``.
+    """
+    src_feats = src_feats if src_feats.ndim == 4 else src_feats[None]
+    trg_feats = trg_feats if trg_feats.ndim == 4 else trg_feats[None]
+    kps = torch.as_tensor(src_kps, dtype=torch.float32, device=src_feats.device).reshape(-1, 2)
+    cells = featurizer.cell_map(src_size).pixel_to_cell(kps)[None]
+    out = match(src_feats, trg_feats, cells, rule, **rule_kwargs)
+    return {"kps": featurizer.cell_map(trg_size).cell_to_pixel(out["cells"][0]), "scores": out["scores"][0]}
+
+
+def dense_match(src_feats: torch.Tensor, trg_feats: torch.Tensor, rule: str = "nn", *, mutual: bool = False, **rule_kwargs) -> dict[str, torch.Tensor]:
+    """For every source cell centre: its target location, a confidence, and (optionally)
+    whether it is a mutual nearest neighbour.
+
+    Shape:
+        src_feats: (B, C, hs, ws) -> ``{"cells": (B, hs * ws, 2), "scores": (B, hs * ws),
+        "mutual": (B, hs * ws) bool}`` in row-major source order. With ``mutual``, the
+        scores of non-mutual matches are set to 0.
+    """
+    b, _, hs, ws = src_feats.shape
+    centres = cell_centres(hs, ws, src_feats.device).expand(b, -1, -1)
+    corr = point_correlation(src_feats, trg_feats, centres)  # (B, hs*ws, ht, wt)
+    cells, scores = match_cells(corr, rule, **rule_kwargs)
+    ht, wt = corr.shape[-2:]
+    flat = corr.reshape(b, hs * ws, ht * wt)
+    fwd = flat.argmax(dim=-1)  # best target cell of each source cell
+    bwd = flat.argmax(dim=1)  # best source cell of each target cell
+    is_mutual = torch.gather(bwd, 1, fwd) == torch.arange(hs * ws, device=flat.device)
+    if mutual:
+        scores = torch.where(is_mutual, scores, torch.zeros_like(scores))
+    return {"cells": cells, "scores": scores, "mutual": is_mutual}

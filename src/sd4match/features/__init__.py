@@ -6,6 +6,7 @@ from pathlib import Path
 
 from sd4match.features.base import CellMap, Featurizer, images_to_tensor
 from sd4match.features.cache import FeatureCache
+from sd4match.features.dino import DinoFeaturizer
 from sd4match.features.effnet import EffNetFeaturizer
 from sd4match.features.registry import REGISTRY, resolve
 from sd4match.features.sd import SDFeaturizer, SDFeaturizerConfig
@@ -20,7 +21,23 @@ def load_featurizer(model: str | Path, **kwargs) -> Featurizer:
     res = resolve(model)
     if res.kind == "builtin" and res.name == "effnet-lite0":
         return EffNetFeaturizer.from_pretrained(**{k: v for k, v in kwargs.items() if k in ("resolution", "max_batch")})
+    if _is_dinov2(res):
+        return DinoFeaturizer.from_pretrained(model, **{k: v for k, v in kwargs.items() if k == "local_files_only"})
     return SDFeaturizer.from_pretrained(model, **kwargs)
 
 
-__all__ = ["CellMap", "EffNetFeaturizer", "FeatureCache", "Featurizer", "REGISTRY", "SDFeaturizer", "SDFeaturizerConfig", "images_to_tensor", "load_featurizer", "resolve"]
+def _is_dinov2(res) -> bool:
+    import json
+
+    if res.name is not None:
+        return REGISTRY[res.name].family == "dinov2"
+    cfg = Path(res.location) / "config.json"
+    if res.kind == "folder" and cfg.is_file():
+        try:
+            return json.loads(cfg.read_text()).get("model_type") == "dinov2"
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
+    return False
+
+
+__all__ = ["CellMap", "DinoFeaturizer", "EffNetFeaturizer", "FeatureCache", "Featurizer", "REGISTRY", "SDFeaturizer", "SDFeaturizerConfig", "images_to_tensor", "load_featurizer", "resolve"]
