@@ -100,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.set_defaults(func=cmd_features)
 
+    p = sub.add_parser("evaluate", help="predict a split with a prompt, write predictions.jsonl and score.json")
+    _dataset_args(p)
+    p.add_argument("--prompt", default="empty", help="a prompt folder, 'empty', 'text' or 'text:<template with {category}>'")
+    p.add_argument("--dino", default="dinov2-b", help="DINOv2 model for CPM prompts")
+    p.add_argument("--match", default="kernel-softargmax", choices=("kernel-softargmax", "softargmax", "nn", "bilinear"))
+    p.add_argument("--protocol", default="sd4match", choices=("sd4match", "standard"))
+    p.add_argument("--alphas", type=_alphas, default=[0.05, 0.1, 0.15])
+    p.add_argument("--out", required=True, type=Path, help="folder for predictions.jsonl and score.json")
+    p.add_argument("--no-progress", action="store_true")
+    _model_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("download", help="fetch a benchmark from its published address")
     p.add_argument("dataset", choices=("spair", "pfpascal", "pfwillow"))
     p.add_argument("--root", required=True, type=Path, help="the dataset root to create or complete")
@@ -160,6 +172,22 @@ def cmd_features(args) -> int:
     feat = load_model(args)
     path = extract_folder(feat, args.images, args.out, text=args.text, seed=args.seed, batch_size=args.batch_size, progress=True)
     print(f"features of {args.images} under {args.model} are in {path.parent} (index: {path})", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from sd4match.evaluate import EvalConfig, evaluate, print_score
+
+    feat = load_model(args)
+    dino = None
+    if Path(args.prompt).is_dir() and json.loads((Path(args.prompt) / "config.json").read_text()).get("kind") == "cpm":
+        from sd4match.features import DinoFeaturizer
+
+        dino = DinoFeaturizer.from_pretrained(args.dino).to(feat.device)
+    cfg = EvalConfig(args.dataset, str(args.root), args.split, args.prompt, args.match, args.protocol, args.alphas, args.seed)
+    out = evaluate(feat, cfg, args.out, dino=dino, progress=not args.no_progress)
+    print(print_score(out))
+    print(f"predictions and score in {out}", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,36 @@
+"""`sd4match evaluate` end to end on the real PF-Willow fixture with a tiny random SD."""
+
+import json
+
+import pytest
+
+from sd4match.cli import main
+from sd4match.testing import tiny_sd
+
+
+def test_evaluate_then_score_agree(tmp_path, willow_root, capsys):
+    model = tiny_sd(tmp_path / "tiny")
+    out = tmp_path / "eval"
+    args = ["evaluate", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--model", str(model),
+            "--resolution", "64", "--ensemble", "1", "--prompt", "text", "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].startswith("PCK on pfwillow/test | protocol: sd4match | 450 pairs, 4500 points")
+    ev = json.loads((out / "score.json").read_text())
+    preds = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 450 and all(len(p["kps"]) == 10 for p in preds)
+    assert ev["run"]["config"]["prompt"] == "text" and ev["run"]["config"]["settings"]["model"] == str(model.resolve())
+    assert main(["score", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--predictions", str(out / "predictions.jsonl"),
+                 "--protocol", "sd4match", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    del ev["run"]
+    assert scored == ev
+
+
+def test_evaluate_rejects_prompt_for_effnet(tmp_path, willow_root):
+    from sd4match.errors import Sd4MatchError
+    from sd4match.evaluate import EvalConfig, evaluate
+    from sd4match.features import load_featurizer
+
+    with pytest.raises(Sd4MatchError, match="takes no prompt"):
+        evaluate(load_featurizer("effnet-lite0"), EvalConfig("pfwillow", str(willow_root), prompt="text"), tmp_path / "o")
