@@ -100,6 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.set_defaults(func=cmd_features)
 
+    p = sub.add_parser("train", help="learn a prompt (presets: {single,category,cpm}-{spair,pfpascal})")
+    p.add_argument("--preset", help="the paper's settings: single-spair, category-spair, cpm-spair, single-pfpascal, ...")
+    p.add_argument("--config", type=Path, help="YAML file of settings (applied after the preset)")
+    p.add_argument("--dataset", choices=DATASET_NAMES)
+    p.add_argument("--root", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="run folder: config.json, scalars.jsonl, checkpoints/, best/, last/")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--prompt", choices=("single", "category", "cpm"))
+    p.add_argument("--model", help="registry name, hub id, diffusers folder or checkpoint file")
+    p.add_argument("--dino", help="DINOv2 model for cpm")
+    p.add_argument("--device")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"))
+    for name, typ in (("steps", int), ("batch-size", int), ("micro-batch", int), ("lr", float), ("lr-linear", float), ("timestep", int),
+                      ("up-block", int), ("ensemble", int), ("resolution", int), ("val-every", int), ("val-pairs", int), ("ckpt-every", int),
+                      ("seed", int), ("temperature", float)):
+        p.add_argument(f"--{name}", type=typ)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("evaluate", help="predict a split with a prompt, write predictions.jsonl and score.json")
     _dataset_args(p)
     p.add_argument("--prompt", default="empty", help="a prompt folder, 'empty', 'text' or 'text:<template with {category}>'")
@@ -172,6 +191,20 @@ def cmd_features(args) -> int:
     feat = load_model(args)
     path = extract_folder(feat, args.images, args.out, text=args.text, seed=args.seed, batch_size=args.batch_size, progress=True)
     print(f"features of {args.images} under {args.model} are in {path.parent} (index: {path})", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from sd4match.train import Trainer, load_config
+
+    over = {k: getattr(args, k) for k in ("dataset", "prompt", "model", "dino", "device", "steps", "batch_size", "micro_batch", "lr", "lr_linear",
+                                          "timestep", "up_block", "ensemble", "resolution", "val_every", "val_pairs", "ckpt_every", "seed", "temperature")}
+    over["root"] = str(args.root)
+    if args.dtype:
+        over["amp_dtype"] = None if args.dtype == "fp32" else args.dtype
+    cfg = load_config(args.preset, args.config, **over)
+    out = Trainer(cfg, args.out, progress=not args.no_progress).run(resume=args.resume)
+    print(f"trained prompt: {out / 'best'} (last: {out / 'last'})", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,394 @@
+"""``sd4match train``: learn a prompt for matching, resumable and reproducible.
+
+One readable loop (nanoGPT style): a frozen featurizer, a prompt, the Gaussian-window
+cross-entropy, Adam, gradient accumulation to the effective batch, validation by
+PCK@0.1 with the best prompt kept.
+
+Reproducible by construction: the data order of epoch e is a permutation drawn from
+(seed, e); every random draw of a training step (latent sample, noise) comes from a
+generator seeded by (seed, step, micro-batch). A resumed run therefore continues
+exactly where an uninterrupted one would be. Checkpoints (safetensors + JSON) are
+written into a temporary folder, fsynced and renamed; the last two are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sd4match.data import load_pair_images, open_dataset
+from sd4match.errors import Sd4MatchError
+from sd4match.evaluate import EvalConfig, git_sha, predict_pairs
+from sd4match.loss import gaussian_window_ce
+from sd4match.matching import point_correlation
+from sd4match.metrics import score
+
+CKPT_DIR = "checkpoints"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (written to ``<out>/config.json``)."""
+
+    dataset: str = "spair"  # spair | pfpascal | pfwillow | synthetic
+    root: str = ""
+    prompt: str = "single"  # single | category | cpm
+    model: str = "sd-2-1"
+    dino: str = "dinov2-b"  # DINOv2 for CPM
+    timestep: int = 261
+    up_block: int = 1
+    ensemble: int = 1  # noisy copies in training
+    resolution: int = 768
+    temperature: float = 0.04  # softmax temperature of the loss
+    window: int = 7  # Gaussian window (cells) of the loss target
+    sigma: float = 1.5  # its sigma (cells)
+    lr: float = 1e-2  # tokens, positional embedding, gate
+    lr_linear: float = 1e-3  # CPM linear layers
+    batch_size: int = 9  # effective batch (pairs per optimiser step)
+    micro_batch: int = 1  # pairs per forward; batch_size / micro_batch accumulation steps
+    steps: int = 30000
+    val_every: int = 1000  # steps between validations (0: never)
+    val_pairs: int = 0  # validate on the first N val pairs (0: all)
+    val_ensemble: int = 1
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    amp_dtype: str | None = None  # bf16 | fp16 on GPU
+    apply_flip: bool = True  # PF-Pascal trn: mirror pairs with flip = 1
+    max_kps: int = 0  # keypoints per pair used in the loss (0: all)
+    train_split: str = "trn"
+    val_split: str = "val"
+    device: str = "auto"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise Sd4MatchError(f"unknown training setting {unknown[0]!r}; known: {', '.join(sorted(names))}")
+        return cls(**d)
+
+
+_PAPER = dict(timestep=261, up_block=1, ensemble=1, temperature=0.04, lr=1e-2, lr_linear=1e-3, batch_size=9, steps=30000)
+#: The paper's settings (DESIGN.md), one per prompt kind and training set.
+PRESETS: dict[str, dict[str, Any]] = {
+    f"{kind}-{ds}": {**_PAPER, "prompt": kind, "dataset": ds} for kind in ("single", "category", "cpm") for ds in ("spair", "pfpascal")
+}
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(folder: Path, step: int, prompt, optimizer, state: dict) -> Path:
+    """Write ``checkpoints/step-XXXXXXX`` atomically: a temporary folder, fsync, rename."""
+    from safetensors.torch import save_file
+
+    ckpts = folder / CKPT_DIR
+    ckpts.mkdir(parents=True, exist_ok=True)
+    final = ckpts / f"step-{step:07d}"
+    tmp = ckpts / f".tmp-step-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {f"prompt.{k}": v.detach().cpu().contiguous() for k, v in prompt.state_dict().items()}
+    osd = optimizer.state_dict()
+    for idx, st in osd["state"].items():
+        for name, val in st.items():
+            tensors[f"optim.{idx}.{name}"] = torch.as_tensor(val).detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, str(tmp / "state.safetensors"))
+    meta = {**state, "step": step, "param_groups": osd["param_groups"], "rng": {"numpy": _np_state(), "python": _py_state()}}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=str))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    pause = float(os.environ.get("SD4MATCH_TEST_CHECKPOINT_PAUSE", "0"))  # fault-injection window for tests
+    if pause:
+        time.sleep(pause)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _fsync_dir(ckpts)
+    return final
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of a crashed write are ignored)."""
+    ckpts = Path(folder) / CKPT_DIR
+    if not ckpts.is_dir():
+        return []
+    return sorted(p for p in ckpts.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file() and (p / "state.safetensors").is_file())
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    ckpts = Path(folder) / CKPT_DIR
+    for p in list_checkpoints(folder)[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in ckpts.glob(".tmp-step-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, prompt, optimizer) -> dict:
+    from safetensors.torch import load
+
+    try:
+        tensors = load((path / "state.safetensors").read_bytes())
+        meta = json.loads((path / "state.json").read_text())
+    except Exception as e:
+        raise Sd4MatchError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    prompt.load_state_dict({k[len("prompt."):]: v for k, v in tensors.items() if k.startswith("prompt.")}, strict=True)
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    np.random.set_state(_np_unstate(meta["rng"]["numpy"]))
+    random.setstate(_py_unstate(meta["rng"]["python"]))
+    return meta
+
+
+def _np_state():
+    s = np.random.get_state()
+    return [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])]
+
+
+def _np_unstate(s):
+    return (s[0], np.asarray(s[1], dtype=np.uint32), s[2], s[3], s[4])
+
+
+def _py_state():
+    v, internal, gauss = random.getstate()
+    return [v, list(internal), gauss]
+
+
+def _py_unstate(s):
+    return (s[0], tuple(s[1]), s[2])
+
+
+# ------------------------------------------------------------------------------ data order
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 1]).permutation(n)
+
+
+def batch_indices(n: int, seed: int, step: int, batch: int) -> list[int]:
+    """The pairs of optimiser step ``step`` (0-based): consecutive slices of per-epoch permutations."""
+    start = step * batch
+    out = []
+    while len(out) < batch:
+        epoch, pos = divmod(start + len(out), n)
+        order = epoch_order(n, seed, epoch)
+        take = min(batch - len(out), n - pos)
+        out.extend(order[pos : pos + take].tolist())
+    return out
+
+
+def step_generator(device, seed: int, step: int, micro: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, step, micro]).generate_state(1, dtype=np.uint64)[0] >> 1))
+
+
+# ------------------------------------------------------------------------------ the loop
+class Trainer:
+    """Holds the frozen models, the prompt, the optimiser and the data of one run."""
+
+    def __init__(self, cfg: TrainConfig, out: str | Path, *, featurizer=None, dino=None, progress: bool = True):
+        from sd4match.features import DinoFeaturizer, SDFeaturizer
+        from sd4match.features.extract import pick_device
+        from sd4match.prompts import make_prompt
+
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        if cfg.batch_size % cfg.micro_batch:
+            raise Sd4MatchError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch {cfg.micro_batch}")
+        dev = pick_device(cfg.device)
+        self.feat = featurizer or SDFeaturizer.from_pretrained(cfg.model, timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble,
+                                                               resolution=cfg.resolution, amp_dtype=cfg.amp_dtype).to(dev)
+        self.feat.reconfigure(timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, resolution=cfg.resolution, amp_dtype=cfg.amp_dtype)
+        ds = open_dataset(cfg.dataset, cfg.root)
+        self.train_pairs = ds.pairs(cfg.train_split, apply_flip=True) if cfg.apply_flip and cfg.dataset == "pfpascal" else ds.pairs(cfg.train_split)
+        self.train_pairs = [r for r in self.train_pairs if r.n_points > 0]
+        if not self.train_pairs:
+            raise Sd4MatchError(f"{cfg.root}: no training pairs with keypoints in split {cfg.train_split!r}")
+        self.val_pairs = []
+        if cfg.val_every:
+            self.val_pairs = ds.pairs(cfg.val_split)
+            if cfg.val_pairs:
+                self.val_pairs = self.val_pairs[: cfg.val_pairs]
+        self.dino = None
+        kw: dict[str, Any] = {}
+        if cfg.prompt == "cpm":
+            self.dino = dino or DinoFeaturizer.from_pretrained(cfg.dino).to(dev)
+            kw = {"dino_dim": self.dino.feature_dim, "n_patches": self.dino.grid_size[0] * self.dino.grid_size[1], "dino_model": self.dino.model_id}
+        cats = sorted({r.category for r in self.train_pairs})
+        self.prompt = make_prompt(cfg.prompt, self.feat, categories=cats, seed=cfg.seed, **kw).to(dev)
+        self.prompt.config.model, self.prompt.config.timestep, self.prompt.config.up_block = self.feat.model_id, cfg.timestep, cfg.up_block
+        if cfg.prompt == "cpm":
+            linear = {id(p) for p in self.prompt.linear_parameters()}
+            groups = [{"params": [p for p in self.prompt.parameters() if id(p) not in linear], "lr": cfg.lr},
+                      {"params": self.prompt.linear_parameters(), "lr": cfg.lr_linear}]
+        else:
+            groups = [{"params": list(self.prompt.parameters()), "lr": cfg.lr}]
+        self.opt = torch.optim.Adam(groups)
+        self.step, self.best = 0, {"pck": -1.0, "step": -1}
+
+    # .................................................................... one step
+    def micro_loss(self, recs, gen) -> torch.Tensor:
+        """Loss of a micro-batch of pairs (mean over their valid keypoints)."""
+        cfg, dev = self.cfg, self.feat.device
+        imgs = [load_pair_images(self.cfg.root, r) for r in recs]
+        src, trg = [a for a, _ in imgs], [b for _, b in imgs]
+        batch: dict[str, Any] = {"categories": [r.category for r in recs]}
+        if self.dino is not None:
+            batch["dino_src"], batch["dino_trg"] = self.dino.tokens(src), self.dino.tokens(trg)
+        emb = self.prompt(batch)
+        emb2 = torch.cat([emb, emb]) if emb.shape[0] > 1 else emb
+        maps = self.feat(src + trg, prompt_embeds=emb2, generator=gen)
+        fs, ft = maps[: len(recs)], maps[len(recs):]
+        n = max(r.n_points for r in recs) if not cfg.max_kps else min(cfg.max_kps, max(r.n_points for r in recs))
+        sc = torch.zeros(len(recs), n, 2, device=dev)
+        tc = torch.zeros(len(recs), n, 2, device=dev)
+        valid = torch.zeros(len(recs), n, dtype=torch.bool, device=dev)
+        for i, r in enumerate(recs):
+            k = min(n, r.n_points)
+            sc[i, :k] = torch.as_tensor(self.feat.pixel_to_cell(r.src_kps[:k], r.src_size), dtype=torch.float32)
+            tc[i, :k] = torch.as_tensor(self.feat.pixel_to_cell(r.trg_kps[:k], r.trg_size), dtype=torch.float32)
+            valid[i, :k] = True
+        corr = point_correlation(fs, ft, sc)
+        return gaussian_window_ce(corr, tc, valid, temperature=cfg.temperature, size=cfg.window, sigma=cfg.sigma)
+
+    def train_step(self) -> float:
+        cfg = self.cfg
+        idx = batch_indices(len(self.train_pairs), cfg.seed, self.step, cfg.batch_size)
+        self.prompt.train()
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        n_micro = cfg.batch_size // cfg.micro_batch
+        for m in range(n_micro):
+            recs = [self.train_pairs[i] for i in idx[m * cfg.micro_batch : (m + 1) * cfg.micro_batch]]
+            loss = self.micro_loss(recs, step_generator(self.feat.device, cfg.seed, self.step, m)) / n_micro
+            loss.backward()
+            total += float(loss.detach())
+        self.opt.step()
+        self.step += 1
+        return total
+
+    # .................................................................... validation
+    def validate(self) -> float:
+        """PCK@0.1 per image, sd4match protocol, kernel soft-argmax, on the validation pairs."""
+        cfg = self.cfg
+        self.prompt.eval()
+        ens = self.feat.config.ensemble
+        self.feat.reconfigure(ensemble=cfg.val_ensemble)
+        try:
+            ecfg = EvalConfig(cfg.dataset, cfg.root, cfg.val_split, seed=cfg.seed, cache_size=8)
+            preds = dict(predict_pairs(self.feat, self.prompt, self.val_pairs, cfg.root, ecfg, dino=self.dino, progress=False))
+        finally:
+            self.feat.reconfigure(ensemble=ens)
+        return score(self.val_pairs, preds, protocol="sd4match", alphas=[0.1])["per_image"]["all"]["0.1"]
+
+    # .................................................................... run
+    def state(self) -> dict:
+        return {"best": self.best, "config": asdict(self.cfg)}
+
+    def resume(self) -> bool:
+        ckpts = list_checkpoints(self.out)
+        if not ckpts:
+            return False
+        meta = load_checkpoint(ckpts[-1], self.prompt, self.opt)
+        if meta["config"] != asdict(self.cfg):
+            diff = sorted(k for k in meta["config"] if meta["config"][k] != asdict(self.cfg).get(k))
+            raise Sd4MatchError(f"{ckpts[-1]}: was written with other settings ({', '.join(diff)}); use another --out or the same settings")
+        self.step, self.best = int(meta["step"]), meta["best"]
+        return True
+
+    def run(self, *, resume: bool = False) -> Path:
+        from tqdm import tqdm
+
+        cfg, out = self.cfg, self.out
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and list_checkpoints(out):
+            raise Sd4MatchError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another --out")
+        if resume:
+            self.resume()
+        (out / "config.json").write_text(json.dumps({**asdict(cfg), "git_sha": git_sha()}, indent=2))
+        log = open(out / "scalars.jsonl", "a", encoding="utf-8")
+        tb = _tensorboard(out)
+        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc="train", disable=not self.progress)
+        t0, n0 = time.perf_counter(), self.step
+        try:
+            while self.step < cfg.steps:
+                loss = self.train_step()
+                rate = (self.step - n0) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{rate:.2f}")
+                bar.update(1)
+                rec = {"step": self.step, "loss": loss, "pairs_per_s": rate}
+                if cfg.val_every and self.step % cfg.val_every == 0 and self.val_pairs:
+                    pck = self.validate()
+                    rec["val_pck@0.1"] = pck
+                    if pck > self.best["pck"]:
+                        self.best = {"pck": pck, "step": self.step}
+                        self.prompt.save(out / "best", dataset=cfg.dataset, split=cfg.train_split, step=self.step, val_pck=pck)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                if tb:
+                    for k, v in rec.items():
+                        if k != "step":
+                            tb.add_scalar(k.replace("@", "_at_"), v, self.step)
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    save_checkpoint(out, self.step, self.prompt, self.opt, self.state())
+                    prune_checkpoints(out, cfg.keep_checkpoints)
+        finally:
+            bar.close()
+            log.close()
+            if tb:
+                tb.close()
+        self.prompt.save(out / "last", dataset=cfg.dataset, split=cfg.train_split, step=self.step)
+        if self.best["step"] < 0:  # never validated: the last prompt is the one to use
+            self.prompt.save(out / "best", dataset=cfg.dataset, split=cfg.train_split, step=self.step)
+        return out
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional; scalars.jsonl always holds the same numbers
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+def load_config(preset: str | None = None, yaml_file: str | Path | None = None, **overrides) -> TrainConfig:
+    """Preset, then YAML, then explicit overrides (None values are ignored)."""
+    d: dict[str, Any] = {}
+    if preset:
+        if preset not in PRESETS:
+            raise Sd4MatchError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        d.update(PRESETS[preset])
+    if yaml_file:
+        import yaml
+
+        try:
+            y = yaml.safe_load(Path(yaml_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise Sd4MatchError(f"{yaml_file}: cannot read settings ({e})") from None
+        if not isinstance(y, dict):
+            raise Sd4MatchError(f"{yaml_file}: expected a mapping of settings")
+        d.update(y)
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict(d)
