@@ -226,11 +226,8 @@ class Trainer:
         self.train_pairs = [r for r in self.train_pairs if r.n_points > 0]
         if not self.train_pairs:
             raise Sd4MatchError(f"{cfg.root}: no training pairs with keypoints in split {cfg.train_split!r}")
-        self.val_pairs = []
-        if cfg.val_every:
-            self.val_pairs = ds.pairs(cfg.val_split)
-            if cfg.val_pairs:
-                self.val_pairs = self.val_pairs[: cfg.val_pairs]
+        self._ds = ds
+        self._val_pairs: list | None = None
         self.dino = None
         kw: dict[str, Any] = {}
         if cfg.prompt == "cpm":
@@ -290,6 +287,13 @@ class Trainer:
         return total
 
     # .................................................................... validation
+    @property
+    def val_pairs(self) -> list:
+        if self._val_pairs is None:
+            recs = self._ds.pairs(self.cfg.val_split)
+            self._val_pairs = recs[: self.cfg.val_pairs] if self.cfg.val_pairs else recs
+        return self._val_pairs
+
     def validate(self) -> float:
         """PCK@0.1 per image, sd4match protocol, kernel soft-argmax, on the validation pairs."""
         cfg = self.cfg
