@@ -34,3 +34,26 @@ def test_evaluate_rejects_prompt_for_effnet(tmp_path, willow_root):
 
     with pytest.raises(Sd4MatchError, match="takes no prompt"):
         evaluate(load_featurizer("effnet-lite0"), EvalConfig("pfwillow", str(willow_root), prompt="text"), tmp_path / "o")
+
+
+def test_two_processes_write_the_same_predictions(tmp_path, willow_root):
+    """torchrun with 2 CPU processes (gloo) vs 1 process, same thread count per process."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    model = tiny_sd(tmp_path / "tiny")
+    common = ["evaluate", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--model", str(model),
+              "--resolution", "64", "--ensemble", "2", "--no-progress", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                          "-m", "sd4match", *common, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run([sys.executable, "-m", "sd4match", *common, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert (tmp_path / "two/predictions.jsonl").read_bytes() == (tmp_path / "one/predictions.jsonl").read_bytes()
+    assert json.loads((tmp_path / "two/score.json").read_text())["run"]["processes"] == 2

@@ -219,6 +219,10 @@ def cmd_evaluate(args) -> int:
         dino = DinoFeaturizer.from_pretrained(args.dino).to(feat.device)
     cfg = EvalConfig(args.dataset, str(args.root), args.split, args.prompt, args.match, args.protocol, args.alphas, args.seed)
     out = evaluate(feat, cfg, args.out, dino=dino, progress=not args.no_progress)
+    from sd4match.evaluate import distributed_rank_world
+
+    if distributed_rank_world()[0] != 0:
+        return 0
     print(print_score(out))
     print(f"predictions and score in {out}", file=sys.stderr)
     return 0

@@ -54,6 +54,16 @@ def git_sha() -> str | None:
         return None
 
 
+def distributed_rank_world() -> tuple[int, int]:
+    """(rank, world size) under ``accelerate launch`` or ``torchrun``; (0, 1) otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # gloo on CPU-only machines, NCCL on GPUs
+    return state.process_index, state.num_processes
+
+
 def resolve_prompt(spec: str, featurizer, *, dino=None):
     """``empty``, ``text`` / ``text:<template>`` or a prompt folder -> a prompt (None for featurizers without prompts)."""
     from sd4match.prompts import EmptyPrompt, TextPrompt, bridge_for, load_prompt
@@ -137,13 +147,27 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
         records = open_dataset(cfg.dataset, cfg.root).pairs(cfg.split)
     prompt = resolve_prompt(cfg.prompt, featurizer, dino=dino)
     cfg.settings = featurizer.settings()
+    rank, world = distributed_rank_world()
     t0 = time.perf_counter()
-    preds = dict(predict_pairs(featurizer, prompt, records, cfg.root, cfg, dino=dino, progress=progress))
+    # sharded: process k predicts pairs k, k + world, ...; every pair's draws are seeded by
+    # its images' content, so the merged predictions equal a single-process run
+    mine = dict(predict_pairs(featurizer, prompt, records[rank::world], cfg.root, cfg, dino=dino, progress=progress and rank == 0))
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        merged: dict = {}
+        for part in gather_object([mine]):
+            merged.update(part)
+        mine = merged
+        if rank != 0:
+            return out
+    preds = {r.id: mine[r.id] for r in records}
     seconds = time.perf_counter() - t0
     write_predictions(out / "predictions.jsonl", preds.items())
     result = score(records, preds, protocol=cfg.protocol, alphas=cfg.alphas)
     result["dataset"], result["split"] = cfg.dataset, cfg.split
-    meta = {"config": {**asdict(cfg), "alphas": list(cfg.alphas)}, "git_sha": git_sha(), "seconds": round(seconds, 3), "pairs_per_second": round(len(records) / max(seconds, 1e-9), 3)}
+    meta = {"config": {**asdict(cfg), "alphas": list(cfg.alphas)}, "git_sha": git_sha(), "processes": world,
+            "seconds": round(seconds, 3), "pairs_per_second": round(len(records) / max(seconds, 1e-9), 3)}
     tmp = out / f".score.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps({**result, "run": meta}, indent=2, default=str))
     tmp.replace(out / "score.json")

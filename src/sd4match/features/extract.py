@@ -19,7 +19,8 @@ def pick_device(name: str = "auto") -> torch.device:
     """``auto`` -> CUDA if present, else Apple MPS, else CPU; an explicit device must exist."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            # one GPU per process under torchrun / accelerate launch
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
