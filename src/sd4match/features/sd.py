@@ -174,9 +174,9 @@ class SDFeaturizer(Featurizer):
         Shape:
             returns (len(text), 77, D).
         """
-        ids = self.tokenizer(list(text), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        with torch.no_grad():
-            return self.text_encoder(ids.to(self.text_encoder.device))[0]
+        from sd4match.prompts.base import TextEncoderBridge
+
+        return TextEncoderBridge(self.text_encoder, self.tokenizer).encode_text(text)
 
     def encode_images(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """VAE latents x scaling factor of images in [0, 1] at the working resolution.
