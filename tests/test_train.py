@@ -111,10 +111,14 @@ def test_presets_and_overrides(tmp_path):
         load_config("cpm-willow")
 
 
-def test_refuses_to_overwrite_a_run(tiny, willow_root, tmp_path):
+def test_refuses_to_overwrite_a_run(tiny, willow_root, tmp_path, capsys):
+    from sd4match.cli import main
+
     out = tmp_path / "run"
-    assert subprocess.run(_train_cmd(tiny, willow_root, out, "--steps", "2"), capture_output=True).returncode == 0
+    args = _train_cmd(tiny, willow_root, out, "--steps", "2")[3:]  # the same command, in this process
+    assert main(args) == 0
     before = (out / "last/prompt.safetensors").read_bytes()
-    p = subprocess.run(_train_cmd(tiny, willow_root, out, "--steps", "2"), capture_output=True, text=True)
-    assert p.returncode == 2 and "pass --resume" in p.stderr
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "pass --resume" in capsys.readouterr().err
     assert (out / "last/prompt.safetensors").read_bytes() == before
