@@ -238,15 +238,11 @@ def cmd_download(args) -> int:
 
 def _write_atomic(path: Path, write) -> None:
     """Write through a temporary file in the same folder; an error leaves ``path`` as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    from sd4match.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             write(fh)
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

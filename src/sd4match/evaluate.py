@@ -19,13 +19,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from sd4match.data import load_pair_images, open_dataset
 from sd4match.data.records import PairRecord
 from sd4match.errors import Sd4MatchError
 from sd4match.features.cache import seed_for
+from sd4match.fileio import atomic_write_text
 from sd4match.matching import match_pixels
 from sd4match.metrics import DEFAULT_ALPHAS, format_table, score, write_predictions
 
@@ -168,9 +168,7 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
     result["dataset"], result["split"] = cfg.dataset, cfg.split
     meta = {"config": {**asdict(cfg), "alphas": list(cfg.alphas)}, "git_sha": git_sha(), "processes": world,
             "seconds": round(seconds, 3), "pairs_per_second": round(len(records) / max(seconds, 1e-9), 3)}
-    tmp = out / f".score.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({**result, "run": meta}, indent=2, default=str))
-    tmp.replace(out / "score.json")
+    atomic_write_text(out / "score.json", json.dumps({**result, "run": meta}, indent=2, default=str))
     return out
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from sd4match.data.records import CLAMP_EPS, SD4MATCH_RESOLUTION, PairRecord, check_protocol
 from sd4match.errors import PredictionError
+from sd4match.fileio import atomic_path
 
 DEFAULT_ALPHAS: tuple[float, ...] = (0.05, 0.1, 0.15)
 DIFFICULTY_KEYS = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")
@@ -100,11 +101,9 @@ def load_predictions(path: str | Path) -> dict[str, np.ndarray]:
 def write_predictions(path: str | Path, predictions: Iterable[tuple[str, np.ndarray]]) -> Path:
     """Write predictions as JSON Lines (temporary name, then rename)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for pid, kps in predictions:
             fh.write(json.dumps({"id": str(pid), "kps": np.asarray(kps, dtype=np.float64).tolist()}) + "\n")
-    tmp.replace(path)
     return path
 
 
@@ -251,8 +250,7 @@ def plot_categories(result: dict, path: str | Path, title: str = "") -> Path:
     ax.set_title(f"{title} | protocol: {result['protocol']}".strip(" |"))
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path

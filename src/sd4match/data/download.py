@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Literal, Sequence
 
 from sd4match.errors import Sd4MatchError
+from sd4match.fileio import atomic_path, atomic_write_text
 
 DOWNLOAD_DIR = ".sd4match-downloads"
 EXTRACT_PREFIX = ".sd4match-extract-"
@@ -135,7 +136,7 @@ def download(
             raise DownloadError(f"{archive}: SHA-256 {digest} does not match the expected {src.sha256}; the file was removed, run again")
         install(src, archive, root)
         done[src.filename] = {"url": src.url, "size": archive.stat().st_size, "sha256": digest, "pinned": bool(src.sha256)}
-        _atomic_write(done_path, json.dumps(done, indent=1))
+        atomic_write_text(done_path, json.dumps(done, indent=1))
         if src.kind != "file":
             archive.unlink()
     return root
@@ -208,9 +209,8 @@ def install(src: Source, archive: Path, root: Path) -> None:
     dest = (root / src.dest).resolve()
     if src.kind == "file":
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.copyfile(archive, tmp)
-        tmp.replace(dest)
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(archive, tmp)
         return
     work = Path(tempfile.mkdtemp(prefix=EXTRACT_PREFIX, dir=root))
     try:
@@ -283,15 +283,6 @@ def sha256_file(path: Path) -> str:
 def interrupted_extractions(root: Path) -> list[Path]:
     """Extraction folders left by a crash (their presence means the tree is incomplete)."""
     return sorted(Path(root).glob(EXTRACT_PREFIX + "*"))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
 
 
 def _bar(total: int | None, initial: int, desc: str):

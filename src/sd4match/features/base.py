@@ -46,13 +46,6 @@ def images_to_tensor(images: ImagesLike, resolution: int | tuple[int, int], devi
     return torch.stack(out).to(device)
 
 
-def image_sizes(images: ImagesLike) -> list[tuple[int, int]]:
-    """(W, H) of each input image."""
-    if isinstance(images, torch.Tensor):
-        return [(int(images.shape[-1]), int(images.shape[-2]))] * int(images.shape[0])
-    return [im.size for im in images]
-
-
 class CellMap:
     """Exact mapping between original image pixels and feature cells.
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
+
+from sd4match.fileio import atomic_path
 
 FORMAT = "sd4match-features-1"
 
@@ -72,7 +73,6 @@ class FeatureCache:
         from safetensors.torch import save_file
 
         p = self.path(key)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-        save_file({"features": features.detach().to("cpu").contiguous()}, str(tmp), metadata={"key": key, **{k: str(v) for k, v in meta.items()}})
-        tmp.replace(p)
+        with atomic_path(p) as tmp:
+            save_file({"features": features.detach().to("cpu").contiguous()}, str(tmp), metadata={"key": key, **{k: str(v) for k, v in meta.items()}})
         return p

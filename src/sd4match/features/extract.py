@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -13,6 +12,7 @@ from sd4match.data.images import list_images, load_image
 from sd4match.errors import Sd4MatchError
 from sd4match.features.base import Featurizer
 from sd4match.features.cache import FeatureCache, file_sha256, seed_for, settings_key
+from sd4match.fileio import atomic_write_text
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -84,9 +84,7 @@ def extract_folder(
             entry["image_size"] = json.loads(got[1]["image_size"]) if got else None
         entry["grid_size"] = list(featurizer.grid_size)
     path = out / "index.json"
-    tmp = path.with_name(f".index.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"settings": settings, "images": index}, indent=1, default=str))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps({"settings": settings, "images": index}, indent=1, default=str))
     return path
 
 

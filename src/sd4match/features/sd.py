@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from sd4match.errors import Sd4MatchError
-from sd4match.features.base import Featurizer, ImagesLike, image_sizes, images_to_tensor
+from sd4match.features.base import Featurizer, ImagesLike, images_to_tensor
 from sd4match.features.registry import ResolvedModel, download_hint, resolve
 
 

@@ -13,7 +13,6 @@ Saved as a folder: ``prompt.safetensors`` (the learned tensors) + ``config.json`
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from sd4match.errors import Sd4MatchError
+from sd4match.fileio import atomic_path, atomic_write_text
 
 PromptKind = Literal["text", "empty", "single", "category", "cpm"]
 PROMPT_KINDS: tuple[str, ...] = ("text", "empty", "single", "category", "cpm")
@@ -134,12 +134,9 @@ class Prompt(nn.Module):
         if training:
             self.config.training = {**self.config.training, **training}
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp_w = folder / f".prompt.safetensors.{os.getpid()}.tmp"
-        tmp_c = folder / f".config.json.{os.getpid()}.tmp"
-        save_file(tensors, str(tmp_w), metadata={"kind": self.config.kind})
-        tmp_c.write_text(json.dumps(asdict(self.config), indent=2))
-        tmp_w.replace(folder / "prompt.safetensors")
-        tmp_c.replace(folder / "config.json")
+        with atomic_path(folder / "prompt.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"kind": self.config.kind})
+        atomic_write_text(folder / "config.json", json.dumps(asdict(self.config), indent=2))
         return folder
 
 
