@@ -150,5 +150,5 @@ def test_dino_offline_error(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
-    with pytest.raises(Sd4MatchError, match=r"DINOv2 weights facebook/dinov2-base are not in the local cache.*hf download facebook/dinov2-base"):
+    with pytest.raises(Sd4MatchError, match=r"DINOv2 weights facebook/dinov2-base \(dinov2-b\) are not in the local cache.*hf download facebook/dinov2-base"):
         DinoFeaturizer.from_pretrained("dinov2-b", local_files_only=True)

@@ -13,6 +13,12 @@ class Sd4MatchError(Exception):
     """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class DataError(Sd4MatchError):
     """A dataset file is missing, unreadable or not in the expected format."""
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from sd4match.data import load_pair_images, open_dataset
-from sd4match.errors import Sd4MatchError
+from sd4match.errors import Sd4MatchError, first_line
 from sd4match.evaluate import EvalConfig, git_sha, predict_pairs
 from sd4match.loss import gaussian_window_ce
 from sd4match.matching import point_correlation
@@ -152,7 +152,7 @@ def load_checkpoint(path: Path, prompt, optimizer) -> dict:
         tensors = load((path / "state.safetensors").read_bytes())
         meta = json.loads((path / "state.json").read_text())
     except Exception as e:
-        raise Sd4MatchError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise Sd4MatchError(f"{path}: cannot read checkpoint ({first_line(e)})") from None
     prompt.load_state_dict({k[len("prompt."):]: v for k, v in tensors.items() if k.startswith("prompt.")}, strict=True)
     state: dict[int, dict] = {}
     for k, v in tensors.items():

@@ -16,7 +16,7 @@ from PIL import Image
 
 from sd4match.errors import Sd4MatchError
 from sd4match.features.base import CellMap, Featurizer, ImagesLike
-from sd4match.features.registry import download_hint, resolve
+from sd4match.features.registry import offline_mode, resolve, weights_missing
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,11 +46,10 @@ class DinoFeaturizer(Featurizer):
 
     @classmethod
     def from_pretrained(cls, model: str | Path = "dinov2-b", *, local_files_only: bool | None = None, **ignored) -> "DinoFeaturizer":
-        from huggingface_hub import constants
         from transformers import Dinov2Model
 
         res = resolve(model)
-        offline = bool(constants.HF_HUB_OFFLINE) if local_files_only is None else local_files_only
+        offline = offline_mode(local_files_only)
         if res.kind == "folder":
             if not (Path(res.location) / "config.json").is_file():
                 raise Sd4MatchError(f"{res.location}: not a transformers model folder (config.json is missing)")
@@ -59,9 +58,8 @@ class DinoFeaturizer(Featurizer):
             raise Sd4MatchError(f"{model}: DINOv2 loads from a registry name, hub id or transformers folder")
         try:
             net = Dinov2Model.from_pretrained(res.location, revision=res.revision, local_files_only=offline)
-        except Exception as e:
-            why = "not in the local cache (offline mode)" if offline else f"not cached and the hub could not be reached ({type(e).__name__})"
-            raise Sd4MatchError(f"DINOv2 weights {res.model_id} are {why}: {download_hint(res)}") from None
+        except Exception as e:  # hub and cache errors come in many types; all mean "not here"
+            raise weights_missing("DINOv2", res, offline, e) from None
         return cls(net, model_id=res.model_id)
 
     @property

@@ -88,6 +88,20 @@ def resolve(model: str | os.PathLike) -> ResolvedModel:
     raise Sd4MatchError(f"{text}: unknown model; use one of {names}, a hub id (owner/name), a diffusers folder or a .safetensors/.ckpt file")
 
 
+def offline_mode(local_files_only: bool | None) -> bool:
+    """``local_files_only`` when given, else the ``HF_HUB_OFFLINE`` setting."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) if local_files_only is None else local_files_only
+
+
+def weights_missing(what: str, res: ResolvedModel, offline: bool, exc: BaseException) -> Sd4MatchError:
+    """The one-line error for hub weights that could not be loaded: which, why, how to get them."""
+    why = "not in the local cache (offline mode)" if offline else f"not cached and the hub could not be reached ({type(exc).__name__})"
+    name = f" ({res.name})" if res.name else ""
+    return Sd4MatchError(f"{what} weights {res.model_id}{name} are {why}: {download_hint(res)}")
+
+
 def download_hint(res: ResolvedModel) -> str:
     """How to get weights that are not on this machine, as one sentence."""
     from huggingface_hub import constants

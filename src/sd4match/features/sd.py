@@ -19,9 +19,9 @@ from typing import Sequence
 
 import torch
 
-from sd4match.errors import Sd4MatchError
+from sd4match.errors import Sd4MatchError, first_line
 from sd4match.features.base import Featurizer, ImagesLike, images_to_tensor
-from sd4match.features.registry import ResolvedModel, download_hint, resolve
+from sd4match.features.registry import ResolvedModel, offline_mode, resolve, weights_missing
 
 
 @dataclass(frozen=True)
@@ -293,29 +293,26 @@ def load_sd_components(res: ResolvedModel, *, config=None, local_files_only: boo
         Sd4MatchError: weights absent offline (with how to get them), a folder that is not
             in the diffusers layout, or an unreadable checkpoint.
     """
-    from huggingface_hub import constants
-
-    offline = bool(constants.HF_HUB_OFFLINE) if local_files_only is None else local_files_only
+    offline = offline_mode(local_files_only)
     if res.kind == "folder":
         root = Path(res.location)
         missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (root / s).is_dir()]
         if missing:
             raise Sd4MatchError(f"{root}: not a Stable Diffusion folder in the diffusers layout ({missing[0]}/ is missing)")
-        return _load_parts(str(root), None, local_files_only=True, what=str(root))
+        return _load_parts(str(root), None, local_files_only=True)
     if res.kind == "hub":
         try:
-            return _load_parts(res.location, res.revision, local_files_only=offline, what=res.location)
+            return _load_parts(res.location, res.revision, local_files_only=offline)
         except Sd4MatchError:
             raise
         except Exception as e:  # hub and cache errors come in many types; all mean "not here"
-            why = "not in the local cache (offline mode)" if offline else f"not cached and the hub could not be reached ({type(e).__name__})"
-            raise Sd4MatchError(f"Stable Diffusion weights {res.model_id}{' (' + res.name + ')' if res.name else ''} are {why}: {download_hint(res)}") from None
+            raise weights_missing("Stable Diffusion", res, offline, e) from None
     if res.kind == "single_file":
         return _load_single_file(Path(res.location), config=config, offline=offline)
     raise Sd4MatchError(f"{res.location}: not a Stable Diffusion model")
 
 
-def _load_parts(where: str, revision: str | None, *, local_files_only: bool, what: str):
+def _load_parts(where: str, revision: str | None, *, local_files_only: bool):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
@@ -371,7 +368,7 @@ def _load_single_file(path: Path, *, config, offline: bool):
     try:
         pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw)
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         if any(s in msg.lower() for s in ("header", "deserializ", "incomplete", "corrupt", "unpickl", "eof", "invalid load key", "zip", "unable to load weights")):
             raise Sd4MatchError(f"{path}: cannot read checkpoint (truncated or corrupt: {msg})") from None
         hint = "" if config else " Pass --model-config with the diffusers folder or hub id that matches this checkpoint."

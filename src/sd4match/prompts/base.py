@@ -20,7 +20,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
-from sd4match.errors import Sd4MatchError
+from sd4match.errors import Sd4MatchError, first_line
 from sd4match.fileio import atomic_path, atomic_write_text
 
 PromptKind = Literal["text", "empty", "single", "category", "cpm"]
@@ -161,4 +161,4 @@ def read_prompt_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load(path.read_bytes())
     except Exception as e:
-        raise Sd4MatchError(f"{path}: cannot read prompt weights (truncated or corrupt: {str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise Sd4MatchError(f"{path}: cannot read prompt weights (truncated or corrupt: {first_line(e)})") from None
