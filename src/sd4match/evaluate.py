@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from sd4match.data import load_pair_images, open_dataset
+from sd4match.data import is_plain, load_annotated_image, load_pair_images, open_dataset
 from sd4match.data.records import PairRecord
 from sd4match.errors import Sd4MatchError
 from sd4match.features.cache import seed_for
@@ -108,29 +108,44 @@ def predict_pairs(featurizer, prompt, records: Sequence[PairRecord], root, cfg: 
     dev = featurizer.device
     cache = _LRU(cfg.cache_size)
     per_pair = prompt is not None and prompt.kind == "cpm"
+    embs: dict[str, torch.Tensor | None] = {}  # prompt embeddings that do not depend on the pair
     bar = tqdm(records, unit="pair", desc="evaluate", disable=not progress, smoothing=0.05)
 
+    def compute(img, emb):
+        gen = torch.Generator(device=dev).manual_seed(seed_for(_image_key(img), cfg.seed))
+        with torch.no_grad():
+            return featurizer([img], prompt_embeds=emb, generator=gen)
+
     def features(img, emb, tag):
-        h = _image_key(img)
-        key = (h, tag)
+        key = (_image_key(img), tag)
         if key not in cache:
-            gen = torch.Generator(device=dev).manual_seed(seed_for(h, cfg.seed))
-            with torch.no_grad():
-                cache.put(key, featurizer([img], prompt_embeds=emb, generator=gen))
+            cache.put(key, compute(img, emb))
+        return cache[key]
+
+    def stored_features(rel, size, emb, tag):
+        """A stored image's map: decoded only when not cached already."""
+        key = ("file", rel, tag)
+        if key not in cache:
+            cache.put(key, compute(load_annotated_image(root, rel, size), emb))
         return cache[key]
 
     for r in bar:
-        src, trg = load_pair_images(root, r)
-        with torch.no_grad():
-            if prompt is None:
-                emb, tag = None, "-"
-            elif per_pair:
+        if per_pair:
+            src, trg = load_pair_images(root, r)
+            with torch.no_grad():
                 emb = prompt({"dino_src": dino.tokens([src]), "dino_trg": dino.tokens([trg])})
-                tag = r.id
+            fs, ft = features(src, emb, r.id), features(trg, emb, r.id)
+        else:
+            tag = r.category if prompt is not None and prompt.kind in ("category", "text") else "-"
+            if tag not in embs:
+                with torch.no_grad():
+                    embs[tag] = None if prompt is None else prompt({"categories": [r.category]})
+            emb = embs[tag]
+            if is_plain(r):
+                fs, ft = stored_features(r.src, r.src_size, emb, tag), stored_features(r.trg, r.trg_size, emb, tag)
             else:
-                emb = prompt({"categories": [r.category]})
-                tag = r.category if prompt.kind in ("category", "text") else "-"
-        fs, ft = features(src, emb, tag), features(trg, emb, tag)
+                src, trg = load_pair_images(root, r)
+                fs, ft = features(src, emb, tag), features(trg, emb, tag)
         out = match_pixels(featurizer, fs, ft, r.src_kps, r.src_size, r.trg_size, cfg.rule, temperature=cfg.temperature, sigma=cfg.sigma)
         yield r.id, out["kps"].double().cpu().numpy()
 

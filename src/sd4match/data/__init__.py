@@ -34,6 +34,19 @@ def open_dataset(name: str, root: str | Path, **kwargs: Any) -> PairDataset:
     return cls(root, **kwargs)
 
 
+def is_plain(record: PairRecord) -> bool:
+    """Whether both images of ``record`` are the stored files as they are (not rendered, not mirrored)."""
+    return "synthetic" not in record.meta and not record.meta.get("mirrored")
+
+
+def load_annotated_image(root: str | Path, rel: str, size) -> Image.Image:
+    """Decode ``root / rel`` as RGB and check it has the annotated (W, H)."""
+    img = load_image(Path(root) / rel)
+    if img.size != tuple(size):
+        raise DataError(Path(root) / rel, f"image is {img.width}x{img.height} but the annotation says {size[0]}x{size[1]}")
+    return img
+
+
 def load_pair_images(root: str | Path, record: PairRecord) -> tuple[Image.Image, Image.Image]:
     """Decode the source and target images of ``record`` as RGB.
 
@@ -41,15 +54,12 @@ def load_pair_images(root: str | Path, record: PairRecord) -> tuple[Image.Image,
     (``PairRecord.mirrored``) come back mirrored.
     """
     root = Path(root)
-    src = load_image(root / record.src)
+    src = load_annotated_image(root, record.src, record.src_size)
     syn = record.meta.get("synthetic")
     if syn is not None:
         trg = render_target(src, np.asarray(syn["homography"]), syn["color"])
     else:
-        trg = load_image(root / record.trg)
-    for img, size, name in ((src, record.src_size, record.src), (trg, record.trg_size, record.trg)):
-        if img.size != tuple(size):
-            raise DataError(root / name, f"image is {img.width}x{img.height} but the annotation says {size[0]}x{size[1]}")
+        trg = load_annotated_image(root, record.trg, record.trg_size)
     if record.meta.get("mirrored"):
         src, trg = ImageOps.mirror(src), ImageOps.mirror(trg)
     return src, trg
