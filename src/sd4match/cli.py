@@ -213,7 +213,9 @@ def cmd_evaluate(args) -> int:
 
     feat = load_model(args)
     dino = None
-    if Path(args.prompt).is_dir() and json.loads((Path(args.prompt) / "config.json").read_text()).get("kind") == "cpm":
+    from sd4match.prompts.base import read_prompt_config
+
+    if Path(args.prompt).is_dir() and read_prompt_config(args.prompt).kind == "cpm":
         from sd4match.features import DinoFeaturizer
 
         dino = DinoFeaturizer.from_pretrained(args.dino).to(feat.device)

@@ -62,8 +62,11 @@ def extract_folder(
         h = file_sha256(p)
         key = settings_key(h, settings)
         index[rel] = {"file": cache.path(key).name, "sha256": h}
-        if cache.get(key) is None:
+        got = cache.get(key)  # a full read: a damaged file counts as absent
+        if got is None:
             todo.append((rel, p, h, key))
+        else:
+            index[rel]["image_size"] = json.loads(got[1]["image_size"])
     from tqdm import tqdm
 
     bar = tqdm(total=len(files), initial=len(files) - len(todo), unit="img", desc="features", disable=not progress)
@@ -78,10 +81,7 @@ def extract_folder(
             index[rel]["image_size"] = list(img.size)
             bar.update(1)
     bar.close()
-    for rel, entry in index.items():
-        if "image_size" not in entry:
-            got = cache.get(Path(entry["file"]).stem)
-            entry["image_size"] = json.loads(got[1]["image_size"]) if got else None
+    for entry in index.values():
         entry["grid_size"] = list(featurizer.grid_size)
     path = out / "index.json"
     atomic_write_text(path, json.dumps({"settings": settings, "images": index}, indent=1, default=str))
