@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -59,7 +59,6 @@ class SyntheticPair:
     keep: np.ndarray  # (M,) bool, which input points were kept
     mirror: bool
     color: tuple[float, float, float]
-    info: dict = field(default_factory=dict)
 
 
 def apply_homography(H: np.ndarray, pts: np.ndarray) -> np.ndarray:
