@@ -1,6 +1,5 @@
 """PCK scoring against hand-computed values, both protocols and both aggregations."""
 
-import json
 
 import numpy as np
 import pytest

@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from sd4match.data import open_dataset

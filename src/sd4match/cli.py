@@ -50,6 +50,35 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
 
 
+def _prompt_args(p: argparse.ArgumentParser) -> None:
+    """What the commands that match users' images take besides the model."""
+    g = p.add_argument_group("prompt and matching")
+    g.add_argument("--prompt", default="empty", help="'empty', 'text:<words>' (e.g. text:\"a photo of a cat\") or a trained prompt folder")
+    g.add_argument("--category", help="category for per-category prompts and text templates with {category}")
+    g.add_argument("--dino", default="dinov2-b", help="DINOv2 model for CPM prompts")
+    g.add_argument("--match", default="kernel-softargmax", choices=("kernel-softargmax", "softargmax", "nn", "bilinear"))
+    g.add_argument("--max-side", type=int, default=2048, help="larger images are downscaled to this before the model")
+
+
+def load_matcher(args):
+    """The featurizer, and DINOv2 for a CPM prompt, wrapped in a ``Matcher``."""
+    from sd4match.usermatch import Matcher
+
+    feat = load_model(args)
+    return Matcher(feat, args.prompt, category=args.category, dino=_dino_for(args.prompt, args.dino, feat), rule=args.match, seed=args.seed)
+
+
+def _dino_for(prompt: str, dino: str, feat):
+    """DINOv2 on the featurizer's device when ``prompt`` is a CPM prompt folder, else None."""
+    from sd4match.prompts.base import read_prompt_config
+
+    if Path(prompt).is_dir() and read_prompt_config(prompt).kind == "cpm":
+        from sd4match.features import DinoFeaturizer
+
+        return DinoFeaturizer.from_pretrained(dino).to(feat.device)
+    return None
+
+
 def load_model(args):
     """The featurizer the model arguments describe, on the chosen device."""
     from sd4match.features import load_featurizer
@@ -130,6 +159,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _model_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("match", help="match points of image A in image B; write matches.json and matches.png")
+    p.add_argument("source", type=Path, help="image A")
+    p.add_argument("target", type=Path, help="image B")
+    p.add_argument("--points", help='"x,y;x,y" in A\'s pixels, or a JSON file of named points; default: mutual nearest neighbours')
+    p.add_argument("--min-score", type=float, default=0.0, help="without --points: keep mutual matches with cosine >= this")
+    p.add_argument("--max-points", type=int, default=50, help="without --points: at most this many, best first")
+    p.add_argument("--dense", action="store_true", help="also write A warped onto B (warped.png), confidence.png and dense.npz")
+    _prompt_args(p)
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    _model_args(p)
+    p.set_defaults(func=cmd_match)
+
+    p = sub.add_parser("transfer", help="place A's named points on every image of a folder; a JSON per image and sheet.png")
+    p.add_argument("--source", required=True, type=Path, help="image A")
+    p.add_argument("--points", required=True, help="JSON file of named points in A's pixels (or \"x,y;x,y\")")
+    p.add_argument("--targets", required=True, type=Path, help="folder of images (searched recursively)")
+    _prompt_args(p)
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--no-progress", action="store_true")
+    _model_args(p)
+    p.set_defaults(func=cmd_transfer)
+
+    p = sub.add_parser("serve", help="a local web page: click a point in one image, see its match in the other")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--images", type=Path, help="a folder of images to pick from on the page")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted")
+    p.add_argument("--max-pixels", type=float, default=50e6, help="largest image (width x height) accepted")
+    _prompt_args(p)
+    _model_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("download", help="fetch a benchmark from its published address")
     p.add_argument("dataset", choices=("spair", "pfpascal", "pfwillow"))
@@ -212,13 +273,7 @@ def cmd_evaluate(args) -> int:
     from sd4match.evaluate import EvalConfig, evaluate, print_score
 
     feat = load_model(args)
-    dino = None
-    from sd4match.prompts.base import read_prompt_config
-
-    if Path(args.prompt).is_dir() and read_prompt_config(args.prompt).kind == "cpm":
-        from sd4match.features import DinoFeaturizer
-
-        dino = DinoFeaturizer.from_pretrained(args.dino).to(feat.device)
+    dino = _dino_for(args.prompt, args.dino, feat)
     cfg = EvalConfig(args.dataset, str(args.root), args.split, args.prompt, args.match, args.protocol, args.alphas, args.seed)
     out = evaluate(feat, cfg, args.out, dino=dino, progress=not args.no_progress)
     from sd4match.evaluate import distributed_rank_world
@@ -227,6 +282,35 @@ def cmd_evaluate(args) -> int:
         return 0
     print(print_score(out))
     print(f"predictions and score in {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_match(args) -> int:
+    from sd4match.usermatch import parse_points, run_match
+
+    points = parse_points(args.points) if args.points else None
+    res = run_match(load_matcher(args), args.source, args.target, args.out, points=points, dense=args.dense,
+                    min_score=args.min_score, max_points=args.max_points, max_side=args.max_side)
+    for m in res["matches"]:
+        print(f"{m['name']}\t{m['source'][0]:.2f},{m['source'][1]:.2f}\t->\t{m['target'][0]:.2f},{m['target'][1]:.2f}\tscore {m['score']:.4f}")
+    print(f"{len(res['matches'])} matches in {args.out / 'matches.json'} and {args.out / 'matches.png'}", file=sys.stderr)
+    return 0
+
+
+def cmd_transfer(args) -> int:
+    from sd4match.usermatch import parse_points, run_transfer
+
+    written = run_transfer(load_matcher(args), args.source, parse_points(args.points), args.targets, args.out, max_side=args.max_side,
+                           progress=not args.no_progress)
+    print(f"{len(written)} images: one JSON each and sheet.png in {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from sd4match.serve import serve
+
+    serve(load_matcher(args), host=args.host, port=args.port, images=args.images, max_upload_bytes=int(args.max_upload_mb * 1e6),
+          max_pixels=int(args.max_pixels), max_side=args.max_side)
     return 0
 
 

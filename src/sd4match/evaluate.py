@@ -9,7 +9,6 @@ content, so a pair's prediction does not depend on the order or the batch it ran
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -24,7 +23,7 @@ import torch
 from sd4match.data import is_plain, load_annotated_image, load_pair_images, open_dataset
 from sd4match.data.records import PairRecord
 from sd4match.errors import Sd4MatchError
-from sd4match.features.cache import seed_for
+from sd4match.features.cache import image_key, seed_for
 from sd4match.fileio import atomic_write_text
 from sd4match.matching import match_pixels
 from sd4match.metrics import DEFAULT_ALPHAS, format_table, score, write_predictions
@@ -97,10 +96,6 @@ class _LRU(OrderedDict):
             self.popitem(last=False)
 
 
-def _image_key(img) -> str:
-    return hashlib.sha256(img.tobytes() + repr(img.size).encode()).hexdigest()
-
-
 def predict_pairs(featurizer, prompt, records: Sequence[PairRecord], root, cfg: EvalConfig, *, dino=None, progress: bool = True):
     """Yield (pair id, predicted target points in original pixels) for ``records``."""
     from tqdm import tqdm
@@ -112,12 +107,12 @@ def predict_pairs(featurizer, prompt, records: Sequence[PairRecord], root, cfg: 
     bar = tqdm(records, unit="pair", desc="evaluate", disable=not progress, smoothing=0.05)
 
     def compute(img, emb):
-        gen = torch.Generator(device=dev).manual_seed(seed_for(_image_key(img), cfg.seed))
+        gen = torch.Generator(device=dev).manual_seed(seed_for(image_key(img), cfg.seed))
         with torch.no_grad():
             return featurizer([img], prompt_embeds=emb, generator=gen)
 
     def features(img, emb, tag):
-        key = (_image_key(img), tag)
+        key = (image_key(img), tag)
         if key not in cache:
             cache.put(key, compute(img, emb))
         return cache[key]

@@ -30,3 +30,10 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def atomic_save_image(path: str | Path, image) -> Path:
+    """Save a PIL image as PNG to ``path`` through ``atomic_path``."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)

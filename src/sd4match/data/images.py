@@ -33,13 +33,16 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return int(w), int(h)
 
 
-def load_image(path: str | Path, *, exif_transpose: bool = False) -> Image.Image:
+def load_image(path: str | Path, *, exif_transpose: bool = False, max_side: int | None = None) -> Image.Image:
     """Decode an image fully into RGB.
 
     Args:
         path: image file.
         exif_transpose: apply the EXIF orientation (for users' photos; never for
             benchmark images, whose annotations refer to the stored pixels).
+        max_side: downscale (aspect kept) so that neither side exceeds this; JPEGs are
+            decoded at a reduced scale directly. The caller keeps the original size for
+            coordinates (``oriented_size``).
 
     Raises:
         DataError: missing, truncated, corrupt or degenerate file, named in the message.
@@ -51,10 +54,16 @@ def load_image(path: str | Path, *, exif_transpose: bool = False) -> Image.Image
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                if max_side and max(im.size) > max_side:
+                    f = max_side / max(im.size)
+                    im.draft("RGB", (max(1, int(im.width * f)), max(1, int(im.height * f))))  # JPEG: decode at 1/2, 1/4 or 1/8
                 im.load()
                 if exif_transpose:
                     im = ImageOps.exif_transpose(im)
                 img = to_rgb(im)
+                if max_side and max(img.size) > max_side:
+                    f = max_side / max(img.size)
+                    img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.LANCZOS)
     except UnidentifiedImageError:
         raise DataError(path, "not a readable image (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
@@ -62,6 +71,20 @@ def load_image(path: str | Path, *, exif_transpose: bool = False) -> Image.Image
     if img.width < 2 or img.height < 2:
         raise DataError(path, f"image is {img.width}x{img.height} pixels, too small to match")
     return img
+
+
+def oriented_size(path: str | Path, *, exif_transpose: bool = True) -> tuple[int, int]:
+    """(W, H) as the user sees the picture: the header size, swapped for EXIF orientations 5-8."""
+    w, h = image_size(path)
+    if exif_transpose:
+        try:
+            with Image.open(path) as im:
+                orientation = im.getexif().get(0x0112, 1)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(path, f"cannot read EXIF data ({e})") from None
+        if orientation in (5, 6, 7, 8):
+            return h, w
+    return w, h
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -33,6 +33,11 @@ def settings_key(image_hash: str, settings: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:40]
 
 
+def image_key(img) -> str:
+    """SHA-256 of a decoded image's pixels and size: equal for equal pictures, whatever the file."""
+    return hashlib.sha256(img.tobytes() + repr(img.size).encode()).hexdigest()
+
+
 def seed_for(image_hash: str, seed: int) -> int:
     """A per-image seed: an image's features do not depend on what it was batched with."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{image_hash}".encode()).digest()[:7], "little")

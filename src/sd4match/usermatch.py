@@ -1,0 +1,344 @@
+"""Match points between your own images: the library behind ``sd4match match``,
+``sd4match transfer`` and ``sd4match serve``.
+
+Coordinates are continuous pixels of the picture as it is shown (EXIF orientation
+applied; pixel i covers [i, i + 1), its centre is i + 0.5), in the original resolution
+even when a very large image is downscaled before the model. Each image's random draws
+(latent sample, noise) are seeded by ``seed`` and the image's content, so the same
+image gives the same features in every command, in any order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sd4match.data.images import load_image, oriented_size
+from sd4match.errors import Sd4MatchError
+from sd4match.features.cache import image_key, seed_for
+from sd4match.matching import dense_match, match_pixels, point_correlation
+
+MAX_SIDE = 2048  # larger pictures are downscaled before the model (which works at 768 or less)
+RULES = ("kernel-softargmax", "softargmax", "nn", "bilinear")
+
+
+@dataclass(frozen=True)
+class UserImage:
+    """A decoded picture: ``image`` (RGB, at most ``max_side`` a side) and ``size`` (W, H) of the original."""
+
+    image: Image.Image
+    size: tuple[int, int]
+    name: str
+    key: str  # content hash of ``image``
+
+    @property
+    def scale(self) -> float:
+        """Working pixels per original pixel (1 unless downscaled)."""
+        return self.image.width / self.size[0]
+
+
+def open_image(path: str | Path, *, max_side: int = MAX_SIDE) -> UserImage:
+    """Decode ``path`` for matching: any PIL mode to RGB, EXIF orientation applied, downscaled
+    to ``max_side``. Missing, empty, corrupt, 1 x 1 or non-image files raise a ``DataError``
+    naming the file."""
+    img = load_image(path, exif_transpose=True, max_side=max_side)  # names the file if it is missing, corrupt or tiny
+    size = oriented_size(path)
+    return UserImage(img, size, str(path), image_key(img))
+
+
+# -- points -------------------------------------------------------------------------------
+
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+
+
+def parse_points(spec: str) -> list[tuple[str, tuple[float, float]]]:
+    """``"x,y;x,y"`` (names ``p0, p1, ...``) or a JSON file of named points -> [(name, (x, y))].
+
+    JSON files may hold ``{"name": [x, y], ...}``, ``[[x, y], ...]``, ``[{"name", "x", "y"}, ...]``,
+    either under a ``"points"`` key (a ``transfer`` output: its points on that image), or a
+    ``matches.json`` written by ``sd4match match`` (its source points).
+    """
+    if spec.lower().endswith(".json"):
+        return _points_from_json(Path(spec))
+    out = []
+    for i, part in enumerate(p for p in spec.replace(" ", "").split(";") if p):
+        m = re.fullmatch(f"({_NUM}),({_NUM})", part)
+        if not m:
+            raise Sd4MatchError(f"--points: {part!r} is not 'x,y' (points are separated by ';', e.g. \"120,80;300.5,42\")")
+        out.append((f"p{i}", (float(m.group(1)), float(m.group(2)))))
+    if not out:
+        raise Sd4MatchError("--points: no points given")
+    return out
+
+
+def _points_from_json(path: Path) -> list[tuple[str, tuple[float, float]]]:
+    if not path.is_file():
+        raise Sd4MatchError(f"{path}: points file is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Sd4MatchError(f"{path}: not valid JSON ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("points"), (list, dict)):  # a transfer JSON, or {"points": ...}
+        data = data["points"]
+    elif isinstance(data, dict) and isinstance(data.get("matches"), list):  # a matches.json: its source points
+        data = data["matches"]
+    items: list = []
+    if isinstance(data, dict):
+        items = [(str(k), v) for k, v in data.items()]
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            if isinstance(v, dict) and "source" in v:  # a matches.json point
+                items.append((str(v.get("name", f"p{i}")), v["source"]))
+            elif isinstance(v, dict):
+                items.append((str(v.get("name", f"p{i}")), [v.get("x"), v.get("y")]))
+            else:
+                items.append((f"p{i}", v))
+    out = []
+    for name, xy in items:
+        if not (isinstance(xy, (list, tuple)) and len(xy) == 2 and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in xy)):
+            raise Sd4MatchError(f"{path}: point {name!r} is {xy!r}, not [x, y]")
+        out.append((name, (float(xy[0]), float(xy[1]))))
+    if not out:
+        raise Sd4MatchError(f"{path}: holds no points")
+    return out
+
+
+def check_points(points: Sequence[tuple[str, tuple[float, float]]], img: UserImage) -> None:
+    """Every point must lie inside the picture: 0 <= x <= W, 0 <= y <= H."""
+    w, h = img.size
+    for name, (x, y) in points:
+        if not (math.isfinite(x) and math.isfinite(y) and 0 <= x <= w and 0 <= y <= h):
+            raise Sd4MatchError(f"point {name} ({x:g}, {y:g}) lies outside {img.name} ({w}x{h} pixels)")
+
+
+# -- the matcher ----------------------------------------------------------------------------
+
+
+class Matcher:
+    """Features of user images under one model and prompt, cached by image content.
+
+    Args:
+        featurizer: any ``Featurizer`` (SD, effnet-lite0, DINOv2).
+        prompt: ``"empty"``, ``"text:<words>"`` or a prompt folder (single, category, cpm).
+        category: the category for ``category`` prompts and templates with ``{category}``.
+        dino: the DINOv2 featurizer a CPM prompt needs.
+        rule, temperature, sigma: the match rule (``sd4match.matching.match_cells``).
+        seed: base seed of every image's latent sample and noise.
+        cache_size: feature maps kept in memory.
+    """
+
+    def __init__(self, featurizer, prompt: str = "empty", *, category: str | None = None, dino=None, rule: str = "kernel-softargmax",
+                 temperature: float = 0.04, sigma: float = 7.0, seed: int = 0, cache_size: int = 32):
+        from sd4match.evaluate import resolve_prompt
+
+        if rule not in RULES:
+            raise Sd4MatchError(f"unknown match rule {rule!r}; expected one of {', '.join(RULES)}")
+        self.featurizer, self.dino = featurizer, dino
+        self.prompt_spec, self.category = prompt, category
+        self.rule, self.temperature, self.sigma, self.seed = rule, temperature, sigma, seed
+        self.prompt = resolve_prompt(prompt, featurizer, dino=dino)
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_size = cache_size
+        self._emb = None
+        if self.prompt is not None and self.prompt.kind != "cpm":
+            needs = self.prompt.kind == "category" or "{category}" in getattr(self.prompt, "template", "")
+            if needs and not category:
+                raise Sd4MatchError(f"--prompt {prompt}: this prompt needs --category")
+            with torch.no_grad():
+                self._emb = self.prompt({"categories": [category]} if needs else {})
+
+    @property
+    def pair_dependent(self) -> bool:
+        return self.prompt is not None and self.prompt.kind == "cpm"
+
+    def settings(self) -> dict:
+        return {"model": self.featurizer.settings(), "prompt": self.prompt_spec, "category": self.category, "rule": self.rule,
+                "temperature": self.temperature, "sigma": self.sigma, "seed": self.seed}
+
+    def _features(self, img: UserImage, emb, tag) -> torch.Tensor:
+        key = (img.key, tag)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        gen = torch.Generator(device=self.featurizer.device).manual_seed(seed_for(img.key, self.seed))
+        with torch.no_grad():
+            f = self.featurizer([img.image], prompt_embeds=emb, generator=gen)
+        self._cache[key] = f
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return f
+
+    def is_cached(self, a: UserImage, b: UserImage | None = None) -> bool:
+        tag = (a.key, b.key) if self.pair_dependent and b is not None else "-"
+        return all((im.key, tag) in self._cache for im in ([a, b] if b is not None else [a]))
+
+    def features(self, a: UserImage, b: UserImage) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, C, h, w) maps of ``a`` and ``b``; a CPM prompt is built from both images."""
+        if not self.pair_dependent:
+            return self._features(a, self._emb, "-"), self._features(b, self._emb, "-")
+        tag = (a.key, b.key)
+        if (a.key, tag) in self._cache and (b.key, tag) in self._cache:
+            return self._features(a, None, tag), self._features(b, None, tag)
+        with torch.no_grad():
+            emb = self.prompt({"dino_src": self.dino.tokens([a.image]), "dino_trg": self.dino.tokens([b.image])})
+        return self._features(a, emb, tag), self._features(b, emb, tag)
+
+    def match_points(self, a: UserImage, b: UserImage, points: Sequence[tuple[str, tuple[float, float]]]) -> list[dict]:
+        """Each named point of ``a`` -> ``{"name", "source": [x, y], "target": [x, y], "score"}`` in original pixels."""
+        check_points(points, a)
+        fa, fb = self.features(a, b)
+        kps = torch.tensor([xy for _, xy in points], dtype=torch.float32)
+        out = match_pixels(self.featurizer, fa, fb, kps, a.size, b.size, self.rule, temperature=self.temperature, sigma=self.sigma)
+        tk, sc = out["kps"].double().cpu().numpy(), out["scores"].double().cpu().numpy()
+        return [{"name": n, "source": [round(x, 2), round(y, 2)], "target": [round(float(t[0]), 2), round(float(t[1]), 2)], "score": round(float(s), 4)}
+                for (n, (x, y)), t, s in zip(points, tk, sc)]
+
+    def similarity(self, a: UserImage, b: UserImage, point: tuple[float, float]) -> np.ndarray:
+        """Cosine similarity of ``point`` of ``a`` to every cell of ``b``: (h, w) in [-1, 1]."""
+        check_points([("point", point)], a)
+        fa, fb = self.features(a, b)
+        cells = self.featurizer.cell_map(a.size).pixel_to_cell(torch.tensor([point], dtype=torch.float32, device=fa.device))[None]
+        return point_correlation(fa, fb, cells)[0, 0].float().cpu().numpy()
+
+    def auto_points(self, a: UserImage, b: UserImage, *, min_score: float = 0.0, max_points: int = 50) -> list[tuple[str, tuple[float, float]]]:
+        """Source points for ``match`` without ``--points``: the centres of the cells of ``a`` whose
+        nearest neighbour in ``b`` is mutual, best ``max_points`` with cosine >= ``min_score``."""
+        fa, fb = self.features(a, b)
+        d = dense_match(fa, fb, "nn")
+        keep = d["mutual"][0] & (d["scores"][0] >= min_score)
+        idx = torch.nonzero(keep).flatten()
+        idx = idx[torch.argsort(d["scores"][0][idx], descending=True, stable=True)][:max_points]
+        h, w = fa.shape[-2:]
+        centres = torch.stack([idx % w + 0.5, idx // w + 0.5], dim=-1).float()
+        px = self.featurizer.cell_map(a.size).cell_to_pixel(centres).cpu().numpy()
+        return [(f"p{i}", (round(float(x), 2), round(float(y), 2))) for i, (x, y) in enumerate(px)]
+
+    def dense(self, a: UserImage, b: UserImage) -> dict[str, np.ndarray]:
+        """For every cell of ``b``: its location in ``a`` (original pixels) and a confidence.
+
+        Returns ``{"source_xy": (h, w, 2), "score": (h, w), "mutual": (h, w) bool}`` on ``b``'s grid.
+        """
+        fa, fb = self.features(a, b)
+        h, w = fb.shape[-2:]
+        d = dense_match(fb, fa, self.rule, temperature=self.temperature, sigma=self.sigma)
+        xy = self.featurizer.cell_map(a.size).cell_to_pixel(d["cells"][0]).float().cpu().numpy()
+        return {"source_xy": xy.reshape(h, w, 2), "score": d["scores"][0].float().cpu().numpy().reshape(h, w),
+                "mutual": d["mutual"][0].cpu().numpy().reshape(h, w)}
+
+
+def warp_onto(a: UserImage, b: UserImage, dense: dict[str, np.ndarray]) -> Image.Image:
+    """``a`` resampled onto ``b``'s pixels (working resolution) through the dense matches."""
+    wb, hb = b.image.size
+    flow = torch.from_numpy(dense["source_xy"]).permute(2, 0, 1)[None]  # (1, 2, h, w) original pixels of a
+    # each cell's value sits at its centre: align_corners=False interpolation puts it there
+    flow = F.interpolate(flow, size=(hb, wb), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+    grid = torch.stack([flow[..., 0] / a.size[0] * 2 - 1, flow[..., 1] / a.size[1] * 2 - 1], dim=-1)[None]
+    src = torch.from_numpy(np.asarray(a.image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    out = F.grid_sample(src, grid, mode="bilinear", align_corners=False, padding_mode="border")[0]
+    return Image.fromarray((out.permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8))
+
+
+# -- what the commands write ---------------------------------------------------------------
+
+
+def _describe(img: UserImage, path) -> dict:
+    return {"path": str(path), "size": list(img.size), "working_size": list(img.image.size)}
+
+
+def run_match(matcher: Matcher, src: str | Path, trg: str | Path, out: str | Path, *, points: Sequence | None = None, dense: bool = False,
+              min_score: float = 0.0, max_points: int = 50, max_side: int = MAX_SIDE) -> dict:
+    """``sd4match match``: write ``matches.json`` and ``matches.png`` (and with ``dense``,
+    ``warped.png``, ``confidence.png`` and ``dense.npz``) into ``out``; return the JSON.
+
+    Without ``points``, the source points are the mutual nearest neighbours (``auto_points``).
+    Everything is computed before anything is written, so a bad input leaves ``out`` as it was.
+    """
+    from sd4match import __version__
+    from sd4match.fileio import atomic_save_image, atomic_write_text
+    from sd4match.viz import draw_matches, heat_image
+
+    a, b = open_image(src, max_side=max_side), open_image(trg, max_side=max_side)
+    if points is not None:
+        check_points(points, a)
+    mode = "points" if points is not None else "mutual-nn"
+    if points is None:
+        points = matcher.auto_points(a, b, min_score=min_score, max_points=max_points)
+    matches = matcher.match_points(a, b, points) if points else []
+    result = {"format": "sd4match-matches-1", "source": _describe(a, src), "target": _describe(b, trg), "points_from": mode,
+              "matches": matches, "settings": matcher.settings(), "model": matcher.featurizer.model_id, "sd4match": __version__,
+              "coordinates": "continuous pixels of the EXIF-oriented original picture; pixel i spans [i, i + 1)"}
+    pictures = {"matches.png": draw_matches(a.image, b.image, a.size, b.size, matches, labels=len(matches) <= 20)}
+    arrays = None
+    if dense:
+        d = matcher.dense(a, b)
+        pictures["warped.png"] = warp_onto(a, b, d)
+        pictures["confidence.png"] = heat_image(d["score"], b.image.size, lo=0.0, hi=1.0)
+        arrays = d
+        result["dense"] = {"grid": list(d["score"].shape), "mean_score": round(float(d["score"].mean()), 4), "mutual_fraction": round(float(d["mutual"].mean()), 4),
+                           "files": ["warped.png", "confidence.png", "dense.npz"]}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, pic in pictures.items():
+        atomic_save_image(out / name, pic)
+    if arrays is not None:
+        from sd4match.fileio import atomic_path
+
+        with atomic_path(out / "dense.npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **arrays)
+    atomic_write_text(out / "matches.json", json.dumps(result, indent=2))
+    return result
+
+
+def _target_names(targets: Sequence[Path], root: Path) -> list[str]:
+    stems = [t.relative_to(root).with_suffix("").as_posix().replace("/", "__") for t in targets]
+    dup = {s for s in stems if stems.count(s) > 1}
+    return [(s + "_" + t.suffix.lstrip(".").lower()) if s in dup else s for s, t in zip(stems, targets)]
+
+
+def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets: str | Path, out: str | Path, *, max_side: int = MAX_SIDE,
+                 progress: bool = True, sheet_columns: int = 4) -> list[Path]:
+    """``sd4match transfer``: place the named ``points`` of ``source`` on every image under
+    ``targets``; write ``<name>.json`` per target and ``sheet.png``; return the JSON paths.
+
+    The source's features are extracted once; each target's once.
+    """
+    from tqdm import tqdm
+
+    from sd4match import __version__
+    from sd4match.data.images import list_images
+    from sd4match.fileio import atomic_save_image, atomic_write_text
+    from sd4match.viz import contact_sheet, draw_points
+
+    a = open_image(source, max_side=max_side)
+    check_points(points, a)
+    root = Path(targets)
+    files = [p for p in list_images(root) if p.resolve() != Path(source).resolve()]
+    if not files:
+        raise Sd4MatchError(f"{root}: no images to transfer onto")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    src_view = [{"name": n, "source": list(xy), "score": 1.0} for n, xy in points]
+    tiles = [(f"source: {Path(a.name).name}", draw_points(a.image, a.size, src_view, key="source"))]
+    written = []
+    for path, name in tqdm(list(zip(files, _target_names(files, root))), unit="image", desc="transfer", disable=not progress):
+        b = open_image(path, max_side=max_side)
+        matches = matcher.match_points(a, b, points)
+        doc = {"format": "sd4match-transfer-1", "source": _describe(a, source), "target": _describe(b, path),
+               "points": [{"name": m["name"], "x": m["target"][0], "y": m["target"][1], "score": m["score"]} for m in matches],
+               "source_points": [{"name": m["name"], "x": m["source"][0], "y": m["source"][1]} for m in matches],
+               "settings": matcher.settings(), "model": matcher.featurizer.model_id, "sd4match": __version__}
+        written.append(atomic_write_text(out / f"{name}.json", json.dumps(doc, indent=2)))
+        tiles.append((name, draw_points(b.image, b.size, matches, key="target")))
+    atomic_save_image(out / "sheet.png", contact_sheet(tiles, columns=sheet_columns))
+    return written

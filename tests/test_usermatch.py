@@ -1,0 +1,257 @@
+"""`sd4match match` / `transfer` on real PF-Willow photos with a tiny random SD, and robust image input."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sd4match.cli import main
+from sd4match.errors import Sd4MatchError
+from sd4match.testing import tiny_sd
+from sd4match.usermatch import Matcher, check_points, open_image, parse_points, run_match, run_transfer
+
+MODEL_ARGS = ["--resolution", "64", "--ensemble", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_sd(tmp_path_factory.mktemp("tiny") / "sd")
+
+
+@pytest.fixture(scope="module")
+def featurizer(tiny):
+    from sd4match.features import load_featurizer
+
+    return load_featurizer(str(tiny), resolution=64, ensemble=1)
+
+
+@pytest.fixture
+def willow_pair(willow_root):
+    d = willow_root / "PF-dataset" / "car(G)"
+    return d / "Cars_006a.png", d / "Cars_007a.png"
+
+
+def _cell_centre_pixels(featurizer, size, cells):
+    import torch
+
+    return featurizer.cell_map(size).cell_to_pixel(torch.tensor(cells, dtype=torch.float32)).numpy().round(2)
+
+
+def test_match_cli_writes_json_and_picture(tmp_path, tiny, willow_pair):
+    a, b = willow_pair
+    out = tmp_path / "m"
+    assert main(["match", str(a), str(b), "--points", "10,20; 150.5,100", "--model", str(tiny), *MODEL_ARGS, "--out", str(out)]) == 0
+    res = json.loads((out / "matches.json").read_text())
+    assert res["source"]["size"] == [300, 200] and res["target"]["size"] == [300, 225]
+    assert [m["name"] for m in res["matches"]] == ["p0", "p1"]
+    assert [m["source"] for m in res["matches"]] == [[10.0, 20.0], [150.5, 100.0]]
+    for m in res["matches"]:
+        assert 0 <= m["target"][0] <= 300 and 0 <= m["target"][1] <= 225 and -1 <= m["score"] <= 1
+    assert res["settings"]["model"]["model"] == str(tiny.resolve()) and res["settings"]["rule"] == "kernel-softargmax"
+    png = Image.open(out / "matches.png")
+    # both pictures at height 480, side by side with an 8-pixel gap: 720 + 8 + 640
+    assert png.size == (720 + 8 + 640, 480)
+    arr = np.asarray(png.convert("RGB")).astype(float)
+    assert arr.std() > 20  # not blank
+    # the left half is photo A: its pixels equal A resized (away from the drawn points)
+    left = np.asarray(Image.open(a).convert("RGB").resize((720, 480), Image.Resampling.BICUBIC)).astype(float)
+    assert np.median(np.abs(arr[:, :720] - left)) < 1.0
+
+
+def test_self_match_returns_the_same_points_in_original_pixels(tmp_path, featurizer):
+    """Matching an image to itself with nn: each cell-centre point comes back exactly, also when
+    a large picture is downscaled before the model (coordinates stay in original pixels)."""
+    big = tmp_path / "big.jpg"
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((5000, 3000), Image.Resampling.BICUBIC).save(big, quality=90)
+    img = open_image(big)
+    assert img.size == (5000, 3000) and img.image.size == (2048, 1229)
+    pts = _cell_centre_pixels(featurizer, img.size, [[0.5, 0.5], [3.5, 2.5], [7.5, 7.5], [5.5, 1.5]])
+    m = Matcher(featurizer, "empty", rule="nn")
+    out = m.match_points(img, img, [(f"p{i}", tuple(p)) for i, p in enumerate(pts)])
+    assert [o["target"] for o in out] == [list(map(float, p)) for p in pts]
+    assert all(o["score"] == pytest.approx(1.0, abs=1e-4) for o in out)
+
+
+def test_auto_points_and_dense_on_self(tmp_path, featurizer, willow_pair):
+    a = open_image(willow_pair[0])
+    m = Matcher(featurizer, "empty", rule="nn")
+    pts = m.auto_points(a, a, max_points=7)
+    assert len(pts) == 7  # every cell is its own mutual nearest neighbour
+    res = run_match(m, willow_pair[0], willow_pair[0], tmp_path / "d", dense=True, max_points=5)
+    assert res["points_from"] == "mutual-nn" and len(res["matches"]) == 5
+    assert all(x["source"] == x["target"] for x in res["matches"])
+    assert res["dense"]["mutual_fraction"] == 1.0
+    with np.load(tmp_path / "d" / "dense.npz", allow_pickle=False) as z:
+        assert z["source_xy"].shape == (8, 8, 2) and z["score"].shape == (8, 8)
+    warped = np.asarray(Image.open(tmp_path / "d" / "warped.png")).astype(float)
+    orig = np.asarray(a.image).astype(float)
+    assert warped.shape == orig.shape
+    # identity flow: inside the outermost half cells the warp reproduces the picture
+    mx, my = 300 // 16 + 1, 200 // 16 + 1
+    assert np.abs(warped[my:-my, mx:-mx] - orig[my:-my, mx:-mx]).mean() < 1.0
+    conf = Image.open(tmp_path / "d" / "confidence.png")
+    assert conf.size == (300, 200)
+
+
+def test_transfer_three_targets(tmp_path, tiny, willow_pair, willow_root):
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    files = sorted((willow_root / "PF-dataset" / "duck(S)").glob("*.png"))[:3]
+    for f in files:
+        (targets / f.name).write_bytes(f.read_bytes())
+    pts = tmp_path / "points.json"
+    pts.write_text(json.dumps({"front wheel": [70, 150], "roof": [150, 40]}))
+    out = tmp_path / "t"
+    assert main(["transfer", "--source", str(willow_pair[0]), "--points", str(pts), "--targets", str(targets), "--model", str(tiny), *MODEL_ARGS,
+                 "--out", str(out), "--no-progress"]) == 0
+    docs = sorted(out.glob("*.json"))
+    assert [d.stem for d in docs] == [f.stem for f in files]
+    for d, f in zip(docs, files):
+        doc = json.loads(d.read_text())
+        assert [p["name"] for p in doc["points"]] == ["front wheel", "roof"]
+        w, h = Image.open(f).size
+        assert doc["target"]["size"] == [w, h] and all(0 <= p["x"] <= w and 0 <= p["y"] <= h for p in doc["points"])
+    sheet = Image.open(out / "sheet.png")
+    assert sheet.width > 3 * 240 and np.asarray(sheet.convert("L")).std() > 20
+
+
+def test_transfer_extracts_each_image_once(tmp_path, featurizer, willow_pair, willow_root, monkeypatch):
+    calls = []
+    real = type(featurizer).forward
+
+    def counting(self, images, **kw):
+        calls.append(len(images))
+        return real(self, images, **kw)
+
+    monkeypatch.setattr(type(featurizer), "forward", counting)
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    for f in sorted((willow_root / "PF-dataset" / "car(S)").glob("*.png"))[:3]:
+        (targets / f.name).write_bytes(f.read_bytes())
+    run_transfer(Matcher(featurizer), willow_pair[0], [("a", (10.0, 10.0)), ("b", (20.0, 30.0))], targets, tmp_path / "o", progress=False)
+    assert calls == [1, 1, 1, 1]  # the source once, each target once
+
+
+# -- points ----------------------------------------------------------------------------------
+
+
+def test_parse_points_forms(tmp_path):
+    assert parse_points("1,2;3.5,-4e1") == [("p0", (1.0, 2.0)), ("p1", (3.5, -40.0))]
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps([{"name": "eye", "x": 3, "y": 4}, [5, 6]]))
+    assert parse_points(str(f)) == [("eye", (3.0, 4.0)), ("p1", (5.0, 6.0))]
+    f.write_text(json.dumps({"matches": [], "points": {"nose": [1, 2]}}))
+    assert parse_points(str(f)) == [("nose", (1.0, 2.0))]
+    with pytest.raises(Sd4MatchError, match="'1;2' is not 'x,y'|'1' is not 'x,y'"):
+        parse_points("1;2")
+    f.write_text(json.dumps({"eye": [1]}))
+    with pytest.raises(Sd4MatchError, match="point 'eye' is \\[1\\], not \\[x, y\\]"):
+        parse_points(str(f))
+
+
+def test_point_outside_the_image_is_rejected_and_nothing_written(tmp_path, tiny, willow_pair, capsys):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "matches.json").write_text("earlier result")
+    args = ["match", str(willow_pair[0]), str(willow_pair[1]), "--points", "10,20;300.5,10", "--model", str(tiny), *MODEL_ARGS, "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"sd4match: error: point p1 (300.5, 10) lies outside {willow_pair[0]} (300x200 pixels)"
+    assert (out / "matches.json").read_text() == "earlier result" and sorted(p.name for p in out.iterdir()) == ["matches.json"]
+    img = open_image(willow_pair[0])
+    check_points([("edge", (300.0, 200.0))], img)  # the far edge is still inside
+    with pytest.raises(Sd4MatchError, match="point nan"):
+        check_points([("nan", (float("nan"), 1.0))], img)
+
+
+# -- robust image input ------------------------------------------------------------------------
+
+
+def _save(tmp_path, name, im, **kw):
+    p = tmp_path / name
+    im.save(p, **kw)
+    return p
+
+
+def test_grayscale_to_rgb(tmp_path):
+    p = _save(tmp_path, "g.png", Image.fromarray(np.full((4, 6), 77, np.uint8), "L"))
+    img = open_image(p)
+    assert img.image.mode == "RGB" and img.size == (6, 4) and np.all(np.asarray(img.image) == 77)
+
+
+def test_rgba_composited_on_white(tmp_path):
+    a = np.zeros((4, 6, 4), np.uint8)
+    a[..., 0] = 200
+    a[:, :3, 3] = 255  # left half opaque red, right half fully transparent
+    img = open_image(_save(tmp_path, "a.png", Image.fromarray(a, "RGBA")))
+    px = np.asarray(img.image)
+    assert (px[0, 0] == [200, 0, 0]).all() and (px[0, 5] == [255, 255, 255]).all()
+
+
+def test_palette_to_rgb(tmp_path):
+    im = Image.new("P", (6, 4))
+    im.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    im.paste(1, (0, 0, 6, 4))
+    assert (np.asarray(open_image(_save(tmp_path, "p.png", im)).image) == [10, 20, 30]).all()
+
+
+def test_cmyk_to_rgb(tmp_path):
+    im = Image.new("CMYK", (6, 4), (0, 255, 255, 0))  # no cyan, full magenta and yellow: red
+    px = np.asarray(open_image(_save(tmp_path, "c.jpg", im, quality=100)).image).astype(int)
+    assert (np.abs(px - [255, 0, 0]) <= 3).all()
+
+
+def test_sixteen_bit_to_rgb(tmp_path):
+    a = np.zeros((4, 6), np.uint16)
+    a[:, 3:] = 65535
+    a[:, :3] = 32896  # 128 * 257
+    px = np.asarray(open_image(_save(tmp_path, "16.png", Image.fromarray(a))).image)
+    assert (px[:, :3] == 128).all() and (px[:, 3:] == 255).all()
+
+
+def test_exif_orientation_applied(tmp_path):
+    a = np.zeros((4, 6, 3), np.uint8)
+    a[0, 0] = [255, 0, 0]  # top-left stored pixel is red
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6  # stored rotated: show it turned 90 degrees clockwise
+    p = _save(tmp_path, "r.png", im, exif=exif.tobytes())
+    img = open_image(p)
+    assert img.size == (4, 6) and img.image.size == (4, 6)
+    px = np.asarray(img.image)
+    assert (px[0, 3] == [255, 0, 0]).all() and px.sum() == 255  # the red corner is now top-right
+
+
+def test_large_image_downscaled_before_the_model(tmp_path):
+    p = _save(tmp_path, "big.png", Image.new("RGB", (6000, 1500), (1, 2, 3)))
+    img = open_image(p, max_side=1000)
+    assert img.size == (6000, 1500) and img.image.size == (1000, 250) and img.scale == pytest.approx(1 / 6)
+
+
+@pytest.mark.parametrize("kind", ["one-pixel", "empty", "text", "truncated", "missing"])
+def test_bad_images_rejected_naming_the_file(tmp_path, kind, willow_pair, tiny, capsys):
+    p = tmp_path / f"{kind}.png"
+    if kind == "one-pixel":
+        Image.new("RGB", (1, 1)).save(p)
+    elif kind == "empty":
+        p.write_bytes(b"")
+    elif kind == "text":
+        p.write_text("not an image")
+    elif kind == "truncated":
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+        p.write_bytes(buf.getvalue()[:400])
+    expected = {"one-pixel": "is 1x1 pixels, too small", "empty": "not a readable image", "text": "not a readable image",
+                "truncated": "cannot decode image", "missing": "image file is missing"}[kind]
+    with pytest.raises(Sd4MatchError, match=expected):
+        open_image(p)
+    assert main(["match", str(p), str(willow_pair[1]), "--points", "0,0", "--model", str(tiny), *MODEL_ARGS, "--out", str(tmp_path / "o")]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
+    assert len(err) == 1 and str(p) in err[0] and expected in err[0]
+    assert not (tmp_path / "o").exists()
