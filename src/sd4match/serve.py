@@ -1,0 +1,200 @@
+"""``sd4match serve``: a local web page to click a point in one image and see its match.
+
+A FastAPI app with a single static page (``static/index.html``). The model and every
+image's features stay in this process; each image is decoded once on upload and its
+features are extracted once (``Matcher`` caches them by content), so a click on cached
+images costs one correlation.
+
+The app binds to loopback by default, refuses uploads over ``max_upload_bytes`` before
+reading them, images over ``max_pixels`` before decoding them, and anything that is not
+an image with a one-line message.
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the route signatures at run time
+import base64
+import hashlib
+import io
+import re
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from importlib import resources
+from pathlib import Path
+
+from sd4match.data.images import image_size, list_images
+from sd4match.errors import Sd4MatchError
+from sd4match.usermatch import MAX_SIDE, Matcher, UserImage, open_image
+
+PAGE = "index.html"
+
+
+def _png_data_url(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class ImageStore:
+    """Uploaded and example images by id (their content hash), the newest ``size`` kept."""
+
+    def __init__(self, folder: Path, *, max_pixels: int, max_side: int, size: int = 64):
+        self.folder, self.max_pixels, self.max_side, self.size = folder, max_pixels, max_side, size
+        self.items: OrderedDict[str, tuple[UserImage, bytes]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def add(self, data: bytes, name: str) -> tuple[str, UserImage]:
+        ident = hashlib.sha256(data).hexdigest()[:24]
+        with self.lock:
+            if ident in self.items:
+                self.items.move_to_end(ident)
+                return ident, self.items[ident][0]
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name)[-80:] or "image"
+        path = self.folder / f"{ident}-{safe}"
+        path.write_bytes(data)
+        try:
+            w, h = image_size(path)  # header only: refuse huge images before decoding them
+            if w * h > self.max_pixels:
+                raise Sd4MatchError(f"{safe}: image is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the {self.max_pixels / 1e6:g} megapixel limit")
+            img = open_image(path, max_side=self.max_side)
+        except Sd4MatchError as e:
+            path.unlink(missing_ok=True)
+            raise Sd4MatchError(str(e).replace(str(path), safe)) from None
+        img = UserImage(img.image, img.size, safe, img.key)
+        buf = io.BytesIO()
+        img.image.save(buf, format="PNG")
+        with self.lock:
+            self.items[ident] = (img, buf.getvalue())
+            while len(self.items) > self.size:
+                old, _ = self.items.popitem(last=False)
+                for p in self.folder.glob(f"{old}-*"):
+                    p.unlink(missing_ok=True)
+        return ident, img
+
+    def get(self, ident: str) -> tuple[UserImage, bytes]:
+        with self.lock:
+            if ident not in self.items:
+                raise KeyError(ident)
+            return self.items[ident]
+
+
+def create_app(matcher: Matcher, *, images: str | Path | None = None, max_upload_bytes: int = 20_000_000, max_pixels: int = 50_000_000,
+               max_side: int = MAX_SIDE, workdir: str | Path | None = None):
+    """The FastAPI app; ``images`` is a folder whose pictures the page offers as examples."""
+    from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from pydantic import BaseModel
+
+    from sd4match.viz import heat_image
+
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="sd4match-serve-")
+        workdir = tmp.name
+    store = ImageStore(Path(workdir), max_pixels=max_pixels, max_side=max_side)
+    examples = {p.relative_to(images).as_posix(): p for p in list_images(images)} if images else {}
+    model_lock = threading.Lock()  # one forward pass at a time; the feature cache is not thread-safe
+    app = FastAPI(title="sd4match", docs_url=None, redoc_url=None)
+    app.state.tmp = tmp  # keeps the upload folder alive as long as the app
+
+    @app.exception_handler(Sd4MatchError)
+    async def _bad_input(request: Request, exc: Sd4MatchError):
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if request.method == "POST" and size is not None and size.isdigit() and int(size) > max_upload_bytes + 65536:
+            return JSONResponse({"error": f"upload of {int(size) / 1e6:.1f} MB is over the {max_upload_bytes / 1e6:g} MB limit"}, status_code=413)
+        return await call_next(request)
+
+    def _image(ident: str) -> UserImage:
+        try:
+            return store.get(ident)[0]
+        except KeyError:
+            raise HTTPException(404, f"no image {ident}; upload it again") from None
+
+    def _describe(ident: str, img: UserImage) -> dict:
+        return {"id": ident, "name": img.name, "size": list(img.size), "url": f"api/images/{ident}"}
+
+    @app.get("/", response_class=HTMLResponse)
+    def page():
+        return resources.files("sd4match").joinpath("static", PAGE).read_text(encoding="utf-8")
+
+    @app.get("/api/config")
+    def config():
+        s = matcher.settings()
+        return {"model": matcher.featurizer.model_id, "prompt": s["prompt"], "rule": s["rule"], "examples": sorted(examples),
+                "max_upload_mb": max_upload_bytes / 1e6, "max_megapixels": max_pixels / 1e6}
+
+    @app.post("/api/images")
+    async def upload(file: UploadFile = File(...)):
+        data = await file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            return JSONResponse({"error": f"{file.filename}: over the {max_upload_bytes / 1e6:g} MB upload limit"}, status_code=413)
+        if not data:
+            raise Sd4MatchError(f"{file.filename}: empty file")
+        ident, img = store.add(data, file.filename or "upload")
+        return _describe(ident, img)
+
+    @app.post("/api/examples/{name:path}")
+    def pick(name: str):
+        if name not in examples:
+            raise HTTPException(404, f"no example {name!r}")
+        ident, img = store.add(examples[name].read_bytes(), name)
+        return _describe(ident, img)
+
+    @app.get("/api/images/{ident}")
+    def picture(ident: str):
+        try:
+            return Response(store.get(ident)[1], media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+        except KeyError:
+            raise HTTPException(404, f"no image {ident}") from None
+
+    class Pair(BaseModel):
+        a: str
+        b: str
+
+    class Click(Pair):
+        x: float
+        y: float
+
+    @app.post("/api/prepare")
+    def prepare(pair: Pair):
+        a, b = _image(pair.a), _image(pair.b)
+        t0 = time.perf_counter()
+        with model_lock:
+            cached = matcher.is_cached(a, b)
+            matcher.features(a, b)
+        return {"cached": cached, "seconds": round(time.perf_counter() - t0, 3)}
+
+    @app.post("/api/match")
+    def match(click: Click):
+        """The click (x, y) in ``a``'s original pixels, rounded to 0.01 as ``sd4match match`` reports it."""
+        a, b = _image(click.a), _image(click.b)
+        point = (round(click.x, 2), round(click.y, 2))
+        t0 = time.perf_counter()
+        with model_lock:
+            m = matcher.match_points(a, b, [("click", point)])[0]
+            sim = matcher.similarity(a, b, point)
+        w, h = b.image.size
+        f = min(1.0, 640 / max(w, h))
+        heat = heat_image(sim, (max(1, round(w * f)), max(1, round(h * f))))
+        return {**m, "heatmap": _png_data_url(heat), "similarity_range": [round(float(sim.min()), 4), round(float(sim.max()), 4)],
+                "seconds": round(time.perf_counter() - t0, 3)}
+
+    return app
+
+
+def serve(matcher: Matcher, *, host: str = "127.0.0.1", port: int = 7860, **kwargs) -> None:
+    """Run the page until interrupted."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise Sd4MatchError("sd4match serve needs FastAPI and uvicorn: pip install 'sd4match[serve]'") from None
+    app = create_app(matcher, **kwargs)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"sd4match: warning: serving on {host}: anyone who can reach this address can use the page", flush=True)
+    print(f"sd4match serve: open http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
