@@ -122,3 +122,35 @@ def test_refuses_to_overwrite_a_run(tiny, willow_root, tmp_path, capsys):
     assert main(args) == 2
     assert "pass --resume" in capsys.readouterr().err
     assert (out / "last/prompt.safetensors").read_bytes() == before
+
+
+def test_two_process_training_equals_one_process(tiny, willow_root, tmp_path):
+    """torchrun, 2 CPU processes (gloo): each takes half of every step's micro-batches and the
+    gradients are summed, so the run follows the 1-process run (up to the summation order)."""
+    import json
+    import socket
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    extra = ["--steps", "4", "--batch-size", "4", "--val-every", "2", "--val-pairs", "6", "--ckpt-every", "4"]
+    one = subprocess.run(_train_cmd(tiny, willow_root, tmp_path / "one", *extra), env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = _train_cmd(tiny, willow_root, tmp_path / "two", *extra)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                          *cmd[1:]], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = load_file(tmp_path / "one/last/prompt.safetensors"), load_file(tmp_path / "two/last/prompt.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    s1 = [json.loads(line) for line in (tmp_path / "one/scalars.jsonl").read_text().splitlines()]
+    s2 = [json.loads(line) for line in (tmp_path / "two/scalars.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in s2] == [1, 2, 3, 4]  # one writer: the first process
+    for r1, r2 in zip(s1, s2):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-4)
+    assert [r["val_pck@0.1"] for r in s2 if "val_pck@0.1" in r] == pytest.approx([r["val_pck@0.1"] for r in s1 if "val_pck@0.1" in r], abs=0.02)
+    assert json.loads((tmp_path / "two/config.json").read_text())["processes"] == 2

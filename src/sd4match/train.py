@@ -214,7 +214,12 @@ class Trainer:
         from sd4match.features.extract import pick_device
         from sd4match.prompts import make_prompt
 
+        from sd4match.evaluate import distributed_rank_world
+
         self.cfg, self.out, self.progress = cfg, Path(out), progress
+        # data parallel under `accelerate launch` / torchrun: the micro-batches of each optimiser
+        # step are dealt out across processes and the prompt's gradients summed (all-reduce)
+        self.rank, self.world = distributed_rank_world()
         if cfg.batch_size % cfg.micro_batch:
             raise Sd4MatchError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch {cfg.micro_batch}")
         dev = pick_device(cfg.device)
@@ -277,14 +282,34 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         n_micro = cfg.batch_size // cfg.micro_batch
-        for m in range(n_micro):
+        for m in range(self.rank, n_micro, self.world):  # this process's share of the step's micro-batches
             recs = [self.train_pairs[i] for i in idx[m * cfg.micro_batch : (m + 1) * cfg.micro_batch]]
             loss = self.micro_loss(recs, step_generator(self.feat.device, cfg.seed, self.step, m)) / n_micro
             loss.backward()
             total += float(loss.detach())
+        if self.world > 1:
+            total = self._all_reduce_grads(total)
         self.opt.step()
         self.step += 1
         return total
+
+    def _all_reduce_grads(self, loss: float) -> float:
+        """Sum gradients and loss over processes; every process then takes the same Adam step.
+        A parameter that no process used keeps ``grad = None`` (Adam skips it, as in one process)."""
+        import torch.distributed as dist
+
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        used = torch.tensor([float(p.grad is not None) for p in params] + [loss], dtype=torch.float64, device=self.feat.device)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(used)
+        dist.all_reduce(flat)
+        off = 0
+        for p, u in zip(params, used[:-1].tolist()):
+            n = p.numel()
+            p.grad = flat[off : off + n].view_as(p).to(p.dtype).clone() if u > 0 else None
+            off += n
+        return float(used[-1])
 
     # .................................................................... validation
     @property
@@ -302,7 +327,13 @@ class Trainer:
         self.feat.reconfigure(ensemble=cfg.val_ensemble)
         try:
             ecfg = EvalConfig(cfg.dataset, cfg.root, cfg.val_split, seed=cfg.seed, cache_size=8)
-            preds = dict(predict_pairs(self.feat, self.prompt, self.val_pairs, cfg.root, ecfg, dino=self.dino, progress=False))
+            mine = self.val_pairs[self.rank :: self.world]
+            preds = dict(predict_pairs(self.feat, self.prompt, mine, cfg.root, ecfg, dino=self.dino, progress=False))
+            if self.world > 1:
+                from accelerate.utils import gather_object
+
+                for part in gather_object([preds]):
+                    preds.update(part)
         finally:
             self.feat.reconfigure(ensemble=ens)
         return score(self.val_pairs, preds, protocol="sd4match", alphas=[0.1])["per_image"]["all"]["0.1"]
@@ -326,15 +357,20 @@ class Trainer:
         from tqdm import tqdm
 
         cfg, out = self.cfg, self.out
-        out.mkdir(parents=True, exist_ok=True)
+        lead = self.rank == 0  # only the first process writes; all of them train
         if not resume and list_checkpoints(out):
             raise Sd4MatchError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another --out")
         if resume:
             self.resume()
-        (out / "config.json").write_text(json.dumps({**asdict(cfg), "git_sha": git_sha()}, indent=2))
-        log = open(out / "scalars.jsonl", "a", encoding="utf-8")
-        tb = _tensorboard(out)
-        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc="train", disable=not self.progress)
+        log = tb = None
+        if lead:
+            out.mkdir(parents=True, exist_ok=True)
+            from sd4match.fileio import atomic_write_text
+
+            atomic_write_text(out / "config.json", json.dumps({**asdict(cfg), "git_sha": git_sha(), "processes": self.world}, indent=2))
+            log = open(out / "scalars.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in the finally below)
+            tb = _tensorboard(out)
+        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc="train", disable=not (self.progress and lead))
         t0, n0 = time.perf_counter(), self.step
         try:
             while self.step < cfg.steps:
@@ -348,7 +384,10 @@ class Trainer:
                     rec["val_pck@0.1"] = pck
                     if pck > self.best["pck"]:
                         self.best = {"pck": pck, "step": self.step}
-                        self.prompt.save(out / "best", dataset=cfg.dataset, split=cfg.train_split, step=self.step, val_pck=pck)
+                        if lead:
+                            self.prompt.save(out / "best", dataset=cfg.dataset, split=cfg.train_split, step=self.step, val_pck=pck)
+                if not lead:
+                    continue
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 if tb:
@@ -360,12 +399,14 @@ class Trainer:
                     prune_checkpoints(out, cfg.keep_checkpoints)
         finally:
             bar.close()
-            log.close()
+            if log:
+                log.close()
             if tb:
                 tb.close()
-        self.prompt.save(out / "last", dataset=cfg.dataset, split=cfg.train_split, step=self.step)
-        if self.best["step"] < 0:  # never validated: the last prompt is the one to use
-            self.prompt.save(out / "best", dataset=cfg.dataset, split=cfg.train_split, step=self.step)
+        if lead:
+            self.prompt.save(out / "last", dataset=cfg.dataset, split=cfg.train_split, step=self.step)
+            if self.best["step"] < 0:  # never validated: the last prompt is the one to use
+                self.prompt.save(out / "best", dataset=cfg.dataset, split=cfg.train_split, step=self.step)
         return out
 
 
