@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="sd4match", choices=("sd4match", "standard"))
     p.add_argument("--alphas", type=_alphas, default=[0.05, 0.1, 0.15])
     p.add_argument("--out", required=True, type=Path, help="folder for predictions.jsonl and score.json")
+    p.add_argument("--limit", type=int, default=0, help="only the first N pairs (a quick look; the score then covers those N only)")
     p.add_argument("--no-progress", action="store_true")
     _model_args(p)
     p.set_defaults(func=cmd_evaluate)
@@ -274,7 +275,7 @@ def cmd_evaluate(args) -> int:
 
     feat = load_model(args)
     dino = _dino_for(args.prompt, args.dino, feat)
-    cfg = EvalConfig(args.dataset, str(args.root), args.split, args.prompt, args.match, args.protocol, args.alphas, args.seed)
+    cfg = EvalConfig(args.dataset, str(args.root), args.split, args.prompt, args.match, args.protocol, args.alphas, args.seed, limit=args.limit)
     out = evaluate(feat, cfg, args.out, dino=dino, progress=not args.no_progress)
     from sd4match.evaluate import distributed_rank_world
 

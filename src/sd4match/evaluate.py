@@ -42,6 +42,7 @@ class EvalConfig:
     temperature: float = 0.04
     sigma: float = 7.0
     cache_size: int = 64  # feature maps kept in memory
+    limit: int = 0  # only the first N pairs of the split (0: all), for a quick look
     settings: dict = field(default_factory=dict)  # the featurizer's, filled in
 
 
@@ -155,6 +156,8 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
     out.mkdir(parents=True, exist_ok=True)
     if records is None:
         records = open_dataset(cfg.dataset, cfg.root).pairs(cfg.split)
+        if cfg.limit:
+            records = records[: cfg.limit]
     prompt = resolve_prompt(cfg.prompt, featurizer, dino=dino)
     cfg.settings = featurizer.settings()
     rank, world = distributed_rank_world()

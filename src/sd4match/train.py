@@ -248,6 +248,10 @@ class Trainer:
         else:
             groups = [{"params": list(self.prompt.parameters()), "lr": cfg.lr}]
         self.opt = torch.optim.Adam(groups)
+        # fp16 autocast needs loss scaling so that small prompt gradients do not underflow;
+        # disabled (a pass-through) for fp32 and bf16
+        kind = torch.device(dev).type
+        self.scaler = torch.amp.GradScaler(kind, enabled=cfg.amp_dtype == "fp16" and kind == "cuda")
         self.step, self.best = 0, {"pck": -1.0, "step": -1}
 
     # .................................................................... one step
@@ -285,11 +289,12 @@ class Trainer:
         for m in range(self.rank, n_micro, self.world):  # this process's share of the step's micro-batches
             recs = [self.train_pairs[i] for i in idx[m * cfg.micro_batch : (m + 1) * cfg.micro_batch]]
             loss = self.micro_loss(recs, step_generator(self.feat.device, cfg.seed, self.step, m)) / n_micro
-            loss.backward()
+            self.scaler.scale(loss).backward()
             total += float(loss.detach())
         if self.world > 1:
             total = self._all_reduce_grads(total)
-        self.opt.step()
+        self.scaler.step(self.opt)  # skips the step if fp16 gradients overflowed (same decision on every process)
+        self.scaler.update()
         self.step += 1
         return total
 
@@ -340,7 +345,7 @@ class Trainer:
 
     # .................................................................... run
     def state(self) -> dict:
-        return {"best": self.best, "config": asdict(self.cfg)}
+        return {"best": self.best, "config": asdict(self.cfg), "grad_scaler": self.scaler.state_dict()}
 
     def resume(self) -> bool:
         ckpts = list_checkpoints(self.out)
@@ -351,6 +356,8 @@ class Trainer:
             diff = sorted(k for k in meta["config"] if meta["config"][k] != asdict(self.cfg).get(k))
             raise Sd4MatchError(f"{ckpts[-1]}: was written with other settings ({', '.join(diff)}); use another --out or the same settings")
         self.step, self.best = int(meta["step"]), meta["best"]
+        if meta.get("grad_scaler"):
+            self.scaler.load_state_dict(meta["grad_scaler"])
         return True
 
     def run(self, *, resume: bool = False) -> Path:
