@@ -93,7 +93,15 @@ def test_api_rejects_bad_uploads(client, tmp_path, willow_pair):
     heavy = tmp_path / "noise.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)).save(heavy)  # ~480 kB
     r = _upload(client, heavy)
-    assert r.status_code == 413 and "over the 0.3 MB" in r.json()["error"]
+    assert r.status_code == 413 and "over the 0.3 MB limit" in r.json()["error"]
+
+    def chunks():  # no Content-Length: the limit still holds
+        for _ in range(100):
+            yield b"x" * 10_000
+
+    r = client.post("/api/images", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.request.headers.get("content-length") is None
+    assert r.status_code == 413 and "over the 0.3 MB limit" in r.json()["error"]
     a = _upload(client, willow_pair[0]).json()
     r = client.post("/api/match", json={"a": a["id"], "b": a["id"], "x": 301, "y": 5})
     assert r.status_code == 400 and r.json()["error"] == "point click (301, 5) lies outside Cars_006a.png (300x200 pixels)"

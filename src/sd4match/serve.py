@@ -14,6 +14,7 @@ an image with a one-line message.
 import base64
 import hashlib
 import io
+import json
 import re
 import tempfile
 import threading
@@ -78,6 +79,50 @@ class ImageStore:
             return self.items[ident]
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 before the app sees it,
+    whether or not the client announced its length (the body is read here, up to the limit).
+
+    ``shown`` is the limit the message names (the file size users set, without the
+    multipart framing allowance)."""
+
+    def __init__(self, app, limit: int, shown: int | None = None):
+        self.app, self.limit, self.shown = app, limit, shown or limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send, int(declared))
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.limit:
+                return await self._refuse(send, seen)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send, size: int) -> None:
+        body = json.dumps({"error": f"upload of {size / 1e6:.1f} MB or more is over the {self.shown / 1e6:g} MB limit"}).encode()
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def create_app(matcher: Matcher, *, images: str | Path | None = None, max_upload_bytes: int = 20_000_000, max_pixels: int = 50_000_000,
                max_side: int = MAX_SIDE, workdir: str | Path | None = None):
     """The FastAPI app; ``images`` is a folder whose pictures the page offers as examples."""
@@ -101,12 +146,7 @@ def create_app(matcher: Matcher, *, images: str | Path | None = None, max_upload
     async def _bad_input(request: Request, exc: Sd4MatchError):
         return JSONResponse({"error": str(exc)}, status_code=400)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if request.method == "POST" and size is not None and size.isdigit() and int(size) > max_upload_bytes + 65536:
-            return JSONResponse({"error": f"upload of {int(size) / 1e6:.1f} MB is over the {max_upload_bytes / 1e6:g} MB limit"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=max_upload_bytes + 65536, shown=max_upload_bytes)  # the file plus its multipart framing
 
     def _image(ident: str) -> UserImage:
         try:
