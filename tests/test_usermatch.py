@@ -255,3 +255,38 @@ def test_bad_images_rejected_naming_the_file(tmp_path, kind, willow_pair, tiny, 
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
     assert len(err) == 1 and str(p) in err[0] and expected in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_trained_prompt_folders_cpm_and_category(tmp_path, tiny, featurizer, willow_pair, capsys):
+    """A saved CPM prompt builds one prompt per pair from DINOv2 tokens of both images (features
+    per pair); a category prompt needs --category."""
+    import torch
+
+    from sd4match.features import DinoFeaturizer
+    from sd4match.prompts import make_prompt
+    from sd4match.testing import tiny_dinov2
+
+    dino = DinoFeaturizer.from_pretrained(tiny_dinov2(tmp_path / "dino"))
+    cpm = make_prompt("cpm", featurizer, dino_dim=dino.feature_dim, n_patches=dino.grid_size[0] * dino.grid_size[1])
+    with torch.no_grad():
+        cpm.gate.fill_(0.5)  # open: the prompt then depends on the pair
+    cpm.save(tmp_path / "cpm")
+    m = Matcher(featurizer, str(tmp_path / "cpm"), dino=dino)
+    a, b = open_image(willow_pair[0]), open_image(willow_pair[1])
+    c = open_image(sorted(willow_pair[0].parent.glob("*.png"))[2])
+    fab = m.features(a, b)[0]
+    fac = m.features(a, c)[0]
+    assert m.pair_dependent and m.is_cached(a, b) and m.is_cached(a, c)
+    assert not torch.equal(fab, fac)  # A's features differ with its partner: the prompt saw both images
+    assert m.match_points(a, b, [("p", (50.0, 60.0))])[0]["target"] == m.match_points(a, b, [("p", (50.0, 60.0))])[0]["target"]
+
+    make_prompt("category", featurizer, categories=["car", "duck"]).save(tmp_path / "cat")
+    with pytest.raises(Sd4MatchError, match="needs --category"):
+        Matcher(featurizer, str(tmp_path / "cat"))
+    with pytest.raises(Sd4MatchError, match="'horse' has no learned prompt"):
+        Matcher(featurizer, str(tmp_path / "cat"), category="horse")
+    out = tmp_path / "m"
+    assert main(["match", str(willow_pair[0]), str(willow_pair[1]), "--points", "50,60", "--prompt", str(tmp_path / "cat"), "--category", "car",
+                 "--model", str(tiny), *MODEL_ARGS, "--out", str(out)]) == 0
+    res = json.loads((out / "matches.json").read_text())
+    assert res["settings"]["prompt"] == str(tmp_path / "cat") and res["settings"]["category"] == "car"
