@@ -290,3 +290,43 @@ def test_trained_prompt_folders_cpm_and_category(tmp_path, tiny, featurizer, wil
                  "--model", str(tiny), *MODEL_ARGS, "--out", str(out)]) == 0
     res = json.loads((out / "matches.json").read_text())
     assert res["settings"]["prompt"] == str(tmp_path / "cat") and res["settings"]["category"] == "car"
+
+
+def test_disk_cache_skips_extraction_on_the_next_run(tmp_path, featurizer, willow_pair, willow_root, monkeypatch):
+    import torch
+
+    calls = []
+    real = type(featurizer).forward
+
+    def counting(self, images, **kw):
+        calls.append(len(images))
+        return real(self, images, **kw)
+
+    monkeypatch.setattr(type(featurizer), "forward", counting)
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    for f in sorted((willow_root / "PF-dataset" / "car(S)").glob("*.png"))[:2]:
+        (targets / f.name).write_bytes(f.read_bytes())
+    pts = [("a", (10.0, 10.0)), ("b", (120.0, 90.0))]
+    run_transfer(Matcher(featurizer, cache_dir=tmp_path / "cache"), willow_pair[0], pts, targets, tmp_path / "o1", progress=False)
+    assert len(calls) == 3 and len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
+    run_transfer(Matcher(featurizer, cache_dir=tmp_path / "cache"), willow_pair[0], pts, targets, tmp_path / "o2", progress=False)
+    assert len(calls) == 3  # nothing extracted again
+    assert [p.read_text() for p in sorted((tmp_path / "o1").glob("*.json"))] == [p.read_text() for p in sorted((tmp_path / "o2").glob("*.json"))]
+    # another prompt or seed is another cache entry, never a stale hit
+    run_transfer(Matcher(featurizer, "text:a photo of a car", cache_dir=tmp_path / "cache"), willow_pair[0], pts, targets, tmp_path / "o3", progress=False)
+    run_transfer(Matcher(featurizer, seed=1, cache_dir=tmp_path / "cache"), willow_pair[0], pts, targets, tmp_path / "o4", progress=False)
+    assert len(calls) == 9 and len(list((tmp_path / "cache").glob("*.safetensors"))) == 9
+    # a damaged entry is recomputed, not trusted
+    from sd4match.features.cache import settings_key
+
+    m = Matcher(featurizer, cache_dir=tmp_path / "cache")
+    src = open_image(willow_pair[0])
+    victim = tmp_path / "cache" / f"{settings_key(src.key, m._disk_settings)}.safetensors"
+    good = victim.read_bytes()
+    victim.write_bytes(good[:100])
+    for p in [willow_pair[0], *sorted(targets.glob("*.png"))]:
+        m.features(open_image(p), open_image(p))
+    assert len(calls) == 10  # only the damaged one
+    assert victim.read_bytes() == good  # rewritten with the same features (seeded by content)
+    assert torch.isfinite(m.features(src, src)[0]).all()

@@ -58,6 +58,7 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dino", default="dinov2-b", help="DINOv2 model for CPM prompts")
     g.add_argument("--match", default="kernel-softargmax", choices=("kernel-softargmax", "softargmax", "nn", "bilinear"))
     g.add_argument("--max-side", type=int, default=2048, help="larger images are downscaled to this before the model")
+    g.add_argument("--cache", type=Path, help="keep feature maps in this folder too, so later runs skip their extraction")
 
 
 def load_matcher(args):
@@ -65,7 +66,8 @@ def load_matcher(args):
     from sd4match.usermatch import Matcher
 
     feat = load_model(args)
-    return Matcher(feat, args.prompt, category=args.category, dino=_dino_for(args.prompt, args.dino, feat), rule=args.match, seed=args.seed)
+    return Matcher(feat, args.prompt, category=args.category, dino=_dino_for(args.prompt, args.dino, feat), rule=args.match, seed=args.seed,
+                   cache_dir=args.cache)
 
 
 def _dino_for(prompt: str, dino: str, feat):

@@ -25,7 +25,7 @@ from PIL import Image
 
 from sd4match.data.images import load_image, oriented_size
 from sd4match.errors import Sd4MatchError
-from sd4match.features.cache import image_key, seed_for
+from sd4match.features.cache import file_sha256, image_key, seed_for, settings_key
 from sd4match.matching import dense_match, match_pixels, point_correlation
 
 MAX_SIDE = 2048  # larger pictures are downscaled before the model (which works at 768 or less)
@@ -135,11 +135,15 @@ class Matcher:
         rule, temperature, sigma: the match rule (``sd4match.matching.match_cells``).
         seed: base seed of every image's latent sample and noise.
         cache_size: feature maps kept in memory.
+        cache_dir: also keep feature maps on disk (safetensors, keyed by image content, model
+            settings, prompt and seed), so a later run skips their extraction. Not used for
+            CPM prompts, whose features depend on the pair.
     """
 
     def __init__(self, featurizer, prompt: str = "empty", *, category: str | None = None, dino=None, rule: str = "kernel-softargmax",
-                 temperature: float = 0.04, sigma: float = 7.0, seed: int = 0, cache_size: int = 32):
+                 temperature: float = 0.04, sigma: float = 7.0, seed: int = 0, cache_size: int = 32, cache_dir: str | Path | None = None):
         from sd4match.evaluate import resolve_prompt
+        from sd4match.features.cache import FeatureCache
 
         if rule not in RULES:
             raise Sd4MatchError(f"unknown match rule {rule!r}; expected one of {', '.join(RULES)}")
@@ -150,6 +154,8 @@ class Matcher:
         self._cache: OrderedDict = OrderedDict()
         self._cache_size = cache_size
         self._emb = None
+        self._disk = FeatureCache(cache_dir) if cache_dir is not None and not self.pair_dependent else None
+        self._disk_settings = {"model": featurizer.settings(), "prompt": _prompt_identity(prompt), "category": category, "seed": seed}
         if self.prompt is not None and self.prompt.kind != "cpm":
             needs = self.prompt.kind == "category" or "{category}" in getattr(self.prompt, "template", "")
             if needs and not category:
@@ -170,9 +176,16 @@ class Matcher:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        gen = torch.Generator(device=self.featurizer.device).manual_seed(seed_for(img.key, self.seed))
-        with torch.no_grad():
-            f = self.featurizer([img.image], prompt_embeds=emb, generator=gen)
+        disk_key = settings_key(img.key, self._disk_settings) if self._disk is not None and tag == "-" else None
+        got = self._disk.get(disk_key) if disk_key else None
+        if got is not None:
+            f = got[0].to(self.featurizer.device)
+        else:
+            gen = torch.Generator(device=self.featurizer.device).manual_seed(seed_for(img.key, self.seed))
+            with torch.no_grad():
+                f = self.featurizer([img.image], prompt_embeds=emb, generator=gen)
+            if disk_key:
+                self._disk.put(disk_key, f, {"image": img.name, "size": list(img.size)})
         self._cache[key] = f
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -234,6 +247,14 @@ class Matcher:
         xy = self.featurizer.cell_map(a.size).cell_to_pixel(d["cells"][0]).float().cpu().numpy()
         return {"source_xy": xy.reshape(h, w, 2), "score": d["scores"][0].float().cpu().numpy().reshape(h, w),
                 "mutual": d["mutual"][0].cpu().numpy().reshape(h, w)}
+
+
+def _prompt_identity(spec: str) -> str:
+    """What names a prompt for the disk cache: its text, or the hash of a prompt folder's files."""
+    folder = Path(spec)
+    if not folder.is_dir():
+        return spec
+    return "folder:" + ":".join(file_sha256(folder / f) for f in ("config.json", "prompt.safetensors") if (folder / f).is_file())
 
 
 def warp_onto(a: UserImage, b: UserImage, dense: dict[str, np.ndarray]) -> Image.Image:
