@@ -17,7 +17,6 @@ forward vs one full forward (torch.utils.flop_counter), so the share skipped is 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import platform
 import resource
 import time
