@@ -121,7 +121,9 @@ def test_transfer_three_targets(tmp_path, tiny, willow_pair, willow_root):
     assert sheet.width > 3 * 240 and np.asarray(sheet.convert("L")).std() > 20
 
 
-def test_transfer_extracts_each_image_once(tmp_path, featurizer, willow_pair, willow_root, monkeypatch):
+@pytest.fixture
+def extractions(featurizer, monkeypatch):
+    """The batch size of every featurizer call made during the test."""
     calls = []
     real = type(featurizer).forward
 
@@ -130,10 +132,19 @@ def test_transfer_extracts_each_image_once(tmp_path, featurizer, willow_pair, wi
         return real(self, images, **kw)
 
     monkeypatch.setattr(type(featurizer), "forward", counting)
-    targets = tmp_path / "targets"
-    targets.mkdir()
-    for f in sorted((willow_root / "PF-dataset" / "car(S)").glob("*.png"))[:3]:
-        (targets / f.name).write_bytes(f.read_bytes())
+    return calls
+
+
+def _targets(folder, willow_root, n):
+    folder.mkdir()
+    for f in sorted((willow_root / "PF-dataset" / "car(S)").glob("*.png"))[:n]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+def test_transfer_extracts_each_image_once(tmp_path, featurizer, willow_pair, willow_root, extractions):
+    calls = extractions
+    targets = _targets(tmp_path / "targets", willow_root, 3)
     run_transfer(Matcher(featurizer), willow_pair[0], [("a", (10.0, 10.0)), ("b", (20.0, 30.0))], targets, tmp_path / "o", progress=False)
     assert calls == [1, 1, 1, 1]  # the source once, each target once
 
@@ -292,21 +303,11 @@ def test_trained_prompt_folders_cpm_and_category(tmp_path, tiny, featurizer, wil
     assert res["settings"]["prompt"] == str(tmp_path / "cat") and res["settings"]["category"] == "car"
 
 
-def test_disk_cache_skips_extraction_on_the_next_run(tmp_path, featurizer, willow_pair, willow_root, monkeypatch):
+def test_disk_cache_skips_extraction_on_the_next_run(tmp_path, featurizer, willow_pair, willow_root, extractions):
     import torch
 
-    calls = []
-    real = type(featurizer).forward
-
-    def counting(self, images, **kw):
-        calls.append(len(images))
-        return real(self, images, **kw)
-
-    monkeypatch.setattr(type(featurizer), "forward", counting)
-    targets = tmp_path / "targets"
-    targets.mkdir()
-    for f in sorted((willow_root / "PF-dataset" / "car(S)").glob("*.png"))[:2]:
-        (targets / f.name).write_bytes(f.read_bytes())
+    calls = extractions
+    targets = _targets(tmp_path / "targets", willow_root, 2)
     pts = [("a", (10.0, 10.0)), ("b", (120.0, 90.0))]
     run_transfer(Matcher(featurizer, cache_dir=tmp_path / "cache"), willow_pair[0], pts, targets, tmp_path / "o1", progress=False)
     assert len(calls) == 3 and len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
