@@ -142,3 +142,9 @@ def test_datasets_check(tmp_path, willow_root, spair_root, spair_with_images):
     victim.write_bytes(victim.read_bytes()[:20])
     rc, out, err = run("datasets", "check", "--dataset", "spair", "--root", spair_with_images)
     assert_one_line_error(rc, err, victim.name)
+
+
+def test_cli_match_rules_are_the_library_rules():
+    from sd4match import cli, matching
+
+    assert sorted(cli.MATCH_RULES) == sorted(matching.MATCH_RULES) and cli.MATCH_RULES[0] == "kernel-softargmax"

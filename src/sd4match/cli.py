@@ -17,6 +17,7 @@ from typing import Sequence
 from sd4match.errors import Sd4MatchError
 
 DATASET_NAMES = ("spair", "pfpascal", "pfwillow", "synthetic")
+MATCH_RULES = ("kernel-softargmax", "softargmax", "nn", "bilinear")  # sd4match.matching.MATCH_RULES, the paper's first (no torch import here)
 
 
 def _alphas(text: str) -> list[float]:
@@ -56,7 +57,7 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt", default="empty", help="'empty', 'text:<words>' (e.g. text:\"a photo of a cat\") or a trained prompt folder")
     g.add_argument("--category", help="category for per-category prompts and text templates with {category}")
     g.add_argument("--dino", default="dinov2-b", help="DINOv2 model for CPM prompts")
-    g.add_argument("--match", default="kernel-softargmax", choices=("kernel-softargmax", "softargmax", "nn", "bilinear"))
+    g.add_argument("--match", default="kernel-softargmax", choices=MATCH_RULES)
     g.add_argument("--max-side", type=int, default=2048, help="larger images are downscaled to this before the model")
     g.add_argument("--cache", type=Path, help="keep feature maps in this folder too, so later runs skip their extraction")
 
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _dataset_args(p)
     p.add_argument("--prompt", default="empty", help="a prompt folder, 'empty', 'text' or 'text:<template with {category}>'")
     p.add_argument("--dino", default="dinov2-b", help="DINOv2 model for CPM prompts")
-    p.add_argument("--match", default="kernel-softargmax", choices=("kernel-softargmax", "softargmax", "nn", "bilinear"))
+    p.add_argument("--match", default="kernel-softargmax", choices=MATCH_RULES)
     p.add_argument("--protocol", default="sd4match", choices=("sd4match", "standard"))
     p.add_argument("--alphas", type=_alphas, default=[0.05, 0.1, 0.15])
     p.add_argument("--out", required=True, type=Path, help="folder for predictions.jsonl and score.json")

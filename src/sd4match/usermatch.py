@@ -26,10 +26,9 @@ from PIL import Image
 from sd4match.data.images import load_image, oriented_size
 from sd4match.errors import Sd4MatchError
 from sd4match.features.cache import file_sha256, image_key, seed_for, settings_key
-from sd4match.matching import dense_match, match_pixels, point_correlation
+from sd4match.matching import MATCH_RULES, dense_match, match_pixels, point_correlation
 
 MAX_SIDE = 2048  # larger pictures are downscaled before the model (which works at 768 or less)
-RULES = ("kernel-softargmax", "softargmax", "nn", "bilinear")
 
 
 @dataclass(frozen=True)
@@ -145,8 +144,8 @@ class Matcher:
         from sd4match.evaluate import resolve_prompt
         from sd4match.features.cache import FeatureCache
 
-        if rule not in RULES:
-            raise Sd4MatchError(f"unknown match rule {rule!r}; expected one of {', '.join(RULES)}")
+        if rule not in MATCH_RULES:
+            raise Sd4MatchError(f"unknown match rule {rule!r}; expected one of {', '.join(MATCH_RULES)}")
         self.featurizer, self.dino = featurizer, dino
         self.prompt_spec, self.category = prompt, category
         self.rule, self.temperature, self.sigma, self.seed = rule, temperature, sigma, seed
