@@ -30,10 +30,10 @@ from sd4match.usermatch import MAX_SIDE, Matcher, UserImage, open_image
 PAGE = "index.html"
 
 
-def _png_data_url(img) -> str:
+def _png(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
 
 
 class ImageStore:
@@ -62,10 +62,9 @@ class ImageStore:
             path.unlink(missing_ok=True)
             raise Sd4MatchError(str(e).replace(str(path), safe)) from None
         img = UserImage(img.image, img.size, safe, img.key)
-        buf = io.BytesIO()
-        img.image.save(buf, format="PNG")
+        png = _png(img.image)
         with self.lock:
-            self.items[ident] = (img, buf.getvalue())
+            self.items[ident] = (img, png)
             while len(self.items) > self.size:
                 old, _ = self.items.popitem(last=False)
                 for p in self.folder.glob(f"{old}-*"):
@@ -220,7 +219,7 @@ def create_app(matcher: Matcher, *, images: str | Path | None = None, max_upload
         w, h = b.image.size
         f = min(1.0, 640 / max(w, h))
         heat = heat_image(sim, (max(1, round(w * f)), max(1, round(h * f))))
-        return {**m, "heatmap": _png_data_url(heat), "similarity_range": [round(float(sim.min()), 4), round(float(sim.max()), 4)],
+        return {**m, "heatmap": "data:image/png;base64," + base64.b64encode(_png(heat)).decode(), "similarity_range": [round(float(sim.min()), 4), round(float(sim.max()), 4)],
                 "seconds": round(time.perf_counter() - t0, 3)}
 
     return app

@@ -199,7 +199,7 @@ class Matcher:
         if not self.pair_dependent:
             return self._features(a, self._emb, "-"), self._features(b, self._emb, "-")
         tag = (a.key, b.key)
-        if (a.key, tag) in self._cache and (b.key, tag) in self._cache:
+        if self.is_cached(a, b):  # no DINOv2 pass when both maps of this pair are cached
             return self._features(a, None, tag), self._features(b, None, tag)
         with torch.no_grad():
             emb = self.prompt({"dino_src": self.dino.tokens([a.image]), "dino_trg": self.dino.tokens([b.image])})

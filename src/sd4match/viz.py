@@ -42,6 +42,13 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def _mark(draw: ImageDraw.ImageDraw, x: float, y: float, r: int, colour, name: str | None, font) -> None:
+    """A filled dot of radius ``r`` at (x, y), with ``name`` beside it when given."""
+    draw.ellipse([x - r, y - r, x + r, y + r], fill=colour, outline=(0, 0, 0))
+    if name:
+        draw.text((x + r + 1, y - r - 1), name, fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+
+
 def draw_matches(src: Image.Image, trg: Image.Image, src_size: Sequence[int], trg_size: Sequence[int], matches: Sequence[dict], *,
                  height: int = 480, labels: bool = True, gap: int = 8) -> Image.Image:
     """``src`` and ``trg`` side by side with a line per match, coloured by its score.
@@ -63,17 +70,8 @@ def draw_matches(src: Image.Image, trg: Image.Image, src_size: Sequence[int], tr
         col = confidence_colour(m.get("score", 1.0))
         draw.line([p, q], fill=col, width=max(1, r // 2))
         for x, y in (p, q):
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=col, outline=(0, 0, 0))
-        if labels and m.get("name"):
-            for x, y in (p, q):
-                draw.text((x + r + 1, y - r - 1), str(m["name"]), fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+            _mark(draw, x, y, r, col, str(m["name"]) if labels and m.get("name") else None, font)
     return canvas
-
-
-def heat_overlay(img: Image.Image, values: np.ndarray, *, alpha: float = 0.55, lo: float | None = None, hi: float | None = None) -> Image.Image:
-    """``values`` (h, w) coloured and laid over ``img``, stretched to its size."""
-    heat = Image.fromarray(colormap(values, lo, hi)).resize(img.size, Image.Resampling.BILINEAR)
-    return Image.blend(img.convert("RGB"), heat, alpha)
 
 
 def heat_image(values: np.ndarray, size: Sequence[int], lo: float | None = None, hi: float | None = None) -> Image.Image:
@@ -112,6 +110,5 @@ def draw_points(img: Image.Image, size: Sequence[int], points: Sequence[dict], *
     for p in points:
         x, y = p[key][0] * s[0], p[key][1] * s[1]
         col = confidence_colour(p.get("score", 1.0))
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=col, outline=(0, 0, 0))
-        draw.text((x + r + 1, y - r - 1), str(p.get("name", "")), fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+        _mark(draw, x, y, r, col, str(p.get("name", "")), font)
     return out
