@@ -64,6 +64,16 @@ def distributed_rank_world() -> tuple[int, int]:
     return state.process_index, state.num_processes
 
 
+def gather_dicts(mine: dict) -> dict:
+    """Every process's dict merged into one, on every process (a collective: all must call it)."""
+    from accelerate.utils import gather_object
+
+    merged: dict = {}
+    for part in gather_object([mine]):
+        merged.update(part)
+    return merged
+
+
 def resolve_prompt(spec: str, featurizer, *, dino=None):
     """``empty``, ``text`` / ``text:<template>`` or a prompt folder -> a prompt (None for featurizers without prompts)."""
     from sd4match.prompts import EmptyPrompt, TextPrompt, bridge_for, load_prompt
@@ -166,12 +176,7 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
     # its images' content, so the merged predictions equal a single-process run
     mine = dict(predict_pairs(featurizer, prompt, records[rank::world], cfg.root, cfg, dino=dino, progress=progress and rank == 0))
     if world > 1:
-        from accelerate.utils import gather_object
-
-        merged: dict = {}
-        for part in gather_object([mine]):
-            merged.update(part)
-        mine = merged
+        mine = gather_dicts(mine)
         if rank != 0:
             return out
     preds = {r.id: mine[r.id] for r in records}

@@ -27,7 +27,7 @@ import torch
 
 from sd4match.data import load_pair_images, open_dataset
 from sd4match.errors import Sd4MatchError, first_line
-from sd4match.evaluate import EvalConfig, git_sha, predict_pairs
+from sd4match.evaluate import EvalConfig, gather_dicts, git_sha, predict_pairs
 from sd4match.loss import gaussian_window_ce
 from sd4match.matching import point_correlation
 from sd4match.metrics import score
@@ -335,10 +335,7 @@ class Trainer:
             mine = self.val_pairs[self.rank :: self.world]
             preds = dict(predict_pairs(self.feat, self.prompt, mine, cfg.root, ecfg, dino=self.dino, progress=False))
             if self.world > 1:
-                from accelerate.utils import gather_object
-
-                for part in gather_object([preds]):
-                    preds.update(part)
+                preds = gather_dicts(preds)
         finally:
             self.feat.reconfigure(ensemble=ens)
         return score(self.val_pairs, preds, protocol="sd4match", alphas=[0.1])["per_image"]["all"]["0.1"]
