@@ -1,5 +1,7 @@
 """Prompts: the text-encoder bridge, CPM shapes by hand, save/load, and what a step may change."""
 
+import math
+
 import pytest
 import torch
 
@@ -28,11 +30,91 @@ def batch_for(n=2, dim=32, seed=0):
     return {"categories": ["cat", "dog"][:n], "dino_src": torch.randn(n, 256, dim, generator=g), "dino_trg": torch.randn(n, 256, dim, generator=g)}
 
 
-def test_bridge_with_real_token_embeddings_equals_text_encoding(feat):
-    b = bridge_for(feat)
-    ids = feat.tokenizer(["a photo of a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    tokens = feat.text_encoder.get_input_embeddings()(ids)[:, 1:76]  # what sits between BOS and the last EOS
-    torch.testing.assert_close(b.encode_tokens(tokens), feat.encode_text(["a photo of a cat"]), rtol=0, atol=0)
+def clip_by_hand(te, seq):
+    """CLIP's causal transformer + final LayerNorm on an embedding-layer sequence, written out
+    from the encoder layers (the official code's ``token_embeds`` path), no position added."""
+    model = getattr(te, "text_model", te)
+    x = seq
+    n = x.shape[1]
+    mask = torch.full((n, n), float("-inf")).triu(1)
+    for layer in model.encoder.layers:
+        a = layer.self_attn
+        hdim = a.head_dim
+        y = layer.layer_norm1(x)
+        q, k, v = (proj(y).view(x.shape[0], n, -1, hdim).transpose(1, 2) for proj in (a.q_proj, a.k_proj, a.v_proj))
+        att = torch.softmax(q @ k.transpose(-1, -2) * hdim**-0.5 + mask, dim=-1)
+        x = x + a.out_proj((att @ v).transpose(1, 2).reshape(x.shape[0], n, -1))
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return model.final_layer_norm(x)
+
+
+def emb_layer(feat):
+    return getattr(feat.text_encoder, "text_model", feat.text_encoder).embeddings
+
+
+def test_single_prompt_of_real_token_rows_equals_the_text_encoding(feat):
+    """A Single prompt whose learned rows are the embedding-layer outputs of real token ids
+    (at positions 1 ... 75) gives exactly the plain text encoding of those ids."""
+    tok = feat.tokenizer
+    ids = torch.randint(0, 500, (1, 75), generator=torch.Generator().manual_seed(0))
+    full = torch.cat([torch.tensor([[tok.bos_token_id]]), ids, torch.tensor([[tok.eos_token_id]])], dim=1)  # 77 ids, no padding
+    with torch.no_grad():
+        rows = emb_layer(feat)(input_ids=full)
+        plain = feat.text_encoder(full)[0]
+    p = make_prompt("single", feat)
+    with torch.no_grad():
+        p.tokens.copy_(rows[:, 1:76])
+        torch.testing.assert_close(p(), plain, rtol=0, atol=0)
+        # and the official token_embeds path, written out by hand, agrees
+        torch.testing.assert_close(clip_by_hand(feat.text_encoder, rows), plain, rtol=1e-5, atol=1e-5)
+
+
+def test_learned_rows_get_no_position_embedding_again(feat):
+    p = make_prompt("single", feat, seed=4)
+    layer = emb_layer(feat)
+    with torch.no_grad():
+        seq = torch.cat([p.ends[:, :1], p.tokens, p.ends[:, 1:]], dim=1)
+        torch.testing.assert_close(p(), clip_by_hand(feat.text_encoder, seq), rtol=1e-5, atol=1e-5)
+        # the initial rows are embedding-layer outputs (token + position) of vocabulary ids
+        pos = layer.position_embedding.weight[1:76]
+        tok_rows = p.tokens[0] - pos
+        dist = torch.cdist(tok_rows, layer.token_embedding.weight)
+        assert dist.min(dim=1).values.max().item() < 1e-4  # (cdist rounding)
+        # BOS at position 0 and EOS at position 76
+        ends = layer(input_ids=torch.tensor([[feat.tokenizer.bos_token_id] + [0] * 75 + [feat.tokenizer.eos_token_id]]))
+        torch.testing.assert_close(p.ends, ends[:, [0, 76]])
+
+
+def test_cpm_by_hand_with_official_inits_and_gate(feat):
+    torch.manual_seed(123)
+    cpm = make_prompt("cpm", feat, dino_dim=8, n_patches=12, n_global=3, n_cond=4, seed=5)
+    d = feat.prompt_dim
+    shapes = {k: tuple(v.shape) for k, v in cpm.named_parameters()}
+    assert shapes == {"global_embeds": (1, 3, d), "positional_embedding": (1, 4, d), "alpha_cond": (1, 4, d),
+                      "linear_C.weight": (d, 16), "linear_C.bias": (d,), "linear_N.weight": (12, 12), "linear_N.bias": (12,)}
+    for name in ("global_embeds", "positional_embedding", "alpha_cond"):  # U[0, 1)
+        v = getattr(cpm, name)
+        assert 0 <= v.min().item() and v.max().item() < 1 and v.std().item() > 0.2
+    bound = 1 / math.sqrt(16)  # PyTorch's default Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert cpm.linear_C.weight.abs().max().item() <= bound and cpm.linear_C.weight.abs().max().item() > 0.8 * bound
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 12, 8, generator=g), torch.randn(2, 12, 8, generator=g)
+    # by hand: concat channels -> linear_C -> linear_N over patches -> max-pool 12 -> 4 -> + pos -> x tanh(alpha)
+    x = torch.cat([s, t], -1) @ cpm.linear_C.weight.T + cpm.linear_C.bias  # (2, 12, d)
+    x = (x.transpose(1, 2) @ cpm.linear_N.weight.T + cpm.linear_N.bias).transpose(1, 2)  # (2, 12, d)
+    pooled = torch.stack([x[:, i * 3 : (i + 1) * 3].amax(dim=1) for i in range(4)], dim=1)  # 12 patches into 4 bins of 3
+    cond = torch.tanh(cpm.alpha_cond) * (pooled + cpm.positional_embedding)
+    with torch.no_grad():
+        template = emb_layer(feat)(input_ids=torch.tensor([[feat.tokenizer.bos_token_id] + [0] * 7 + [feat.tokenizer.eos_token_id] + [0] * 68]))
+        seq = torch.cat([template[:, :1].expand(2, -1, -1), cpm.global_embeds.expand(2, -1, -1), cond, template[:, 8:].expand(2, -1, -1)], dim=1)
+        want = clip_by_hand(feat.text_encoder, seq)
+        torch.testing.assert_close(cpm({"dino_src": s, "dino_trg": t}), want, rtol=1e-5, atol=1e-5)
+    # the element-wise gate: every conditional row and channel has its own gate
+    cpm2 = make_prompt("cpm", feat, dino_dim=8, n_patches=12, n_global=3, n_cond=4, seed=5)
+    with torch.no_grad():
+        cpm2.alpha_cond[0, 2, 0] = 0.0  # close one entry only
+        out2 = cpm2({"dino_src": s, "dino_trg": t})
+    assert not torch.equal(out2, cpm({"dino_src": s, "dino_trg": t}).detach())
 
 
 def test_cpm_shapes_and_count_for_dinov2_b_and_sd21_widths(tmp_path):
@@ -45,16 +127,40 @@ def test_cpm_shapes_and_count_for_dinov2_b_and_sd21_widths(tmp_path):
     cpm = ConditionalPrompt(bridge, dino_dim=768)
     shapes = {k: tuple(v.shape) for k, v in cpm.named_parameters()}
     assert shapes == {
-        "global_tokens": (1, 25, 1024),
-        "proj.weight": (1024, 1536), "proj.bias": (1024,),
-        "mix.weight": (256, 256), "mix.bias": (256,),
-        "pos": (1, 50, 1024),
-        "gate": (1,),
+        "global_embeds": (1, 25, 1024), "positional_embedding": (1, 50, 1024), "alpha_cond": (1, 50, 1024),
+        "linear_C.weight": (1024, 1536), "linear_C.bias": (1024,),
+        "linear_N.weight": (256, 256), "linear_N.bias": (256,),
     }
-    # by hand: 25*1024 + (1536*1024 + 1024) + (256*256 + 256) + 50*1024 + 1
-    assert sum(p.numel() for p in cpm.parameters()) == 25_600 + 1_573_888 + 65_792 + 51_200 + 1 == 1_716_481
+    # by hand: 25*1024 + 50*1024 + 50*1024 + (1536*1024 + 1024) + (256*256 + 256)
+    assert sum(p.numel() for p in cpm.parameters()) == 25_600 + 51_200 + 51_200 + 1_573_888 + 65_792 == 1_767_680
     out = cpm({"dino_src": torch.randn(2, 256, 768), "dino_trg": torch.randn(2, 256, 768)})
     assert out.shape == (2, 77, 1024)
+
+
+def test_text_prompt_words_pfwillow_subclasses_as_the_official_code(feat):
+    from sd4match.prompts import TextPrompt
+
+    t = TextPrompt(bridge_for(feat))
+    for sub, word in (("car(G)", "car"), ("duck(S)", "duck"), ("motorbike(M)", "motorbike"), ("winebottle(wC)", "winebottle"), ("cat", "cat")):
+        torch.testing.assert_close(t({"categories": [sub]}), feat.encode_text([f"a photo of a {word}"]), rtol=0, atol=0)
+
+
+def test_category_prompt_from_pfpascal_serves_pfwillow_subclasses(feat):
+    p = make_prompt("category", feat, categories=["bird", "bottle", "car", "motorbike"])
+    with torch.no_grad():
+        for sub, cls in (("duck(S)", "bird"), ("winebottle(wC)", "bottle"), ("car(G)", "car"), ("motorbike(M)", "motorbike")):
+            torch.testing.assert_close(p({"categories": [sub]}), p({"categories": [cls]}), rtol=0, atol=0)
+
+
+def test_old_format_prompt_folders_are_refused(feat, tmp_path):
+    import json
+
+    folder = make_prompt("single", feat).save(tmp_path / "p")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["format"] = "sd4match-prompt-1"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Sd4MatchError, match=r"config\.json: prompt format 'sd4match-prompt-1' is from an older sd4match"):
+        load_prompt(folder, feat)
 
 
 @pytest.mark.parametrize("kind", ["text", "empty", "single", "category", "cpm"])
@@ -106,15 +212,13 @@ def test_one_step_changes_only_prompt_parameters(models):
     feat = SDFeaturizer.from_pretrained(models["sd2"], resolution=64, ensemble=1)
     dino = DinoFeaturizer.from_pretrained(models["dino"])
     prompt = make_prompt("cpm", feat, dino_dim=dino.feature_dim)
-    with torch.no_grad():
-        prompt.gate.fill_(0.5)  # open the gate so every CPM parameter gets a gradient
     frozen = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in
               (("unet", feat.unet), ("vae", feat.vae), ("text_encoder", feat.text_encoder), ("dino", dino.model))}
     start = {k: v.clone() for k, v in prompt.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     src, trg = torch.rand(2, 3, 64, 64, generator=g), torch.rand(2, 3, 64, 64, generator=g)
     batch = {"dino_src": dino.tokens(src), "dino_trg": dino.tokens(trg)}
-    opt = torch.optim.Adam([{"params": [prompt.global_tokens, prompt.pos, prompt.gate], "lr": 1e-2},
+    opt = torch.optim.Adam([{"params": [prompt.global_embeds, prompt.positional_embedding, prompt.alpha_cond], "lr": 1e-2},
                             {"params": prompt.linear_parameters(), "lr": 1e-3}])
     emb = prompt(batch)
     fs = feat(src, prompt_embeds=emb, generator=torch.Generator().manual_seed(1))
@@ -142,7 +246,7 @@ def test_dino_tokens_and_cell_map(models):
     cm = dino.cell_map((400, 300))
     x = (58 + 112) * 400 / 341  # the crop's centre column in original pixels
     y = (16 + 112) * 300 / 256
-    assert cm.pixel_to_cell([[x, y]])[0].tolist() == pytest.approx([8.0, 8.0])
+    assert cm.pixel_to_cell([[x, y]])[0].tolist() == pytest.approx([7.5, 7.5])  # between patches 7 and 8 (patch i centred at i)
     assert cm.cell_to_pixel(cm.pixel_to_cell([[123.0, 45.0]]))[0].tolist() == pytest.approx([123.0, 45.0])
 
 
@@ -152,3 +256,110 @@ def test_dino_offline_error(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     with pytest.raises(Sd4MatchError, match=r"DINOv2 weights facebook/dinov2-base \(dinov2-b\) are not in the local cache.*hf download facebook/dinov2-base"):
         DinoFeaturizer.from_pretrained("dinov2-b", local_files_only=True)
+
+
+# ---------------------------------------------------------------------------- the authors' released files
+def official_sequence(feat, seed):
+    """What the official code saves for one Single/Class prompt: [BOS, 75 learned rows, EOS]
+    embedding-layer rows, (1, 77, D); the learned rows here are random."""
+    tok = feat.tokenizer
+    with torch.no_grad():
+        rows = emb_layer(feat)(input_ids=torch.tensor([[tok.bos_token_id] + [0] * 75 + [tok.eos_token_id]]))
+    learned = torch.randn(1, 75, feat.prompt_dim, generator=torch.Generator().manual_seed(seed)) * 0.1
+    return torch.cat([rows[:, :1], learned, rows[:, 76:]], dim=1)
+
+
+def official_cpm_state(feat, dino_dim=32, n_patches=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = feat.prompt_dim
+    return {"global_embeds": torch.rand(1, 25, d, generator=g), "positional_embedding": torch.rand(1, 50, d, generator=g),
+            "alpha_cond": torch.rand(1, 50, d, generator=g), "linear_C.weight": torch.randn(d, 2 * dino_dim, generator=g) * 0.05,
+            "linear_C.bias": torch.randn(d, generator=g) * 0.05, "linear_N.weight": torch.randn(n_patches, n_patches, generator=g) * 0.05,
+            "linear_N.bias": torch.randn(n_patches, generator=g) * 0.05}
+
+
+def official_cpm_by_hand(feat, sd, s, t):
+    """The official HybridCaptioner (Pair, DINO, Feat) + token_embeds path, written out here."""
+    x = torch.cat([s, t], dim=2) @ sd["linear_C.weight"].T + sd["linear_C.bias"]
+    x = (x.permute(0, 2, 1) @ sd["linear_N.weight"].T + sd["linear_N.bias"]).permute(0, 2, 1)  # (B, 256, D)
+    x = torch.nn.functional.adaptive_max_pool1d(x.permute(0, 2, 1), 50).permute(0, 2, 1)
+    cond = torch.tanh(sd["alpha_cond"]) * (sd["positional_embedding"] + x)
+    tok = feat.tokenizer
+    with torch.no_grad():
+        dummy = emb_layer(feat)(input_ids=torch.tensor([[tok.bos_token_id] + [7] * 75 + [tok.eos_token_id]]))
+    b = s.shape[0]
+    seq = torch.cat([dummy[:, :1].expand(b, -1, -1), sd["global_embeds"].expand(b, -1, -1), cond, dummy[:, 76:].expand(b, -1, -1)], dim=1)
+    return clip_by_hand(feat.text_encoder, seq)
+
+
+def test_import_single_class_and_cpm_through_the_cli(feat, models, tmp_path, capsys):
+    from sd4match.cli import main
+    from sd4match.features.cache import file_sha256
+
+    model_args = ["--model", str(models["sd2"]), "--resolution", "64", "--ensemble", "1", "--device", "cpu"]
+    single = {"dataset": official_sequence(feat, 1)}
+    torch.save(single, tmp_path / "caption_single.pt")
+    classes = {"car": official_sequence(feat, 2), "bird": official_sequence(feat, 3), "bottle": official_sequence(feat, 4)}
+    torch.save(classes, tmp_path / "caption_class.pt")
+    cpm_sd = official_cpm_state(feat)
+    torch.save(cpm_sd, tmp_path / "ckpt.pt")
+
+    assert main(["prompts", "import", str(tmp_path / "caption_single.pt"), "--kind", "single", "--out", str(tmp_path / "single"), *model_args]) == 0
+    assert main(["prompts", "import", str(tmp_path / "caption_class.pt"), "--kind", "category", "--out", str(tmp_path / "class"), *model_args]) == 0
+    assert main(["prompts", "import", str(tmp_path / "ckpt.pt"), "--kind", "cpm", "--dino", str(models["dino"]), "--out", str(tmp_path / "cpm"),
+                 *model_args]) == 0
+    shown = capsys.readouterr().out
+    assert "cpm prompt (sd4match-prompt-2)" in shown and "25 global + 50 conditional rows" in shown
+
+    with torch.no_grad():
+        p = load_prompt(tmp_path / "single", feat)
+        torch.testing.assert_close(p({}), clip_by_hand(feat.text_encoder, single["dataset"]), rtol=1e-5, atol=1e-5)
+        assert p.config.training["imported_from"]["sha256"] == file_sha256(tmp_path / "caption_single.pt")
+        c = load_prompt(tmp_path / "class", feat)
+        assert c.config.categories == ["bird", "bottle", "car"]
+        for cat, seq in classes.items():
+            torch.testing.assert_close(c({"categories": [cat]}), clip_by_hand(feat.text_encoder, seq), rtol=1e-5, atol=1e-5)
+        # a PF-Willow sub-class uses its PF-Pascal class's prompt (duck -> bird)
+        torch.testing.assert_close(c({"categories": ["duck(S)"]}), clip_by_hand(feat.text_encoder, classes["bird"]), rtol=1e-5, atol=1e-5)
+        m = load_prompt(tmp_path / "cpm", feat)
+        g = torch.Generator().manual_seed(9)
+        s, t = torch.randn(2, 256, 32, generator=g), torch.randn(2, 256, 32, generator=g)
+        torch.testing.assert_close(m({"dino_src": s, "dino_trg": t}), official_cpm_by_hand(feat, cpm_sd, s, t), rtol=1e-5, atol=1e-5)
+
+    assert main(["prompts", "show", str(tmp_path / "class")]) == 0
+    assert "categories (3): bird, bottle, car" in capsys.readouterr().out
+
+
+def test_import_errors_name_the_file(feat, models, tmp_path, capsys):
+    import pickle
+
+    from sd4match.cli import main
+    from sd4match.prompts.official import import_official
+
+    def err(argv):
+        assert main(argv) == 2
+        return capsys.readouterr().err.strip()
+
+    model_args = ["--model", str(models["sd2"]), "--device", "cpu"]
+    good = tmp_path / "caption.pt"
+    torch.save({"dataset": official_sequence(feat, 1)}, good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:300])
+    msg = err(["prompts", "import", str(cut), "--kind", "single", "--out", str(tmp_path / "x"), *model_args])
+    assert msg.startswith(f"sd4match: error: {cut}: cannot read") and "\n" not in msg
+    assert not (tmp_path / "x").exists()
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"dataset": object()}))
+    assert "cannot read" in err(["prompts", "import", str(evil), "--kind", "single", "--out", str(tmp_path / "y"), *model_args])
+    torch.save({"car": official_sequence(feat, 2)}, tmp_path / "class.pt")
+    assert "use --kind category" in err(["prompts", "import", str(tmp_path / "class.pt"), "--kind", "single", "--out", str(tmp_path / "z"), *model_args])
+    torch.save({"dataset": torch.zeros(1, 77, 48)}, tmp_path / "wide.pt")
+    with pytest.raises(Sd4MatchError, match=r"wide\.pt: prompt 'dataset' is \(1, 77, 48\), but this text encoder takes \(1, 77, 32\)"):
+        import_official(tmp_path / "wide.pt", "single", feat, tmp_path / "w")
+    torch.save(official_cpm_state(feat, dino_dim=16), tmp_path / "ckpt16.pt")
+    with pytest.raises(Sd4MatchError, match=r"made for 16-d DINOv2 tokens, but dinov2-b gives 768-d ones"):
+        import_official(tmp_path / "ckpt16.pt", "cpm", feat, tmp_path / "c", dino="dinov2-b")
+    with pytest.raises(Sd4MatchError, match="this is a CPM checkpoint"):
+        import_official(tmp_path / "ckpt16.pt", "category", feat, tmp_path / "c2")
+    with pytest.raises(Sd4MatchError, match="not a CPM checkpoint: it lacks global_embeds"):
+        import_official(good, "cpm", feat, tmp_path / "c3")

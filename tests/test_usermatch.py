@@ -279,8 +279,6 @@ def test_trained_prompt_folders_cpm_and_category(tmp_path, tiny, featurizer, wil
 
     dino = DinoFeaturizer.from_pretrained(tiny_dinov2(tmp_path / "dino"))
     cpm = make_prompt("cpm", featurizer, dino_dim=dino.feature_dim, n_patches=dino.grid_size[0] * dino.grid_size[1])
-    with torch.no_grad():
-        cpm.gate.fill_(0.5)  # open: the prompt then depends on the pair
     cpm.save(tmp_path / "cpm")
     m = Matcher(featurizer, str(tmp_path / "cpm"), dino=dino)
     a, b = open_image(willow_pair[0]), open_image(willow_pair[1])

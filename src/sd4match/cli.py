@@ -146,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"))
     for name, typ in (("steps", int), ("batch-size", int), ("micro-batch", int), ("lr", float), ("lr-linear", float), ("timestep", int),
                       ("up-block", int), ("ensemble", int), ("resolution", int), ("val-every", int), ("val-pairs", int), ("ckpt-every", int),
-                      ("seed", int), ("temperature", float)):
+                      ("seed", int), ("temperature", float), ("epochs", float)):
         p.add_argument(f"--{name}", type=typ)
+    p.add_argument("--val-rule", choices=MATCH_RULES, help="match rule of validation (default: nn, the official model selection)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -195,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     _prompt_args(p)
     _model_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("prompts", help="import the authors' released prompts; show what a prompt folder holds")
+    psub = p.add_subparsers(dest="prompts_command", required=True, metavar="ACTION")
+    c = psub.add_parser("import", help="turn an official caption.pt (single, category) or ckpt.pt (cpm) into a prompt folder")
+    c.add_argument("file", type=Path, help="the released file (from the authors' pretrained_prompts.zip)")
+    c.add_argument("--kind", required=True, choices=("single", "category", "cpm"), help="what the file holds")
+    c.add_argument("--out", required=True, type=Path, help="prompt folder to write (must not exist yet)")
+    c.add_argument("--dino", default="dinov2-b", help="cpm: the DINOv2 whose width the file must fit (default: %(default)s)")
+    _model_args(c)
+    c.set_defaults(func=cmd_prompts_import)
+    c = psub.add_parser("show", help="print what a prompt folder holds")
+    c.add_argument("folder", type=Path)
+    c.set_defaults(func=cmd_prompts_show)
 
     p = sub.add_parser("download", help="fetch a benchmark from its published address")
     p.add_argument("dataset", choices=("spair", "pfpascal", "pfwillow"))
@@ -263,7 +277,7 @@ def cmd_train(args) -> int:
     from sd4match.train import Trainer, load_config
 
     over = {k: getattr(args, k) for k in ("dataset", "prompt", "model", "dino", "device", "steps", "batch_size", "micro_batch", "lr", "lr_linear",
-                                          "timestep", "up_block", "ensemble", "resolution", "val_every", "val_pairs", "ckpt_every", "seed", "temperature")}
+                                          "timestep", "up_block", "ensemble", "resolution", "val_every", "val_pairs", "ckpt_every", "seed", "temperature", "epochs", "val_rule")}
     over["root"] = str(args.root)
     if args.dtype:
         over["amp_dtype"] = None if args.dtype == "fp32" else args.dtype
@@ -315,6 +329,24 @@ def cmd_serve(args) -> int:
 
     serve(load_matcher(args), host=args.host, port=args.port, images=args.images, max_upload_bytes=int(args.max_upload_mb * 1e6),
           max_pixels=int(args.max_pixels), max_side=args.max_side)
+    return 0
+
+
+def cmd_prompts_import(args) -> int:
+    from sd4match.prompts.official import describe_prompt, import_official, read_official
+
+    if args.out.exists() and any(args.out.iterdir()):
+        raise Sd4MatchError(f"{args.out}: already exists and is not empty; choose another --out")
+    read_official(args.file)  # a bad file is named before any model loads
+    out = import_official(args.file, args.kind, load_model(args), args.out, dino=args.dino)
+    print(describe_prompt(out))
+    return 0
+
+
+def cmd_prompts_show(args) -> int:
+    from sd4match.prompts.official import describe_prompt
+
+    print(describe_prompt(args.folder))
     return 0
 
 

@@ -231,7 +231,7 @@ class Matcher:
         idx = torch.nonzero(keep).flatten()
         idx = idx[torch.argsort(d["scores"][0][idx], descending=True, stable=True)][:max_points]
         h, w = fa.shape[-2:]
-        centres = torch.stack([idx % w + 0.5, idx // w + 0.5], dim=-1).float()
+        centres = torch.stack([idx % w, idx // w], dim=-1).float()  # cell i is centred at the integer i
         px = self.featurizer.cell_map(a.size).cell_to_pixel(centres).cpu().numpy()
         return [(f"p{i}", (round(float(x), 2), round(float(y), 2))) for i, (x, y) in enumerate(px)]
 
@@ -256,12 +256,21 @@ def _prompt_identity(spec: str) -> str:
     return "folder:" + ":".join(file_sha256(folder / f) for f in ("config.json", "prompt.safetensors") if (folder / f).is_file())
 
 
-def warp_onto(a: UserImage, b: UserImage, dense: dict[str, np.ndarray]) -> Image.Image:
-    """``a`` resampled onto ``b``'s pixels (working resolution) through the dense matches."""
+def warp_onto(a: UserImage, b: UserImage, dense: dict[str, np.ndarray], cell_map_b) -> Image.Image:
+    """``a`` resampled onto ``b``'s pixels (working resolution) through the dense matches.
+
+    ``cell_map_b`` is the featurizer's ``cell_map(b.size)``: each working pixel of ``b`` reads
+    the flow at its own cell coordinate, so every featurizer's mapping is honoured.
+    """
+    from sd4match.matching import cells_to_grid
+
     wb, hb = b.image.size
-    flow = torch.from_numpy(dense["source_xy"]).permute(2, 0, 1)[None]  # (1, 2, h, w) original pixels of a
-    # each cell's value sits at its centre: align_corners=False interpolation puts it there
-    flow = F.interpolate(flow, size=(hb, wb), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+    h, w = dense["source_xy"].shape[:2]
+    flow = torch.from_numpy(dense["source_xy"]).permute(2, 0, 1)[None].float()  # (1, 2, h, w) original pixels of a
+    ys, xs = torch.meshgrid(torch.arange(hb, dtype=torch.float64) + 0.5, torch.arange(wb, dtype=torch.float64) + 0.5, indexing="ij")
+    px = torch.stack([xs / b.scale, ys / b.scale], dim=-1)  # centres of the working pixels, in b's original pixels
+    cells = cell_map_b.pixel_to_cell(px).float()
+    flow = F.grid_sample(flow, cells_to_grid(cells, h, w)[None], mode="bilinear", align_corners=True, padding_mode="border")[0].permute(1, 2, 0)
     grid = torch.stack([flow[..., 0] / a.size[0] * 2 - 1, flow[..., 1] / a.size[1] * 2 - 1], dim=-1)[None]
     src = torch.from_numpy(np.asarray(a.image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     out = F.grid_sample(src, grid, mode="bilinear", align_corners=False, padding_mode="border")[0]
@@ -301,7 +310,7 @@ def run_match(matcher: Matcher, src: str | Path, trg: str | Path, out: str | Pat
     arrays = None
     if dense:
         d = matcher.dense(a, b)
-        pictures["warped.png"] = warp_onto(a, b, d)
+        pictures["warped.png"] = warp_onto(a, b, d, matcher.featurizer.cell_map(b.size))
         pictures["confidence.png"] = heat_image(d["score"], b.image.size, lo=0.0, hi=1.0)
         arrays = d
         result["dense"] = {"grid": list(d["score"].shape), "mean_score": round(float(d["score"].mean()), 4), "mutual_fraction": round(float(d["mutual"].mean()), 4),

@@ -41,35 +41,53 @@ def images_to_tensor(images: ImagesLike, resolution: int | tuple[int, int], devi
     for im in images:
         if not isinstance(im, Image.Image):
             raise Sd4MatchError(f"images must be PIL images or a tensor, got {type(im).__name__}")
-        im = im.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
+        im = im.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)  # as torchvision's Resize on PIL: the official code
         out.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
     return torch.stack(out).to(device)
 
 
 class CellMap:
-    """Exact mapping between original image pixels and feature cells.
+    """Exact mapping between original image pixels and feature cells, one affine map per axis.
 
-    By default the image is squashed onto the grid: an image of size (W, H) covers
-    [0, W] x [0, H] in continuous pixels, the grid (w, h) covers [0, w] x [0, h] in
-    continuous cells, cell (i, j) has its centre at (i + 0.5, j + 0.5), and each axis
-    scales on its own: x_cell = x * w / W. A featurizer that crops passes its own
-    ``scale`` and ``offset``: cell = pixel * scale - offset.
+    Cell coordinates put the centre of cell i at the integer i (cells run 0 ... w - 1), as
+    ``sd4match.matching`` expects. ``cell = pixel * scale - offset``; each featurizer
+    documents its own ``scale`` and ``offset``:
+
+    - ``CellMap.centres(image_size, grid_size)`` (the default): the image is squashed onto
+      the grid and each cell is the mean of its share of the picture, so the centre of cell
+      i lies at pixel (i + 0.5) * W / w in continuous pixels: cell = x * w / W - 0.5.
+    - ``CellMap.corners(image_size, grid_size, resolution)`` (Stable Diffusion, the official
+      code): pixels go to the R x R working frame (x' = x * R / W), whose corners align with
+      the grid's: cell = x' * (w - 1) / (R - 1).
     """
 
-    def __init__(self, image_size: Sequence[int], grid_size: Sequence[int], scale: Sequence[float] | None = None, offset: Sequence[float] = (0.0, 0.0)):
+    def __init__(self, image_size: Sequence[float], grid_size: Sequence[int], scale: Sequence[float], offset: Sequence[float] = (0.0, 0.0)):
         self.image_size = (float(image_size[0]), float(image_size[1]))
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
-        self._scale = tuple(scale) if scale is not None else (self.grid_size[0] / self.image_size[0], self.grid_size[1] / self.image_size[1])
-        self._offset = tuple(offset)
+        self._scale = (float(scale[0]), float(scale[1]))
+        self._offset = (float(offset[0]), float(offset[1]))
+
+    @classmethod
+    def centres(cls, image_size: Sequence[float], grid_size: Sequence[int]) -> "CellMap":
+        W, H = float(image_size[0]), float(image_size[1])
+        w, h = int(grid_size[0]), int(grid_size[1])
+        return cls((W, H), (w, h), scale=(w / W, h / H), offset=(0.5, 0.5))
+
+    @classmethod
+    def corners(cls, image_size: Sequence[float], grid_size: Sequence[int], resolution: int | Sequence[int]) -> "CellMap":
+        W, H = float(image_size[0]), float(image_size[1])
+        w, h = int(grid_size[0]), int(grid_size[1])
+        rw, rh = (resolution, resolution) if isinstance(resolution, int) else (int(resolution[0]), int(resolution[1]))
+        return cls((W, H), (w, h), scale=(rw / W * (w - 1) / (rw - 1), rh / H * (h - 1) / (rh - 1)))
 
     def pixel_to_cell(self, xy):
-        """(..., 2) pixel coordinates -> continuous cell coordinates (same type as input)."""
+        """(..., 2) pixel coordinates -> cell coordinates (same type as input)."""
         if isinstance(xy, torch.Tensor):
             return xy * torch.as_tensor(self._scale, dtype=xy.dtype, device=xy.device) - torch.as_tensor(self._offset, dtype=xy.dtype, device=xy.device)
         return np.asarray(xy, dtype=np.float64) * np.asarray(self._scale) - np.asarray(self._offset)
 
     def cell_to_pixel(self, cells):
-        """(..., 2) continuous cell coordinates -> pixel coordinates (cell centres are at i + 0.5)."""
+        """(..., 2) cell coordinates (cell i centred at i) -> pixel coordinates."""
         if isinstance(cells, torch.Tensor):
             return (cells + torch.as_tensor(self._offset, dtype=cells.dtype, device=cells.device)) / torch.as_tensor(self._scale, dtype=cells.dtype, device=cells.device)
         return (np.asarray(cells, dtype=np.float64) + np.asarray(self._offset)) / np.asarray(self._scale)
@@ -101,8 +119,8 @@ class Featurizer(torch.nn.Module):
         return next(self.parameters()).device
 
     def cell_map(self, image_size: Sequence[int]) -> CellMap:
-        """The pixel <-> cell mapping for an image of ``image_size`` = (W, H)."""
-        return CellMap(image_size, self.grid_size)
+        """The pixel <-> cell mapping for an image of ``image_size`` = (W, H) (default: ``CellMap.centres``)."""
+        return CellMap.centres(image_size, self.grid_size)
 
     def pixel_to_cell(self, xy, image_size: Sequence[int]):
         return self.cell_map(image_size).pixel_to_cell(xy)

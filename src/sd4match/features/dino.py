@@ -108,10 +108,11 @@ class DinoFeaturizer(Featurizer):
         return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)
 
     def cell_map(self, image_size) -> CellMap:
-        """Cells of the centre crop: pixel -> resize -> crop offset -> patch grid."""
+        """Cells of the centre crop: pixel -> resize -> crop offset -> patch grid, patch i
+        centred at the integer i (its centre is crop pixel (i + 0.5) * 14)."""
         W, H = image_size
         s = self.config.resize / min(W, H)
         w, h = max(self.config.crop, round(W * s)), max(self.config.crop, round(H * s))
         left, top = (w - self.config.crop) // 2, (h - self.config.crop) // 2
         per = self.grid_size[0] / self.config.crop
-        return CellMap(image_size, self.grid_size, scale=(w / W * per, h / H * per), offset=(left * per, top * per))
+        return CellMap(image_size, self.grid_size, scale=(w / W * per, h / H * per), offset=(left * per + 0.5, top * per + 0.5))

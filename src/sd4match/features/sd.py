@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from sd4match.errors import Sd4MatchError, first_line
-from sd4match.features.base import Featurizer, ImagesLike, images_to_tensor
+from sd4match.features.base import CellMap, Featurizer, ImagesLike, images_to_tensor
 from sd4match.features.registry import ResolvedModel, offline_mode, resolve, weights_missing
 
 
@@ -154,6 +154,11 @@ class SDFeaturizer(Featurizer):
             if getattr(blk, "upsamplers", None):
                 side *= 2
         return side, side
+
+    def cell_map(self, image_size) -> CellMap:
+        """The official mapping (``CellMap.corners``): x' = x * R / W into the R x R working
+        frame, then cell = x' * (w - 1) / (R - 1); back the same way."""
+        return CellMap.corners(image_size, self.grid_size, self.config.resolution)
 
     @property
     def feature_dim(self) -> int:

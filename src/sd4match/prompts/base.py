@@ -1,13 +1,14 @@
 """What every prompt shares: the batch it reads, the frozen text encoder, save and load.
 
 A prompt turns a batch into ``encoder_hidden_states`` for the UNet: (B or 1, 77, D).
-Learned prompts hold token embeddings that sit between BOS and EOS and go through the
-loaded model's own frozen CLIP text encoder (its positional embeddings, attention and
-final norm): a forward hook on the encoder's token-embedding layer swaps the looked-up
-embeddings of 75 placeholder tokens for the learned ones, so the unmodified
-``CLIPTextModel.forward`` runs.
+Learned prompts are rows of CLIP's *embedding-layer output* (token + position
+embedding), as in the official SD4Match code: the 77 x D sequence [BOS row, learned
+rows, EOS row, padding rows] goes straight into the loaded model's own frozen CLIP
+transformer and final LayerNorm, with no position embedding added again. The model is
+not modified: a forward hook on the text model's ``embeddings`` module replaces that
+module's output with the sequence for the duration of one call.
 
-Saved as a folder: ``prompt.safetensors`` (the learned tensors) + ``config.json``.
+Saved as a folder: ``prompt.safetensors`` (the tensors) + ``config.json``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ from sd4match.fileio import atomic_path, atomic_write_text
 
 PromptKind = Literal["text", "empty", "single", "category", "cpm"]
 PROMPT_KINDS: tuple[str, ...] = ("text", "empty", "single", "category", "cpm")
-N_TOKENS = 75  # learnable tokens between BOS and EOS in CLIP's 77
+N_TOKENS = 75  # learnable rows between BOS and EOS in CLIP's 77
+#: The prompt folder format. 2: learned rows are embedding-layer outputs (token + position),
+#: the CPM gate is element-wise; folders of format 1 (token embeddings, CLIP added positions,
+#: scalar gate) cannot be read as format 2.
+PROMPT_FORMAT = "sd4match-prompt-2"
 
 
 @dataclass
@@ -46,8 +51,8 @@ class PromptConfig:
     n_patches: int | None = None
     dino_model: str | None = None
     seed: int = 0
-    training: dict[str, Any] = field(default_factory=dict)  # data, split, step, ...
-    format: str = "sd4match-prompt-1"
+    training: dict[str, Any] = field(default_factory=dict)  # data, split, step, ... or where it was imported from
+    format: str = PROMPT_FORMAT
 
     def __post_init__(self):
         if self.kind not in PROMPT_KINDS:
@@ -55,7 +60,7 @@ class PromptConfig:
 
 
 class TextEncoderBridge:
-    """Runs the frozen CLIP text encoder on learned token embeddings (not a submodule:
+    """Runs the frozen CLIP text encoder on text or on embedding-layer rows (not a submodule:
     its weights are not the prompt's and are never saved with it)."""
 
     def __init__(self, text_encoder, tokenizer):
@@ -65,40 +70,83 @@ class TextEncoderBridge:
         self.length = int(tokenizer.model_max_length)
         self.bos = int(tokenizer.bos_token_id)
         self.eos = int(tokenizer.eos_token_id)
+        self.vocab = min(int(tokenizer.vocab_size), int(text_encoder.get_input_embeddings().weight.shape[0]))
+
+    @property
+    def embeddings(self) -> nn.Module:
+        """CLIP's embedding layer (token + position embedding): ``text_model.embeddings``."""
+        return getattr(self.text_encoder, "text_model", self.text_encoder).embeddings
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         ids = self.tokenizer(list(texts), padding="max_length", max_length=self.length, truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
             return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
-    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, n, D) learned embeddings -> (B, 77, D) text-encoder output, BOS + tokens + EOS (+ padding).
-
-        Gradients flow into ``tokens``; the encoder's weights stay frozen.
-        """
-        b, n, d = tokens.shape
-        if d != self.dim:
-            raise Sd4MatchError(f"prompt tokens are {d}-d but this text encoder is {self.dim}-d")
+    def template_ids(self, n: int, fill: torch.Tensor | None = None) -> torch.Tensor:
+        """(1, 77) ids [BOS, n placeholders (``fill`` or 0), EOS, 0 ...]: the official layout."""
         if n > self.length - 2:
-            raise Sd4MatchError(f"at most {self.length - 2} tokens fit between BOS and EOS, got {n}")
-        ids = torch.full((b, self.length), self.eos, dtype=torch.long, device=tokens.device)
-        ids[:, 0] = self.bos
-        emb_layer = self.text_encoder.get_input_embeddings()
+            raise Sd4MatchError(f"at most {self.length - 2} rows fit between BOS and EOS, got {n}")
+        ids = torch.zeros(1, self.length, dtype=torch.long)
+        ids[0, 0], ids[0, n + 1] = self.bos, self.eos
+        if fill is not None:
+            ids[0, 1 : n + 1] = fill
+        return ids
 
-        def swap(module, args, out):
-            return torch.cat([out[:, :1], tokens.to(out.dtype), out[:, 1 + n :]], dim=1)
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding layer's output (token + position) of ``ids``: (B, L) -> (B, L, D) fp32."""
+        with torch.no_grad():
+            return self.embeddings(input_ids=ids.to(self.text_encoder.device)).float()
 
-        h = emb_layer.register_forward_hook(swap)
+    def random_rows(self, count: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``count`` x ``n`` rows: embedding-layer outputs of random vocabulary ids at positions
+        1 ... n (the official initialisation of Single and Class prompts): (count, n, D)."""
+        ids = torch.randint(0, self.vocab, (count, n), generator=generator)
+        return torch.cat([self.embed_ids(self.template_ids(n, row))[:, 1 : n + 1] for row in ids])
+
+    def end_rows(self, n: int) -> torch.Tensor:
+        """The BOS row (position 0) and the EOS row (position n + 1) for n learned rows: (1, 2, D)."""
+        rows = self.embed_ids(self.template_ids(n))
+        return torch.stack([rows[:, 0], rows[:, n + 1]], dim=1)
+
+    def encode_sequence(self, seq: torch.Tensor) -> torch.Tensor:
+        """(B, 77, D) embedding-layer rows -> (B, 77, D) text-encoder output (transformer + final norm).
+
+        Gradients flow into ``seq``; the encoder's weights stay frozen.
+        """
+        b, length, d = seq.shape
+        if d != self.dim or length != self.length:
+            raise Sd4MatchError(f"a prompt sequence must be (B, {self.length}, {self.dim}) for this text encoder, got {tuple(seq.shape)}")
+
+        def swap(module, args, kwargs, out):
+            return seq.to(device=out.device, dtype=out.dtype)
+
+        ids = self.template_ids(0).expand(b, -1).to(self.text_encoder.device)  # only their shape reaches the transformer
+        h = self.embeddings.register_forward_hook(swap, with_kwargs=True)
         try:
             return self.text_encoder(ids)[0]
         finally:
             h.remove()
 
-    def random_vocab_embeddings(self, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
-        """Embeddings of vocabulary tokens drawn at random: the paper's initialisation."""
-        weight = self.text_encoder.get_input_embeddings().weight
-        idx = torch.randint(0, weight.shape[0], tuple(shape), generator=generator)
-        return weight.detach()[idx.to(weight.device)].clone().float()
+    def encode_rows(self, rows: torch.Tensor, ends: torch.Tensor | None = None) -> torch.Tensor:
+        """[BOS row, ``rows``, EOS row, padding rows] through the encoder.
+
+        Args:
+            rows: (B, n, D) learned rows (positions 1 ... n, no position embedding added).
+            ends: (B or 1, 2, D) the BOS and EOS rows to use; default: this encoder's
+                embedding-layer output of BOS at 0 and EOS at n + 1.
+
+        Shape:
+            returns (B, 77, D).
+        """
+        b, n, d = rows.shape
+        if d != self.dim:
+            raise Sd4MatchError(f"prompt rows are {d}-d but this text encoder is {self.dim}-d")
+        template = self.embed_ids(self.template_ids(n)).to(rows.device)  # (1, 77, D)
+        if ends is None:
+            ends = torch.stack([template[:, 0], template[:, n + 1]], dim=1)
+        ends = ends.to(rows.device, rows.dtype).expand(b, -1, -1)
+        pad = template[:, n + 2 :].to(rows.dtype).expand(b, -1, -1)
+        return self.encode_sequence(torch.cat([ends[:, :1], rows, ends[:, 1:], pad], dim=1))
 
 
 class Prompt(nn.Module):
@@ -147,9 +195,13 @@ def read_prompt_config(folder: str | Path) -> PromptConfig:
         raise Sd4MatchError(f"{folder}: not a prompt folder (config.json is missing)")
     try:
         raw = json.loads(cfg_path.read_text())
-        return PromptConfig(**raw)
+        cfg = PromptConfig(**raw)
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise Sd4MatchError(f"{cfg_path}: not a valid prompt config ({e})") from None
+    if cfg.format != PROMPT_FORMAT and cfg.kind in ("single", "category", "cpm"):
+        raise Sd4MatchError(f"{cfg_path}: prompt format {cfg.format!r} is from an older sd4match whose learned prompts are parameterised "
+                            f"differently; it cannot be read as {PROMPT_FORMAT!r}: train it again (or import the official files)")
+    return cfg
 
 
 def read_prompt_tensors(folder: str | Path) -> dict[str, torch.Tensor]:

@@ -1,9 +1,13 @@
-"""Conditional Prompting Module (CPM): a prompt built from DINOv2 features of both images.
+"""Conditional Prompting Module (CPM, Pair-DINO-Feat G25-C50), as the official code builds it.
 
-concat(src, trg) patch tokens (B, 256, 2C) -> Linear(2C -> D) -> Linear over the 256
-patches -> adaptive max-pool to 50 -> + positional embedding -> x tanh(gate); the prompt
-is 25 global learnable tokens followed by these 50 conditional tokens, one prompt for
-both images of a pair. The gate starts at 0, so training starts from the global prompt.
+concat(src, trg) DINOv2 patch tokens (B, 256, 2C) -> ``linear_C`` (2C -> D) -> ``linear_N``
+(256 -> 256, across patches) -> adaptive max-pool over patches to 50 -> +
+``positional_embedding`` (1, 50, D) -> x tanh(``alpha_cond``), an element-wise gate
+(1, 50, D). The prompt sequence is [BOS row, 25 ``global_embeds``, the 50 conditional
+rows, EOS row at position 76]: the learned and conditional rows get no CLIP position
+embedding. ``global_embeds``, ``positional_embedding`` and ``alpha_cond`` start as
+U[0, 1) draws; the linear layers have PyTorch's default initialisation. One prompt for
+both images of a pair. Parameter names equal the official state dict's keys.
 """
 
 from __future__ import annotations
@@ -41,19 +45,28 @@ class ConditionalPrompt(Prompt):
                                   dino_dim=dino_dim, n_patches=n_patches, seed=seed, dino_model=dino_model)
         super().__init__(bridge, config)
         c, d = self.config, bridge.dim
+        if c.n_global + c.n_cond > bridge.length - 2:
+            raise Sd4MatchError(f"n_global + n_cond must be at most {bridge.length - 2}, got {c.n_global + c.n_cond}")
         g = torch.Generator().manual_seed(c.seed)
-        self.global_tokens = nn.Parameter(bridge.random_vocab_embeddings((1, c.n_global), g))
-        with torch.random.fork_rng(devices=[]):
+        self.global_embeds = nn.Parameter(torch.rand(1, c.n_global, d, generator=g))
+        self.positional_embedding = nn.Parameter(torch.rand(1, c.n_cond, d, generator=g))
+        self.alpha_cond = nn.Parameter(torch.rand(1, c.n_cond, d, generator=g))
+        with torch.random.fork_rng(devices=[]):  # PyTorch's default init, reproducible from the seed
             torch.manual_seed(c.seed)
-            self.proj = nn.Linear(2 * c.dino_dim, d)  # per patch: src || trg -> text width
-            self.mix = nn.Linear(c.n_patches, c.n_patches)  # across patches
-            self.pos = nn.Parameter(torch.randn(1, c.n_cond, d) * 0.02)
-        self.pool = nn.AdaptiveMaxPool1d(c.n_cond)
-        self.gate = nn.Parameter(torch.zeros(1))
+            self.linear_C = nn.Linear(2 * c.dino_dim, d)  # per patch: src || trg -> text width
+            self.linear_N = nn.Linear(c.n_patches, c.n_patches)  # across patches
+        self.adaptive_pool = nn.AdaptiveMaxPool1d(c.n_cond)
 
     def linear_parameters(self) -> list[nn.Parameter]:
         """The two linear layers (trained at a lower learning rate in the paper)."""
-        return [*self.proj.parameters(), *self.mix.parameters()]
+        return [*self.linear_C.parameters(), *self.linear_N.parameters()]
+
+    def conditional_rows(self, dino_src: torch.Tensor, dino_trg: torch.Tensor) -> torch.Tensor:
+        """The 50 gated conditional rows: (B, P, C) x 2 -> (B, n_cond, D)."""
+        x = self.linear_C(torch.cat([dino_src, dino_trg], dim=-1).to(self.linear_C.weight.dtype))  # (B, P, D)
+        x = self.linear_N(x.transpose(1, 2))  # (B, D, P): mixes patches
+        x = self.adaptive_pool(x).transpose(1, 2)  # (B, n_cond, D)
+        return torch.tanh(self.alpha_cond) * (x + self.positional_embedding)
 
     def forward(self, batch: dict | None = None) -> torch.Tensor:
         batch = batch or {}
@@ -63,9 +76,6 @@ class ConditionalPrompt(Prompt):
         c = self.config
         if s.shape != t.shape or s.ndim != 3 or s.shape[1:] != (c.n_patches, c.dino_dim):
             raise Sd4MatchError(f"DINOv2 tokens must both be (B, {c.n_patches}, {c.dino_dim}), got {tuple(s.shape)} and {tuple(t.shape)}")
-        x = self.proj(torch.cat([s, t], dim=-1).to(self.proj.weight.dtype))  # (B, P, D)
-        x = self.mix(x.transpose(1, 2))  # (B, D, P)
-        x = self.pool(x).transpose(1, 2)  # (B, n_cond, D)
-        x = (x + self.pos) * torch.tanh(self.gate)
-        tokens = torch.cat([self.global_tokens.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.bridge.encode_tokens(tokens)
+        cond = self.conditional_rows(s, t)
+        rows = torch.cat([self.global_embeds.expand(cond.shape[0], -1, -1), cond], dim=1)
+        return self.bridge.encode_rows(rows)

@@ -1,4 +1,11 @@
-"""Learned token prompts: one for everything, or one per category."""
+"""Learned token prompts: one for everything (Single), or one per category (Class).
+
+The learnable tensor holds CLIP *embedding-layer outputs* (token + position embedding),
+as in the official code: the n = 75 rows sit at positions 1 ... n and are initialised
+with the embedding-layer outputs of n random vocabulary ids there; the BOS row (position
+0) and EOS row (position n + 1) are fixed (``ends``, saved with the prompt so an imported
+official prompt is used exactly as released).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +17,18 @@ from torch import nn
 from sd4match.errors import Sd4MatchError
 from sd4match.prompts.base import N_TOKENS, Prompt, PromptConfig, TextEncoderBridge
 
+#: PF-Willow sub-classes (after their "(...)" suffix is dropped) -> the PF-Pascal class whose
+#: prompt they use when a Class prompt trained on PF-Pascal is evaluated on PF-Willow.
+CATEGORY_ALIASES = {"car": "car", "duck": "bird", "motorbike": "motorbike", "winebottle": "bottle"}
+
+
+def base_category(name: str) -> str:
+    """PF-Willow sub-class names as the official code words them: ``car(G)`` -> ``car``."""
+    return name.split("(", 1)[0] if "(" in name else name
+
 
 class SinglePrompt(Prompt):
-    """75 learnable CLIP token embeddings, one prompt for every pair.
+    """75 learnable embedding-layer rows, one prompt for every pair.
 
     Shape:
         returns (1, 77, D).
@@ -22,15 +38,20 @@ class SinglePrompt(Prompt):
 
     def __init__(self, bridge: TextEncoderBridge, *, n_tokens: int = N_TOKENS, seed: int = 0, config: PromptConfig | None = None):
         super().__init__(bridge, config or PromptConfig(kind="single", text_dim=bridge.dim, n_tokens=n_tokens, seed=seed))
+        n = self.config.n_tokens
         g = torch.Generator().manual_seed(self.config.seed)
-        self.tokens = nn.Parameter(bridge.random_vocab_embeddings((1, self.config.n_tokens), g))
+        self.tokens = nn.Parameter(bridge.random_rows(1, n, g))
+        self.register_buffer("ends", bridge.end_rows(n))
 
     def forward(self, batch: dict | None = None) -> torch.Tensor:
-        return self.bridge.encode_tokens(self.tokens)
+        return self.bridge.encode_rows(self.tokens, self.ends)
 
 
 class CategoryPrompt(Prompt):
-    """One 75-token prompt per category; a pair uses its category's prompt.
+    """One 75-row prompt per category; a pair uses its category's prompt.
+
+    Categories unknown to the prompt are looked up by their base name (``car(G)`` ->
+    ``car``) and then through ``CATEGORY_ALIASES`` (PF-Willow -> PF-Pascal classes).
 
     Shape:
         returns (B, 77, D) for the B categories of the batch.
@@ -46,15 +67,21 @@ class CategoryPrompt(Prompt):
             config = PromptConfig(kind="category", text_dim=bridge.dim, n_tokens=n_tokens, categories=cats, seed=seed)
         super().__init__(bridge, config)
         self.index = {c: i for i, c in enumerate(self.config.categories)}
+        n = self.config.n_tokens
         g = torch.Generator().manual_seed(self.config.seed)
-        self.tokens = nn.Parameter(bridge.random_vocab_embeddings((len(self.index), self.config.n_tokens), g))
+        self.tokens = nn.Parameter(bridge.random_rows(len(self.index), n, g))
+        self.register_buffer("ends", bridge.end_rows(n).expand(len(self.index), -1, -1).clone())
+
+    def lookup(self, category: str) -> int:
+        """The row of ``category``: itself, its base name, or its alias."""
+        for name in (category, base_category(category), CATEGORY_ALIASES.get(base_category(category), "")):
+            if name in self.index:
+                return self.index[name]
+        raise Sd4MatchError(f"category {category!r} has no learned prompt; this prompt knows {', '.join(self.index)}")
 
     def forward(self, batch: dict | None = None) -> torch.Tensor:
         cats = list((batch or {}).get("categories") or [])
         if not cats:
             raise Sd4MatchError("a category prompt needs the categories of the batch")
-        unknown = [c for c in cats if c not in self.index]
-        if unknown:
-            raise Sd4MatchError(f"category {unknown[0]!r} has no learned prompt; this prompt knows {', '.join(self.index)}")
-        idx = torch.tensor([self.index[c] for c in cats], device=self.tokens.device)
-        return self.bridge.encode_tokens(self.tokens[idx])
+        idx = torch.tensor([self.lookup(c) for c in cats], device=self.tokens.device)
+        return self.bridge.encode_rows(self.tokens[idx], self.ends[idx])

@@ -6,10 +6,15 @@ import torch
 
 from sd4match.errors import Sd4MatchError
 from sd4match.prompts.base import Prompt, PromptConfig, TextEncoderBridge
+from sd4match.prompts.learned import base_category
 
 
 class TextPrompt(Prompt):
-    """``template.format(category=...)`` per pair, through the model's tokenizer and encoder."""
+    """``template.format(category=...)`` per pair, through the model's tokenizer and encoder.
+
+    Category names are worded as the official code words them: PF-Willow's sub-classes lose
+    their suffix (``car(G)`` -> "a photo of a car").
+    """
 
     kind = "text"
 
@@ -22,7 +27,7 @@ class TextPrompt(Prompt):
         cats = list((batch or {}).get("categories") or [])
         if "{category}" in self.template and not cats:
             raise Sd4MatchError(f"text prompt {self.template!r} needs the categories of the batch")
-        texts = [self.template.format(category=c) for c in cats] if cats else [self.template]
+        texts = [self.template.format(category=base_category(c)) for c in cats] if cats else [self.template]
         missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
         if missing:
             for t, e in zip(missing, self.bridge.encode_text(missing)):

@@ -1,0 +1,139 @@
+"""The authors' released prompts (``pretrained_prompts.zip`` of ActiveVisionLab/SD4Match) as
+prompt folders.
+
+- Single / Class: ``caption.pt``, a dict of (1, 77, D) tensors, each the full
+  embedding-layer sequence [BOS, 75 learned rows, EOS] the official code feeds to CLIP's
+  transformer: ``{"dataset": t}`` for Single, ``{category: t}`` for Class.
+- CPM: ``ckpt.pt``, the state dict ``{global_embeds, positional_embedding, alpha_cond,
+  linear_C.weight, linear_C.bias, linear_N.weight, linear_N.bias}``.
+
+Files are read with ``torch.load(weights_only=True)`` only; every shape is checked
+against the text encoder (and the DINOv2 width for CPM) before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sd4match.errors import Sd4MatchError, first_line
+from sd4match.features.cache import file_sha256
+
+CPM_KEYS = ("global_embeds", "positional_embedding", "alpha_cond", "linear_C.weight", "linear_C.bias", "linear_N.weight", "linear_N.bias")
+IMPORT_KINDS = ("single", "category", "cpm")
+
+
+def read_official(path: str | Path) -> dict[str, torch.Tensor]:
+    """A released file as a dict of tensors; one-line errors for missing, truncated or unsafe files."""
+    path = Path(path)
+    if not path.is_file():
+        raise Sd4MatchError(f"{path}: no such file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle of arbitrary objects, not a torch file: all unreadable here
+        raise Sd4MatchError(f"{path}: cannot read as a released prompt file (truncated, corrupt or not a plain tensor dict: {first_line(e)})") from None
+    if not isinstance(data, dict) or not data or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+        raise Sd4MatchError(f"{path}: not a dict of named tensors (what the official code saves)")
+    return data
+
+
+def _sequence(path: Path, name: str, t: torch.Tensor, bridge) -> torch.Tensor:
+    t = t if t.ndim == 3 else t[None]
+    if t.shape != (1, bridge.length, bridge.dim):
+        raise Sd4MatchError(f"{path}: prompt {name!r} is {tuple(t.shape)}, but this text encoder takes (1, {bridge.length}, {bridge.dim})")
+    if not torch.isfinite(t).all():
+        raise Sd4MatchError(f"{path}: prompt {name!r} holds non-finite values")
+    return t.float()
+
+
+def import_official(path: str | Path, kind: str, featurizer, out: str | Path, *, dino: str | None = "dinov2-b") -> Path:
+    """Turn a released official prompt file into a prompt folder at ``out``; return ``out``.
+
+    Args:
+        path: ``caption.pt`` (single, category) or ``ckpt.pt`` (cpm).
+        kind: ``single``, ``category`` or ``cpm``.
+        featurizer: the ``SDFeaturizer`` the prompt is for (its text encoder's width and rows).
+        dino: the DINOv2 the CPM takes its tokens from (its width is checked when known).
+
+    ``load_prompt(out, featurizer)`` then gives the official code's embeddings.
+    """
+    from sd4match.features.registry import feature_width
+    from sd4match.prompts import bridge_for, make_prompt
+
+    if kind not in IMPORT_KINDS:
+        raise Sd4MatchError(f"--kind {kind}: expected one of {', '.join(IMPORT_KINDS)}")
+    path = Path(path)
+    data = read_official(path)
+    bridge = bridge_for(featurizer)
+    n = bridge.length - 2
+    if kind == "single":
+        if "dataset" not in data:
+            raise Sd4MatchError(f"{path}: a Single prompt file holds the key 'dataset'; this one holds {', '.join(sorted(data))} (a Class file? use --kind category)")
+        seq = _sequence(path, "dataset", data["dataset"], bridge)
+        prompt = make_prompt("single", featurizer, n_tokens=n)
+        state = {"tokens": seq[:, 1 : n + 1], "ends": seq[:, [0, n + 1]]}
+    elif kind == "category":
+        if set(data) & set(CPM_KEYS):
+            raise Sd4MatchError(f"{path}: this is a CPM checkpoint, not a Class prompt file (use --kind cpm)")
+        cats = sorted(data)
+        seqs = torch.cat([_sequence(path, c, data[c], bridge) for c in cats])
+        prompt = make_prompt("category", featurizer, categories=cats, n_tokens=n)
+        state = {"tokens": seqs[:, 1 : n + 1], "ends": seqs[:, [0, n + 1]]}
+    else:
+        missing = [k for k in CPM_KEYS if k not in data]
+        extra = sorted(set(data) - set(CPM_KEYS))
+        if missing or extra:
+            what = f"lacks {', '.join(missing)}" if missing else f"holds unexpected {', '.join(extra)}"
+            raise Sd4MatchError(f"{path}: not a CPM checkpoint: it {what}")
+        ge, pe, ac = data["global_embeds"], data["positional_embedding"], data["alpha_cond"]
+        wc, wn = data["linear_C.weight"], data["linear_N.weight"]
+        d = bridge.dim
+        if ge.ndim != 3 or ge.shape[0] != 1 or ge.shape[2] != d:
+            raise Sd4MatchError(f"{path}: global_embeds is {tuple(ge.shape)}, expected (1, G, {d}) for this text encoder")
+        if pe.ndim != 3 or pe.shape[0] != 1 or pe.shape[2] != d or ac.shape != pe.shape:
+            raise Sd4MatchError(f"{path}: positional_embedding {tuple(pe.shape)} and alpha_cond {tuple(ac.shape)} must both be (1, C, {d})")
+        if wc.ndim != 2 or wc.shape[0] != d or wc.shape[1] % 2 or data["linear_C.bias"].shape != (d,):
+            raise Sd4MatchError(f"{path}: linear_C is {tuple(wc.shape)}, expected ({d}, 2 x DINOv2 width)")
+        if wn.ndim != 2 or wn.shape[0] != wn.shape[1] or data["linear_N.bias"].shape != (wn.shape[0],):
+            raise Sd4MatchError(f"{path}: linear_N is {tuple(wn.shape)}, expected (P, P) with P DINOv2 patches")
+        dino_dim, n_global, n_cond = wc.shape[1] // 2, ge.shape[1], pe.shape[1]
+        want = feature_width(dino) if dino else None
+        if want is not None and want != dino_dim:
+            raise Sd4MatchError(f"{path}: made for {dino_dim}-d DINOv2 tokens, but {dino} gives {want}-d ones")
+        if n_global + n_cond > n:
+            raise Sd4MatchError(f"{path}: {n_global} global + {n_cond} conditional rows do not fit CLIP's {n} learnable positions")
+        prompt = make_prompt("cpm", featurizer, dino_dim=dino_dim, n_patches=wn.shape[0], n_global=n_global, n_cond=n_cond, dino_model=dino)
+        state = {k: v.float() for k, v in data.items()}
+    try:
+        prompt.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise Sd4MatchError(f"{path}: does not fit a {kind} prompt ({str(e).splitlines()[-1].strip()})") from None
+    prompt.config.model = featurizer.model_id
+    prompt.config.training = {"imported_from": {"file": path.name, "sha256": file_sha256(path), "kind": kind,
+                                                "source": "ActiveVisionLab/SD4Match pretrained_prompts.zip format"}}
+    return prompt.save(out)
+
+
+def describe_prompt(folder: str | Path) -> str:
+    """What a prompt folder holds, as a few lines of text (``sd4match prompts show``)."""
+    from sd4match.prompts.base import read_prompt_config, read_prompt_tensors
+
+    cfg = read_prompt_config(folder)
+    lines = [f"{folder}: {cfg.kind} prompt ({cfg.format}) for a {cfg.text_dim}-d text encoder, model {cfg.model or '(not recorded)'}"]
+    if cfg.kind == "text":
+        lines.append(f"  template: {cfg.template!r}")
+    if cfg.categories:
+        lines.append(f"  categories ({len(cfg.categories)}): {', '.join(cfg.categories)}")
+    if cfg.kind == "cpm":
+        lines.append(f"  CPM: {cfg.n_global} global + {cfg.n_cond} conditional rows, DINOv2 {cfg.dino_model or '?'} ({cfg.dino_dim}-d, {cfg.n_patches} patches)")
+    if cfg.timestep is not None or cfg.up_block is not None:
+        lines.append(f"  trained at timestep {cfg.timestep}, up_blocks[{cfg.up_block}]")
+    if cfg.training:
+        lines.append(f"  training: {json.dumps(cfg.training, default=str)}")
+    if (Path(folder) / "prompt.safetensors").is_file():
+        tensors = read_prompt_tensors(folder)
+        total = sum(t.numel() for t in tensors.values())
+        lines.append(f"  tensors ({total:,} values): " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
+    return "\n".join(lines)
