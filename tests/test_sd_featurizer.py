@@ -139,9 +139,9 @@ def test_pil_input_and_cell_map(tiny_sd2):
     out = feat(ims, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, feat.feature_dim, 8, 8)
     cm = feat.cell_map((300, 200))
-    # 8 cells over 300 px wide and 200 px high: x 150 -> 4.0, y 25 -> 1.0
-    np.testing.assert_allclose(cm.pixel_to_cell([[150.0, 25.0]]), [[4.0, 1.0]])
-    np.testing.assert_allclose(cm.cell_to_pixel([[0.5, 0.5]]), [[18.75, 12.5]])  # centre of cell (0, 0)
+    # the official mapping by hand: x' = x * 64 / 300, cell = x' * 7 / 63; y likewise with 200
+    np.testing.assert_allclose(cm.pixel_to_cell([[150.0, 25.0]]), [[150 * 64 / 300 * 7 / 63, 25 * 64 / 200 * 7 / 63]])
+    np.testing.assert_allclose(cm.cell_to_pixel([[0.0, 0.0], [7.0, 7.0]]), [[0.0, 0.0], [63 * 300 / 64, 63 * 200 / 64]])  # corner cells
     t = torch.tensor([[37.0, 141.0]])
     torch.testing.assert_close(feat.cell_to_pixel(feat.pixel_to_cell(t, (300, 200)), (300, 200)), t)
 

@@ -1,7 +1,6 @@
 """Training: learnability on real images, exact resume after SIGKILL, presets and settings."""
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -42,7 +41,7 @@ def test_prompt_learns_on_synthetic_warps_of_real_images(kind, tiny, willow_root
                       micro_batch=4, val_every=0, ckpt_every=1000, device="cpu", val_split="test")
     before, after, first, last = learn(cfg, tmp_path / "run", feat, dino)
     print(f"{kind}: held-out PCK@0.1 {before:.4f} -> {after:.4f}; loss {first:.3f} -> {last:.3f}")
-    assert last < first - 0.5
+    assert last < 0.95 * first
     # measured on 2 CPU cores: single 0.1387 -> 0.1928 (loss 6.270 -> 5.352), cpm 0.1515 -> 0.2032 (6.220 -> 5.284); 20 held-out pairs
     assert after > before + (0.03 if kind == "single" else 0.02)
 
@@ -62,34 +61,32 @@ def _train_cmd(tiny, root, out, *extra):
 
 
 def test_sigkill_and_resume_is_bit_identical(tiny, willow_root, tmp_path):
+    """Killed inside the write of checkpoint 4, after step 7 (between checkpoints) and inside the
+    write of checkpoint 10, resumed each time: the final prompt equals an uninterrupted run's.
+    Each kill happens when the run has reached its point (SD4MATCH_TEST_HANG), never on a clock."""
     from safetensors.torch import load_file
 
     ref = tmp_path / "ref"
     assert subprocess.run(_train_cmd(tiny, willow_root, ref), capture_output=True).returncode == 0
     run = tmp_path / "killed"
-    env = {**os.environ, "SD4MATCH_TEST_CHECKPOINT_PAUSE": "0.4"}
-    rng = random.Random(0)
-    plan = ["write", rng.uniform(5.0, 8.0), "write"]  # then run to the end
-    kills, during_write = 0, 0
-    for attempt in range(len(plan) + 1):
+    plan = ["ckpt:4", "step:7", "ckpt:10", None]  # the last attempt runs to the end
+    for attempt, where in enumerate(plan):
+        env = {**os.environ, **({"SD4MATCH_TEST_HANG": where} if where else {})}
+        marker = run / ".test-hang"
+        marker.unlink(missing_ok=True)
         p = subprocess.Popen(_train_cmd(tiny, willow_root, run, *(["--resume"] if attempt else [])), env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if attempt == len(plan):
-            assert p.wait(timeout=300) == 0
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if where is None:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err.decode()
             break
-        how = plan[attempt]
-        start = time.time()
-        while p.poll() is None:
-            writing = (run / "checkpoints").is_dir() and bool(list((run / "checkpoints").glob(".tmp-step-*")))
-            if (how == "write" and writing) or (how != "write" and time.time() - start > how):
-                break
+        while not marker.exists():
+            assert p.poll() is None, f"the run ended before reaching {where}: {p.stderr.read().decode()}"
             time.sleep(0.02)
-        assert p.poll() is None, "the run ended before it could be killed"
-        during_write += (run / "checkpoints").is_dir() and bool(list((run / "checkpoints").glob(".tmp-step-*")))
         p.send_signal(signal.SIGKILL)
         p.wait()
-        kills += 1
-    assert kills == 3 and during_write >= 2
+        if where.startswith("ckpt"):
+            assert list((run / "checkpoints").glob(".tmp-step-*")), "killed inside the write: a temporary folder is left"
     a, b = load_file(str(ref / "last/prompt.safetensors")), load_file(str(run / "last/prompt.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len(list((run / "checkpoints").glob("step-*"))) == 2  # the last two are kept

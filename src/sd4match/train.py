@@ -125,9 +125,7 @@ def save_checkpoint(folder: Path, step: int, prompt, optimizer, state: dict) -> 
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    pause = float(os.environ.get("SD4MATCH_TEST_CHECKPOINT_PAUSE", "0"))  # fault-injection window for tests
-    if pause:
-        time.sleep(pause)
+    _test_hang(folder, f"ckpt:{step}")  # fault injection for tests: a kill in the middle of a write
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -188,6 +186,15 @@ def _py_state():
 
 def _py_unstate(s):
     return (s[0], tuple(s[1]), s[2])
+
+
+def _test_hang(folder: Path, where: str) -> None:
+    """Fault injection for the kill-and-resume tests: with ``SD4MATCH_TEST_HANG=<where>``
+    (``step:N`` after step N is logged, ``ckpt:N`` inside the write of checkpoint N), write
+    ``<out>/.test-hang`` and wait to be killed, so a test kills at a step reached, not at a time."""
+    if os.environ.get("SD4MATCH_TEST_HANG") == where:
+        (Path(folder) / ".test-hang").write_text(where)
+        time.sleep(3600)
 
 
 # ------------------------------------------------------------------------------ data order
@@ -418,6 +425,7 @@ class Trainer:
                     continue
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
+                _test_hang(out, f"step:{self.step}")
                 if tb:
                     for k, v in rec.items():
                         if k != "step":
