@@ -29,13 +29,13 @@ def test_extract_skip_and_recompute(tmp_path, small_images):
     idx = json.loads((out / "index.json").read_text())
     assert set(idx["images"]) == {"cat.jpg", "pets.jpg", "owl.jpg"}
     assert idx["images"]["cat.jpg"]["grid_size"] == [8, 8]
-    files = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    files = {p.name: p.stat().st_mtime_ns for p in out.glob("features/*.safetensors")}
     assert len(files) == 3
     a = load_cached(out / "index.json", "cat.jpg")
     assert a.shape == (432, 8, 8)
     # second run: nothing rewritten
     assert run_features(small_images, out) == 0
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == files
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("features/*.safetensors")} == files
     # a truncated cache file is detected and recomputed, to the same values
     victim = out / idx["images"]["cat.jpg"]["file"]
     victim.write_bytes(victim.read_bytes()[:100])
@@ -43,7 +43,7 @@ def test_extract_skip_and_recompute(tmp_path, small_images):
     torch.testing.assert_close(load_cached(out / "index.json", "cat.jpg"), a)
     # other settings: other keys, old entries kept
     assert run_features(small_images, out, "--resolution", "160") == 0
-    assert len(list(out.glob("*.safetensors"))) == 6
+    assert len(list(out.glob("features/*.safetensors"))) == 6
 
 
 def test_renamed_image_keeps_its_key(tmp_path, small_images):
@@ -76,6 +76,6 @@ def test_dinov2_features_use_the_same_cache(tmp_path, small_images):
     idx = json.loads((out / "index.json").read_text())
     assert idx["settings"]["featurizer"] == "dinov2" and idx["images"]["cat.jpg"]["grid_size"] == [16, 16]
     assert load_cached(out / "index.json", "owl.jpg").shape == (32, 16, 16)
-    files = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    files = {p.name: p.stat().st_mtime_ns for p in out.glob("features/*.safetensors")}
     assert main(["features", "--model", str(model), "--images", str(small_images), "--out", str(out), "--device", "cpu"]) == 0
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == files
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("features/*.safetensors")} == files

@@ -294,7 +294,7 @@ def official_cpm_by_hand(feat, sd, s, t):
 
 def test_import_single_class_and_cpm_through_the_cli(feat, models, tmp_path, capsys):
     from sd4match.cli import main
-    from sd4match.features.cache import file_sha256
+    from sd4match.store import file_sha256
 
     model_args = ["--model", str(models["sd2"]), "--resolution", "64", "--ensemble", "1", "--device", "cpu"]
     single = {"dataset": official_sequence(feat, 1)}

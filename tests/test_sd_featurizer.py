@@ -47,6 +47,10 @@ def test_early_exit_equals_full_forward_for_every_block(style, tiny_sd1, tiny_sd
         assert out.shape == noisy.shape  # the full forward did run to conv_out
         torch.testing.assert_close(early, seen["out"], rtol=1e-5, atol=1e-6)
         assert tuple(early.shape[-2:]) == (feat.grid_size[1], feat.grid_size[0])
+        with torch.no_grad():  # the fallback for UNets the public-blocks path does not cover: a hook during the call
+            hooked = feat._hooked(noisy, t, cond)
+        torch.testing.assert_close(hooked, seen["out"], rtol=1e-5, atol=1e-6)
+        assert not feat.unet.up_blocks[k]._forward_hooks  # and it is gone after the call
 
 
 def test_no_later_block_runs(tiny_sd2):
@@ -67,10 +71,8 @@ def test_no_later_block_runs(tiny_sd2):
     out = feat(images(), generator=torch.Generator().manual_seed(0))
     assert ran and out.shape == (2, feat.feature_dim, 8, 8)
     # without the early exit, the full UNet trips the hooks: they are not vacuous
-    feat._hook.remove()
     with pytest.raises(AssertionError, match="ran"):
         feat.unet(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(1, 77, 32), return_dict=False)
-    feat._set_hook()
     for h in hooks:
         h.remove()
 
@@ -166,3 +168,47 @@ def test_bf16_autocast_stays_close_and_returns_fp32(tiny_sd2):
     assert 0 < rel < 0.05  # bf16 did run (not bit-equal) and stays within a few percent
     with pytest.raises(Sd4MatchError, match="amp_dtype"):
         feat.reconfigure(amp_dtype="fp8")
+
+
+def _hook_counts(unet):
+    return [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in unet.modules()]
+
+
+def test_two_featurizers_share_modules_and_leave_no_hooks(tiny_sd2):
+    a = SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, ensemble=2, up_block=1)
+    b = SDFeaturizer(a.unet, a.vae, a.text_encoder, a.tokenizer, a.scheduler, a.config.__class__(up_block=2, resolution=64, ensemble=2))
+    before = _hook_counts(a.unet)
+    x = images(b=1)
+    fa = a(x, generator=torch.Generator().manual_seed(0))
+    fb = b(x, generator=torch.Generator().manual_seed(0))
+    fa2 = a(x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fa, fa2) and fb.shape[1] == b.feature_dim != a.feature_dim
+    alone = SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, ensemble=2, up_block=2)  # its own modules
+    torch.testing.assert_close(fb, alone(x, generator=torch.Generator().manual_seed(0)), rtol=0, atol=0)
+    assert _hook_counts(a.unet) == before
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("ensemble", [1, 8])
+def test_posteriors_given_equal_the_direct_path_bit_for_bit(tiny_sd2, deterministic, ensemble):
+    feat = SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, ensemble=ensemble, deterministic_latent=deterministic)
+    x = images(b=3)
+    direct = feat(x, generator=torch.Generator().manual_seed(3))
+    post = feat.posterior(feat.preprocess(x))
+    stored = feat(None, posteriors=post, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(direct, stored)
+    # the store's sample is diffusers' own sample: mean + std * randn(generator)
+    with torch.no_grad():
+        dist = feat.vae.encode(2 * feat.preprocess(x) - 1).latent_dist
+    torch.testing.assert_close(post[0], dist.mean, rtol=0, atol=0)
+    torch.testing.assert_close(post[1], dist.std, rtol=0, atol=0)
+
+
+def test_per_picture_generators_make_features_independent_of_the_batch(tiny_sd2):
+    feat = SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, ensemble=4, max_batch=32)
+    x = images(b=3)
+    seeds = [11, 12, 13]
+    batched = feat(x, generator=[torch.Generator().manual_seed(s) for s in seeds])
+    for i, s in enumerate(seeds):
+        alone = feat(x[i : i + 1], generator=torch.Generator().manual_seed(s))
+        torch.testing.assert_close(batched[i : i + 1], alone, rtol=1e-5, atol=1e-6)

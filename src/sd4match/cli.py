@@ -43,7 +43,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="sd-2-1", help="registry name (sd-2-1, sd-1-5, effnet-lite0), hub id, diffusers folder or .safetensors/.ckpt file")
     g.add_argument("--model-config", help="for a single checkpoint file: the diffusers folder or hub id with its component configs")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    g.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="autocast dtype on GPU (fp32 on CPU)")
+    g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="weights' dtype: auto = bf16 on CUDA GPUs (fp16 on older ones), fp32 on CPU; matching stays fp32")
     g.add_argument("--timestep", type=int, default=261, help="noise level t")
     g.add_argument("--up-block", type=int, default=1, help="read the output of unet.up_blocks[k]")
     g.add_argument("--ensemble", type=int, default=8, help="noisy copies averaged")
@@ -85,14 +86,15 @@ def _dino_for(prompt: str, dino: str, feat):
 def load_model(args):
     """The featurizer the model arguments describe, on the chosen device."""
     from sd4match.features import load_featurizer
-    from sd4match.features.extract import pick_device
+    from sd4match.runtime import pick_device, pick_dtype
 
-    kw = {"timestep": args.timestep, "up_block": args.up_block, "ensemble": args.ensemble, "amp_dtype": None if args.dtype == "fp32" else args.dtype}
+    dev = pick_device(args.device)
+    kw = {"timestep": args.timestep, "up_block": args.up_block, "ensemble": args.ensemble}
     if args.model_config:
         kw["config"] = args.model_config
     if args.resolution:
         kw["resolution"] = args.resolution
-    return load_featurizer(args.model, **kw).to(pick_device(args.device))
+    return load_featurizer(args.model, **kw).to(dev, pick_dtype(args.dtype, dev))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="registry name, hub id, diffusers folder or checkpoint file")
     p.add_argument("--dino", help="DINOv2 model for cpm")
     p.add_argument("--device")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"))
     for name, typ in (("steps", int), ("batch-size", int), ("micro-batch", int), ("lr", float), ("lr-linear", float), ("timestep", int),
                       ("up-block", int), ("ensemble", int), ("resolution", int), ("val-every", int), ("val-pairs", int), ("ckpt-every", int),
                       ("seed", int), ("temperature", float), ("epochs", float)):
@@ -280,7 +282,7 @@ def cmd_train(args) -> int:
                                           "timestep", "up_block", "ensemble", "resolution", "val_every", "val_pairs", "ckpt_every", "seed", "temperature", "epochs", "val_rule")}
     over["root"] = str(args.root)
     if args.dtype:
-        over["amp_dtype"] = None if args.dtype == "fp32" else args.dtype
+        over["dtype"] = args.dtype
     cfg = load_config(args.preset, args.config, **over)
     out = Trainer(cfg, args.out, progress=not args.no_progress).run(resume=args.resume)
     print(f"trained prompt: {out / 'best'} (last: {out / 'last'})", file=sys.stderr)
@@ -294,7 +296,7 @@ def cmd_evaluate(args) -> int:
     dino = _dino_for(args.prompt, args.dino, feat)
     cfg = EvalConfig(args.dataset, str(args.root), args.split, args.prompt, args.match, args.protocol, args.alphas, args.seed, limit=args.limit)
     out = evaluate(feat, cfg, args.out, dino=dino, progress=not args.no_progress)
-    from sd4match.evaluate import distributed_rank_world
+    from sd4match.runtime import distributed_rank_world
 
     if distributed_rank_world()[0] != 0:
         return 0

@@ -1,32 +1,46 @@
 """``sd4match evaluate``: predict every pair of a split, write predictions and PCK.
 
-Features of an image are extracted once and reused for every pair it appears in when the
-prompt does not depend on the pair (text, empty, single, category); a CPM prompt is built
-per pair from both images, so its features are extracted per pair. Each image's random
-draws (latent sample, noise) come from a generator seeded by ``seed`` and the image's
-content, so a pair's prediction does not depend on the order or the batch it ran in.
+The pipeline keeps the GPU fed: loader threads decode and squash the pictures of the
+coming pairs (``frozen.prefetch``); pairs are taken in chunks; a pair-independent prompt
+(empty, text, single, category) gets each picture's features once, ``max_batch //
+ensemble`` pictures a UNet call, kept in the store; a CPM prompt is built per pair, and
+``max_batch // (2 x ensemble)`` pairs share a UNet call, the VAE posteriors and DINOv2
+tokens coming from the store. Every picture's random draws are seeded by its content and
+every call has a fixed size, so the predictions equal a one-pair-at-a-time run, a sharded
+run and a resumed run, bit for bit.
+
+Nothing done is lost: predictions are appended and flushed pair by pair to
+``predictions.partial.jsonl`` (one file per process) next to ``run.json`` (the settings);
+``--resume`` continues at the first missing pair when the settings match. Only a finished
+run writes ``predictions.jsonl`` and ``score.json`` (through temporary names), so an
+earlier run's results stay as they were until the new ones are complete.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
-from sd4match.data import is_plain, load_annotated_image, load_pair_images, open_dataset
+from sd4match.data import load_pair_images, open_dataset
 from sd4match.data.records import PairRecord
-from sd4match.errors import Sd4MatchError
-from sd4match.features.cache import image_key, seed_for
+from sd4match.errors import DataError, Sd4MatchError, first_line
 from sd4match.fileio import atomic_write_text
+from sd4match.frozen import Frozen, Picture, prefetch
 from sd4match.matching import match_pixels
 from sd4match.metrics import DEFAULT_ALPHAS, format_table, score, write_predictions
+from sd4match.runtime import distributed_rank_world, gather_dicts, git_sha
+from sd4match.store import Store
+
+PARTIAL = "predictions.partial.jsonl"
+RUN = "run.json"
+#: settings that may differ between a run and its resumption
+_VOLATILE = ("settings", "workers", "chunk", "skip_bad")
 
 
 @dataclass
@@ -41,37 +55,12 @@ class EvalConfig:
     seed: int = 0
     temperature: float = 0.04
     sigma: float = 7.0
-    cache_size: int = 64  # feature maps kept in memory
+    cache_size: int = 64  # (kept for old callers; the store bounds memory in bytes)
     limit: int = 0  # only the first N pairs of the split (0: all), for a quick look
+    workers: int = 4  # loader threads decoding and resizing ahead
+    chunk: int = 32  # pairs decoded and featurized together
+    skip_bad: bool = False  # go past pairs with unreadable images (scored as missing, listed in score.json)
     settings: dict = field(default_factory=dict)  # the featurizer's, filled in
-
-
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def distributed_rank_world() -> tuple[int, int]:
-    """(rank, world size) under ``accelerate launch`` or ``torchrun``; (0, 1) otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not torch.cuda.is_available())  # gloo on CPU-only machines, NCCL on GPUs
-    return state.process_index, state.num_processes
-
-
-def gather_dicts(mine: dict) -> dict:
-    """Every process's dict merged into one, on every process (a collective: all must call it)."""
-    from accelerate.utils import gather_object
-
-    merged: dict = {}
-    for part in gather_object([mine]):
-        merged.update(part)
-    return merged
 
 
 def resolve_prompt(spec: str, featurizer, *, dino=None):
@@ -95,75 +84,117 @@ def resolve_prompt(spec: str, featurizer, *, dino=None):
     return prompt
 
 
-class _LRU(OrderedDict):
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
-
-    def put(self, key, value):
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.size:
-            self.popitem(last=False)
+def _load(root, r: PairRecord, resolution: int | None) -> tuple[Picture, Picture]:
+    src, trg = load_pair_images(root, r)
+    return Picture(src).prepare(resolution), Picture(trg).prepare(resolution)
 
 
-def predict_pairs(featurizer, prompt, records: Sequence[PairRecord], root, cfg: EvalConfig, *, dino=None, progress: bool = True):
-    """Yield (pair id, predicted target points in original pixels) for ``records``."""
+def _tag(prompt, category: str) -> str:
+    return category if prompt is not None and prompt.kind in ("category", "text") else "-"
+
+
+def predict_pairs(featurizer, prompt, records: Sequence[PairRecord], root, cfg: EvalConfig, *, dino=None, store: Store | None = None,
+                  frozen: Frozen | None = None, progress: bool = True) -> Iterator[tuple[str, np.ndarray | BaseException]]:
+    """Yield (pair id, predicted target points in original pixels) for ``records``, in order.
+
+    A pair whose pictures cannot be read yields its ``DataError`` instead of points.
+    """
     from tqdm import tqdm
 
-    dev = featurizer.device
-    cache = _LRU(cfg.cache_size)
+    from sd4match.prompts import prompt_fingerprint
+
+    frozen = frozen or Frozen(featurizer, dino=dino, store=store, seed=cfg.seed)
     per_pair = prompt is not None and prompt.kind == "cpm"
-    embs: dict[str, torch.Tensor | None] = {}  # prompt embeddings that do not depend on the pair
-    bar = tqdm(records, unit="pair", desc="evaluate", disable=not progress, smoothing=0.05)
+    resolution = featurizer.resolution if frozen.is_sd else None
+    fingerprint = prompt_fingerprint(prompt)
+    embs: dict[str, torch.Tensor | None] = {}
+    bar = tqdm(total=len(records), unit="pair", desc="evaluate", disable=not progress, smoothing=0.05)
+    loaded = prefetch(records, lambda r: _load(root, r, resolution), workers=cfg.workers, ahead=2 * cfg.chunk)
 
-    def compute(img, emb):
-        gen = torch.Generator(device=dev).manual_seed(seed_for(image_key(img), cfg.seed))
-        with torch.no_grad():
-            return featurizer([img], prompt_embeds=emb, generator=gen)
-
-    def features(img, emb, tag):
-        key = (image_key(img), tag)
-        if key not in cache:
-            cache.put(key, compute(img, emb))
-        return cache[key]
-
-    def stored_features(rel, size, emb, tag):
-        """A stored image's map: decoded only when not cached already."""
-        key = ("file", rel, tag)
-        if key not in cache:
-            cache.put(key, compute(load_annotated_image(root, rel, size), emb))
-        return cache[key]
-
-    for r in bar:
-        if per_pair:
-            src, trg = load_pair_images(root, r)
-            with torch.no_grad():
-                emb = prompt({"dino_src": dino.tokens([src]), "dino_trg": dino.tokens([trg])})
-            fs, ft = features(src, emb, r.id), features(trg, emb, r.id)
-        else:
-            tag = r.category if prompt is not None and prompt.kind in ("category", "text") else "-"
-            if tag not in embs:
-                with torch.no_grad():
-                    embs[tag] = None if prompt is None else prompt({"categories": [r.category]})
-            emb = embs[tag]
-            if is_plain(r):
-                fs, ft = stored_features(r.src, r.src_size, emb, tag), stored_features(r.trg, r.trg_size, emb, tag)
-            else:
-                src, trg = load_pair_images(root, r)
-                fs, ft = features(src, emb, tag), features(trg, emb, tag)
+    def predict(r, fs, ft):
         out = match_pixels(featurizer, fs, ft, r.src_kps, r.src_size, r.trg_size, cfg.rule, temperature=cfg.temperature, sigma=cfg.sigma)
-        yield r.id, out["kps"].double().cpu().numpy()
+        return out["kps"].double().cpu().numpy()
+
+    try:
+        while True:
+            chunk = [x for _, x in zip(range(cfg.chunk), loaded)]
+            if not chunk:
+                break
+            good = [(r, pics) for r, pics in chunk if not isinstance(pics, BaseException)]
+            results: dict[str, np.ndarray] = {}
+            if per_pair and good:
+                n = frozen.pairs_per_call()
+                frozen.tokens([p for _, pics in good for p in pics])  # each picture's tokens once, in fixed batches
+                for j in range(0, len(good), n):
+                    grp = frozen.pad(good[j : j + n], n)
+                    src, trg = [pics[0] for _, pics in grp], [pics[1] for _, pics in grp]
+                    with torch.no_grad():
+                        emb = prompt({"dino_src": frozen.tokens(src), "dino_trg": frozen.tokens(trg)})
+                    fs, ft = frozen.pair_features(src, trg, emb)
+                    for i, (r, _) in enumerate(good[j : j + n]):
+                        results[r.id] = predict(r, fs[i : i + 1], ft[i : i + 1])
+            elif good:
+                by_tag: dict[str, list] = {}
+                for r, pics in good:
+                    by_tag.setdefault(_tag(prompt, r.category), []).append((r, pics))
+                for tag, items in by_tag.items():
+                    if tag not in embs:
+                        with torch.no_grad():
+                            embs[tag] = None if prompt is None else prompt({"categories": [items[0][0].category]})
+                    pics = [p for _, ps in items for p in ps]
+                    maps = frozen.features(pics, embs[tag], f"{fingerprint}:{tag}")
+                    for i, (r, _) in enumerate(items):
+                        results[r.id] = predict(r, maps[2 * i], maps[2 * i + 1])
+            for r, pics in chunk:
+                bar.update(1)
+                yield r.id, pics if isinstance(pics, BaseException) else results[r.id]
+    finally:
+        bar.close()
 
 
-def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progress: bool = True, records=None) -> Path:
+# ------------------------------------------------------------------------------ the run folder
+def _run_settings(cfg: EvalConfig) -> dict:
+    d = {**asdict(cfg), "alphas": list(cfg.alphas)}
+    return {k: v for k, v in d.items() if k not in _VOLATILE and k != "cache_size"}
+
+
+def read_partial(out: Path) -> dict[str, list]:
+    """Predictions kept by an earlier, unfinished run (every process's file); a line cut by a
+    kill is dropped."""
+    got: dict[str, list] = {}
+    for f in sorted(out.glob(PARTIAL.replace(".jsonl", "*.jsonl"))):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            try:
+                d = json.loads(line)
+                got[str(d["id"])] = d["kps"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # the last line of a killed run may be cut short
+    return got
+
+
+def _check_resume(out: Path, cfg: EvalConfig, featurizer_settings: dict) -> None:
+    run = out / RUN
+    if not run.is_file():
+        raise Sd4MatchError(f"{out}: no unfinished evaluation to resume ({RUN} is missing); run without --resume")
+    try:
+        earlier = json.loads(run.read_text())
+    except json.JSONDecodeError as e:
+        raise Sd4MatchError(f"{run}: unreadable ({e})") from None
+    now = {"config": _run_settings(cfg), "featurizer": featurizer_settings}
+    diff = sorted({*(f"config.{k}" for k in now["config"] if earlier.get("config", {}).get(k) != now["config"][k]),
+                   *(f"featurizer.{k}" for k in now["featurizer"] if earlier.get("featurizer", {}).get(k) != now["featurizer"][k])})
+    if diff:
+        raise Sd4MatchError(f"{run}: the earlier run used other settings ({', '.join(diff)}); resume with the same ones or choose another --out")
+
+
+def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progress: bool = True, records=None, store: Store | None = None,
+             resume: bool = False) -> Path:
     """Predict, score and write ``predictions.jsonl`` + ``score.json`` into ``out``; return ``out``.
 
     ``score.json`` equals ``sd4match score`` on ``predictions.jsonl`` under the same
-    protocol and alphas, plus the settings that produced it.
+    protocol and alphas, plus the settings that produced it (and the pairs skipped).
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if records is None:
         records = open_dataset(cfg.dataset, cfg.root).pairs(cfg.split)
         if cfg.limit:
@@ -171,25 +202,62 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
     prompt = resolve_prompt(cfg.prompt, featurizer, dino=dino)
     cfg.settings = featurizer.settings()
     rank, world = distributed_rank_world()
+    done: dict[str, list] = {}
+    if resume:
+        _check_resume(out, cfg, cfg.settings)
+        done = read_partial(out)
+    elif any(out.glob(PARTIAL.replace(".jsonl", "*.jsonl"))):
+        raise Sd4MatchError(f"{out}: holds an unfinished evaluation ({PARTIAL}); pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and not resume:
+        atomic_write_text(out / RUN, json.dumps({"config": _run_settings(cfg), "featurizer": cfg.settings}, indent=2, default=str))
     t0 = time.perf_counter()
-    # sharded: process k predicts pairs k, k + world, ...; every pair's draws are seeded by
-    # its images' content, so the merged predictions equal a single-process run
-    mine = dict(predict_pairs(featurizer, prompt, records[rank::world], cfg.root, cfg, dino=dino, progress=progress and rank == 0))
+    # sharded: process k predicts pairs k, k + world, ...; every picture's draws are seeded by
+    # its content and every call has a fixed size, so the merged predictions equal one process
+    mine_recs = [r for r in records[rank::world] if r.id not in done]
+    partial = out / (PARTIAL if world == 1 else PARTIAL.replace(".jsonl", f".rank{rank}.jsonl"))
+    mine: dict[str, np.ndarray] = {}
+    bad: dict[str, str] = {}
+    with open(partial, "a", encoding="utf-8") as fh:
+        for pid, kps in predict_pairs(featurizer, prompt, mine_recs, cfg.root, cfg, dino=dino, store=store, progress=progress and rank == 0):
+            if isinstance(kps, BaseException):
+                if not (cfg.skip_bad and isinstance(kps, DataError)):
+                    if isinstance(kps, Sd4MatchError):
+                        raise Sd4MatchError(f"pair {pid}: {first_line(kps)} (predictions so far are kept in {partial}; fix it, then --resume)") from None
+                    raise kps
+                bad[pid] = first_line(kps)
+                continue
+            mine[pid] = kps
+            fh.write(json.dumps({"id": pid, "kps": np.round(kps, 6).tolist()}) + "\n")
+            fh.flush()
     if world > 1:
         mine = gather_dicts(mine)
+        bad = gather_dicts(bad)
         if rank != 0:
             return out
-    preds = {r.id: mine[r.id] for r in records}
     seconds = time.perf_counter() - t0
+    # every prediction goes through the same JSON round trip, resumed or not
+    preds = {pid: np.asarray(v, dtype=np.float64) for pid, v in done.items()}
+    preds.update({pid: np.asarray(np.round(v, 6).tolist(), dtype=np.float64) for pid, v in mine.items()})
+    preds = {r.id: preds[r.id] for r in records if r.id in preds}
     write_predictions(out / "predictions.jsonl", preds.items())
-    result = score(records, preds, protocol=cfg.protocol, alphas=cfg.alphas)
+    result = score(records, preds, protocol=cfg.protocol, alphas=cfg.alphas, allow_missing=bool(bad))
     result["dataset"], result["split"] = cfg.dataset, cfg.split
+    if bad:
+        result["skipped"] = [{"id": pid, "problem": msg} for pid, msg in sorted(bad.items(), key=lambda kv: [r.id for r in records].index(kv[0]))]
     meta = {"config": {**asdict(cfg), "alphas": list(cfg.alphas)}, "git_sha": git_sha(), "processes": world,
-            "seconds": round(seconds, 3), "pairs_per_second": round(len(records) / max(seconds, 1e-9), 3)}
+            "protocol_note": f"protocol {cfg.protocol} (evaluate's default: sd4match, the official code's frame; sd4match score defaults to standard)"}
+    meta["seconds_this_session"] = round(seconds, 3)
     atomic_write_text(out / "score.json", json.dumps({**result, "run": meta}, indent=2, default=str))
+    for f in out.glob(PARTIAL.replace(".jsonl", "*.jsonl")):
+        f.unlink()
+    (out / RUN).unlink(missing_ok=True)
     return out
 
 
 def print_score(out: str | Path) -> str:
     res = json.loads((Path(out) / "score.json").read_text())
-    return format_table(res, f"{res['dataset']}/{res['split']}")
+    text = format_table(res, f"{res['dataset']}/{res['split']}")
+    if res.get("skipped"):
+        text += f"\n{len(res['skipped'])} pairs skipped (unreadable images, scored as missing): see score.json"
+    return text

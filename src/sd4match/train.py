@@ -28,7 +28,10 @@ import torch
 
 from sd4match.data import load_pair_images, open_dataset
 from sd4match.errors import Sd4MatchError, first_line
-from sd4match.evaluate import EvalConfig, gather_dicts, git_sha, predict_pairs
+from sd4match.evaluate import EvalConfig, predict_pairs
+from sd4match.frozen import Frozen, Picture, prefetch
+from sd4match.runtime import gather_dicts, git_sha
+from sd4match.store import Store
 from sd4match.loss import gaussian_window_ce
 from sd4match.matching import point_correlation
 from sd4match.metrics import score
@@ -71,6 +74,10 @@ class TrainConfig:
     train_split: str = "trn"
     val_split: str = "val"
     device: str = "auto"
+    dtype: str = "auto"  # weights: auto (bf16 on CUDA, fp16 on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16
+    workers: int = 4  # loader threads decoding, warping and resizing ahead
+    cache_dir: str = ""  # keep VAE posteriors and DINOv2 tokens here too, for later runs
+    store_gb: float = 8.0  # memory for VAE posteriors and DINOv2 tokens (all of SPair-71k trn: about 2 GB)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -224,10 +231,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, out: str | Path, *, featurizer=None, dino=None, progress: bool = True):
         from sd4match.features import DinoFeaturizer, SDFeaturizer
-        from sd4match.features.extract import pick_device
         from sd4match.prompts import make_prompt
-
-        from sd4match.evaluate import distributed_rank_world
+        from sd4match.runtime import distributed_rank_world, pick_device, pick_dtype
 
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         # data parallel under `accelerate launch` / torchrun: the micro-batches of each optimiser
@@ -236,8 +241,9 @@ class Trainer:
         if cfg.batch_size % cfg.micro_batch:
             raise Sd4MatchError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch {cfg.micro_batch}")
         dev = pick_device(cfg.device)
+        wdt = pick_dtype(cfg.dtype, dev) if cfg.amp_dtype is None else torch.float32
         self.feat = featurizer or SDFeaturizer.from_pretrained(cfg.model, timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble,
-                                                               resolution=cfg.resolution, amp_dtype=cfg.amp_dtype).to(dev)
+                                                               resolution=cfg.resolution, amp_dtype=cfg.amp_dtype).to(dev, wdt)
         self.feat.reconfigure(timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, resolution=cfg.resolution, amp_dtype=cfg.amp_dtype)
         ds = open_dataset(cfg.dataset, cfg.root)
         self.train_pairs = ds.pairs(cfg.train_split, apply_flip=True) if cfg.apply_flip and cfg.dataset == "pfpascal" else ds.pairs(cfg.train_split)
@@ -249,7 +255,7 @@ class Trainer:
         self.dino = None
         kw: dict[str, Any] = {}
         if cfg.prompt == "cpm":
-            self.dino = dino or DinoFeaturizer.from_pretrained(cfg.dino).to(dev)
+            self.dino = dino or DinoFeaturizer.from_pretrained(cfg.dino).to(dev, wdt)
             kw = {"dino_dim": self.dino.feature_dim, "n_patches": self.dino.grid_size[0] * self.dino.grid_size[1], "dino_model": self.dino.model_id}
         cats = sorted({r.category for r in self.train_pairs})
         self.prompt = make_prompt(cfg.prompt, self.feat, categories=cats, seed=cfg.seed, **kw).to(dev)
@@ -266,20 +272,52 @@ class Trainer:
         kind = torch.device(dev).type
         self.scaler = torch.amp.GradScaler(kind, enabled=cfg.amp_dtype == "fp16" and kind == "cuda")
         self.step, self.best = 0, {"pck": -1.0, "step": -1}
+        # VAE posteriors and DINOv2 tokens of every training picture, computed once
+        self.store = Store(int(cfg.store_gb * (1 << 30)), cfg.cache_dir or None)
+        self.frozen = Frozen(self.feat, dino=self.dino, store=self.store, seed=cfg.seed)
+        self._loader = None
 
     # .................................................................... one step
-    def micro_loss(self, recs, gen) -> torch.Tensor:
-        """Loss of a micro-batch of pairs (mean over their valid keypoints)."""
+    # .................................................................... data
+    def _micro_jobs(self, step: int):
+        """(step, micro-batch index, records) of this process from ``step`` on."""
+        cfg = self.cfg
+        n_micro = cfg.batch_size // cfg.micro_batch
+        while True:
+            idx = batch_indices(len(self.train_pairs), cfg.seed, step, cfg.batch_size)
+            for m in range(self.rank, n_micro, self.world):
+                yield step, m, [self.train_pairs[i] for i in idx[m * cfg.micro_batch : (m + 1) * cfg.micro_batch]]
+            step += 1
+
+    def _load_pictures(self, job) -> list[tuple[Picture, Picture]]:
+        res = self.feat.resolution
+        return [tuple(Picture(im).prepare(res) for im in load_pair_images(self.cfg.root, r)) for r in job[2]]
+
+    def next_micro(self, step: int, m: int):
+        """The records and decoded pictures of micro-batch ``m`` of ``step``, made ahead by loader threads."""
+        if self._loader is None or self._loader_step != (step, m):
+            self._loader = prefetch(self._micro_jobs(step), self._load_pictures, workers=self.cfg.workers, ahead=2 * max(1, self.cfg.batch_size // self.cfg.micro_batch))
+        (s, mm, recs), pics = next(self._loader)
+        assert (s, mm) == (step, m)
+        nxt = mm + self.world
+        self._loader_step = (s, nxt) if nxt < self.cfg.batch_size // self.cfg.micro_batch else (s + 1, self.rank)
+        if isinstance(pics, BaseException):
+            self._loader = None
+            raise pics
+        return recs, pics
+
+    # .................................................................... one step
+    def micro_loss(self, recs, gen, pics=None) -> torch.Tensor:
+        """Loss of a micro-batch of pairs (mean over pairs of each pair's loss)."""
         cfg, dev = self.cfg, self.feat.device
-        imgs = [load_pair_images(self.cfg.root, r) for r in recs]
-        src, trg = [a for a, _ in imgs], [b for _, b in imgs]
+        if pics is None:
+            pics = self._load_pictures((None, None, recs))
+        src, trg = [a for a, _ in pics], [b for _, b in pics]
         batch: dict[str, Any] = {"categories": [r.category for r in recs]}
         if self.dino is not None:
-            batch["dino_src"], batch["dino_trg"] = self.dino.tokens(src), self.dino.tokens(trg)
+            batch["dino_src"], batch["dino_trg"] = self.frozen.tokens(src), self.frozen.tokens(trg)
         emb = self.prompt(batch)
-        emb2 = torch.cat([emb, emb]) if emb.shape[0] > 1 else emb
-        maps = self.feat(src + trg, prompt_embeds=emb2, generator=gen)
-        fs, ft = maps[: len(recs)], maps[len(recs):]
+        fs, ft = self.frozen.pair_features(src, trg, emb, grad=True, generator=gen)
         n = max(r.n_points for r in recs) if not cfg.max_kps else min(cfg.max_kps, max(r.n_points for r in recs))
         sc = torch.zeros(len(recs), n, 2, device=dev)
         tc = torch.zeros(len(recs), n, 2, device=dev)
@@ -300,8 +338,9 @@ class Trainer:
         total = 0.0
         n_micro = cfg.batch_size // cfg.micro_batch
         for m in range(self.rank, n_micro, self.world):  # this process's share of the step's micro-batches
-            recs = [self.train_pairs[i] for i in idx[m * cfg.micro_batch : (m + 1) * cfg.micro_batch]]
-            loss = self.micro_loss(recs, step_generator(self.feat.device, cfg.seed, self.step, m)) / n_micro
+            recs, pics = self.next_micro(self.step, m)
+            assert [r.id for r in recs] == [self.train_pairs[i].id for i in idx[m * cfg.micro_batch : (m + 1) * cfg.micro_batch]]
+            loss = self.micro_loss(recs, step_generator(self.feat.device, cfg.seed, self.step, m), pics) / n_micro
             self.scaler.scale(loss).backward()
             total += float(loss.detach())
         if self.world > 1:
@@ -361,13 +400,19 @@ class Trainer:
         ens = self.feat.config.ensemble
         self.feat.reconfigure(ensemble=cfg.val_ensemble)
         try:
-            ecfg = EvalConfig(cfg.dataset, cfg.root, cfg.val_split, rule=cfg.val_rule, seed=cfg.seed, cache_size=8)
+            ecfg = EvalConfig(cfg.dataset, cfg.root, cfg.val_split, rule=cfg.val_rule, seed=cfg.seed, workers=cfg.workers)
             mine = self.val_pairs[self.rank :: self.world]
-            preds = dict(predict_pairs(self.feat, self.prompt, mine, cfg.root, ecfg, dino=self.dino, progress=False))
+            frozen = Frozen(self.feat, dino=self.dino, store=self.store, seed=cfg.seed)  # posteriors and tokens shared with training
+            preds = {}
+            for pid, kps in predict_pairs(self.feat, self.prompt, mine, cfg.root, ecfg, frozen=frozen, progress=False):
+                if isinstance(kps, BaseException):
+                    raise kps
+                preds[pid] = kps
             if self.world > 1:
                 preds = gather_dicts(preds)
         finally:
             self.feat.reconfigure(ensemble=ens)
+            self.store.drop("features")  # this prompt's validation maps will not be asked for again
         return score(self.val_pairs, preds, protocol="sd4match", alphas=[0.1])["per_image"]["all"]["0.1"]
 
     # .................................................................... run

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +24,7 @@ from PIL import Image
 
 from sd4match.data.images import load_image, oriented_size
 from sd4match.errors import Sd4MatchError
-from sd4match.features.cache import file_sha256, image_key, seed_for, settings_key
+from sd4match.store import file_sha256, image_key
 from sd4match.matching import MATCH_RULES, dense_match, match_pixels, point_correlation
 
 MAX_SIDE = 2048  # larger pictures are downscaled before the model (which works at 768 or less)
@@ -124,25 +123,26 @@ def check_points(points: Sequence[tuple[str, tuple[float, float]]], img: UserIma
 
 
 class Matcher:
-    """Features of user images under one model and prompt, cached by image content.
+    """Features of user images under one model and prompt, kept by image content.
 
     Args:
         featurizer: any ``Featurizer`` (SD, effnet-lite0, DINOv2).
         prompt: ``"empty"``, ``"text:<words>"`` or a prompt folder (single, category, cpm).
         category: the category for ``category`` prompts and templates with ``{category}``.
         dino: the DINOv2 featurizer a CPM prompt needs.
-        rule, temperature, sigma: the match rule (``sd4match.matching.match_cells``).
+        rule, temperature, sigma: the match rule (``sd4match.matching.match``).
         seed: base seed of every image's latent sample and noise.
-        cache_size: feature maps kept in memory.
-        cache_dir: also keep feature maps on disk (safetensors, keyed by image content, model
-            settings, prompt and seed), so a later run skips their extraction. Not used for
-            CPM prompts, whose features depend on the pair.
+        cache_bytes: memory kept for feature maps, VAE posteriors and DINOv2 tokens.
+        cache_dir: also keep them on disk (the ``Store`` folder: safetensors keyed by image
+            content, model settings, prompt and seed), so a later run skips their extraction.
     """
 
     def __init__(self, featurizer, prompt: str = "empty", *, category: str | None = None, dino=None, rule: str = "kernel-softargmax",
-                 temperature: float = 0.04, sigma: float = 7.0, seed: int = 0, cache_size: int = 32, cache_dir: str | Path | None = None):
+                 temperature: float = 0.04, sigma: float = 7.0, seed: int = 0, cache_bytes: int = 1 << 30, cache_dir: str | Path | None = None):
         from sd4match.evaluate import resolve_prompt
-        from sd4match.features.cache import FeatureCache
+        from sd4match.frozen import Frozen
+        from sd4match.prompts import prompt_fingerprint
+        from sd4match.store import Store
 
         if rule not in MATCH_RULES:
             raise Sd4MatchError(f"unknown match rule {rule!r}; expected one of {', '.join(MATCH_RULES)}")
@@ -150,11 +150,11 @@ class Matcher:
         self.prompt_spec, self.category = prompt, category
         self.rule, self.temperature, self.sigma, self.seed = rule, temperature, sigma, seed
         self.prompt = resolve_prompt(prompt, featurizer, dino=dino)
-        self._cache: OrderedDict = OrderedDict()
-        self._cache_size = cache_size
+        self.store = Store(cache_bytes, cache_dir)
+        # interactive use: calls as large as the work at hand (no padding to a fixed batch)
+        self.frozen = Frozen(featurizer, dino=dino, store=self.store, seed=seed, fixed_batches=False)
         self._emb = None
-        self._disk = FeatureCache(cache_dir) if cache_dir is not None and not self.pair_dependent else None
-        self._disk_settings = {"model": featurizer.settings(), "prompt": _prompt_identity(prompt), "category": category, "seed": seed}
+        self._prompt_id = f"{prompt_fingerprint(self.prompt)}:{category}"
         if self.prompt is not None and self.prompt.kind != "cpm":
             needs = self.prompt.kind == "category" or "{category}" in getattr(self.prompt, "template", "")
             if needs and not category:
@@ -170,40 +170,42 @@ class Matcher:
         return {"model": self.featurizer.settings(), "prompt": self.prompt_spec, "category": self.category, "rule": self.rule,
                 "temperature": self.temperature, "sigma": self.sigma, "seed": self.seed}
 
-    def _features(self, img: UserImage, emb, tag) -> torch.Tensor:
-        key = (img.key, tag)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        disk_key = settings_key(img.key, self._disk_settings) if self._disk is not None and tag == "-" else None
-        got = self._disk.get(disk_key) if disk_key else None
-        if got is not None:
-            f = got[0].to(self.featurizer.device)
-        else:
-            gen = torch.Generator(device=self.featurizer.device).manual_seed(seed_for(img.key, self.seed))
-            with torch.no_grad():
-                f = self.featurizer([img.image], prompt_embeds=emb, generator=gen)
-            if disk_key:
-                self._disk.put(disk_key, f, {"image": img.name, "size": list(img.size)})
-        self._cache[key] = f
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return f
+    @staticmethod
+    def _picture(img: UserImage):
+        from sd4match.frozen import Picture
+
+        return Picture(img.image, img.key)
+
+    def _keys(self, a: UserImage, b: UserImage | None) -> list[tuple[str, str]]:
+        """Store keys of the maps ``features(a, b)`` returns (a CPM map depends on the partner too)."""
+        from sd4match.store import settings_key
+
+        base = {"featurizer": self.featurizer.settings(), "seed": self.seed}
+        if self.pair_dependent and b is not None:
+            pid = f"{self._prompt_id}:pair:{a.key}:{b.key}"
+            return [("features", settings_key(a.key, {**base, "prompt": pid, "side": "src"})),
+                    ("features", settings_key(b.key, {**base, "prompt": pid, "side": "trg"}))]
+        return [("features", settings_key(im.key, {**base, "prompt": self._prompt_id})) for im in ([a, b] if b is not None else [a])]
 
     def is_cached(self, a: UserImage, b: UserImage | None = None) -> bool:
-        tag = (a.key, b.key) if self.pair_dependent and b is not None else "-"
-        return all((im.key, tag) in self._cache for im in ([a, b] if b is not None else [a]))
+        return all(self.store.contains(kind, key) for kind, key in self._keys(a, b))
 
     def features(self, a: UserImage, b: UserImage) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, C, h, w) maps of ``a`` and ``b``; a CPM prompt is built from both images."""
         if not self.pair_dependent:
-            return self._features(a, self._emb, "-"), self._features(b, self._emb, "-")
-        tag = (a.key, b.key)
-        if self.is_cached(a, b):  # no DINOv2 pass when both maps of this pair are cached
-            return self._features(a, None, tag), self._features(b, None, tag)
+            fa, fb = self.frozen.features([self._picture(a), self._picture(b)], self._emb, self._prompt_id)
+            return fa, fb
+        (_, ka), (_, kb) = self._keys(a, b)
+        got = [self.store.get("features", k, self.featurizer.device) for k in (ka, kb)]
+        if all(g is not None for g in got):
+            return got[0]["features"], got[1]["features"]
+        pa, pb = self._picture(a), self._picture(b)
         with torch.no_grad():
-            emb = self.prompt({"dino_src": self.dino.tokens([a.image]), "dino_trg": self.dino.tokens([b.image])})
-        return self._features(a, emb, tag), self._features(b, emb, tag)
+            emb = self.prompt({"dino_src": self.frozen.tokens([pa]), "dino_trg": self.frozen.tokens([pb])})
+        fa, fb = self.frozen.pair_features([pa], [pb], emb)
+        self.store.put("features", ka, {"features": fa})
+        self.store.put("features", kb, {"features": fb})
+        return fa, fb
 
     def match_points(self, a: UserImage, b: UserImage, points: Sequence[tuple[str, tuple[float, float]]]) -> list[dict]:
         """Each named point of ``a`` -> ``{"name", "source": [x, y], "target": [x, y], "score"}`` in original pixels."""
@@ -246,14 +248,6 @@ class Matcher:
         xy = self.featurizer.cell_map(a.size).cell_to_pixel(d["cells"][0]).float().cpu().numpy()
         return {"source_xy": xy.reshape(h, w, 2), "score": d["scores"][0].float().cpu().numpy().reshape(h, w),
                 "mutual": d["mutual"][0].cpu().numpy().reshape(h, w)}
-
-
-def _prompt_identity(spec: str) -> str:
-    """What names a prompt for the disk cache: its text, or the hash of a prompt folder's files."""
-    folder = Path(spec)
-    if not folder.is_dir():
-        return spec
-    return "folder:" + ":".join(file_sha256(folder / f) for f in ("config.json", "prompt.safetensors") if (folder / f).is_file())
 
 
 def warp_onto(a: UserImage, b: UserImage, dense: dict[str, np.ndarray], cell_map_b) -> Image.Image:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from sd4match.features.base import CellMap, Featurizer, images_to_tensor
-from sd4match.features.cache import FeatureCache
 from sd4match.features.dino import DinoFeaturizer
 from sd4match.features.effnet import EffNetFeaturizer
 from sd4match.features.registry import REGISTRY, resolve
@@ -40,4 +39,4 @@ def _is_dinov2(res) -> bool:
     return False
 
 
-__all__ = ["CellMap", "DinoFeaturizer", "EffNetFeaturizer", "FeatureCache", "Featurizer", "REGISTRY", "SDFeaturizer", "SDFeaturizerConfig", "images_to_tensor", "load_featurizer", "resolve"]
+__all__ = ["CellMap", "DinoFeaturizer", "EffNetFeaturizer", "Featurizer", "REGISTRY", "SDFeaturizer", "SDFeaturizerConfig", "images_to_tensor", "load_featurizer", "resolve"]

@@ -1,13 +1,22 @@
 """Stable Diffusion featurizer: the output of ``unet.up_blocks[k]``, nothing after it.
 
-Pipeline (DESIGN.md): squash to R x R, scale to [-1, 1], VAE encode (latent mean when
-``deterministic_latent``, a sample otherwise) x ``scaling_factor``, ``scheduler.add_noise``
-at timestep t, one UNet call over images x ensemble copies with the prompt as
-``encoder_hidden_states``, the output of ``up_blocks[k]`` averaged over the ensemble.
+Pipeline (DESIGN.md): squash to R x R (bilinear), scale to [-1, 1], VAE posterior; a latent
+(its mean when ``deterministic_latent``, a sample otherwise) x ``scaling_factor``;
+``scheduler.add_noise`` at timestep t; UNet calls over pictures x ensemble copies (up to
+``max_batch`` samples a call) with the prompt as ``encoder_hidden_states``; the output of
+``up_blocks[k]`` averaged over the ensemble.
 
-The UNet is diffusers' own, unmodified. A forward hook on ``up_blocks[k]`` stores its
-output and raises ``_EarlyExit``, which ends the forward there: no later up block, no
-``conv_norm_out`` and no ``conv_out`` run.
+The UNet is diffusers' own, unmodified and left as it was found: the early exit calls its
+public blocks in order (time embedding, ``conv_in``, ``down_blocks``, ``mid_block``,
+``up_blocks[: k + 1]``), which is tested equal to the full forward's ``up_blocks[k]``
+output; UNets with class or added embeddings fall back to a forward hook that exists only
+during the call. ``compile=True`` compiles that early-exit function and the VAE encoder
+with ``torch.compile``.
+
+Random draws: with one ``torch.Generator`` the batch's latent samples are drawn, then its
+noise; with a list of generators (one per picture) each picture draws its latent sample
+and then its noise from its own generator, so a picture's features do not depend on what
+it is batched with.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from sd4match.errors import Sd4MatchError, first_line
 from sd4match.features.base import CellMap, Featurizer, ImagesLike, images_to_tensor
 from sd4match.features.registry import ResolvedModel, offline_mode, resolve, weights_missing
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
 
 @dataclass(frozen=True)
 class SDFeaturizerConfig:
@@ -31,23 +42,71 @@ class SDFeaturizerConfig:
     ensemble: int = 8  # noisy copies averaged (1 in training)
     deterministic_latent: bool = False  # VAE latent mean instead of a sample
     resolution: int = 768  # images are squashed to resolution x resolution
-    max_batch: int = 8  # most UNet samples per call (images x ensemble are chunked to this)
-    amp_dtype: str | None = None  # "bf16" / "fp16": autocast (GPU; bf16 also on CPU); None: the modules' own dtype
+    max_batch: int = 32  # most UNet samples per call (pictures x ensemble are chunked to this)
+    amp_dtype: str | None = None  # "bf16" / "fp16": autocast; None: the modules' own dtype (see ``.to(dtype=...)``)
+    compile: bool = False  # torch.compile the early-exit UNet function and the VAE encoder
+    vae_batch: int = 8  # most pictures per VAE call
 
 
 class _EarlyExit(Exception):
-    """Raised by the hook on up_blocks[k] to stop the UNet forward there."""
+    """Raised by the fallback hook on up_blocks[k] to stop the UNet forward there."""
 
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}
+
+
+def early_exit_supported(unet) -> bool:
+    """Whether ``unet_up_to`` covers this UNet (SD 1.x / 2.x: no class, added or hint embeddings)."""
+    c = unet.config
+    return (getattr(c, "class_embed_type", None) is None and getattr(c, "addition_embed_type", None) is None
+            and not getattr(c, "center_input_sample", False) and getattr(unet, "time_embedding", None) is not None)
+
+
+def unet_up_to(unet, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, k: int) -> torch.Tensor:
+    """The output of ``unet.up_blocks[k]``: the UNet's public blocks called in the order of
+    ``UNet2DConditionModel.forward``, stopping after block k (SD 1.x / 2.x UNets).
+
+    Shape:
+        sample: (N, 4, h, w); timestep: (N,); encoder_hidden_states: (N, L, D) -> (N, C, h', w').
+    """
+    forward_upsample_size = any(d % (2**unet.num_upsamplers) for d in sample.shape[-2:])
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    ehs = unet.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=None)
+    sample = unet.conv_in(sample)
+    res: tuple = (sample,)
+    for blk in unet.down_blocks:
+        if getattr(blk, "has_cross_attention", False):
+            sample, r = blk(hidden_states=sample, temb=emb, encoder_hidden_states=ehs)
+        else:
+            sample, r = blk(hidden_states=sample, temb=emb)
+        res += r
+    if unet.mid_block is not None:
+        sample = unet.mid_block(sample, emb, encoder_hidden_states=ehs) if getattr(unet.mid_block, "has_cross_attention", False) else unet.mid_block(sample, emb)
+    upsample_size = None
+    for i, blk in enumerate(unet.up_blocks[: k + 1]):
+        skip, res = res[-len(blk.resnets) :], res[: -len(blk.resnets)]
+        if i < len(unet.up_blocks) - 1 and forward_upsample_size:
+            upsample_size = res[-1].shape[2:]
+        if getattr(blk, "has_cross_attention", False):
+            sample = blk(hidden_states=sample, temb=emb, res_hidden_states_tuple=skip, encoder_hidden_states=ehs, upsample_size=upsample_size)
+        else:
+            sample = blk(hidden_states=sample, temb=emb, res_hidden_states_tuple=skip, upsample_size=upsample_size)
+    return sample
+
+
+def _vae_posterior(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dist = vae.encode(x).latent_dist
+    return dist.mean, dist.std
 
 
 class SDFeaturizer(Featurizer):
     """Dense features of a frozen Stable Diffusion UNet.
 
     Example:
-        >>> feat = SDFeaturizer.from_pretrained("sd-2-1").to("cuda")
-        >>> maps = feat(images, text=["a photo of a cat"] * len(images))  # (B, 1280, 48, 48)
+        >>> feat = SDFeaturizer.from_pretrained("sd-2-1").to("cuda", torch.bfloat16)
+        >>> maps = feat(images, text=["a photo of a cat"] * len(images))  # (B, 1280, 48, 48) fp32
 
     Attributes:
         unet, vae, text_encoder, tokenizer, scheduler: the loaded diffusers / transformers
@@ -65,9 +124,7 @@ class SDFeaturizer(Featurizer):
         for m in (unet, vae, text_encoder):
             m.eval()
             m.requires_grad_(False)
-        self._captured: torch.Tensor | None = None
-        self._hook = None
-        self._set_hook()
+        self._compiled: dict = {}
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -80,8 +137,9 @@ class SDFeaturizer(Featurizer):
         ensemble: int = 8,
         deterministic_latent: bool = False,
         resolution: int = 768,
-        max_batch: int = 8,
+        max_batch: int = 32,
         amp_dtype: str | None = None,
+        compile: bool = False,
         config: str | Path | None = None,
         local_files_only: bool | None = None,
     ) -> "SDFeaturizer":
@@ -101,7 +159,7 @@ class SDFeaturizer(Featurizer):
         if res.kind == "builtin":
             raise Sd4MatchError(f"{model}: not a Stable Diffusion model (use sd4match.features.load_featurizer)")
         parts = load_sd_components(res, config=config, local_files_only=local_files_only)
-        cfg = SDFeaturizerConfig(timestep, up_block, ensemble, deterministic_latent, resolution, max_batch, amp_dtype)
+        cfg = SDFeaturizerConfig(timestep, up_block, ensemble, deterministic_latent, resolution, max_batch, amp_dtype, compile)
         return cls(*parts, config=cfg, model_id=res.model_id)
 
     # ------------------------------------------------------------------ settings
@@ -112,8 +170,8 @@ class SDFeaturizer(Featurizer):
         n_t = self.scheduler.config.num_train_timesteps
         if not 0 <= c.timestep < n_t:
             raise Sd4MatchError(f"timestep must be in 0..{n_t - 1}, got {c.timestep}")
-        if c.ensemble < 1 or c.max_batch < 1:
-            raise Sd4MatchError("ensemble and max_batch must be at least 1")
+        if c.ensemble < 1 or c.max_batch < 1 or c.vae_batch < 1:
+            raise Sd4MatchError("ensemble, max_batch and vae_batch must be at least 1")
         if c.resolution % self.latent_factor:
             raise Sd4MatchError(f"resolution must be a multiple of {self.latent_factor}, got {c.resolution}")
         if c.amp_dtype not in _AMP:
@@ -123,18 +181,10 @@ class SDFeaturizer(Featurizer):
         """Change settings in place (timestep, up_block, ensemble, ...); returns self."""
         cfg = replace(self.config, **changes)
         self._check_config(cfg)
+        if (cfg.up_block, cfg.compile) != (self.config.up_block, self.config.compile):
+            self._compiled = {}
         self.config = cfg
-        self._set_hook()
         return self
-
-    def _set_hook(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-        self._hook = self.unet.up_blocks[self.config.up_block].register_forward_hook(self._capture)
-
-    def _capture(self, module, args, output):
-        self._captured = output[0] if isinstance(output, tuple) else output
-        raise _EarlyExit
 
     @property
     def resolution(self) -> int:  # type: ignore[override]
@@ -170,7 +220,16 @@ class SDFeaturizer(Featurizer):
         return self.unet.config.cross_attention_dim
 
     def settings(self) -> dict:
-        return {"featurizer": "sd", "model": self.model_id, **asdict(self.config), "max_batch": None}
+        """Everything that changes the features (store keys, run records)."""
+        s = asdict(self.config)
+        for k in ("max_batch", "compile", "vae_batch"):
+            s.pop(k)
+        return {"featurizer": "sd", "model": self.model_id, **s, "dtype": str(self.unet.dtype).replace("torch.", "")}
+
+    def posterior_settings(self) -> dict:
+        """What changes the VAE posterior of a picture."""
+        return {"kind": "vae-posterior", "model": self.model_id, "resolution": self.config.resolution, "dtype": str(self.vae.dtype).replace("torch.", ""),
+                "amp": self.config.amp_dtype}
 
     # ------------------------------------------------------------------ stages
     def encode_text(self, text: Sequence[str]) -> torch.Tensor:
@@ -183,89 +242,150 @@ class SDFeaturizer(Featurizer):
 
         return TextEncoderBridge(self.text_encoder, self.tokenizer).encode_text(text)
 
-    def encode_images(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """VAE latents x scaling factor of images in [0, 1] at the working resolution.
+    def preprocess(self, images: ImagesLike) -> torch.Tensor:
+        """Pictures squashed to R x R (bilinear), as a (B, 3, R, R) fp32 tensor in [0, 1] on the model's device."""
+        return images_to_tensor(images, self.config.resolution, device=self.unet.device)
+
+    @torch.no_grad()
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior (mean, std) of pictures at the working resolution, fp32.
 
         Shape:
-            x: (B, 3, R, R) -> (B, 4, R / 8, R / 8).
+            x: (B, 3, R, R) in [0, 1] -> mean, std: (B, 4, R / 8, R / 8).
         """
-        dist = self.vae.encode((2 * x - 1).to(self.vae.dtype)).latent_dist
-        z = dist.mean if self.config.deterministic_latent else dist.sample(generator=generator)
-        return z * self.vae.config.scaling_factor
+        fn = self._compiled_fn("vae", lambda: torch.compile(_vae_posterior)) if self.config.compile else _vae_posterior
+        means, stds = [], []
+        with self._autocast(x.device):
+            for i in range(0, x.shape[0], self.config.vae_batch):
+                m, s = fn(self.vae, (2 * x[i : i + self.config.vae_batch] - 1).to(self.vae.dtype))
+                means.append(m.float())
+                stds.append(s.float())
+        return torch.cat(means), torch.cat(stds)
 
-    def add_noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Repeat each latent ``ensemble`` times and noise it at the configured timestep.
+    def noisy_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents drawn from the posterior, each repeated ``ensemble`` times and noised at t.
+
+        With a list of generators, picture i draws its latent sample and then its noise from
+        generator i; with one generator, all latent samples, then all noise.
 
         Shape:
-            latents: (B, 4, h, w) -> noisy (B * E, 4, h, w), image-major; and the timesteps (B * E,).
+            mean, std: (B, 4, h, w) -> noisy (B * E, 4, h, w), picture-major; timesteps (B * E,).
         """
-        e = self.config.ensemble
-        lat = latents.repeat_interleave(e, dim=0)
-        noise = torch.randn(lat.shape, generator=generator, device=lat.device, dtype=lat.dtype) if generator is not None else torch.randn_like(lat)
+        e, b = self.config.ensemble, mean.shape[0]
+
+        def randn(shape, g):
+            if g is None:
+                return torch.randn(shape, device=mean.device, dtype=mean.dtype)
+            return torch.randn(shape, generator=g, device=g.device, dtype=mean.dtype).to(mean.device)
+
+        gens = list(generator) if isinstance(generator, (list, tuple)) else None
+        if gens is not None and len(gens) != b:
+            raise Sd4MatchError(f"{len(gens)} generators for {b} pictures")
+        det = self.config.deterministic_latent
+        if gens is None:
+            z = mean if det else mean + std * randn(mean.shape, generator)
+            noise = randn((b * e, *mean.shape[1:]), generator)
+        else:
+            zs, noises = [], []
+            for i, g in enumerate(gens):
+                zs.append(mean[i : i + 1] if det else mean[i : i + 1] + std[i : i + 1] * randn(mean[i : i + 1].shape, g))
+                noises.append(randn((e, *mean.shape[1:]), g))
+            z, noise = torch.cat(zs), torch.cat(noises)
+        lat = (z * self.vae.config.scaling_factor).repeat_interleave(e, dim=0)
         t = torch.full((lat.shape[0],), self.config.timestep, device=lat.device, dtype=torch.long)
         return self.scheduler.add_noise(lat, noise, t), t
 
     def unet_features(self, noisy: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        """Run the UNet up to ``up_blocks[k]`` and return that block's output.
+        """The output of ``up_blocks[k]`` for every sample, in calls of up to ``max_batch``.
 
         Shape:
-            noisy: (N, 4, h, w); t: (N,); prompt_embeds: (N, 77, D) -> (N, C, h', w').
+            noisy: (N, 4, h, w); t: (N,); prompt_embeds: (N, 77, D) -> (N, C, h', w') fp32.
         """
-        self._captured = None
+        outs = []
+        dt = self.unet.dtype
+        with self._autocast(noisy.device):
+            for i in range(0, noisy.shape[0], self.config.max_batch):
+                sl = slice(i, i + self.config.max_batch)
+                outs.append(self._up_to(noisy[sl].to(dt), t[sl], prompt_embeds[sl].to(dt)).float())
+        return torch.cat(outs)
+
+    def _up_to(self, sample, t, ehs) -> torch.Tensor:
+        k = self.config.up_block
+        if early_exit_supported(self.unet):
+            if self.config.compile:
+                fn = self._compiled_fn(("unet", k), lambda: torch.compile(unet_up_to))
+                return fn(self.unet, sample, t, ehs, k)
+            return unet_up_to(self.unet, sample, t, ehs, k)
+        return self._hooked(sample, t, ehs)
+
+    def _hooked(self, sample, t, ehs) -> torch.Tensor:
+        """The fallback: the full forward with a hook on up_blocks[k] that exists only during this call."""
+        box: list = []
+
+        def capture(module, args, output):
+            box.append(output[0] if isinstance(output, tuple) else output)
+            raise _EarlyExit
+
+        h = self.unet.up_blocks[self.config.up_block].register_forward_hook(capture)
         try:
-            self.unet(noisy.to(self.unet.dtype), t, encoder_hidden_states=prompt_embeds.to(self.unet.dtype), return_dict=False)
+            self.unet(sample, t, encoder_hidden_states=ehs, return_dict=False)
         except _EarlyExit:
             pass
-        else:  # pragma: no cover - the hook always fires
+        finally:
+            h.remove()
+        if not box:  # pragma: no cover - the hook always fires
             raise RuntimeError("the up_blocks hook did not fire")
-        out, self._captured = self._captured, None
-        return out
+        return box[0]
+
+    def _compiled_fn(self, name, make):
+        if name not in self._compiled:
+            self._compiled[name] = make()
+        return self._compiled[name]
 
     def _autocast(self, device: torch.device):
-        """Mixed precision for the VAE and UNet; the ensemble mean and everything after it is fp32."""
+        """Mixed precision for the VAE and UNet when ``amp_dtype`` is set."""
         dt = _AMP[self.config.amp_dtype]
         if dt is None:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=dt)
 
     def compile_blocks(self, **kwargs) -> "SDFeaturizer":
-        """``torch.compile`` each UNet block that runs (regional compilation), in place.
-
-        The early-exit hook stays outside the compiled regions. Keyword arguments go to
-        ``nn.Module.compile`` (e.g. ``mode="max-autotune"``). Returns self.
-        """
-        blocks = [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks[: self.config.up_block + 1]]
-        for blk in blocks:
-            for sub in blk.children():  # resnets / attentions / samplers lists: compile their members
-                for m in sub if isinstance(sub, torch.nn.ModuleList) else [sub]:
-                    m.compile(**kwargs)
-        return self
+        """Compile the early-exit function and the VAE encoder (``config.compile = True``); returns self."""
+        return self.reconfigure(compile=True)
 
     # ------------------------------------------------------------------ call
     def forward(
         self,
-        images: ImagesLike,
+        images: ImagesLike | None,
         *,
         prompt_embeds: torch.Tensor | None = None,
         text: Sequence[str] | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
+        posteriors: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Feature maps of ``images``.
 
         Args:
-            images: (B, 3, H, W) float tensor in [0, 1], or a list of PIL images.
+            images: (B, 3, H, W) float tensor in [0, 1], or a list of PIL images (None when
+                ``posteriors`` are given).
             prompt_embeds: (B, 77, D) or (1, 77, D) prompt embeddings (learned prompts);
                 gradients flow into them.
             text: B strings (or one) encoded with the model's tokenizer and text encoder.
                 With neither, the empty prompt "".
-            generator: drives every random draw (latent sample, noise).
+            generator: one generator, or one per picture: drives every random draw.
+            posteriors: (mean, std) of the pictures (``posterior``), e.g. from the store:
+                the VAE does not run.
 
         Shape:
             returns (B, C, h, w) float32, e.g. (B, 1280, 48, 48) for SD 2.1 at 768.
         """
         dev = self.unet.device
-        x = images_to_tensor(images, self.config.resolution, device=dev)
-        b = x.shape[0]
+        if posteriors is None:
+            if images is None:
+                raise Sd4MatchError("give images or their posteriors")
+            posteriors = self.posterior(self.preprocess(images))
+        mean, std = (p.to(dev, torch.float32) for p in posteriors)
+        b = mean.shape[0]
         if prompt_embeds is not None and text is not None:
             raise Sd4MatchError("give prompt_embeds or text, not both")
         if prompt_embeds is None:
@@ -273,18 +393,11 @@ class SDFeaturizer(Featurizer):
             prompt_embeds = self.encode_text(text)
         if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] not in (1, b) or prompt_embeds.shape[-1] != self.prompt_dim:
             raise Sd4MatchError(f"prompt_embeds must be (1 or {b}, L, {self.prompt_dim}), got {tuple(prompt_embeds.shape)}")
-        prompt_embeds = prompt_embeds.expand(b, -1, -1).to(dev)
         e = self.config.ensemble
-        with self._autocast(dev):
-            with torch.no_grad():
-                latents = self.encode_images(x, generator)
-                noisy, t = self.add_noise(latents.float(), generator)
-            cond = prompt_embeds.repeat_interleave(e, dim=0)
-            chunks = [
-                self.unet_features(noisy[i : i + self.config.max_batch], t[i : i + self.config.max_batch], cond[i : i + self.config.max_batch])
-                for i in range(0, noisy.shape[0], self.config.max_batch)
-            ]
-        feats = torch.cat(chunks).float()
+        with torch.no_grad():
+            noisy, t = self.noisy_latents(mean, std, generator)
+        cond = prompt_embeds.to(dev).expand(b, -1, -1).repeat_interleave(e, dim=0)
+        feats = self.unet_features(noisy, t, cond)
         return feats.view(b, e, *feats.shape[1:]).mean(dim=1)
 
     def extra_repr(self) -> str:

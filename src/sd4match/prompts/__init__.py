@@ -60,7 +60,23 @@ def load_prompt(folder: str | Path, featurizer) -> Prompt:
     return prompt
 
 
+def prompt_fingerprint(prompt) -> str:
+    """A name for a prompt's content (store keys): its kind, template or categories, and the
+    SHA-256 of its tensors; ``none`` for featurizers without prompts."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    if prompt is None:
+        return "none"
+    h = hashlib.sha256(json.dumps({k: v for k, v in asdict(prompt.config).items() if k != "training"}, sort_keys=True, default=str).encode())
+    for k, v in prompt.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return f"{prompt.kind}:{h.hexdigest()[:24]}"
+
+
 __all__ = [
     "CategoryPrompt", "ConditionalPrompt", "EmptyPrompt", "N_TOKENS", "PROMPT_KINDS", "Prompt", "PromptConfig", "PromptKind",
-    "SinglePrompt", "TextEncoderBridge", "TextPrompt", "bridge_for", "load_prompt", "make_prompt",
+    "SinglePrompt", "TextEncoderBridge", "TextPrompt", "bridge_for", "load_prompt", "make_prompt", "prompt_fingerprint",
 ]

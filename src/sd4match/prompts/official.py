@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from sd4match.errors import Sd4MatchError, first_line
-from sd4match.features.cache import file_sha256
+from sd4match.store import file_sha256
 
 CPM_KEYS = ("global_embeds", "positional_embedding", "alpha_cond", "linear_C.weight", "linear_C.bias", "linear_N.weight", "linear_N.bias")
 IMPORT_KINDS = ("single", "category", "cpm")

@@ -1,0 +1,89 @@
+"""Where and how a run executes: the device, the weights' dtype, the processes of a
+data-parallel launch, and the git SHA recorded with every output."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+from sd4match.errors import Sd4MatchError
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def available_devices() -> list[str]:
+    """What torch can use here, e.g. ``["cpu", "cuda:0", "cuda:1"]``."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append("mps")
+    return out
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA (this process's GPU under torchrun) if present, else Apple MPS, else CPU.
+
+    Raises:
+        Sd4MatchError: a name torch cannot use here, in one line naming what is available.
+    """
+    name = (name or "auto").strip()
+    have = available_devices()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("mps" if "mps" in have else "cpu")
+    if not re.fullmatch(r"(cpu|mps|cuda)(:\d+)?", name):
+        raise Sd4MatchError(f"--device {name}: not a device name; use auto or one of {', '.join(have)}")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise Sd4MatchError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); available: {', '.join(have)}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise Sd4MatchError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); available: {', '.join(have)}")
+    if dev.type == "mps" and "mps" not in have:
+        raise Sd4MatchError(f"--device {name}: Apple MPS is not available here; available: {', '.join(have)}")
+    return dev
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 weights on CUDA GPUs that support it, fp16 on older ones, fp32 elsewhere."""
+    if name not in DTYPES:
+        raise Sd4MatchError(f"--dtype {name}: use one of {', '.join(DTYPES)}")
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def distributed_rank_world() -> tuple[int, int]:
+    """(rank, world size) under ``accelerate launch`` or ``torchrun``; (0, 1) otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # gloo on CPU-only machines, NCCL on GPUs
+    return state.process_index, state.num_processes
+
+
+def gather_dicts(mine: dict) -> dict:
+    """Every process's dict merged into one, on every process (a collective: all must call it)."""
+    from accelerate.utils import gather_object
+
+    merged: dict = {}
+    for part in gather_object([mine]):
+        merged.update(part)
+    return merged
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

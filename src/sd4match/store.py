@@ -1,0 +1,186 @@
+"""One content-keyed store for work the frozen models do once (DESIGN.md, "Work done once").
+
+Entries are named by what they are made from: the picture's content (``image_key``: the
+SHA-256 of its decoded pixels and size, whatever file or name it came from) and every
+setting that changes the result. Three kinds are stored:
+
+- ``posterior``: the VAE posterior of a picture, its mean and std (fp32), so that a latent
+  sample drawn with a call's generator is the same draw as without the store;
+- ``dino``: the DINOv2 patch tokens of a picture (the CPM's input);
+- ``features``: the feature map of a picture under a prompt that does not depend on the
+  pair (empty, text, single, category), a model setting and a seed.
+
+The store keeps entries in memory, least recently used first out, up to ``max_bytes``;
+with a ``folder`` it also keeps them on disk (safetensors, written under a temporary name
+and renamed), so later runs skip the work. A disk entry that does not load, or whose
+stored key differs, counts as absent and is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import Counter, OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sd4match.fileio import atomic_path
+
+FORMAT = "sd4match-store-1"
+KINDS = ("posterior", "dino", "features")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def image_key(img) -> str:
+    """SHA-256 of a decoded picture's pixels and size: equal for equal pictures, whatever the file."""
+    return hashlib.sha256(img.tobytes() + repr(img.size).encode()).hexdigest()
+
+
+def seed_for(image_hash: str, seed: int) -> int:
+    """A per-picture seed: a picture's random draws do not depend on what it was batched with."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{image_hash}".encode()).digest()[:7], "little")
+
+
+def settings_key(image_hash: str, settings: dict) -> str:
+    """The 40-hex-digit (160-bit) name of an entry: the picture's hash and the settings."""
+    blob = json.dumps({"image": image_hash, "settings": settings, "format": FORMAT}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:40]
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class Store:
+    """Memory (bounded in bytes) and optionally disk.
+
+    Args:
+        max_bytes: memory held at most; the least recently used entries leave first.
+        folder: also keep entries here, as ``<folder>/<kind>/<key>.safetensors``.
+
+    ``stats`` counts, per kind, ``hit`` (memory), ``disk`` (loaded from disk) and ``miss``.
+    Thread-safe.
+    """
+
+    def __init__(self, max_bytes: int = 2 << 30, folder: str | Path | None = None):
+        self.max_bytes = int(max_bytes)
+        self.folder = Path(folder) if folder is not None else None
+        self._mem: OrderedDict[tuple[str, str], dict[str, torch.Tensor]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.stats: Counter = Counter()
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, kind: str, key: str) -> Path:
+        if self.folder is None:
+            raise ValueError("this store keeps nothing on disk")
+        return self.folder / kind / f"{key}.safetensors"
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._mem)
+
+    def contains(self, kind: str, key: str) -> bool:
+        """In memory or on disk (the disk file is not read)."""
+        with self._lock:
+            if (kind, key) in self._mem:
+                return True
+        return self.folder is not None and self.path(kind, key).is_file()
+
+    def get(self, kind: str, key: str, device=None) -> dict[str, torch.Tensor] | None:
+        """The entry's tensors (on ``device`` when given), or None."""
+        with self._lock:
+            got = self._mem.get((kind, key))
+            if got is not None:
+                self._mem.move_to_end((kind, key))
+                self.stats[f"{kind}.hit"] += 1
+        if got is None and self.folder is not None:
+            got = self._read(kind, key)
+            if got is not None:
+                self.stats[f"{kind}.disk"] += 1
+                if device is not None:
+                    got = {k: v.to(device) for k, v in got.items()}
+                self._remember(kind, key, got)
+        if got is None:
+            self.stats[f"{kind}.miss"] += 1
+            return None
+        return got if device is None else {k: v.to(device) for k, v in got.items()}
+
+    def put(self, kind: str, key: str, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+        """Keep ``tensors`` (detached) in memory and, with a folder, on disk."""
+        tensors = {k: v.detach() for k, v in tensors.items()}
+        self._remember(kind, key, tensors)
+        if self.folder is not None:
+            self._write(kind, key, tensors, meta or {})
+
+    def get_or_compute(self, kind: str, key: str, compute: Callable[[], dict[str, torch.Tensor]], device=None, meta: dict | None = None):
+        got = self.get(kind, key, device)
+        if got is None:
+            got = compute()
+            self.put(kind, key, got, meta)
+        return got
+
+    def drop(self, kind: str) -> None:
+        """Forget the in-memory entries of ``kind`` (disk entries stay)."""
+        with self._lock:
+            for k in [k for k in self._mem if k[0] == kind]:
+                self._bytes -= _nbytes(self._mem.pop(k))
+
+    def clear_memory(self) -> None:
+        with self._lock:
+            self._mem.clear()
+            self._bytes = 0
+
+    # ---------------------------------------------------------------- internals
+    def _remember(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        size = _nbytes(tensors)
+        with self._lock:
+            old = self._mem.pop((kind, key), None)
+            if old is not None:
+                self._bytes -= _nbytes(old)
+            if size > self.max_bytes:
+                return
+            self._mem[(kind, key)] = tensors
+            self._bytes += size
+            while self._bytes > self.max_bytes and self._mem:
+                _, dropped = self._mem.popitem(last=False)
+                self._bytes -= _nbytes(dropped)
+
+    def _read(self, kind: str, key: str) -> dict[str, torch.Tensor] | None:
+        from safetensors.torch import load
+
+        p = self.path(kind, key)
+        if not p.is_file():
+            return None
+        try:
+            data = p.read_bytes()  # read into memory: a file replaced later never affects what was returned
+            n = int.from_bytes(data[:8], "little")
+            meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+            if meta.get("key") != key or meta.get("format") != FORMAT:
+                return None
+            return load(data)
+        except Exception:  # truncated or corrupt: recompute it
+            return None
+
+    def _write(self, kind: str, key: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        from safetensors.torch import save_file
+
+        p = self.path(kind, key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(p) as tmp:
+            save_file({k: v.to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
+                      metadata={"key": key, "format": FORMAT, "kind": kind, **{k: str(v) for k, v in meta.items()}})
