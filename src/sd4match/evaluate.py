@@ -58,7 +58,7 @@ class EvalConfig:
     cache_size: int = 64  # (kept for old callers; the store bounds memory in bytes)
     limit: int = 0  # only the first N pairs of the split (0: all), for a quick look
     workers: int = 4  # loader threads decoding and resizing ahead
-    chunk: int = 32  # pairs decoded and featurized together
+    chunk: int = 32  # loader threads decode up to 2 x chunk pairs ahead
     skip_bad: bool = False  # go past pairs with unreadable images (scored as missing, listed in score.json)
     settings: dict = field(default_factory=dict)  # the featurizer's, filled in
 
@@ -97,8 +97,13 @@ def predict_pairs(featurizer, prompt, records: Sequence[PairRecord], root, cfg: 
                   frozen: Frozen | None = None, progress: bool = True) -> Iterator[tuple[str, np.ndarray | BaseException]]:
     """Yield (pair id, predicted target points in original pixels) for ``records``, in order.
 
-    A pair whose pictures cannot be read yields its ``DataError`` instead of points.
+    Pairs stream through: loader threads decode ahead; a UNet call runs as soon as
+    ``pictures_per_call`` new pictures (pair-independent prompts) or ``pairs_per_call``
+    pairs (CPM) are waiting, so every call but the last is full. A pair whose pictures
+    cannot be read yields its ``DataError`` instead of points.
     """
+    from collections import deque
+
     from tqdm import tqdm
 
     from sd4match.prompts import prompt_fingerprint
@@ -110,44 +115,76 @@ def predict_pairs(featurizer, prompt, records: Sequence[PairRecord], root, cfg: 
     embs: dict[str, torch.Tensor | None] = {}
     bar = tqdm(total=len(records), unit="pair", desc="evaluate", disable=not progress, smoothing=0.05)
     loaded = prefetch(records, lambda r: _load(root, r, resolution), workers=cfg.workers, ahead=2 * cfg.chunk)
+    queue: deque = deque()  # [record, pictures or error, prediction or None], in record order
+    todo: dict[tuple, tuple] = {}  # (picture key, prompt id) -> (picture, embeddings), waiting for a UNet call
 
     def predict(r, fs, ft):
         out = match_pixels(featurizer, fs, ft, r.src_kps, r.src_size, r.trg_size, cfg.rule, temperature=cfg.temperature, sigma=cfg.sigma)
         return out["kps"].double().cpu().numpy()
 
+    def emb_for(r):
+        tag = _tag(prompt, r.category)
+        if tag not in embs:
+            with torch.no_grad():
+                embs[tag] = None if prompt is None else prompt({"categories": [r.category]})
+        return f"{fingerprint}:{tag}", embs[tag]
+
+    def match_ready():
+        for entry in queue:
+            r, pics, res = entry
+            if res is None and not isinstance(pics, BaseException) and not per_pair:
+                pid, _ = emb_for(r)
+                if (pics[0].key, pid) in todo or (pics[1].key, pid) in todo:
+                    continue
+                fs, ft = frozen.stored_map(pics[0], pid), frozen.stored_map(pics[1], pid)
+                if fs is None or ft is None:  # evicted from memory meanwhile: computed again (same bits)
+                    for p in pics:
+                        todo.setdefault((p.key, pid), (p, embs[_tag(prompt, r.category)]))
+                    continue
+                entry[2] = predict(r, fs, ft)
+
+    def run_pictures(final: bool):
+        n = frozen.pictures_per_call()
+        while len(todo) >= n or (final and todo):
+            items = [(k, todo.pop(k)) for k in list(todo)[:n]]
+            frozen.compute_maps([p for _, (p, _) in items], [e for _, (_, e) in items], [pid for (_, pid), _ in items])
+            match_ready()
+
+    def run_pairs(final: bool):
+        n = frozen.pairs_per_call()
+        waiting = [e for e in queue if e[2] is None and not isinstance(e[1], BaseException)]
+        while len(waiting) >= n or (final and waiting):
+            grp, waiting = waiting[:n], waiting[n:]
+            full = frozen.pad(grp, n)
+            src, trg = [e[1][0] for e in full], [e[1][1] for e in full]
+            with torch.no_grad():
+                emb = prompt({"dino_src": frozen.tokens(src), "dino_trg": frozen.tokens(trg)})
+            fs, ft = frozen.pair_features(src, trg, emb)
+            for i, e in enumerate(grp):
+                e[2] = predict(e[0], fs[i : i + 1], ft[i : i + 1])
+
+    def ready(entry) -> bool:
+        return isinstance(entry[1], BaseException) or entry[2] is not None
+
     try:
-        while True:
-            chunk = [x for _, x in zip(range(cfg.chunk), loaded)]
-            if not chunk:
-                break
-            good = [(r, pics) for r, pics in chunk if not isinstance(pics, BaseException)]
-            results: dict[str, np.ndarray] = {}
-            if per_pair and good:
-                n = frozen.pairs_per_call()
-                frozen.tokens([p for _, pics in good for p in pics])  # each picture's tokens once, in fixed batches
-                for j in range(0, len(good), n):
-                    grp = frozen.pad(good[j : j + n], n)
-                    src, trg = [pics[0] for _, pics in grp], [pics[1] for _, pics in grp]
-                    with torch.no_grad():
-                        emb = prompt({"dino_src": frozen.tokens(src), "dino_trg": frozen.tokens(trg)})
-                    fs, ft = frozen.pair_features(src, trg, emb)
-                    for i, (r, _) in enumerate(good[j : j + n]):
-                        results[r.id] = predict(r, fs[i : i + 1], ft[i : i + 1])
-            elif good:
-                by_tag: dict[str, list] = {}
-                for r, pics in good:
-                    by_tag.setdefault(_tag(prompt, r.category), []).append((r, pics))
-                for tag, items in by_tag.items():
-                    if tag not in embs:
-                        with torch.no_grad():
-                            embs[tag] = None if prompt is None else prompt({"categories": [items[0][0].category]})
-                    pics = [p for _, ps in items for p in ps]
-                    maps = frozen.features(pics, embs[tag], f"{fingerprint}:{tag}")
-                    for i, (r, _) in enumerate(items):
-                        results[r.id] = predict(r, maps[2 * i], maps[2 * i + 1])
-            for r, pics in chunk:
+        for r, pics in loaded:
+            queue.append([r, pics, None])
+            if not isinstance(pics, BaseException) and not per_pair:
+                pid, emb = emb_for(r)
+                for p in pics:
+                    if (p.key, pid) not in todo and not frozen.store.contains("features", frozen.feature_key(p, pid)):
+                        todo[(p.key, pid)] = (p, emb)
+                match_ready()
+            (run_pairs if per_pair else run_pictures)(False)
+            while queue and ready(queue[0]):
+                e = queue.popleft()
                 bar.update(1)
-                yield r.id, pics if isinstance(pics, BaseException) else results[r.id]
+                yield e[0].id, e[1] if isinstance(e[1], BaseException) else e[2]
+        (run_pairs if per_pair else run_pictures)(True)
+        while queue:
+            e = queue.popleft()
+            bar.update(1)
+            yield e[0].id, e[1] if isinstance(e[1], BaseException) else e[2]
     finally:
         bar.close()
 

@@ -12,10 +12,12 @@ the GPU (``prefetch``). ``Frozen`` answers, through one ``Store``:
   ``max_batch // (2 x ensemble)`` pairs a UNet call.
 
 Every picture's random draws come from a generator seeded by ``seed`` and its content.
-With ``fixed_batches`` (evaluate, train) every VAE, DINOv2 and UNet call has the same number
-of pictures, padded with copies when fewer are due: a picture's result then does not
-depend on which pictures it was batched with, bit for bit (a call's kernels depend on its
-shape, not on its other rows), so sharded, resumed and one-at-a-time runs agree exactly.
+With ``fixed_batches`` (evaluate, train) every call has a fixed shape: the VAE and DINOv2
+take one picture a call (each picture runs through them once, ever), the UNet takes
+``pictures_per_call`` pictures, the last call of a run padded with copies. A picture's
+result then does not depend on which pictures it was batched with, bit for bit (a call's
+kernels depend on its shape, not on its other rows), so sharded, resumed and
+one-at-a-time runs agree exactly.
 """
 
 from __future__ import annotations
@@ -133,12 +135,11 @@ class Frozen:
         keys = [settings_key(p.key, settings) for p in pics]
         got = {k: self.store.get("posterior", k, self.device) for k in dict.fromkeys(keys)}
         todo = [(k, p) for k, p in dict(zip(keys, pics)).items() if got[k] is None]
-        step = self.featurizer.config.vae_batch
+        step = 1 if self.fixed_batches else self.featurizer.config.vae_batch
         for i in range(0, len(todo), step):
             chunk = todo[i : i + step]
-            batch = self.pad([p for _, p in chunk], step)
-            mean, std = self.featurizer.posterior(self.batch_tensor(batch))
-            self.calls["vae"].append(len(batch))
+            mean, std = self.featurizer.posterior(self.batch_tensor([p for _, p in chunk]))
+            self.calls["vae"].append(len(chunk))
             for j, (k, _) in enumerate(chunk):
                 got[k] = {"mean": mean[j : j + 1], "std": std[j : j + 1]}
                 self.store.put("posterior", k, got[k])
@@ -153,12 +154,11 @@ class Frozen:
         keys = [settings_key(p.key, settings) for p in pics]
         got = {k: self.store.get("dino", k, self.device) for k in dict.fromkeys(keys)}
         todo = [(k, p) for k, p in dict(zip(keys, pics)).items() if got[k] is None]
-        n = self.dino_batch
+        n = 1 if self.fixed_batches else self.dino_batch
         for i in range(0, len(todo), n):
             chunk = todo[i : i + n]
-            batch = self.pad([p for _, p in chunk], n)
-            toks = self.dino.tokens([p.image for p in batch]).to(self.device)
-            self.calls["dino"].append(len(batch))
+            toks = self.dino.tokens([p.image for _, p in chunk]).to(self.device)
+            self.calls["dino"].append(len(chunk))
             for j, (k, _) in enumerate(chunk):
                 got[k] = {"tokens": toks[j : j + 1]}
                 self.store.put("dino", k, got[k])
@@ -183,24 +183,40 @@ class Frozen:
         c = self.featurizer.config
         return max(1, c.max_batch // c.ensemble)
 
-    def features(self, pics: Sequence[Picture], embeds: torch.Tensor | None, prompt_id: str, *, extra: dict | None = None) -> list[torch.Tensor]:
-        """(1, C, h, w) maps of ``pics`` under a pair-independent prompt, each computed once
+    def feature_key(self, pic: Picture, prompt_id: str) -> str:
+        """The store key of ``pic``'s map under a pair-independent prompt named ``prompt_id``."""
+        return settings_key(pic.key, {"featurizer": self.featurizer.settings(), "prompt": prompt_id, "seed": self.seed})
+
+    def stored_map(self, pic: Picture, prompt_id: str) -> torch.Tensor | None:
+        hit = self.store.get("features", self.feature_key(pic, prompt_id), self.device)
+        return None if hit is None else hit["features"]
+
+    def compute_maps(self, pics: Sequence[Picture], embeds: Sequence[torch.Tensor | None], prompt_ids: Sequence[str]) -> list[torch.Tensor]:
+        """Maps of up to ``pictures_per_call`` pictures in one UNet call (padded to it with
+        ``fixed_batches``), each under its own (1, 77, D) prompt; stored under their keys."""
+        n = self.pictures_per_call()
+        if len(pics) > n:
+            raise ValueError(f"{len(pics)} pictures for one call of {n}")
+        idx = self.pad(range(len(pics)), n)
+        emb = None if embeds[0] is None else torch.cat([embeds[i] for i in idx])
+        maps = self._run([pics[i] for i in idx], emb)
+        out = []
+        for j, (p, pid) in enumerate(zip(pics, prompt_ids)):
+            out.append(maps[j : j + 1])
+            self.store.put("features", self.feature_key(p, pid), {"features": out[-1]})
+        return out
+
+    def features(self, pics: Sequence[Picture], embeds: torch.Tensor | None, prompt_id: str) -> list[torch.Tensor]:
+        """(1, C, h, w) maps of ``pics`` under one pair-independent prompt, each computed once
         (``prompt_id`` names the prompt in the store key; ``embeds`` is (1, 77, D))."""
-        settings = {"featurizer": self.featurizer.settings(), "prompt": prompt_id, "seed": self.seed, **(extra or {})}
-        keys = [settings_key(p.key, settings) for p in pics]
-        got: dict[str, torch.Tensor | None] = {}
-        for k in dict.fromkeys(keys):
-            hit = self.store.get("features", k, self.device)
-            got[k] = None if hit is None else hit["features"]
-        todo = [(k, p) for k, p in dict(zip(keys, pics)).items() if got[k] is None]
+        got = {p.key: self.stored_map(p, prompt_id) for p in pics}
+        todo = list({p.key: p for p in pics if got[p.key] is None}.values())
         n = self.pictures_per_call()
         for i in range(0, len(todo), n):
             chunk = todo[i : i + n]
-            maps = self._run(self.pad([p for _, p in chunk], n), embeds)
-            for j, (k, _) in enumerate(chunk):
-                got[k] = maps[j : j + 1]
-                self.store.put("features", k, {"features": got[k]})
-        return [got[k] for k in keys]
+            for p, m in zip(chunk, self.compute_maps(chunk, [embeds] * len(chunk), [prompt_id] * len(chunk))):
+                got[p.key] = m
+        return [got[p.key] for p in pics]
 
     def pairs_per_call(self) -> int:
         if not self.is_sd:

@@ -1,0 +1,153 @@
+"""The store and the batched pipelines: work done once, full UNet calls, and predictions equal
+to a one-pair-at-a-time run, on the real PF-Willow fixture with tiny random models."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from sd4match.data import open_dataset
+from sd4match.evaluate import EvalConfig, predict_pairs, resolve_prompt
+from sd4match.features import DinoFeaturizer, SDFeaturizer
+from sd4match.frozen import Frozen, Picture
+from sd4match.prompts import make_prompt
+from sd4match.store import Store
+from sd4match.testing import tiny_dinov2, tiny_sd
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m")
+    return tiny_sd(d / "sd"), tiny_dinov2(d / "dino")
+
+
+class Work:
+    """Counts what the frozen models do: pictures through the VAE (by content), DINOv2
+    pictures, and samples per UNet call (seen at ``conv_in``)."""
+
+    def __init__(self, feat, dino=None):
+        self.vae, self.dino, self.unet = [], [], []
+        self.hooks = [feat.unet.conv_in.register_forward_hook(lambda m, a, o: self.unet.append(a[0].shape[0])),
+                      feat.vae.encoder.register_forward_hook(lambda m, a, o: self.vae.extend(hashlib.sha1(x.numpy().tobytes()).hexdigest() for x in a[0]))]
+        if dino is not None:
+            self.hooks.append(dino.model.embeddings.register_forward_hook(lambda m, a, o: self.dino.extend(hashlib.sha1(x.numpy().tobytes()).hexdigest() for x in a[0])))
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+
+
+def willow(root, n=None):
+    recs = open_dataset("pfwillow", root).pairs("test")
+    return recs[:n] if n else recs
+
+
+def run(feat, prompt, recs, root, dino=None, **kw):
+    cfg = EvalConfig("pfwillow", str(root), seed=0, **kw)
+    out = {}
+    for pid, kps in predict_pairs(feat, prompt, recs, str(root), cfg, dino=dino, store=Store(), progress=False):
+        assert not isinstance(kps, BaseException), kps
+        out[pid] = kps
+    return out
+
+
+def test_evaluate_runs_each_picture_once_in_full_unet_calls(models, willow_root):
+    sd, dn = models
+    feat = SDFeaturizer.from_pretrained(sd, resolution=64, ensemble=8)
+    dino = DinoFeaturizer.from_pretrained(dn)
+    recs = willow(willow_root)  # 450 pairs over 50 pictures
+    n_pics = len({p for r in recs for p in (r.src, r.trg)})
+    w = Work(feat)
+    try:
+        run(feat, resolve_prompt("empty", feat), recs, willow_root)
+    finally:
+        w.close()
+    assert len(w.vae) == len(set(w.vae)) == n_pics  # each picture through the VAE once
+    assert min(w.unet) >= 32 and len(w.unet) == -(-n_pics // 4)  # 4 pictures x 8 copies a call, every call full (the last padded)
+
+    cpm = make_prompt("cpm", feat, dino_dim=dino.feature_dim)
+    w = Work(feat, dino)
+    try:
+        run(feat, cpm, recs[:60], willow_root, dino=dino)
+    finally:
+        w.close()
+    pics60 = len({p for r in recs[:60] for p in (r.src, r.trg)})
+    assert len(w.vae) == len(set(w.vae)) == pics60 and len(w.dino) == len(set(w.dino)) == pics60
+    assert min(w.unet) >= 2 * 2 * 8 and len(w.unet) == 30  # 2 pairs (4 pictures x 8) a call
+
+
+@pytest.mark.parametrize("kind", ["empty", "single", "cpm"])
+def test_batched_predictions_equal_one_pair_at_a_time(models, willow_root, kind):
+    sd, dn = models
+    feat = SDFeaturizer.from_pretrained(sd, resolution=64, ensemble=2)
+    dino = DinoFeaturizer.from_pretrained(dn) if kind == "cpm" else None
+    prompt = resolve_prompt("empty", feat) if kind == "empty" else make_prompt(kind, feat, seed=1, **({"dino_dim": 32} if dino else {}))
+    recs = willow(willow_root)[80:110]  # two sub-classes, pictures shared between pairs
+    batched = run(feat, prompt, recs, willow_root, dino=dino)
+    alone = {}
+    for r in recs:  # a fresh store per pair: nothing shared, every picture computed in its own call
+        alone.update(run(feat, prompt, [r], willow_root, dino=dino, workers=0))
+    assert list(batched) == [r.id for r in recs]
+    for pid in batched:
+        assert np.array_equal(batched[pid], alone[pid]), pid
+    # and the plain featurizer, one picture a call with its content seed, agrees to float precision
+    from sd4match.data import load_pair_images
+    from sd4match.matching import match_pixels
+    from sd4match.store import image_key, seed_for
+
+    if kind != "cpm":
+        r = recs[3]
+        src, trg = load_pair_images(willow_root, r)
+        emb = prompt({"categories": [r.category]})
+        with torch.no_grad():
+            fs = feat([src], prompt_embeds=emb, generator=[torch.Generator().manual_seed(seed_for(image_key(src), 0))])
+            ft = feat([trg], prompt_embeds=emb, generator=[torch.Generator().manual_seed(seed_for(image_key(trg), 0))])
+        direct = match_pixels(feat, fs, ft, r.src_kps, r.src_size, r.trg_size, "kernel-softargmax")["kps"].double().numpy()
+        np.testing.assert_allclose(batched[r.id], direct, atol=1e-3)
+
+
+def test_training_runs_the_vae_at_most_once_per_picture(models, willow_root, tmp_path):
+    from sd4match.train import Trainer, TrainConfig
+
+    sd, dn = models
+    feat = SDFeaturizer.from_pretrained(sd, resolution=64, ensemble=1)
+    dino = DinoFeaturizer.from_pretrained(dn)
+    cfg = TrainConfig(dataset="pfwillow", root=str(willow_root), prompt="cpm", model=str(sd), resolution=64, steps=30, batch_size=9, micro_batch=3,
+                      val_every=0, device="cpu", train_split="test", val_split="test")
+    t = Trainer(cfg, tmp_path / "run", featurizer=feat, dino=dino, progress=False)
+    w = Work(feat, dino)
+    try:
+        for _ in range(30):
+            t.train_step()
+    finally:
+        w.close()
+    assert len(w.vae) == len(set(w.vae)) <= 50 and len(w.dino) == len(set(w.dino)) <= 50
+    assert len(set(w.vae)) > 40  # 270 pairs drawn: nearly every picture was used
+    assert set(w.unet) == {2 * 3}  # 3 pairs (6 pictures) a call
+
+
+def test_store_bounds_memory_and_recovers_damaged_disk_entries(tmp_path):
+    s = Store(max_bytes=3 * 4000, folder=tmp_path / "s")
+    for i in range(5):
+        s.put("features", f"k{i}", {"features": torch.full((1000,), float(i))})  # 4000 bytes each
+    assert len(s) == 3 and s.nbytes == 12000
+    assert s.get("features", "k4")["features"][0] == 4.0
+    assert s.get("features", "k0")["features"][0] == 0.0 and s.stats["features.disk"] == 1  # evicted from memory, read from disk
+    victim = s.path("features", "k1")
+    victim.write_bytes(victim.read_bytes()[:50])
+    s.clear_memory()
+    assert s.get("features", "k1") is None  # damaged: absent, to be recomputed
+    assert Store().get("features", "k2") is None  # memory only: nothing on disk
+
+
+def test_dinov2_tokens_through_the_store_equal_direct(models, fixture_images):
+    from PIL import Image
+
+    dino = DinoFeaturizer.from_pretrained(models[1])
+    pics = [Picture(Image.open(fixture_images / n).convert("RGB")) for n in ("cat.jpg", "owl.jpg", "cat.jpg")]
+    f = Frozen(dino, dino=dino, store=Store())
+    a = f.tokens(pics)
+    b = f.tokens(pics)  # from the store
+    assert torch.equal(a, b) and f.calls["dino"] == [1, 1]  # two distinct pictures, one call each
+    assert torch.equal(a[0], dino.tokens([pics[0].image])[0])
