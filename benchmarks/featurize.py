@@ -74,25 +74,20 @@ def reset_peak(dev):
 
 
 def naive(feat, x, cond, gen):
-    """Official-style: full UNet forward in fp32, feature read by a hook on up_blocks[k]."""
-    from sd4match.features.base import images_to_tensor
-
+    """Official-style: the full UNet forward, the feature read by a hook on up_blocks[k]."""
     seen = []
-    feat._hook.remove()  # run the unmodified full forward
     h = feat.unet.up_blocks[feat.config.up_block].register_forward_hook(lambda m, a, o: seen.append(o))
     try:
         with torch.no_grad():
-            xr = images_to_tensor(x, feat.config.resolution, device=x.device)
-            lat = feat.encode_images(xr, gen)
-            noisy, t = feat.add_noise(lat, gen)
-            c = cond.expand(x.shape[0], -1, -1).repeat_interleave(feat.config.ensemble, 0)
+            noisy, t = feat.noisy_latents(*feat.posterior(feat.preprocess(x)), gen)
+            c = cond.expand(x.shape[0], -1, -1).repeat_interleave(feat.config.ensemble, 0).to(feat.unet.dtype)
             for i in range(0, noisy.shape[0], feat.config.max_batch):
-                feat.unet(noisy[i : i + feat.config.max_batch], t[i : i + feat.config.max_batch], encoder_hidden_states=c[i : i + feat.config.max_batch])
+                sl = slice(i, i + feat.config.max_batch)
+                feat.unet(noisy[sl].to(feat.unet.dtype), t[sl], encoder_hidden_states=c[sl])
         f = torch.cat(seen).float()
         return f.view(x.shape[0], feat.config.ensemble, *f.shape[1:]).mean(1)
     finally:
         h.remove()
-        feat._set_hook()
 
 
 def timed(fn, dev, reps: int, warmup: int):
@@ -126,7 +121,6 @@ def count_flops(size: str, res: int, tmp: str) -> tuple[int, int, int]:
         with FlopCounterMode(display=False) as fc:
             feat.unet_features(noisy, t, cond)
         early = fc.get_total_flops()
-        feat._hook.remove()
         with FlopCounterMode(display=False) as fc:
             feat.unet(noisy, t, encoder_hidden_states=cond)
         full = fc.get_total_flops()

@@ -1,0 +1,289 @@
+"""End-to-end speed of sd4match's pipelines, stage by stage, with the official-like baseline.
+
+Random weights in the real architectures (speed does not depend on weight values): the
+SD 2.1 UNet and VAE, the CLIP ViT-H text encoder and DINOv2-B, built from their configs,
+so nothing is downloaded. The data are generated pictures (500 x 375 JPEGs) in the
+PF-Willow layout for evaluation and a picture folder for synthetic training pairs: the
+same loaders, store, batching and matching as a real run.
+
+    python benchmarks/pipeline.py --size tiny                       # CPU, about a minute
+    python benchmarks/pipeline.py --size sd21 --device cuda         # the GPU table (RESULTS.md)
+    python benchmarks/pipeline.py --size sd21 --device cuda --compile
+
+Prints markdown tables: per-stage times (load + resize, VAE, UNet, DINOv2, matching);
+featurizing a new image (ensemble 8, batch 1 and 4) against the official way (fp16
+weights, the full UNet forward read by a hook, batch 1); evaluate s/pair with an empty
+and a CPM prompt; train s/step (single and CPM, micro-batch 3 and 9); peak memory; then
+the projected SPair-71k test time with CPM (12,234 pairs) and a 30k-step training run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from featurize import SD21_UNET, SD21_VAE, peak_mb, reset_peak, sync  # noqa: E402
+
+# CLIP ViT-H/14 text tower (SD 2.1's text_encoder/config.json) and DINOv2-B/14
+SD21_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                 max_position_embeddings=77, hidden_act="gelu", projection_dim=512, bos_token_id=512, eos_token_id=513)
+DINOV2_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=14, image_size=518,
+                layerscale_value=1.0)
+
+
+def build(size: str, dev: torch.device, dtype: torch.dtype, tmp: Path):
+    """(SDFeaturizer, DinoFeaturizer) with random weights, on ``dev`` in ``dtype``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, Dinov2Config, Dinov2Model
+
+    from sd4match.features import DinoFeaturizer, SDFeaturizer
+    from sd4match.testing import tiny_dinov2, tiny_sd_components
+
+    t_unet, t_vae, t_text, tok, sched = tiny_sd_components(style="sd2", tokenizer_dir=tmp / "tok")
+    if size == "tiny":
+        feat = SDFeaturizer(t_unet, t_vae, t_text, tok, sched, model_id="tiny-sd2")
+        dino = DinoFeaturizer.from_pretrained(tiny_dinov2(tmp / "dino"))
+    else:
+        torch.manual_seed(0)
+        with torch.device(dev):  # initialise on the device: minutes faster than on the CPU
+            unet, vae = UNet2DConditionModel(**SD21_UNET), AutoencoderKL(**SD21_VAE)
+            text = CLIPTextModel(CLIPTextConfig(**SD21_TEXT))
+            dnet = Dinov2Model(Dinov2Config(**DINOV2_B))
+        feat = SDFeaturizer(unet, vae, text, tok, sched, model_id="sd21-architecture-random")
+        dino = DinoFeaturizer(dnet, model_id="dinov2-b-architecture-random")
+    return feat.to(dev, dtype), dino.to(dev, dtype)
+
+
+def make_pictures(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """``n`` smooth random 500 x 375 JPEGs (image-like statistics, decode cost of a photo)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        im = Image.fromarray(small).resize((500, 375), Image.Resampling.BICUBIC)
+        noise = rng.integers(-20, 20, (375, 500, 3))
+        im = Image.fromarray(np.clip(np.asarray(im, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
+        p = folder / f"img{i:03d}.jpg"
+        im.save(p, quality=90)
+        out.append(p)
+    return out
+
+
+def willow_like(root: Path, n_images: int, n_pairs: int) -> Path:
+    """A PF-Willow-layout dataset over generated pictures: ``n_pairs`` ordered pairs, 10 keypoints each."""
+    pics = make_pictures(root / "PF-dataset" / "thing(A)", n_images)
+    rng = np.random.default_rng(1)
+    cols = ["imageA", "imageB"] + [f"{a}{i}" for a in ("XA", "YA", "XB", "YB") for i in range(1, 11)]
+    rows = [",".join(cols)]
+    pairs = [(a, b) for a in range(n_images) for b in range(n_images) if a != b]
+    for k in range(n_pairs):
+        a, b = pairs[(k * 7) % len(pairs)]
+        xy = [f"{v:.2f}" for v in np.concatenate([rng.uniform(20, 480, 10), rng.uniform(20, 355, 10), rng.uniform(20, 480, 10), rng.uniform(20, 355, 10)])]
+        rows.append(",".join([pics[a].relative_to(root).as_posix(), pics[b].relative_to(root).as_posix(), *xy]))
+    (root / "test_pairs.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def timed(fn, dev, reps: int = 3, warmup: int = 1) -> tuple[float, float]:
+    """(seconds per call, peak MB) over ``reps`` calls after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    reset_peak(dev)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(dev)
+    return (time.perf_counter() - t0) / reps, peak_mb(dev)
+
+
+def official_like(feat, x, cond, dev):
+    """The official code's way: fp16 weights, the whole UNet forward, features read by a hook, one image a call."""
+    seen = []
+    h = feat.unet.up_blocks[feat.config.up_block].register_forward_hook(lambda m, a, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            dist = feat.vae.encode((2 * x - 1).to(feat.vae.dtype)).latent_dist
+            z = (dist.sample() * feat.vae.config.scaling_factor).repeat_interleave(feat.config.ensemble, 0)
+            t = torch.full((z.shape[0],), feat.config.timestep, device=dev)
+            noisy = feat.scheduler.add_noise(z, torch.randn_like(z), t)
+            feat.unet(noisy, t, encoder_hidden_states=cond.expand(z.shape[0], -1, -1).to(feat.unet.dtype))
+        return seen[0].float().view(x.shape[0], feat.config.ensemble, *seen[0].shape[1:]).mean(1)
+    finally:
+        h.remove()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=("tiny", "sd21"), default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    ap.add_argument("--compile", action="store_true", help="torch.compile the early-exit UNet and the VAE encoder")
+    ap.add_argument("--eval-pairs", type=int, default=None, help="pairs per evaluate measurement (default: 64 sd21, 24 tiny)")
+    ap.add_argument("--train-steps", type=int, default=3, help="timed steps per training row (after one warm-up step)")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: stages,featurize,evaluate,train")
+    ap.add_argument("--json", type=Path, help="also write every number here")
+    args = ap.parse_args()
+
+    from sd4match.data import load_pair_images, open_dataset
+    from sd4match.evaluate import EvalConfig, predict_pairs, resolve_prompt
+    from sd4match.frozen import Frozen, Picture
+    from sd4match.matching import match_pixels
+    from sd4match.prompts import make_prompt
+    from sd4match.runtime import pick_dtype
+    from sd4match.store import Store
+    from sd4match.train import Trainer, TrainConfig
+
+    dev = torch.device(args.device)
+    dtype = pick_dtype(args.dtype, dev)
+    skip = set(filter(None, args.skip.split(",")))
+    sd21 = args.size == "sd21"
+    res = 768 if sd21 else 64
+    results: dict = {}
+    tmp = Path(tempfile.mkdtemp(prefix="sd4match-bench-"))
+    t0 = time.perf_counter()
+    feat, dino = build(args.size, dev, dtype, tmp)
+    feat.reconfigure(resolution=res, ensemble=8, max_batch=32, compile=args.compile)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    print(f"# pipeline benchmark: {args.size} architecture (random weights), {res} px, {dev} ({name}), weights {dtype}, "
+          f"compile {args.compile}, torch {torch.__version__}, built in {time.perf_counter() - t0:.1f} s", flush=True)
+    results["setup"] = {"size": args.size, "device": str(dev), "device_name": name, "dtype": str(dtype), "compile": args.compile, "torch": torch.__version__}
+    rows: list[tuple[str, str, float | None]] = []
+
+    def row(what, value, unit, mb=None):
+        rows.append((what, f"{value:.2f} {unit}", mb))
+        results[what] = {"value": value, "unit": unit, "peak_mb": mb}
+        print(f"  {what}: {value:.2f} {unit}" + (f" (peak {mb:.0f} MB)" if mb is not None else ""), flush=True)
+
+    pics = make_pictures(tmp / "pics", 16)
+    cond = torch.randn(1, 77, feat.prompt_dim, device=dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    if "stages" not in skip:
+        from PIL import Image
+
+        n = len(pics)
+        s = time.perf_counter()
+        for p in pics:
+            Picture(Image.open(p).convert("RGB")).prepare(res)
+        row("load + resize (one CPU thread), per image", 1000 * (time.perf_counter() - s) / n, "ms")
+        x4 = torch.rand(4, 3, res, res, device=dev)
+        for b in (1, 4):
+            sec, mb = timed(lambda: feat.posterior(x4[:b]), dev)
+            row(f"VAE posterior, batch {b}, per image", 1000 * sec / b, "ms", mb)
+        side = res // 8
+        for n_s in (8, 32):
+            noisy, t = torch.randn(n_s, 4, side, side, device=dev), torch.full((n_s,), 261, device=dev)
+            c = cond.expand(n_s, -1, -1)
+            with torch.no_grad():
+                sec, mb = timed(lambda: feat.unet_features(noisy, t, c), dev)
+            row(f"UNet to up_blocks[1], {n_s} samples a call, per sample", 1000 * sec / n_s, "ms", mb)
+        ims = [Image.open(p).convert("RGB") for p in pics]
+        for b in (1, 16):
+            sec, mb = timed(lambda: dino.tokens(ims[:b]), dev)
+            row(f"DINOv2 tokens, batch {b}, per image (incl. its PIL preprocessing)", 1000 * sec / b, "ms", mb)
+        with torch.no_grad():
+            maps = feat(x4[:2], prompt_embeds=cond, generator=g)
+        kps = np.random.default_rng(0).uniform(10, 490, (20, 2))
+        sec, _ = timed(lambda: match_pixels(feat, maps[0], maps[1], kps, (500, 375), (500, 375), "kernel-softargmax"), dev, reps=10)
+        row("matching, kernel soft-argmax, 20 points, per pair", 1000 * sec, "ms")
+
+    if "featurize" not in skip:
+        x4 = torch.rand(4, 3, res, res, device=dev)
+        for b in (1, 4):
+            with torch.no_grad():
+                t_c = time.perf_counter()
+                feat(x4[:b], prompt_embeds=cond, generator=g)  # compiles on the first call when --compile
+                sync(dev)
+                first = time.perf_counter() - t_c
+                sec, mb = timed(lambda: feat(x4[:b], prompt_embeds=cond, generator=g), dev)
+            row(f"featurize new image, ensemble 8, batch {b}, per image (ours)", 1000 * sec / b, "ms", mb)
+            if args.compile:
+                row(f"  first call incl. compilation, batch {b}", first, "s")
+        if dev.type == "cuda":  # the official code's way, on fp16 copies of the same modules
+            import copy
+
+            off = copy.copy(feat)
+            off.unet, off.vae = copy.deepcopy(feat.unet).half(), copy.deepcopy(feat.vae).half()
+            sec, mb = timed(lambda: official_like(off, x4[:1], cond, dev), dev)
+            row("featurize new image, ensemble 8, batch 1, official-like (fp16, full UNet + hook)", 1000 * sec, "ms", mb)
+            del off
+            torch.cuda.empty_cache()
+
+    if "evaluate" not in skip:
+        n_pairs = args.eval_pairs or (64 if sd21 else 24)
+        root = willow_like(tmp / "willow", 12, n_pairs)
+        recs = open_dataset("pfwillow", root).pairs("test")
+        n_img = len({p for r in recs for p in (r.src, r.trg)})
+        cfg = EvalConfig("pfwillow", str(root), workers=8 if dev.type == "cuda" else 2)
+        cpm = make_prompt("cpm", feat, dino_dim=dino.feature_dim).to(dev)
+        for label, prompt, extractions in (("empty", resolve_prompt("empty", feat), n_img), ("CPM", cpm, 2 * len(recs))):
+            warm = recs[: 2 * Frozen(feat).pairs_per_call()]
+            list(predict_pairs(feat, prompt, warm, str(root), cfg, dino=dino, store=Store(), progress=False))  # warm-up (and compile)
+            sync(dev)
+            reset_peak(dev)
+            s = time.perf_counter()
+            out = list(predict_pairs(feat, prompt, recs, str(root), cfg, dino=dino, store=Store(), progress=False))
+            sync(dev)
+            sec = time.perf_counter() - s
+            assert all(not isinstance(k, BaseException) for _, k in out)
+            row(f"evaluate, {label} prompt, ensemble 8, per pair ({len(recs)} pairs, {n_img} images)", sec / len(recs), "s", peak_mb(dev))
+            row(f"evaluate, {label} prompt, per feature extraction ({extractions})", 1000 * sec / extractions, "ms")
+            results[f"evaluate_{label}_s_per_pair"] = sec / len(recs)
+
+    if "train" not in skip:
+        folder = tmp / "train-pics"
+        make_pictures(folder, 24, seed=3)
+        for kind in ("single", "cpm"):
+            for micro in (3, 9):
+                cfg = TrainConfig(dataset="synthetic", root=str(folder), prompt=kind, model="-", resolution=res, steps=10**6, batch_size=9,
+                                  micro_batch=micro, val_every=0, device=str(dev), workers=8 if dev.type == "cuda" else 2)
+                feat.reconfigure(ensemble=1)
+                tr = Trainer(cfg, tmp / f"run-{kind}-{micro}", featurizer=feat, dino=dino if kind == "cpm" else None, progress=False)
+                tr.train_step()  # warm-up: the first pictures' posteriors and tokens, compilation
+                # steady state: every training picture's VAE posterior (and DINOv2 tokens) stored, as after the first epoch
+                for r in tr.train_pairs:
+                    pair = [Picture(im).prepare(res) for im in load_pair_images(cfg.root, r)]
+                    tr.frozen.posteriors(pair)
+                    if kind == "cpm":
+                        tr.frozen.tokens(pair)
+                sync(dev)
+                reset_peak(dev)
+                s = time.perf_counter()
+                for _ in range(args.train_steps):
+                    tr.train_step()
+                sync(dev)
+                row(f"train step, {kind}, batch 9, micro-batch {micro} (posteriors stored)", (time.perf_counter() - s) / args.train_steps, "s", peak_mb(dev))
+                results[f"train_{kind}_{micro}_s_per_step"] = (time.perf_counter() - s) / args.train_steps
+        feat.reconfigure(ensemble=8)
+
+    print("\n| measurement | value | peak MB |\n|---|---|---|")
+    for what, value, mb in rows:
+        print(f"| {what} | {value} | {'' if mb is None else f'{mb:.0f}'} |")
+    if "evaluate_CPM_s_per_pair" in results:
+        print(f"\nProjected SPair-71k test with a CPM prompt (12,234 pairs): {12234 * results['evaluate_CPM_s_per_pair'] / 60:.1f} min")
+    best = min((v for k, v in results.items() if k.startswith("train_cpm_")), default=None)
+    if best is not None:
+        print(f"Projected 30k training steps with a CPM prompt (batch 9): {30000 * best / 3600:.2f} h")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    with contextlib.suppress(Exception):
+        import shutil
+
+        shutil.rmtree(tmp)
+
+
+if __name__ == "__main__":
+    main()
