@@ -125,6 +125,22 @@ class SDFeaturizer(Featurizer):
             m.eval()
             m.requires_grad_(False)
         self._compiled: dict = {}
+        self._meta: dict = {}  # modules' dtype and device, read once (diffusers walks every module to tell them)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._meta = {}  # .to() / .half() / ...: read them again
+        return out
+
+    def _module_meta(self, name: str) -> tuple[torch.dtype, torch.device]:
+        if name not in self._meta:
+            p = next(getattr(self, name).parameters())
+            self._meta[name] = (p.dtype, p.device)
+        return self._meta[name]
+
+    @property
+    def device(self) -> torch.device:
+        return self._module_meta("unet")[1]
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -224,11 +240,11 @@ class SDFeaturizer(Featurizer):
         s = asdict(self.config)
         for k in ("max_batch", "compile", "vae_batch"):
             s.pop(k)
-        return {"featurizer": "sd", "model": self.model_id, **s, "dtype": str(self.unet.dtype).replace("torch.", "")}
+        return {"featurizer": "sd", "model": self.model_id, **s, "dtype": str(self._module_meta("unet")[0]).replace("torch.", "")}
 
     def posterior_settings(self) -> dict:
         """What changes the VAE posterior of a picture."""
-        return {"kind": "vae-posterior", "model": self.model_id, "resolution": self.config.resolution, "dtype": str(self.vae.dtype).replace("torch.", ""),
+        return {"kind": "vae-posterior", "model": self.model_id, "resolution": self.config.resolution, "dtype": str(self._module_meta("vae")[0]).replace("torch.", ""),
                 "amp": self.config.amp_dtype}
 
     # ------------------------------------------------------------------ stages
@@ -244,7 +260,7 @@ class SDFeaturizer(Featurizer):
 
     def preprocess(self, images: ImagesLike) -> torch.Tensor:
         """Pictures squashed to R x R (bilinear), as a (B, 3, R, R) fp32 tensor in [0, 1] on the model's device."""
-        return images_to_tensor(images, self.config.resolution, device=self.unet.device)
+        return images_to_tensor(images, self.config.resolution, device=self.device)
 
     @torch.no_grad()
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,7 +273,7 @@ class SDFeaturizer(Featurizer):
         means, stds = [], []
         with self._autocast(x.device):
             for i in range(0, x.shape[0], self.config.vae_batch):
-                m, s = fn(self.vae, (2 * x[i : i + self.config.vae_batch] - 1).to(self.vae.dtype))
+                m, s = fn(self.vae, (2 * x[i : i + self.config.vae_batch] - 1).to(self._module_meta("vae")[0]))
                 means.append(m.float())
                 stds.append(s.float())
         return torch.cat(means), torch.cat(stds)
@@ -302,7 +318,7 @@ class SDFeaturizer(Featurizer):
             noisy: (N, 4, h, w); t: (N,); prompt_embeds: (N, 77, D) -> (N, C, h', w') fp32.
         """
         outs = []
-        dt = self.unet.dtype
+        dt = self._module_meta("unet")[0]
         with self._autocast(noisy.device):
             for i in range(0, noisy.shape[0], self.config.max_batch):
                 sl = slice(i, i + self.config.max_batch)
@@ -379,7 +395,7 @@ class SDFeaturizer(Featurizer):
         Shape:
             returns (B, C, h, w) float32, e.g. (B, 1280, 48, 48) for SD 2.1 at 768.
         """
-        dev = self.unet.device
+        dev = self.device
         if posteriors is None:
             if images is None:
                 raise Sd4MatchError("give images or their posteriors")
