@@ -144,6 +144,21 @@ def test_datasets_check(tmp_path, willow_root, spair_root, spair_with_images):
     assert_one_line_error(rc, err, victim.name)
 
 
+def test_datasets_check_decodes_every_image_and_lists_every_bad_one(tmp_path, willow_root):
+    """A truncated PNG has a good header: only decoding finds it. Every bad file is listed."""
+    root = tmp_path / "willow"
+    shutil.copytree(willow_root, root)
+    pngs = sorted((root / "PF-dataset").rglob("*.png"))
+    for victim in (pngs[3], pngs[17]):
+        data = victim.read_bytes()
+        victim.write_bytes(data[: len(data) // 2])  # header intact, pixel data cut
+    rc, out, err = run("datasets", "check", "--dataset", "pfwillow", "--root", root, "--quick")
+    assert rc == 0 and "headers read (--quick)" in out  # headers alone cannot tell
+    rc, out, err = run("datasets", "check", "--dataset", "pfwillow", "--root", root)
+    assert_one_line_error(rc, err, pngs[3].name, "and 1 more problem(s)")
+    assert "2 problem(s):" in out and pngs[3].name in out and pngs[17].name in out
+
+
 def test_cli_match_rules_are_the_library_rules():
     from sd4match import cli, matching
 

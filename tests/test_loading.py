@@ -71,6 +71,9 @@ def test_offline_without_weights_is_one_clear_error(name, tmp_path, monkeypatch)
 def test_cli_offline_error(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     (tmp_path / "imgs").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (32, 24), (9, 9, 9)).save(tmp_path / "imgs" / "a.png")  # valid inputs: the model load is what fails
     p = subprocess.run([sys.executable, "-m", "sd4match", "features", "--model", "sd-2-1", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, env=env)
     assert p.returncode == 2

@@ -1,6 +1,7 @@
-"""The ``sd4match`` command: parses arguments, then calls the library.
+"""The ``sd4match`` command: parses arguments, checks the inputs, then calls the library.
 
-Errors in the input (a missing file, a bad annotation, a wrong prediction) print one line
+Every command checks what it was given (pictures, points, dataset root and layout,
+prompt folder, device, output folder) before it loads any model. Errors print one line
 ``sd4match: error: <file or pair>: <problem>`` and exit with status 2; ``--debug`` shows
 the traceback instead.
 """
@@ -18,6 +19,25 @@ from sd4match.errors import Sd4MatchError
 
 DATASET_NAMES = ("spair", "pfpascal", "pfwillow", "synthetic")
 MATCH_RULES = ("kernel-softargmax", "softargmax", "nn", "bilinear")  # sd4match.matching.MATCH_RULES, the paper's first (no torch import here)
+PROTOCOL_HELP = "sd4match = the official SD4Match code's frame (768 x 768); standard = the field's common frame (original pixels)"
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default."""
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    from sd4match import __version__
+
+    def v(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return f"sd4match {__version__} (torch {v('torch')}, diffusers {v('diffusers')}, transformers {v('transformers')})"
 
 
 def _alphas(text: str) -> list[float]:
@@ -31,25 +51,28 @@ def _alphas(text: str) -> list[float]:
 
 
 def _dataset_args(p: argparse.ArgumentParser, split: bool = True) -> None:
-    p.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="benchmark name")
-    p.add_argument("--root", required=True, type=Path, help="the dataset's own top folder (DESIGN.md)")
+    p.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="benchmark name (synthetic: seeded warps of the pictures in --root)")
+    p.add_argument("--root", required=True, type=Path, help="the dataset's own top folder (see the README's Datasets section)")
     if split:
         p.add_argument("--split", required=True, help="trn, val or test")
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, *, compile_default: str = "off") -> None:
     """What every command that runs a model takes."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="sd-2-1", help="registry name (sd-2-1, sd-1-5, effnet-lite0), hub id, diffusers folder or .safetensors/.ckpt file")
+    g.add_argument("--model", default="sd-2-1", help="registry name (sd-2-1, sd-1-5, effnet-lite0, dinov2-b), hub id, diffusers folder or .safetensors/.ckpt file")
     g.add_argument("--model-config", help="for a single checkpoint file: the diffusers folder or hub id with its component configs")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    g.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
     g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="weights' dtype: auto = bf16 on CUDA GPUs (fp16 on older ones), fp32 on CPU; matching stays fp32")
-    g.add_argument("--timestep", type=int, default=261, help="noise level t")
+                   help="weights' dtype: auto = bf16 on CUDA GPUs (fp16 on older ones), fp32 on CPU; matching, softmax and loss stay fp32")
+    g.add_argument("--timestep", type=int, default=261, help="noise level t (the official test script uses 50)")
     g.add_argument("--up-block", type=int, default=1, help="read the output of unet.up_blocks[k]")
-    g.add_argument("--ensemble", type=int, default=8, help="noisy copies averaged")
-    g.add_argument("--resolution", type=int, help="square working size (default: 768 for SD, 512 for effnet-lite0)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--ensemble", type=int, default=8, help="noisy copies averaged per picture")
+    g.add_argument("--resolution", type=int, help="square working size (default: 768 for SD, 512 for effnet-lite0, 840 for DINOv2)")
+    g.add_argument("--max-batch", type=int, default=32, help="UNet samples (pictures x ensemble) per call")
+    g.add_argument("--compile", default=compile_default, choices=("auto", "on", "off"),
+                   help="torch.compile the early-exit UNet and the VAE encoder (auto: on CUDA; compiling takes about a minute, then each call is faster)")
+    g.add_argument("--seed", type=int, default=0, help="base seed of every picture's latent sample and noise")
 
 
 def _prompt_args(p: argparse.ArgumentParser) -> None:
@@ -58,9 +81,39 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt", default="empty", help="'empty', 'text:<words>' (e.g. text:\"a photo of a cat\") or a trained prompt folder")
     g.add_argument("--category", help="category for per-category prompts and text templates with {category}")
     g.add_argument("--dino", default="dinov2-b", help="DINOv2 model for CPM prompts")
-    g.add_argument("--match", default="kernel-softargmax", choices=MATCH_RULES)
-    g.add_argument("--max-side", type=int, default=2048, help="larger images are downscaled to this before the model")
-    g.add_argument("--cache", type=Path, help="keep feature maps in this folder too, so later runs skip their extraction")
+    g.add_argument("--match", default="kernel-softargmax", choices=MATCH_RULES, help="match rule")
+    g.add_argument("--max-side", type=int, default=2048, help="larger pictures are downscaled to this before the model (points stay in original pixels)")
+    g.add_argument("--cache", type=Path, help="keep feature maps (and VAE posteriors) in this folder too, so later runs skip their extraction")
+
+
+def _compile_on(args, dev) -> bool:
+    return args.compile == "on" or (args.compile == "auto" and dev.type == "cuda")
+
+
+def load_model(args):
+    """The featurizer the model arguments describe, on the chosen device, in the chosen dtype."""
+    from sd4match.features import load_featurizer
+    from sd4match.runtime import pick_device, pick_dtype
+
+    dev = pick_device(args.device)
+    kw = {"timestep": args.timestep, "up_block": args.up_block, "ensemble": args.ensemble, "max_batch": args.max_batch, "compile": _compile_on(args, dev)}
+    if args.model_config:
+        kw["config"] = args.model_config
+    if args.resolution:
+        kw["resolution"] = args.resolution
+    return load_featurizer(args.model, **kw).to(dev, pick_dtype(args.dtype, dev))
+
+
+def _dino_for(prompt: str, dino: str, feat):
+    """DINOv2 on the featurizer's device when ``prompt`` is a CPM prompt folder, else None."""
+    from sd4match.prompts.base import read_prompt_config
+
+    if Path(prompt).is_dir() and read_prompt_config(prompt).kind == "cpm":
+        from sd4match.features import DinoFeaturizer
+
+        dtype = next(feat.parameters()).dtype
+        return DinoFeaturizer.from_pretrained(dino).to(feat.device, dtype)
+    return None
 
 
 def load_matcher(args):
@@ -72,151 +125,164 @@ def load_matcher(args):
                    cache_dir=args.cache)
 
 
-def _dino_for(prompt: str, dino: str, feat):
-    """DINOv2 on the featurizer's device when ``prompt`` is a CPM prompt folder, else None."""
-    from sd4match.prompts.base import read_prompt_config
+def _check_common(args, *, prompt: bool = True) -> None:
+    """The model source, device, prompt and output folder: named before any model loads."""
+    from sd4match.checks import check_device, check_model, check_output_folder, check_prompt
 
-    if Path(prompt).is_dir() and read_prompt_config(prompt).kind == "cpm":
-        from sd4match.features import DinoFeaturizer
-
-        return DinoFeaturizer.from_pretrained(dino).to(feat.device)
-    return None
-
-
-def load_model(args):
-    """The featurizer the model arguments describe, on the chosen device."""
-    from sd4match.features import load_featurizer
-    from sd4match.runtime import pick_device, pick_dtype
-
-    dev = pick_device(args.device)
-    kw = {"timestep": args.timestep, "up_block": args.up_block, "ensemble": args.ensemble}
-    if args.model_config:
-        kw["config"] = args.model_config
-    if args.resolution:
-        kw["resolution"] = args.resolution
-    return load_featurizer(args.model, **kw).to(dev, pick_dtype(args.dtype, dev))
+    check_device(args.device)
+    check_model(args.model)
+    if prompt and getattr(args, "prompt", None):
+        check_prompt(args.prompt)
+    if getattr(args, "out", None) is not None:
+        check_output_folder(args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sd4match", description="Semantic correspondence with Stable Diffusion features and learned prompts.")
+    parser = argparse.ArgumentParser(prog="sd4match", description="Semantic correspondence with Stable Diffusion features and learned prompts.",
+                                     formatter_class=_Help)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("pairs", help="export a split's pair records as JSON Lines")
+    def command(name, help):
+        return sub.add_parser(name, help=help, description=help, formatter_class=_Help)
+
+    p = command("pairs", "export a split's pair records as JSON Lines")
     _dataset_args(p)
     p.add_argument("--out", type=Path, help="write here instead of stdout")
     p.add_argument("--apply-flip", action="store_true", help="PF-Pascal trn: return pairs with flip=1 mirrored")
     p.set_defaults(func=cmd_pairs)
 
-    p = sub.add_parser("score", help="PCK of a predictions file under a named protocol")
+    p = command("score", "PCK of a predictions file under a named protocol")
     _dataset_args(p)
     p.add_argument("--predictions", required=True, type=Path, help='JSON Lines {"id", "kps"} in original target pixels')
-    p.add_argument("--protocol", default="standard", choices=("standard", "sd4match"))
-    p.add_argument("--alphas", type=_alphas, default=[0.05, 0.1, 0.15], help="comma-separated, default 0.05,0.1,0.15")
+    p.add_argument("--protocol", default="standard", choices=("standard", "sd4match"), help=PROTOCOL_HELP)
+    p.add_argument("--alphas", type=_alphas, default=[0.05, 0.1, 0.15], help="comma-separated PCK thresholds")
     p.add_argument("--allow-missing", action="store_true", help="score pairs without a prediction as 0")
     p.add_argument("--json", action="store_true", help="print the score as JSON")
     p.add_argument("--out", type=Path, help="also write the score JSON here")
     p.add_argument("--plot", type=Path, help="write a per-category bar chart (PNG)")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("datasets", help="inspect datasets")
+    p = command("datasets", "inspect datasets")
     dsub = p.add_subparsers(dest="datasets_command", required=True, metavar="ACTION")
-    c = dsub.add_parser("check", help="what is present and missing; non-zero exit on the first problem")
+    c = dsub.add_parser("check", help="what is present, missing or unreadable; decodes every image", formatter_class=_Help)
     _dataset_args(c, split=False)
-    c.add_argument("--no-images", action="store_true", help="skip reading image headers")
+    c.add_argument("--quick", action="store_true", help="read image headers only (fast; a truncated image passes)")
+    c.add_argument("--no-images", action="store_true", help="do not look at the images at all")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_datasets_check)
 
-    p = sub.add_parser("features", help="extract and cache feature maps of a folder of images")
+    p = command("features", "extract and keep the feature maps of a folder of images")
     p.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
-    p.add_argument("--out", required=True, type=Path, help="cache folder (safetensors per image + index.json)")
+    p.add_argument("--out", required=True, type=Path, help="store folder (features/<key>.safetensors + index.json)")
     p.add_argument("--text", help="text prompt (default: the empty prompt)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="pictures per featurizer call")
+    p.add_argument("--workers", type=int, default=4, help="loader threads decoding ahead")
     _model_args(p)
     p.set_defaults(func=cmd_features)
 
-    p = sub.add_parser("train", help="learn a prompt (presets: {single,category,cpm}-{spair,pfpascal})")
-    p.add_argument("--preset", help="the paper's settings: single-spair, category-spair, cpm-spair, single-pfpascal, ...")
+    p = command("train", "learn a prompt (presets: {single,category,cpm}-{spair,pfpascal})")
+    p.add_argument("--preset", help="the official settings: single-spair, category-spair, cpm-spair, single-pfpascal, category-pfpascal, cpm-pfpascal")
     p.add_argument("--config", type=Path, help="YAML file of settings (applied after the preset)")
-    p.add_argument("--dataset", choices=DATASET_NAMES)
-    p.add_argument("--root", type=Path, required=True)
+    p.add_argument("--dataset", choices=DATASET_NAMES, help="training data (default: the preset's)")
+    p.add_argument("--root", type=Path, required=True, help="the dataset's top folder")
     p.add_argument("--out", type=Path, required=True, help="run folder: config.json, scalars.jsonl, checkpoints/, best/, last/")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    p.add_argument("--prompt", choices=("single", "category", "cpm"))
-    p.add_argument("--model", help="registry name, hub id, diffusers folder or checkpoint file")
-    p.add_argument("--dino", help="DINOv2 model for cpm")
-    p.add_argument("--device")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"))
-    for name, typ in (("steps", int), ("batch-size", int), ("micro-batch", int), ("lr", float), ("lr-linear", float), ("timestep", int),
-                      ("up-block", int), ("ensemble", int), ("resolution", int), ("val-every", int), ("val-pairs", int), ("ckpt-every", int),
-                      ("seed", int), ("temperature", float), ("epochs", float)):
-        p.add_argument(f"--{name}", type=typ)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint (error if it has none)")
+    g.add_argument("--resume-or-start", action="store_true", help="continue the run in --out if it has a checkpoint, else start it")
+    p.add_argument("--prompt", choices=("single", "category", "cpm"), help="prompt kind (default: the preset's, else single)")
+    p.add_argument("--model", help="registry name, hub id, diffusers folder or checkpoint file (default: sd-2-1)")
+    p.add_argument("--dino", help="DINOv2 model for cpm (default: dinov2-b)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), help="weights' dtype (default: auto = bf16 on CUDA, fp32 on CPU)")
+    for name, typ, what in (("steps", int, "optimiser steps (replaces the preset's epochs; may grow on --resume)"),
+                            ("epochs", float, "passes over the training pairs (the presets: SPair-71k 5, PF-Pascal 90)"),
+                            ("batch-size", int, "pairs per optimiser step (default 9)"),
+                            ("micro-batch", int, "pairs per forward pass; batch-size / micro-batch accumulation steps (default 1)"),
+                            ("lr", float, "learning rate of tokens, embeddings and gate (default 1e-2)"),
+                            ("lr-linear", float, "learning rate of the CPM linear layers (default 1e-3)"),
+                            ("timestep", int, "noise level t (default 261)"), ("up-block", int, "feature block k (default 1)"),
+                            ("ensemble", int, "noisy copies in training (default 1)"), ("resolution", int, "working size (default 768)"),
+                            ("val-every", int, "validate every N steps; -1 once per epoch (default); 0 never"),
+                            ("val-pairs", int, "validate on the first N val pairs (default 0: all)"),
+                            ("ckpt-every", int, "steps between checkpoints (default 500)"), ("seed", int, "seed of data order and draws (default 0)"),
+                            ("temperature", float, "softmax temperature of the loss (default 0.04)"),
+                            ("workers", int, "loader threads decoding ahead (default 4)")):
+        p.add_argument(f"--{name}", type=typ, help=what)
     p.add_argument("--val-rule", choices=MATCH_RULES, help="match rule of validation (default: nn, the official model selection)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--cache-dir", type=Path, help="keep VAE posteriors and DINOv2 tokens here too, for later runs")
+    p.add_argument("--compile", choices=("auto", "on", "off"), help="torch.compile the early-exit UNet and VAE (default: auto = on CUDA)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="predict a split with a prompt, write predictions.jsonl and score.json")
+    p = command("evaluate", "predict a split with a prompt; write predictions.jsonl and score.json")
     _dataset_args(p)
-    p.add_argument("--prompt", default="empty", help="a prompt folder, 'empty', 'text' or 'text:<template with {category}>'")
+    p.add_argument("--prompt", default="empty", help="a prompt folder, 'empty', 'text' ('a photo of a {category}') or 'text:<template with {category}>'")
     p.add_argument("--dino", default="dinov2-b", help="DINOv2 model for CPM prompts")
-    p.add_argument("--match", default="kernel-softargmax", choices=MATCH_RULES)
-    p.add_argument("--protocol", default="sd4match", choices=("sd4match", "standard"))
-    p.add_argument("--alphas", type=_alphas, default=[0.05, 0.1, 0.15])
+    p.add_argument("--match", default="kernel-softargmax", choices=MATCH_RULES, help="match rule")
+    p.add_argument("--protocol", default="sd4match", choices=("sd4match", "standard"), help=PROTOCOL_HELP + "; `score` defaults to standard")
+    p.add_argument("--alphas", type=_alphas, default=[0.05, 0.1, 0.15], help="comma-separated PCK thresholds")
     p.add_argument("--out", required=True, type=Path, help="folder for predictions.jsonl and score.json")
     p.add_argument("--limit", type=int, default=0, help="only the first N pairs (a quick look; the score then covers those N only)")
-    p.add_argument("--no-progress", action="store_true")
-    _model_args(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted evaluation in --out at its first missing pair")
+    p.add_argument("--skip-bad", action="store_true", help="go past pairs with unreadable images: scored as missing and listed in score.json")
+    p.add_argument("--cache-dir", type=Path, help="keep feature maps, VAE posteriors and DINOv2 tokens here too, for later runs")
+    p.add_argument("--workers", type=int, default=4, help="loader threads decoding ahead")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _model_args(p, compile_default="auto")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("match", help="match points of image A in image B; write matches.json and matches.png")
+    p = command("match", "match points of image A in image B; write matches.json and matches.png")
     p.add_argument("source", type=Path, help="image A")
     p.add_argument("target", type=Path, help="image B")
-    p.add_argument("--points", help='"x,y;x,y" in A\'s pixels, or a JSON file of named points; default: mutual nearest neighbours')
+    p.add_argument("--points", help='"x,y;x,y" in A\'s pixels, or a JSON file of named points; default: automatic points on the salient object')
     p.add_argument("--min-score", type=float, default=0.0, help="without --points: keep mutual matches with cosine >= this")
-    p.add_argument("--max-points", type=int, default=50, help="without --points: at most this many, best first")
+    p.add_argument("--max-points", type=int, default=20, help="without --points: at most this many, spread over the object")
     p.add_argument("--dense", action="store_true", help="also write A warped onto B (warped.png), confidence.png and dense.npz")
     _prompt_args(p)
     p.add_argument("--out", required=True, type=Path, help="output folder")
     _model_args(p)
     p.set_defaults(func=cmd_match)
 
-    p = sub.add_parser("transfer", help="place A's named points on every image of a folder; a JSON per image and sheet.png")
+    p = command("transfer", "place A's named points on every image of a folder; a JSON per image and sheet.png")
     p.add_argument("--source", required=True, type=Path, help="image A")
     p.add_argument("--points", required=True, help="JSON file of named points in A's pixels (or \"x,y;x,y\")")
     p.add_argument("--targets", required=True, type=Path, help="folder of images (searched recursively)")
     _prompt_args(p)
-    p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", required=True, type=Path, help="output folder (files of an earlier run are replaced only when this run succeeds)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _model_args(p)
     p.set_defaults(func=cmd_transfer)
 
-    p = sub.add_parser("serve", help="a local web page: click a point in one image, see its match in the other")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--images", type=Path, help="a folder of images to pick from on the page")
+    p = command("serve", "a local web page: click a point in one image, see its match in the other")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback: only this machine)")
+    p.add_argument("--port", type=int, default=7860, help="port")
+    p.add_argument("--images", type=Path, help="a folder of images to pick from on the page (the first two are shown)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted")
     p.add_argument("--max-pixels", type=float, default=50e6, help="largest image (width x height) accepted")
     _prompt_args(p)
     _model_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("prompts", help="import the authors' released prompts; show what a prompt folder holds")
+    p = command("prompts", "import the authors' released prompts; show what a prompt folder holds")
     psub = p.add_subparsers(dest="prompts_command", required=True, metavar="ACTION")
-    c = psub.add_parser("import", help="turn an official caption.pt (single, category) or ckpt.pt (cpm) into a prompt folder")
+    c = psub.add_parser("import", help="turn an official caption.pt (single, category) or ckpt.pt (cpm) into a prompt folder", formatter_class=_Help)
     c.add_argument("file", type=Path, help="the released file (from the authors' pretrained_prompts.zip)")
     c.add_argument("--kind", required=True, choices=("single", "category", "cpm"), help="what the file holds")
     c.add_argument("--out", required=True, type=Path, help="prompt folder to write (must not exist yet)")
-    c.add_argument("--dino", default="dinov2-b", help="cpm: the DINOv2 whose width the file must fit (default: %(default)s)")
+    c.add_argument("--dino", default="dinov2-b", help="cpm: the DINOv2 whose width the file must fit")
     _model_args(c)
     c.set_defaults(func=cmd_prompts_import)
-    c = psub.add_parser("show", help="print what a prompt folder holds")
-    c.add_argument("folder", type=Path)
+    c = psub.add_parser("show", help="print what a prompt folder holds", formatter_class=_Help)
+    c.add_argument("folder", type=Path, help="a prompt folder")
     c.set_defaults(func=cmd_prompts_show)
 
-    p = sub.add_parser("download", help="fetch a benchmark from its published address")
-    p.add_argument("dataset", choices=("spair", "pfpascal", "pfwillow"))
+    p = command("download", "fetch a benchmark from its published address")
+    p.add_argument("dataset", choices=("spair", "pfpascal", "pfwillow"), help="benchmark name")
     p.add_argument("--root", required=True, type=Path, help="the dataset root to create or complete")
     p.add_argument("--mirror", help="fetch each file as MIRROR/<file name> instead of its published address")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_download)
     return parser
 
@@ -259,45 +325,72 @@ def cmd_score(args) -> int:
 def cmd_datasets_check(args) -> int:
     from sd4match.data.check import check_dataset
 
-    rep = check_dataset(args.dataset, args.root, images=not args.no_images)
+    images = "none" if args.no_images else "headers" if args.quick else "decode"
+    rep = check_dataset(args.dataset, args.root, images=images, progress=not args.no_progress)
     print(rep.format())
     if not rep.ok:
-        raise Sd4MatchError(rep.problems[0])
+        raise Sd4MatchError(rep.problems[0] + (f" (and {len(rep.problems) - 1} more problem(s), listed above)" if len(rep.problems) > 1 else ""))
     return 0
 
 
 def cmd_features(args) -> int:
+    from sd4match.checks import check_output_folder
+    from sd4match.data.images import list_images
     from sd4match.features.extract import extract_folder
 
+    _check_common(args, prompt=False)
+    if not args.images.is_dir():
+        raise Sd4MatchError(f"--images {args.images}: no such folder")
+    if not list_images(args.images):
+        raise Sd4MatchError(f"{args.images}: no images found (looked for .jpg, .jpeg, .png, .bmp, .webp, .tif)")
+    check_output_folder(args.out)
     feat = load_model(args)
-    path = extract_folder(feat, args.images, args.out, text=args.text, seed=args.seed, batch_size=args.batch_size, progress=True)
+    path = extract_folder(feat, args.images, args.out, text=args.text, seed=args.seed, batch_size=args.batch_size, workers=args.workers, progress=True)
     print(f"features of {args.images} under {args.model} are in {path.parent} (index: {path})", file=sys.stderr)
     return 0
 
 
 def cmd_train(args) -> int:
-    from sd4match.train import Trainer, load_config
+    from sd4match.checks import check_dataset, check_device, check_model, check_output_folder
+    from sd4match.train import Trainer, check_run_folder, load_config
 
     over = {k: getattr(args, k) for k in ("dataset", "prompt", "model", "dino", "device", "steps", "batch_size", "micro_batch", "lr", "lr_linear",
-                                          "timestep", "up_block", "ensemble", "resolution", "val_every", "val_pairs", "ckpt_every", "seed", "temperature", "epochs", "val_rule")}
+                                          "timestep", "up_block", "ensemble", "resolution", "val_every", "val_pairs", "ckpt_every", "seed", "temperature",
+                                          "epochs", "val_rule", "dtype", "workers", "compile")}
     over["root"] = str(args.root)
-    if args.dtype:
-        over["dtype"] = args.dtype
+    if args.cache_dir:
+        over["cache_dir"] = str(args.cache_dir)
     cfg = load_config(args.preset, args.config, **over)
-    out = Trainer(cfg, args.out, progress=not args.no_progress).run(resume=args.resume)
+    # inputs first, in seconds: device, model source, data, run folder
+    check_device(cfg.device)
+    check_model(cfg.model)
+    check_dataset(cfg.dataset, cfg.root, [cfg.train_split] + ([cfg.val_split] if cfg.val_every else []))
+    check_output_folder(args.out)
+    resume = check_run_folder(args.out, resume=args.resume, resume_or_start=args.resume_or_start)
+    out = Trainer(cfg, args.out, progress=not args.no_progress).run(resume=resume)
     print(f"trained prompt: {out / 'best'} (last: {out / 'last'})", file=sys.stderr)
     return 0
 
 
 def cmd_evaluate(args) -> int:
+    from sd4match.checks import check_dataset
     from sd4match.evaluate import EvalConfig, evaluate, print_score
+    from sd4match.runtime import distributed_rank_world
+    from sd4match.store import Store
 
+    _check_common(args)
+    recs = check_dataset(args.dataset, args.root, [args.split])[args.split]
+    if args.limit:
+        recs = recs[: args.limit]
+    cfg = EvalConfig(args.dataset, str(args.root), args.split, args.prompt, args.match, args.protocol, args.alphas, args.seed, limit=args.limit,
+                     workers=args.workers, skip_bad=args.skip_bad)
+    from sd4match.evaluate import check_evaluation_folder
+
+    check_evaluation_folder(args.out, resume=args.resume)
     feat = load_model(args)
     dino = _dino_for(args.prompt, args.dino, feat)
-    cfg = EvalConfig(args.dataset, str(args.root), args.split, args.prompt, args.match, args.protocol, args.alphas, args.seed, limit=args.limit)
-    out = evaluate(feat, cfg, args.out, dino=dino, progress=not args.no_progress)
-    from sd4match.runtime import distributed_rank_world
-
+    store = Store(folder=args.cache_dir) if args.cache_dir else None
+    out = evaluate(feat, cfg, args.out, dino=dino, progress=not args.no_progress, records=recs, store=store, resume=args.resume)
     if distributed_rank_world()[0] != 0:
         return 0
     print(print_score(out))
@@ -305,10 +398,25 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_match(args) -> int:
-    from sd4match.usermatch import parse_points, run_match
+def _check_points(args) -> list | None:
+    """The points (parsed) lie inside the source picture: checked from its header."""
+    from sd4match.data.images import oriented_size
+    from sd4match.usermatch import check_points_within, parse_points
 
     points = parse_points(args.points) if args.points else None
+    if points is not None:
+        check_points_within(points, str(args.source), oriented_size(args.source))
+    return points
+
+
+def cmd_match(args) -> int:
+    from sd4match.checks import check_picture
+    from sd4match.usermatch import run_match
+
+    check_picture(args.source)
+    check_picture(args.target)
+    points = _check_points(args)
+    _check_common(args)
     res = run_match(load_matcher(args), args.source, args.target, args.out, points=points, dense=args.dense,
                     min_score=args.min_score, max_points=args.max_points, max_side=args.max_side)
     for m in res["matches"]:
@@ -318,10 +426,21 @@ def cmd_match(args) -> int:
 
 
 def cmd_transfer(args) -> int:
-    from sd4match.usermatch import parse_points, run_transfer
+    from sd4match.checks import check_picture
+    from sd4match.data.images import list_images
+    from sd4match.usermatch import run_transfer
 
-    written = run_transfer(load_matcher(args), args.source, parse_points(args.points), args.targets, args.out, max_side=args.max_side,
-                           progress=not args.no_progress)
+    check_picture(args.source)
+    points = _check_points(args)
+    if not args.targets.is_dir():
+        raise Sd4MatchError(f"--targets {args.targets}: no such folder")
+    files = [p for p in list_images(args.targets) if p.resolve() != args.source.resolve()]
+    if not files:
+        raise Sd4MatchError(f"{args.targets}: no images to transfer onto")
+    for f in files:
+        check_picture(f, decode=False)  # headers: a target that fails later leaves --out as it was
+    _check_common(args)
+    written = run_transfer(load_matcher(args), args.source, points, args.targets, args.out, max_side=args.max_side, progress=not args.no_progress)
     print(f"{len(written)} images: one JSON each and sheet.png in {args.out}", file=sys.stderr)
     return 0
 
@@ -329,6 +448,9 @@ def cmd_transfer(args) -> int:
 def cmd_serve(args) -> int:
     from sd4match.serve import serve
 
+    if args.images is not None and not args.images.is_dir():
+        raise Sd4MatchError(f"--images {args.images}: no such folder")
+    _check_common(args)
     serve(load_matcher(args), host=args.host, port=args.port, images=args.images, max_upload_bytes=int(args.max_upload_mb * 1e6),
           max_pixels=int(args.max_pixels), max_side=args.max_side)
     return 0
@@ -337,9 +459,10 @@ def cmd_serve(args) -> int:
 def cmd_prompts_import(args) -> int:
     from sd4match.prompts.official import describe_prompt, import_official, read_official
 
-    if args.out.exists() and any(args.out.iterdir()):
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise Sd4MatchError(f"{args.out}: already exists and is not empty; choose another --out")
     read_official(args.file)  # a bad file is named before any model loads
+    _check_common(args, prompt=False)
     out = import_official(args.file, args.kind, load_model(args), args.out, dino=args.dino)
     print(describe_prompt(out))
     return 0

@@ -224,6 +224,17 @@ def _check_resume(out: Path, cfg: EvalConfig, featurizer_settings: dict) -> None
         raise Sd4MatchError(f"{run}: the earlier run used other settings ({', '.join(diff)}); resume with the same ones or choose another --out")
 
 
+def check_evaluation_folder(out: str | Path, *, resume: bool) -> None:
+    """Before any model loads: ``--resume`` needs an unfinished run in ``out``; a new run must
+    not start over one."""
+    out = Path(out)
+    unfinished = any(out.glob(PARTIAL.replace(".jsonl", "*.jsonl"))) or (out / RUN).is_file()
+    if resume and not (out / RUN).is_file():
+        raise Sd4MatchError(f"{out}: no unfinished evaluation to resume ({RUN} is missing); run without --resume")
+    if not resume and unfinished:
+        raise Sd4MatchError(f"{out}: holds an unfinished evaluation ({PARTIAL}); pass --resume to continue it or choose another --out")
+
+
 def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progress: bool = True, records=None, store: Store | None = None,
              resume: bool = False) -> Path:
     """Predict, score and write ``predictions.jsonl`` + ``score.json`` into ``out``; return ``out``.
@@ -240,11 +251,10 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
     cfg.settings = featurizer.settings()
     rank, world = distributed_rank_world()
     done: dict[str, list] = {}
+    check_evaluation_folder(out, resume=resume)
     if resume:
         _check_resume(out, cfg, cfg.settings)
         done = read_partial(out)
-    elif any(out.glob(PARTIAL.replace(".jsonl", "*.jsonl"))):
-        raise Sd4MatchError(f"{out}: holds an unfinished evaluation ({PARTIAL}); pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not resume:
         atomic_write_text(out / RUN, json.dumps({"config": _run_settings(cfg), "featurizer": cfg.settings}, indent=2, default=str))

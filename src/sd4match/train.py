@@ -78,6 +78,7 @@ class TrainConfig:
     workers: int = 4  # loader threads decoding, warping and resizing ahead
     cache_dir: str = ""  # keep VAE posteriors and DINOv2 tokens here too, for later runs
     store_gb: float = 8.0  # memory for VAE posteriors and DINOv2 tokens (all of SPair-71k trn: about 2 GB)
+    compile: str = "auto"  # torch.compile the early-exit UNet and the VAE: auto (on CUDA) | on | off
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -164,7 +165,10 @@ def load_checkpoint(path: Path, prompt, optimizer) -> dict:
         meta = json.loads((path / "state.json").read_text())
     except Exception as e:
         raise Sd4MatchError(f"{path}: cannot read checkpoint ({first_line(e)})") from None
-    prompt.load_state_dict({k[len("prompt."):]: v for k, v in tensors.items() if k.startswith("prompt.")}, strict=True)
+    try:
+        prompt.load_state_dict({k[len("prompt."):]: v for k, v in tensors.items() if k.startswith("prompt.")}, strict=True)
+    except RuntimeError as e:
+        raise Sd4MatchError(f"{path}: does not fit this prompt ({str(e).splitlines()[-1].strip()})") from None
     state: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("optim."):
@@ -244,7 +248,8 @@ class Trainer:
         wdt = pick_dtype(cfg.dtype, dev) if cfg.amp_dtype is None else torch.float32
         self.feat = featurizer or SDFeaturizer.from_pretrained(cfg.model, timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble,
                                                                resolution=cfg.resolution, amp_dtype=cfg.amp_dtype).to(dev, wdt)
-        self.feat.reconfigure(timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, resolution=cfg.resolution, amp_dtype=cfg.amp_dtype)
+        self.feat.reconfigure(timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, resolution=cfg.resolution, amp_dtype=cfg.amp_dtype,
+                              compile=cfg.compile == "on" or (cfg.compile == "auto" and torch.device(dev).type == "cuda"))
         ds = open_dataset(cfg.dataset, cfg.root)
         self.train_pairs = ds.pairs(cfg.train_split, apply_flip=True) if cfg.apply_flip and cfg.dataset == "pfpascal" else ds.pairs(cfg.train_split)
         self.train_pairs = [r for r in self.train_pairs if r.n_points > 0]
@@ -420,17 +425,32 @@ class Trainer:
         return {"best": self.best, "config": asdict(self.cfg), "grad_scaler": self.scaler.state_dict()}
 
     def resume(self) -> bool:
-        ckpts = list_checkpoints(self.out)
-        if not ckpts:
-            return False
-        meta = load_checkpoint(ckpts[-1], self.prompt, self.opt)
-        if meta["config"] != asdict(self.cfg):
-            diff = sorted(k for k in meta["config"] if meta["config"][k] != asdict(self.cfg).get(k))
-            raise Sd4MatchError(f"{ckpts[-1]}: was written with other settings ({', '.join(diff)}); use another --out or the same settings")
-        self.step, self.best = int(meta["step"]), meta["best"]
-        if meta.get("grad_scaler"):
-            self.scaler.load_state_dict(meta["grad_scaler"])
-        return True
+        """Load the newest readable checkpoint (a damaged one is skipped with a warning naming
+        it); False when there is none."""
+        import warnings
+
+        for ckpt in reversed(list_checkpoints(self.out)):
+            try:
+                meta = read_checkpoint_meta(ckpt)
+            except Sd4MatchError as e:
+                warnings.warn(f"{e}; falling back to the checkpoint before it", stacklevel=2)
+                continue
+            mine, theirs = _resumable(asdict(self.cfg)), _resumable(meta["config"])
+            if mine != theirs:
+                diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+                raise Sd4MatchError(f"{ckpt}: was written with other settings ({', '.join(diff)}); use another --out or the same settings")
+            if int(meta["step"]) > self.total_steps:
+                raise Sd4MatchError(f"{ckpt}: the run is already at step {meta['step']}, past the {self.total_steps} asked for")
+            try:
+                meta = load_checkpoint(ckpt, self.prompt, self.opt)
+            except Sd4MatchError as e:
+                warnings.warn(f"{e}; falling back to the checkpoint before it", stacklevel=2)
+                continue
+            self.step, self.best = int(meta["step"]), meta["best"]
+            if meta.get("grad_scaler"):
+                self.scaler.load_state_dict(meta["grad_scaler"])
+            return True
+        return False
 
     def run(self, *, resume: bool = False) -> Path:
         from tqdm import tqdm
@@ -439,8 +459,10 @@ class Trainer:
         lead = self.rank == 0  # only the first process writes; all of them train
         if not resume and list_checkpoints(out):
             raise Sd4MatchError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another --out")
-        if resume:
-            self.resume()
+        if resume and not self.resume():
+            raise Sd4MatchError(f"{out}: no readable checkpoint to resume from; start the run again with --resume-or-start")
+        if lead and resume:
+            _cut_log(out / "scalars.jsonl", self.step)  # the steps after the checkpoint are done again: logged once
         log = tb = None
         if lead:
             out.mkdir(parents=True, exist_ok=True)
@@ -489,6 +511,67 @@ class Trainer:
             if self.best["step"] < 0:  # never validated: the last prompt is the one to use
                 self.prompt.save(out / "best", dataset=cfg.dataset, split=cfg.train_split, step=self.step)
         return out
+
+
+#: settings that may change between a run and its resumption: how long it runs and how it is fed
+_VOLATILE = ("steps", "epochs", "workers", "cache_dir", "store_gb", "compile", "ckpt_every", "keep_checkpoints", "device")
+RUN_FILES = ("config.json", "scalars.jsonl", CKPT_DIR, "best", "last", "tb")
+
+
+def _resumable(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in _VOLATILE}
+
+
+def read_checkpoint_meta(path: Path) -> dict:
+    """A checkpoint's ``state.json``, checked to load; one-line error otherwise."""
+    try:
+        meta = json.loads((path / "state.json").read_text())
+        int(meta["step"]), meta["config"]
+    except Exception as e:
+        raise Sd4MatchError(f"{path}: cannot read checkpoint ({first_line(e)})") from None
+    return meta
+
+
+def check_run_folder(out: str | Path, *, resume: bool, resume_or_start: bool) -> bool:
+    """Whether to resume the run in ``out``; refuses what would mix two runs.
+
+    - ``resume``: there must be a checkpoint (else: say so, suggest --resume-or-start);
+    - ``resume_or_start``: resume if there is a checkpoint, else start afresh (an earlier
+      attempt's log, killed before its first checkpoint, is replaced);
+    - neither: ``out`` must not hold an earlier run's files.
+    """
+    out = Path(out)
+    has_ckpt = bool(list_checkpoints(out))
+    if resume:
+        if not has_ckpt:
+            raise Sd4MatchError(f"{out}: no checkpoint to resume from (the run stopped before its first one); use --resume-or-start to start it again")
+        return True
+    if resume_or_start:
+        if not has_ckpt:
+            for name in ("scalars.jsonl", "config.json"):
+                (out / name).unlink(missing_ok=True)
+        return has_ckpt
+    earlier = [n for n in RUN_FILES if (out / n).exists()]
+    if earlier:
+        raise Sd4MatchError(f"{out}: holds an earlier run's files ({', '.join(earlier)}); pass --resume or --resume-or-start to continue it, "
+                            "or choose another --out")
+    return False
+
+
+def _cut_log(path: Path, step: int) -> None:
+    """Keep the lines of ``scalars.jsonl`` up to ``step`` (the resumed run logs the rest again)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # a line cut by a kill
+    from sd4match.fileio import atomic_write_text
+
+    atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 
 def _tensorboard(out: Path):

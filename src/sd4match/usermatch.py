@@ -111,12 +111,17 @@ def _points_from_json(path: Path) -> list[tuple[str, tuple[float, float]]]:
     return out
 
 
+def check_points_within(points: Sequence[tuple[str, tuple[float, float]]], name: str, size: Sequence[int]) -> None:
+    """Every point must lie inside the picture ``name`` of ``size`` = (W, H): 0 <= x <= W, 0 <= y <= H."""
+    w, h = size
+    for pname, (x, y) in points:
+        if not (math.isfinite(x) and math.isfinite(y) and 0 <= x <= w and 0 <= y <= h):
+            raise Sd4MatchError(f"point {pname} ({x:g}, {y:g}) lies outside {name} ({w}x{h} pixels)")
+
+
 def check_points(points: Sequence[tuple[str, tuple[float, float]]], img: UserImage) -> None:
     """Every point must lie inside the picture: 0 <= x <= W, 0 <= y <= H."""
-    w, h = img.size
-    for name, (x, y) in points:
-        if not (math.isfinite(x) and math.isfinite(y) and 0 <= x <= w and 0 <= y <= h):
-            raise Sd4MatchError(f"point {name} ({x:g}, {y:g}) lies outside {img.name} ({w}x{h} pixels)")
+    check_points_within(points, img.name, img.size)
 
 
 # -- the matcher ----------------------------------------------------------------------------

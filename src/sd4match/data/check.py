@@ -18,6 +18,7 @@ class CheckReport:
     splits: dict[str, dict] = field(default_factory=dict)  # split -> {"pairs": n, "categories": {cat: n}}
     n_images: int = 0
     problems: list[str] = field(default_factory=list)  # one line each, the first is the one to fix first
+    mode: str = "decode"  # how the images were looked at
 
     @property
     def ok(self) -> bool:
@@ -31,29 +32,49 @@ class CheckReport:
                 continue
             cats = ", ".join(f"{c} {n}" for c, n in sorted(info["categories"].items()))
             lines.append(f"  {split:<5} {info['pairs']} pairs ({cats})")
-        lines.append(f"  images: {self.n_images} referenced, all readable" if self.ok else f"  images: {self.n_images} referenced")
+        how = {"decode": "decoded", "headers": "headers read (--quick)", "none": "not looked at"}.get(self.mode, self.mode)
+        lines.append(f"  images: {self.n_images} referenced, {how}" + (", all readable" if self.ok and self.mode != "none" else ""))
         if self.problems:
-            lines.append(f"  {len(self.problems)} problem(s); first: {self.problems[0]}")
+            lines.append(f"  {len(self.problems)} problem(s):")
+            lines.extend(f"    {p}" for p in self.problems)
         else:
             lines.append("  complete")
         return "\n".join(lines)
 
 
-def check_dataset(name: str, root: str | Path, *, images: bool = True) -> CheckReport:
-    """Read every split's pair list and annotations, and the header of every image.
+def check_dataset(name: str, root: str | Path, *, images: bool | str = "decode", progress: bool = False) -> CheckReport:
+    """Read every split's pair list and annotations, and every image.
+
+    Args:
+        images: ``"decode"`` (default: every image decoded in full, so a truncated file is
+            found), ``"headers"`` (sizes from the headers only, fast), or ``"none"``;
+            ``True``/``False`` mean ``"headers"``/``"none"``.
+        progress: show a progress bar over the images.
+
+    Every unreadable image is listed in ``problems`` (not just the first).
 
     Raises:
         DataError: ``root`` is not in the dataset's layout at all, or holds an
             interrupted extraction (``sd4match download`` was stopped half-way).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from sd4match.data.images import load_image
+
+    mode = {True: "headers", False: "none"}.get(images, images) if isinstance(images, bool) else images
+    if mode not in ("decode", "headers", "none"):
+        raise ValueError(f"images must be decode, headers or none, got {images!r}")
     for leftover in interrupted_extractions(Path(root)):
         raise DataError(leftover, f"interrupted extraction; run `sd4match download {name} --root {root}` again")
     ds = open_dataset(name, root)
     rep = CheckReport(name, Path(root))
+    rep.mode = mode
     for entry in ds.required:
         if not (ds.root / entry).exists():
             rep.problems.append(f"{ds.root / entry}: missing")
-    seen: set[str] = set()
+    seen: dict[str, tuple | None] = {}
     for split in ds.splits:
         if ds.split_file(split) is None:
             rep.splits[split] = None
@@ -67,12 +88,29 @@ def check_dataset(name: str, root: str | Path, *, images: bool = True) -> CheckR
             continue
         rep.splits[split] = {"pairs": len(recs), "categories": dict(Counter(r.category for r in recs))}
         for r in recs:
-            seen.update((r.src, r.trg))
+            seen.setdefault(r.src, tuple(r.src_size))
+            if "synthetic" not in r.meta:
+                seen.setdefault(r.trg, tuple(r.trg_size))
     rep.n_images = len(seen)
-    if images:
-        for rel in sorted(seen):
-            try:
+    if mode == "none":
+        return rep
+
+    def one(rel: str) -> str | None:
+        try:
+            if mode == "headers":
                 ds.image_size(rel)
-            except DataError as e:
-                rep.problems.append(str(e))
+            else:
+                img = load_image(ds.root / rel)
+                want = seen[rel]
+                if want and tuple(img.size) != want:
+                    return f"{ds.root / rel}: image is {img.width}x{img.height} but the annotation says {want[0]}x{want[1]}"
+        except DataError as e:
+            return str(e)
+        return None
+
+    rels = sorted(seen)
+    with ThreadPoolExecutor(max_workers=4) as ex:
+        for msg in tqdm(ex.map(one, rels), total=len(rels), unit="img", desc=f"check images ({mode})", disable=None if progress else True):
+            if msg:
+                rep.problems.append(msg)
     return rep
