@@ -386,11 +386,12 @@ def cmd_evaluate(args) -> int:
                      workers=args.workers, skip_bad=args.skip_bad)
     from sd4match.evaluate import check_evaluation_folder
 
-    check_evaluation_folder(args.out, resume=args.resume)
+    request = {k: getattr(args, k) for k in ("model", "model_config", "dtype", "timestep", "up_block", "ensemble", "resolution", "dino")}
+    check_evaluation_folder(args.out, resume=args.resume, cfg=cfg, request=request)
     feat = load_model(args)
     dino = _dino_for(args.prompt, args.dino, feat)
     store = Store(folder=args.cache_dir) if args.cache_dir else None
-    out = evaluate(feat, cfg, args.out, dino=dino, progress=not args.no_progress, records=recs, store=store, resume=args.resume)
+    out = evaluate(feat, cfg, args.out, dino=dino, progress=not args.no_progress, records=recs, store=store, resume=args.resume, request=request)
     if distributed_rank_world()[0] != 0:
         return 0
     print(print_score(out))

@@ -34,7 +34,7 @@ from sd4match.fileio import atomic_write_text
 from sd4match.frozen import Frozen, Picture, prefetch
 from sd4match.matching import match_pixels
 from sd4match.metrics import DEFAULT_ALPHAS, format_table, score, write_predictions
-from sd4match.runtime import distributed_rank_world, gather_dicts, git_sha
+from sd4match.runtime import distributed_rank_world, gather_dicts, git_sha, hang_for_tests
 from sd4match.store import Store
 
 PARTIAL = "predictions.partial.jsonl"
@@ -210,33 +210,35 @@ def read_partial(out: Path) -> dict[str, list]:
 
 
 def _check_resume(out: Path, cfg: EvalConfig, featurizer_settings: dict) -> None:
-    run = out / RUN
-    if not run.is_file():
-        raise Sd4MatchError(f"{out}: no unfinished evaluation to resume ({RUN} is missing); run without --resume")
-    try:
-        earlier = json.loads(run.read_text())
-    except json.JSONDecodeError as e:
-        raise Sd4MatchError(f"{run}: unreadable ({e})") from None
-    now = {"config": _run_settings(cfg), "featurizer": featurizer_settings}
-    diff = sorted({*(f"config.{k}" for k in now["config"] if earlier.get("config", {}).get(k) != now["config"][k]),
-                   *(f"featurizer.{k}" for k in now["featurizer"] if earlier.get("featurizer", {}).get(k) != now["featurizer"][k])})
-    if diff:
-        raise Sd4MatchError(f"{run}: the earlier run used other settings ({', '.join(diff)}); resume with the same ones or choose another --out")
+    _compare(out / RUN, {"config": _run_settings(cfg), "featurizer": featurizer_settings})
 
 
-def check_evaluation_folder(out: str | Path, *, resume: bool) -> None:
-    """Before any model loads: ``--resume`` needs an unfinished run in ``out``; a new run must
-    not start over one."""
+def check_evaluation_folder(out: str | Path, *, resume: bool, cfg: EvalConfig | None = None, request: dict | None = None) -> None:
+    """Before any model loads: ``--resume`` needs an unfinished run in ``out`` made with the
+    same settings (``cfg`` and the model ``request``, when given); a new run must not start
+    over one."""
     out = Path(out)
     unfinished = any(out.glob(PARTIAL.replace(".jsonl", "*.jsonl"))) or (out / RUN).is_file()
     if resume and not (out / RUN).is_file():
         raise Sd4MatchError(f"{out}: no unfinished evaluation to resume ({RUN} is missing); run without --resume")
     if not resume and unfinished:
         raise Sd4MatchError(f"{out}: holds an unfinished evaluation ({PARTIAL}); pass --resume to continue it or choose another --out")
+    if resume and cfg is not None:
+        _compare(out / RUN, {"config": _run_settings(cfg), **({"request": request} if request is not None else {})})
+
+
+def _compare(run: Path, now: dict) -> None:
+    try:
+        earlier = json.loads(run.read_text())
+    except json.JSONDecodeError as e:
+        raise Sd4MatchError(f"{run}: unreadable ({e})") from None
+    diff = sorted(f"{part}.{k}" for part, d in now.items() for k in d if earlier.get(part, {}).get(k) != d[k])
+    if diff:
+        raise Sd4MatchError(f"{run}: the earlier run used other settings ({', '.join(diff)}); resume with the same ones or choose another --out")
 
 
 def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progress: bool = True, records=None, store: Store | None = None,
-             resume: bool = False) -> Path:
+             resume: bool = False, request: dict | None = None) -> Path:
     """Predict, score and write ``predictions.jsonl`` + ``score.json`` into ``out``; return ``out``.
 
     ``score.json`` equals ``sd4match score`` on ``predictions.jsonl`` under the same
@@ -257,7 +259,7 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
         done = read_partial(out)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not resume:
-        atomic_write_text(out / RUN, json.dumps({"config": _run_settings(cfg), "featurizer": cfg.settings}, indent=2, default=str))
+        atomic_write_text(out / RUN, json.dumps({"config": _run_settings(cfg), "featurizer": cfg.settings, "request": request or {}}, indent=2, default=str))
     t0 = time.perf_counter()
     # sharded: process k predicts pairs k, k + world, ...; every picture's draws are seeded by
     # its content and every call has a fixed size, so the merged predictions equal one process
@@ -277,6 +279,7 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
             mine[pid] = kps
             fh.write(json.dumps({"id": pid, "kps": np.round(kps, 6).tolist()}) + "\n")
             fh.flush()
+            hang_for_tests(out, f"pair:{len(done) + len(mine)}")
     if world > 1:
         mine = gather_dicts(mine)
         bad = gather_dicts(bad)

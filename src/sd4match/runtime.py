@@ -87,3 +87,14 @@ def git_sha() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def hang_for_tests(folder, where: str) -> None:
+    """Fault injection for the kill-and-resume tests: with ``SD4MATCH_TEST_HANG=<where>``
+    (e.g. ``step:7``, ``ckpt:4``, ``pair:120``), write ``<folder>/.test-hang`` and wait to be
+    killed, so a test kills a run at a point it reached, never on a clock."""
+    if os.environ.get("SD4MATCH_TEST_HANG") == where:
+        import time
+
+        (Path(folder) / ".test-hang").write_text(where)
+        time.sleep(3600)

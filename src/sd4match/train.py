@@ -30,7 +30,7 @@ from sd4match.data import load_pair_images, open_dataset
 from sd4match.errors import Sd4MatchError, first_line
 from sd4match.evaluate import EvalConfig, predict_pairs
 from sd4match.frozen import Frozen, Picture, prefetch
-from sd4match.runtime import gather_dicts, git_sha
+from sd4match.runtime import gather_dicts, git_sha, hang_for_tests
 from sd4match.store import Store
 from sd4match.loss import gaussian_window_ce
 from sd4match.matching import point_correlation
@@ -133,7 +133,7 @@ def save_checkpoint(folder: Path, step: int, prompt, optimizer, state: dict) -> 
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    _test_hang(folder, f"ckpt:{step}")  # fault injection for tests: a kill in the middle of a write
+    hang_for_tests(folder, f"ckpt:{step}")  # fault injection for tests: a kill in the middle of a write
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -197,15 +197,6 @@ def _py_state():
 
 def _py_unstate(s):
     return (s[0], tuple(s[1]), s[2])
-
-
-def _test_hang(folder: Path, where: str) -> None:
-    """Fault injection for the kill-and-resume tests: with ``SD4MATCH_TEST_HANG=<where>``
-    (``step:N`` after step N is logged, ``ckpt:N`` inside the write of checkpoint N), write
-    ``<out>/.test-hang`` and wait to be killed, so a test kills at a step reached, not at a time."""
-    if os.environ.get("SD4MATCH_TEST_HANG") == where:
-        (Path(folder) / ".test-hang").write_text(where)
-        time.sleep(3600)
 
 
 # ------------------------------------------------------------------------------ data order
@@ -492,7 +483,7 @@ class Trainer:
                     continue
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                _test_hang(out, f"step:{self.step}")
+                hang_for_tests(out, f"step:{self.step}")
                 if tb:
                     for k, v in rec.items():
                         if k != "step":

@@ -292,7 +292,7 @@ def run_match(matcher: Matcher, src: str | Path, trg: str | Path, out: str | Pat
     Everything is computed before anything is written, so a bad input leaves ``out`` as it was.
     """
     from sd4match import __version__
-    from sd4match.fileio import atomic_save_image, atomic_write_text
+    from sd4match.fileio import staged_dir
     from sd4match.viz import draw_matches, heat_image
 
     a, b = open_image(src, max_side=max_side), open_image(trg, max_side=max_side)
@@ -314,17 +314,13 @@ def run_match(matcher: Matcher, src: str | Path, trg: str | Path, out: str | Pat
         arrays = d
         result["dense"] = {"grid": list(d["score"].shape), "mean_score": round(float(d["score"].mean()), 4), "mutual_fraction": round(float(d["mutual"].mean()), 4),
                            "files": ["warped.png", "confidence.png", "dense.npz"]}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, pic in pictures.items():
-        atomic_save_image(out / name, pic)
-    if arrays is not None:
-        from sd4match.fileio import atomic_path
-
-        with atomic_path(out / "dense.npz") as tmp:
-            with open(tmp, "wb") as fh:
+    with staged_dir(out) as stage:  # all files or none: an earlier run's files stay until these are complete
+        for name, pic in pictures.items():
+            pic.save(stage / name, format="PNG")
+        if arrays is not None:
+            with open(stage / "dense.npz", "wb") as fh:
                 np.savez_compressed(fh, **arrays)
-    atomic_write_text(out / "matches.json", json.dumps(result, indent=2))
+        (stage / "matches.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result
 
 
@@ -339,13 +335,15 @@ def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets
     """``sd4match transfer``: place the named ``points`` of ``source`` on every image under
     ``targets``; write ``<name>.json`` per target and ``sheet.png``; return the JSON paths.
 
-    The source's features are extracted once; each target's once.
+    The source's features are extracted once; each target's once. Results are written into
+    a staging folder and moved into ``out`` only when every target succeeded, so a failure
+    leaves an earlier run's ``out`` byte for byte as it was.
     """
     from tqdm import tqdm
 
     from sd4match import __version__
     from sd4match.data.images import list_images
-    from sd4match.fileio import atomic_save_image, atomic_write_text
+    from sd4match.fileio import staged_dir
     from sd4match.viz import contact_sheet, draw_points
 
     a = open_image(source, max_side=max_side)
@@ -355,10 +353,9 @@ def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets
     if not files:
         raise Sd4MatchError(f"{root}: no images to transfer onto")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     src_view = [{"name": n, "source": list(xy), "score": 1.0} for n, xy in points]
     tiles = [(f"source: {Path(a.name).name}", draw_points(a.image, a.size, src_view, key="source"))]
-    written = []
+    docs: dict[str, str] = {}
     for path, name in tqdm(list(zip(files, _target_names(files, root))), unit="image", desc="transfer", disable=not progress):
         b = open_image(path, max_side=max_side)
         matches = matcher.match_points(a, b, points)
@@ -366,7 +363,11 @@ def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets
                "points": [{"name": m["name"], "x": m["target"][0], "y": m["target"][1], "score": m["score"]} for m in matches],
                "source_points": [{"name": m["name"], "x": m["source"][0], "y": m["source"][1]} for m in matches],
                "settings": matcher.settings(), "model": matcher.featurizer.model_id, "sd4match": __version__}
-        written.append(atomic_write_text(out / f"{name}.json", json.dumps(doc, indent=2)))
+        docs[f"{name}.json"] = json.dumps(doc, indent=2)
         tiles.append((name, draw_points(b.image, b.size, matches, key="target")))
-    atomic_save_image(out / "sheet.png", contact_sheet(tiles, columns=sheet_columns))
-    return written
+    sheet = contact_sheet(tiles, columns=sheet_columns)
+    with staged_dir(out) as stage:
+        for fname, text in docs.items():
+            (stage / fname).write_text(text, encoding="utf-8")
+        sheet.save(stage / "sheet.png", format="PNG")
+    return [out / fname for fname in docs]

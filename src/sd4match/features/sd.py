@@ -447,6 +447,18 @@ def load_sd_components(res: ResolvedModel, *, config=None, local_files_only: boo
 
 
 def _load_parts(where: str, revision: str | None, *, local_files_only: bool):
+    from transformers.utils import logging as tlog
+
+    bars = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()  # "Loading weights" bars on stderr, for every component: off while we load, as they were after
+    try:
+        return _load_parts_quietly(where, revision, local_files_only=local_files_only)
+    finally:
+        if bars:
+            tlog.enable_progress_bar()
+
+
+def _load_parts_quietly(where: str, revision: str | None, *, local_files_only: bool):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
