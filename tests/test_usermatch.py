@@ -53,9 +53,9 @@ def test_match_cli_writes_json_and_picture(tmp_path, tiny, willow_pair):
         assert 0 <= m["target"][0] <= 300 and 0 <= m["target"][1] <= 225 and -1 <= m["score"] <= 1
     assert res["settings"]["model"]["model"] == str(tiny.resolve()) and res["settings"]["rule"] == "kernel-softargmax"
     png = Image.open(out / "matches.png")
-    # both pictures at height 480, side by side with an 8-pixel gap: 720 + 8 + 640
-    assert png.size == (720 + 8 + 640, 480)
-    arr = np.asarray(png.convert("RGB")).astype(float)
+    # both pictures at height 480, side by side with an 8-pixel gap: 720 + 8 + 640, and a 30-pixel score legend below
+    assert png.size == (720 + 8 + 640, 480 + 30)
+    arr = np.asarray(png.convert("RGB")).astype(float)[:480]
     assert arr.std() > 20  # not blank
     # the left half is photo A: its pixels equal A resized (away from the drawn points)
     left = np.asarray(Image.open(a).convert("RGB").resize((720, 480), Image.Resampling.BICUBIC)).astype(float)
@@ -96,7 +96,7 @@ def test_auto_points_and_dense_on_self(tmp_path, featurizer, willow_pair):
     mx, my = 300 // 16 + 1, 200 // 16 + 1
     assert np.abs(warped[my:-my, mx:-mx] - orig[my:-my, mx:-mx]).mean() < 1.0
     conf = Image.open(tmp_path / "d" / "confidence.png")
-    assert conf.size == (300, 200)
+    assert conf.size == (300, 200 + 30)  # the picture, then its colour bar
 
 
 def test_transfer_three_targets(tmp_path, tiny, willow_pair, willow_root):
@@ -330,3 +330,41 @@ def test_disk_cache_skips_extraction_on_the_next_run(tmp_path, featurizer, willo
     # rewritten with the same features (seeded by content; the page and match batch freely, so equal up to float summation order)
     torch.testing.assert_close(load(victim.read_bytes())["features"], good, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(m.features(src, src)[0]).all()
+
+
+def test_labels_never_overlap_nor_leave_their_picture():
+    """Twenty points crowded on one spot: every drawn label box is inside its panel and no two overlap."""
+    from PIL import ImageDraw
+
+    from sd4match.viz import _font, _Labels
+
+    img = Image.new("RGB", (400, 300))
+    placer = _Labels(ImageDraw.Draw(img), _font(12))
+    panel = (0, 0, 200, 300)
+    placed = [placer.place(190 + (i % 3), 5 + (i // 3), 3, f"p{i}", panel) for i in range(20)]
+    assert any(placed) and not all(placed)  # crowded: some stay unlabelled rather than collide
+    for i, a in enumerate(placer.boxes):
+        assert a[0] >= 0 and a[1] >= 0 and a[2] <= 200 and a[3] <= 300
+        for b in placer.boxes[i + 1 :]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+
+
+def test_automatic_points_lie_on_the_salient_objects(fixture_images):
+    """The offline first run: with effnet-lite0 on cat.jpg -> pets.jpg, the automatic points sit on
+    the cat and their matches on the dogs (hand-drawn boxes around the animals, in pixels)."""
+    from sd4match.features import load_featurizer
+
+    m = Matcher(load_featurizer("effnet-lite0"), "empty", rule="nn")
+    a, b = open_image(fixture_images / "cat.jpg"), open_image(fixture_images / "pets.jpg")
+    pts = m.auto_points(a, b)
+    assert 8 <= len(pts) <= 20
+    sa, sb = a.size[0] / 721, b.size[0] / 572  # the boxes were read off the pictures drawn 480 px tall
+    cat = (60 * sa, 40 * sa, 520 * sa, 480 * sa)
+    dogs = [(110 * sb, 0, 300 * sb, 330 * sb), (370 * sb, 170 * sb, 572 * sb, 420 * sb)]
+    inside = lambda p, box: box[0] <= p[0] <= box[2] and box[1] <= p[1] <= box[3]  # noqa: E731
+    on_cat = sum(inside(xy, cat) for _, xy in pts)
+    targets = [t["target"] for t in m.match_points(a, b, pts)]
+    on_dogs = sum(any(inside(t, d) for d in dogs) for t in targets)
+    assert on_cat >= 0.8 * len(pts) and on_dogs >= 0.7 * len(pts), (on_cat, on_dogs, len(pts))
+    # spread: no two points on the same cell
+    assert len({xy for _, xy in pts}) == len(pts)

@@ -241,3 +241,22 @@ def dense_match(src_feats: torch.Tensor, trg_feats: torch.Tensor, rule: str = "n
     if mutual:
         scores = torch.where(is_mutual, scores, torch.zeros_like(scores))
     return {"cells": cells, "scores": scores, "mutual": is_mutual}
+
+
+def border_contrast(feats: torch.Tensor, quantile: float = 0.9) -> torch.Tensor:
+    """How unlike the picture's border each cell is: a cheap saliency prior (the object of a
+    photo rarely fills its border). 1 - the ``quantile`` of a cell's cosine to the border
+    cells, scaled to [0, 1] per picture.
+
+    Shape:
+        feats: (B, C, h, w) -> (B, h, w).
+    """
+    _check("feats", feats, 4)
+    b, c, h, w = feats.shape
+    f = l2_normalize(feats.float(), dim=1).reshape(b, c, h * w)
+    ring = torch.zeros(h, w, dtype=torch.bool, device=feats.device)
+    ring[0], ring[-1], ring[:, 0], ring[:, -1] = True, True, True, True
+    sim = torch.einsum("bcn,bcm->bnm", f, f[:, :, ring.reshape(-1)])  # (B, hw, border cells)
+    sal = 1 - torch.quantile(sim, quantile, dim=-1)
+    lo, hi = sal.amin(dim=-1, keepdim=True), sal.amax(dim=-1, keepdim=True)
+    return ((sal - lo) / (hi - lo).clamp_min(1e-9)).reshape(b, h, w)

@@ -229,16 +229,40 @@ class Matcher:
         cells = self.featurizer.cell_map(a.size).pixel_to_cell(torch.tensor([point], dtype=torch.float32, device=fa.device))[None]
         return point_correlation(fa, fb, cells)[0, 0].float().cpu().numpy()
 
-    def auto_points(self, a: UserImage, b: UserImage, *, min_score: float = 0.0, max_points: int = 50) -> list[tuple[str, tuple[float, float]]]:
-        """Source points for ``match`` without ``--points``: the centres of the cells of ``a`` whose
-        nearest neighbour in ``b`` is mutual, best ``max_points`` with cosine >= ``min_score``."""
+    def auto_points(self, a: UserImage, b: UserImage, *, min_score: float = 0.0, max_points: int = 20) -> list[tuple[str, tuple[float, float]]]:
+        """Source points for ``match`` without ``--points``: cells of ``a`` on the salient object
+        whose nearest neighbour in ``b`` is mutual and also on the object there, spread out.
+
+        Saliency is ``border_contrast`` (cells unlike the picture's border); candidates are
+        ranked by cosine x saliency in ``a`` x saliency of the match in ``b``, then taken
+        greedily at least ``max(h, w) / 8`` cells apart (then ``/ 16``, if too few remain).
+        """
+        from sd4match.matching import border_contrast
+
         fa, fb = self.features(a, b)
         d = dense_match(fa, fb, "nn")
-        keep = d["mutual"][0] & (d["scores"][0] >= min_score)
-        idx = torch.nonzero(keep).flatten()
-        idx = idx[torch.argsort(d["scores"][0][idx], descending=True, stable=True)][:max_points]
         h, w = fa.shape[-2:]
-        centres = torch.stack([idx % w, idx // w], dim=-1).float()  # cell i is centred at the integer i
+        hb, wb = fb.shape[-2:]
+        sal_a, sal_b = border_contrast(fa)[0].reshape(-1), border_contrast(fb)[0].reshape(-1)
+        cells = d["cells"][0].round().long()
+        matched = (cells[:, 1] * wb + cells[:, 0]).clamp(0, hb * wb - 1)
+        on_object = (sal_a >= 0.7) & (sal_b[matched] >= 0.7)
+        keep = d["mutual"][0] & (d["scores"][0] >= min_score)
+        if int((keep & on_object).sum()) >= min(3, max_points):
+            keep = keep & on_object
+        rank = d["scores"][0] * sal_a * sal_b[matched]
+        idx = torch.nonzero(keep).flatten()
+        idx = idx[torch.argsort(rank[idx], descending=True, stable=True)].tolist()
+        chosen: list[int] = []
+        for gap in (max(h, w) / 8, max(h, w) / 16):  # spread first, then closer points; never two on one spot
+            for i in idx:
+                if len(chosen) >= max_points:
+                    break
+                if i in chosen:
+                    continue
+                if all((i % w - j % w) ** 2 + (i // w - j // w) ** 2 >= gap**2 for j in chosen):
+                    chosen.append(i)
+        centres = torch.tensor([[i % w, i // w] for i in chosen], dtype=torch.float32).reshape(-1, 2)  # cell i is centred at the integer i
         px = self.featurizer.cell_map(a.size).cell_to_pixel(centres).cpu().numpy()
         return [(f"p{i}", (round(float(x), 2), round(float(y), 2))) for i, (x, y) in enumerate(px)]
 
@@ -284,7 +308,7 @@ def _describe(img: UserImage, path) -> dict:
 
 
 def run_match(matcher: Matcher, src: str | Path, trg: str | Path, out: str | Path, *, points: Sequence | None = None, dense: bool = False,
-              min_score: float = 0.0, max_points: int = 50, max_side: int = MAX_SIDE) -> dict:
+              min_score: float = 0.0, max_points: int = 20, max_side: int = MAX_SIDE) -> dict:
     """``sd4match match``: write ``matches.json`` and ``matches.png`` (and with ``dense``,
     ``warped.png``, ``confidence.png`` and ``dense.npz``) into ``out``; return the JSON.
 
@@ -310,7 +334,7 @@ def run_match(matcher: Matcher, src: str | Path, trg: str | Path, out: str | Pat
     if dense:
         d = matcher.dense(a, b)
         pictures["warped.png"] = warp_onto(a, b, d, matcher.featurizer.cell_map(b.size))
-        pictures["confidence.png"] = heat_image(d["score"], b.image.size, lo=0.0, hi=1.0)
+        pictures["confidence.png"] = heat_image(d["score"], b.image.size, lo=0.0, hi=1.0, colorbar="match score (cosine) per cell of B:")
         arrays = d
         result["dense"] = {"grid": list(d["score"].shape), "mean_score": round(float(d["score"].mean()), 4), "mutual_fraction": round(float(d["mutual"].mean()), 4),
                            "files": ["warped.png", "confidence.png", "dense.npz"]}

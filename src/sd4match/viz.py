@@ -49,9 +49,55 @@ def _mark(draw: ImageDraw.ImageDraw, x: float, y: float, r: int, colour, name: s
         draw.text((x + r + 1, y - r - 1), name, fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
 
 
+class _Labels:
+    """Places text boxes that neither overlap each other nor leave their panel."""
+
+    def __init__(self, draw: ImageDraw.ImageDraw, font):
+        self.draw, self.font, self.boxes = draw, font, []
+
+    def place(self, x: float, y: float, r: int, text: str, panel: tuple[float, float, float, float]) -> bool:
+        l, t, rr, b = self.draw.textbbox((0, 0), text, font=self.font, stroke_width=2)
+        tw, th = rr - l, b - t
+        px0, py0, px1, py1 = panel
+        for dx, dy in ((r + 2, -th - 1), (r + 2, 1), (-tw - r - 2, -th - 1), (-tw - r - 2, 1), (-tw / 2, -th - r - 2), (-tw / 2, r + 2),
+                       (r + 2, -th / 2), (-tw - r - 2, -th / 2)):
+            box = (x + dx, y + dy, x + dx + tw, y + dy + th)
+            if box[0] < px0 or box[1] < py0 or box[2] > px1 or box[3] > py1:
+                continue
+            if any(not (box[2] <= o[0] or box[0] >= o[2] or box[3] <= o[1] or box[1] >= o[3]) for o in self.boxes):
+                continue
+            self.boxes.append(box)
+            self.draw.text((box[0] - l, box[1] - t), text, fill=(255, 255, 255), font=self.font, stroke_width=2, stroke_fill=(0, 0, 0))
+            return True
+        return False  # no free place: the dot stays unlabelled (matches.json has every name)
+
+
+def _legend(canvas: Image.Image, lo: float, hi: float, title: str, colour_of, height: int = 30) -> Image.Image:
+    """``canvas`` with a band below it: ``title`` and a gradient from ``lo`` to ``hi`` through ``colour_of``."""
+    out = Image.new("RGB", (canvas.width, canvas.height + height), (255, 255, 255))
+    out.paste(canvas, (0, 0))
+    draw = ImageDraw.Draw(out)
+    font = _font(max(10, height // 2 - 2))
+    y0 = canvas.height + 5
+    bar_h = height - 10
+    lo_text = f"{lo:.2f}"
+    draw.text((6, y0), title, fill=(0, 0, 0), font=font)
+    x = 6 + draw.textlength(title, font=font) + 8
+    draw.text((x, y0), lo_text, fill=(0, 0, 0), font=font)
+    x0 = int(x + draw.textlength(lo_text, font=font) + 6)
+    bar_w = max(40, min(260, canvas.width - x0 - 60))
+    for i in range(bar_w):
+        draw.line([(x0 + i, y0), (x0 + i, y0 + bar_h)], fill=colour_of(lo + (hi - lo) * i / max(bar_w - 1, 1)))
+    draw.rectangle([x0, y0, x0 + bar_w, y0 + bar_h], outline=(0, 0, 0))
+    draw.text((x0 + bar_w + 6, y0), f"{hi:.2f}", fill=(0, 0, 0), font=font)
+    return out
+
+
 def draw_matches(src: Image.Image, trg: Image.Image, src_size: Sequence[int], trg_size: Sequence[int], matches: Sequence[dict], *,
                  height: int = 480, labels: bool = True, gap: int = 8) -> Image.Image:
-    """``src`` and ``trg`` side by side with a line per match, coloured by its score.
+    """``src`` and ``trg`` side by side with a line per match, coloured by its score (red
+    lowest to green highest of these matches, with a legend); labels never overlap each
+    other or leave their picture.
 
     ``matches`` are ``{"name", "source": [x, y], "target": [x, y], "score"}`` in original pixels.
     """
@@ -63,20 +109,39 @@ def draw_matches(src: Image.Image, trg: Image.Image, src_size: Sequence[int], tr
     sa, sb = (a.width / src_size[0], height / src_size[1]), (b.width / trg_size[0], height / trg_size[1])
     r = max(3, height // 120)
     font = _font(max(10, height // 40))
-    for m in matches:
+    scores = [float(m.get("score", 1.0)) for m in matches]
+    lo, hi = (min(scores), max(scores)) if scores else (0.0, 1.0)
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.05, hi + 0.05
+
+    def colour(v):
+        return confidence_colour(v, lo, hi)
+
+    ends = []
+    for m, sc in zip(matches, scores):
         (xs, ys), (xt, yt) = m["source"], m["target"]
         p = (xs * sa[0], ys * sa[1])
         q = (a.width + gap + xt * sb[0], yt * sb[1])
-        col = confidence_colour(m.get("score", 1.0))
-        draw.line([p, q], fill=col, width=max(1, r // 2))
-        for x, y in (p, q):
-            _mark(draw, x, y, r, col, str(m["name"]) if labels and m.get("name") else None, font)
-    return canvas
+        draw.line([p, q], fill=colour(sc), width=max(1, r // 2))
+        ends.append((p, q, colour(sc), str(m.get("name") or "")))
+    placer = _Labels(draw, font)
+    for p, q, col, name in ends:
+        for (x, y), panel in ((p, (0, 0, a.width, height)), (q, (a.width + gap, 0, a.width + gap + b.width, height))):
+            _mark(draw, x, y, r, col, None, font)
+            if labels and name:
+                placer.place(x, y, r, name, panel)
+    return _legend(canvas, lo, hi, "match score (cosine):", colour) if matches else canvas
 
 
-def heat_image(values: np.ndarray, size: Sequence[int], lo: float | None = None, hi: float | None = None) -> Image.Image:
-    """``values`` (h, w) coloured, stretched to ``size`` = (W, H)."""
-    return Image.fromarray(colormap(values, lo, hi)).resize(tuple(size), Image.Resampling.BILINEAR)
+def heat_image(values: np.ndarray, size: Sequence[int], lo: float | None = None, hi: float | None = None, *, colorbar: str | None = None) -> Image.Image:
+    """``values`` (h, w) coloured (turbo), stretched to ``size`` = (W, H); with ``colorbar``
+    (its title), a colour bar from ``lo`` to ``hi`` below the picture."""
+    lo = float(np.min(values)) if lo is None else lo
+    hi = float(np.max(values)) if hi is None else hi
+    img = Image.fromarray(colormap(values, lo, hi)).resize(tuple(size), Image.Resampling.BILINEAR)
+    if colorbar is None:
+        return img
+    return _legend(img, lo, hi, colorbar, lambda v: tuple(int(c) for c in colormap(np.array([[v]]), lo, hi)[0, 0]))
 
 
 def contact_sheet(tiles: Sequence[tuple[str, Image.Image]], *, tile_height: int = 240, columns: int = 4, pad: int = 6) -> Image.Image:
