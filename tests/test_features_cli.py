@@ -79,3 +79,12 @@ def test_dinov2_features_use_the_same_cache(tmp_path, small_images):
     files = {p.name: p.stat().st_mtime_ns for p in out.glob("features/*.safetensors")}
     assert main(["features", "--model", str(model), "--images", str(small_images), "--out", str(out), "--device", "cpu"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("features/*.safetensors")} == files
+
+
+def test_store_files_have_the_permissions_of_index_json(tmp_path, small_images):
+    import stat
+
+    out = tmp_path / "cache"
+    assert run_features(small_images, out) == 0
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in [out / "index.json", *out.glob("features/*.safetensors")]}
+    assert len(modes) == 1, modes

@@ -8,6 +8,17 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux), else the usual 022."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path``: write it inside the block; on success it is
@@ -19,6 +30,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # as a plainly created file (some writers make 0600 files)
         tmp.replace(path)
     finally:
         if tmp.exists():
