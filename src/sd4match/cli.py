@@ -367,8 +367,13 @@ def cmd_train(args) -> int:
     check_dataset(cfg.dataset, cfg.root, [cfg.train_split] + ([cfg.val_split] if cfg.val_every else []))
     check_output_folder(args.out)
     resume = check_run_folder(args.out, resume=args.resume, resume_or_start=args.resume_or_start)
+    from sd4match.runtime import distributed_rank_world, finish_distributed
+
     out = Trainer(cfg, args.out, progress=not args.no_progress).run(resume=resume)
-    print(f"trained prompt: {out / 'best'} (last: {out / 'last'})", file=sys.stderr)
+    rank = distributed_rank_world()[0]
+    finish_distributed()
+    if rank == 0:
+        print(f"trained prompt: {out / 'best'} (last: {out / 'last'})", file=sys.stderr)
     return 0
 
 
@@ -392,7 +397,11 @@ def cmd_evaluate(args) -> int:
     dino = _dino_for(args.prompt, args.dino, feat)
     store = Store(folder=args.cache_dir) if args.cache_dir else None
     out = evaluate(feat, cfg, args.out, dino=dino, progress=not args.no_progress, records=recs, store=store, resume=args.resume, request=request)
-    if distributed_rank_world()[0] != 0:
+    from sd4match.runtime import finish_distributed
+
+    rank = distributed_rank_world()[0]
+    finish_distributed()
+    if rank != 0:
         return 0
     print(print_score(out))
     print(f"predictions and score in {out}", file=sys.stderr)

@@ -186,6 +186,7 @@ def predict_pairs(featurizer, prompt, records: Sequence[PairRecord], root, cfg: 
             bar.update(1)
             yield e[0].id, e[1] if isinstance(e[1], BaseException) else e[2]
     finally:
+        loaded.close()  # stop the loader threads, also when the consumer stopped early
         bar.close()
 
 

@@ -78,13 +78,16 @@ def prefetch(items: Iterable[T], fn: Callable[[T], R], *, workers: int = 4, ahea
             yield x, safe(x)
         return
     it = iter(items)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sd4match-load") as ex:
+    ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sd4match-load")
+    try:
         queue = [(x, ex.submit(safe, x)) for x in itertools.islice(it, ahead)]
         while queue:
             x, fut = queue.pop(0)
             for nxt in itertools.islice(it, 1):
                 queue.append((nxt, ex.submit(safe, nxt)))
             yield x, fut.result()
+    finally:  # also when the consumer stops early (generator closed): drop what is queued, wait for what runs
+        ex.shutdown(wait=True, cancel_futures=True)
 
 
 class Frozen:

@@ -81,6 +81,16 @@ def gather_dicts(mine: dict) -> dict:
     return merged
 
 
+def finish_distributed() -> None:
+    """Wait for every process, then close the process group (an open gloo group torn down at
+    interpreter exit while another rank still talks can abort the process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def git_sha() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)

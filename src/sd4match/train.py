@@ -289,9 +289,16 @@ class Trainer:
         res = self.feat.resolution
         return [tuple(Picture(im).prepare(res) for im in load_pair_images(self.cfg.root, r)) for r in job[2]]
 
+    def close_loader(self) -> None:
+        """Stop the loader threads (they decode ahead; nothing may run on when the run ends)."""
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
+
     def next_micro(self, step: int, m: int):
         """The records and decoded pictures of micro-batch ``m`` of ``step``, made ahead by loader threads."""
         if self._loader is None or self._loader_step != (step, m):
+            self.close_loader()
             self._loader = prefetch(self._micro_jobs(step), self._load_pictures, workers=self.cfg.workers, ahead=2 * max(1, self.cfg.batch_size // self.cfg.micro_batch))
         (s, mm, recs), pics = next(self._loader)
         assert (s, mm) == (step, m)
@@ -493,6 +500,7 @@ class Trainer:
                     prune_checkpoints(out, cfg.keep_checkpoints)
         finally:
             bar.close()
+            self.close_loader()
             if log:
                 log.close()
             if tb:
