@@ -212,6 +212,18 @@ def main() -> None:
             row(f"featurize new image, ensemble 8, batch {b}, per image (ours)", 1000 * sec / b, "ms", mb)
             if args.compile:
                 row(f"  first call incl. compilation, batch {b}", first, "s")
+        from sd4match.features.dino import DinoConfig, DinoFeaturizer
+        from sd4match.features.fused import FusedFeaturizer
+
+        fused = FusedFeaturizer(feat, dino.model, dino_id=dino.model_id)
+        with torch.no_grad():
+            sec, mb = timed(lambda: fused(x4, prompt_embeds=cond, generator=g), dev)
+        row("featurize new image, SD + DINOv2 fused, ensemble 8, batch 4, per image", 1000 * sec / 4, "ms", mb)
+        alone = DinoFeaturizer(dino.model, DinoConfig(mode="squash", resolution=840 if sd21 else 112), model_id=dino.model_id)
+        with torch.no_grad():
+            sec, mb = timed(lambda: alone(x4), dev)
+        row(f"featurize new image, DINOv2 alone at {alone.resolution} ({alone.grid_size[0]} x {alone.grid_size[1]}), batch 4, per image",
+            1000 * sec / 4, "ms", mb)
         if dev.type == "cuda":  # the official code's way, on fp16 copies of the same modules
             import copy
 

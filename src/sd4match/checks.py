@@ -30,10 +30,13 @@ def check_picture(path: str | Path, *, decode: bool = True) -> tuple[int, int]:
 
 
 def check_model(model: str) -> None:
-    """``--model`` names something that can exist (registry name, hub id, folder or file)."""
+    """``--model`` names something that can exist (registry name, hub id, folder or file, or
+    ``SD+DINOv2``)."""
+    from sd4match.features import split_fused
     from sd4match.features.registry import resolve
 
-    resolve(model)
+    for part in split_fused(model) or (model,):
+        resolve(part)
 
 
 def check_prompt(spec: str, *, needs_text_encoder: bool = True) -> str | None:

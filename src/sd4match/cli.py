@@ -19,6 +19,12 @@ from sd4match.errors import Sd4MatchError
 
 DATASET_NAMES = ("spair", "pfpascal", "pfwillow", "synthetic")
 MATCH_RULES = ("kernel-softargmax", "softargmax", "nn", "bilinear")  # sd4match.matching.MATCH_RULES, the paper's first (no torch import here)
+#: Zero-shot rows of published tables, each one `evaluate` (README: "Zero-shot baselines").
+EVAL_PRESETS = {
+    "dift": {"model": "sd-2-1", "timestep": 261, "up_block": 1, "ensemble": 8, "prompt": "text", "match": "nn"},
+    "dinov2": {"model": "dinov2-b", "resolution": 840, "prompt": "empty", "match": "nn"},
+    "sd-dino-fuse": {"model": "sd-2-1+dinov2-b", "timestep": 261, "up_block": 1, "ensemble": 8, "prompt": "text", "match": "nn"},
+}
 PROTOCOL_HELP = "sd4match = the official SD4Match code's frame (768 x 768); standard = the field's common frame (original pixels)"
 
 
@@ -60,7 +66,10 @@ def _dataset_args(p: argparse.ArgumentParser, split: bool = True) -> None:
 def _model_args(p: argparse.ArgumentParser, *, compile_default: str = "off") -> None:
     """What every command that runs a model takes."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="sd-2-1", help="registry name (sd-2-1, sd-1-5, effnet-lite0, dinov2-b), hub id, diffusers folder or .safetensors/.ckpt file")
+    g.add_argument("--model", default="sd-2-1",
+                   help="registry name (sd-2-1, sd-1-5, dinov2-b, effnet-lite0), hub id, diffusers folder or .safetensors/.ckpt file; SD+DINOV2 (e.g. sd-2-1+dinov2-b) fuses both")
+    g.add_argument("--dino-input", default="official", choices=("official", "imagenet"),
+                   help="fused models: DINOv2 sees the picture as SD does, in [-1, 1] (official), or ImageNet-normalised")
     g.add_argument("--model-config", help="for a single checkpoint file: the diffusers folder or hub id with its component configs")
     g.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
     g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -96,7 +105,8 @@ def load_model(args):
     from sd4match.runtime import pick_device, pick_dtype
 
     dev = pick_device(args.device)
-    kw = {"timestep": args.timestep, "up_block": args.up_block, "ensemble": args.ensemble, "max_batch": args.max_batch, "compile": _compile_on(args, dev)}
+    kw = {"timestep": args.timestep, "up_block": args.up_block, "ensemble": args.ensemble, "max_batch": args.max_batch, "compile": _compile_on(args, dev),
+          "dino_input": args.dino_input}
     if args.model_config:
         kw["config"] = args.model_config
     if args.resolution:
@@ -135,6 +145,12 @@ def _check_common(args, *, prompt: bool = True) -> None:
         check_prompt(args.prompt)
     if getattr(args, "out", None) is not None:
         check_output_folder(args.out)
+
+
+def _evaluate_defaults() -> dict:
+    sub = next(a for a in build_parser()._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+    p = sub.choices["evaluate"]
+    return {a.dest: a.default for a in p._actions}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("evaluate", "predict a split with a prompt; write predictions.jsonl and score.json")
     _dataset_args(p)
+    p.add_argument("--preset", choices=sorted(EVAL_PRESETS),
+                   help="a zero-shot baseline's settings (dift, dinov2, sd-dino-fuse); flags given explicitly override them")
     p.add_argument("--prompt", default="empty", help="a prompt folder, 'empty', 'text' ('a photo of a {category}') or 'text:<template with {category}>'")
     p.add_argument("--dino", default="dinov2-b", help="DINOv2 model for CPM prompts")
     p.add_argument("--match", default="kernel-softargmax", choices=MATCH_RULES, help="match rule")
@@ -377,8 +395,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _apply_preset(args, parser_defaults: dict) -> None:
+    """Set the preset's values on every argument still at its default."""
+    for k, v in EVAL_PRESETS[args.preset].items():
+        if getattr(args, k) == parser_defaults.get(k):
+            setattr(args, k, v)
+
+
 def cmd_evaluate(args) -> int:
     from sd4match.checks import check_dataset
+
+    if args.preset:
+        _apply_preset(args, _evaluate_defaults())
     from sd4match.evaluate import EvalConfig, evaluate, print_score
     from sd4match.runtime import distributed_rank_world
     from sd4match.store import Store
@@ -388,10 +416,10 @@ def cmd_evaluate(args) -> int:
     if args.limit:
         recs = recs[: args.limit]
     cfg = EvalConfig(args.dataset, str(args.root), args.split, args.prompt, args.match, args.protocol, args.alphas, args.seed, limit=args.limit,
-                     workers=args.workers, skip_bad=args.skip_bad)
+                     workers=args.workers, skip_bad=args.skip_bad, preset=args.preset)
     from sd4match.evaluate import check_evaluation_folder
 
-    request = {k: getattr(args, k) for k in ("model", "model_config", "dtype", "timestep", "up_block", "ensemble", "resolution", "dino")}
+    request = {k: getattr(args, k) for k in ("model", "model_config", "dtype", "timestep", "up_block", "ensemble", "resolution", "dino", "dino_input")}
     check_evaluation_folder(args.out, resume=args.resume, cfg=cfg, request=request)
     feat = load_model(args)
     dino = _dino_for(args.prompt, args.dino, feat)

@@ -40,7 +40,7 @@ from sd4match.store import Store
 PARTIAL = "predictions.partial.jsonl"
 RUN = "run.json"
 #: settings that may differ between a run and its resumption
-_VOLATILE = ("settings", "workers", "chunk", "skip_bad")
+_VOLATILE = ("settings", "workers", "chunk", "skip_bad", "preset")
 
 
 @dataclass
@@ -60,6 +60,7 @@ class EvalConfig:
     workers: int = 4  # loader threads decoding and resizing ahead
     chunk: int = 32  # loader threads decode up to 2 x chunk pairs ahead
     skip_bad: bool = False  # go past pairs with unreadable images (scored as missing, listed in score.json)
+    preset: str | None = None  # a zero-shot baseline's settings (dift, dinov2, sd-dino-fuse), when one was asked for
     settings: dict = field(default_factory=dict)  # the featurizer's, filled in
 
 

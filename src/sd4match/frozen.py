@@ -177,7 +177,8 @@ class Frozen:
             post = self.posteriors(pics)
             gens = generator if generator is not None else self.generators(pics)
             self.calls["unet"].append(len(pics) * self.featurizer.config.ensemble)
-            return self.featurizer(None, posteriors=post, prompt_embeds=embeds, generator=gens)
+            extra = {"pixels": self.batch_tensor(pics)} if getattr(self.featurizer, "needs_pixels", False) else {}
+            return self.featurizer(None, posteriors=post, prompt_embeds=embeds, generator=gens, **extra)
 
     def pictures_per_call(self) -> int:
         """Pictures per UNet call: ``max_batch // ensemble`` (at least 1)."""

@@ -225,7 +225,7 @@ class Trainer:
     """Holds the frozen models, the prompt, the optimiser and the data of one run."""
 
     def __init__(self, cfg: TrainConfig, out: str | Path, *, featurizer=None, dino=None, progress: bool = True):
-        from sd4match.features import DinoFeaturizer, SDFeaturizer
+        from sd4match.features import DinoFeaturizer, load_featurizer
         from sd4match.prompts import make_prompt
         from sd4match.runtime import distributed_rank_world, pick_device, pick_dtype
 
@@ -237,8 +237,10 @@ class Trainer:
             raise Sd4MatchError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch {cfg.micro_batch}")
         dev = pick_device(cfg.device)
         wdt = pick_dtype(cfg.dtype, dev) if cfg.amp_dtype is None else torch.float32
-        self.feat = featurizer or SDFeaturizer.from_pretrained(cfg.model, timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble,
-                                                               resolution=cfg.resolution, amp_dtype=cfg.amp_dtype).to(dev, wdt)
+        self.feat = featurizer or load_featurizer(cfg.model, timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble,
+                                                  resolution=cfg.resolution, amp_dtype=cfg.amp_dtype).to(dev, wdt)
+        if not hasattr(self.feat, "posterior"):
+            raise Sd4MatchError(f"{cfg.model}: prompts are learned for Stable Diffusion (or SD+DINOv2) models, not {self.feat.model_id}")
         self.feat.reconfigure(timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, resolution=cfg.resolution, amp_dtype=cfg.amp_dtype,
                               compile=cfg.compile == "on" or (cfg.compile == "auto" and torch.device(dev).type == "cuda"))
         ds = open_dataset(cfg.dataset, cfg.root)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sd4match.errors import Sd4MatchError
 from sd4match.features.base import CellMap, Featurizer, images_to_tensor
 from sd4match.features.dino import DinoFeaturizer
 from sd4match.features.effnet import EffNetFeaturizer
@@ -11,17 +12,40 @@ from sd4match.features.registry import REGISTRY, resolve
 from sd4match.features.sd import SDFeaturizer, SDFeaturizerConfig
 
 
-def load_featurizer(model: str | Path, **kwargs) -> Featurizer:
-    """The featurizer for ``model``: ``effnet-lite0``, or any Stable Diffusion source.
+def split_fused(model: str | Path) -> tuple[str, str] | None:
+    """``"SD+DINO"`` (any SD source, then a DINOv2 source) -> (sd, dino); None for one model."""
+    text = str(model)
+    if "+" not in text:
+        return None
+    sd, dino = text.rsplit("+", 1)
+    try:
+        if not _is_dinov2(resolve(dino)):
+            return None
+    except Sd4MatchError:
+        return None
+    return sd, dino
 
-    Keyword arguments go to the featurizer's ``from_pretrained``; SD-only settings
-    (timestep, up_block, ensemble, ...) are ignored by ``effnet-lite0``.
+
+def load_featurizer(model: str | Path, *, dino_input: str = "official", **kwargs) -> Featurizer:
+    """The featurizer for ``model``: ``effnet-lite0``; a DINOv2 source (the matching
+    backbone, squashed to ``resolution``, default 840); any Stable Diffusion source; or
+    ``SD+DINOv2`` (e.g. ``sd-2-1+dinov2-b``): the fusion of both (``FusedFeaturizer``).
+
+    Keyword arguments go to the featurizer's ``from_pretrained``; settings a featurizer
+    does not have (timestep, ensemble, ...) are ignored by it.
     """
+    fused = split_fused(model)
+    if fused is not None:
+        from sd4match.features.fused import FusedFeaturizer
+
+        sd = SDFeaturizer.from_pretrained(fused[0], **kwargs)
+        net, dino_id = DinoFeaturizer.load_model(fused[1], local_files_only=kwargs.get("local_files_only"))
+        return FusedFeaturizer(sd, net, dino_input=dino_input, dino_id=dino_id)
     res = resolve(model)
     if res.kind == "builtin" and res.name == "effnet-lite0":
         return EffNetFeaturizer.from_pretrained(**{k: v for k, v in kwargs.items() if k in ("resolution", "max_batch")})
     if _is_dinov2(res):
-        return DinoFeaturizer.from_pretrained(model, **{k: v for k, v in kwargs.items() if k == "local_files_only"})
+        return DinoFeaturizer.from_pretrained(model, resolution=kwargs.get("resolution") or 840, local_files_only=kwargs.get("local_files_only"))
     return SDFeaturizer.from_pretrained(model, **kwargs)
 
 
