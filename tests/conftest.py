@@ -65,3 +65,13 @@ def spair_with_images(tmp_path, spair_root) -> Path:
 @pytest.fixture
 def fixture_images() -> Path:
     return fixture_dir("images")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` (compilation, long runs) run only when selected: ``pytest -m slow``."""
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with `python -m pytest -m slow`")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

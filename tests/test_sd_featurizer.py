@@ -212,3 +212,29 @@ def test_per_picture_generators_make_features_independent_of_the_batch(tiny_sd2)
     for i, s in enumerate(seeds):
         alone = feat(x[i : i + 1], generator=torch.Generator().manual_seed(s))
         torch.testing.assert_close(batched[i : i + 1], alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style", ["sd1", "sd2"])
+def test_compiled_early_exit_equals_the_full_forward(style, tiny_sd1, tiny_sd2):
+    """torch.compile of the early-exit function and the VAE: the same features as eager (slow: compiles)."""
+    from diffusers import UNet2DConditionModel
+
+    path = tiny_sd1 if style == "sd1" else tiny_sd2
+    feat = SDFeaturizer.from_pretrained(path, resolution=64, ensemble=2, compile=True)
+    full = UNet2DConditionModel.from_pretrained(path, subfolder="unet").eval()
+    g = torch.Generator().manual_seed(1)
+    noisy, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([261, 50])
+    cond = torch.randn(2, 77, feat.prompt_dim, generator=g)
+    for k in range(len(full.up_blocks)):
+        feat.reconfigure(up_block=k)
+        seen = {}
+        h = full.up_blocks[k].register_forward_hook(lambda m, a, o: seen.setdefault("out", o))
+        with torch.no_grad():
+            full(noisy, t, encoder_hidden_states=cond)
+            early = feat.unet_features(noisy, t, cond)
+        h.remove()
+        torch.testing.assert_close(early, seen["out"], rtol=1e-4, atol=1e-5)
+    x = images(b=2)
+    eager = SDFeaturizer.from_pretrained(path, resolution=64)
+    torch.testing.assert_close(feat.posterior(feat.preprocess(x))[0], eager.posterior(eager.preprocess(x))[0], rtol=1e-4, atol=1e-5)

@@ -2,6 +2,7 @@
 to a one-pair-at-a-time run, on the real PF-Willow fixture with tiny random models."""
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -151,3 +152,19 @@ def test_dinov2_tokens_through_the_store_equal_direct(models, fixture_images):
     b = f.tokens(pics)  # from the store
     assert torch.equal(a, b) and f.calls["dino"] == [1, 1]  # two distinct pictures, one call each
     assert torch.equal(a[0], dino.tokens([pics[0].image])[0])
+
+
+def test_pipeline_benchmark_runs_on_cpu_with_tiny_models(tmp_path):
+    """benchmarks/pipeline.py --size tiny: every part runs end to end and reports its rows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline.py"
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, str(script), "--size", "tiny", "--train-steps", "1", "--eval-pairs", "8", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert "Projected SPair-71k test" in p.stdout and "Projected 30k training steps" in p.stdout
+    assert res["evaluate_CPM_s_per_pair"] > 0 and res["train_cpm_9_s_per_step"] > 0
