@@ -232,3 +232,46 @@ def test_page_in_headless_chromium_shows_the_cli_match(server, browser, willow_p
     # the heat map is drawn over image B: its canvas is no longer the plain picture
     png = browser.find_element(By.ID, "canvas-b").screenshot_as_png
     assert len(png) > 1000
+
+
+def test_page_opens_with_two_pictures_and_shows_a_colour_bar(tiny, tmp_path, willow_pair, browser):
+    """serve --images DIR: the first screen shows two of its pictures (not two empty boxes); a
+    click draws the heat map over the other picture with its colour bar and cosine range."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for p in willow_pair:
+        (pics / p.name).write_bytes(p.read_bytes())
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "sd4match", "serve", "--model", str(tiny), *MODEL_ARGS, "--port", str(port), "--images", str(pics)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(url + "api/config", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
+                time.sleep(0.3)
+        wait = WebDriverWait(browser, 120)
+        browser.get(url)
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "ready")
+        assert browser.find_element(By.ID, "canvas-a").get_attribute("data-image-id")
+        assert browser.find_element(By.ID, "canvas-b").get_attribute("data-image-id")
+        assert not browser.find_element(By.ID, "colorbar-b").is_displayed()
+        ActionChains(browser).move_to_element(browser.find_element(By.ID, "canvas-a")).click().perform()
+        wait.until(lambda d: d.find_element(By.ID, "result").get_attribute("data-target"))
+        bar = browser.find_element(By.ID, "colorbar-b")
+        assert bar.is_displayed() and not browser.find_element(By.ID, "colorbar-a").is_displayed()
+        lo, hi = (float(bar.find_element(By.CLASS_NAME, c).text) for c in ("lo", "hi"))
+        assert -1 <= lo < hi <= 1
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
