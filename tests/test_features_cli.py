@@ -72,12 +72,14 @@ def test_dinov2_features_use_the_same_cache(tmp_path, small_images):
 
     model = tiny_dinov2(tmp_path / "dino")
     out = tmp_path / "dino-cache"
-    assert main(["features", "--model", str(model), "--images", str(small_images), "--out", str(out), "--device", "cpu"]) == 0
+    args = ["features", "--model", str(model), "--images", str(small_images), "--out", str(out), "--device", "cpu", "--resolution", "112"]
+    assert main(args) == 0
     idx = json.loads((out / "index.json").read_text())
-    assert idx["settings"]["featurizer"] == "dinov2" and idx["images"]["cat.jpg"]["grid_size"] == [16, 16]
-    assert load_cached(out / "index.json", "owl.jpg").shape == (32, 16, 16)
+    # DINOv2 as a matching backbone: the picture squashed to --resolution (112 = 8 patches of 14)
+    assert idx["settings"]["featurizer"] == "dinov2" and idx["images"]["cat.jpg"]["grid_size"] == [8, 8]
+    assert load_cached(out / "index.json", "owl.jpg").shape == (32, 8, 8)
     files = {p.name: p.stat().st_mtime_ns for p in out.glob("features/*.safetensors")}
-    assert main(["features", "--model", str(model), "--images", str(small_images), "--out", str(out), "--device", "cpu"]) == 0
+    assert main(args) == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("features/*.safetensors")} == files
 
 
