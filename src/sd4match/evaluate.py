@@ -259,6 +259,10 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
     if resume:
         _check_resume(out, cfg, cfg.settings)
         done = read_partial(out)
+    if world > 1:  # every process has checked the folder before any of them writes into it
+        import torch.distributed as dist
+
+        dist.barrier()
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not resume:
         atomic_write_text(out / RUN, json.dumps({"config": _run_settings(cfg), "featurizer": cfg.settings, "request": request or {}}, indent=2, default=str))

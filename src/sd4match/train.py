@@ -457,6 +457,10 @@ class Trainer:
 
         cfg, out = self.cfg, self.out
         lead = self.rank == 0  # only the first process writes; all of them train
+        if self.world > 1:  # every process has checked the run folder before the first one writes into it
+            import torch.distributed as dist
+
+            dist.barrier()
         if not resume and list_checkpoints(out):
             raise Sd4MatchError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another --out")
         if resume and not self.resume():
