@@ -90,7 +90,8 @@ def naive(feat, x, cond, gen):
         h.remove()
 
 
-def timed(fn, dev, reps: int, warmup: int):
+def timed(fn, dev, reps: int = 3, warmup: int = 1) -> tuple[float, float]:
+    """(seconds per call, peak MB) over ``reps`` calls after ``warmup``."""
     for _ in range(warmup):
         fn()
     sync(dev)
@@ -142,7 +143,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-naive", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks ours runs (naive rows reuse them)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the early-exit UNet and the VAE encoder for the ours rows")
     ap.add_argument("--flops-only", action="store_true", help="skip the timings")
     ap.add_argument("--flops-resolution", type=int, default=None, help="resolution of the FLOP count (default: --resolution)")
     args = ap.parse_args()
@@ -158,7 +159,7 @@ def main() -> None:
     x = torch.rand(args.batch, 3, res, res, device=dev)
     cond = torch.randn(1, 77, feat.prompt_dim, device=dev)
     if args.compile:
-        feat.compile_blocks()
+        feat.reconfigure(compile=True)
     rows = []
     for ens in [] if args.flops_only else [int(e) for e in args.ensembles.split(",")]:
         feat.reconfigure(ensemble=ens)

@@ -55,7 +55,6 @@ class EvalConfig:
     seed: int = 0
     temperature: float = 0.04
     sigma: float = 7.0
-    cache_size: int = 64  # (kept for old callers; the store bounds memory in bytes)
     limit: int = 0  # only the first N pairs of the split (0: all), for a quick look
     workers: int = 4  # loader threads decoding and resizing ahead
     chunk: int = 32  # loader threads decode up to 2 x chunk pairs ahead
@@ -194,7 +193,7 @@ def predict_pairs(featurizer, prompt, records: Sequence[PairRecord], root, cfg: 
 # ------------------------------------------------------------------------------ the run folder
 def _run_settings(cfg: EvalConfig) -> dict:
     d = {**asdict(cfg), "alphas": list(cfg.alphas)}
-    return {k: v for k, v in d.items() if k not in _VOLATILE and k != "cache_size"}
+    return {k: v for k, v in d.items() if k not in _VOLATILE}
 
 
 def read_partial(out: Path) -> dict[str, list]:

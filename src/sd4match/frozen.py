@@ -106,7 +106,7 @@ class Frozen:
         self.seed = seed
         self.fixed_batches = fixed_batches
         self.dino_batch = dino_batch
-        self.calls: dict[str, list[int]] = {"vae": [], "unet": [], "dino": []}  # pictures (or samples) per call, for benchmarks and tests
+        self.calls: dict[str, list[int]] = {"posterior": [], "unet": [], "dino": []}  # pictures (VAE, DINOv2) or samples (UNet) per call
 
     @property
     def is_sd(self) -> bool:
@@ -131,41 +131,40 @@ class Frozen:
     def batch_tensor(self, pics: Sequence[Picture]) -> torch.Tensor:
         return torch.stack([p.tensor(self.resolution, self.device) for p in pics])
 
-    # ---------------------------------------------------------------- VAE posteriors
-    def posteriors(self, pics: Sequence[Picture]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of each picture's VAE posterior, (B, 4, h, w) fp32; each computed once."""
-        settings = self.featurizer.posterior_settings()
+    # ---------------------------------------------------------------- work done once per picture
+    def _once(self, kind: str, pics: Sequence[Picture], settings: dict, batch: int, compute) -> dict[str, torch.Tensor]:
+        """Each picture's ``kind`` entry from the store, the missing ones computed by
+        ``compute(pictures) -> {name: (B, ...)}`` in calls of ``batch`` (1 with
+        ``fixed_batches``); returns ``{name: (len(pics), ...)}`` in the order of ``pics``."""
         keys = [settings_key(p.key, settings) for p in pics]
-        got = {k: self.store.get("posterior", k, self.device) for k in dict.fromkeys(keys)}
+        got = {k: self.store.get(kind, k, self.device) for k in dict.fromkeys(keys)}
         todo = [(k, p) for k, p in dict(zip(keys, pics)).items() if got[k] is None]
-        step = 1 if self.fixed_batches else self.featurizer.config.vae_batch
+        step = 1 if self.fixed_batches else batch
         for i in range(0, len(todo), step):
             chunk = todo[i : i + step]
-            mean, std = self.featurizer.posterior(self.batch_tensor([p for _, p in chunk]))
-            self.calls["vae"].append(len(chunk))
+            out = compute([p for _, p in chunk])
+            self.calls[kind].append(len(chunk))
             for j, (k, _) in enumerate(chunk):
-                got[k] = {"mean": mean[j : j + 1], "std": std[j : j + 1]}
-                self.store.put("posterior", k, got[k])
-        return torch.cat([got[k]["mean"] for k in keys]), torch.cat([got[k]["std"] for k in keys])
+                got[k] = {name: t[j : j + 1] for name, t in out.items()}
+                self.store.put(kind, k, got[k])
+        return {name: torch.cat([got[k][name] for k in keys]) for name in got[keys[0]]}
 
-    # ---------------------------------------------------------------- DINOv2 tokens
+    def posteriors(self, pics: Sequence[Picture]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of each picture's VAE posterior, (B, 4, h, w) fp32; each computed once."""
+
+        def vae(batch):
+            mean, std = self.featurizer.posterior(self.batch_tensor(batch))
+            return {"mean": mean, "std": std}
+
+        got = self._once("posterior", pics, self.featurizer.posterior_settings(), self.featurizer.config.vae_batch, vae)
+        return got["mean"], got["std"]
+
     def tokens(self, pics: Sequence[Picture]) -> torch.Tensor:
         """DINOv2 patch tokens (B, P, C) fp32; each picture's computed once."""
         if self.dino is None:
             raise ValueError("no DINOv2 model was given")
-        settings = self.dino.settings()
-        keys = [settings_key(p.key, settings) for p in pics]
-        got = {k: self.store.get("dino", k, self.device) for k in dict.fromkeys(keys)}
-        todo = [(k, p) for k, p in dict(zip(keys, pics)).items() if got[k] is None]
-        n = 1 if self.fixed_batches else self.dino_batch
-        for i in range(0, len(todo), n):
-            chunk = todo[i : i + n]
-            toks = self.dino.tokens([p.image for _, p in chunk]).to(self.device)
-            self.calls["dino"].append(len(chunk))
-            for j, (k, _) in enumerate(chunk):
-                got[k] = {"tokens": toks[j : j + 1]}
-                self.store.put("dino", k, got[k])
-        return torch.cat([got[k]["tokens"] for k in keys])
+        return self._once("dino", pics, self.dino.settings(), self.dino_batch,
+                          lambda batch: {"tokens": self.dino.tokens([p.image for p in batch]).to(self.device)})["tokens"]
 
     # ---------------------------------------------------------------- feature maps
     def _run(self, pics: Sequence[Picture], embeds: torch.Tensor | None, *, grad: bool = False, generator=None) -> torch.Tensor:

@@ -23,14 +23,11 @@ import json
 import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
-from typing import Callable
-
 import torch
 
 from sd4match.fileio import atomic_path
 
 FORMAT = "sd4match-store-1"
-KINDS = ("posterior", "dino", "features")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -126,13 +123,6 @@ class Store:
         self._remember(kind, key, tensors)
         if self.folder is not None:
             self._write(kind, key, tensors, meta or {})
-
-    def get_or_compute(self, kind: str, key: str, compute: Callable[[], dict[str, torch.Tensor]], device=None, meta: dict | None = None):
-        got = self.get(kind, key, device)
-        if got is None:
-            got = compute()
-            self.put(kind, key, got, meta)
-        return got
 
     def drop(self, kind: str) -> None:
         """Forget the in-memory entries of ``kind`` (disk entries stay)."""

@@ -275,7 +275,6 @@ class Trainer:
         self.frozen = Frozen(self.feat, dino=self.dino, store=self.store, seed=cfg.seed)
         self._loader = None
 
-    # .................................................................... one step
     # .................................................................... data
     def _micro_jobs(self, step: int):
         """(step, micro-batch index, records) of this process from ``step`` on."""
@@ -287,9 +286,9 @@ class Trainer:
                 yield step, m, [self.train_pairs[i] for i in idx[m * cfg.micro_batch : (m + 1) * cfg.micro_batch]]
             step += 1
 
-    def _load_pictures(self, job) -> list[tuple[Picture, Picture]]:
+    def _load_pictures(self, recs) -> list[tuple[Picture, Picture]]:
         res = self.feat.resolution
-        return [tuple(Picture(im).prepare(res) for im in load_pair_images(self.cfg.root, r)) for r in job[2]]
+        return [tuple(Picture(im).prepare(res) for im in load_pair_images(self.cfg.root, r)) for r in recs]
 
     def close_loader(self) -> None:
         """Stop the loader threads (they decode ahead; nothing may run on when the run ends)."""
@@ -301,7 +300,7 @@ class Trainer:
         """The records and decoded pictures of micro-batch ``m`` of ``step``, made ahead by loader threads."""
         if self._loader is None or self._loader_step != (step, m):
             self.close_loader()
-            self._loader = prefetch(self._micro_jobs(step), self._load_pictures, workers=self.cfg.workers, ahead=2 * max(1, self.cfg.batch_size // self.cfg.micro_batch))
+            self._loader = prefetch(self._micro_jobs(step), lambda job: self._load_pictures(job[2]), workers=self.cfg.workers, ahead=2 * max(1, self.cfg.batch_size // self.cfg.micro_batch))
         (s, mm, recs), pics = next(self._loader)
         assert (s, mm) == (step, m)
         nxt = mm + self.world
@@ -316,7 +315,7 @@ class Trainer:
         """Loss of a micro-batch of pairs (mean over pairs of each pair's loss)."""
         cfg, dev = self.cfg, self.feat.device
         if pics is None:
-            pics = self._load_pictures((None, None, recs))
+            pics = self._load_pictures(recs)
         src, trg = [a for a, _ in pics], [b for _, b in pics]
         batch: dict[str, Any] = {"categories": [r.category for r in recs]}
         if self.dino is not None:
@@ -337,14 +336,12 @@ class Trainer:
 
     def train_step(self) -> float:
         cfg = self.cfg
-        idx = batch_indices(len(self.train_pairs), cfg.seed, self.step, cfg.batch_size)
         self.prompt.train()
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         n_micro = cfg.batch_size // cfg.micro_batch
         for m in range(self.rank, n_micro, self.world):  # this process's share of the step's micro-batches
-            recs, pics = self.next_micro(self.step, m)
-            assert [r.id for r in recs] == [self.train_pairs[i].id for i in idx[m * cfg.micro_batch : (m + 1) * cfg.micro_batch]]
+            recs, pics = self.next_micro(self.step, m)  # the loader's (step, micro-batch) is checked there
             loss = self.micro_loss(recs, step_generator(self.feat.device, cfg.seed, self.step, m), pics) / n_micro
             self.scaler.scale(loss).backward()
             total += float(loss.detach())

@@ -34,11 +34,6 @@ def open_dataset(name: str, root: str | Path, **kwargs: Any) -> PairDataset:
     return cls(root, **kwargs)
 
 
-def is_plain(record: PairRecord) -> bool:
-    """Whether both images of ``record`` are the stored files as they are (not rendered, not mirrored)."""
-    return "synthetic" not in record.meta and not record.meta.get("mirrored")
-
-
 def load_annotated_image(root: str | Path, rel: str, size) -> Image.Image:
     """Decode ``root / rel`` as RGB and check it has the annotated (W, H)."""
     img = load_image(Path(root) / rel)

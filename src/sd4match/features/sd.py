@@ -365,10 +365,6 @@ class SDFeaturizer(Featurizer):
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=dt)
 
-    def compile_blocks(self, **kwargs) -> "SDFeaturizer":
-        """Compile the early-exit function and the VAE encoder (``config.compile = True``); returns self."""
-        return self.reconfigure(compile=True)
-
     # ------------------------------------------------------------------ call
     def forward(
         self,
