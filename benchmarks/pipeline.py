@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from featurize import SD21_UNET, SD21_VAE, peak_mb, reset_peak, sync  # noqa: E402
+from featurize import SD21_UNET, SD21_VAE, peak_mb, reset_peak, sync, timed  # noqa: E402
 
 # CLIP ViT-H/14 text tower (SD 2.1's text_encoder/config.json) and DINOv2-B/14
 SD21_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
@@ -95,19 +95,6 @@ def willow_like(root: Path, n_images: int, n_pairs: int) -> Path:
         rows.append(",".join([pics[a].relative_to(root).as_posix(), pics[b].relative_to(root).as_posix(), *xy]))
     (root / "test_pairs.csv").write_text("\n".join(rows) + "\n")
     return root
-
-
-def timed(fn, dev, reps: int = 3, warmup: int = 1) -> tuple[float, float]:
-    """(seconds per call, peak MB) over ``reps`` calls after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    sync(dev)
-    reset_peak(dev)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync(dev)
-    return (time.perf_counter() - t0) / reps, peak_mb(dev)
 
 
 def official_like(feat, x, cond, dev):

@@ -19,6 +19,18 @@ def tiny_sd1(tmp_path_factory):
     return tiny_sd(tmp_path_factory.mktemp("tiny") / "sd1", seed=0, style="sd1")
 
 
+def full_forward_block(full, k, noisy, t, cond):
+    """(the full UNet forward's output, what up_blocks[k] gave inside it), read by a hook."""
+    seen = {}
+    h = full.up_blocks[k].register_forward_hook(lambda m, a, o: seen.setdefault("out", o))
+    try:
+        with torch.no_grad():
+            out = full(noisy, t, encoder_hidden_states=cond).sample
+    finally:
+        h.remove()
+    return out, seen["out"]
+
+
 def images(b=2, h=96, w=128, seed=0):
     return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
@@ -38,18 +50,15 @@ def test_early_exit_equals_full_forward_for_every_block(style, tiny_sd1, tiny_sd
     cond = torch.randn(3, 77, feat.prompt_dim, generator=g)
     for k in range(len(full.up_blocks)):
         feat.reconfigure(up_block=k)
-        seen = {}
-        h = full.up_blocks[k].register_forward_hook(lambda m, a, o: seen.setdefault("out", o))
+        out, block = full_forward_block(full, k, noisy, t, cond)
         with torch.no_grad():
-            out = full(noisy, t, encoder_hidden_states=cond).sample
             early = feat.unet_features(noisy, t, cond)
-        h.remove()
         assert out.shape == noisy.shape  # the full forward did run to conv_out
-        torch.testing.assert_close(early, seen["out"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(early, block, rtol=1e-5, atol=1e-6)
         assert tuple(early.shape[-2:]) == (feat.grid_size[1], feat.grid_size[0])
         with torch.no_grad():  # the fallback for UNets the public-blocks path does not cover: a hook during the call
             hooked = feat._hooked(noisy, t, cond)
-        torch.testing.assert_close(hooked, seen["out"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(hooked, block, rtol=1e-5, atol=1e-6)
         assert not feat.unet.up_blocks[k]._forward_hooks  # and it is gone after the call
 
 
@@ -228,13 +237,10 @@ def test_compiled_early_exit_equals_the_full_forward(style, tiny_sd1, tiny_sd2):
     cond = torch.randn(2, 77, feat.prompt_dim, generator=g)
     for k in range(len(full.up_blocks)):
         feat.reconfigure(up_block=k)
-        seen = {}
-        h = full.up_blocks[k].register_forward_hook(lambda m, a, o: seen.setdefault("out", o))
+        _, block = full_forward_block(full, k, noisy, t, cond)
         with torch.no_grad():
-            full(noisy, t, encoder_hidden_states=cond)
             early = feat.unet_features(noisy, t, cond)
-        h.remove()
-        torch.testing.assert_close(early, seen["out"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(early, block, rtol=1e-4, atol=1e-5)
     x = images(b=2)
     eager = SDFeaturizer.from_pretrained(path, resolution=64)
     torch.testing.assert_close(feat.posterior(feat.preprocess(x))[0], eager.posterior(eager.preprocess(x))[0], rtol=1e-4, atol=1e-5)
