@@ -39,7 +39,7 @@ def check_model(model: str) -> None:
         resolve(part)
 
 
-def check_prompt(spec: str, *, needs_text_encoder: bool = True) -> str | None:
+def check_prompt(spec: str) -> str | None:
     """``empty``, ``text``/``text:<words>`` or a readable prompt folder; returns the folder's kind."""
     if spec in ("empty", "none", "text") or spec.startswith("text:"):
         return None

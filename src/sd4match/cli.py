@@ -147,12 +147,6 @@ def _check_common(args, *, prompt: bool = True) -> None:
         check_output_folder(args.out)
 
 
-def _evaluate_defaults() -> dict:
-    sub = next(a for a in build_parser()._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
-    p = sub.choices["evaluate"]
-    return {a.dest: a.default for a in p._actions}
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd4match", description="Semantic correspondence with Stable Diffusion features and learned prompts.",
                                      formatter_class=_Help)
@@ -249,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4, help="loader threads decoding ahead")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _model_args(p, compile_default="auto")
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=cmd_evaluate, command_parser=p)
 
     p = command("match", "match points of image A in image B; write matches.json and matches.png")
     p.add_argument("source", type=Path, help="image A")
@@ -395,10 +389,10 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _apply_preset(args, parser_defaults: dict) -> None:
+def _apply_preset(args) -> None:
     """Set the preset's values on every argument still at its default."""
     for k, v in EVAL_PRESETS[args.preset].items():
-        if getattr(args, k) == parser_defaults.get(k):
+        if getattr(args, k) == args.command_parser.get_default(k):
             setattr(args, k, v)
 
 
@@ -406,7 +400,7 @@ def cmd_evaluate(args) -> int:
     from sd4match.checks import check_dataset
 
     if args.preset:
-        _apply_preset(args, _evaluate_defaults())
+        _apply_preset(args)
     from sd4match.evaluate import EvalConfig, evaluate, print_score
     from sd4match.runtime import distributed_rank_world
     from sd4match.store import Store

@@ -183,14 +183,11 @@ class Matcher:
 
     def _keys(self, a: UserImage, b: UserImage | None) -> list[tuple[str, str]]:
         """Store keys of the maps ``features(a, b)`` returns (a CPM map depends on the partner too)."""
-        from sd4match.store import settings_key
-
-        base = {"featurizer": self.featurizer.settings(), "seed": self.seed}
         if self.pair_dependent and b is not None:
             pid = f"{self._prompt_id}:pair:{a.key}:{b.key}"
-            return [("features", settings_key(a.key, {**base, "prompt": pid, "side": "src"})),
-                    ("features", settings_key(b.key, {**base, "prompt": pid, "side": "trg"}))]
-        return [("features", settings_key(im.key, {**base, "prompt": self._prompt_id})) for im in ([a, b] if b is not None else [a])]
+            return [("features", self.frozen.feature_key(self._picture(a), f"{pid}:src")),
+                    ("features", self.frozen.feature_key(self._picture(b), f"{pid}:trg"))]
+        return [("features", self.frozen.feature_key(self._picture(im), self._prompt_id)) for im in ([a, b] if b is not None else [a])]
 
     def is_cached(self, a: UserImage, b: UserImage | None = None) -> bool:
         return all(self.store.contains(kind, key) for kind, key in self._keys(a, b))

@@ -63,7 +63,7 @@ def check_dataset(name: str, root: str | Path, *, images: bool | str = "decode",
 
     from sd4match.data.images import load_image
 
-    mode = {True: "headers", False: "none"}.get(images, images) if isinstance(images, bool) else images
+    mode = ({True: "headers", False: "none"}[images]) if isinstance(images, bool) else images
     if mode not in ("decode", "headers", "none"):
         raise ValueError(f"images must be decode, headers or none, got {images!r}")
     for leftover in interrupted_extractions(Path(root)):
