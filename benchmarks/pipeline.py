@@ -125,9 +125,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write every number here")
     args = ap.parse_args()
 
-    from sd4match.data import load_pair_images, open_dataset
-    from sd4match.evaluate import EvalConfig, predict_pairs, resolve_prompt
-    from sd4match.frozen import Frozen, Picture
+    from sd4match.batching import Batcher, Picture
+    from sd4match.data import open_dataset
+    from sd4match.evaluate import predict_pairs, resolve_prompt
     from sd4match.matching import match_pixels
     from sd4match.prompts import make_prompt
     from sd4match.runtime import pick_dtype
@@ -226,15 +226,15 @@ def main() -> None:
         root = willow_like(tmp / "willow", 12, n_pairs)
         recs = open_dataset("pfwillow", root).pairs("test")
         n_img = len({p for r in recs for p in (r.src, r.trg)})
-        cfg = EvalConfig("pfwillow", str(root), workers=8 if dev.type == "cuda" else 2)
+        workers = 8 if dev.type == "cuda" else 2
         cpm = make_prompt("cpm", feat, dino_dim=dino.feature_dim).to(dev)
         for label, prompt, extractions in (("empty", resolve_prompt("empty", feat), n_img), ("CPM", cpm, 2 * len(recs))):
-            warm = recs[: 2 * Frozen(feat).pairs_per_call()]
-            list(predict_pairs(feat, prompt, warm, str(root), cfg, dino=dino, store=Store(), progress=False))  # warm-up (and compile)
+            warm = recs[: 2 * Batcher(feat).pairs_per_call()]
+            list(predict_pairs(feat, prompt, warm, str(root), workers=workers, dino=dino, store=Store(), progress=False))  # warm-up (and compile)
             sync(dev)
             reset_peak(dev)
             s = time.perf_counter()
-            out = list(predict_pairs(feat, prompt, recs, str(root), cfg, dino=dino, store=Store(), progress=False))
+            out = list(predict_pairs(feat, prompt, recs, str(root), workers=workers, dino=dino, store=Store(), progress=False))
             sync(dev)
             sec = time.perf_counter() - s
             assert all(not isinstance(k, BaseException) for _, k in out)
@@ -254,10 +254,10 @@ def main() -> None:
                 tr.train_step()  # warm-up: the first pictures' posteriors and tokens, compilation
                 # steady state: every training picture's VAE posterior (and DINOv2 tokens) stored, as after the first epoch
                 for r in tr.train_pairs:
-                    pair = [Picture(im).prepare(res) for im in load_pair_images(cfg.root, r)]
-                    tr.frozen.posteriors(pair)
+                    pair = tr.batcher.load_pair(cfg.root, r)
+                    tr.batcher.posteriors(pair)
                     if kind == "cpm":
-                        tr.frozen.tokens(pair)
+                        tr.batcher.tokens(pair)
                 sync(dev)
                 reset_peak(dev)
                 s = time.perf_counter()

@@ -163,3 +163,53 @@ def test_cli_match_rules_are_the_library_rules():
     from sd4match import cli, matching
 
     assert sorted(cli.MATCH_RULES) == sorted(matching.MATCH_RULES) and cli.MATCH_RULES[0] == "kernel-softargmax"
+
+
+def test_pairs_into_a_closed_pipe_ends_quietly(willow_root):
+    """`sd4match pairs ... | head -1`: the reader leaves after one line; the export (far more
+    than a pipe holds) stops with exit 0 and nothing on stderr."""
+    p = subprocess.Popen([sys.executable, "-m", "sd4match", "pairs", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = p.stdout.readline()
+    p.stdout.close()  # as `head -1` does: every later write of sd4match meets a closed pipe
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0, err
+    assert err == "" and json.loads(first)["id"] == "0"
+
+
+def _flag_helps(command: str) -> dict[str, str]:
+    """Each option of ``sd4match COMMAND --help`` -> its help text (joined lines)."""
+    rc, out, err = run(*command.split(), "--help")
+    assert rc == 0, err
+    helps: dict[str, str] = {}
+    current = None
+    for line in out.splitlines():
+        stripped = line.strip()
+        if line.startswith("  -") or line.startswith("  --"):
+            current = stripped.split()[0].rstrip(",")
+            helps[current] = stripped
+        elif current and line.startswith("    ") and stripped:
+            helps[current] += " " + stripped
+        elif not stripped or not line.startswith(" "):
+            current = None
+    return helps
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "match", "transfer", "serve", "features"])
+def test_help_gives_each_flag_once_and_its_default_once(command):
+    helps = _flag_helps(command)
+    assert len(helps) > 10
+    for flag, text in helps.items():
+        assert text.count("(default") <= 1, (flag, text)
+        assert "(default: None)" not in text and "(default None)" not in text, (flag, text)
+    if command == "train":  # the settings' defaults, shown once although every flag starts unset
+        assert "(default: 9)" in helps["--batch-size"] and "(default: 0.01)" in helps["--lr"]
+        assert "default" not in helps["--root"] and "default" not in helps["--out"]  # required
+    if command == "evaluate":
+        assert "(default: kernel-softargmax)" in helps["--match"] and "default" not in helps["--dataset"]
+
+
+def test_prompts_import_shows_only_the_flags_it_uses():
+    helps = _flag_helps("prompts import")
+    assert {"--kind", "--out", "--dino", "--model", "--model-config", "--device"} <= set(helps)
+    assert not {"--timestep", "--ensemble", "--resolution", "--compile", "--max-batch", "--up-block"} & set(helps)

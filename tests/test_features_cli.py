@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sd4match.cli import main
-from sd4match.features.extract import load_cached
+from sd4match.extract import load_cached
 
 
 @pytest.fixture

@@ -294,9 +294,9 @@ def official_cpm_by_hand(feat, sd, s, t):
 
 def test_import_single_class_and_cpm_through_the_cli(feat, models, tmp_path, capsys):
     from sd4match.cli import main
-    from sd4match.store import file_sha256
+    from sd4match.fileio import file_sha256
 
-    model_args = ["--model", str(models["sd2"]), "--resolution", "64", "--ensemble", "1", "--device", "cpu"]
+    model_args = ["--model", str(models["sd2"]), "--device", "cpu"]
     single = {"dataset": official_sequence(feat, 1)}
     torch.save(single, tmp_path / "caption_single.pt")
     classes = {"car": official_sequence(feat, 2), "bird": official_sequence(feat, 3), "bottle": official_sequence(feat, 4)}
@@ -358,7 +358,7 @@ def test_import_errors_name_the_file(feat, models, tmp_path, capsys):
         import_official(tmp_path / "wide.pt", "single", feat, tmp_path / "w")
     torch.save(official_cpm_state(feat, dino_dim=16), tmp_path / "ckpt16.pt")
     with pytest.raises(Sd4MatchError, match=r"made for 16-d DINOv2 tokens, but dinov2-b gives 768-d ones"):
-        import_official(tmp_path / "ckpt16.pt", "cpm", feat, tmp_path / "c", dino="dinov2-b")
+        import_official(tmp_path / "ckpt16.pt", "cpm", feat, tmp_path / "c", dino="dinov2-b", dino_dim=768)
     with pytest.raises(Sd4MatchError, match="this is a CPM checkpoint"):
         import_official(tmp_path / "ckpt16.pt", "category", feat, tmp_path / "c2")
     with pytest.raises(Sd4MatchError, match="not a CPM checkpoint: it lacks global_embeds"):

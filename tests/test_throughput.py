@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from sd4match.data import open_dataset
-from sd4match.evaluate import EvalConfig, predict_pairs, resolve_prompt
+from sd4match.evaluate import predict_pairs, resolve_prompt
 from sd4match.features import DinoFeaturizer, SDFeaturizer
-from sd4match.frozen import Frozen, Picture
+from sd4match.batching import Batcher, Picture
 from sd4match.prompts import make_prompt
 from sd4match.store import Store
 from sd4match.testing import tiny_dinov2, tiny_sd
@@ -45,9 +45,8 @@ def willow(root, n=None):
 
 
 def run(feat, prompt, recs, root, dino=None, **kw):
-    cfg = EvalConfig("pfwillow", str(root), seed=0, **kw)
     out = {}
-    for pid, kps in predict_pairs(feat, prompt, recs, str(root), cfg, dino=dino, store=Store(), progress=False):
+    for pid, kps in predict_pairs(feat, prompt, recs, str(root), seed=0, dino=dino, store=Store(), progress=False, **kw):
         assert not isinstance(kps, BaseException), kps
         out[pid] = kps
     return out
@@ -147,7 +146,7 @@ def test_dinov2_tokens_through_the_store_equal_direct(models, fixture_images):
 
     dino = DinoFeaturizer.from_pretrained(models[1])
     pics = [Picture(Image.open(fixture_images / n).convert("RGB")) for n in ("cat.jpg", "owl.jpg", "cat.jpg")]
-    f = Frozen(dino, dino=dino, store=Store())
+    f = Batcher(dino, dino=dino, store=Store())
     a = f.tokens(pics)
     b = f.tokens(pics)  # from the store
     assert torch.equal(a, b) and f.calls["dino"] == [1, 1]  # two distinct pictures, one call each

@@ -4,38 +4,48 @@ Every command checks what it was given (pictures, points, dataset root and layou
 prompt folder, device, output folder) before it loads any model. Errors print one line
 ``sd4match: error: <file or pair>: <problem>`` and exit with status 2; ``--debug`` shows
 the traceback instead.
+
+The stages' flags are made from their settings' dataclasses (``sd4match.config``: each
+field's help, type, choices and default, written once there). Library modules are
+imported inside the commands, so that ``sd4match --help`` needs no torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import typing
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+from sd4match.config import (DEFAULT_ALPHAS, EVAL_PRESETS, MATCH_RULES, PROTOCOL_HELP, TRAIN_PRESETS, DatasetName, EvalConfig, ImportKind, MatchConfig,
+                             ModelConfig, Protocol, TrainConfig, field_choices, field_types, parse_alphas)
 from sd4match.errors import Sd4MatchError
 
-DATASET_NAMES = ("spair", "pfpascal", "pfwillow", "synthetic")
-MATCH_RULES = ("kernel-softargmax", "softargmax", "nn", "bilinear")  # sd4match.matching.MATCH_RULES, the paper's first (no torch import here)
-#: Zero-shot rows of published tables, each one `evaluate` (README: "Zero-shot baselines").
-EVAL_PRESETS = {
-    "dift": {"model": "sd-2-1", "timestep": 261, "up_block": 1, "ensemble": 8, "prompt": "text", "match": "nn"},
-    "dinov2": {"model": "dinov2-b", "resolution": 840, "prompt": "empty", "match": "nn"},
-    "sd-dino-fuse": {"model": "sd-2-1+dinov2-b", "timestep": 261, "up_block": 1, "ensemble": 8, "prompt": "text", "match": "nn"},
-}
-PROTOCOL_HELP = "sd4match = the official SD4Match code's frame (768 x 768); standard = the field's common frame (original pixels)"
+__all__ = ["EVAL_PRESETS", "MATCH_RULES", "build_parser", "main"]
+
+DATASET_NAMES = typing.get_args(DatasetName)
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every flag's help ends with its default."""
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Each flag's help ends with its default, once; flags without one (required, off
+    switches, unset options) show none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if "(default" in text or action.required or d is None or d is False or d is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: {d})"
 
 
 def _version() -> str:
     from importlib import metadata
 
-    from sd4match import __version__
+    from sd4match.version import __version__
 
     def v(name):
         try:
@@ -46,14 +56,71 @@ def _version() -> str:
     return f"sd4match {__version__} (torch {v('torch')}, diffusers {v('diffusers')}, transformers {v('transformers')})"
 
 
-def _alphas(text: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-    if not vals or any(not 0 < v <= 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"alphas must lie in (0, 1], got {text!r}")
-    return vals
+def _parser_type(fn):
+    """``fn`` as an argparse type: its ValueError becomes argparse's one-line usage error."""
+
+    def parse(text: str):
+        try:
+            return fn(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = getattr(fn, "__name__", "value")
+    return parse
+
+
+def add_config_flags(target, cls, *, only: Sequence[str] | None = None, skip: Sequence[str] = (), unset: bool = False,
+                     defaults: dict[str, Any] | None = None) -> None:
+    """One flag per field of the settings dataclass ``cls`` (its metadata: help, flag name,
+    choices, parser, how the default is worded).
+
+    Args:
+        target: a parser or argument group.
+        only, skip: the fields to make flags of.
+        unset: every flag's value is None unless given (the stage layers presets and files
+            under the flags); its help still names the field's default.
+        defaults: defaults that differ for this command.
+    """
+    types = field_types(cls)
+    for f in dataclasses.fields(cls):
+        m = f.metadata
+        if not m.get("cli", True) or f.name in skip or (only is not None and f.name not in only):
+            continue
+        default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else
+                                       f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        required = m.get("required") or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        tp = types[f.name]
+        base = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if typing.get_origin(tp) in (typing.Union, type(int | None)) else tp
+        kw: dict[str, Any] = {"dest": f.name, "help": m.get("help", "")}
+        shown = m.get("default_text") or default
+        if base is bool:
+            if unset or default:
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw["action"] = "store_true"
+        else:
+            choices = field_choices(cls, f)
+            if choices is not None and m.get("parse") is None:
+                kw["choices"] = choices
+            elif m.get("parse") is not None:
+                kw["type"] = _parser_type(m["parse"])
+            elif typing.get_origin(base) is None and base in (int, float, str):
+                kw["type"] = base
+            elif typing.get_origin(base) is typing.Literal:
+                kw["choices"] = choices
+            if required:
+                kw["required"] = True
+        if not required:
+            kw["default"] = None if unset else default
+            if (unset or m.get("default_text")) and shown is not None and shown is not False:
+                kw["help"] += f" (default: {shown})"
+        target.add_argument("--" + (m.get("flag") or f.name.replace("_", "-")), **kw)
+
+
+def config_from_args(cls, args, **given):
+    """An instance of ``cls`` from the parsed flags (fields without a flag keep their defaults)."""
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**kw, **given})
 
 
 def _dataset_args(p: argparse.ArgumentParser, split: bool = True) -> None:
@@ -63,25 +130,13 @@ def _dataset_args(p: argparse.ArgumentParser, split: bool = True) -> None:
         p.add_argument("--split", required=True, help="trn, val or test")
 
 
-def _model_args(p: argparse.ArgumentParser, *, compile_default: str = "off") -> None:
-    """What every command that runs a model takes."""
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="sd-2-1",
-                   help="registry name (sd-2-1, sd-1-5, dinov2-b, effnet-lite0), hub id, diffusers folder or .safetensors/.ckpt file; SD+DINOV2 (e.g. sd-2-1+dinov2-b) fuses both")
-    g.add_argument("--dino-input", default="official", choices=("official", "imagenet"),
-                   help="fused models: DINOv2 sees the picture as SD does, in [-1, 1] (official), or ImageNet-normalised")
-    g.add_argument("--model-config", help="for a single checkpoint file: the diffusers folder or hub id with its component configs")
-    g.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
-    g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="weights' dtype: auto = bf16 on CUDA GPUs (fp16 on older ones), fp32 on CPU; matching, softmax and loss stay fp32")
-    g.add_argument("--timestep", type=int, default=261, help="noise level t (the official test script uses 50)")
-    g.add_argument("--up-block", type=int, default=1, help="read the output of unet.up_blocks[k]")
-    g.add_argument("--ensemble", type=int, default=8, help="noisy copies averaged per picture")
-    g.add_argument("--resolution", type=int, help="square working size (default: 768 for SD, 512 for effnet-lite0, 840 for DINOv2)")
-    g.add_argument("--max-batch", type=int, default=32, help="UNet samples (pictures x ensemble) per call")
-    g.add_argument("--compile", default=compile_default, choices=("auto", "on", "off"),
-                   help="torch.compile the early-exit UNet and the VAE encoder (auto: on CUDA; compiling takes about a minute, then each call is faster)")
-    g.add_argument("--seed", type=int, default=0, help="base seed of every picture's latent sample and noise")
+def _model_args(p: argparse.ArgumentParser, *, only: Sequence[str] | None = None, compile_default: str = "off") -> None:
+    """What every command that runs a model takes (``ModelConfig``)."""
+    add_config_flags(p.add_argument_group("model"), ModelConfig, only=only, defaults={"compile": compile_default})
+
+
+def _seed_arg(p) -> None:
+    p.add_argument("--seed", type=int, default=0, help="base seed of every picture's latent sample and noise")
 
 
 def _prompt_args(p: argparse.ArgumentParser) -> None:
@@ -89,50 +144,46 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prompt and matching")
     g.add_argument("--prompt", default="empty", help="'empty', 'text:<words>' (e.g. text:\"a photo of a cat\") or a trained prompt folder")
     g.add_argument("--category", help="category for per-category prompts and text templates with {category}")
-    g.add_argument("--dino", default="dinov2-b", help="DINOv2 model for CPM prompts")
-    g.add_argument("--match", default="kernel-softargmax", choices=MATCH_RULES, help="match rule")
+    g.add_argument("--dino", default="dinov2-b", help="DINOv2 model for prompts that take its tokens (cpm)")
+    add_config_flags(g, MatchConfig)
     g.add_argument("--max-side", type=int, default=2048, help="larger pictures are downscaled to this before the model (points stay in original pixels)")
     g.add_argument("--cache", type=Path, help="keep feature maps (and VAE posteriors) in this folder too, so later runs skip their extraction")
 
 
-def _compile_on(args, dev) -> bool:
-    return args.compile == "on" or (args.compile == "auto" and dev.type == "cuda")
-
-
-def load_model(args):
-    """The featurizer the model arguments describe, on the chosen device, in the chosen dtype."""
+def load_model(model: ModelConfig):
+    """The featurizer ``model`` describes, on its device, in its dtype."""
     from sd4match.features import load_featurizer
     from sd4match.runtime import pick_device, pick_dtype
 
-    dev = pick_device(args.device)
-    kw = {"timestep": args.timestep, "up_block": args.up_block, "ensemble": args.ensemble, "max_batch": args.max_batch, "compile": _compile_on(args, dev),
-          "dino_input": args.dino_input}
-    if args.model_config:
-        kw["config"] = args.model_config
-    if args.resolution:
-        kw["resolution"] = args.resolution
-    return load_featurizer(args.model, **kw).to(dev, pick_dtype(args.dtype, dev))
+    dev = pick_device(model.device)
+    kw = {"timestep": model.timestep, "up_block": model.up_block, "ensemble": model.ensemble, "max_batch": model.max_batch,
+          "compile": model.compile == "on" or (model.compile == "auto" and dev.type == "cuda"), "dino_input": model.dino_input}
+    if model.model_config:
+        kw["config"] = model.model_config
+    if model.resolution:
+        kw["resolution"] = model.resolution
+    return load_featurizer(model.model, **kw).to(dev, pick_dtype(model.dtype, dev))
 
 
 def _dino_for(prompt: str, dino: str, feat):
-    """DINOv2 on the featurizer's device when ``prompt`` is a CPM prompt folder, else None."""
-    from sd4match.prompts.base import read_prompt_config
+    """DINOv2 on the featurizer's device when the prompt takes DINOv2 tokens, else None."""
+    from sd4match.features import DinoFeaturizer
+    from sd4match.prompts import parse_prompt
 
-    if Path(prompt).is_dir() and read_prompt_config(prompt).kind == "cpm":
-        from sd4match.features import DinoFeaturizer
-
+    if parse_prompt(prompt).needs_dino:
         dtype = next(feat.parameters()).dtype
         return DinoFeaturizer.from_pretrained(dino).to(feat.device, dtype)
     return None
 
 
 def load_matcher(args):
-    """The featurizer, and DINOv2 for a CPM prompt, wrapped in a ``Matcher``."""
+    """The featurizer, and DINOv2 for a prompt that takes its tokens, wrapped in a ``Matcher``."""
     from sd4match.usermatch import Matcher
 
-    feat = load_model(args)
-    return Matcher(feat, args.prompt, category=args.category, dino=_dino_for(args.prompt, args.dino, feat), rule=args.match, seed=args.seed,
-                   cache_dir=args.cache)
+    feat = load_model(config_from_args(ModelConfig, args))
+    m = config_from_args(MatchConfig, args)
+    return Matcher(feat, args.prompt, category=args.category, dino=_dino_for(args.prompt, args.dino, feat), rule=m.rule, temperature=m.temperature,
+                   sigma=m.sigma, seed=args.seed, cache_dir=args.cache)
 
 
 def _check_common(args, *, prompt: bool = True) -> None:
@@ -166,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("score", "PCK of a predictions file under a named protocol")
     _dataset_args(p)
     p.add_argument("--predictions", required=True, type=Path, help='JSON Lines {"id", "kps"} in original target pixels')
-    p.add_argument("--protocol", default="standard", choices=("standard", "sd4match"), help=PROTOCOL_HELP)
-    p.add_argument("--alphas", type=_alphas, default=[0.05, 0.1, 0.15], help="comma-separated PCK thresholds")
+    p.add_argument("--protocol", default="standard", choices=typing.get_args(Protocol), help=PROTOCOL_HELP)
+    p.add_argument("--alphas", type=_parser_type(parse_alphas), default=DEFAULT_ALPHAS, help="comma-separated PCK thresholds (default: 0.05,0.1,0.15)")
     p.add_argument("--allow-missing", action="store_true", help="score pairs without a prediction as 0")
     p.add_argument("--json", action="store_true", help="print the score as JSON")
     p.add_argument("--out", type=Path, help="also write the score JSON here")
@@ -189,59 +240,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="text prompt (default: the empty prompt)")
     p.add_argument("--batch-size", type=int, default=4, help="pictures per featurizer call")
     p.add_argument("--workers", type=int, default=4, help="loader threads decoding ahead")
+    _seed_arg(p)
     _model_args(p)
     p.set_defaults(func=cmd_features)
 
     p = command("train", "learn a prompt (presets: {single,category,cpm}-{spair,pfpascal})")
-    p.add_argument("--preset", help="the official settings: single-spair, category-spair, cpm-spair, single-pfpascal, category-pfpascal, cpm-pfpascal")
+    p.add_argument("--preset", choices=list(TRAIN_PRESETS), help="the paper's settings for a prompt kind and training set")
     p.add_argument("--config", type=Path, help="YAML file of settings (applied after the preset)")
-    p.add_argument("--dataset", choices=DATASET_NAMES, help="training data (default: the preset's)")
-    p.add_argument("--root", type=Path, required=True, help="the dataset's top folder")
     p.add_argument("--out", type=Path, required=True, help="run folder: config.json, scalars.jsonl, checkpoints/, best/, last/")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint (error if it has none)")
     g.add_argument("--resume-or-start", action="store_true", help="continue the run in --out if it has a checkpoint, else start it")
-    p.add_argument("--prompt", choices=("single", "category", "cpm"), help="prompt kind (default: the preset's, else single)")
-    p.add_argument("--model", help="registry name, hub id, diffusers folder or checkpoint file (default: sd-2-1)")
-    p.add_argument("--dino", help="DINOv2 model for cpm (default: dinov2-b)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), help="weights' dtype (default: auto = bf16 on CUDA, fp32 on CPU)")
-    for name, typ, what in (("steps", int, "optimiser steps (replaces the preset's epochs; may grow on --resume)"),
-                            ("epochs", float, "passes over the training pairs (the presets: SPair-71k 5, PF-Pascal 90)"),
-                            ("batch-size", int, "pairs per optimiser step (default 9)"),
-                            ("micro-batch", int, "pairs per forward pass; batch-size / micro-batch accumulation steps (default 1)"),
-                            ("lr", float, "learning rate of tokens, embeddings and gate (default 1e-2)"),
-                            ("lr-linear", float, "learning rate of the CPM linear layers (default 1e-3)"),
-                            ("timestep", int, "noise level t (default 261)"), ("up-block", int, "feature block k (default 1)"),
-                            ("ensemble", int, "noisy copies in training (default 1)"), ("resolution", int, "working size (default 768)"),
-                            ("val-every", int, "validate every N steps; -1 once per epoch (default); 0 never"),
-                            ("val-pairs", int, "validate on the first N val pairs (default 0: all)"),
-                            ("ckpt-every", int, "steps between checkpoints (default 500)"), ("seed", int, "seed of data order and draws (default 0)"),
-                            ("temperature", float, "softmax temperature of the loss (default 0.04)"),
-                            ("workers", int, "loader threads decoding ahead (default 4)")):
-        p.add_argument(f"--{name}", type=typ, help=what)
-    p.add_argument("--val-rule", choices=MATCH_RULES, help="match rule of validation (default: nn, the official model selection)")
-    p.add_argument("--cache-dir", type=Path, help="keep VAE posteriors and DINOv2 tokens here too, for later runs")
-    p.add_argument("--compile", choices=("auto", "on", "off"), help="torch.compile the early-exit UNet and VAE (default: auto = on CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(p.add_argument_group("settings (a flag given overrides the preset and the YAML file)"), TrainConfig, unset=True)
     p.set_defaults(func=cmd_train)
 
     p = command("evaluate", "predict a split with a prompt; write predictions.jsonl and score.json")
-    _dataset_args(p)
-    p.add_argument("--preset", choices=sorted(EVAL_PRESETS),
-                   help="a zero-shot baseline's settings (dift, dinov2, sd-dino-fuse); flags given explicitly override them")
-    p.add_argument("--prompt", default="empty", help="a prompt folder, 'empty', 'text' ('a photo of a {category}') or 'text:<template with {category}>'")
-    p.add_argument("--dino", default="dinov2-b", help="DINOv2 model for CPM prompts")
-    p.add_argument("--match", default="kernel-softargmax", choices=MATCH_RULES, help="match rule")
-    p.add_argument("--protocol", default="sd4match", choices=("sd4match", "standard"), help=PROTOCOL_HELP + "; `score` defaults to standard")
-    p.add_argument("--alphas", type=_alphas, default=[0.05, 0.1, 0.15], help="comma-separated PCK thresholds")
     p.add_argument("--out", required=True, type=Path, help="folder for predictions.jsonl and score.json")
-    p.add_argument("--limit", type=int, default=0, help="only the first N pairs (a quick look; the score then covers those N only)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted evaluation in --out at its first missing pair")
-    p.add_argument("--skip-bad", action="store_true", help="go past pairs with unreadable images: scored as missing and listed in score.json")
+    p.add_argument("--dino", default="dinov2-b", help="DINOv2 model for prompts that take its tokens (cpm)")
     p.add_argument("--cache-dir", type=Path, help="keep feature maps, VAE posteriors and DINOv2 tokens here too, for later runs")
-    p.add_argument("--workers", type=int, default=4, help="loader threads decoding ahead")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(p.add_argument_group("evaluation"), EvalConfig)
     _model_args(p, compile_default="auto")
     p.set_defaults(func=cmd_evaluate, command_parser=p)
 
@@ -254,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", action="store_true", help="also write A warped onto B (warped.png), confidence.png and dense.npz")
     _prompt_args(p)
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    _seed_arg(p)
     _model_args(p)
     p.set_defaults(func=cmd_match)
 
@@ -264,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     _prompt_args(p)
     p.add_argument("--out", required=True, type=Path, help="output folder (files of an earlier run are replaced only when this run succeeds)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _seed_arg(p)
     _model_args(p)
     p.set_defaults(func=cmd_transfer)
 
@@ -274,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted")
     p.add_argument("--max-pixels", type=float, default=50e6, help="largest image (width x height) accepted")
     _prompt_args(p)
+    _seed_arg(p)
     _model_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -281,10 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     psub = p.add_subparsers(dest="prompts_command", required=True, metavar="ACTION")
     c = psub.add_parser("import", help="turn an official caption.pt (single, category) or ckpt.pt (cpm) into a prompt folder", formatter_class=_Help)
     c.add_argument("file", type=Path, help="the released file (from the authors' pretrained_prompts.zip)")
-    c.add_argument("--kind", required=True, choices=("single", "category", "cpm"), help="what the file holds")
+    c.add_argument("--kind", required=True, choices=typing.get_args(ImportKind), help="what the file holds")
     c.add_argument("--out", required=True, type=Path, help="prompt folder to write (must not exist yet)")
     c.add_argument("--dino", default="dinov2-b", help="cpm: the DINOv2 whose width the file must fit")
-    _model_args(c)
+    _model_args(c, only=("model", "model_config", "device"))
     c.set_defaults(func=cmd_prompts_import)
     c = psub.add_parser("show", help="print what a prompt folder holds", formatter_class=_Help)
     c.add_argument("folder", type=Path, help="a prompt folder")
@@ -308,8 +331,7 @@ def _open(args):
 def cmd_pairs(args) -> int:
     from sd4match.data import write_jsonl
 
-    ds = _open(args)
-    recs = ds.pairs(args.split, apply_flip=True) if args.apply_flip and args.dataset == "pfpascal" else ds.pairs(args.split)
+    recs = _open(args).pairs(args.split, apply_flip=args.apply_flip)
     if args.out is None:
         write_jsonl(recs, sys.stdout)
     else:
@@ -348,7 +370,7 @@ def cmd_datasets_check(args) -> int:
 def cmd_features(args) -> int:
     from sd4match.checks import check_output_folder
     from sd4match.data.images import list_images
-    from sd4match.features.extract import extract_folder
+    from sd4match.extract import extract_folder
 
     _check_common(args, prompt=False)
     if not args.images.is_dir():
@@ -356,31 +378,27 @@ def cmd_features(args) -> int:
     if not list_images(args.images):
         raise Sd4MatchError(f"{args.images}: no images found (looked for .jpg, .jpeg, .png, .bmp, .webp, .tif)")
     check_output_folder(args.out)
-    feat = load_model(args)
+    feat = load_model(config_from_args(ModelConfig, args))
     path = extract_folder(feat, args.images, args.out, text=args.text, seed=args.seed, batch_size=args.batch_size, workers=args.workers, progress=True)
     print(f"features of {args.images} under {args.model} are in {path.parent} (index: {path})", file=sys.stderr)
     return 0
 
 
 def cmd_train(args) -> int:
-    from sd4match.checks import check_dataset, check_device, check_model, check_output_folder
-    from sd4match.train import Trainer, check_run_folder, load_config
+    from sd4match.checks import check_device, check_model, check_output_folder, check_splits
+    from sd4match.config import load_train_config
+    from sd4match.runtime import distributed_rank_world, finish_distributed
+    from sd4match.train import Trainer, check_run_folder
 
-    over = {k: getattr(args, k) for k in ("dataset", "prompt", "model", "dino", "device", "steps", "batch_size", "micro_batch", "lr", "lr_linear",
-                                          "timestep", "up_block", "ensemble", "resolution", "val_every", "val_pairs", "ckpt_every", "seed", "temperature",
-                                          "epochs", "val_rule", "dtype", "workers", "compile")}
+    over = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     over["root"] = str(args.root)
-    if args.cache_dir:
-        over["cache_dir"] = str(args.cache_dir)
-    cfg = load_config(args.preset, args.config, **over)
+    cfg = load_train_config(args.preset, args.config, **over)
     # inputs first, in seconds: device, model source, data, run folder
     check_device(cfg.device)
     check_model(cfg.model)
-    check_dataset(cfg.dataset, cfg.root, [cfg.train_split] + ([cfg.val_split] if cfg.val_every else []))
+    check_splits(cfg.dataset, cfg.root, [cfg.train_split] + ([cfg.val_split] if cfg.val_every else []))
     check_output_folder(args.out)
     resume = check_run_folder(args.out, resume=args.resume, resume_or_start=args.resume_or_start)
-    from sd4match.runtime import distributed_rank_world, finish_distributed
-
     out = Trainer(cfg, args.out, progress=not args.no_progress).run(resume=resume)
     rank = distributed_rank_world()[0]
     finish_distributed()
@@ -390,43 +408,39 @@ def cmd_train(args) -> int:
 
 
 def _apply_preset(args) -> None:
-    """Set the preset's values on every argument still at its default."""
+    """Set the preset's values on every setting still at its default."""
     for k, v in EVAL_PRESETS[args.preset].items():
         if getattr(args, k) == args.command_parser.get_default(k):
             setattr(args, k, v)
 
 
 def cmd_evaluate(args) -> int:
-    from sd4match.checks import check_dataset
+    from sd4match.checks import check_splits
+    from sd4match.evaluate import check_evaluation_folder, evaluate, print_score
+    from sd4match.runtime import distributed_rank_world, finish_distributed
+    from sd4match.store import Store
 
     if args.preset:
         _apply_preset(args)
-    from sd4match.evaluate import EvalConfig, evaluate, print_score
-    from sd4match.runtime import distributed_rank_world
-    from sd4match.store import Store
-
+    model = config_from_args(ModelConfig, args)
+    cfg = config_from_args(EvalConfig, args)
     _check_common(args)
-    recs = check_dataset(args.dataset, args.root, [args.split])[args.split]
-    if args.limit:
-        recs = recs[: args.limit]
-    cfg = EvalConfig(args.dataset, str(args.root), args.split, args.prompt, args.match, args.protocol, args.alphas, args.seed, limit=args.limit,
-                     workers=args.workers, skip_bad=args.skip_bad, preset=args.preset)
-    from sd4match.evaluate import check_evaluation_folder
-
-    request = {k: getattr(args, k) for k in ("model", "model_config", "dtype", "timestep", "up_block", "ensemble", "resolution", "dino", "dino_input")}
+    recs = check_splits(cfg.dataset, cfg.root, [cfg.split])[cfg.split]
+    if cfg.limit:
+        recs = recs[: cfg.limit]
+    request = {**{k: getattr(model, k) for k in ("model", "model_config", "dtype", "timestep", "up_block", "ensemble", "resolution")},
+               "dino": args.dino, "dino_input": model.dino_input}
     check_evaluation_folder(args.out, resume=args.resume, cfg=cfg, request=request)
-    feat = load_model(args)
-    dino = _dino_for(args.prompt, args.dino, feat)
+    feat = load_model(model)
+    dino = _dino_for(cfg.prompt, args.dino, feat)
     store = Store(folder=args.cache_dir) if args.cache_dir else None
     out = evaluate(feat, cfg, args.out, dino=dino, progress=not args.no_progress, records=recs, store=store, resume=args.resume, request=request)
-    from sd4match.runtime import finish_distributed
-
     rank = distributed_rank_world()[0]
     finish_distributed()
     if rank != 0:
         return 0
     print(print_score(out))
-    print(f"predictions and score in {out}", file=sys.stderr)
+    print(f"predictions and score in {out.out}", file=sys.stderr)
     return 0
 
 
@@ -489,13 +503,15 @@ def cmd_serve(args) -> int:
 
 
 def cmd_prompts_import(args) -> int:
+    from sd4match.features.registry import feature_width
     from sd4match.prompts.official import describe_prompt, import_official, read_official
 
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise Sd4MatchError(f"{args.out}: already exists and is not empty; choose another --out")
     read_official(args.file)  # a bad file is named before any model loads
     _check_common(args, prompt=False)
-    out = import_official(args.file, args.kind, load_model(args), args.out, dino=args.dino)
+    out = import_official(args.file, args.kind, load_model(config_from_args(ModelConfig, args)), args.out, dino=args.dino,
+                          dino_dim=feature_width(args.dino))
     print(describe_prompt(out))
     return 0
 
@@ -528,7 +544,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a reader that left is noticed while it can be handled
+        return rc
+    except BrokenPipeError:  # `sd4match pairs ... | head`: the reader left, not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # what is still buffered goes nowhere, quietly
+        return 0
     except Sd4MatchError as e:
         if args.debug:
             raise
@@ -540,10 +562,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"sd4match: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `sd4match pairs ... | head`: the reader left, not an error
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
     except KeyboardInterrupt:
         print("sd4match: interrupted", file=sys.stderr)
         return 130

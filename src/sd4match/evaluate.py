@@ -1,7 +1,7 @@
 """``sd4match evaluate``: predict every pair of a split, write predictions and PCK.
 
 The pipeline keeps the GPU fed: loader threads decode and squash the pictures of the
-coming pairs (``frozen.prefetch``); pairs are taken in chunks; a pair-independent prompt
+coming pairs (``batching.prefetch``); pairs are taken in chunks; a pair-independent prompt
 (empty, text, single, category) gets each picture's features once, ``max_batch //
 ensemble`` pictures a UNet call, kept in the store; a CPM prompt is built per pair, and
 ``max_batch // (2 x ensemble)`` pairs share a UNet call, the VAE posteriors and DINOv2
@@ -19,172 +19,64 @@ earlier run's results stay as they were until the new ones are complete.
 from __future__ import annotations
 
 import json
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
-from sd4match.data import load_pair_images, open_dataset
+from sd4match.batching import Batcher, prefetch
+from sd4match.config import EVAL_PRESETS, EvalConfig, MatchConfig, as_dict
+from sd4match.data import open_dataset
 from sd4match.data.records import PairRecord
 from sd4match.errors import DataError, Sd4MatchError, first_line
 from sd4match.fileio import atomic_write_text
-from sd4match.frozen import Frozen, Picture, prefetch
 from sd4match.matching import match_pixels
-from sd4match.metrics import DEFAULT_ALPHAS, format_table, score, write_predictions
+from sd4match.metrics import format_table, score, write_predictions
+from sd4match.prompts import Prompt, resolve_prompt
 from sd4match.runtime import distributed_rank_world, gather_dicts, git_sha, hang_for_tests
 from sd4match.store import Store
+
+__all__ = ["EVAL_PRESETS", "EvalConfig", "Evaluation", "check_evaluation_folder", "evaluate", "predict_pairs", "print_score", "read_partial",
+           "resolve_prompt"]
 
 PARTIAL = "predictions.partial.jsonl"
 RUN = "run.json"
 #: settings that may differ between a run and its resumption
-_VOLATILE = ("settings", "workers", "chunk", "skip_bad", "preset")
+_VOLATILE = ("workers", "chunk", "skip_bad", "preset")
 
 
-@dataclass
-class EvalConfig:
-    dataset: str
-    root: str
-    split: str = "test"
-    prompt: str = "empty"  # a prompt folder, "empty", or "text" / "text:<template>"
-    rule: str = "kernel-softargmax"
-    protocol: str = "sd4match"
-    alphas: Sequence[float] = DEFAULT_ALPHAS
-    seed: int = 0
-    temperature: float = 0.04
-    sigma: float = 7.0
-    limit: int = 0  # only the first N pairs of the split (0: all), for a quick look
-    workers: int = 4  # loader threads decoding and resizing ahead
-    chunk: int = 32  # loader threads decode up to 2 x chunk pairs ahead
-    skip_bad: bool = False  # go past pairs with unreadable images (scored as missing, listed in score.json)
-    preset: str | None = None  # a zero-shot baseline's settings (dift, dinov2, sd-dino-fuse), when one was asked for
-    settings: dict = field(default_factory=dict)  # the featurizer's, filled in
-
-
-def resolve_prompt(spec: str, featurizer, *, dino=None):
-    """``empty``, ``text`` / ``text:<template>`` or a prompt folder -> a prompt (None for featurizers without prompts)."""
-    from sd4match.prompts import EmptyPrompt, TextPrompt, bridge_for, load_prompt
-
-    if not hasattr(featurizer, "text_encoder"):
-        if spec not in ("empty", "none"):
-            raise Sd4MatchError(f"{featurizer.model_id} takes no prompt; use --prompt empty")
-        return None
-    if spec == "empty":
-        return EmptyPrompt(bridge_for(featurizer))
-    if spec == "text" or spec.startswith("text:"):
-        template = spec[5:] if spec.startswith("text:") else "a photo of a {category}"
-        return TextPrompt(bridge_for(featurizer), template)
-    if not Path(spec).is_dir():
-        raise Sd4MatchError(f"--prompt {spec}: not a prompt folder, 'empty', 'text' or 'text:<template>'")
-    prompt = load_prompt(spec, featurizer)
-    if prompt.kind == "cpm" and dino is None:
-        raise Sd4MatchError(f"{spec}: a CPM prompt needs DINOv2 features (--dino)")
-    return prompt
-
-
-def _load(root, r: PairRecord, resolution: int | None) -> tuple[Picture, Picture]:
-    src, trg = load_pair_images(root, r)
-    return Picture(src).prepare(resolution), Picture(trg).prepare(resolution)
-
-
-def _tag(prompt, category: str) -> str:
-    return category if prompt is not None and prompt.kind in ("category", "text") else "-"
-
-
-def predict_pairs(featurizer, prompt, records: Sequence[PairRecord], root, cfg: EvalConfig, *, dino=None, store: Store | None = None,
-                  frozen: Frozen | None = None, progress: bool = True) -> Iterator[tuple[str, np.ndarray | BaseException]]:
+def predict_pairs(featurizer, prompt: Prompt | None, records: Sequence[PairRecord], root, *, match: MatchConfig = MatchConfig(), seed: int = 0,
+                  workers: int = 4, chunk: int = 32, dino=None, store: Store | None = None, batcher: Batcher | None = None,
+                  progress: bool = True) -> Iterator[tuple[str, np.ndarray | BaseException]]:
     """Yield (pair id, predicted target points in original pixels) for ``records``, in order.
 
-    Pairs stream through: loader threads decode ahead; a UNet call runs as soon as
-    ``pictures_per_call`` new pictures (pair-independent prompts) or ``pairs_per_call``
-    pairs (CPM) are waiting, so every call but the last is full. A pair whose pictures
-    cannot be read yields its ``DataError`` instead of points.
+    Pairs stream through ``Batcher.stream``: loader threads decode up to ``2 x chunk`` pairs
+    ahead; each model call is full but the last. A pair whose pictures cannot be read yields
+    its ``DataError`` instead of points.
+
+    Args:
+        match: the match rule and its settings.
+        seed: base seed of every picture's random draws (ignored when ``batcher`` is given).
+        dino, store: for a new ``Batcher`` (or give ``batcher``, e.g. to share its store).
     """
-    from collections import deque
+    batcher = batcher or Batcher(featurizer, dino=dino, store=store, seed=seed)
 
-    from tqdm import tqdm
-
-    from sd4match.prompts import prompt_fingerprint
-
-    frozen = frozen or Frozen(featurizer, dino=dino, store=store, seed=cfg.seed)
-    per_pair = prompt is not None and prompt.kind == "cpm"
-    resolution = featurizer.resolution if frozen.is_sd else None
-    fingerprint = prompt_fingerprint(prompt)
-    embs: dict[str, torch.Tensor | None] = {}
-    bar = tqdm(total=len(records), unit="pair", desc="evaluate", disable=not progress, smoothing=0.05)
-    loaded = prefetch(records, lambda r: _load(root, r, resolution), workers=cfg.workers, ahead=2 * cfg.chunk)
-    queue: deque = deque()  # [record, pictures or error, prediction or None], in record order
-    todo: dict[tuple, tuple] = {}  # (picture key, prompt id) -> (picture, embeddings), waiting for a UNet call
-
-    def predict(r, fs, ft):
-        out = match_pixels(featurizer, fs, ft, r.src_kps, r.src_size, r.trg_size, cfg.rule, temperature=cfg.temperature, sigma=cfg.sigma)
+    def predict(r: PairRecord, fs, ft) -> np.ndarray:
+        out = match_pixels(featurizer, fs, ft, r.src_kps, r.src_size, r.trg_size, match.rule, **match.kwargs())
         return out["kps"].double().cpu().numpy()
 
-    def emb_for(r):
-        tag = _tag(prompt, r.category)
-        if tag not in embs:
-            with torch.no_grad():
-                embs[tag] = None if prompt is None else prompt({"categories": [r.category]})
-        return f"{fingerprint}:{tag}", embs[tag]
-
-    def match_ready():
-        for entry in queue:
-            r, pics, res = entry
-            if res is None and not isinstance(pics, BaseException) and not per_pair:
-                pid, _ = emb_for(r)
-                if (pics[0].key, pid) in todo or (pics[1].key, pid) in todo:
-                    continue
-                fs, ft = frozen.stored_map(pics[0], pid), frozen.stored_map(pics[1], pid)
-                if fs is None or ft is None:  # evicted from memory meanwhile: computed again (same bits)
-                    for p in pics:
-                        todo.setdefault((p.key, pid), (p, embs[_tag(prompt, r.category)]))
-                    continue
-                entry[2] = predict(r, fs, ft)
-
-    def run_pictures(final: bool):
-        n = frozen.pictures_per_call()
-        while len(todo) >= n or (final and todo):
-            items = [(k, todo.pop(k)) for k in list(todo)[:n]]
-            frozen.compute_maps([p for _, (p, _) in items], [e for _, (_, e) in items], [pid for (_, pid), _ in items])
-            match_ready()
-
-    def run_pairs(final: bool):
-        n = frozen.pairs_per_call()
-        waiting = [e for e in queue if e[2] is None and not isinstance(e[1], BaseException)]
-        while len(waiting) >= n or (final and waiting):
-            grp, waiting = waiting[:n], waiting[n:]
-            full = frozen.pad(grp, n)
-            src, trg = [e[1][0] for e in full], [e[1][1] for e in full]
-            with torch.no_grad():
-                emb = prompt({"dino_src": frozen.tokens(src), "dino_trg": frozen.tokens(trg)})
-            fs, ft = frozen.pair_features(src, trg, emb)
-            for i, e in enumerate(grp):
-                e[2] = predict(e[0], fs[i : i + 1], ft[i : i + 1])
-
-    def ready(entry) -> bool:
-        return isinstance(entry[1], BaseException) or entry[2] is not None
-
+    bar = tqdm(total=len(records), unit="pair", desc="evaluate", disable=not progress, smoothing=0.05)
+    loaded = prefetch(records, lambda r: batcher.load_pair(root, r), workers=workers, ahead=2 * chunk)
     try:
-        for r, pics in loaded:
-            queue.append([r, pics, None])
-            if not isinstance(pics, BaseException) and not per_pair:
-                pid, emb = emb_for(r)
-                for p in pics:
-                    if (p.key, pid) not in todo and not frozen.store.contains("features", frozen.feature_key(p, pid)):
-                        todo[(p.key, pid)] = (p, emb)
-                match_ready()
-            (run_pairs if per_pair else run_pictures)(False)
-            while queue and ready(queue[0]):
-                e = queue.popleft()
-                bar.update(1)
-                yield e[0].id, e[1] if isinstance(e[1], BaseException) else e[2]
-        (run_pairs if per_pair else run_pictures)(True)
-        while queue:
-            e = queue.popleft()
+        for entry in batcher.stream(prompt, loaded, predict):
             bar.update(1)
-            yield e[0].id, e[1] if isinstance(e[1], BaseException) else e[2]
+            yield entry.record.id, entry.error if entry.error is not None else entry.result
     finally:
         loaded.close()  # stop the loader threads, also when the consumer stopped early
         bar.close()
@@ -192,8 +84,7 @@ def predict_pairs(featurizer, prompt, records: Sequence[PairRecord], root, cfg: 
 
 # ------------------------------------------------------------------------------ the run folder
 def _run_settings(cfg: EvalConfig) -> dict:
-    d = {**asdict(cfg), "alphas": list(cfg.alphas)}
-    return {k: v for k, v in d.items() if k not in _VOLATILE}
+    return {k: v for k, v in as_dict(cfg).items() if k not in _VOLATILE}
 
 
 def read_partial(out: Path) -> dict[str, list]:
@@ -238,9 +129,22 @@ def _compare(run: Path, now: dict) -> None:
         raise Sd4MatchError(f"{run}: the earlier run used other settings ({', '.join(diff)}); resume with the same ones or choose another --out")
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """What ``evaluate`` wrote and resolved: the folder, the featurizer's settings, and the
+    score (``score.json``; None on processes other than the first). Path-like: ``out``."""
+
+    out: Path
+    settings: dict
+    score: dict | None
+
+    def __fspath__(self) -> str:
+        return str(self.out)
+
+
 def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progress: bool = True, records=None, store: Store | None = None,
-             resume: bool = False, request: dict | None = None) -> Path:
-    """Predict, score and write ``predictions.jsonl`` + ``score.json`` into ``out``; return ``out``.
+             resume: bool = False, request: dict | None = None) -> Evaluation:
+    """Predict, score and write ``predictions.jsonl`` + ``score.json`` into ``out``.
 
     ``score.json`` equals ``sd4match score`` on ``predictions.jsonl`` under the same
     protocol and alphas, plus the settings that produced it (and the pairs skipped).
@@ -251,20 +155,18 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
         if cfg.limit:
             records = records[: cfg.limit]
     prompt = resolve_prompt(cfg.prompt, featurizer, dino=dino)
-    cfg.settings = featurizer.settings()
+    settings = featurizer.settings()
     rank, world = distributed_rank_world()
     done: dict[str, list] = {}
     check_evaluation_folder(out, resume=resume)
     if resume:
-        _check_resume(out, cfg, cfg.settings)
+        _check_resume(out, cfg, settings)
         done = read_partial(out)
     if world > 1:  # every process has checked the folder before any of them writes into it
-        import torch.distributed as dist
-
         dist.barrier()
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not resume:
-        atomic_write_text(out / RUN, json.dumps({"config": _run_settings(cfg), "featurizer": cfg.settings, "request": request or {}}, indent=2, default=str))
+        atomic_write_text(out / RUN, json.dumps({"config": _run_settings(cfg), "featurizer": settings, "request": request or {}}, indent=2, default=str))
     t0 = time.perf_counter()
     # sharded: process k predicts pairs k, k + world, ...; every picture's draws are seeded by
     # its content and every call has a fixed size, so the merged predictions equal one process
@@ -273,7 +175,8 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
     mine: dict[str, np.ndarray] = {}
     bad: dict[str, str] = {}
     with open(partial, "a", encoding="utf-8") as fh:
-        for pid, kps in predict_pairs(featurizer, prompt, mine_recs, cfg.root, cfg, dino=dino, store=store, progress=progress and rank == 0):
+        for pid, kps in predict_pairs(featurizer, prompt, mine_recs, cfg.root, match=cfg.match, seed=cfg.seed, workers=cfg.workers, chunk=cfg.chunk,
+                                      dino=dino, store=store, progress=progress and rank == 0):
             if isinstance(kps, BaseException):
                 if not (cfg.skip_bad and isinstance(kps, DataError)):
                     if isinstance(kps, Sd4MatchError):
@@ -289,7 +192,7 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
         mine = gather_dicts(mine)
         bad = gather_dicts(bad)
         if rank != 0:
-            return out
+            return Evaluation(out, settings, None)
     seconds = time.perf_counter() - t0
     # every prediction goes through the same JSON round trip, resumed or not
     preds = {pid: np.asarray(v, dtype=np.float64) for pid, v in done.items()}
@@ -299,20 +202,34 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
     result = score(records, preds, protocol=cfg.protocol, alphas=cfg.alphas, allow_missing=bool(bad))
     result["dataset"], result["split"] = cfg.dataset, cfg.split
     if bad:
-        result["skipped"] = [{"id": pid, "problem": msg} for pid, msg in sorted(bad.items(), key=lambda kv: [r.id for r in records].index(kv[0]))]
-    meta = {"config": {**asdict(cfg), "alphas": list(cfg.alphas)}, "git_sha": git_sha(), "processes": world,
+        order = {r.id: i for i, r in enumerate(records)}
+        result["skipped"] = [{"id": pid, "problem": msg} for pid, msg in sorted(bad.items(), key=lambda kv: order[kv[0]])]
+    meta = {"config": {**as_dict(cfg), "settings": settings}, "git_sha": git_sha(), "processes": world,
             "protocol_note": f"protocol {cfg.protocol} (evaluate's default: sd4match, the official code's frame; sd4match score defaults to standard)"}
     meta["seconds_this_session"] = round(seconds, 3)
-    atomic_write_text(out / "score.json", json.dumps({**result, "run": meta}, indent=2, default=str))
+    doc = {**result, "run": meta}
+    atomic_write_text(out / "score.json", json.dumps(doc, indent=2, default=str))
     for f in out.glob(PARTIAL.replace(".jsonl", "*.jsonl")):
         f.unlink()
     (out / RUN).unlink(missing_ok=True)
-    return out
+    return Evaluation(out, settings, json.loads(json.dumps(doc, default=str)))
 
 
 def print_score(out: str | Path) -> str:
+    """The score table of an evaluation folder, as ``sd4match evaluate`` prints it."""
     res = json.loads((Path(out) / "score.json").read_text())
     text = format_table(res, f"{res['dataset']}/{res['split']}")
     if res.get("skipped"):
         text += f"\n{len(res['skipped'])} pairs skipped (unreadable images, scored as missing): see score.json"
     return text
+
+
+class _CallableModule(types.ModuleType):
+    """``sd4match.evaluate`` is this module (the import system makes it the package's
+    attribute) and the public ``evaluate`` function at once: calling it calls ``evaluate``."""
+
+    def __call__(self, *args, **kwargs) -> Evaluation:
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -21,13 +21,10 @@ Everything is batched over pairs and points; the maths runs in fp32.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
-MatchRule = Literal["nn", "bilinear", "softargmax", "kernel-softargmax"]
-MATCH_RULES: tuple[str, ...] = ("nn", "bilinear", "softargmax", "kernel-softargmax")
+from sd4match.config import MATCH_RULES, MatchConfig, MatchRule  # noqa: F401 (the rules' names and settings, re-exported)
 NORM_EPS = 1e-6  # the official L2 normalisation: f / (|f| + 1e-6)
 BILINEAR_EPS = 1e-5  # the official clamp of bilinear queries into the grid
 

@@ -18,12 +18,12 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from sd4match.config import DEFAULT_ALPHAS
 from sd4match.data.records import CLAMP_EPS, SD4MATCH_RESOLUTION, PairRecord, check_protocol
+from sd4match.data.spair import DIFFICULTY_KEYS
 from sd4match.errors import PredictionError
 from sd4match.fileio import atomic_path
 
-DEFAULT_ALPHAS: tuple[float, ...] = (0.05, 0.1, 0.15)
-DIFFICULTY_KEYS = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")
 
 
 def alpha_key(alpha: float) -> str:

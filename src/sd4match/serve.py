@@ -26,6 +26,7 @@ from pathlib import Path
 from sd4match.data.images import image_size, list_images
 from sd4match.errors import Sd4MatchError
 from sd4match.usermatch import MAX_SIDE, Matcher, UserImage, open_image
+from sd4match.viz import heat_image
 
 PAGE = "index.html"
 
@@ -128,8 +129,6 @@ def create_app(matcher: Matcher, *, images: str | Path | None = None, max_upload
     from fastapi import FastAPI, File, HTTPException, Request, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from pydantic import BaseModel
-
-    from sd4match.viz import heat_image
 
     tmp = None
     if workdir is None:

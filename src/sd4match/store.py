@@ -30,14 +30,6 @@ from sd4match.fileio import atomic_path
 FORMAT = "sd4match-store-1"
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def image_key(img) -> str:
     """SHA-256 of a decoded picture's pixels and size: equal for equal pictures, whatever the file."""
     return hashlib.sha256(img.tobytes() + repr(img.size).encode()).hexdigest()

@@ -22,10 +22,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sd4match.data.images import load_image, oriented_size
+from tqdm import tqdm
+
+from sd4match.version import __version__
+from sd4match.batching import Batcher, Picture
+from sd4match.config import MatchConfig
+from sd4match.data.images import list_images, load_image, oriented_size
 from sd4match.errors import Sd4MatchError
-from sd4match.store import file_sha256, image_key
-from sd4match.matching import MATCH_RULES, dense_match, match_pixels, point_correlation
+from sd4match.fileio import staged_dir
+from sd4match.matching import MATCH_RULES, border_contrast, cells_to_grid, dense_match, match_pixels, point_correlation
+from sd4match.prompts import prompt_fingerprint, resolve_prompt
+from sd4match.store import Store, image_key
+from sd4match.viz import contact_sheet, draw_matches, draw_points, heat_image
 
 MAX_SIDE = 2048  # larger pictures are downscaled before the model (which works at 768 or less)
 
@@ -144,77 +152,58 @@ class Matcher:
 
     def __init__(self, featurizer, prompt: str = "empty", *, category: str | None = None, dino=None, rule: str = "kernel-softargmax",
                  temperature: float = 0.04, sigma: float = 7.0, seed: int = 0, cache_bytes: int = 1 << 30, cache_dir: str | Path | None = None):
-        from sd4match.evaluate import resolve_prompt
-        from sd4match.frozen import Frozen
-        from sd4match.prompts import prompt_fingerprint
-        from sd4match.store import Store
-
         if rule not in MATCH_RULES:
             raise Sd4MatchError(f"unknown match rule {rule!r}; expected one of {', '.join(MATCH_RULES)}")
         self.featurizer, self.dino = featurizer, dino
         self.prompt_spec, self.category = prompt, category
-        self.rule, self.temperature, self.sigma, self.seed = rule, temperature, sigma, seed
+        self.match = MatchConfig(rule, temperature, sigma)
+        self.seed = seed
         self.prompt = resolve_prompt(prompt, featurizer, dino=dino)
         self.store = Store(cache_bytes, cache_dir)
         # interactive use: calls as large as the work at hand (no padding to a fixed batch)
-        self.frozen = Frozen(featurizer, dino=dino, store=self.store, seed=seed, fixed_batches=False)
+        self.batcher = Batcher(featurizer, dino=dino, store=self.store, seed=seed, fixed_batches=False)
         self._emb = None
-        self._prompt_id = f"{prompt_fingerprint(self.prompt)}:{category}"
-        if self.prompt is not None and self.prompt.kind != "cpm":
-            needs = self.prompt.kind == "category" or "{category}" in getattr(self.prompt, "template", "")
-            if needs and not category:
+        if self.prompt is not None and not self.prompt.per_pair:
+            if self.prompt.requires_category and not category:
                 raise Sd4MatchError(f"--prompt {prompt}: this prompt needs --category")
-            with torch.no_grad():
-                self._emb = self.prompt({"categories": [category]} if needs else {})
+            self._emb = self.batcher.embeds(self.prompt, category if self.prompt.requires_category else None)
+        self._prompt_id = self.batcher.prompt_id(self.prompt, category, fingerprint=prompt_fingerprint(self.prompt))
 
-    @property
-    def pair_dependent(self) -> bool:
-        return self.prompt is not None and self.prompt.kind == "cpm"
+    rule = property(lambda self: self.match.rule)
+    temperature = property(lambda self: self.match.temperature)
+    sigma = property(lambda self: self.match.sigma)
 
     def settings(self) -> dict:
         return {"model": self.featurizer.settings(), "prompt": self.prompt_spec, "category": self.category, "rule": self.rule,
                 "temperature": self.temperature, "sigma": self.sigma, "seed": self.seed}
 
     @staticmethod
-    def _picture(img: UserImage):
-        from sd4match.frozen import Picture
-
+    def _picture(img: UserImage) -> Picture:
         return Picture(img.image, img.key)
 
-    def _keys(self, a: UserImage, b: UserImage | None) -> list[tuple[str, str]]:
-        """Store keys of the maps ``features(a, b)`` returns (a CPM map depends on the partner too)."""
-        if self.pair_dependent and b is not None:
-            pid = f"{self._prompt_id}:pair:{a.key}:{b.key}"
-            return [("features", self.frozen.feature_key(self._picture(a), f"{pid}:src")),
-                    ("features", self.frozen.feature_key(self._picture(b), f"{pid}:trg"))]
-        return [("features", self.frozen.feature_key(self._picture(im), self._prompt_id)) for im in ([a, b] if b is not None else [a])]
+    @property
+    def pair_dependent(self) -> bool:
+        """Whether a picture's map depends on its partner (a per-pair prompt, e.g. CPM)."""
+        return self.prompt is not None and self.prompt.per_pair
+
+    def store_keys(self, a: UserImage, b: UserImage | None = None) -> list[str]:
+        """The store keys (kind ``features``) of the maps ``features(a, b)`` returns (of ``a`` alone without ``b``)."""
+        return self.batcher.map_keys(self.prompt, self._prompt_id, self._picture(a), None if b is None else self._picture(b))
 
     def is_cached(self, a: UserImage, b: UserImage | None = None) -> bool:
-        return all(self.store.contains(kind, key) for kind, key in self._keys(a, b))
+        """Whether the maps ``features(a, b)`` returns are stored (in memory or on disk)."""
+        return all(self.store.contains("features", k) for k in self.store_keys(a, b))
 
     def features(self, a: UserImage, b: UserImage) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, C, h, w) maps of ``a`` and ``b``; a CPM prompt is built from both images."""
-        if not self.pair_dependent:
-            fa, fb = self.frozen.features([self._picture(a), self._picture(b)], self._emb, self._prompt_id)
-            return fa, fb
-        (_, ka), (_, kb) = self._keys(a, b)
-        got = [self.store.get("features", k, self.featurizer.device) for k in (ka, kb)]
-        if all(g is not None for g in got):
-            return got[0]["features"], got[1]["features"]
-        pa, pb = self._picture(a), self._picture(b)
-        with torch.no_grad():
-            emb = self.prompt({"dino_src": self.frozen.tokens([pa]), "dino_trg": self.frozen.tokens([pb])})
-        fa, fb = self.frozen.pair_features([pa], [pb], emb)
-        self.store.put("features", ka, {"features": fa})
-        self.store.put("features", kb, {"features": fb})
-        return fa, fb
+        """(1, C, h, w) maps of ``a`` and ``b``; a per-pair prompt (CPM) is built from both images."""
+        return self.batcher.pair_maps(self.prompt, self._picture(a), self._picture(b), prompt_id=self._prompt_id, embeds=self._emb)
 
     def match_points(self, a: UserImage, b: UserImage, points: Sequence[tuple[str, tuple[float, float]]]) -> list[dict]:
         """Each named point of ``a`` -> ``{"name", "source": [x, y], "target": [x, y], "score"}`` in original pixels."""
         check_points(points, a)
         fa, fb = self.features(a, b)
         kps = torch.tensor([xy for _, xy in points], dtype=torch.float32)
-        out = match_pixels(self.featurizer, fa, fb, kps, a.size, b.size, self.rule, temperature=self.temperature, sigma=self.sigma)
+        out = match_pixels(self.featurizer, fa, fb, kps, a.size, b.size, self.rule, **self.match.kwargs())
         tk, sc = out["kps"].double().cpu().numpy(), out["scores"].double().cpu().numpy()
         return [{"name": n, "source": [round(x, 2), round(y, 2)], "target": [round(float(t[0]), 2), round(float(t[1]), 2)], "score": round(float(s), 4)}
                 for (n, (x, y)), t, s in zip(points, tk, sc)]
@@ -234,8 +223,6 @@ class Matcher:
         ranked by cosine x saliency in ``a`` x saliency of the match in ``b``, then taken
         greedily at least ``max(h, w) / 8`` cells apart (then ``/ 16``, if too few remain).
         """
-        from sd4match.matching import border_contrast
-
         fa, fb = self.features(a, b)
         d = dense_match(fa, fb, "nn")
         h, w = fa.shape[-2:]
@@ -270,7 +257,7 @@ class Matcher:
         """
         fa, fb = self.features(a, b)
         h, w = fb.shape[-2:]
-        d = dense_match(fb, fa, self.rule, temperature=self.temperature, sigma=self.sigma)
+        d = dense_match(fb, fa, self.rule, **self.match.kwargs())
         xy = self.featurizer.cell_map(a.size).cell_to_pixel(d["cells"][0]).float().cpu().numpy()
         return {"source_xy": xy.reshape(h, w, 2), "score": d["scores"][0].float().cpu().numpy().reshape(h, w),
                 "mutual": d["mutual"][0].cpu().numpy().reshape(h, w)}
@@ -282,8 +269,6 @@ def warp_onto(a: UserImage, b: UserImage, dense: dict[str, np.ndarray], cell_map
     ``cell_map_b`` is the featurizer's ``cell_map(b.size)``: each working pixel of ``b`` reads
     the flow at its own cell coordinate, so every featurizer's mapping is honoured.
     """
-    from sd4match.matching import cells_to_grid
-
     wb, hb = b.image.size
     h, w = dense["source_xy"].shape[:2]
     flow = torch.from_numpy(dense["source_xy"]).permute(2, 0, 1)[None].float()  # (1, 2, h, w) original pixels of a
@@ -312,10 +297,6 @@ def run_match(matcher: Matcher, src: str | Path, trg: str | Path, out: str | Pat
     Without ``points``, the source points are the mutual nearest neighbours (``auto_points``).
     Everything is computed before anything is written, so a bad input leaves ``out`` as it was.
     """
-    from sd4match import __version__
-    from sd4match.fileio import staged_dir
-    from sd4match.viz import draw_matches, heat_image
-
     a, b = open_image(src, max_side=max_side), open_image(trg, max_side=max_side)
     if points is not None:
         check_points(points, a)
@@ -360,13 +341,6 @@ def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets
     a staging folder and moved into ``out`` only when every target succeeded, so a failure
     leaves an earlier run's ``out`` byte for byte as it was.
     """
-    from tqdm import tqdm
-
-    from sd4match import __version__
-    from sd4match.data.images import list_images
-    from sd4match.fileio import staged_dir
-    from sd4match.viz import contact_sheet, draw_points
-
     a = open_image(source, max_side=max_side)
     check_points(points, a)
     root = Path(targets)

@@ -51,13 +51,21 @@ class PairDataset(abc.ABC):
     def available_splits(self) -> list[str]:
         return [s for s in self.splits if self.split_file(s) is not None]
 
-    def pairs(self, split: str) -> list[PairRecord]:
-        """All pair records of ``split``, in the official list order."""
+    def pairs(self, split: str, *, apply_flip: bool = False) -> list[PairRecord]:
+        """All pair records of ``split``, in the official list order.
+
+        With ``apply_flip``, pairs whose ``meta["flip"]`` is set come back mirrored (points,
+        boxes, and pixels when loaded), as the field's training code uses them; only
+        PF-Pascal's trn list sets it.
+        """
         self.check_split(split)
         path = self.split_file(split)
         if path is None:
             raise DataError(self.root, f"no pair list for split {split!r} of {self.name} ({self.expected_split_file(split)} is missing)")
-        return self._read_split(split, path)
+        recs = self._read_split(split, path)
+        if apply_flip:
+            recs = [r.mirrored() if r.meta.get("flip") else r for r in recs]
+        return recs
 
     def expected_split_file(self, split: str) -> str:
         return f"the {split} pair list"

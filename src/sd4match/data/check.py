@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from sd4match.data import open_dataset
 from sd4match.data.download import interrupted_extractions
+from sd4match.data.images import load_image
 from sd4match.errors import DataError
 
 
@@ -57,12 +61,6 @@ def check_dataset(name: str, root: str | Path, *, images: bool | str = "decode",
         DataError: ``root`` is not in the dataset's layout at all, or holds an
             interrupted extraction (``sd4match download`` was stopped half-way).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
-
-    from sd4match.data.images import load_image
-
     mode = ({True: "headers", False: "none"}[images]) if isinstance(images, bool) else images
     if mode not in ("decode", "headers", "none"):
         raise ValueError(f"images must be decode, headers or none, got {images!r}")

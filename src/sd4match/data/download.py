@@ -12,7 +12,6 @@ has one, so a half-extracted tree never passes. A finished source is recorded in
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -27,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Literal, Sequence
 
 from sd4match.errors import Sd4MatchError
-from sd4match.fileio import atomic_path, atomic_write_text
+from sd4match.fileio import atomic_path, atomic_write_text, file_sha256
 
 DOWNLOAD_DIR = ".sd4match-downloads"
 EXTRACT_PREFIX = ".sd4match-extract-"
@@ -130,7 +129,7 @@ def download(
         if src.filename in done and done[src.filename].get("url") == src.url:
             continue
         archive = fetch(src, dl, progress=progress, timeout=timeout)
-        digest = sha256_file(archive)
+        digest = file_sha256(archive)
         if src.sha256 and digest != src.sha256:
             archive.unlink()
             raise DownloadError(f"{archive}: SHA-256 {digest} does not match the expected {src.sha256}; the file was removed, run again")
@@ -270,14 +269,6 @@ def _safe_name(archive: Path, name: str) -> None:
     p = PurePosixPath(name.replace("\\", "/"))
     if p.is_absolute() or ".." in p.parts:
         raise DownloadError(f"{archive}: unsafe path in archive ({name}); refusing to extract")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def interrupted_extractions(root: Path) -> list[Path]:

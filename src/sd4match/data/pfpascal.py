@@ -106,14 +106,6 @@ class PFPascal(PairDataset):
             )
         return out
 
-    def pairs(self, split: str, *, apply_flip: bool = False) -> list[PairRecord]:
-        """Pair records of ``split``; with ``apply_flip``, pairs whose ``flip`` flag is set
-        come back mirrored (points, boxes, and pixels when loaded)."""
-        recs = super().pairs(split)
-        if apply_flip:
-            recs = [r.mirrored() if r.meta.get("flip") else r for r in recs]
-        return recs
-
     def annotation_path(self, image_rel: str, category: str) -> Path:
         return self.root / ANN_DIR / category / (Path(image_rel).stem + ".mat")
 

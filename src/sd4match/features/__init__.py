@@ -1,15 +1,20 @@
-"""Featurizers: Stable Diffusion (the method), EfficientNet-Lite0 (offline, real), and the cache."""
+"""The models: featurizers (Stable Diffusion, the method; DINOv2; SD + DINOv2 fused;
+EfficientNet-Lite0, offline and real), the text-encoder bridge prompts use, and the
+weights registry. Nothing here knows prompts, the store, the datasets or the stages."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from sd4match.errors import Sd4MatchError
 from sd4match.features.base import CellMap, Featurizer, images_to_tensor
 from sd4match.features.dino import DinoFeaturizer
 from sd4match.features.effnet import EffNetFeaturizer
+from sd4match.features.fused import FusedFeaturizer
 from sd4match.features.registry import REGISTRY, resolve
 from sd4match.features.sd import SDFeaturizer, SDFeaturizerConfig
+from sd4match.features.text import TextEncoderBridge
 
 
 def split_fused(model: str | Path) -> tuple[str, str] | None:
@@ -36,8 +41,6 @@ def load_featurizer(model: str | Path, *, dino_input: str = "official", **kwargs
     """
     fused = split_fused(model)
     if fused is not None:
-        from sd4match.features.fused import FusedFeaturizer
-
         sd = SDFeaturizer.from_pretrained(fused[0], **kwargs)
         net, dino_id = DinoFeaturizer.load_model(fused[1], local_files_only=kwargs.get("local_files_only"))
         return FusedFeaturizer(sd, net, dino_input=dino_input, dino_id=dino_id)
@@ -50,8 +53,6 @@ def load_featurizer(model: str | Path, *, dino_input: str = "official", **kwargs
 
 
 def _is_dinov2(res) -> bool:
-    import json
-
     if res.name is not None:
         return REGISTRY[res.name].family == "dinov2"
     cfg = Path(res.location) / "config.json"
@@ -63,4 +64,5 @@ def _is_dinov2(res) -> bool:
     return False
 
 
-__all__ = ["CellMap", "DinoFeaturizer", "EffNetFeaturizer", "Featurizer", "REGISTRY", "SDFeaturizer", "SDFeaturizerConfig", "images_to_tensor", "load_featurizer", "resolve"]
+__all__ = ["CellMap", "DinoFeaturizer", "EffNetFeaturizer", "Featurizer", "FusedFeaturizer", "REGISTRY", "SDFeaturizer", "SDFeaturizerConfig",
+           "TextEncoderBridge", "images_to_tensor", "load_featurizer", "resolve", "split_fused"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -100,11 +100,25 @@ class Featurizer(torch.nn.Module):
     """Base of the featurizers: call with images, get (B, C, h, w) features.
 
     Subclasses set ``resolution`` and implement ``grid_size``, ``forward`` and
-    ``settings`` (everything that changes the result, for cache keys).
+    ``settings`` (everything that changes the result, for cache keys), and declare what
+    they offer; the stages ask these declarations, never ``hasattr``:
+
+    - ``takes_prompt``: a prompt conditions the features (``text_bridge``, ``encode_text``,
+      ``prompt_dim``, and ``forward(..., prompt_embeds=...)``);
+    - ``has_posterior``: a VAE posterior per picture (``posterior(x)``,
+      ``posterior_settings()``, ``forward(None, posteriors=..., generator=...)``), which the
+      store keeps; its pictures are squashed to ``resolution`` before the model;
+    - ``needs_pixels``: with stored posteriors, ``forward`` also takes ``pixels`` (the
+      (B, 3, R, R) pictures in [0, 1]);
+    - ``max_batch`` and ``samples_per_picture``: model samples per call, and per picture
+      (the noisy copies of an ensemble).
     """
 
     resolution: int
     model_id: str
+    takes_prompt: ClassVar[bool] = False
+    has_posterior: ClassVar[bool] = False
+    needs_pixels: ClassVar[bool] = False
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -117,6 +131,27 @@ class Featurizer(torch.nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    @property
+    def max_batch(self) -> int:
+        """Most model samples (pictures x ``samples_per_picture``) per call."""
+        return 16
+
+    @property
+    def samples_per_picture(self) -> int:
+        """Model samples per picture (noisy copies averaged; 1 for deterministic networks)."""
+        return 1
+
+    @property
+    def text_bridge(self):
+        """The ``TextEncoderBridge`` prompts are encoded with (featurizers that ``takes_prompt``)."""
+        raise Sd4MatchError(f"{self.model_id} takes no prompt")
+
+    def reconfigure(self, **changes) -> "Featurizer":
+        """Change settings in place (timestep, up_block, ensemble, ...); returns self."""
+        if changes:
+            raise Sd4MatchError(f"{self.model_id}: its settings ({', '.join(sorted(changes))}) cannot be changed")
+        return self
 
     def cell_map(self, image_size: Sequence[int]) -> CellMap:
         """The pixel <-> cell mapping for an image of ``image_size`` = (W, H) (default: ``CellMap.centres``)."""

@@ -172,6 +172,10 @@ class EffNetFeaturizer(Featurizer):
     def feature_dim(self) -> int:
         return STAGES[4][3] + STAGES[6][3]
 
+    @property
+    def max_batch(self) -> int:
+        return self.config.max_batch
+
     def settings(self) -> dict:
         return {"featurizer": "effnet", "model": self.model_id, "resolution": self.config.resolution}
 

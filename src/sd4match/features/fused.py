@@ -34,7 +34,9 @@ class FusedFeaturizer(Featurizer):
         ``forward`` returns (B, C_sd + C_dino, h, w) fp32.
     """
 
-    needs_pixels = True  # Frozen hands the R x R pixels along with stored posteriors
+    takes_prompt = True
+    has_posterior = True
+    needs_pixels = True  # the batcher hands the R x R pixels along with stored posteriors
 
     def __init__(self, sd, dino_model, *, dino_input: str = "official", dino_id: str = "dinov2"):
         super().__init__()
@@ -58,6 +60,9 @@ class FusedFeaturizer(Featurizer):
     resolution = property(lambda self: self.sd.resolution)  # type: ignore[assignment]
     grid_size = property(lambda self: self.sd.grid_size)  # type: ignore[assignment]
     prompt_dim = property(lambda self: self.sd.prompt_dim)
+    text_bridge = property(lambda self: self.sd.text_bridge)
+    max_batch = property(lambda self: self.sd.max_batch)
+    samples_per_picture = property(lambda self: self.sd.samples_per_picture)
 
     @property
     def device(self) -> torch.device:

@@ -31,6 +31,7 @@ import torch
 from sd4match.errors import Sd4MatchError, first_line
 from sd4match.features.base import CellMap, Featurizer, ImagesLike, images_to_tensor
 from sd4match.features.registry import ResolvedModel, offline_mode, resolve, weights_missing
+from sd4match.features.text import TextEncoderBridge
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -114,6 +115,9 @@ class SDFeaturizer(Featurizer):
         config: ``SDFeaturizerConfig``.
     """
 
+    takes_prompt = True
+    has_posterior = True
+
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, config: SDFeaturizerConfig = SDFeaturizerConfig(), model_id: str = "unknown"):
         super().__init__()
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
@@ -126,6 +130,7 @@ class SDFeaturizer(Featurizer):
             m.requires_grad_(False)
         self._compiled: dict = {}
         self._meta: dict = {}  # modules' dtype and device, read once (diffusers walks every module to tell them)
+        self._bridge: TextEncoderBridge | None = None
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -134,7 +139,7 @@ class SDFeaturizer(Featurizer):
 
     def _module_meta(self, name: str) -> tuple[torch.dtype, torch.device]:
         if name not in self._meta:
-            p = next(getattr(self, name).parameters())
+            p = next({"unet": self.unet, "vae": self.vae}[name].parameters())
             self._meta[name] = (p.dtype, p.device)
         return self._meta[name]
 
@@ -235,6 +240,21 @@ class SDFeaturizer(Featurizer):
     def prompt_dim(self) -> int:
         return self.unet.config.cross_attention_dim
 
+    @property
+    def max_batch(self) -> int:
+        return self.config.max_batch
+
+    @property
+    def samples_per_picture(self) -> int:
+        return self.config.ensemble
+
+    @property
+    def text_bridge(self) -> TextEncoderBridge:
+        """The model's frozen CLIP text encoder, as prompts use it."""
+        if self._bridge is None:
+            self._bridge = TextEncoderBridge(self.text_encoder, self.tokenizer)
+        return self._bridge
+
     def settings(self) -> dict:
         """Everything that changes the features (store keys, run records)."""
         s = asdict(self.config)
@@ -254,9 +274,7 @@ class SDFeaturizer(Featurizer):
         Shape:
             returns (len(text), 77, D).
         """
-        from sd4match.prompts.base import TextEncoderBridge
-
-        return TextEncoderBridge(self.text_encoder, self.tokenizer).encode_text(text)
+        return self.text_bridge.encode_text(text)
 
     def preprocess(self, images: ImagesLike) -> torch.Tensor:
         """Pictures squashed to R x R (bilinear), as a (B, 3, R, R) fp32 tensor in [0, 1] on the model's device."""

@@ -1,12 +1,15 @@
-"""What every prompt shares: the batch it reads, the frozen text encoder, save and load.
+"""What every prompt shares: the batch it reads, what it declares, save and load.
 
 A prompt turns a batch into ``encoder_hidden_states`` for the UNet: (B or 1, 77, D).
 Learned prompts are rows of CLIP's *embedding-layer output* (token + position
-embedding), as in the official SD4Match code: the 77 x D sequence [BOS row, learned
-rows, EOS row, padding rows] goes straight into the loaded model's own frozen CLIP
-transformer and final LayerNorm, with no position embedding added again. The model is
-not modified: a forward hook on the text model's ``embeddings`` module replaces that
-module's output with the sequence for the duration of one call.
+embedding), as in the official SD4Match code, run through the model's own frozen text
+encoder by a ``TextEncoderBridge`` (``sd4match.features.text``; a featurizer that takes
+prompts offers one as ``featurizer.text_bridge``).
+
+Each kind is one class that declares how it behaves (``per_pair``, ``needs_dino``,
+``uses_category``, ``learned``) and registers itself with ``@register``; the stages ask
+these declarations, never the kind's name. A new kind is one new module plus its import in
+``sd4match/prompts/__init__.py``.
 
 Saved as a folder: ``prompt.safetensors`` (the tensors) + ``config.json``.
 """
@@ -16,21 +19,51 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from sd4match.errors import Sd4MatchError, first_line
+from sd4match.features.text import TextEncoderBridge
 from sd4match.fileio import atomic_path, atomic_write_text
 
+#: The kinds this release ships (``PROMPT_CLASSES`` holds every registered one).
 PromptKind = Literal["text", "empty", "single", "category", "cpm"]
-PROMPT_KINDS: tuple[str, ...] = ("text", "empty", "single", "category", "cpm")
 N_TOKENS = 75  # learnable rows between BOS and EOS in CLIP's 77
 #: The prompt folder format. 2: learned rows are embedding-layer outputs (token + position),
 #: the CPM gate is element-wise; folders of format 1 (token embeddings, CLIP added positions,
 #: scalar gate) cannot be read as format 2.
 PROMPT_FORMAT = "sd4match-prompt-2"
+
+#: kind -> class, filled by ``@register`` as each kind's module is imported.
+PROMPT_CLASSES: dict[str, type["Prompt"]] = {}
+
+
+def register(cls: type["Prompt"]) -> type["Prompt"]:
+    """Class decorator: make ``cls`` the prompt of kind ``cls.kind``."""
+    if not cls.kind or cls.kind in PROMPT_CLASSES:
+        raise ValueError(f"prompt kind {cls.kind!r} is empty or registered twice")
+    PROMPT_CLASSES[cls.kind] = cls
+    return cls
+
+
+def prompt_class(kind: str) -> type["Prompt"]:
+    """The class of prompt ``kind``; an unknown kind raises, naming the known ones."""
+    try:
+        return PROMPT_CLASSES[kind]
+    except KeyError:
+        raise Sd4MatchError(f"unknown prompt kind {kind!r}; expected one of {', '.join(PROMPT_CLASSES)}") from None
+
+
+def base_category(name: str) -> str:
+    """PF-Willow sub-class names as the official code words them: ``car(G)`` -> ``car``."""
+    return name.split("(", 1)[0] if "(" in name else name
+
+
+def learned_kinds() -> tuple[str, ...]:
+    """The kinds ``sd4match train`` can learn."""
+    return tuple(k for k, c in PROMPT_CLASSES.items() if c.learned)
 
 
 @dataclass
@@ -55,98 +88,8 @@ class PromptConfig:
     format: str = PROMPT_FORMAT
 
     def __post_init__(self):
-        if self.kind not in PROMPT_KINDS:
-            raise ValueError(f"unknown prompt kind {self.kind!r}; expected one of {', '.join(PROMPT_KINDS)}")
-
-
-class TextEncoderBridge:
-    """Runs the frozen CLIP text encoder on text or on embedding-layer rows (not a submodule:
-    its weights are not the prompt's and are never saved with it)."""
-
-    def __init__(self, text_encoder, tokenizer):
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
-        self.dim = int(text_encoder.get_input_embeddings().weight.shape[1])
-        self.length = int(tokenizer.model_max_length)
-        self.bos = int(tokenizer.bos_token_id)
-        self.eos = int(tokenizer.eos_token_id)
-        self.vocab = min(int(tokenizer.vocab_size), int(text_encoder.get_input_embeddings().weight.shape[0]))
-
-    @property
-    def embeddings(self) -> nn.Module:
-        """CLIP's embedding layer (token + position embedding): ``text_model.embeddings``."""
-        return getattr(self.text_encoder, "text_model", self.text_encoder).embeddings
-
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        ids = self.tokenizer(list(texts), padding="max_length", max_length=self.length, truncation=True, return_tensors="pt").input_ids
-        with torch.no_grad():
-            return self.text_encoder(ids.to(self.text_encoder.device))[0]
-
-    def template_ids(self, n: int, fill: torch.Tensor | None = None) -> torch.Tensor:
-        """(1, 77) ids [BOS, n placeholders (``fill`` or 0), EOS, 0 ...]: the official layout."""
-        if n > self.length - 2:
-            raise Sd4MatchError(f"at most {self.length - 2} rows fit between BOS and EOS, got {n}")
-        ids = torch.zeros(1, self.length, dtype=torch.long)
-        ids[0, 0], ids[0, n + 1] = self.bos, self.eos
-        if fill is not None:
-            ids[0, 1 : n + 1] = fill
-        return ids
-
-    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """The embedding layer's output (token + position) of ``ids``: (B, L) -> (B, L, D) fp32."""
-        with torch.no_grad():
-            return self.embeddings(input_ids=ids.to(self.text_encoder.device)).float()
-
-    def random_rows(self, count: int, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``count`` x ``n`` rows: embedding-layer outputs of random vocabulary ids at positions
-        1 ... n (the official initialisation of Single and Class prompts): (count, n, D)."""
-        ids = torch.randint(0, self.vocab, (count, n), generator=generator)
-        return torch.cat([self.embed_ids(self.template_ids(n, row))[:, 1 : n + 1] for row in ids])
-
-    def end_rows(self, n: int) -> torch.Tensor:
-        """The BOS row (position 0) and the EOS row (position n + 1) for n learned rows: (1, 2, D)."""
-        rows = self.embed_ids(self.template_ids(n))
-        return torch.stack([rows[:, 0], rows[:, n + 1]], dim=1)
-
-    def encode_sequence(self, seq: torch.Tensor) -> torch.Tensor:
-        """(B, 77, D) embedding-layer rows -> (B, 77, D) text-encoder output (transformer + final norm).
-
-        Gradients flow into ``seq``; the encoder's weights stay frozen.
-        """
-        b, length, d = seq.shape
-        if d != self.dim or length != self.length:
-            raise Sd4MatchError(f"a prompt sequence must be (B, {self.length}, {self.dim}) for this text encoder, got {tuple(seq.shape)}")
-
-        def swap(module, args, kwargs, out):
-            return seq.to(device=out.device, dtype=out.dtype)
-
-        ids = self.template_ids(0).expand(b, -1).to(self.text_encoder.device)  # only their shape reaches the transformer
-        h = self.embeddings.register_forward_hook(swap, with_kwargs=True)
-        try:
-            return self.text_encoder(ids)[0]
-        finally:
-            h.remove()
-
-    def encode_rows(self, rows: torch.Tensor, ends: torch.Tensor | None = None) -> torch.Tensor:
-        """[BOS row, ``rows``, EOS row, padding rows] through the encoder.
-
-        Args:
-            rows: (B, n, D) learned rows (positions 1 ... n, no position embedding added).
-            ends: (B or 1, 2, D) the BOS and EOS rows to use; default: this encoder's
-                embedding-layer output of BOS at 0 and EOS at n + 1.
-
-        Shape:
-            returns (B, 77, D).
-        """
-        b, n, d = rows.shape
-        if d != self.dim:
-            raise Sd4MatchError(f"prompt rows are {d}-d but this text encoder is {self.dim}-d")
-        template = self.embed_ids(self.template_ids(n)).to(rows.device)  # (1, 77, D)
-        if ends is None:
-            ends = torch.stack([template[:, 0], template[:, n + 1]], dim=1)
-        ends = ends.to(rows.device, rows.dtype).expand(b, -1, -1)
-        pad = template[:, n + 2 :].to(rows.dtype).expand(b, -1, -1)
-        return self.encode_sequence(torch.cat([ends[:, :1], rows, ends[:, 1:], pad], dim=1))
+        if self.kind not in PROMPT_CLASSES:
+            raise ValueError(f"unknown prompt kind {self.kind!r}; expected one of {', '.join(PROMPT_CLASSES)}")
 
 
 class Prompt(nn.Module):
@@ -157,7 +100,15 @@ class Prompt(nn.Module):
     (B or 1, 77, D) prompt embeddings.
     """
 
-    kind: str = ""
+    kind: ClassVar[str] = ""
+    #: the prompt depends on both images of a pair: feature maps are made per pair, not per picture
+    per_pair: ClassVar[bool] = False
+    #: its batch must hold the DINOv2 tokens of both images (``dino_src``, ``dino_trg``)
+    needs_dino: ClassVar[bool] = False
+    #: its output may depend on the batch's categories (so a stored map is named by category)
+    uses_category: ClassVar[bool] = False
+    #: ``sd4match train`` learns it
+    learned: ClassVar[bool] = False
 
     def __init__(self, bridge: TextEncoderBridge, config: PromptConfig):
         super().__init__()
@@ -167,6 +118,21 @@ class Prompt(nn.Module):
     @property
     def learnable(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
+
+    @property
+    def requires_category(self) -> bool:
+        """Whether a call must be given the categories of its batch."""
+        return self.uses_category
+
+    @classmethod
+    def create(cls, bridge: TextEncoderBridge, *, categories=(), template: str = "", seed: int = 0, **kw) -> "Prompt":
+        """A new prompt of this kind (``make_prompt``); a kind takes the arguments it uses."""
+        return cls(bridge, seed=seed, **kw)
+
+    def param_groups(self, lr: float, lr_linear: float) -> list[dict]:
+        """Adam's parameter groups: every parameter at ``lr`` (a kind with linear layers
+        puts those at ``lr_linear``, as the paper trains the CPM)."""
+        return [{"params": list(self.parameters()), "lr": lr}]
 
     # -------------------------------------------------------------- save / load
     def save(self, folder: str | Path, **training) -> Path:
@@ -198,7 +164,7 @@ def read_prompt_config(folder: str | Path) -> PromptConfig:
         cfg = PromptConfig(**raw)
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise Sd4MatchError(f"{cfg_path}: not a valid prompt config ({e})") from None
-    if cfg.format != PROMPT_FORMAT and cfg.kind in ("single", "category", "cpm"):
+    if cfg.format != PROMPT_FORMAT and PROMPT_CLASSES[cfg.kind].learned:
         raise Sd4MatchError(f"{cfg_path}: prompt format {cfg.format!r} is from an older sd4match whose learned prompts are parameterised "
                             f"differently; it cannot be read as {PROMPT_FORMAT!r}: train it again (or import the official files)")
     return cfg

@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from sd4match.errors import Sd4MatchError
-from sd4match.prompts.base import Prompt, PromptConfig, TextEncoderBridge
+from sd4match.features.text import TextEncoderBridge
+from sd4match.prompts.base import Prompt, PromptConfig, register
 
 
+@register
 class ConditionalPrompt(Prompt):
     """CPM.
 
@@ -27,6 +29,9 @@ class ConditionalPrompt(Prompt):
     """
 
     kind = "cpm"
+    learned = True
+    per_pair = True  # built from both images: one prompt per pair
+    needs_dino = True
 
     def __init__(
         self,
@@ -60,6 +65,12 @@ class ConditionalPrompt(Prompt):
     def linear_parameters(self) -> list[nn.Parameter]:
         """The two linear layers (trained at a lower learning rate in the paper)."""
         return [*self.linear_C.parameters(), *self.linear_N.parameters()]
+
+    def param_groups(self, lr: float, lr_linear: float) -> list[dict]:
+        """Tokens, positional embedding and gate at ``lr``; the linear layers at ``lr_linear``."""
+        linear = {id(p) for p in self.linear_parameters()}
+        return [{"params": [p for p in self.parameters() if id(p) not in linear], "lr": lr},
+                {"params": self.linear_parameters(), "lr": lr_linear}]
 
     def conditional_rows(self, dino_src: torch.Tensor, dino_trg: torch.Tensor) -> torch.Tensor:
         """The 50 gated conditional rows: (B, P, C) x 2 -> (B, n_cond, D)."""

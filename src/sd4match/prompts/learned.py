@@ -15,18 +15,15 @@ import torch
 from torch import nn
 
 from sd4match.errors import Sd4MatchError
-from sd4match.prompts.base import N_TOKENS, Prompt, PromptConfig, TextEncoderBridge
+from sd4match.features.text import TextEncoderBridge
+from sd4match.prompts.base import N_TOKENS, Prompt, PromptConfig, base_category, register
 
 #: PF-Willow sub-classes (after their "(...)" suffix is dropped) -> the PF-Pascal class whose
 #: prompt they use when a Class prompt trained on PF-Pascal is evaluated on PF-Willow.
 CATEGORY_ALIASES = {"car": "car", "duck": "bird", "motorbike": "motorbike", "winebottle": "bottle"}
 
 
-def base_category(name: str) -> str:
-    """PF-Willow sub-class names as the official code words them: ``car(G)`` -> ``car``."""
-    return name.split("(", 1)[0] if "(" in name else name
-
-
+@register
 class SinglePrompt(Prompt):
     """75 learnable embedding-layer rows, one prompt for every pair.
 
@@ -35,6 +32,7 @@ class SinglePrompt(Prompt):
     """
 
     kind = "single"
+    learned = True
 
     def __init__(self, bridge: TextEncoderBridge, *, n_tokens: int = N_TOKENS, seed: int = 0, config: PromptConfig | None = None):
         super().__init__(bridge, config or PromptConfig(kind="single", text_dim=bridge.dim, n_tokens=n_tokens, seed=seed))
@@ -47,6 +45,7 @@ class SinglePrompt(Prompt):
         return self.bridge.encode_rows(self.tokens, self.ends)
 
 
+@register
 class CategoryPrompt(Prompt):
     """One 75-row prompt per category; a pair uses its category's prompt.
 
@@ -58,6 +57,8 @@ class CategoryPrompt(Prompt):
     """
 
     kind = "category"
+    learned = True
+    uses_category = True
 
     def __init__(self, bridge: TextEncoderBridge, categories: Sequence[str] = (), *, n_tokens: int = N_TOKENS, seed: int = 0, config: PromptConfig | None = None):
         if config is None:
@@ -71,6 +72,10 @@ class CategoryPrompt(Prompt):
         g = torch.Generator().manual_seed(self.config.seed)
         self.tokens = nn.Parameter(bridge.random_rows(len(self.index), n, g))
         self.register_buffer("ends", bridge.end_rows(n).expand(len(self.index), -1, -1).clone())
+
+    @classmethod
+    def create(cls, bridge: TextEncoderBridge, *, categories=(), template: str = "", seed: int = 0, **kw) -> "CategoryPrompt":
+        return cls(bridge, categories, seed=seed, **kw)
 
     def lookup(self, category: str) -> int:
         """The row of ``category``: itself, its base name, or its alias."""

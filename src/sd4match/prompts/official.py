@@ -14,15 +14,19 @@ against the text encoder (and the DINOv2 width for CPM) before anything is writt
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 
 import torch
 
+from sd4match.config import ImportKind
 from sd4match.errors import Sd4MatchError, first_line
-from sd4match.store import file_sha256
+from sd4match.fileio import file_sha256
+from sd4match.prompts.base import PROMPT_CLASSES, read_prompt_config, read_prompt_tensors
+from sd4match.prompts.build import bridge_for, make_prompt
 
 CPM_KEYS = ("global_embeds", "positional_embedding", "alpha_cond", "linear_C.weight", "linear_C.bias", "linear_N.weight", "linear_N.bias")
-IMPORT_KINDS = ("single", "category", "cpm")
+IMPORT_KINDS: tuple[str, ...] = typing.get_args(ImportKind)
 
 
 def read_official(path: str | Path) -> dict[str, torch.Tensor]:
@@ -48,20 +52,18 @@ def _sequence(path: Path, name: str, t: torch.Tensor, bridge) -> torch.Tensor:
     return t.float()
 
 
-def import_official(path: str | Path, kind: str, featurizer, out: str | Path, *, dino: str | None = "dinov2-b") -> Path:
+def import_official(path: str | Path, kind: str, featurizer, out: str | Path, *, dino: str | None = "dinov2-b", dino_dim: int | None = None) -> Path:
     """Turn a released official prompt file into a prompt folder at ``out``; return ``out``.
 
     Args:
         path: ``caption.pt`` (single, category) or ``ckpt.pt`` (cpm).
         kind: ``single``, ``category`` or ``cpm``.
         featurizer: the ``SDFeaturizer`` the prompt is for (its text encoder's width and rows).
-        dino: the DINOv2 the CPM takes its tokens from (its width is checked when known).
+        dino: the DINOv2 the CPM takes its tokens from (recorded in the folder).
+        dino_dim: that DINOv2's token width, when known (the file must fit it).
 
     ``load_prompt(out, featurizer)`` then gives the official code's embeddings.
     """
-    from sd4match.features.registry import feature_width
-    from sd4match.prompts import bridge_for, make_prompt
-
     if kind not in IMPORT_KINDS:
         raise Sd4MatchError(f"--kind {kind}: expected one of {', '.join(IMPORT_KINDS)}")
     path = Path(path)
@@ -98,8 +100,7 @@ def import_official(path: str | Path, kind: str, featurizer, out: str | Path, *,
             raise Sd4MatchError(f"{path}: linear_C is {tuple(wc.shape)}, expected ({d}, 2 x DINOv2 width)")
         if wn.ndim != 2 or wn.shape[0] != wn.shape[1] or data["linear_N.bias"].shape != (wn.shape[0],):
             raise Sd4MatchError(f"{path}: linear_N is {tuple(wn.shape)}, expected (P, P) with P DINOv2 patches")
-        dino_dim, n_global, n_cond = wc.shape[1] // 2, ge.shape[1], pe.shape[1]
-        want = feature_width(dino) if dino else None
+        want, dino_dim, n_global, n_cond = dino_dim, wc.shape[1] // 2, ge.shape[1], pe.shape[1]
         if want is not None and want != dino_dim:
             raise Sd4MatchError(f"{path}: made for {dino_dim}-d DINOv2 tokens, but {dino} gives {want}-d ones")
         if n_global + n_cond > n:
@@ -118,15 +119,13 @@ def import_official(path: str | Path, kind: str, featurizer, out: str | Path, *,
 
 def describe_prompt(folder: str | Path) -> str:
     """What a prompt folder holds, as a few lines of text (``sd4match prompts show``)."""
-    from sd4match.prompts.base import read_prompt_config, read_prompt_tensors
-
     cfg = read_prompt_config(folder)
     lines = [f"{folder}: {cfg.kind} prompt ({cfg.format}) for a {cfg.text_dim}-d text encoder, model {cfg.model or '(not recorded)'}"]
-    if cfg.kind == "text":
+    if cfg.template:
         lines.append(f"  template: {cfg.template!r}")
     if cfg.categories:
         lines.append(f"  categories ({len(cfg.categories)}): {', '.join(cfg.categories)}")
-    if cfg.kind == "cpm":
+    if PROMPT_CLASSES[cfg.kind].needs_dino:
         lines.append(f"  CPM: {cfg.n_global} global + {cfg.n_cond} conditional rows, DINOv2 {cfg.dino_model or '?'} ({cfg.dino_dim}-d, {cfg.n_patches} patches)")
     if cfg.timestep is not None or cfg.up_block is not None:
         lines.append(f"  trained at timestep {cfg.timestep}, up_blocks[{cfg.up_block}]")

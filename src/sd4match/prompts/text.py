@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from sd4match.errors import Sd4MatchError
-from sd4match.prompts.base import Prompt, PromptConfig, TextEncoderBridge
-from sd4match.prompts.learned import base_category
+from sd4match.features.text import TextEncoderBridge
+from sd4match.prompts.base import Prompt, PromptConfig, base_category, register
 
 
+@register
 class TextPrompt(Prompt):
     """``template.format(category=...)`` per pair, through the model's tokenizer and encoder.
 
@@ -17,11 +18,20 @@ class TextPrompt(Prompt):
     """
 
     kind = "text"
+    uses_category = True
 
     def __init__(self, bridge: TextEncoderBridge, template: str = "a photo of a {category}", config: PromptConfig | None = None):
         super().__init__(bridge, config or PromptConfig(kind="text", text_dim=bridge.dim, template=template, n_tokens=0))
         self.template = self.config.template
         self._cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def create(cls, bridge: TextEncoderBridge, *, categories=(), template: str = "", seed: int = 0, **kw) -> "TextPrompt":
+        return cls(bridge, template)
+
+    @property
+    def requires_category(self) -> bool:
+        return "{category}" in self.template
 
     def forward(self, batch: dict | None = None) -> torch.Tensor:
         cats = list((batch or {}).get("categories") or [])
@@ -35,13 +45,19 @@ class TextPrompt(Prompt):
         return torch.stack([self._cache[t] for t in texts])
 
 
+@register
 class EmptyPrompt(TextPrompt):
     """The empty string: (1, 77, D), the same for every pair."""
 
     kind = "empty"
+    uses_category = False
 
     def __init__(self, bridge: TextEncoderBridge, config: PromptConfig | None = None):
         super().__init__(bridge, "", config or PromptConfig(kind="empty", text_dim=bridge.dim, template="", n_tokens=0))
+
+    @classmethod
+    def create(cls, bridge: TextEncoderBridge, **ignored) -> "EmptyPrompt":
+        return cls(bridge)
 
     def forward(self, batch: dict | None = None) -> torch.Tensor:
         return super().forward({})

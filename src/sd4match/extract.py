@@ -11,19 +11,15 @@ from pathlib import Path
 
 import torch
 
+from tqdm import tqdm
+
+from sd4match.batching import Batcher, Picture, prefetch
 from sd4match.data.images import list_images, load_image
 from sd4match.errors import Sd4MatchError
 from sd4match.features.base import Featurizer
-from sd4match.fileio import atomic_write_text
-from sd4match.frozen import Frozen, Picture, prefetch
-from sd4match.store import Store, file_sha256, settings_key
-
-
-def _prompt(featurizer, text: str | None):
-    """(embeddings, prompt id) of ``text`` (the empty prompt when None) for an SD featurizer."""
-    if not hasattr(featurizer, "encode_text"):
-        return None, "none"
-    return featurizer.encode_text(["" if text is None else text]), "empty" if text is None else f"text:{text}"
+from sd4match.fileio import atomic_write_text, file_sha256
+from sd4match.prompts import PromptSpec, resolve_prompt
+from sd4match.store import Store
 
 
 def extract_folder(
@@ -47,26 +43,24 @@ def extract_folder(
         the path of ``out/index.json``: image path (relative to ``images``) -> store entry,
         file SHA-256, image size and feature grid.
     """
-    from tqdm import tqdm
-
     images, out = Path(images), Path(out)
     files = list_images(images)
     if not files:
         raise Sd4MatchError(f"{images}: no images found (looked for .jpg, .jpeg, .png, .bmp, .webp, .tif)")
     store = Store(max_bytes=512 << 20, folder=out)
-    frozen = Frozen(featurizer, store=store, seed=seed, fixed_batches=False)
-    emb, prompt_id = _prompt(featurizer, text)
-    key_settings = {"featurizer": featurizer.settings(), "prompt": prompt_id, "seed": seed}  # as Frozen.features names its entries
+    batcher = Batcher(featurizer, store=store, seed=seed, fixed_batches=False)
+    prompt = resolve_prompt(PromptSpec("empty") if text is None else PromptSpec("text", template=text), featurizer) if featurizer.takes_prompt else None
+    emb, prompt_id = batcher.embeds(prompt), batcher.prompt_id(prompt)
     settings = {**featurizer.settings(), "text": text, "seed": seed}
     index: dict[str, dict] = {}
-    res = featurizer.resolution if frozen.is_sd else None
+    res = batcher.picture_resolution
     bar = tqdm(total=len(files), unit="img", desc="features", disable=not progress)
     pending: list[tuple[str, Path, Picture]] = []
 
     def flush():
-        frozen.features([p for _, _, p in pending], emb, prompt_id)
+        batcher.features([p for _, _, p in pending], emb, prompt_id)
         for rel, path, pic in pending:
-            index[rel] = {"file": f"features/{settings_key(pic.key, key_settings)}.safetensors", "sha256": file_sha256(path),
+            index[rel] = {"file": f"features/{batcher.feature_key(pic, prompt_id)}.safetensors", "sha256": file_sha256(path),
                           "image_size": list(pic.image.size), "grid_size": list(featurizer.grid_size)}
         bar.update(len(pending))
         pending.clear()

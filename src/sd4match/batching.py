@@ -1,0 +1,426 @@
+"""The frozen models' work, done once and in batches: the one owner of what evaluate, train,
+validation, match, transfer, serve and ``features`` ask of the featurizer and DINOv2.
+
+A ``Picture`` is a decoded image with its content key; loader threads make them ahead of
+the GPU (``prefetch``). ``Batcher`` answers, through one ``Store``:
+
+- ``posteriors(pics)``: VAE posteriors (each picture's once);
+- ``tokens(pics)``: DINOv2 patch tokens (each picture's once);
+- ``features(pics, embeds, prompt_id)``: feature maps of pictures under a pair-independent
+  prompt (each picture's once), computed in batches of ``max_batch // ensemble`` pictures;
+- ``pair_features(src, trg, embeds)``: feature maps of pairs under per-pair prompts (CPM),
+  ``max_batch // (2 x ensemble)`` pairs a UNet call;
+- ``pair_maps(prompt, a, b)``: the maps of one pair, per picture or per pair as the prompt
+  declares (``Prompt.per_pair``): the only place that decision is made;
+- ``stream(prompt, loaded, consume)``: evaluate's scheduler over a stream of pairs;
+- ``prompt_id``, ``feature_key``, ``pair_keys``: the only recipe of the store's keys.
+
+Every picture's random draws come from a generator seeded by ``seed`` and its content.
+With ``fixed_batches`` (evaluate, train) every call has a fixed shape: the VAE and DINOv2
+take one picture a call (each picture runs through them once, ever), the UNet takes
+``pictures_per_call`` pictures, the last call of a run padded with copies. A picture's
+result then does not depend on which pictures it was batched with, bit for bit (a call's
+kernels depend on its shape, not on its other rows), so sharded, resumed and
+one-at-a-time runs agree exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Generic, Iterable, Iterator, Sequence, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sd4match.data import load_pair_images
+from sd4match.data.records import PairRecord
+from sd4match.prompts import Prompt, prompt_fingerprint
+from sd4match.store import Store, image_key, seed_for, settings_key
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(eq=False)
+class Picture:
+    """A decoded RGB picture, its content key, and (once prepared) its pixels squashed to
+    the featurizer's working resolution as uint8 (made in a loader thread)."""
+
+    image: Image.Image
+    key: str = ""
+    resized: dict = field(default_factory=dict)  # resolution -> (3, R, R) uint8 tensor
+
+    def __post_init__(self):
+        if not self.key:
+            self.key = image_key(self.image)
+
+    def prepare(self, resolution: int | None) -> "Picture":
+        """Squash to ``resolution`` (bilinear, as torchvision's Resize on PIL images) now."""
+        if resolution and resolution not in self.resized:
+            im = self.image.convert("RGB").resize((resolution, resolution), Image.Resampling.BILINEAR)
+            self.resized[resolution] = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return self
+
+    def tensor(self, resolution: int, device) -> torch.Tensor:
+        """(3, R, R) fp32 in [0, 1] on ``device`` (uint8 travels, the float is made there)."""
+        self.prepare(resolution)
+        return self.resized[resolution].to(device, non_blocking=True).float() / 255.0
+
+
+def prefetch(items: Iterable[T], fn: Callable[[T], R], *, workers: int = 4, ahead: int = 16) -> Iterator[tuple[T, R | BaseException]]:
+    """``(item, fn(item))`` in order, computed by ``workers`` threads up to ``ahead`` items in
+    advance. An exception is yielded in place of its result (the caller decides)."""
+
+    def safe(x):
+        try:
+            return fn(x)
+        except Exception as e:  # handed to the caller, who names the item
+            return e
+
+    if workers <= 0:
+        for x in items:
+            yield x, safe(x)
+        return
+    it = iter(items)
+    ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sd4match-load")
+    try:
+        queue = [(x, ex.submit(safe, x)) for x in itertools.islice(it, ahead)]
+        while queue:
+            x, fut = queue.pop(0)
+            for nxt in itertools.islice(it, 1):
+                queue.append((nxt, ex.submit(safe, nxt)))
+            yield x, fut.result()
+    finally:  # also when the consumer stops early (generator closed): drop what is queued, wait for what runs
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+class Batcher:
+    """The frozen featurizer (and DINOv2) behind one store.
+
+    Args:
+        featurizer: any ``Featurizer`` (SD, fused, effnet-lite0, DINOv2).
+        dino: the DINOv2 ``DinoFeaturizer`` for prompts that need its tokens, or None.
+        store: the ``Store`` (a fresh 2 GiB memory store when None).
+        seed: base seed of every picture's random draws.
+        fixed_batches: every call of a fixed size (evaluate, train: results independent of
+            the batching, bit for bit); False: calls as large as the work at hand
+            (interactive use).
+        dino_batch: pictures per DINOv2 call without ``fixed_batches``.
+    """
+
+    def __init__(self, featurizer, *, dino=None, store: Store | None = None, seed: int = 0, fixed_batches: bool = True, dino_batch: int = 16):
+        self.featurizer, self.dino = featurizer, dino
+        self.store = store if store is not None else Store()
+        self.seed = seed
+        self.fixed_batches = fixed_batches
+        self.dino_batch = dino_batch
+        self.calls: dict[str, list[int]] = {"posterior": [], "unet": [], "dino": []}  # pictures (VAE, DINOv2) or samples (UNet) per call
+
+    @property
+    def device(self):
+        return self.featurizer.device
+
+    @property
+    def resolution(self) -> int:
+        return self.featurizer.resolution
+
+    @property
+    def picture_resolution(self) -> int | None:
+        """The side pictures are squashed to before the model (featurizers with posteriors), else None."""
+        return self.featurizer.resolution if self.featurizer.has_posterior else None
+
+    def load_pair(self, root: str | Path, record: PairRecord) -> tuple[Picture, Picture]:
+        """A pair's two pictures, decoded and squashed for the model (in a loader thread)."""
+        res = self.picture_resolution
+        src, trg = load_pair_images(root, record)
+        return Picture(src).prepare(res), Picture(trg).prepare(res)
+
+    def pad(self, items: Sequence[T], n: int) -> list[T]:
+        """``items`` padded to ``n`` with copies of the last one (with ``fixed_batches``)."""
+        items = list(items)
+        return items + [items[-1]] * (n - len(items)) if self.fixed_batches and 0 < len(items) < n else items
+
+    def generators(self, pics: Sequence[Picture]) -> list[torch.Generator]:
+        return [torch.Generator(device=self.device).manual_seed(seed_for(p.key, self.seed)) for p in pics]
+
+    def batch_tensor(self, pics: Sequence[Picture]) -> torch.Tensor:
+        return torch.stack([p.tensor(self.resolution, self.device) for p in pics])
+
+    # ---------------------------------------------------------------- store keys (the only recipe)
+    def prompt_id(self, prompt: Prompt | None, category: str | None = None, *, fingerprint: str | None = None) -> str:
+        """The name of a prompt's output in store keys: its content (``prompt_fingerprint``,
+        passed in when the caller has it: hashing a prompt's tensors is not free), and the
+        category when the prompt's output may depend on it."""
+        tag = category if prompt is not None and prompt.uses_category and category is not None else "-"
+        return f"{fingerprint or prompt_fingerprint(prompt)}:{tag}"
+
+    def feature_key(self, pic: Picture, prompt_id: str) -> str:
+        """The store key of ``pic``'s map under a pair-independent prompt named ``prompt_id``."""
+        return settings_key(pic.key, {"featurizer": self.featurizer.settings(), "prompt": prompt_id, "seed": self.seed})
+
+    def pair_keys(self, src: Picture, trg: Picture, prompt_id: str) -> tuple[str, str]:
+        """The store keys of a pair's two maps under a per-pair prompt (each depends on both pictures)."""
+        pid = f"{prompt_id}:pair:{src.key}:{trg.key}"
+        return self.feature_key(src, f"{pid}:src"), self.feature_key(trg, f"{pid}:trg")
+
+    def map_keys(self, prompt: Prompt | None, prompt_id: str, a: Picture, b: Picture | None = None) -> list[str]:
+        """Store keys of the maps ``pair_maps(prompt, a, b, prompt_id=...)`` returns (of ``a`` alone without ``b``)."""
+        if prompt is not None and prompt.per_pair and b is not None:
+            return list(self.pair_keys(a, b, prompt_id))
+        return [self.feature_key(p, prompt_id) for p in ([a, b] if b is not None else [a])]
+
+    def stored_map(self, pic: Picture, prompt_id: str) -> torch.Tensor | None:
+        return self._stored(self.feature_key(pic, prompt_id))
+
+    def _stored(self, key: str) -> torch.Tensor | None:
+        hit = self.store.get("features", key, self.device)
+        return None if hit is None else hit["features"]
+
+    # ---------------------------------------------------------------- work done once per picture
+    def _once(self, kind: str, pics: Sequence[Picture], settings: dict, batch: int, compute) -> dict[str, torch.Tensor]:
+        """Each picture's ``kind`` entry from the store, the missing ones computed by
+        ``compute(pictures) -> {name: (B, ...)}`` in calls of ``batch`` (1 with
+        ``fixed_batches``); returns ``{name: (len(pics), ...)}`` in the order of ``pics``."""
+        keys = [settings_key(p.key, settings) for p in pics]
+        got = {k: self.store.get(kind, k, self.device) for k in dict.fromkeys(keys)}
+        todo = [(k, p) for k, p in dict(zip(keys, pics)).items() if got[k] is None]
+        step = 1 if self.fixed_batches else batch
+        for i in range(0, len(todo), step):
+            chunk = todo[i : i + step]
+            out = compute([p for _, p in chunk])
+            self.calls[kind].append(len(chunk))
+            for j, (k, _) in enumerate(chunk):
+                got[k] = {name: t[j : j + 1] for name, t in out.items()}
+                self.store.put(kind, k, got[k])
+        return {name: torch.cat([got[k][name] for k in keys]) for name in got[keys[0]]}
+
+    def posteriors(self, pics: Sequence[Picture]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of each picture's VAE posterior, (B, 4, h, w) fp32; each computed once."""
+
+        def vae(batch):
+            mean, std = self.featurizer.posterior(self.batch_tensor(batch))
+            return {"mean": mean, "std": std}
+
+        got = self._once("posterior", pics, self.featurizer.posterior_settings(), self.featurizer.config.vae_batch, vae)
+        return got["mean"], got["std"]
+
+    def tokens(self, pics: Sequence[Picture]) -> torch.Tensor:
+        """DINOv2 patch tokens (B, P, C) fp32; each picture's computed once."""
+        if self.dino is None:
+            raise ValueError("no DINOv2 model was given")
+        return self._once("dino", pics, self.dino.settings(), self.dino_batch,
+                          lambda batch: {"tokens": self.dino.tokens([p.image for p in batch]).to(self.device)})["tokens"]
+
+    # ---------------------------------------------------------------- prompts
+    def prompt_batch(self, prompt: Prompt, src: Sequence[Picture], trg: Sequence[Picture], categories: Sequence[str] | None = None) -> dict[str, Any]:
+        """The batch ``prompt`` reads for these pairs: their categories (when given) and, for a
+        prompt that ``needs_dino``, the DINOv2 tokens of both pictures."""
+        batch: dict[str, Any] = {"categories": list(categories)} if categories is not None else {}
+        if prompt.needs_dino:
+            batch["dino_src"], batch["dino_trg"] = self.tokens(src), self.tokens(trg)
+        return batch
+
+    def embeds(self, prompt: Prompt | None, category: str | None = None) -> torch.Tensor | None:
+        """(1, 77, D) embeddings of a pair-independent prompt for ``category`` (None without a prompt)."""
+        if prompt is None:
+            return None
+        with torch.no_grad():
+            return prompt({"categories": [category]} if category is not None else {})
+
+    # ---------------------------------------------------------------- feature maps
+    def _run(self, pics: Sequence[Picture], embeds: torch.Tensor | None, *, grad: bool = False, generator=None) -> torch.Tensor:
+        """Feature maps of ``pics`` in one featurizer call (``embeds``: (1 or B, 77, D))."""
+        ctx = torch.enable_grad() if grad else torch.no_grad()
+        with ctx:
+            if not self.featurizer.has_posterior:
+                return self.featurizer([p.image for p in pics])
+            post = self.posteriors(pics)
+            gens = generator if generator is not None else self.generators(pics)
+            self.calls["unet"].append(len(pics) * self.featurizer.samples_per_picture)
+            extra = {"pixels": self.batch_tensor(pics)} if self.featurizer.needs_pixels else {}
+            return self.featurizer(None, posteriors=post, prompt_embeds=embeds, generator=gens, **extra)
+
+    def pictures_per_call(self) -> int:
+        """Pictures per model call: ``max_batch // samples_per_picture`` (at least 1)."""
+        return max(1, self.featurizer.max_batch // self.featurizer.samples_per_picture)
+
+    def pairs_per_call(self) -> int:
+        """Pairs per model call under a per-pair prompt: ``max_batch // (2 x samples_per_picture)``."""
+        return max(1, self.featurizer.max_batch // (2 * self.featurizer.samples_per_picture))
+
+    def compute_maps(self, pics: Sequence[Picture], embeds: Sequence[torch.Tensor | None], prompt_ids: Sequence[str]) -> list[torch.Tensor]:
+        """Maps of up to ``pictures_per_call`` pictures in one UNet call (padded to it with
+        ``fixed_batches``), each under its own (1, 77, D) prompt; stored under their keys."""
+        n = self.pictures_per_call()
+        if len(pics) > n:
+            raise ValueError(f"{len(pics)} pictures for one call of {n}")
+        idx = self.pad(range(len(pics)), n)
+        emb = None if embeds[0] is None else torch.cat([embeds[i] for i in idx])
+        maps = self._run([pics[i] for i in idx], emb)
+        out = []
+        for j, (p, pid) in enumerate(zip(pics, prompt_ids)):
+            out.append(maps[j : j + 1])
+            self.store.put("features", self.feature_key(p, pid), {"features": out[-1]})
+        return out
+
+    def features(self, pics: Sequence[Picture], embeds: torch.Tensor | None, prompt_id: str) -> list[torch.Tensor]:
+        """(1, C, h, w) maps of ``pics`` under one pair-independent prompt, each computed once
+        (``prompt_id`` names the prompt in the store key; ``embeds`` is (1, 77, D))."""
+        got = {p.key: self.stored_map(p, prompt_id) for p in pics}
+        todo = list({p.key: p for p in pics if got[p.key] is None}.values())
+        n = self.pictures_per_call()
+        for i in range(0, len(todo), n):
+            chunk = todo[i : i + n]
+            for p, m in zip(chunk, self.compute_maps(chunk, [embeds] * len(chunk), [prompt_id] * len(chunk))):
+                got[p.key] = m
+        return [got[p.key] for p in pics]
+
+    def pair_features(self, src: Sequence[Picture], trg: Sequence[Picture], embeds: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps of P pairs under per-pair prompts (``embeds``: (P, 77, D)) in one call: (P, C, h, w) x 2.
+        (The caller pads the pairs, so that the prompt's own batch is fixed too.)"""
+        p = len(src)
+        emb2 = torch.cat([embeds, embeds]) if embeds.shape[0] > 1 else embeds
+        maps = self._run([*src, *trg], emb2, **kw)
+        return maps[:p], maps[p:]
+
+    def pair_maps(self, prompt: Prompt | None, a: Picture, b: Picture, *, prompt_id: str, embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, C, h, w) maps of ``a`` and ``b`` for matching one to the other, kept in the store.
+
+        A pair-independent prompt gives each picture's map once (``embeds``: its (1, 77, D)
+        embeddings); a per-pair prompt (CPM) is built from both pictures, and their maps are
+        kept under the pair's keys. ``prompt_id`` is ``prompt_id(prompt, category)``.
+        """
+        if prompt is None or not prompt.per_pair:
+            fa, fb = self.features([a, b], embeds, prompt_id)
+            return fa, fb
+        ka, kb = self.pair_keys(a, b, prompt_id)
+        fa, fb = self._stored(ka), self._stored(kb)
+        if fa is not None and fb is not None:
+            return fa, fb
+        with torch.no_grad():
+            emb = prompt(self.prompt_batch(prompt, [a], [b]))
+        fa, fb = self.pair_features([a], [b], emb)
+        self.store.put("features", ka, {"features": fa})
+        self.store.put("features", kb, {"features": fb})
+        return fa, fb
+
+    def stream(self, prompt: Prompt | None, loaded: Iterable[tuple[Any, tuple[Picture, Picture] | BaseException]],
+               consume: Callable[[Any, torch.Tensor, torch.Tensor], R]) -> Iterator["PendingPair[R]"]:
+        """Pairs through the models as a stream: ``loaded`` yields (record, pictures or the error
+        that kept them from loading); ``consume(record, src map, trg map)`` runs as soon as a
+        pair's maps exist (so maps need not wait in memory); the pairs come back in order as
+        ``PendingPair``s holding what ``consume`` returned, or the error.
+
+        A model call runs as soon as ``pictures_per_call`` new pictures (pair-independent
+        prompts) or ``pairs_per_call`` pairs (per-pair prompts) are waiting, so every call
+        but the last is full.
+        """
+        return PairStream(self, prompt, consume).run(loaded)
+
+
+@dataclass(eq=False)
+class PendingPair(Generic[R]):
+    """A pair in ``Batcher.stream``: its record, its pictures or why they did not load, and
+    ``result`` once its maps were consumed."""
+
+    record: Any
+    pictures: tuple[Picture, Picture] | None
+    error: BaseException | None = None
+    result: R | None = None
+    done: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.error is not None or self.done
+
+
+class PairStream:
+    """The scheduler behind ``Batcher.stream``: a queue of pairs in record order, and the
+    pictures (pair-independent prompts) or pairs (per-pair prompts) waiting for a model call."""
+
+    def __init__(self, batcher: Batcher, prompt: Prompt | None, consume: Callable):
+        self.b, self.prompt, self.consume = batcher, prompt, consume
+        self.per_pair = prompt is not None and prompt.per_pair
+        self.queue: deque[PendingPair] = deque()
+        self.todo: dict[tuple[str, str], tuple[Picture, torch.Tensor | None]] = {}  # (picture key, prompt id) -> (picture, embeddings)
+        self.fingerprint = prompt_fingerprint(prompt)  # once: the prompt does not change during a stream
+        self.ids: dict[str, str] = {}  # category -> prompt id
+        self.embs: dict[str, torch.Tensor | None] = {}  # prompt id -> embeddings
+
+    def run(self, loaded) -> Iterator[PendingPair]:
+        for record, pics in loaded:
+            failed = isinstance(pics, BaseException)
+            entry = PendingPair(record, None if failed else pics, pics if failed else None)
+            self.queue.append(entry)
+            if not failed and not self.per_pair:
+                self.want(entry)
+                self.match_ready()
+            self.compute(final=False)
+            while self.queue and self.queue[0].ready:
+                yield self.queue.popleft()
+        self.compute(final=True)
+        while self.queue:
+            yield self.queue.popleft()
+
+    # .................................................................. pair-independent prompts
+    def embedded(self, record) -> tuple[str, torch.Tensor | None]:
+        """(prompt id, embeddings) of a record's category, each computed once."""
+        cat = record.category
+        if cat not in self.ids:
+            self.ids[cat] = self.b.prompt_id(self.prompt, cat, fingerprint=self.fingerprint)
+        pid = self.ids[cat]
+        if pid not in self.embs:  # once per prompt id: categories a prompt does not tell apart share it
+            self.embs[pid] = self.b.embeds(self.prompt, cat)
+        return pid, self.embs[pid]
+
+    def want(self, entry: PendingPair) -> None:
+        """Queue the entry's pictures that are neither stored nor queued yet."""
+        pid, emb = self.embedded(entry.record)
+        for p in entry.pictures:
+            if (p.key, pid) not in self.todo and not self.b.store.contains("features", self.b.feature_key(p, pid)):
+                self.todo[(p.key, pid)] = (p, emb)
+
+    def match_ready(self) -> None:
+        """Consume every waiting pair whose two maps are stored."""
+        for entry in self.queue:
+            if entry.ready:
+                continue
+            pid, emb = self.embedded(entry.record)
+            src, trg = entry.pictures
+            if (src.key, pid) in self.todo or (trg.key, pid) in self.todo:
+                continue
+            fs, ft = self.b.stored_map(src, pid), self.b.stored_map(trg, pid)
+            if fs is None or ft is None:  # evicted from memory meanwhile: computed again (same bits)
+                for p in entry.pictures:
+                    self.todo.setdefault((p.key, pid), (p, emb))
+                continue
+            entry.result, entry.done = self.consume(entry.record, fs, ft), True
+
+    def compute(self, final: bool) -> None:
+        (self.compute_pairs if self.per_pair else self.compute_pictures)(final)
+
+    def compute_pictures(self, final: bool) -> None:
+        n = self.b.pictures_per_call()
+        while len(self.todo) >= n or (final and self.todo):
+            items = [(k, self.todo.pop(k)) for k in list(self.todo)[:n]]
+            self.b.compute_maps([p for _, (p, _) in items], [e for _, (_, e) in items], [pid for (_, pid), _ in items])
+            self.match_ready()
+
+    # .................................................................. per-pair prompts
+    def compute_pairs(self, final: bool) -> None:
+        n = self.b.pairs_per_call()
+        waiting = [e for e in self.queue if not e.ready]
+        while len(waiting) >= n or (final and waiting):
+            group, waiting = waiting[:n], waiting[n:]
+            full = self.b.pad(group, n)
+            src, trg = [e.pictures[0] for e in full], [e.pictures[1] for e in full]
+            with torch.no_grad():
+                emb = self.prompt(self.b.prompt_batch(self.prompt, src, trg))
+            fs, ft = self.b.pair_features(src, trg, emb)
+            for i, e in enumerate(group):
+                e.result, e.done = self.consume(e.record, fs[i : i + 1], ft[i : i + 1]), True

@@ -1,0 +1,276 @@
+"""Typed settings, single-sourced: each stage's frozen dataclass declares its fields once, with
+their help in the field's metadata; the command line makes its flags from them
+(``sd4match.cli``) and files read into them are checked against them (``from_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence, TypeVar
+
+from sd4match.errors import Sd4MatchError
+
+C = TypeVar("C")
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None, flag: str | None = None,
+            cli: bool = True, choices: Sequence[str] | Callable[[], Sequence[str]] | None = None, parse: Callable[[str], Any] | None = None,
+            default_text: str | None = None, required: bool = False) -> Any:
+    """A dataclass field with what the command line needs to know about it.
+
+    Args:
+        default: the default value (or ``factory`` for a mutable one).
+        help: one line for ``--help`` (the default is appended once, by the CLI).
+        flag: the flag's name without ``--`` when it is not the field's name with dashes.
+        cli: False keeps the field off the command line.
+        choices: the allowed values (or a function giving them: registries fill late);
+            ``Literal`` fields have theirs from the annotation.
+        parse: turns the flag's text into the value (default: the annotation's type).
+        default_text: how ``--help`` words the default, when the value alone would mislead.
+        required: the command line asks for it although the library has a default.
+    """
+    meta = {"help": help, "flag": flag, "cli": cli, "choices": choices, "parse": parse, "default_text": default_text, "required": required}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def field_types(cls) -> dict[str, Any]:
+    """The resolved annotations of a dataclass's fields."""
+    return typing.get_type_hints(cls)
+
+
+def field_choices(cls, f: dataclasses.Field) -> tuple | None:
+    """The values a field may take: its ``Literal`` annotation's, or its metadata's."""
+    meta = f.metadata.get("choices")
+    if meta is not None:
+        return tuple(meta() if callable(meta) else meta)
+    tp = field_types(cls)[f.name]
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is typing.Union or type(tp).__name__ == "UnionType" else [tp]
+    lits = [v for a in args if typing.get_origin(a) is Literal for v in typing.get_args(a)]
+    return tuple(lits) or None
+
+
+def check_choices(cfg) -> None:
+    """Every field with choices holds one of them (``None`` passes where the field allows it)."""
+    for f in dataclasses.fields(cfg):
+        allowed = field_choices(type(cfg), f)
+        value = getattr(cfg, f.name)
+        if allowed is not None and value is not None and value not in allowed:
+            raise Sd4MatchError(f"{f.name.replace('_', '-')} {value!r}: expected one of {', '.join(map(str, allowed))}")
+
+
+def from_dict(cls: type[C], d: dict, what: str = "setting") -> C:
+    """``cls(**d)``, naming an unknown key in one line."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise Sd4MatchError(f"unknown {what} {unknown[0]!r}; known: {', '.join(sorted(names))}")
+    return cls(**d)
+
+
+def as_dict(cfg) -> dict:
+    """The settings as plain data (lists for sequences), in field order."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+# ------------------------------------------------------------------------------ closed sets of names
+#: The kinds of prompt this release ships (``sd4match.prompts.PROMPT_CLASSES`` registers their
+#: classes; a test checks the two agree).
+PromptKind = Literal["text", "empty", "single", "category", "cpm"]
+#: The kinds ``sd4match train`` learns.
+LearnedKind = Literal["single", "category", "cpm"]
+#: The kinds the authors released prompt files of (``sd4match prompts import --kind``).
+ImportKind = Literal["single", "category", "cpm"]
+#: Dataset readers (``sd4match.data.DATASETS``; a test checks the two agree).
+DatasetName = Literal["spair", "pfpascal", "pfwillow", "synthetic"]
+#: The four match rules, the paper's first (``sd4match.matching``).
+MatchRule = Literal["kernel-softargmax", "softargmax", "nn", "bilinear"]
+MATCH_RULES: tuple[str, ...] = typing.get_args(MatchRule)
+#: PCK protocols (DESIGN.md): the official code's 768 x 768 frame, or original pixels.
+Protocol = Literal["sd4match", "standard"]
+PROTOCOL_HELP = "sd4match = the official SD4Match code's frame (768 x 768); standard = the field's common frame (original pixels)"
+DType = Literal["auto", "fp32", "bf16", "fp16"]
+CompileMode = Literal["auto", "on", "off"]
+DinoInput = Literal["official", "imagenet"]
+DEFAULT_ALPHAS: tuple[float, ...] = (0.05, 0.1, 0.15)
+
+
+def parse_alphas(text: str) -> tuple[float, ...]:
+    """``"0.05,0.1"`` -> (0.05, 0.1); each in (0, 1]."""
+    try:
+        vals = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not vals or any(not 0 < v <= 1 for v in vals):
+        raise ValueError(f"alphas must lie in (0, 1], got {text!r}")
+    return vals
+
+
+# ------------------------------------------------------------------------------ matching
+@dataclass(frozen=True)
+class MatchConfig:
+    """How a query descriptor becomes a target point (``sd4match.matching.match``)."""
+
+    rule: MatchRule = setting("kernel-softargmax", "match rule", flag="match")
+    temperature: float = setting(0.04, "softmax temperature of the soft-argmax rules")
+    sigma: float = setting(7.0, "kernel-softargmax: sigma of the Gaussian window, in cells")
+
+    def __post_init__(self):
+        check_choices(self)
+
+    def kwargs(self) -> dict[str, float]:
+        """The rule's keyword arguments for ``match`` / ``match_pixels``."""
+        return {"temperature": self.temperature, "sigma": self.sigma}
+
+
+# ------------------------------------------------------------------------------ models
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model, on which device, with which feature settings (every command that runs one)."""
+
+    model: str = setting("sd-2-1", "registry name (sd-2-1, sd-1-5, dinov2-b, effnet-lite0), hub id, diffusers folder or "
+                                   ".safetensors/.ckpt file; SD+DINOV2 (e.g. sd-2-1+dinov2-b) fuses both")
+    dino_input: DinoInput = setting("official", "fused models: DINOv2 sees the picture as SD does, in [-1, 1] (official), or ImageNet-normalised")
+    model_config: str | None = setting(None, "for a single checkpoint file: the diffusers folder or hub id with its component configs")
+    device: str = setting("auto", "auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
+    dtype: DType = setting("auto", "weights' dtype: auto = bf16 on CUDA GPUs (fp16 on older ones), fp32 on CPU; matching, softmax and loss stay fp32")
+    timestep: int = setting(261, "noise level t (the official test script uses 50)")
+    up_block: int = setting(1, "read the output of unet.up_blocks[k]")
+    ensemble: int = setting(8, "noisy copies averaged per picture")
+    resolution: int | None = setting(None, "square working size", default_text="768 for SD, 512 for effnet-lite0, 840 for DINOv2")
+    max_batch: int = setting(32, "UNet samples (pictures x ensemble) per call")
+    compile: CompileMode = setting("off", "torch.compile the early-exit UNet and the VAE encoder (auto: on CUDA; compiling takes about a minute, "
+                                          "then each call is faster)")
+
+    def __post_init__(self):
+        check_choices(self)
+
+
+# ------------------------------------------------------------------------------ evaluate
+@dataclass(frozen=True)
+class EvalConfig:
+    """What ``sd4match evaluate`` predicts and how it scores (besides the model)."""
+
+    dataset: DatasetName = setting(help="benchmark name (synthetic: seeded warps of the pictures in --root)")
+    root: str = setting(help="the dataset's own top folder (see the README's Datasets section)")
+    split: str = setting("test", "trn, val or test", required=True)
+    prompt: str = setting("empty", "a prompt folder, 'empty', 'text' ('a photo of a {category}') or 'text:<template with {category}>'")
+    rule: MatchRule = setting("kernel-softargmax", "match rule", flag="match")
+    protocol: Protocol = setting("sd4match", PROTOCOL_HELP + "; `score` defaults to standard")
+    alphas: tuple[float, ...] = setting(DEFAULT_ALPHAS, "comma-separated PCK thresholds", parse=parse_alphas, default_text="0.05,0.1,0.15")
+    seed: int = setting(0, "base seed of every picture's latent sample and noise")
+    temperature: float = setting(0.04, "softmax temperature of the soft-argmax rules")
+    sigma: float = setting(7.0, "kernel-softargmax: sigma of the Gaussian window, in cells")
+    limit: int = setting(0, "only the first N pairs (a quick look; the score then covers those N only)")
+    workers: int = setting(4, "loader threads decoding ahead")
+    chunk: int = setting(32, "loader threads decode up to 2 x chunk pairs ahead", cli=False)
+    skip_bad: bool = setting(False, "go past pairs with unreadable images: scored as missing and listed in score.json")
+    preset: str | None = setting(None, "a zero-shot baseline's settings (dift, dinov2, sd-dino-fuse); flags given explicitly override them",
+                                 choices=lambda: sorted(EVAL_PRESETS))
+
+    def __post_init__(self):
+        object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
+        check_choices(self)
+
+    @property
+    def match(self) -> MatchConfig:
+        return MatchConfig(self.rule, self.temperature, self.sigma)
+
+
+#: Zero-shot rows of published tables, each one `evaluate` (README: "Zero-shot baselines"):
+#: values of ``ModelConfig`` and ``EvalConfig`` fields.
+EVAL_PRESETS: dict[str, dict[str, Any]] = {
+    "dift": {"model": "sd-2-1", "timestep": 261, "up_block": 1, "ensemble": 8, "prompt": "text", "rule": "nn"},
+    "dinov2": {"model": "dinov2-b", "resolution": 840, "prompt": "empty", "rule": "nn"},
+    "sd-dino-fuse": {"model": "sd-2-1+dinov2-b", "timestep": 261, "up_block": 1, "ensemble": 8, "prompt": "text", "rule": "nn"},
+}
+
+
+# ------------------------------------------------------------------------------ train
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (written to ``<out>/config.json``)."""
+
+    dataset: DatasetName = setting("spair", "training data", default_text="the preset's, else spair")
+    root: str = setting("", "the dataset's top folder", required=True)
+    prompt: LearnedKind = setting("single", "prompt kind to learn", default_text="the preset's, else single")
+    model: str = setting("sd-2-1", "registry name, hub id, diffusers folder or checkpoint file")
+    dino: str = setting("dinov2-b", "DINOv2 model for prompts that take its tokens (cpm)")
+    timestep: int = setting(261, "noise level t")
+    up_block: int = setting(1, "feature block k: the output of unet.up_blocks[k]")
+    ensemble: int = setting(1, "noisy copies in training")
+    resolution: int = setting(768, "working size")
+    temperature: float = setting(0.04, "softmax temperature of the loss")
+    window: int = setting(7, "side of the loss target's Gaussian window, in cells")
+    sigma: float = setting(1.5, "sigma of the loss target's Gaussian window, in cells")
+    lr: float = setting(1e-2, "learning rate of tokens, embeddings and gate")
+    lr_linear: float = setting(1e-3, "learning rate of the CPM linear layers")
+    batch_size: int = setting(9, "pairs per optimiser step (effective batch)")
+    micro_batch: int = setting(1, "pairs per forward pass; batch-size / micro-batch accumulation steps")
+    steps: int = setting(30000, "optimiser steps (replaces the preset's epochs; may grow on --resume)", default_text="30000, or the preset's epochs")
+    epochs: float = setting(0, "> 0: passes over the training pairs instead of --steps (the presets: SPair-71k 5, PF-Pascal 90)")
+    val_every: int = setting(-1, "validate every N steps; -1: once per epoch (the official schedule); 0: never")
+    val_rule: MatchRule = setting("nn", "match rule of validation (nn: the official model selection)")
+    val_pairs: int = setting(0, "validate on the first N val pairs (0: all)")
+    val_ensemble: int = setting(1, "noisy copies in validation")
+    ckpt_every: int = setting(500, "steps between checkpoints")
+    keep_checkpoints: int = setting(2, "checkpoints kept (the newest)")
+    seed: int = setting(0, "seed of the data order and of every random draw")
+    amp_dtype: Literal["bf16", "fp16"] | None = setting(None, "autocast the frozen models in this dtype (GPU), weights in fp32", default_text="off")
+    apply_flip: bool = setting(True, "PF-Pascal trn: mirror the pairs whose flip flag is set, as the official code does")
+    max_kps: int = setting(0, "keypoints per pair used in the loss (0: all)")
+    train_split: str = setting("trn", "split to train on")
+    val_split: str = setting("val", "split to validate on")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N, mps")
+    dtype: DType = setting("auto", "weights' dtype: auto = bf16 on CUDA (fp16 on older GPUs), fp32 on CPU")
+    workers: int = setting(4, "loader threads decoding, warping and resizing ahead")
+    cache_dir: str = setting("", "keep VAE posteriors and DINOv2 tokens here too, for later runs", parse=str, default_text="none")
+    store_gb: float = setting(8.0, "memory for VAE posteriors and DINOv2 tokens, GB (all of SPair-71k trn: about 2 GB)")
+    compile: CompileMode = setting("auto", "torch.compile the early-exit UNet and the VAE (auto: on CUDA)")
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.batch_size % self.micro_batch:
+            raise Sd4MatchError(f"batch_size {self.batch_size} is not a multiple of micro_batch {self.micro_batch}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return from_dict(cls, d, "training setting")
+
+
+_PAPER = dict(timestep=261, up_block=1, ensemble=1, temperature=0.04, lr=1e-2, lr_linear=1e-3, batch_size=9, val_every=-1, val_rule="nn", val_pairs=0)
+_EPOCHS = {"spair": 5, "pfpascal": 90}  # = 29.6k and 29.4k steps of 9 pairs
+#: The paper's settings (DESIGN.md), one per prompt kind and training set: Adam at a constant
+#: lr, batch 9, 5 epochs of SPair-71k or 90 of PF-Pascal, model selection once per epoch by
+#: nearest-neighbour PCK@0.1 on the whole val split (sd4match protocol, per image).
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    f"{kind}-{ds}": {**_PAPER, "prompt": kind, "dataset": ds, "epochs": _EPOCHS[ds]} for kind in ("single", "category", "cpm") for ds in ("spair", "pfpascal")
+}
+
+
+def load_train_config(preset: str | None = None, yaml_file: str | Path | None = None, **overrides) -> TrainConfig:
+    """Preset, then YAML, then explicit overrides (None values are ignored)."""
+    d: dict[str, Any] = {}
+    if preset:
+        if preset not in TRAIN_PRESETS:
+            raise Sd4MatchError(f"unknown preset {preset!r}; presets: {', '.join(TRAIN_PRESETS)}")
+        d.update(TRAIN_PRESETS[preset])
+    if yaml_file:
+        import yaml  # only for a YAML file: keeps `sd4match --help` fast
+
+        try:
+            y = yaml.safe_load(Path(yaml_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise Sd4MatchError(f"{yaml_file}: cannot read settings ({e})") from None
+        if not isinstance(y, dict):
+            raise Sd4MatchError(f"{yaml_file}: expected a mapping of settings")
+        d.update(y)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "steps" in given and "epochs" not in given:  # an explicit step count replaces a preset's epochs
+        d["epochs"] = 0
+    d.update(given)
+    return TrainConfig.from_dict(d)
