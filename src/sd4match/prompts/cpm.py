@@ -46,7 +46,7 @@ class ConditionalPrompt(Prompt):
         config: PromptConfig | None = None,
     ):
         if config is None:
-            config = PromptConfig(kind="cpm", text_dim=bridge.dim, n_tokens=n_global + n_cond, n_global=n_global, n_cond=n_cond,
+            config = PromptConfig(kind=self.kind, text_dim=bridge.dim, n_tokens=n_global + n_cond, n_global=n_global, n_cond=n_cond,
                                   dino_dim=dino_dim, n_patches=n_patches, seed=seed, dino_model=dino_model)
         super().__init__(bridge, config)
         c, d = self.config, bridge.dim

@@ -35,7 +35,7 @@ class SinglePrompt(Prompt):
     learned = True
 
     def __init__(self, bridge: TextEncoderBridge, *, n_tokens: int = N_TOKENS, seed: int = 0, config: PromptConfig | None = None):
-        super().__init__(bridge, config or PromptConfig(kind="single", text_dim=bridge.dim, n_tokens=n_tokens, seed=seed))
+        super().__init__(bridge, config or PromptConfig(kind=self.kind, text_dim=bridge.dim, n_tokens=n_tokens, seed=seed))
         n = self.config.n_tokens
         g = torch.Generator().manual_seed(self.config.seed)
         self.tokens = nn.Parameter(bridge.random_rows(1, n, g))
@@ -65,7 +65,7 @@ class CategoryPrompt(Prompt):
             cats = sorted(dict.fromkeys(categories))
             if not cats:
                 raise Sd4MatchError("a category prompt needs the list of categories")
-            config = PromptConfig(kind="category", text_dim=bridge.dim, n_tokens=n_tokens, categories=cats, seed=seed)
+            config = PromptConfig(kind=self.kind, text_dim=bridge.dim, n_tokens=n_tokens, categories=cats, seed=seed)
         super().__init__(bridge, config)
         self.index = {c: i for i, c in enumerate(self.config.categories)}
         n = self.config.n_tokens

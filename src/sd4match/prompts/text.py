@@ -21,7 +21,7 @@ class TextPrompt(Prompt):
     uses_category = True
 
     def __init__(self, bridge: TextEncoderBridge, template: str = "a photo of a {category}", config: PromptConfig | None = None):
-        super().__init__(bridge, config or PromptConfig(kind="text", text_dim=bridge.dim, template=template, n_tokens=0))
+        super().__init__(bridge, config or PromptConfig(kind=self.kind, text_dim=bridge.dim, template=template, n_tokens=0))
         self.template = self.config.template
         self._cache: dict[str, torch.Tensor] = {}
 
@@ -53,7 +53,7 @@ class EmptyPrompt(TextPrompt):
     uses_category = False
 
     def __init__(self, bridge: TextEncoderBridge, config: PromptConfig | None = None):
-        super().__init__(bridge, "", config or PromptConfig(kind="empty", text_dim=bridge.dim, template="", n_tokens=0))
+        super().__init__(bridge, "", config or PromptConfig(kind=self.kind, text_dim=bridge.dim, template="", n_tokens=0))
 
     @classmethod
     def create(cls, bridge: TextEncoderBridge, **ignored) -> "EmptyPrompt":
