@@ -6,6 +6,7 @@ their help in the field's metadata; the command line makes its flags from them
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Call
     return dataclasses.field(default=default, metadata=meta)
 
 
+@functools.cache
 def field_types(cls) -> dict[str, Any]:
     """The resolved annotations of a dataclass's fields."""
     return typing.get_type_hints(cls)
