@@ -17,19 +17,21 @@ Saved as a folder: ``prompt.safetensors`` (the tensors) + ``config.json``.
 from __future__ import annotations
 
 import json
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from sd4match.config import PromptKind
 from sd4match.errors import Sd4MatchError, first_line
 from sd4match.features.text import TextEncoderBridge
 from sd4match.fileio import atomic_path, atomic_write_text
 
-#: The kinds this release ships (``PROMPT_CLASSES`` holds every registered one).
-PromptKind = Literal["text", "empty", "single", "category", "cpm"]
+#: The kinds this release ships (``config.PromptKind``; ``PROMPT_CLASSES`` holds every registered one).
+PROMPT_KINDS: tuple[str, ...] = typing.get_args(PromptKind)
 N_TOKENS = 75  # learnable rows between BOS and EOS in CLIP's 77
 #: The prompt folder format. 2: learned rows are embedding-layer outputs (token + position),
 #: the CPM gate is element-wise; folders of format 1 (token embeddings, CLIP added positions,
