@@ -69,14 +69,13 @@ def _parser_type(fn):
     return parse
 
 
-def add_config_flags(target, cls, *, only: Sequence[str] | None = None, skip: Sequence[str] = (), unset: bool = False,
-                     defaults: dict[str, Any] | None = None) -> None:
+def add_config_flags(target, cls, *, only: Sequence[str] | None = None, unset: bool = False, defaults: dict[str, Any] | None = None) -> None:
     """One flag per field of the settings dataclass ``cls`` (its metadata: help, flag name,
     choices, parser, how the default is worded).
 
     Args:
         target: a parser or argument group.
-        only, skip: the fields to make flags of.
+        only: the fields to make flags of (default: all but those with ``cli=False``).
         unset: every flag's value is None unless given (the stage layers presets and files
             under the flags); its help still names the field's default.
         defaults: defaults that differ for this command.
@@ -84,7 +83,7 @@ def add_config_flags(target, cls, *, only: Sequence[str] | None = None, skip: Se
     types = field_types(cls)
     for f in dataclasses.fields(cls):
         m = f.metadata
-        if not m.get("cli", True) or f.name in skip or (only is not None and f.name not in only):
+        if not m.get("cli", True) or (only is not None and f.name not in only):
             continue
         default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else
                                        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
@@ -100,14 +99,12 @@ def add_config_flags(target, cls, *, only: Sequence[str] | None = None, skip: Se
                 kw["action"] = "store_true"
         else:
             choices = field_choices(cls, f)
-            if choices is not None and m.get("parse") is None:
-                kw["choices"] = choices
-            elif m.get("parse") is not None:
+            if m.get("parse") is not None:
                 kw["type"] = _parser_type(m["parse"])
-            elif typing.get_origin(base) is None and base in (int, float, str):
-                kw["type"] = base
-            elif typing.get_origin(base) is typing.Literal:
+            elif choices is not None:
                 kw["choices"] = choices
+            elif base in (int, float, str):
+                kw["type"] = base
             if required:
                 kw["required"] = True
         if not required:

@@ -230,7 +230,7 @@ class TrainConfig:
     device: str = setting("auto", "auto, cpu, cuda, cuda:N, mps")
     dtype: DType = setting("auto", "weights' dtype: auto = bf16 on CUDA (fp16 on older GPUs), fp32 on CPU")
     workers: int = setting(4, "loader threads decoding, warping and resizing ahead")
-    cache_dir: str = setting("", "keep VAE posteriors and DINOv2 tokens here too, for later runs", parse=str, default_text="none")
+    cache_dir: str = setting("", "keep VAE posteriors and DINOv2 tokens here too, for later runs", default_text="none")
     store_gb: float = setting(8.0, "memory for VAE posteriors and DINOv2 tokens, GB (all of SPair-71k trn: about 2 GB)")
     compile: CompileMode = setting("auto", "torch.compile the early-exit UNet and the VAE (auto: on CUDA)")
 
