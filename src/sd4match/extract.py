@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import torch
-
 from tqdm import tqdm
 
 from sd4match.batching import Batcher, Picture, prefetch

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from sd4match.config import MATCH_RULES, MatchConfig, MatchRule  # noqa: F401 (the rules' names and settings, re-exported)
+
 NORM_EPS = 1e-6  # the official L2 normalisation: f / (|f| + 1e-6)
 BILINEAR_EPS = 1e-5  # the official clamp of bilinear queries into the grid
 

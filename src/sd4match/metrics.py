@@ -25,7 +25,6 @@ from sd4match.errors import PredictionError
 from sd4match.fileio import atomic_path
 
 
-
 def alpha_key(alpha: float) -> str:
     """How an alpha is written as a JSON key: ``0.1`` -> ``"0.1"``."""
     return f"{float(alpha):g}"

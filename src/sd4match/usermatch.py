@@ -21,10 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
 from tqdm import tqdm
 
-from sd4match.version import __version__
 from sd4match.batching import Batcher, Picture
 from sd4match.config import MatchConfig
 from sd4match.data.images import list_images, load_image, oriented_size
@@ -33,6 +31,7 @@ from sd4match.fileio import staged_dir
 from sd4match.matching import MATCH_RULES, border_contrast, cells_to_grid, dense_match, match_pixels, point_correlation
 from sd4match.prompts import prompt_fingerprint, resolve_prompt
 from sd4match.store import Store, image_key
+from sd4match.version import __version__
 from sd4match.viz import contact_sheet, draw_matches, draw_points, heat_image
 
 MAX_SIDE = 2048  # larger pictures are downscaled before the model (which works at 768 or less)
