@@ -99,6 +99,12 @@ def prefetch(items: Iterable[T], fn: Callable[[T], R], *, workers: int = 4, ahea
         ex.shutdown(wait=True, cancel_futures=True)
 
 
+def per_pair(prompt: Prompt | None) -> bool:
+    """Whether maps under ``prompt`` are made per pair (the prompt depends on both pictures)
+    rather than once per picture: the one test of that decision."""
+    return prompt is not None and prompt.per_pair
+
+
 class Batcher:
     """The frozen featurizer (and DINOv2) behind one store.
 
@@ -170,7 +176,7 @@ class Batcher:
 
     def map_keys(self, prompt: Prompt | None, prompt_id: str, a: Picture, b: Picture | None = None) -> list[str]:
         """Store keys of the maps ``pair_maps(prompt, a, b, prompt_id=...)`` returns (of ``a`` alone without ``b``)."""
-        if prompt is not None and prompt.per_pair and b is not None:
+        if per_pair(prompt) and b is not None:
             return list(self.pair_keys(a, b, prompt_id))
         return [self.feature_key(p, prompt_id) for p in ([a, b] if b is not None else [a])]
 
@@ -295,7 +301,7 @@ class Batcher:
         embeddings); a per-pair prompt (CPM) is built from both pictures, and their maps are
         kept under the pair's keys. ``prompt_id`` is ``prompt_id(prompt, category)``.
         """
-        if prompt is None or not prompt.per_pair:
+        if not per_pair(prompt):
             fa, fb = self.features([a, b], embeds, prompt_id)
             return fa, fb
         ka, kb = self.pair_keys(a, b, prompt_id)
@@ -345,7 +351,7 @@ class PairStream:
 
     def __init__(self, batcher: Batcher, prompt: Prompt | None, consume: Callable):
         self.b, self.prompt, self.consume = batcher, prompt, consume
-        self.per_pair = prompt is not None and prompt.per_pair
+        self.per_pair = per_pair(prompt)
         self.queue: deque[PendingPair] = deque()
         self.todo: dict[tuple[str, str], tuple[Picture, torch.Tensor | None]] = {}  # (picture key, prompt id) -> (picture, embeddings)
         self.fingerprint = prompt_fingerprint(prompt)  # once: the prompt does not change during a stream

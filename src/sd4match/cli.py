@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sd4match.config import (DEFAULT_ALPHAS, EVAL_PRESETS, MATCH_RULES, PROTOCOL_HELP, TRAIN_PRESETS, DatasetName, EvalConfig, ImportKind, MatchConfig,
-                             ModelConfig, Protocol, TrainConfig, field_choices, field_types, parse_alphas)
+                             ModelConfig, Protocol, TrainConfig, field_base_type, field_choices, parse_alphas)
 from sd4match.errors import Sd4MatchError
 
 __all__ = ["EVAL_PRESETS", "MATCH_RULES", "build_parser", "main"]
@@ -80,7 +80,6 @@ def add_config_flags(target, cls, *, only: Sequence[str] | None = None, unset: b
             under the flags); its help still names the field's default.
         defaults: defaults that differ for this command.
     """
-    types = field_types(cls)
     for f in dataclasses.fields(cls):
         m = f.metadata
         if not m.get("cli", True) or (only is not None and f.name not in only):
@@ -88,8 +87,7 @@ def add_config_flags(target, cls, *, only: Sequence[str] | None = None, unset: b
         default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else
                                        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         required = m.get("required") or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-        tp = types[f.name]
-        base = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if typing.get_origin(tp) in (typing.Union, type(int | None)) else tp
+        base = field_base_type(cls, f)
         kw: dict[str, Any] = {"dest": f.name, "help": m.get("help", "")}
         shown = m.get("default_text") or default
         if base is bool:

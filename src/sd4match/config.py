@@ -45,15 +45,21 @@ def field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def field_base_type(cls, f: dataclasses.Field) -> Any:
+    """A field's annotation with ``None`` taken out of an optional (``int | None`` -> ``int``)."""
+    tp = field_types(cls)[f.name]
+    if typing.get_origin(tp) in (typing.Union, type(int | None)):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
 def field_choices(cls, f: dataclasses.Field) -> tuple | None:
     """The values a field may take: its ``Literal`` annotation's, or its metadata's."""
     meta = f.metadata.get("choices")
     if meta is not None:
         return tuple(meta() if callable(meta) else meta)
-    tp = field_types(cls)[f.name]
-    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is typing.Union or type(tp).__name__ == "UnionType" else [tp]
-    lits = [v for a in args if typing.get_origin(a) is Literal for v in typing.get_args(a)]
-    return tuple(lits) or None
+    base = field_base_type(cls, f)
+    return typing.get_args(base) if typing.get_origin(base) is Literal else None
 
 
 def check_choices(cfg) -> None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from sd4match.batching import Batcher, Picture
+from sd4match.batching import Batcher, Picture, per_pair
 from sd4match.config import MatchConfig
 from sd4match.data.images import list_images, load_image, oriented_size
 from sd4match.errors import Sd4MatchError
@@ -162,7 +162,7 @@ class Matcher:
         # interactive use: calls as large as the work at hand (no padding to a fixed batch)
         self.batcher = Batcher(featurizer, dino=dino, store=self.store, seed=seed, fixed_batches=False)
         self._emb = None
-        if self.prompt is not None and not self.prompt.per_pair:
+        if self.prompt is not None and not per_pair(self.prompt):
             if self.prompt.requires_category and not category:
                 raise Sd4MatchError(f"--prompt {prompt}: this prompt needs --category")
             self._emb = self.batcher.embeds(self.prompt, category if self.prompt.requires_category else None)
@@ -183,7 +183,7 @@ class Matcher:
     @property
     def pair_dependent(self) -> bool:
         """Whether a picture's map depends on its partner (a per-pair prompt, e.g. CPM)."""
-        return self.prompt is not None and self.prompt.per_pair
+        return per_pair(self.prompt)
 
     def store_keys(self, a: UserImage, b: UserImage | None = None) -> list[str]:
         """The store keys (kind ``features``) of the maps ``features(a, b)`` returns (of ``a`` alone without ``b``)."""
