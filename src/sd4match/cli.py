@@ -131,7 +131,8 @@ def _model_args(p: argparse.ArgumentParser, *, only: Sequence[str] | None = None
 
 
 def _seed_arg(p) -> None:
-    p.add_argument("--seed", type=int, default=0, help="base seed of every picture's latent sample and noise")
+    """``--seed``, as ``evaluate`` has it (``EvalConfig.seed``)."""
+    add_config_flags(p, EvalConfig, only=("seed",))
 
 
 def _prompt_args(p: argparse.ArgumentParser) -> None:
