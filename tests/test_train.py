@@ -168,3 +168,39 @@ def test_bf16_autocast_training_step(tiny, willow_root, tmp_path):
         assert t.prompt.tokens.dtype == torch.float32 and not torch.equal(before, t.prompt.tokens.detach())
         assert not t.scaler.is_enabled()  # loss scaling is for fp16 on CUDA only
     assert losses["bf16"] == pytest.approx(losses[None], rel=0.02)
+
+
+def test_training_targets_are_clamped_as_the_official_datasets_do(tiny, willow_root, tmp_path):
+    """Official dataset/spair.py:111-112: keypoints clamped to [1e-4, R - 1 - 1e-4] in the R x R
+    frame before the loss. A target at x = W, y = 0 then has the same loss as the target put
+    by hand at the clamped place (without the clamp its window centre falls on the grid's
+    edge and is masked: another loss)."""
+    import dataclasses
+
+    import numpy as np
+
+    from sd4match.train import clamp_to_frame
+
+    W, H, R = 500, 332, 768
+    got = clamp_to_frame([[500.0, 0.0], [250.0, 166.0]], (W, H), R)
+    want = [[(R - 1 - 1e-4) * W / R, 1e-4 * H / R], [250.0, 166.0]]  # x' = 768 -> 767 - 1e-4; y' = 0 -> 1e-4
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+
+    feat = SDFeaturizer.from_pretrained(tiny, resolution=64, ensemble=1)
+    cfg = TrainConfig(dataset="pfwillow", root=str(willow_root), prompt="single", model=str(tiny), resolution=64, steps=1, batch_size=1,
+                      micro_batch=1, val_every=0, device="cpu", train_split="test", val_split="test")
+    t = Trainer(cfg, tmp_path / "run", featurizer=feat, progress=False)
+    rec = t.train_pairs[0]
+    (Wt, Ht), r = rec.trg_size, feat.resolution
+
+    def loss_with(x, y):
+        kps = rec.trg_kps.copy()
+        kps[0] = (x, y)
+        with torch.no_grad():
+            return t.micro_loss([dataclasses.replace(rec, trg_kps=kps)], torch.Generator().manual_seed(0)).item()
+
+    border = loss_with(Wt, 0.0)
+    by_hand = loss_with((r - 1 - 1e-4) * Wt / r, 1e-4 * Ht / r)
+    inside = loss_with((r - 1.5) * Wt / r, 1.5 * Ht / r)
+    assert border == pytest.approx(by_hand, rel=1e-6)
+    assert abs(border - inside) > 1e-3  # the case is not degenerate: the target's place changes the loss

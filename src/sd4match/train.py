@@ -45,6 +45,8 @@ __all__ = ["PRESETS", "TrainConfig", "Trainer", "batch_indices", "build_optimize
 
 #: The paper's settings, one per prompt kind and training set (``sd4match.config.TRAIN_PRESETS``).
 PRESETS = TRAIN_PRESETS
+#: the official datasets clamp training keypoints this far inside the working frame (spair.py:111-112)
+TARGET_EPS = 1e-4
 load_config = load_train_config
 
 
@@ -63,6 +65,18 @@ def batch_indices(n: int, seed: int, step: int, batch: int) -> list[int]:
         take = min(batch - len(out), n - pos)
         out.extend(order[pos : pos + take].tolist())
     return out
+
+
+def clamp_to_frame(kps, size, resolution: int, eps: float = TARGET_EPS) -> np.ndarray:
+    """Keypoints clamped as the official datasets clamp training targets: into
+    [eps, R - 1 - eps] of the R x R working frame (x' = x * R / W), returned in pixels.
+
+    A point on the image border (x = W) would otherwise put its window centre on the grid's
+    edge, where the loss masks it out.
+    """
+    xy = np.asarray(kps, dtype=np.float64).reshape(-1, 2)
+    scale = np.array([resolution / size[0], resolution / size[1]])
+    return np.clip(xy * scale, eps, resolution - 1 - eps) / scale
 
 
 def step_generator(device, seed: int, step: int, micro: int) -> torch.Generator:
@@ -201,8 +215,8 @@ class Trainer:
         valid = torch.zeros(len(recs), n, dtype=torch.bool, device=dev)
         for i, r in enumerate(recs):
             k = min(n, r.n_points)
-            sc[i, :k] = torch.as_tensor(self.feat.pixel_to_cell(r.src_kps[:k], r.src_size), dtype=torch.float32)
-            tc[i, :k] = torch.as_tensor(self.feat.pixel_to_cell(r.trg_kps[:k], r.trg_size), dtype=torch.float32)
+            sc[i, :k] = torch.as_tensor(self.feat.pixel_to_cell(clamp_to_frame(r.src_kps[:k], r.src_size, res), r.src_size), dtype=torch.float32)
+            tc[i, :k] = torch.as_tensor(self.feat.pixel_to_cell(clamp_to_frame(r.trg_kps[:k], r.trg_size, res), r.trg_size), dtype=torch.float32)
             valid[i, :k] = True
         corr = point_correlation(fs, ft, sc)
         return gaussian_window_ce(corr, tc, valid, temperature=cfg.temperature, size=cfg.window, sigma=cfg.sigma)
