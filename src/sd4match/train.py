@@ -213,6 +213,7 @@ class Trainer:
         sc = torch.zeros(len(recs), n, 2, device=dev)
         tc = torch.zeros(len(recs), n, 2, device=dev)
         valid = torch.zeros(len(recs), n, dtype=torch.bool, device=dev)
+        res = self.feat.resolution
         for i, r in enumerate(recs):
             k = min(n, r.n_points)
             sc[i, :k] = torch.as_tensor(self.feat.pixel_to_cell(clamp_to_frame(r.src_kps[:k], r.src_size, res), r.src_size), dtype=torch.float32)
