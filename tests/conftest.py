@@ -75,3 +75,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def official_dino_hidden(model, pixel_values):
+    """DINOv2's last hidden state as transformers 4.35 computes it, by another route than the
+    library's hook: the 37 x 37 position grid is resized here with the old formula
+    (``scale_factor = (h0 + 0.1) / 37``, bicubic) and put into a copy of the model as its own
+    grid, which transformers then adds unchanged (its square, same-count early return)."""
+    import copy
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    m = copy.deepcopy(model)
+    pos = m.embeddings.position_embeddings.data
+    n = pos.shape[1] - 1
+    side = int(math.sqrt(n))
+    H, W = pixel_values.shape[-2:]
+    assert H == W, "the square inputs the library uses"
+    h0 = H // m.config.patch_size
+    if h0 * h0 != n:
+        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=((h0 + 0.1) / side, (h0 + 0.1) / side), mode="bicubic", align_corners=False)
+        m.embeddings.position_embeddings = torch.nn.Parameter(torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h0 * h0, -1)], dim=1))
+    with torch.no_grad():
+        return m(pixel_values=pixel_values).last_hidden_state

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import official_dino_hidden
+
 from sd4match.cli import main
 from sd4match.features import DinoFeaturizer, SDFeaturizer, load_featurizer
 from sd4match.testing import tiny_dinov2, tiny_sd
@@ -43,7 +45,7 @@ def test_fused_features_equal_the_official_formula(models, willow_root, dino_inp
         else:
             inp = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
         inp = F.interpolate(inp, size=(112, 112), mode="bilinear", align_corners=False, antialias=False)
-        tok = dino(pixel_values=inp).last_hidden_state[:, 1:]  # (2, 64, 32)
+        tok = official_dino_hidden(dino, inp)[:, 1:]  # (2, 64, 32), the authors' position-embedding interpolation
         f_dn = tok.transpose(1, 2).reshape(2, 32, 8, 8)
     norm = lambda f: f / (f.norm(dim=1, keepdim=True) + 1e-6)  # noqa: E731
     want = torch.cat([0.5 * norm(f_sd), 0.5 * norm(f_dn)], dim=1)

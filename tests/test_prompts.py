@@ -250,6 +250,50 @@ def test_dino_tokens_and_cell_map(models):
     assert cm.cell_to_pixel(cm.pixel_to_cell([[123.0, 45.0]]))[0].tolist() == pytest.approx([123.0, 45.0])
 
 
+@pytest.mark.parametrize("size,resized,offset", [((500, 332), (385, 256), (80, 16)), ((366, 500), (256, 349), (16, 62)), ((400, 300), (341, 256), (58, 16))])
+def test_dino_crop_resizes_as_the_image_processor(models, size, resized, offset):
+    """transformers' image processor (the authors' 4.35): shorter side 256, the other
+    int(256 * long / short), truncated (500 x 332 -> 385, not round's 386; 366 x 500 -> 349,
+    not 350), bicubic; centre crop 224 at ((w - 224) // 2, (h - 224) // 2)."""
+    import numpy as np
+    from PIL import Image
+
+    assert resized == ((256, int(256 * size[1] / size[0])) if size[0] <= size[1] else (int(256 * size[0] / size[1]), 256))
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    dino = DinoFeaturizer.from_pretrained(models["dino"])
+    l, t = offset
+    want = np.asarray(im.resize(resized, Image.Resampling.BICUBIC).crop((l, t, l + 224, t + 224)), dtype=np.float32) / 255
+    want = (torch.from_numpy(want).permute(2, 0, 1) - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    torch.testing.assert_close(dino.preprocess([im])[0], want, rtol=0, atol=1e-6)
+    # the cell map follows the same crop: the crop's centre lies between patches 7 and 8
+    cx, cy = (l + 112) * size[0] / resized[0], (t + 112) * size[1] / resized[1]
+    assert dino.cell_map(size).pixel_to_cell([[cx, cy]])[0].tolist() == pytest.approx([7.5, 7.5])
+
+
+def test_dino_position_embeddings_as_the_authors_transformers(models):
+    """A tiny DINOv2 with the real model's 37 x 37 position grid at 224 input (16 x 16
+    patches): ``official`` tokens equal the old interpolation computed another way
+    (conftest.official_dino_hidden); ``transformers`` equals the installed model's own call;
+    the two differ; no hook is left on the model."""
+    from conftest import official_dino_hidden
+    from PIL import Image
+
+    ims = [Image.new("RGB", (400, 300), (10, 200, 30)), Image.new("RGB", (333, 500), (120, 5, 77))]
+    off = DinoFeaturizer.from_pretrained(models["dino"])
+    new = DinoFeaturizer.from_pretrained(models["dino"], pos="transformers")
+    assert off.model.config.image_size == 518 and off.model.embeddings.position_embeddings.shape[1] == 1 + 37 * 37
+    px = off.preprocess(ims)
+    torch.testing.assert_close(off.tokens(ims), official_dino_hidden(off.model, px)[:, 1:], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(new.tokens(ims), new.model(pixel_values=px).last_hidden_state[:, 1:], rtol=0, atol=0)
+    assert (off.tokens(ims) - new.tokens(ims)).abs().max() > 1e-3
+    assert not off.model.embeddings._forward_hooks
+    assert off.settings()["pos"] == "official" and new.settings()["pos"] == "transformers"
+    with pytest.raises(Sd4MatchError, match="position embeddings"):
+        DinoFeaturizer.from_pretrained(models["dino"], pos="bicubic")
+
+
 def test_dino_offline_error(tmp_path, monkeypatch):
     from huggingface_hub import constants
 

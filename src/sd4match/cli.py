@@ -153,7 +153,7 @@ def load_model(model: ModelConfig):
 
     dev = pick_device(model.device)
     kw = {"timestep": model.timestep, "up_block": model.up_block, "ensemble": model.ensemble, "max_batch": model.max_batch,
-          "compile": model.compile == "on" or (model.compile == "auto" and dev.type == "cuda"), "dino_input": model.dino_input}
+          "compile": model.compile == "on" or (model.compile == "auto" and dev.type == "cuda"), "dino_input": model.dino_input, "dino_pos": model.dino_pos}
     if model.model_config:
         kw["config"] = model.model_config
     if model.resolution:
@@ -161,14 +161,14 @@ def load_model(model: ModelConfig):
     return load_featurizer(model.model, **kw).to(dev, pick_dtype(model.dtype, dev))
 
 
-def _dino_for(prompt: str, dino: str, feat):
+def _dino_for(prompt: str, dino: str, feat, pos: str = "official"):
     """DINOv2 on the featurizer's device when the prompt takes DINOv2 tokens, else None."""
     from sd4match.features import DinoFeaturizer
     from sd4match.prompts import parse_prompt
 
     if parse_prompt(prompt).needs_dino:
         dtype = next(feat.parameters()).dtype
-        return DinoFeaturizer.from_pretrained(dino).to(feat.device, dtype)
+        return DinoFeaturizer.from_pretrained(dino, pos=pos).to(feat.device, dtype)
     return None
 
 
@@ -176,9 +176,10 @@ def load_matcher(args):
     """The featurizer, and DINOv2 for a prompt that takes its tokens, wrapped in a ``Matcher``."""
     from sd4match.usermatch import Matcher
 
-    feat = load_model(config_from_args(ModelConfig, args))
+    model = config_from_args(ModelConfig, args)
+    feat = load_model(model)
     m = config_from_args(MatchConfig, args)
-    return Matcher(feat, args.prompt, category=args.category, dino=_dino_for(args.prompt, args.dino, feat), rule=m.rule, temperature=m.temperature,
+    return Matcher(feat, args.prompt, category=args.category, dino=_dino_for(args.prompt, args.dino, feat, model.dino_pos), rule=m.rule, temperature=m.temperature,
                    sigma=m.sigma, seed=args.seed, cache_dir=args.cache)
 
 
@@ -425,10 +426,10 @@ def cmd_evaluate(args) -> int:
     if cfg.limit:
         recs = recs[: cfg.limit]
     request = {**{k: getattr(model, k) for k in ("model", "model_config", "dtype", "timestep", "up_block", "ensemble", "resolution")},
-               "dino": args.dino, "dino_input": model.dino_input}
+               "dino": args.dino, "dino_input": model.dino_input, "dino_pos": model.dino_pos}
     check_evaluation_folder(args.out, resume=args.resume, cfg=cfg, request=request)
     feat = load_model(model)
-    dino = _dino_for(cfg.prompt, args.dino, feat)
+    dino = _dino_for(cfg.prompt, args.dino, feat, model.dino_pos)
     store = Store(folder=args.cache_dir) if args.cache_dir else None
     out = evaluate(feat, cfg, args.out, dino=dino, progress=not args.no_progress, records=recs, store=store, resume=args.resume, request=request)
     rank = distributed_rank_world()[0]

@@ -104,6 +104,9 @@ PROTOCOL_HELP = "sd4match = the official SD4Match code's frame (768 x 768); stan
 DType = Literal["auto", "fp32", "bf16", "fp16"]
 CompileMode = Literal["auto", "on", "off"]
 DinoInput = Literal["official", "imagenet"]
+#: How DINOv2's learned position grid is resized (``sd4match.features.dino.DINO_POS``).
+DinoPos = Literal["official", "transformers"]
+DINO_POS_HELP = ("DINOv2 position embeddings: official (the DINOv2 authors' and transformers 4.35 interpolation, the released CPM prompts' environment) or transformers (the installed version's)")
 DEFAULT_ALPHAS: tuple[float, ...] = (0.05, 0.1, 0.15)
 
 
@@ -143,6 +146,7 @@ class ModelConfig:
     model: str = setting("sd-2-1", "registry name (sd-2-1, sd-1-5, dinov2-b, effnet-lite0), hub id, diffusers folder or "
                                    ".safetensors/.ckpt file; SD+DINOV2 (e.g. sd-2-1+dinov2-b) fuses both")
     dino_input: DinoInput = setting("official", "fused models: DINOv2 sees the picture as SD does, in [-1, 1] (official), or ImageNet-normalised")
+    dino_pos: DinoPos = setting("official", DINO_POS_HELP)
     model_config: str | None = setting(None, "for a single checkpoint file: the diffusers folder or hub id with its component configs")
     device: str = setting("auto", "auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
     dtype: DType = setting("auto", "weights' dtype: auto = bf16 on CUDA GPUs (fp16 on older ones), fp32 on CPU; matching, softmax and loss stay fp32")
@@ -208,6 +212,7 @@ class TrainConfig:
     prompt: LearnedKind = setting("single", "prompt kind to learn", default_text="the preset's, else single")
     model: str = setting("sd-2-1", "registry name, hub id, diffusers folder or checkpoint file")
     dino: str = setting("dinov2-b", "DINOv2 model for prompts that take its tokens (cpm)")
+    dino_pos: DinoPos = setting("official", DINO_POS_HELP)
     timestep: int = setting(261, "noise level t")
     up_block: int = setting(1, "feature block k: the output of unet.up_blocks[k]")
     ensemble: int = setting(1, "noisy copies in training")

@@ -146,13 +146,15 @@ def tiny_sd(path: str | Path, *, seed: int = 0, style: SdStyle = "sd2") -> Path:
     return path
 
 
-def tiny_dinov2(path: str | Path, *, seed: int = 0) -> Path:
-    """Write a tiny random transformers ``Dinov2Model`` (patch 14, 224 input); return ``path``."""
+def tiny_dinov2(path: str | Path, *, seed: int = 0, image_size: int = 518) -> Path:
+    """Write a tiny random transformers ``Dinov2Model`` (patch 14) with DINOv2's own position
+    grid (``image_size`` 518: 37 x 37, so a 224 input interpolates it as the real model does);
+    return ``path``."""
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(seed)
     model = Dinov2Model(
-        Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=14, image_size=224)
+        Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=14, image_size=image_size)
     )
     model.save_pretrained(Path(path), safe_serialization=True)
     return Path(path)

@@ -13,6 +13,7 @@ written into a temporary folder, fsynced and renamed; the last two are kept.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -141,7 +142,7 @@ class Trainer:
             raise Sd4MatchError(f"{cfg.model}: prompts are learned for Stable Diffusion (or SD+DINOv2) models, not {self.feat.model_id}")
         self.feat.reconfigure(timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, resolution=cfg.resolution, amp_dtype=cfg.amp_dtype,
                               compile=cfg.compile == "on" or (cfg.compile == "auto" and torch.device(dev).type == "cuda"))
-        self.dino = (dino or DinoFeaturizer.from_pretrained(cfg.dino).to(dev, wdt)) if kind.needs_dino else None
+        self.dino = (dino or DinoFeaturizer.from_pretrained(cfg.dino, pos=cfg.dino_pos).to(dev, wdt)) if kind.needs_dino else None
         # 2. the data
         self._ds = open_dataset(cfg.dataset, cfg.root)
         self.train_pairs = [r for r in self._ds.pairs(cfg.train_split, apply_flip=cfg.apply_flip) if r.n_points > 0]
@@ -408,7 +409,10 @@ RUN_FILES = ("config.json", "scalars.jsonl", CKPT_DIR, "best", "last", "tb")
 
 
 def _resumable(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in _VOLATILE}
+    """The settings a resumed run must share; a setting newer than the checkpoint counts as
+    its default (so runs of an earlier release resume)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    return {k: v for k, v in {**defaults, **cfg}.items() if k not in _VOLATILE}
 
 
 def check_run_folder(out: str | Path, *, resume: bool, resume_or_start: bool) -> bool:

@@ -31,7 +31,7 @@ def split_fused(model: str | Path) -> tuple[str, str] | None:
     return sd, dino
 
 
-def load_featurizer(model: str | Path, *, dino_input: str = "official", **kwargs) -> Featurizer:
+def load_featurizer(model: str | Path, *, dino_input: str = "official", dino_pos: str = "official", **kwargs) -> Featurizer:
     """The featurizer for ``model``: ``effnet-lite0``; a DINOv2 source (the matching
     backbone, squashed to ``resolution``, default 840); any Stable Diffusion source; or
     ``SD+DINOv2`` (e.g. ``sd-2-1+dinov2-b``): the fusion of both (``FusedFeaturizer``).
@@ -43,12 +43,13 @@ def load_featurizer(model: str | Path, *, dino_input: str = "official", **kwargs
     if fused is not None:
         sd = SDFeaturizer.from_pretrained(fused[0], **kwargs)
         net, dino_id = DinoFeaturizer.load_model(fused[1], local_files_only=kwargs.get("local_files_only"))
-        return FusedFeaturizer(sd, net, dino_input=dino_input, dino_id=dino_id)
+        return FusedFeaturizer(sd, net, dino_input=dino_input, dino_id=dino_id, dino_pos=dino_pos)
     res = resolve(model)
     if res.kind == "builtin" and res.name == "effnet-lite0":
         return EffNetFeaturizer.from_pretrained(**{k: v for k, v in kwargs.items() if k in ("resolution", "max_batch")})
     if _is_dinov2(res):
-        return DinoFeaturizer.from_pretrained(model, resolution=kwargs.get("resolution") or 840, local_files_only=kwargs.get("local_files_only"))
+        return DinoFeaturizer.from_pretrained(model, resolution=kwargs.get("resolution") or 840, local_files_only=kwargs.get("local_files_only"),
+                                           pos=dino_pos)
     return SDFeaturizer.from_pretrained(model, **kwargs)
 
 

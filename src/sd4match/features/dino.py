@@ -1,22 +1,35 @@
 """DINOv2 patch features (transformers ``Dinov2Model``), in two modes.
 
 - ``crop`` (the CPM's conditioning input, as the official code): resized (shorter side
-  256, bicubic), centre-cropped to 224 x 224, ImageNet-normalised; 16 x 16 patch tokens.
+  256, the longer side truncated to an integer as transformers' image processor does,
+  bicubic), centre-cropped to 224 x 224, ImageNet-normalised; 16 x 16 patch tokens.
 - ``squash`` (DINOv2 as a matching backbone, the field's zero-shot setting): the picture
   squashed to ``resolution`` x ``resolution`` (a multiple of 14; default 840 -> 60 x 60
   patches, bilinear), ImageNet-normalised; patch i is centred at the integer cell i, at
   (i + 0.5) x 14 pixels of the squashed picture (``CellMap.centres``).
 
 The output is the last layer's patch tokens without CLS (and without register tokens).
+
+Position embeddings (``pos``): DINOv2 learned a 37 x 37 grid; at another patch grid
+h0 x w0 it is resized bicubically. ``official`` resizes it as the DINOv2 authors' code and
+transformers up to 4.3x did, the environment the released SD4Match CPM prompts were
+trained in: ``interpolate(grid, scale_factor=((h0 + 0.1) / 37, (w0 + 0.1) / 37))``.
+``transformers`` keeps what the installed transformers computes (5.x: ``size=(h0, w0)``;
+tokens differ by about 0.1 at 224 px). ``official`` is applied through the model's own
+forward: a hook on its embedding layer, present only during the call, swaps the one
+interpolation for the other.
 """
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from sd4match.errors import Sd4MatchError
@@ -25,6 +38,79 @@ from sd4match.features.registry import offline_mode, resolve, weights_missing
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: how the learned position grid is resized to another patch grid (see the module's doc)
+DINO_POS = ("official", "transformers")
+
+
+def legacy_position_embeddings(pos: torch.Tensor, grid: tuple[int, int], square: bool) -> torch.Tensor:
+    """DINOv2's position embeddings at a patch grid, as the DINOv2 authors and transformers
+    4.35 compute them.
+
+    Shape:
+        pos: (1, 1 + N, C), CLS first then a sqrt(N) x sqrt(N) grid; grid: (h0, w0)
+        -> (1, 1 + h0 * w0, C). Unchanged when h0 * w0 = N and the input is ``square``.
+    """
+    n = pos.shape[1] - 1
+    h0, w0 = grid
+    if h0 * w0 == n and square:
+        return pos
+    side = math.sqrt(n)
+    patch = pos[:, 1:].reshape(1, int(side), int(side), -1).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch.float(), scale_factor=(float((h0 + 0.1) / side), float((w0 + 0.1) / side)), mode="bicubic", align_corners=False)
+    if patch.shape[-2:] != (h0, w0):
+        raise Sd4MatchError(f"DINOv2 position grid of {n} cannot be resized to {h0} x {w0}")
+    return torch.cat([pos[:, :1], patch.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, h0 * w0, -1)], dim=1)
+
+
+@contextmanager
+def _official_positions(model):
+    """While open, ``model``'s embedding layer adds ``legacy_position_embeddings`` instead
+    of what the installed transformers computes; the hook is removed on exit."""
+    emb = model.embeddings
+    patch = int(model.config.patch_size)
+    n_reg = int(getattr(model.config, "num_register_tokens", 0) or 0)
+
+    def hook(module, args, output):
+        height, width = args[0].shape[-2:]
+        grid = (height // patch, width // patch)
+        n = 1 + grid[0] * grid[1]
+        with torch.no_grad():
+            theirs = module.interpolate_pos_encoding(output[:1, :n], height, width)
+            ours = legacy_position_embeddings(module.position_embeddings, grid, height == width)
+        delta = (ours.float() - theirs.float()).to(output.dtype)
+        if not delta.any():
+            return output
+        out = output.clone()
+        out[:, :1] += delta[:, :1]
+        out[:, 1 + n_reg :] += delta[:, 1:]  # register tokens (if any) sit between CLS and the patches
+        return out
+
+    handle = emb.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def dino_hidden_states(model, pixel_values: torch.Tensor, pos: str = "official") -> torch.Tensor:
+    """``model(pixel_values).last_hidden_state`` (no gradient) with the position embeddings
+    ``pos`` names (``DINO_POS``)."""
+    if pos not in DINO_POS:
+        raise Sd4MatchError(f"DINOv2 position embeddings must be one of {', '.join(DINO_POS)}, got {pos!r}")
+    with torch.no_grad():
+        if pos == "transformers":
+            return model(pixel_values=pixel_values).last_hidden_state
+        with _official_positions(model):
+            return model(pixel_values=pixel_values).last_hidden_state
+
+
+def resized_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
+    """(W, H) after transformers' image-processor resize to a shorter side of ``shorter``:
+    the longer side is ``int(shorter * long / short)`` (truncated, not rounded)."""
+    W, H = int(size[0]), int(size[1])
+    if W <= H:
+        return shorter, int(shorter * H / W)
+    return int(shorter * W / H), shorter
 
 
 def imagenet_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -40,6 +126,7 @@ class DinoConfig:
     resize: int = 256  # crop: shorter side before the crop
     crop: int = 224  # crop: centre crop side
     resolution: int = 840  # squash: side of the squashed picture (a multiple of the patch size)
+    pos: str = "official"  # position embeddings: official (DINOv2 authors, transformers 4.35) | transformers
 
 
 class DinoFeaturizer(Featurizer):
@@ -59,16 +146,18 @@ class DinoFeaturizer(Featurizer):
         self.n_skip = 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
         if config.mode not in ("crop", "squash"):
             raise Sd4MatchError(f"DINOv2 mode must be crop or squash, got {config.mode!r}")
+        if config.pos not in DINO_POS:
+            raise Sd4MatchError(f"DINOv2 position embeddings must be one of {', '.join(DINO_POS)}, got {config.pos!r}")
         if config.mode == "squash" and config.resolution % self.patch:
             raise Sd4MatchError(f"DINOv2 resolution must be a multiple of {self.patch}, got {config.resolution}")
 
     @classmethod
     def from_pretrained(cls, model: str | Path = "dinov2-b", *, local_files_only: bool | None = None, resolution: int | None = None,
-                        **ignored) -> "DinoFeaturizer":
+                        pos: str = "official", **ignored) -> "DinoFeaturizer":
         """Load DINOv2; ``resolution`` given: the matching backbone (``squash`` mode at that
-        side), else the CPM's 224 centre crop."""
+        side), else the CPM's 224 centre crop. ``pos``: position embeddings (``DINO_POS``)."""
         net, model_id = cls.load_model(model, local_files_only=local_files_only)
-        cfg = DinoConfig(mode="squash", resolution=resolution) if resolution else DinoConfig()
+        cfg = DinoConfig(mode="squash", resolution=resolution, pos=pos) if resolution else DinoConfig(pos=pos)
         return cls(net, cfg, model_id=model_id)
 
     @staticmethod
@@ -105,8 +194,9 @@ class DinoFeaturizer(Featurizer):
 
     def settings(self) -> dict:
         if self.config.mode == "squash":
-            return {"featurizer": "dinov2", "model": self.model_id, "mode": "squash", "resolution": self.config.resolution}
-        return {"featurizer": "dinov2", "model": self.model_id, "resize": self.config.resize, "crop": self.config.crop}
+            return {"featurizer": "dinov2", "model": self.model_id, "mode": "squash", "resolution": self.config.resolution, "pos": self.config.pos}
+        return {"featurizer": "dinov2", "model": self.model_id, "resize": self.config.resize, "resize_rounding": "int", "crop": self.config.crop,
+                "pos": self.config.pos}
 
     def preprocess(self, images: ImagesLike) -> torch.Tensor:
         """(B, 3, S, S) ImageNet-normalised pictures: 224 centre crops, or squashed to ``resolution``."""
@@ -118,13 +208,16 @@ class DinoFeaturizer(Featurizer):
         out = []
         for im in images:
             im = im.convert("RGB")
-            s = self.config.resize / min(im.size)
-            w, h = max(self.config.crop, round(im.width * s)), max(self.config.crop, round(im.height * s))
+            w, h = self._resized(im.size)
             im = im.resize((w, h), Image.Resampling.BICUBIC)
             left, top = (w - self.config.crop) // 2, (h - self.config.crop) // 2
             im = im.crop((left, top, left + self.config.crop, top + self.config.crop))
             out.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
         return imagenet_normalize(torch.stack(out)).to(self.model.device, self.model.dtype)
+
+    def _resized(self, size) -> tuple[int, int]:
+        w, h = resized_size(size, self.config.resize)
+        return max(self.config.crop, w), max(self.config.crop, h)
 
     def tokens(self, images: ImagesLike) -> torch.Tensor:
         """Patch tokens (B, N, C), CLS and register tokens dropped."""
@@ -137,8 +230,7 @@ class DinoFeaturizer(Featurizer):
 
     def tokens_of(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Patch tokens (B, N, C) fp32 of already preprocessed pixels."""
-        with torch.no_grad():
-            out = self.model(pixel_values=pixel_values.to(self.model.dtype)).last_hidden_state
+        out = dino_hidden_states(self.model, pixel_values.to(self.model.dtype), self.config.pos)
         return out[:, self.n_skip :].float()
 
     def cell_map(self, image_size) -> CellMap:
@@ -147,8 +239,7 @@ class DinoFeaturizer(Featurizer):
         if self.config.mode == "squash":
             return CellMap.centres(image_size, self.grid_size)
         W, H = image_size
-        s = self.config.resize / min(W, H)
-        w, h = max(self.config.crop, round(W * s)), max(self.config.crop, round(H * s))
+        w, h = self._resized((W, H))
         left, top = (w - self.config.crop) // 2, (h - self.config.crop) // 2
         per = self.grid_size[0] / self.config.crop
         return CellMap(image_size, self.grid_size, scale=(w / W * per, h / H * per), offset=(left * per + 0.5, top * per + 0.5))

@@ -6,7 +6,9 @@ L2-normalised over channels, concatenated as [0.5 x SD, 0.5 x DINOv2] (C_sd + C_
 channels on the SD grid). The official code hands DINOv2 the picture as SD sees it: squashed
 to R x R and scaled to [-1, 1], resized bilinearly without antialiasing (torchvision 0.14's
 tensor resize); that is ``dino_input="official"``. ``"imagenet"`` normalises with the
-ImageNet mean and std instead, as DINOv2 was trained.
+ImageNet mean and std instead, as DINOv2 was trained. ``dino_pos`` chooses the DINOv2
+position-embedding interpolation (``sd4match.features.dino``; default ``official``, the
+authors' environment).
 
 Any prompt works: it conditions the SD half only. The DINOv2 half is frozen (no gradient).
 """
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 
 from sd4match.errors import Sd4MatchError
 from sd4match.features.base import CellMap, Featurizer
-from sd4match.features.dino import imagenet_normalize
+from sd4match.features.dino import DINO_POS, dino_hidden_states, imagenet_normalize
 from sd4match.matching import l2_normalize
 
 DINO_INPUTS = ("official", "imagenet")
@@ -38,10 +40,13 @@ class FusedFeaturizer(Featurizer):
     has_posterior = True
     needs_pixels = True  # the batcher hands the R x R pixels along with stored posteriors
 
-    def __init__(self, sd, dino_model, *, dino_input: str = "official", dino_id: str = "dinov2"):
+    def __init__(self, sd, dino_model, *, dino_input: str = "official", dino_id: str = "dinov2", dino_pos: str = "official"):
         super().__init__()
         if dino_input not in DINO_INPUTS:
             raise Sd4MatchError(f"dino_input must be one of {', '.join(DINO_INPUTS)}, got {dino_input!r}")
+        if dino_pos not in DINO_POS:
+            raise Sd4MatchError(f"dino_pos must be one of {', '.join(DINO_POS)}, got {dino_pos!r}")
+        self.dino_pos = dino_pos
         self.sd = sd
         self.dino = dino_model.eval().requires_grad_(False)
         self.dino_input = dino_input
@@ -93,6 +98,7 @@ class FusedFeaturizer(Featurizer):
 
     def settings(self) -> dict:
         return {"featurizer": "sd+dinov2", "model": self.model_id, "sd": self.sd.settings(), "dino": self.dino_id, "dino_input": self.dino_input,
+                "dino_pos": self.dino_pos,
                 "dino_dtype": str(next(self.dino.parameters()).dtype).replace("torch.", "")}
 
     def dino_maps(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,8 +106,7 @@ class FusedFeaturizer(Featurizer):
         w, h = self.grid_size
         inp = 2 * x - 1 if self.dino_input == "official" else imagenet_normalize(x)
         inp = F.interpolate(inp, size=(self.patch * h, self.patch * w), mode="bilinear", align_corners=False, antialias=False)
-        with torch.no_grad():
-            tok = self.dino(pixel_values=inp.to(next(self.dino.parameters()).dtype)).last_hidden_state[:, self.n_skip :].float()
+        tok = dino_hidden_states(self.dino, inp.to(next(self.dino.parameters()).dtype), self.dino_pos)[:, self.n_skip :].float()
         return tok.transpose(1, 2).reshape(x.shape[0], -1, h, w)
 
     def forward(self, images=None, *, prompt_embeds=None, text=None, generator=None, posteriors=None, pixels: torch.Tensor | None = None) -> torch.Tensor:
