@@ -60,3 +60,27 @@ def test_two_processes_write_the_same_predictions(tmp_path, willow_root):
     assert (tmp_path / "two/predictions.jsonl").read_bytes() == (tmp_path / "one/predictions.jsonl").read_bytes()
     assert len((tmp_path / "one/predictions.jsonl").read_text().splitlines()) == 90
     assert json.loads((tmp_path / "two/score.json").read_text())["run"]["processes"] == 2
+
+
+def test_match_all_equals_four_single_rule_runs(tmp_path, willow_root, capsys):
+    """--match all: one feature extraction, four predictions files and score tables, each equal
+    to a run with that one rule."""
+    model = tiny_sd(tmp_path / "tiny")
+    base = ["evaluate", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--model", str(model), "--resolution", "64", "--ensemble", "1",
+            "--prompt", "text", "--limit", "12", "--no-progress", "--device", "cpu"]
+    assert main(base + ["--match", "all", "--out", str(tmp_path / "all")]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads((tmp_path / "all" / "score.json").read_text())
+    assert list(doc["by_rule"]) == ["kernel-softargmax", "softargmax", "nn", "bilinear"] and doc["rule"] == "kernel-softargmax"
+    assert not (tmp_path / "all" / "predictions.jsonl").exists()
+    for rule in doc["by_rule"]:
+        assert f"match {rule}" in printed
+        one = tmp_path / rule
+        assert main(base + ["--match", rule, "--out", str(one)]) == 0
+        assert (tmp_path / "all" / f"predictions.{rule}.jsonl").read_text() == (one / "predictions.jsonl").read_text()
+        single = json.loads((one / "score.json").read_text())
+        del single["run"]
+        assert doc["by_rule"][rule] == {k: v for k, v in single.items() if k not in ("dataset", "split")}
+    assert {k: v for k, v in doc.items() if k not in ("rule", "by_rule", "run")} == {**doc["by_rule"]["kernel-softargmax"], "dataset": "pfwillow",
+                                                                                      "split": "test"}
+    assert len({json.dumps(doc["by_rule"][r]["per_point"]) for r in doc["by_rule"]}) > 1  # the rules really differ

@@ -130,6 +130,9 @@ def test_dinov2_alone_end_to_end_and_its_cell_mapping(models, willow_root, tmp_p
 def test_presets_are_the_published_settings():
     from sd4match.cli import EVAL_PRESETS
 
-    assert EVAL_PRESETS["dift"] == {"model": "sd-2-1", "timestep": 261, "up_block": 1, "ensemble": 8, "prompt": "text", "rule": "nn"}
+    assert EVAL_PRESETS["dift"] == {"model": "sd-2-1", "timestep": 261, "up_block": 1, "ensemble": 8, "prompt": "text", "rule": "nn", "similarity": "cosine"}
+    # the SD4Match authors' config/dift.py and fuseDino.py: ENABLE_L2_NORM = False, all four rules reported
+    assert EVAL_PRESETS["dift-sd4match"]["similarity"] == EVAL_PRESETS["fusedino-sd4match"]["similarity"] == "dot"
+    assert EVAL_PRESETS["fusedino-sd4match"]["model"] == "sd-2-1+dinov2-b" and EVAL_PRESETS["dift-sd4match"]["rule"] == "all"
     assert EVAL_PRESETS["dinov2"]["model"] == "dinov2-b" and EVAL_PRESETS["dinov2"]["resolution"] == 840
     assert EVAL_PRESETS["sd-dino-fuse"]["model"] == "sd-2-1+dinov2-b"

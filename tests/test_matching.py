@@ -263,3 +263,31 @@ def test_loss_gradient_flows_and_no_valid_point_gives_zero():
     assert corr.grad.abs().sum() > 0
     zero = gaussian_window_ce(corr, torch.zeros(1, 2, 2) + 2, torch.zeros(1, 2, dtype=torch.bool))
     assert zero.item() == 0.0 and zero.requires_grad
+
+
+def test_dot_similarity_matches_raw_dot_products():
+    """ENABLE_L2_NORM = False (the official dift / fuseDino configs): s is the raw dot product.
+    Query (1, 0); target cell (0, 0) holds (1, 0) (cosine 1, dot 1), cell (2, 1) holds (3, 3)
+    (cosine 0.707, dot 3): cosine picks (0, 0), dot picks (2, 1)."""
+    from sd4match.matching import match, point_correlation
+
+    src = torch.zeros(1, 2, 2, 3)
+    src[0, :, 0, 0] = torch.tensor([1.0, 0.0])
+    trg = torch.full((1, 2, 2, 3), 0.01)
+    trg[0, :, 0, 0] = torch.tensor([1.0, 0.0])
+    trg[0, :, 1, 2] = torch.tensor([3.0, 3.0])
+    q = torch.tensor([[[0.0, 0.0]]])
+    corr = point_correlation(src, trg, q, "dot")
+    assert corr[0, 0, 1, 2].item() == pytest.approx(3.0) and corr[0, 0, 0, 0].item() == pytest.approx(1.0)
+    assert match(src, trg, q, "nn")["cells"][0, 0].tolist() == [0.0, 0.0]
+    assert match(src, trg, q, "nn", similarity="dot")["cells"][0, 0].tolist() == [2.0, 1.0]
+    assert match(src, trg, q, "nn", similarity="dot")["scores"][0, 0].item() == pytest.approx(3.0)
+    # softargmax on dot products: p = softmax(s / T) over the raw products, by hand
+    s = (trg[0].reshape(2, -1).T @ torch.tensor([1.0, 0.0]))  # (6,) dot of the query with each cell
+    p = torch.softmax(s / 0.5, 0)
+    xs, ys = torch.arange(6) % 3, torch.arange(6) // 3
+    want = [(p * xs).sum().item(), (p * ys).sum().item()]
+    got = match(src, trg, q, "softargmax", similarity="dot", temperature=0.5)["cells"][0, 0].tolist()
+    assert got == pytest.approx(want, abs=1e-6)
+    with pytest.raises(ValueError, match="similarity"):
+        point_correlation(src, trg, q, "l1")

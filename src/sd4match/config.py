@@ -98,6 +98,8 @@ DatasetName = Literal["spair", "pfpascal", "pfwillow", "synthetic"]
 #: The four match rules, the paper's first (``sd4match.matching``).
 MatchRule = Literal["kernel-softargmax", "softargmax", "nn", "bilinear"]
 MATCH_RULES: tuple[str, ...] = typing.get_args(MatchRule)
+#: ``evaluate --match``: one rule, or ``all`` four from one feature extraction (as the official evaluator reports them)
+EvalRule = Literal["kernel-softargmax", "softargmax", "nn", "bilinear", "all"]
 #: PCK protocols (DESIGN.md): the official code's 768 x 768 frame, or original pixels.
 Protocol = Literal["sd4match", "standard"]
 PROTOCOL_HELP = "sd4match = the official SD4Match code's frame (768 x 768); standard = the field's common frame (original pixels)"
@@ -108,6 +110,9 @@ DinoInput = Literal["official", "imagenet"]
 DinoPos = Literal["official", "transformers"]
 DINO_POS_HELP = ("DINOv2 position embeddings: official (the DINOv2 authors' and transformers 4.35 interpolation, the released CPM prompts' environment) or transformers (the installed version's)")
 DEFAULT_ALPHAS: tuple[float, ...] = (0.05, 0.1, 0.15)
+#: What matching and the loss compare (``sd4match.matching.SIMILARITIES``).
+Similarity = Literal["cosine", "dot"]
+SIMILARITY_HELP = "cosine (descriptors L2-normalised, the official default) or dot (raw dot products: the official dift/fuseDino configs)"
 
 
 def parse_alphas(text: str) -> tuple[float, ...]:
@@ -129,13 +134,14 @@ class MatchConfig:
     rule: MatchRule = setting("kernel-softargmax", "match rule", flag="match")
     temperature: float = setting(0.04, "softmax temperature of the soft-argmax rules")
     sigma: float = setting(7.0, "kernel-softargmax: sigma of the Gaussian window, in cells")
+    similarity: Similarity = setting("cosine", SIMILARITY_HELP)
 
     def __post_init__(self):
         check_choices(self)
 
-    def kwargs(self) -> dict[str, float]:
+    def kwargs(self) -> dict[str, Any]:
         """The rule's keyword arguments for ``match`` / ``match_pixels``."""
-        return {"temperature": self.temperature, "sigma": self.sigma}
+        return {"temperature": self.temperature, "sigma": self.sigma, "similarity": self.similarity}
 
 
 # ------------------------------------------------------------------------------ models
@@ -171,17 +177,20 @@ class EvalConfig:
     root: str = setting(help="the dataset's own top folder (see the README's Datasets section)")
     split: str = setting("test", "trn, val or test", required=True)
     prompt: str = setting("empty", "a prompt folder, 'empty', 'text' ('a photo of a {category}') or 'text:<template with {category}>'")
-    rule: MatchRule = setting("kernel-softargmax", "match rule", flag="match")
+    rule: EvalRule = setting("kernel-softargmax", "match rule; all: the four rules from one feature extraction, a score table and "
+                                                  "predictions file per rule", flag="match")
     protocol: Protocol = setting("sd4match", PROTOCOL_HELP + "; `score` defaults to standard")
     alphas: tuple[float, ...] = setting(DEFAULT_ALPHAS, "comma-separated PCK thresholds", parse=parse_alphas, default_text="0.05,0.1,0.15")
     seed: int = setting(0, "base seed of every picture's latent sample and noise")
     temperature: float = setting(0.04, "softmax temperature of the soft-argmax rules")
     sigma: float = setting(7.0, "kernel-softargmax: sigma of the Gaussian window, in cells")
+    similarity: Similarity = setting("cosine", SIMILARITY_HELP)
     limit: int = setting(0, "only the first N pairs (a quick look; the score then covers those N only)")
     workers: int = setting(4, "loader threads decoding ahead")
     chunk: int = setting(32, "loader threads decode up to 2 x chunk pairs ahead", cli=False)
     skip_bad: bool = setting(False, "go past pairs with unreadable images: scored as missing and listed in score.json")
-    preset: str | None = setting(None, "a zero-shot baseline's settings (dift, dinov2, sd-dino-fuse); flags given explicitly override them",
+    preset: str | None = setting(None, "a zero-shot baseline's settings (dift, dinov2, sd-dino-fuse; the SD4Match authors' dift-sd4match, "
+                                       "fusedino-sd4match); flags given explicitly override them",
                                  choices=lambda: sorted(EVAL_PRESETS))
 
     def __post_init__(self):
@@ -190,15 +199,31 @@ class EvalConfig:
 
     @property
     def match(self) -> MatchConfig:
-        return MatchConfig(self.rule, self.temperature, self.sigma)
+        """The one rule's settings (``matches`` for ``--match all``)."""
+        if self.rule == "all":
+            raise Sd4MatchError("--match all evaluates four rules: use EvalConfig.matches")
+        return MatchConfig(self.rule, self.temperature, self.sigma, self.similarity)
+
+    @property
+    def matches(self) -> tuple[MatchConfig, ...]:
+        """The rules evaluated: one, or the four of ``--match all`` (the paper's first)."""
+        rules = MATCH_RULES if self.rule == "all" else (self.rule,)
+        return tuple(MatchConfig(r, self.temperature, self.sigma, self.similarity) for r in rules)
 
 
 #: Zero-shot rows of published tables, each one `evaluate` (README: "Zero-shot baselines"):
-#: values of ``ModelConfig`` and ``EvalConfig`` fields.
+#: values of ``ModelConfig`` and ``EvalConfig`` fields, each named for its source.
+#: ``dift``, ``dinov2``, ``sd-dino-fuse``: the methods' own evaluations (cosine, nearest
+#: neighbour); ``dift-sd4match``, ``fusedino-sd4match``: the SD4Match authors' ``config/dift.py``
+#: and ``config/fuseDino.py`` (``ENABLE_L2_NORM = False``: raw dot products; their evaluator
+#: reports the four rules at once).
 EVAL_PRESETS: dict[str, dict[str, Any]] = {
-    "dift": {"model": "sd-2-1", "timestep": 261, "up_block": 1, "ensemble": 8, "prompt": "text", "rule": "nn"},
-    "dinov2": {"model": "dinov2-b", "resolution": 840, "prompt": "empty", "rule": "nn"},
-    "sd-dino-fuse": {"model": "sd-2-1+dinov2-b", "timestep": 261, "up_block": 1, "ensemble": 8, "prompt": "text", "rule": "nn"},
+    "dift": {"model": "sd-2-1", "timestep": 261, "up_block": 1, "ensemble": 8, "prompt": "text", "rule": "nn", "similarity": "cosine"},
+    "dinov2": {"model": "dinov2-b", "resolution": 840, "prompt": "empty", "rule": "nn", "similarity": "cosine"},
+    "sd-dino-fuse": {"model": "sd-2-1+dinov2-b", "timestep": 261, "up_block": 1, "ensemble": 8, "prompt": "text", "rule": "nn", "similarity": "cosine"},
+    "dift-sd4match": {"model": "sd-2-1", "timestep": 261, "up_block": 1, "ensemble": 8, "prompt": "text", "rule": "all", "similarity": "dot"},
+    "fusedino-sd4match": {"model": "sd-2-1+dinov2-b", "timestep": 261, "up_block": 1, "ensemble": 8, "prompt": "text", "rule": "all",
+                          "similarity": "dot", "dino_input": "official", "dino_pos": "official"},
 }
 
 
@@ -218,6 +243,7 @@ class TrainConfig:
     ensemble: int = setting(1, "noisy copies in training")
     resolution: int = setting(768, "working size")
     temperature: float = setting(0.04, "softmax temperature of the loss")
+    similarity: Similarity = setting("cosine", "what the loss compares: " + SIMILARITY_HELP)
     window: int = setting(7, "side of the loss target's Gaussian window, in cells")
     sigma: float = setting(1.5, "sigma of the loss target's Gaussian window, in cells")
     lr: float = setting(1e-2, "learning rate of tokens, embeddings and gate")

@@ -9,6 +9,10 @@ tokens coming from the store. Every picture's random draws are seeded by its con
 every call has a fixed size, so the predictions equal a one-pair-at-a-time run, a sharded
 run and a resumed run, bit for bit.
 
+``--match all`` matches each pair with the four rules from the same feature maps and keeps
+each rule's predictions (``predictions.<rule>.jsonl``) and score (``score.json``'s
+``by_rule``; its top level is the paper's rule, kernel-softargmax).
+
 Nothing done is lost: predictions are appended and flushed pair by pair to
 ``predictions.partial.jsonl`` (one file per process) next to ``run.json`` (the settings);
 ``--resume`` continues at the first missing pair when the settings match. Only a finished
@@ -51,25 +55,30 @@ RUN = "run.json"
 _VOLATILE = ("workers", "chunk", "skip_bad", "preset")
 
 
-def predict_pairs(featurizer, prompt: Prompt | None, records: Sequence[PairRecord], root, *, match: MatchConfig = MatchConfig(), seed: int = 0,
-                  workers: int = 4, chunk: int = 32, dino=None, store: Store | None = None, batcher: Batcher | None = None,
-                  progress: bool = True) -> Iterator[tuple[str, np.ndarray | BaseException]]:
-    """Yield (pair id, predicted target points in original pixels) for ``records``, in order.
+def predict_pairs(featurizer, prompt: Prompt | None, records: Sequence[PairRecord], root, *, match: MatchConfig | Sequence[MatchConfig] = MatchConfig(),
+                  seed: int = 0, workers: int = 4, chunk: int = 32, dino=None, store: Store | None = None, batcher: Batcher | None = None,
+                  progress: bool = True) -> Iterator[tuple[str, np.ndarray | dict[str, np.ndarray] | BaseException]]:
+    """Yield (pair id, predicted target points in original pixels) for ``records``, in order;
+    with several match configs, (pair id, {rule: points}) from the same feature maps.
 
     Pairs stream through ``Batcher.stream``: loader threads decode up to ``2 x chunk`` pairs
     ahead; each model call is full but the last. A pair whose pictures cannot be read yields
     its ``DataError`` instead of points.
 
     Args:
-        match: the match rule and its settings.
+        match: the match rule and its settings, or a sequence of them.
         seed: base seed of every picture's random draws (ignored when ``batcher`` is given).
         dino, store: for a new ``Batcher`` (or give ``batcher``, e.g. to share its store).
     """
     batcher = batcher or Batcher(featurizer, dino=dino, store=store, seed=seed)
 
-    def predict(r: PairRecord, fs, ft) -> np.ndarray:
-        out = match_pixels(featurizer, fs, ft, r.src_kps, r.src_size, r.trg_size, match.rule, **match.kwargs())
-        return out["kps"].double().cpu().numpy()
+    several = not isinstance(match, MatchConfig)
+    matches = tuple(match) if several else (match,)
+
+    def predict(r: PairRecord, fs, ft):
+        got = {m.rule: match_pixels(featurizer, fs, ft, r.src_kps, r.src_size, r.trg_size, m.rule, **m.kwargs())["kps"].double().cpu().numpy()
+               for m in matches}
+        return got if several else got[matches[0].rule]
 
     bar = tqdm(total=len(records), unit="pair", desc="evaluate", disable=not progress, smoothing=0.05)
     loaded = prefetch(records, lambda r: batcher.load_pair(root, r), workers=workers, ahead=2 * chunk)
@@ -172,10 +181,11 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
     # its content and every call has a fixed size, so the merged predictions equal one process
     mine_recs = [r for r in records[rank::world] if r.id not in done]
     partial = out / (PARTIAL if world == 1 else PARTIAL.replace(".jsonl", f".rank{rank}.jsonl"))
-    mine: dict[str, np.ndarray] = {}
+    rules = [m.rule for m in cfg.matches]
+    mine: dict[str, dict[str, np.ndarray]] = {}
     bad: dict[str, str] = {}
     with open(partial, "a", encoding="utf-8") as fh:
-        for pid, kps in predict_pairs(featurizer, prompt, mine_recs, cfg.root, match=cfg.match, seed=cfg.seed, workers=cfg.workers, chunk=cfg.chunk,
+        for pid, kps in predict_pairs(featurizer, prompt, mine_recs, cfg.root, match=cfg.matches, seed=cfg.seed, workers=cfg.workers, chunk=cfg.chunk,
                                       dino=dino, store=store, progress=progress and rank == 0):
             if isinstance(kps, BaseException):
                 if not (cfg.skip_bad and isinstance(kps, DataError)):
@@ -185,7 +195,8 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
                 bad[pid] = first_line(kps)
                 continue
             mine[pid] = kps
-            fh.write(json.dumps({"id": pid, "kps": np.round(kps, 6).tolist()}) + "\n")
+            line = {rule: np.round(v, 6).tolist() for rule, v in kps.items()}
+            fh.write(json.dumps({"id": pid, "kps": line if len(rules) > 1 else line[rules[0]]}) + "\n")
             fh.flush()
             hang_for_tests(out, f"pair:{len(done) + len(mine)}")
     if world > 1:
@@ -195,11 +206,17 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
             return Evaluation(out, settings, None)
     seconds = time.perf_counter() - t0
     # every prediction goes through the same JSON round trip, resumed or not
-    preds = {pid: np.asarray(v, dtype=np.float64) for pid, v in done.items()}
-    preds.update({pid: np.asarray(np.round(v, 6).tolist(), dtype=np.float64) for pid, v in mine.items()})
-    preds = {r.id: preds[r.id] for r in records if r.id in preds}
-    write_predictions(out / "predictions.jsonl", preds.items())
-    result = score(records, preds, protocol=cfg.protocol, alphas=cfg.alphas, allow_missing=bool(bad))
+    by_rule: dict[str, dict] = {}
+    for rule in rules:
+        preds = {pid: np.asarray(v if len(rules) == 1 else v[rule], dtype=np.float64) for pid, v in done.items()}
+        preds.update({pid: np.asarray(np.round(v[rule], 6).tolist(), dtype=np.float64) for pid, v in mine.items()})
+        preds = {r.id: preds[r.id] for r in records if r.id in preds}
+        write_predictions(out / predictions_file(rule, len(rules) > 1), preds.items())
+        by_rule[rule] = score(records, preds, protocol=cfg.protocol, alphas=cfg.alphas, allow_missing=bool(bad))
+    result = dict(by_rule[rules[0]])
+    if len(rules) > 1:
+        result["rule"] = rules[0]
+        result["by_rule"] = by_rule
     result["dataset"], result["split"] = cfg.dataset, cfg.split
     if bad:
         order = {r.id: i for i, r in enumerate(records)}
@@ -215,10 +232,18 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
     return Evaluation(out, settings, json.loads(json.dumps(doc, default=str)))
 
 
+def predictions_file(rule: str, several: bool) -> str:
+    """The predictions file of ``rule`` in an evaluation folder."""
+    return f"predictions.{rule}.jsonl" if several else "predictions.jsonl"
+
+
 def print_score(out: str | Path) -> str:
-    """The score table of an evaluation folder, as ``sd4match evaluate`` prints it."""
+    """The score table of an evaluation folder, as ``sd4match evaluate`` prints it (one table
+    per rule after ``--match all``)."""
     res = json.loads((Path(out) / "score.json").read_text())
-    text = format_table(res, f"{res['dataset']}/{res['split']}")
+    where = f"{res['dataset']}/{res['split']}"
+    tables = res.get("by_rule") or {None: res}
+    text = "\n\n".join(format_table(r, f"{where}" + (f", match {rule}" if rule else "")) for rule, r in tables.items())
     if res.get("skipped"):
         text += f"\n{len(res['skipped'])} pairs skipped (unreadable images, scored as missing): see score.json"
     return text

@@ -7,7 +7,9 @@ centres (``grid_sample`` with ``align_corners=True``, zeros outside). This is th
 official SD4Match code's convention (``utils/matching.py``, ``utils/geometry.py``).
 
 The four rules, exactly as the official code computes them (s = cosine of a query
-descriptor with every target cell, features normalised as f / (|f| + 1e-6)):
+descriptor with every target cell, features normalised as f / (|f| + 1e-6); with
+``similarity="dot"`` s is the raw dot product, the official ``ENABLE_L2_NORM = False`` of
+its ``dift`` and ``fuseDino`` configs):
 
 - ``nn``: the integer cell of the largest s.
 - ``bilinear``: the query clamped into [1e-5, w - 1 - 1e-5]; the ``nn`` matches of its
@@ -27,6 +29,8 @@ import torch.nn.functional as F
 from sd4match.config import MATCH_RULES, MatchConfig, MatchRule  # noqa: F401 (the rules' names and settings, re-exported)
 
 NORM_EPS = 1e-6  # the official L2 normalisation: f / (|f| + 1e-6)
+#: what s is: the cosine (``ENABLE_L2_NORM = True``, the official default) or the raw dot product
+SIMILARITIES = ("cosine", "dot")
 BILINEAR_EPS = 1e-5  # the official clamp of bilinear queries into the grid
 
 
@@ -65,15 +69,20 @@ def sample_descriptors(feats: torch.Tensor, cells: torch.Tensor) -> torch.Tensor
     return out[..., 0].transpose(1, 2)
 
 
-def point_correlation(src_feats: torch.Tensor, trg_feats: torch.Tensor, src_cells: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of each source point's descriptor with every target cell.
+def point_correlation(src_feats: torch.Tensor, trg_feats: torch.Tensor, src_cells: torch.Tensor, similarity: str = "cosine") -> torch.Tensor:
+    """Similarity of each source point's descriptor with every target cell: the cosine
+    (descriptors normalised as f / (|f| + 1e-6)), or the raw dot product (``"dot"``).
 
     Shape:
         src_feats: (B, C, hs, ws); trg_feats: (B, C, ht, wt); src_cells: (B, N, 2)
-        -> (B, N, ht, wt) in [-1, 1].
+        -> (B, N, ht, wt) (in [-1, 1] for the cosine).
     """
-    desc = l2_normalize(sample_descriptors(src_feats.float(), src_cells.float()), dim=-1)
-    trg = l2_normalize(trg_feats.float(), dim=1)
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"unknown similarity {similarity!r}; expected one of {', '.join(SIMILARITIES)}")
+    desc = sample_descriptors(src_feats.float(), src_cells.float())
+    trg = trg_feats.float()
+    if similarity == "cosine":
+        desc, trg = l2_normalize(desc, dim=-1), l2_normalize(trg, dim=1)
     return torch.einsum("bnc,bchw->bnhw", desc, trg)
 
 
@@ -162,17 +171,19 @@ def bilinear_corners(query: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor,
     return corners, area / area.sum(dim=-1, keepdim=True)
 
 
-def match(src_feats: torch.Tensor, trg_feats: torch.Tensor, src_cells: torch.Tensor, rule: str = "kernel-softargmax", **rule_kwargs) -> dict[str, torch.Tensor]:
+def match(src_feats: torch.Tensor, trg_feats: torch.Tensor, src_cells: torch.Tensor, rule: str = "kernel-softargmax", *, similarity: str = "cosine",
+          **rule_kwargs) -> dict[str, torch.Tensor]:
     """Match source points (in cells) into the target grid.
 
     Args:
         src_feats, trg_feats: (B, C, hs, ws) and (B, C, ht, wt) feature maps.
         src_cells: (B, N, 2) source points in cell coordinates (``CellMap.pixel_to_cell``).
         rule: ``nn``, ``bilinear``, ``softargmax`` or ``kernel-softargmax``.
+        similarity: ``cosine`` (default) or ``dot`` (``SIMILARITIES``).
         rule_kwargs: ``temperature`` (default 0.04), ``sigma`` (default 7 cells).
 
     Returns:
-        ``{"cells": (B, N, 2) target cells, "scores": (B, N) best cosine of the query}``.
+        ``{"cells": (B, N, 2) target cells, "scores": (B, N) best similarity of the query}``.
     """
     _check("src_feats", src_feats, 4)
     _check("trg_feats", trg_feats, 4)
@@ -180,14 +191,14 @@ def match(src_feats: torch.Tensor, trg_feats: torch.Tensor, src_cells: torch.Ten
     if src_feats.shape[:2] != trg_feats.shape[:2]:
         raise ValueError(f"feature maps differ in batch or channels: {tuple(src_feats.shape)} vs {tuple(trg_feats.shape)}")
     if rule != "bilinear":
-        cells, scores = match_cells(point_correlation(src_feats, trg_feats, src_cells), rule, **rule_kwargs)
+        cells, scores = match_cells(point_correlation(src_feats, trg_feats, src_cells, similarity), rule, **rule_kwargs)
         return {"cells": cells, "scores": scores}
     b, n, _ = src_cells.shape
     hs, ws = src_feats.shape[-2:]
     corners, weights = bilinear_corners(src_cells, hs, ws)
     # one correlation for the queries themselves (their score) and their 4 corners
     pts = torch.cat([src_cells.float(), corners.reshape(b, n * 4, 2)], dim=1)
-    best, score = argmax_cells(point_correlation(src_feats, trg_feats, pts))
+    best, score = argmax_cells(point_correlation(src_feats, trg_feats, pts, similarity))
     cells = (best[:, n:].reshape(b, n, 4, 2) * weights[..., None]).sum(dim=-2)
     return {"cells": cells, "scores": score[:, :n]}
 
@@ -213,7 +224,8 @@ def cell_centres(h: int, w: int, device=None) -> torch.Tensor:
     return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1).float()
 
 
-def dense_match(src_feats: torch.Tensor, trg_feats: torch.Tensor, rule: str = "nn", *, mutual: bool = False, **rule_kwargs) -> dict[str, torch.Tensor]:
+def dense_match(src_feats: torch.Tensor, trg_feats: torch.Tensor, rule: str = "nn", *, mutual: bool = False, similarity: str = "cosine",
+                **rule_kwargs) -> dict[str, torch.Tensor]:
     """For every source cell: its target location, a confidence, and whether it is a mutual
     nearest neighbour.
 
@@ -225,9 +237,9 @@ def dense_match(src_feats: torch.Tensor, trg_feats: torch.Tensor, rule: str = "n
     _check_rule(rule)
     b, _, hs, ws = src_feats.shape
     centres = cell_centres(hs, ws, src_feats.device).expand(b, -1, -1)
-    corr = point_correlation(src_feats, trg_feats, centres)  # (B, hs*ws, ht, wt)
+    corr = point_correlation(src_feats, trg_feats, centres, similarity)  # (B, hs*ws, ht, wt)
     if rule == "bilinear":  # at integer queries the corner blend is the query's own nn match
-        cells = match(src_feats, trg_feats, centres, rule)["cells"]
+        cells = match(src_feats, trg_feats, centres, rule, similarity=similarity)["cells"]
         scores = corr.flatten(2).amax(-1)
     else:
         cells, scores = match_cells(corr, rule, **rule_kwargs)

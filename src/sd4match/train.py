@@ -220,7 +220,7 @@ class Trainer:
             sc[i, :k] = torch.as_tensor(self.feat.pixel_to_cell(clamp_to_frame(r.src_kps[:k], r.src_size, res), r.src_size), dtype=torch.float32)
             tc[i, :k] = torch.as_tensor(self.feat.pixel_to_cell(clamp_to_frame(r.trg_kps[:k], r.trg_size, res), r.trg_size), dtype=torch.float32)
             valid[i, :k] = True
-        corr = point_correlation(fs, ft, sc)
+        corr = point_correlation(fs, ft, sc, cfg.similarity)
         return gaussian_window_ce(corr, tc, valid, temperature=cfg.temperature, size=cfg.window, sigma=cfg.sigma)
 
     def train_step(self) -> float:
@@ -293,7 +293,7 @@ class Trainer:
             mine = self.val_pairs[self.rank :: self.world]
             batcher = Batcher(self.feat, dino=self.dino, store=self.store, seed=cfg.seed)  # posteriors and tokens shared with training
             preds = {}
-            for pid, kps in predict_pairs(self.feat, self.prompt, mine, cfg.root, match=MatchConfig(cfg.val_rule), workers=cfg.workers,
+            for pid, kps in predict_pairs(self.feat, self.prompt, mine, cfg.root, match=MatchConfig(cfg.val_rule, similarity=cfg.similarity), workers=cfg.workers,
                                           batcher=batcher, progress=False):
                 if isinstance(kps, BaseException):
                     raise kps

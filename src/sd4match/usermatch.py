@@ -212,7 +212,7 @@ class Matcher:
         check_points([("point", point)], a)
         fa, fb = self.features(a, b)
         cells = self.featurizer.cell_map(a.size).pixel_to_cell(torch.tensor([point], dtype=torch.float32, device=fa.device))[None]
-        return point_correlation(fa, fb, cells)[0, 0].float().cpu().numpy()
+        return point_correlation(fa, fb, cells, self.match.similarity)[0, 0].float().cpu().numpy()
 
     def auto_points(self, a: UserImage, b: UserImage, *, min_score: float = 0.0, max_points: int = 20) -> list[tuple[str, tuple[float, float]]]:
         """Source points for ``match`` without ``--points``: cells of ``a`` on the salient object
@@ -223,7 +223,7 @@ class Matcher:
         greedily at least ``max(h, w) / 8`` cells apart (then ``/ 16``, if too few remain).
         """
         fa, fb = self.features(a, b)
-        d = dense_match(fa, fb, "nn")
+        d = dense_match(fa, fb, "nn", similarity=self.match.similarity)
         h, w = fa.shape[-2:]
         hb, wb = fb.shape[-2:]
         sal_a, sal_b = border_contrast(fa)[0].reshape(-1), border_contrast(fb)[0].reshape(-1)
