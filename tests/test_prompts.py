@@ -405,5 +405,86 @@ def test_import_errors_name_the_file(feat, models, tmp_path, capsys):
         import_official(tmp_path / "ckpt16.pt", "cpm", feat, tmp_path / "c", dino="dinov2-b", dino_dim=768)
     with pytest.raises(Sd4MatchError, match="this is a CPM checkpoint"):
         import_official(tmp_path / "ckpt16.pt", "category", feat, tmp_path / "c2")
-    with pytest.raises(Sd4MatchError, match="not a CPM checkpoint: it lacks global_embeds"):
+    with pytest.raises(Sd4MatchError, match="not a CPM checkpoint: it lacks positional_embedding"):
         import_official(good, "cpm", feat, tmp_path / "c3")
+
+
+def test_hidden_state_files_are_used_as_encoder_hidden_states(feat, models, tmp_path, capsys):
+    """--learn_hidden_state files: the 77 rows are CLIP *outputs*, handed to the UNet unchanged
+    (official sd_feature_extractor.py:87-89). Single and Class layouts; a HiddenState file
+    given as single/category is refused (by its rows and by its folder name), and a
+    TokenEmbeds file given as hidden."""
+    from PIL import Image
+
+    from sd4match.cli import main
+
+    model_args = ["--model", str(models["sd2"]), "--device", "cpu"]
+    g = torch.Generator().manual_seed(3)
+    single = {"dataset": torch.rand(1, 77, feat.prompt_dim, generator=g)}  # as the official code initialises them
+    classes = {"cat": torch.rand(1, 77, feat.prompt_dim, generator=g), "dog": torch.rand(1, 77, feat.prompt_dim, generator=g)}
+    hs = tmp_path / "Single_spair_sd2-1_HiddenState"
+    hs.mkdir()
+    torch.save(single, hs / "caption.pt")
+    torch.save(classes, tmp_path / "class_hidden.pt")
+    assert main(["prompts", "import", str(hs / "caption.pt"), "--kind", "hidden", "--out", str(tmp_path / "h1"), *model_args]) == 0
+    assert main(["prompts", "import", str(tmp_path / "class_hidden.pt"), "--kind", "hidden", "--out", str(tmp_path / "h2"), *model_args]) == 0
+    assert "hidden prompt" in capsys.readouterr().out
+    p1, p2 = load_prompt(tmp_path / "h1", feat), load_prompt(tmp_path / "h2", feat)
+    assert p1.kind == "hidden" and p2.kind == "hidden-category" and p2.config.categories == ["cat", "dog"]
+    assert torch.equal(p1({}), single["dataset"])
+    assert torch.equal(p2({"categories": ["dog", "cat"]}), torch.cat([classes["dog"], classes["cat"]]))
+    im = [Image.new("RGB", (80, 60), (200, 30, 10))]
+    with torch.no_grad():
+        got = feat(im, prompt_embeds=p1({}), generator=torch.Generator().manual_seed(0))
+        want = feat(im, prompt_embeds=single["dataset"], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, want)
+
+    def err(argv):
+        assert main(argv) == 2
+        return capsys.readouterr().err.strip()
+
+    torch.save(single, tmp_path / "caption.pt")  # same rows, folder name silent: told by its first row
+    msg = err(["prompts", "import", str(tmp_path / "caption.pt"), "--kind", "single", "--out", str(tmp_path / "x1"), *model_args])
+    assert "does not start with this text encoder's BOS embedding row" in msg and "--kind hidden" in msg and "\n" not in msg
+    assert "its folder says so" in err(["prompts", "import", str(hs / "caption.pt"), "--kind", "single", "--out", str(tmp_path / "x2"), *model_args])
+    assert "--kind hidden" in err(["prompts", "import", str(tmp_path / "class_hidden.pt"), "--kind", "category", "--out", str(tmp_path / "x3"), *model_args])
+    torch.save({"dataset": official_sequence(feat, 1)}, tmp_path / "tok.pt")
+    assert "use --kind single" in err(["prompts", "import", str(tmp_path / "tok.pt"), "--kind", "hidden", "--out", str(tmp_path / "x4"), *model_args])
+    assert not any((tmp_path / f"x{i}").exists() for i in range(1, 5))
+
+
+def test_cpm_files_with_no_global_rows_or_other_lengths(feat, models, tmp_path):
+    """G0 (no global_embeds key) and G10-C30 files: lengths read from the shapes; the prompt
+    equals the official module written out by hand. Head/Img-mode files are refused by name."""
+    from sd4match.prompts.official import import_official
+
+    for n_global, n_cond in ((0, 50), (10, 30)):
+        g = torch.Generator().manual_seed(n_global)
+        d = feat.prompt_dim
+        sd = official_cpm_state(feat)
+        sd["positional_embedding"], sd["alpha_cond"] = torch.rand(1, n_cond, d, generator=g), torch.rand(1, n_cond, d, generator=g)
+        if n_global:
+            sd["global_embeds"] = torch.rand(1, n_global, d, generator=g)
+        else:
+            del sd["global_embeds"]
+        torch.save(sd, tmp_path / f"ckpt{n_global}.pt")
+        m = load_prompt(import_official(tmp_path / f"ckpt{n_global}.pt", "cpm", feat, tmp_path / f"cpm{n_global}", dino_dim=32), feat)
+        assert (m.config.n_global, m.config.n_cond) == (n_global, n_cond)
+        s, t = torch.randn(2, 256, 32, generator=g), torch.randn(2, 256, 32, generator=g)
+        x = torch.cat([s, t], dim=2) @ sd["linear_C.weight"].T + sd["linear_C.bias"]
+        x = (x.permute(0, 2, 1) @ sd["linear_N.weight"].T + sd["linear_N.bias"]).permute(0, 2, 1)
+        x = torch.nn.functional.adaptive_max_pool1d(x.permute(0, 2, 1), n_cond).permute(0, 2, 1)
+        cond = torch.tanh(sd["alpha_cond"]) * (sd["positional_embedding"] + x)
+        tok = feat.tokenizer
+        n = n_global + n_cond
+        with torch.no_grad():
+            ids = torch.tensor([[tok.bos_token_id] + [7] * n + [tok.eos_token_id] + [0] * (75 - n)])
+            dummy = emb_layer(feat)(input_ids=ids)
+            parts = [dummy[:, :1].expand(2, -1, -1)] + ([sd["global_embeds"].expand(2, -1, -1)] if n_global else []) + [cond, dummy[:, n + 1 :].expand(2, -1, -1)]
+            want = clip_by_hand(feat.text_encoder, torch.cat(parts, dim=1))
+            torch.testing.assert_close(m({"dino_src": s, "dino_trg": t}), want, rtol=1e-5, atol=1e-5)
+    head = {"positional_embedding": torch.rand(1, 50, feat.prompt_dim), "alpha_cond": torch.rand(1, 50, feat.prompt_dim),
+            "linear.weight": torch.rand(feat.prompt_dim, 64), "linear.bias": torch.rand(feat.prompt_dim)}
+    torch.save(head, tmp_path / "head.pt")
+    with pytest.raises(Sd4MatchError, match="Head or Img mode"):
+        import_official(tmp_path / "head.pt", "cpm", feat, tmp_path / "head")

@@ -204,3 +204,20 @@ def test_training_targets_are_clamped_as_the_official_datasets_do(tiny, willow_r
     inside = loss_with((r - 1.5) * Wt / r, 1.5 * Ht / r)
     assert border == pytest.approx(by_hand, rel=1e-6)
     assert abs(border - inside) > 1e-3  # the case is not degenerate: the target's place changes the loss
+
+
+@pytest.mark.parametrize("kind", ["hidden", "hidden-category"])
+def test_hidden_state_prompts_train(kind, tiny, willow_root, tmp_path):
+    """--prompt hidden / hidden-category (the official --learn_hidden_state): three steps change
+    the learned CLIP-output rows, and the saved prompt gives them back unchanged."""
+    from sd4match.prompts import load_prompt
+
+    feat = SDFeaturizer.from_pretrained(tiny, resolution=64, ensemble=1)
+    cfg = TrainConfig(dataset="synthetic", root=str(willow_root), prompt=kind, model=str(tiny), resolution=64, steps=3, batch_size=2,
+                      micro_batch=2, val_every=0, ckpt_every=1000, device="cpu")
+    t = Trainer(cfg, tmp_path / "run", featurizer=feat, progress=False)
+    before = t.prompt.states.detach().clone()
+    out = t.run()
+    assert not torch.equal(before, t.prompt.states.detach())
+    p = load_prompt(out / "last", feat)
+    assert p.kind == kind and torch.equal(p.states, t.prompt.states.detach().cpu())

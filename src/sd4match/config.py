@@ -88,11 +88,12 @@ def as_dict(cfg) -> dict:
 # ------------------------------------------------------------------------------ closed sets of names
 #: The kinds of prompt this release ships (``sd4match.prompts.PROMPT_CLASSES`` registers their
 #: classes; a test checks the two agree).
-PromptKind = Literal["text", "empty", "single", "category", "cpm"]
+PromptKind = Literal["text", "empty", "single", "category", "cpm", "hidden", "hidden-category"]
 #: The kinds ``sd4match train`` learns.
-LearnedKind = Literal["single", "category", "cpm"]
-#: The kinds the authors released prompt files of (``sd4match prompts import --kind``).
-ImportKind = Literal["single", "category", "cpm"]
+LearnedKind = Literal["single", "category", "cpm", "hidden", "hidden-category"]
+#: The kinds the authors released prompt files of (``sd4match prompts import --kind``; ``hidden``
+#: takes a Single or a Class HiddenState file).
+ImportKind = Literal["single", "category", "cpm", "hidden"]
 #: Dataset readers (``sd4match.data.DATASETS``; a test checks the two agree).
 DatasetName = Literal["spair", "pfpascal", "pfwillow", "synthetic"]
 #: The four match rules, the paper's first (``sd4match.matching``).

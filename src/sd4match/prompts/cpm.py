@@ -7,7 +7,9 @@ concat(src, trg) DINOv2 patch tokens (B, 256, 2C) -> ``linear_C`` (2C -> D) -> `
 rows, EOS row at position 76]: the learned and conditional rows get no CLIP position
 embedding. ``global_embeds``, ``positional_embedding`` and ``alpha_cond`` start as
 U[0, 1) draws; the linear layers have PyTorch's default initialisation. One prompt for
-both images of a pair. Parameter names equal the official state dict's keys.
+both images of a pair. Parameter names equal the official state dict's keys. Other
+lengths are settings (``n_global``, ``n_cond``); with ``n_global = 0`` (the official G0)
+there is no ``global_embeds``, as in the official module.
 """
 
 from __future__ import annotations
@@ -52,8 +54,10 @@ class ConditionalPrompt(Prompt):
         c, d = self.config, bridge.dim
         if c.n_global + c.n_cond > bridge.length - 2:
             raise Sd4MatchError(f"n_global + n_cond must be at most {bridge.length - 2}, got {c.n_global + c.n_cond}")
+        if c.n_cond < 1 or c.n_global < 0:
+            raise Sd4MatchError(f"a CPM needs at least 1 conditional row and no negative global count, got {c.n_global} + {c.n_cond}")
         g = torch.Generator().manual_seed(c.seed)
-        self.global_embeds = nn.Parameter(torch.rand(1, c.n_global, d, generator=g))
+        self.global_embeds = nn.Parameter(torch.rand(1, c.n_global, d, generator=g)) if c.n_global else None
         self.positional_embedding = nn.Parameter(torch.rand(1, c.n_cond, d, generator=g))
         self.alpha_cond = nn.Parameter(torch.rand(1, c.n_cond, d, generator=g))
         with torch.random.fork_rng(devices=[]):  # PyTorch's default init, reproducible from the seed
@@ -87,6 +91,7 @@ class ConditionalPrompt(Prompt):
         c = self.config
         if s.shape != t.shape or s.ndim != 3 or s.shape[1:] != (c.n_patches, c.dino_dim):
             raise Sd4MatchError(f"DINOv2 tokens must both be (B, {c.n_patches}, {c.dino_dim}), got {tuple(s.shape)} and {tuple(t.shape)}")
-        cond = self.conditional_rows(s, t)
-        rows = torch.cat([self.global_embeds.expand(cond.shape[0], -1, -1), cond], dim=1)
+        rows = self.conditional_rows(s, t)
+        if self.global_embeds is not None:
+            rows = torch.cat([self.global_embeds.expand(rows.shape[0], -1, -1), rows], dim=1)
         return self.bridge.encode_rows(rows)

@@ -4,8 +4,18 @@ prompt folders.
 - Single / Class: ``caption.pt``, a dict of (1, 77, D) tensors, each the full
   embedding-layer sequence [BOS, 75 learned rows, EOS] the official code feeds to CLIP's
   transformer: ``{"dataset": t}`` for Single, ``{category: t}`` for Class.
+- HiddenState (``--learn_hidden_state``): ``caption.pt`` of the same layout, but each
+  (1, 77, D) tensor holds CLIP *outputs*, used as ``encoder_hidden_states`` directly.
+  Official folder names say ``HiddenState`` where token prompts say ``TokenEmbeds75``.
 - CPM: ``ckpt.pt``, the state dict ``{global_embeds, positional_embedding, alpha_cond,
-  linear_C.weight, linear_C.bias, linear_N.weight, linear_N.bias}``.
+  linear_C.weight, linear_C.bias, linear_N.weight, linear_N.bias}``; ``global_embeds`` is
+  absent when the global length is 0 (``...-G0-C50``); the lengths are read from the shapes.
+  The official Head and Img modes (one ``linear`` layer) are refused by name.
+
+A Single/Class file is told from a HiddenState one by its first row: an embedding-layer
+sequence starts with the text encoder's own BOS row (token + position embedding, fixed,
+never learned); CLIP outputs (and U[0, 1) initialised HiddenState rows) do not. A folder
+named ``...HiddenState...`` given as single/category is refused too.
 
 Files are read with ``torch.load(weights_only=True)`` only; every shape is checked
 against the text encoder (and the DINOv2 width for CPM) before anything is written.
@@ -26,6 +36,10 @@ from sd4match.prompts.base import PROMPT_CLASSES, read_prompt_config, read_promp
 from sd4match.prompts.build import bridge_for, make_prompt
 
 CPM_KEYS = ("global_embeds", "positional_embedding", "alpha_cond", "linear_C.weight", "linear_C.bias", "linear_N.weight", "linear_N.bias")
+#: ``global_embeds`` is absent in G0 files
+CPM_REQUIRED = CPM_KEYS[1:]
+#: how far the first row of an embedding-layer file may be from the BOS row (fp16 round trips)
+BOS_TOLERANCE = 1e-2
 IMPORT_KINDS: tuple[str, ...] = typing.get_args(ImportKind)
 
 
@@ -52,12 +66,29 @@ def _sequence(path: Path, name: str, t: torch.Tensor, bridge) -> torch.Tensor:
     return t.float()
 
 
+def starts_with_bos(seq: torch.Tensor, bridge) -> bool:
+    """Whether a (1, 77, D) sequence begins with this text encoder's BOS embedding-layer row
+    (a Single/Class file does; a HiddenState file of CLIP outputs does not)."""
+    bos = bridge.end_rows(bridge.length - 2)[0, 0].float()
+    return bool((seq[0, 0].float() - bos).abs().max() <= BOS_TOLERANCE * max(1.0, float(bos.abs().max())))
+
+
+def _check_token_file(path: Path, seqs: dict[str, torch.Tensor], bridge) -> None:
+    if "HiddenState" in str(path.parent.name) or "HiddenState" in path.name:
+        raise Sd4MatchError(f"{path}: a HiddenState prompt (its folder says so) holds CLIP outputs, not embedding-layer rows: use --kind hidden")
+    bad = [name for name, t in seqs.items() if not starts_with_bos(t, bridge)]
+    if bad:
+        raise Sd4MatchError(f"{path}: prompt {bad[0]!r} does not start with this text encoder's BOS embedding row: it holds CLIP outputs "
+                            f"(a HiddenState file: use --kind hidden) or was made for another text encoder")
+
+
 def import_official(path: str | Path, kind: str, featurizer, out: str | Path, *, dino: str | None = "dinov2-b", dino_dim: int | None = None) -> Path:
     """Turn a released official prompt file into a prompt folder at ``out``; return ``out``.
 
     Args:
-        path: ``caption.pt`` (single, category) or ``ckpt.pt`` (cpm).
-        kind: ``single``, ``category`` or ``cpm``.
+        path: ``caption.pt`` (single, category, hidden) or ``ckpt.pt`` (cpm).
+        kind: ``single``, ``category``, ``cpm`` or ``hidden`` (Single or Class HiddenState,
+            told apart by the file's keys).
         featurizer: the ``SDFeaturizer`` the prompt is for (its text encoder's width and rows).
         dino: the DINOv2 the CPM takes its tokens from (recorded in the folder).
         dino_dim: that DINOv2's token width, when known (the file must fit it).
@@ -74,24 +105,46 @@ def import_official(path: str | Path, kind: str, featurizer, out: str | Path, *,
         if "dataset" not in data:
             raise Sd4MatchError(f"{path}: a Single prompt file holds the key 'dataset'; this one holds {', '.join(sorted(data))} (a Class file? use --kind category)")
         seq = _sequence(path, "dataset", data["dataset"], bridge)
+        _check_token_file(path, {"dataset": seq}, bridge)
         prompt = make_prompt("single", featurizer, n_tokens=n)
         state = {"tokens": seq[:, 1 : n + 1], "ends": seq[:, [0, n + 1]]}
     elif kind == "category":
         if set(data) & set(CPM_KEYS):
             raise Sd4MatchError(f"{path}: this is a CPM checkpoint, not a Class prompt file (use --kind cpm)")
         cats = sorted(data)
-        seqs = torch.cat([_sequence(path, c, data[c], bridge) for c in cats])
+        per = {c: _sequence(path, c, data[c], bridge) for c in cats}
+        _check_token_file(path, per, bridge)
+        seqs = torch.cat([per[c] for c in cats])
         prompt = make_prompt("category", featurizer, categories=cats, n_tokens=n)
         state = {"tokens": seqs[:, 1 : n + 1], "ends": seqs[:, [0, n + 1]]}
+    elif kind == "hidden":
+        if set(data) & set(CPM_KEYS):
+            raise Sd4MatchError(f"{path}: this is a CPM checkpoint, not a HiddenState prompt file (use --kind cpm)")
+        per = {c: _sequence(path, c, data[c], bridge) for c in sorted(data)}
+        if all(starts_with_bos(t, bridge) for t in per.values()):
+            raise Sd4MatchError(f"{path}: its rows start with the BOS embedding row: embedding-layer rows (TokenEmbeds), not CLIP outputs: "
+                                f"use --kind {'single' if 'dataset' in per else 'category'}")
+        if "dataset" in per:
+            if len(per) > 1:
+                raise Sd4MatchError(f"{path}: holds 'dataset' and {len(per) - 1} other prompts; a Single file holds 'dataset' alone")
+            prompt = make_prompt("hidden", featurizer)
+            state = {"states": per["dataset"]}
+        else:
+            prompt = make_prompt("hidden-category", featurizer, categories=list(per))
+            state = {"states": torch.cat([per[c] for c in prompt.config.categories])}
     else:
-        missing = [k for k in CPM_KEYS if k not in data]
+        if "linear.weight" in data:
+            raise Sd4MatchError(f"{path}: a CPM of the official Head or Img mode (one 'linear' layer): this release imports the "
+                                f"Pair-DINO-Feat CPM (linear_C and linear_N) only")
+        missing = [k for k in CPM_REQUIRED if k not in data]
         extra = sorted(set(data) - set(CPM_KEYS))
         if missing or extra:
             what = f"lacks {', '.join(missing)}" if missing else f"holds unexpected {', '.join(extra)}"
             raise Sd4MatchError(f"{path}: not a CPM checkpoint: it {what}")
-        ge, pe, ac = data["global_embeds"], data["positional_embedding"], data["alpha_cond"]
+        pe, ac = data["positional_embedding"], data["alpha_cond"]
         wc, wn = data["linear_C.weight"], data["linear_N.weight"]
         d = bridge.dim
+        ge = data.get("global_embeds", torch.zeros(1, 0, d))  # G0: no global rows
         if ge.ndim != 3 or ge.shape[0] != 1 or ge.shape[2] != d:
             raise Sd4MatchError(f"{path}: global_embeds is {tuple(ge.shape)}, expected (1, G, {d}) for this text encoder")
         if pe.ndim != 3 or pe.shape[0] != 1 or pe.shape[2] != d or ac.shape != pe.shape:
@@ -120,7 +173,8 @@ def import_official(path: str | Path, kind: str, featurizer, out: str | Path, *,
 def describe_prompt(folder: str | Path) -> str:
     """What a prompt folder holds, as a few lines of text (``sd4match prompts show``)."""
     cfg = read_prompt_config(folder)
-    lines = [f"{folder}: {cfg.kind} prompt ({cfg.format}) for a {cfg.text_dim}-d text encoder, model {cfg.model or '(not recorded)'}"]
+    lines = [f"{folder}: {cfg.kind} prompt ({cfg.format}) for a {cfg.text_dim}-d text encoder, model {cfg.model or '(not recorded)'}",
+             f"  what it is: {(PROMPT_CLASSES[cfg.kind].__doc__ or '').strip().splitlines()[0]}"]
     if cfg.template:
         lines.append(f"  template: {cfg.template!r}")
     if cfg.categories:
