@@ -297,6 +297,21 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.set_defaults(func=cmd_serve)
 
+    p = command("reproduce", "the paper's Table 1 from the authors' released prompts: import, evaluate every row, write table.md/csv/png")
+    p.add_argument("--prompts", required=True, type=Path, help="the authors' pretrained_prompts.zip, or the folder it was unzipped into")
+    for ds, label in (("spair", "SPair-71k (the folder holding JPEGImages/)"), ("pfpascal", "PF-Pascal (the folder holding PF-dataset-PASCAL/)"),
+                      ("pfwillow", "PF-Willow (the folder holding PF-dataset/)")):
+        p.add_argument(f"--{ds}", type=Path, help=f"root of {label}; a dataset not given is listed as missing")
+    p.add_argument("--out", required=True, type=Path, help="folder for prompts/, runs/, table.md, table.csv, table.png (a rerun skips what is done)")
+    p.add_argument("--timesteps", type=_parser_type(_int_list), default=(50, 261), help="timesteps of each row (default: 50,261: the official "
+                                                                                       "test script's and the training one)")
+    p.add_argument("--ensemble", type=int, default=8, help="noisy copies averaged per picture")
+    p.add_argument("--limit", type=int, default=0, help="only the first N pairs of each test split (a quick look)")
+    p.add_argument("--dino", default="dinov2-b", help="DINOv2 model of the CPM prompts")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _model_args(p, only=("model", "model_config", "device", "dtype", "resolution", "max_batch", "compile", "dino_pos"), compile_default="auto")
+    p.set_defaults(func=cmd_reproduce)
+
     p = command("prompts", "import the authors' released prompts; show what a prompt folder holds")
     psub = p.add_subparsers(dest="prompts_command", required=True, metavar="ACTION")
     c = psub.add_parser("import", help="turn an official caption.pt (single, category) or ckpt.pt (cpm) into a prompt folder", formatter_class=_Help)
@@ -496,6 +511,50 @@ def cmd_serve(args) -> int:
     _check_common(args)
     serve(load_matcher(args), host=args.host, port=args.port, images=args.images, max_upload_bytes=int(args.max_upload_mb * 1e6),
           max_pixels=int(args.max_pixels), max_side=args.max_side)
+    return 0
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """``"50,261"`` -> (50, 261)."""
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma-separated list of integers") from None
+    if not vals:
+        raise ValueError("give at least one value")
+    return vals
+
+
+def cmd_reproduce(args) -> int:
+    from sd4match.features.registry import feature_width
+    from sd4match.reproduce import reproduce
+    from sd4match.runtime import distributed_rank_world, finish_distributed
+
+    _check_common(args, prompt=False)
+    if not args.prompts.exists():
+        raise Sd4MatchError(f"--prompts {args.prompts}: no such zip or folder (download pretrained_prompts.zip; see the README)")
+    model = config_from_args(ModelConfig, args, ensemble=args.ensemble)
+
+    made: dict = {}
+
+    def load():
+        made["model"] = load_model(model)
+        return made["model"]
+
+    def load_dino():  # on the featurizer's device, in its dtype
+        from sd4match.features import DinoFeaturizer
+
+        feat = made["model"] if "model" in made else load()
+        return DinoFeaturizer.from_pretrained(args.dino, pos=model.dino_pos).to(feat.device, next(feat.parameters()).dtype)
+
+    roots = {"spair": args.spair, "pfpascal": args.pfpascal, "pfwillow": args.pfwillow}
+    settings = {k: getattr(model, k) for k in ("model", "model_config", "dtype", "resolution", "dino_pos")}
+    res = reproduce(args.prompts, roots, args.out, load_model=load, load_dino=load_dino, model_settings=settings, timesteps=args.timesteps,
+                    ensemble=args.ensemble, limit=args.limit, dino_name=args.dino, dino_dim=feature_width(args.dino), progress=not args.no_progress)
+    finish_distributed()
+    if distributed_rank_world()[0] == 0:
+        print((args.out / "table.md").read_text(), end="")
+        print(f"\n{res['ran']} evaluations run now, {res['reused']} read from earlier runs; table: {args.out / 'table.md'}")
     return 0
 
 

@@ -24,8 +24,10 @@ against the text encoder (and the DINOv2 width for CPM) before anything is writt
 from __future__ import annotations
 
 import json
+import re
 import typing
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -41,6 +43,43 @@ CPM_REQUIRED = CPM_KEYS[1:]
 #: how far the first row of an embedding-layer file may be from the BOS row (fp16 round trips)
 BOS_TOLERANCE = 1e-2
 IMPORT_KINDS: tuple[str, ...] = typing.get_args(ImportKind)
+
+
+#: ``<Single|Class|CPM>_<train data>_sd<version>_<what>``, as train_simple_prompt.py:60-65 and train_cpm.py name their folders
+OFFICIAL_NAME = re.compile(r"^(?P<method>Single|Class|CPM)_(?P<train>spair|pfpascal|pfwillow)_sd(?P<sd>[0-9]+-[0-9]+)_(?P<what>[A-Za-z0-9-]+)$")
+
+
+class OfficialName(NamedTuple):
+    """What an official prompt folder's name says."""
+
+    method: str  # Single | Class | CPM
+    train: str  # the dataset it was trained on
+    kind: str  # the import kind: single | category | hidden | cpm
+    hidden: bool  # a HiddenState prompt (CLIP outputs)
+
+
+def parse_official_name(name: str) -> OfficialName | None:
+    """What an official prompt folder name says, or None for another name.
+
+    ``Single_spair_sd2-1_TokenEmbeds75`` -> (Single, spair, single); ``Class_..._HiddenState``
+    -> (Class, ..., hidden); ``CPM_spair_sd2-1_Pair-DINO-Feat-G25-C50`` -> (CPM, spair, cpm).
+    """
+    m = OFFICIAL_NAME.match(name)
+    if m is None:
+        return None
+    method, what = m["method"], m["what"]
+    if method == "CPM":
+        return OfficialName(method, m["train"], "cpm", False)
+    if what == "HiddenState":
+        return OfficialName(method, m["train"], "hidden", True)
+    if what.startswith("TokenEmbeds"):
+        return OfficialName(method, m["train"], "single" if method == "Single" else "category", False)
+    return None
+
+
+def official_file(kind: str) -> str:
+    """The file an official prompt folder of import ``kind`` holds."""
+    return "ckpt.pt" if kind == "cpm" else "caption.pt"
 
 
 def read_official(path: str | Path) -> dict[str, torch.Tensor]:
