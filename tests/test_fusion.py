@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from conftest import official_dino_hidden
+from PIL import Image
 
 from sd4match.cli import main
 from sd4match.features import DinoFeaturizer, SDFeaturizer, load_featurizer
@@ -90,7 +89,7 @@ def test_fused_model_in_every_command(models, willow_root, tmp_path, capsys):
 
 
 def test_training_learns_the_sd_half_only(models, willow_root, tmp_path):
-    from sd4match.train import Trainer, TrainConfig
+    from sd4match.train import TrainConfig, Trainer
 
     sd_path, dino_path = models
     feat = load_featurizer(f"{sd_path}+{dino_path}", resolution=64, ensemble=1)

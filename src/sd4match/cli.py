@@ -321,8 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dino", default="dinov2-b", help="cpm: the DINOv2 whose width the file must fit")
     _model_args(c, only=("model", "model_config", "device"))
     c.set_defaults(func=cmd_prompts_import)
+    c = psub.add_parser("push", help="upload a prompt folder to the Hugging Face hub with a model card", formatter_class=_Help)
+    c.add_argument("folder", type=Path, help="the prompt folder (prompt.safetensors + config.json)")
+    c.add_argument("repo", help="hub repository id, owner/name (created when missing)")
+    c.add_argument("--score", type=Path, help="a score.json of sd4match evaluate: its numbers go into the model card")
+    c.add_argument("--private", action="store_true", help="create the repository private")
+    c.add_argument("--revision", help="branch to push to (default: main)")
+    c.add_argument("--token", help="hub token (default: the one `hf auth login` stored, or HF_TOKEN)")
+    c.set_defaults(func=cmd_prompts_push)
     c = psub.add_parser("show", help="print what a prompt folder holds", formatter_class=_Help)
-    c.add_argument("folder", type=Path, help="a prompt folder")
+    c.add_argument("folder", help="a prompt folder, or hf://owner/name[@revision][/subfolder]")
     c.set_defaults(func=cmd_prompts_show)
 
     p = command("download", "fetch a benchmark from its published address")
@@ -572,10 +580,20 @@ def cmd_prompts_import(args) -> int:
     return 0
 
 
+def cmd_prompts_push(args) -> int:
+    from sd4match.prompts.hub import push_prompt
+
+    url = push_prompt(args.folder, args.repo, score=args.score, private=args.private, token=args.token, revision=args.revision)
+    print(f"pushed {args.folder} to {args.repo}: {url}\nuse it with --prompt hf://{args.repo}")
+    return 0
+
+
 def cmd_prompts_show(args) -> int:
+    from sd4match.prompts import parse_prompt
     from sd4match.prompts.official import describe_prompt
 
-    print(describe_prompt(args.folder))
+    folder = parse_prompt(args.folder).folder if args.folder.startswith("hf://") else Path(args.folder)
+    print(describe_prompt(folder))
     return 0
 
 

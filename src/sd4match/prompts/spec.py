@@ -1,4 +1,5 @@
-"""The one grammar of ``--prompt``: ``empty``, ``text``, ``text:<template>`` or a prompt folder.
+"""The one grammar of ``--prompt``: ``empty``, ``text``, ``text:<template>``, a prompt folder, or
+a prompt folder on the Hugging Face hub, ``hf://owner/name[@revision][/subfolder]``.
 
 ``parse_prompt`` turns the string into a ``PromptSpec`` without loading any model (a
 folder's ``config.json`` is read to learn its kind), so every command can check its prompt
@@ -13,10 +14,11 @@ from pathlib import Path
 
 from sd4match.errors import Sd4MatchError
 from sd4match.prompts.base import PROMPT_CLASSES, Prompt, read_prompt_config, read_prompt_tensors
+from sd4match.prompts.hub import fetch_hub_prompt, is_hub_uri
 
 #: ``--prompt text``: the official text baseline's template.
 DEFAULT_TEMPLATE = "a photo of a {category}"
-SPEC_HELP = "'empty', 'text' ('a photo of a {category}'), 'text:<template or words>' or a prompt folder"
+SPEC_HELP = "'empty', 'text' ('a photo of a {category}'), 'text:<template or words>', a prompt folder or hf://owner/name[@rev][/subfolder]"
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class PromptSpec:
 
 
 def parse_prompt(spec: str | PromptSpec) -> PromptSpec:
-    """``empty`` (or ``none``), ``text``, ``text:<template>`` or a prompt folder -> its spec.
+    """``empty`` (or ``none``), ``text``, ``text:<template>``, a prompt folder or ``hf://...`` -> its spec.
 
     Raises:
         Sd4MatchError: neither a keyword nor a folder; a folder without a readable
@@ -61,6 +63,9 @@ def parse_prompt(spec: str | PromptSpec) -> PromptSpec:
         return PromptSpec("text", template=DEFAULT_TEMPLATE)
     if spec.startswith("text:"):
         return PromptSpec("text", template=spec[len("text:"):])
+    if is_hub_uri(spec):  # downloaded once into the hub cache; a cached copy is used offline
+        folder = fetch_hub_prompt(spec)
+        return PromptSpec(read_prompt_config(folder).kind, folder=folder)
     folder = Path(spec)
     if not folder.is_dir():
         raise Sd4MatchError(f"--prompt {spec}: not a prompt folder, 'empty', 'text' or 'text:<words>'")
