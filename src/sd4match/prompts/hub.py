@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from sd4match.errors import Sd4MatchError, first_line
+from sd4match.features.registry import offline_mode
 from sd4match.prompts.base import PROMPT_CLASSES, read_prompt_config, read_prompt_tensors
 
 HUB_PREFIX = "hf://"
@@ -46,8 +47,6 @@ def fetch_hub_prompt(uri: str, *, cache_dir: str | Path | None = None, local_fil
             revision, or no prompt folder at the subfolder.
     """
     from huggingface_hub import constants, snapshot_download
-
-    from sd4match.features.registry import offline_mode
 
     repo, revision, sub = parse_hub_uri(uri)
     patterns = [f"{sub}/{f}" for f in PROMPT_FILES] if sub else list(PROMPT_FILES)
