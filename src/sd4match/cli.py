@@ -180,7 +180,7 @@ def load_matcher(args):
     feat = load_model(model)
     m = config_from_args(MatchConfig, args)
     return Matcher(feat, args.prompt, category=args.category, dino=_dino_for(args.prompt, args.dino, feat, model.dino_pos), rule=m.rule, temperature=m.temperature,
-                   sigma=m.sigma, seed=args.seed, cache_dir=args.cache)
+                   sigma=m.sigma, similarity=m.similarity, seed=args.seed, cache_dir=args.cache)
 
 
 def _check_common(args, *, prompt: bool = True) -> None:

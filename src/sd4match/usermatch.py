@@ -150,12 +150,13 @@ class Matcher:
     """
 
     def __init__(self, featurizer, prompt: str = "empty", *, category: str | None = None, dino=None, rule: str = "kernel-softargmax",
-                 temperature: float = 0.04, sigma: float = 7.0, seed: int = 0, cache_bytes: int = 1 << 30, cache_dir: str | Path | None = None):
+                 temperature: float = 0.04, sigma: float = 7.0, similarity: str = "cosine", seed: int = 0, cache_bytes: int = 1 << 30,
+                 cache_dir: str | Path | None = None):
         if rule not in MATCH_RULES:
             raise Sd4MatchError(f"unknown match rule {rule!r}; expected one of {', '.join(MATCH_RULES)}")
         self.featurizer, self.dino = featurizer, dino
         self.prompt_spec, self.category = prompt, category
-        self.match = MatchConfig(rule, temperature, sigma)
+        self.match = MatchConfig(rule, temperature, sigma, similarity)
         self.seed = seed
         self.prompt = resolve_prompt(prompt, featurizer, dino=dino)
         self.store = Store(cache_bytes, cache_dir)
@@ -174,7 +175,7 @@ class Matcher:
 
     def settings(self) -> dict:
         return {"model": self.featurizer.settings(), "prompt": self.prompt_spec, "category": self.category, "rule": self.rule,
-                "temperature": self.temperature, "sigma": self.sigma, "seed": self.seed}
+                "temperature": self.temperature, "sigma": self.sigma, "similarity": self.match.similarity, "seed": self.seed}
 
     @staticmethod
     def _picture(img: UserImage) -> Picture:
