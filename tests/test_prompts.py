@@ -405,7 +405,7 @@ def test_import_errors_name_the_file(feat, models, tmp_path, capsys):
         import_official(tmp_path / "ckpt16.pt", "cpm", feat, tmp_path / "c", dino="dinov2-b", dino_dim=768)
     with pytest.raises(Sd4MatchError, match="this is a CPM checkpoint"):
         import_official(tmp_path / "ckpt16.pt", "category", feat, tmp_path / "c2")
-    with pytest.raises(Sd4MatchError, match="not a CPM checkpoint: it lacks positional_embedding"):
+    with pytest.raises(Sd4MatchError, match="CPM checkpoint: it lacks positional_embedding"):
         import_official(good, "cpm", feat, tmp_path / "c3")
 
 
@@ -483,8 +483,83 @@ def test_cpm_files_with_no_global_rows_or_other_lengths(feat, models, tmp_path):
             parts = [dummy[:, :1].expand(2, -1, -1)] + ([sd["global_embeds"].expand(2, -1, -1)] if n_global else []) + [cond, dummy[:, n + 1 :].expand(2, -1, -1)]
             want = clip_by_hand(feat.text_encoder, torch.cat(parts, dim=1))
             torch.testing.assert_close(m({"dino_src": s, "dino_trg": t}), want, rtol=1e-5, atol=1e-5)
-    head = {"positional_embedding": torch.rand(1, 50, feat.prompt_dim), "alpha_cond": torch.rand(1, 50, feat.prompt_dim),
-            "linear.weight": torch.rand(feat.prompt_dim, 64), "linear.bias": torch.rand(feat.prompt_dim)}
-    torch.save(head, tmp_path / "head.pt")
-    with pytest.raises(Sd4MatchError, match="Head or Img mode"):
-        import_official(tmp_path / "head.pt", "cpm", feat, tmp_path / "head")
+
+
+def _cpm_variant_by_hand(feat, sd, mode, ftype, s, t, n_global, n_cond):
+    """The official HybridCaptioner's forward for each mode, written out here
+    (hybrid_captioner.py: Img/Pair x Feat/Head), then CLIP as the token_embeds path."""
+    lin = lambda x, n: x @ sd[f"{n}.weight"].T + sd[f"{n}.bias"]  # noqa: E731
+    pool = lambda x: torch.nn.functional.adaptive_max_pool1d(x.permute(0, 2, 1), n_cond).permute(0, 2, 1)  # noqa: E731
+    if mode == "Pair" and ftype == "Head":
+        x = lin(torch.cat([s, t], dim=1), "linear").unsqueeze(1)  # pooler outputs (B, C) each
+    elif mode == "Img" and ftype == "Head":
+        x = lin(s, "linear").unsqueeze(1)
+    else:  # Img-Feat
+        x = pool(lin(s, "linear"))
+    cond = torch.tanh(sd["alpha_cond"]) * (sd["positional_embedding"] + x)
+    tok = feat.tokenizer
+    n = n_global + n_cond
+    b = cond.shape[0]
+    with torch.no_grad():
+        dummy = emb_layer(feat)(input_ids=torch.tensor([[tok.bos_token_id] + [7] * n + [tok.eos_token_id] + [0] * (75 - n)]))
+        parts = [dummy[:, :1].expand(b, -1, -1)] + ([sd["global_embeds"].expand(b, -1, -1)] if n_global else []) + [cond, dummy[:, n + 1 :].expand(b, -1, -1)]
+        return clip_by_hand(feat.text_encoder, torch.cat(parts, dim=1))
+
+
+@pytest.mark.parametrize("mode,ftype", [("Pair", "Head"), ("Img", "Feat"), ("Img", "Head")])
+def test_official_cpm_head_and_img_modes(feat, tmp_path, mode, ftype):
+    """Pair-Head (pooled CLS of both pictures), Img-Feat and Img-Head (each picture's own
+    tokens) files, named by their official folder, import and equal the official forward."""
+    from sd4match.prompts.official import import_official
+
+    d, n_global, n_cond = feat.prompt_dim, 25, 50
+    g = torch.Generator().manual_seed(11)
+    width = 64 if mode == "Pair" else 32
+    sd = {"global_embeds": torch.rand(1, n_global, d, generator=g), "positional_embedding": torch.rand(1, n_cond, d, generator=g),
+          "alpha_cond": torch.rand(1, n_cond, d, generator=g), "linear.weight": torch.randn(d, width, generator=g) * 0.05,
+          "linear.bias": torch.randn(d, generator=g) * 0.05}
+    folder = tmp_path / f"CPM_spair_sd2-1_{mode}-DINO-{ftype}-G{n_global}-C{n_cond}"
+    folder.mkdir()
+    torch.save(sd, folder / "ckpt.pt")
+    p = load_prompt(import_official(folder / "ckpt.pt", "cpm", feat, tmp_path / "out", dino_dim=32), feat)
+    assert p.kind == ("cpm" if mode == "Pair" else "cpm-image") and p.dino_part == ("cls" if ftype == "Head" else "patches")
+    assert p.per_pair == (mode == "Pair") and p.per_picture_condition == (mode == "Img")
+    s = torch.randn(2, 1 if ftype == "Head" else 256, 32, generator=g)
+    t = torch.randn(2, 1 if ftype == "Head" else 256, 32, generator=g)
+    with torch.no_grad():
+        if mode == "Pair":
+            got, want = p({"dino_src": s, "dino_trg": t}), _cpm_variant_by_hand(feat, sd, mode, ftype, s[:, 0], t[:, 0], n_global, n_cond)
+        else:
+            x = s[:, 0] if ftype == "Head" else s
+            got, want = p({"dino": s}), _cpm_variant_by_hand(feat, sd, mode, ftype, x, None, n_global, n_cond)
+            # a pair batch gives the sources' prompts, then the targets'
+            both = p({"dino_src": s, "dino_trg": t})
+            torch.testing.assert_close(both[:2], got)
+            torch.testing.assert_close(both[2:], p({"dino": t}))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # without the folder name, an Img file cannot be told from its keys: said so, and --cpm-config names it
+    torch.save(sd, tmp_path / "ckpt.pt")
+    if mode == "Img":
+        with pytest.raises(Sd4MatchError, match="cannot tell apart: name it with --cpm-config"):
+            import_official(tmp_path / "ckpt.pt", "cpm", feat, tmp_path / "o2", dino_dim=32)
+    q = load_prompt(import_official(tmp_path / "ckpt.pt", "cpm", feat, tmp_path / "o3", dino_dim=32, cpm_config=f"{mode}-DINO-{ftype}-G25-C50"), feat)
+    assert q.kind == p.kind and q.dino_part == p.dino_part
+    with pytest.raises(Sd4MatchError, match="CLIP image features"):
+        import_official(tmp_path / "ckpt.pt", "cpm", feat, tmp_path / "o4", cpm_config="Img-CLIP-Head-G25-C50")
+    with pytest.raises(Sd4MatchError, match="says G10-C50"):
+        import_official(tmp_path / "ckpt.pt", "cpm", feat, tmp_path / "o5", dino_dim=32, cpm_config=f"{mode}-DINO-{ftype}-G10-C50")
+
+
+def test_mean_input_is_the_patch_mean_through_the_head_layer(feat):
+    """cpm_input="mean": the mean of each picture's patch tokens in place of CLS (a global
+    descriptor of the same tokens), through the Head path."""
+    from sd4match.prompts import make_prompt
+
+    m = make_prompt("cpm", feat, dino_dim=32, cpm_input="mean", seed=3)
+    c = make_prompt("cpm", feat, dino_dim=32, cpm_input="cls", seed=3)
+    c.load_state_dict(m.state_dict())
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 256, 32, generator=g), torch.randn(2, 256, 32, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(m({"dino_src": s, "dino_trg": t}), c({"dino_src": s.mean(1, keepdim=True), "dino_trg": t.mean(1, keepdim=True)}))
+    assert m.dino_part == "patches" and c.dino_part == "cls"

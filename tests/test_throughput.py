@@ -77,11 +77,11 @@ def test_evaluate_runs_each_picture_once_in_full_unet_calls(models, willow_root)
     assert min(w.unet) >= 2 * 2 * 8 and len(w.unet) == 30  # 2 pairs (4 pictures x 8) a call
 
 
-@pytest.mark.parametrize("kind", ["empty", "single", "cpm"])
+@pytest.mark.parametrize("kind", ["empty", "single", "cpm", "cpm-image"])
 def test_batched_predictions_equal_one_pair_at_a_time(models, willow_root, kind):
     sd, dn = models
     feat = SDFeaturizer.from_pretrained(sd, resolution=64, ensemble=2)
-    dino = DinoFeaturizer.from_pretrained(dn) if kind == "cpm" else None
+    dino = DinoFeaturizer.from_pretrained(dn) if kind.startswith("cpm") else None
     prompt = resolve_prompt("empty", feat) if kind == "empty" else make_prompt(kind, feat, seed=1, **({"dino_dim": 32} if dino else {}))
     recs = willow(willow_root)[80:110]  # two sub-classes, pictures shared between pairs
     batched = run(feat, prompt, recs, willow_root, dino=dino)
@@ -99,10 +99,12 @@ def test_batched_predictions_equal_one_pair_at_a_time(models, willow_root, kind)
     if kind != "cpm":
         r = recs[3]
         src, trg = load_pair_images(willow_root, r)
-        emb = prompt({"categories": [r.category]})
         with torch.no_grad():
-            fs = feat([src], prompt_embeds=emb, generator=[torch.Generator().manual_seed(seed_for(image_key(src), 0))])
-            ft = feat([trg], prompt_embeds=emb, generator=[torch.Generator().manual_seed(seed_for(image_key(trg), 0))])
+            # an image-conditioned CPM: each picture under the prompt of its own DINOv2 tokens
+            es, et = ((prompt({"dino": dino.tokens([src])}), prompt({"dino": dino.tokens([trg])})) if kind == "cpm-image" else
+                      (prompt({"categories": [r.category]}),) * 2)
+            fs = feat([src], prompt_embeds=es, generator=[torch.Generator().manual_seed(seed_for(image_key(src), 0))])
+            ft = feat([trg], prompt_embeds=et, generator=[torch.Generator().manual_seed(seed_for(image_key(trg), 0))])
         direct = match_pixels(feat, fs, ft, r.src_kps, r.src_size, r.trg_size, "kernel-softargmax")["kps"].double().numpy()
         np.testing.assert_allclose(batched[r.id], direct, atol=1e-3)
 

@@ -221,3 +221,28 @@ def test_hidden_state_prompts_train(kind, tiny, willow_root, tmp_path):
     assert not torch.equal(before, t.prompt.states.detach())
     p = load_prompt(out / "last", feat)
     assert p.kind == kind and torch.equal(p.states, t.prompt.states.detach().cpu())
+
+
+@pytest.mark.parametrize("kind,cpm_input,n_global", [("cpm-image", "patches", 25), ("cpm", "cls", 0)])
+def test_cpm_variants_train(kind, cpm_input, n_global, tiny, willow_root, tmp_path):
+    """The official Img mode (each picture's own prompt) and a Pair-Head G0 CPM train through the
+    same loop: three steps change every learned tensor, and the folder records the variant."""
+    import typing
+
+    from sd4match.config import CpmInput
+    from sd4match.prompts import load_prompt
+    from sd4match.prompts.cpm import CPM_INPUTS
+
+    assert typing.get_args(CpmInput) == CPM_INPUTS
+    feat = SDFeaturizer.from_pretrained(tiny, resolution=64, ensemble=1)
+    dino = DinoFeaturizer.from_pretrained(tiny_dinov2(tmp_path / "dino"))
+    cfg = TrainConfig(dataset="synthetic", root=str(willow_root), prompt=kind, model=str(tiny), resolution=64, steps=3, batch_size=2,
+                      micro_batch=2, val_every=0, ckpt_every=1000, device="cpu", cpm_input=cpm_input, global_tokens=n_global, cond_tokens=30)
+    t = Trainer(cfg, tmp_path / "run", featurizer=feat, dino=dino, progress=False)
+    before = {k: v.detach().clone() for k, v in t.prompt.state_dict().items()}
+    out = t.run()
+    after = t.prompt.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before), [k for k in before if torch.equal(before[k], after[k])]
+    p = load_prompt(out / "last", feat)
+    assert (p.kind, p.config.cpm_input, p.config.n_global, p.config.n_cond) == (kind, cpm_input, n_global, 30)
+    assert ("global_embeds" in after) == bool(n_global)

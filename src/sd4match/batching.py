@@ -215,12 +215,14 @@ class Batcher:
         got = self._once("posterior", pics, self.featurizer.posterior_settings(), self.featurizer.config.vae_batch, vae)
         return got["mean"], got["std"]
 
-    def tokens(self, pics: Sequence[Picture]) -> torch.Tensor:
-        """DINOv2 patch tokens (B, P, C) fp32; each picture's computed once."""
+    def tokens(self, pics: Sequence[Picture], part: str = "patches") -> torch.Tensor:
+        """DINOv2 patch tokens (B, P, C) fp32, or with ``part="cls"`` the CLS token (B, 1, C);
+        each picture's computed once."""
         if self.dino is None:
             raise ValueError("no DINOv2 model was given")
-        return self._once("dino", pics, self.dino.settings(), self.dino_batch,
-                          lambda batch: {"tokens": self.dino.tokens([p.image for p in batch]).to(self.device)})["tokens"]
+        settings = self.dino.settings() if part == "patches" else {**self.dino.settings(), "part": part}
+        return self._once("dino", pics, settings, self.dino_batch,
+                          lambda batch: {"tokens": self.dino.tokens([p.image for p in batch], part).to(self.device)})["tokens"]
 
     # ---------------------------------------------------------------- prompts
     def prompt_batch(self, prompt: Prompt, src: Sequence[Picture], trg: Sequence[Picture], categories: Sequence[str] | None = None) -> dict[str, Any]:
@@ -228,7 +230,7 @@ class Batcher:
         prompt that ``needs_dino``, the DINOv2 tokens of both pictures."""
         batch: dict[str, Any] = {"categories": list(categories)} if categories is not None else {}
         if prompt.needs_dino:
-            batch["dino_src"], batch["dino_trg"] = self.tokens(src), self.tokens(trg)
+            batch["dino_src"], batch["dino_trg"] = self.tokens(src, prompt.dino_part), self.tokens(trg, prompt.dino_part)
         return batch
 
     def embeds(self, prompt: Prompt | None, category: str | None = None) -> torch.Tensor | None:
@@ -237,6 +239,17 @@ class Batcher:
             return None
         with torch.no_grad():
             return prompt({"categories": [category]} if category is not None else {})
+
+    def picture_embeds(self, prompt: Prompt | None, pic: Picture, category: str | None = None) -> torch.Tensor | None:
+        """(1, 77, D) embeddings of a pair-independent prompt for one picture: its own when the
+        prompt is conditioned on each picture's DINOv2 tokens, else the category's (``embeds``)."""
+        if prompt is None or not prompt.per_picture_condition:
+            return self.embeds(prompt, category)
+        batch: dict[str, Any] = {"dino": self.tokens([pic], prompt.dino_part)}
+        if category is not None:
+            batch["categories"] = [category]
+        with torch.no_grad():
+            return prompt(batch)
 
     # ---------------------------------------------------------------- feature maps
     def _run(self, pics: Sequence[Picture], embeds: torch.Tensor | None, *, grad: bool = False, generator=None) -> torch.Tensor:
@@ -290,7 +303,8 @@ class Batcher:
         """Maps of P pairs under per-pair prompts (``embeds``: (P, 77, D)) in one call: (P, C, h, w) x 2.
         (The caller pads the pairs, so that the prompt's own batch is fixed too.)"""
         p = len(src)
-        emb2 = torch.cat([embeds, embeds]) if embeds.shape[0] > 1 else embeds
+        # one prompt for all (1), one a pair for both pictures (P), or one a picture (2P: the sources', then the targets')
+        emb2 = embeds if embeds.shape[0] in (1, 2 * p) else torch.cat([embeds, embeds])
         maps = self._run([*src, *trg], emb2, **kw)
         return maps[:p], maps[p:]
 
@@ -301,6 +315,8 @@ class Batcher:
         embeddings); a per-pair prompt (CPM) is built from both pictures, and their maps are
         kept under the pair's keys. ``prompt_id`` is ``prompt_id(prompt, category)``.
         """
+        if prompt is not None and prompt.per_picture_condition:  # each picture under its own prompt
+            return self.features([a], self.picture_embeds(prompt, a), prompt_id)[0], self.features([b], self.picture_embeds(prompt, b), prompt_id)[0]
         if not per_pair(prompt):
             fa, fb = self.features([a, b], embeds, prompt_id)
             return fa, fb
@@ -381,15 +397,21 @@ class PairStream:
             self.ids[cat] = self.b.prompt_id(self.prompt, cat, fingerprint=self.fingerprint)
         pid = self.ids[cat]
         if pid not in self.embs:  # once per prompt id: categories a prompt does not tell apart share it
-            self.embs[pid] = self.b.embeds(self.prompt, cat)
+            conditioned = self.prompt is not None and self.prompt.per_picture_condition  # each picture's own: picture_emb
+            self.embs[pid] = None if conditioned else self.b.embeds(self.prompt, cat)
         return pid, self.embs[pid]
+
+    def picture_emb(self, p: Picture, emb: torch.Tensor | None) -> torch.Tensor | None:
+        """The embeddings ``p``'s map is made under: the category's, or its own (a prompt
+        conditioned on each picture)."""
+        return self.b.picture_embeds(self.prompt, p) if self.prompt is not None and self.prompt.per_picture_condition else emb
 
     def want(self, entry: PendingPair) -> None:
         """Queue the entry's pictures that are neither stored nor queued yet."""
         pid, emb = self.embedded(entry.record)
         for p in entry.pictures:
             if (p.key, pid) not in self.todo and not self.b.store.contains("features", self.b.feature_key(p, pid)):
-                self.todo[(p.key, pid)] = (p, emb)
+                self.todo[(p.key, pid)] = (p, self.picture_emb(p, emb))
 
     def match_ready(self) -> None:
         """Consume every waiting pair whose two maps are stored."""
@@ -403,7 +425,8 @@ class PairStream:
             fs, ft = self.b.stored_map(src, pid), self.b.stored_map(trg, pid)
             if fs is None or ft is None:  # evicted from memory meanwhile: computed again (same bits)
                 for p in entry.pictures:
-                    self.todo.setdefault((p.key, pid), (p, emb))
+                    if (p.key, pid) not in self.todo:
+                        self.todo[(p.key, pid)] = (p, self.picture_emb(p, emb))
                 continue
             entry.result, entry.done = self.consume(entry.record, fs, ft), True
 

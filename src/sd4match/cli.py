@@ -319,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kind", required=True, choices=typing.get_args(ImportKind), help="what the file holds")
     c.add_argument("--out", required=True, type=Path, help="prompt folder to write (must not exist yet)")
     c.add_argument("--dino", default="dinov2-b", help="cpm: the DINOv2 whose width the file must fit")
+    c.add_argument("--cpm-config", help="cpm: the official captioner config, <Pair|Img>-DINO-<Feat|Head>-G<n>-C<n> (default: from the file's "
+                                        "folder name, e.g. CPM_spair_sd2-1_Pair-DINO-Feat-G25-C50, or its keys)")
     _model_args(c, only=("model", "model_config", "device"))
     c.set_defaults(func=cmd_prompts_import)
     c = psub.add_parser("push", help="upload a prompt folder to the Hugging Face hub with a model card", formatter_class=_Help)
@@ -575,7 +577,7 @@ def cmd_prompts_import(args) -> int:
     read_official(args.file)  # a bad file is named before any model loads
     _check_common(args, prompt=False)
     out = import_official(args.file, args.kind, load_model(config_from_args(ModelConfig, args)), args.out, dino=args.dino,
-                          dino_dim=feature_width(args.dino))
+                          dino_dim=feature_width(args.dino), cpm_config=args.cpm_config)
     print(describe_prompt(out))
     return 0
 

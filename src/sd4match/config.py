@@ -88,9 +88,9 @@ def as_dict(cfg) -> dict:
 # ------------------------------------------------------------------------------ closed sets of names
 #: The kinds of prompt this release ships (``sd4match.prompts.PROMPT_CLASSES`` registers their
 #: classes; a test checks the two agree).
-PromptKind = Literal["text", "empty", "single", "category", "cpm", "hidden", "hidden-category"]
+PromptKind = Literal["text", "empty", "single", "category", "cpm", "cpm-image", "hidden", "hidden-category"]
 #: The kinds ``sd4match train`` learns.
-LearnedKind = Literal["single", "category", "cpm", "hidden", "hidden-category"]
+LearnedKind = Literal["single", "category", "cpm", "cpm-image", "hidden", "hidden-category"]
 #: The kinds the authors released prompt files of (``sd4match prompts import --kind``; ``hidden``
 #: takes a Single or a Class HiddenState file).
 ImportKind = Literal["single", "category", "cpm", "hidden"]
@@ -109,6 +109,8 @@ CompileMode = Literal["auto", "on", "off"]
 DinoInput = Literal["official", "imagenet"]
 #: How DINOv2's learned position grid is resized (``sd4match.features.dino.DINO_POS``).
 DinoPos = Literal["official", "transformers"]
+#: What a CPM's conditional rows are made from (``sd4match.prompts.cpm.CPM_INPUTS``).
+CpmInput = Literal["patches", "cls", "mean"]
 DINO_POS_HELP = ("DINOv2 position embeddings: official (the DINOv2 authors' and transformers 4.35 interpolation, the released CPM prompts' environment) or transformers (the installed version's)")
 DEFAULT_ALPHAS: tuple[float, ...] = (0.05, 0.1, 0.15)
 #: What matching and the loss compare (``sd4match.matching.SIMILARITIES``).
@@ -239,6 +241,10 @@ class TrainConfig:
     model: str = setting("sd-2-1", "registry name, hub id, diffusers folder or checkpoint file")
     dino: str = setting("dinov2-b", "DINOv2 model for prompts that take its tokens (cpm)")
     dino_pos: DinoPos = setting("official", DINO_POS_HELP)
+    cpm_input: CpmInput = setting("patches", "cpm, cpm-image: condition on DINOv2 patch tokens (the paper), the pooled CLS token (the official "
+                                             "Head) or the patches' mean")
+    global_tokens: int = setting(25, "cpm, cpm-image: learned global rows (0: the official G0)")
+    cond_tokens: int = setting(50, "cpm, cpm-image: conditional rows")
     timestep: int = setting(261, "noise level t")
     up_block: int = setting(1, "feature block k: the output of unet.up_blocks[k]")
     ensemble: int = setting(1, "noisy copies in training")

@@ -152,7 +152,8 @@ class Trainer:
         # 3. the prompt and its optimiser
         kw: dict[str, Any] = {}
         if self.dino is not None:
-            kw = {"dino_dim": self.dino.feature_dim, "n_patches": self.dino.grid_size[0] * self.dino.grid_size[1], "dino_model": self.dino.model_id}
+            kw = {"dino_dim": self.dino.feature_dim, "n_patches": self.dino.grid_size[0] * self.dino.grid_size[1], "dino_model": self.dino.model_id,
+                  "cpm_input": cfg.cpm_input, "n_global": cfg.global_tokens, "n_cond": cfg.cond_tokens}
         cats = sorted({r.category for r in self.train_pairs})
         self.prompt = make_prompt(cfg.prompt, self.feat, categories=cats, seed=cfg.seed, **kw).to(dev)
         self.prompt.config.model, self.prompt.config.timestep, self.prompt.config.up_block = self.feat.model_id, cfg.timestep, cfg.up_block

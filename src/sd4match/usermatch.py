@@ -166,7 +166,8 @@ class Matcher:
         if self.prompt is not None and not per_pair(self.prompt):
             if self.prompt.requires_category and not category:
                 raise Sd4MatchError(f"--prompt {prompt}: this prompt needs --category")
-            self._emb = self.batcher.embeds(self.prompt, category if self.prompt.requires_category else None)
+            if not self.prompt.per_picture_condition:  # else each picture's own, made with its map
+                self._emb = self.batcher.embeds(self.prompt, category if self.prompt.requires_category else None)
         self._prompt_id = self.batcher.prompt_id(self.prompt, category, fingerprint=prompt_fingerprint(self.prompt))
 
     rule = property(lambda self: self.match.rule)

@@ -40,6 +40,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: how the learned position grid is resized to another patch grid (see the module's doc)
 DINO_POS = ("official", "transformers")
+#: which tokens ``DinoFeaturizer.tokens`` gives: the patch tokens, or the (pooled) CLS token
+DINO_PARTS = ("patches", "cls")
 
 
 def legacy_position_embeddings(pos: torch.Tensor, grid: tuple[int, int], square: bool) -> torch.Tensor:
@@ -219,8 +221,15 @@ class DinoFeaturizer(Featurizer):
         w, h = resized_size(size, self.config.resize)
         return max(self.config.crop, w), max(self.config.crop, h)
 
-    def tokens(self, images: ImagesLike) -> torch.Tensor:
-        """Patch tokens (B, N, C), CLS and register tokens dropped."""
+    def tokens(self, images: ImagesLike, part: str = "patches") -> torch.Tensor:
+        """Patch tokens (B, N, C), CLS and register tokens dropped; or with ``part="cls"``
+        the CLS token after the final LayerNorm (B, 1, C): transformers' ``pooler_output``,
+        the official CPM's ``Head`` input."""
+        if part not in DINO_PARTS:
+            raise Sd4MatchError(f"DINOv2 token part must be one of {', '.join(DINO_PARTS)}, got {part!r}")
+        if part == "cls":
+            out = dino_hidden_states(self.model, self.preprocess(images).to(self.model.dtype), self.config.pos)
+            return out[:, :1].float()
         return self.tokens_of(self.preprocess(images))
 
     def forward(self, images: ImagesLike, *, prompt_embeds=None, text=None, generator=None) -> torch.Tensor:

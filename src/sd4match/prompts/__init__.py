@@ -4,10 +4,10 @@ Each kind is a module that registers its class (``prompts.base.register``); impo
 package registers the kinds it ships, in the order they are listed to users.
 """
 
-# isort: skip_file  (the kinds register in import order: text, empty, single, category, cpm, hidden, hidden-category)
+# isort: skip_file  (the kinds register in import order: text, empty, single, category, cpm, cpm-image, hidden, hidden-category)
 from sd4match.prompts.text import EmptyPrompt, TextPrompt
 from sd4match.prompts.learned import CategoryPrompt, SinglePrompt
-from sd4match.prompts.cpm import ConditionalPrompt
+from sd4match.prompts.cpm import ConditionalPrompt, ImageConditionalPrompt
 from sd4match.prompts.hidden import HiddenCategoryPrompt, HiddenPrompt
 
 from sd4match.features.text import TextEncoderBridge
@@ -17,7 +17,7 @@ from sd4match.prompts.build import bridge_for, load_prompt, make_prompt, prompt_
 from sd4match.prompts.spec import DEFAULT_TEMPLATE, PromptSpec, check_prompt, parse_prompt
 
 __all__ = [
-    "CategoryPrompt", "ConditionalPrompt", "DEFAULT_TEMPLATE", "EmptyPrompt", "HiddenCategoryPrompt", "HiddenPrompt", "N_TOKENS", "PROMPT_CLASSES", "PROMPT_KINDS", "Prompt", "PromptConfig", "PromptKind",
+    "CategoryPrompt", "ConditionalPrompt", "DEFAULT_TEMPLATE", "EmptyPrompt", "HiddenCategoryPrompt", "HiddenPrompt", "ImageConditionalPrompt", "N_TOKENS", "PROMPT_CLASSES", "PROMPT_KINDS", "Prompt", "PromptConfig", "PromptKind",
     "PromptSpec", "SinglePrompt", "TextEncoderBridge", "TextPrompt", "base_category", "bridge_for", "check_prompt", "learned_kinds", "load_prompt",
     "make_prompt", "parse_prompt", "prompt_class", "prompt_fingerprint", "read_prompt_config", "read_prompt_tensors", "register", "resolve_prompt",
 ]

@@ -85,6 +85,7 @@ class PromptConfig:
     dino_dim: int | None = None
     n_patches: int | None = None
     dino_model: str | None = None
+    cpm_input: str | None = None  # CPM: patches (None), cls or mean
     seed: int = 0
     training: dict[str, Any] = field(default_factory=dict)  # data, split, step, ... or where it was imported from
     format: str = PROMPT_FORMAT
@@ -111,6 +112,8 @@ class Prompt(nn.Module):
     uses_category: ClassVar[bool] = False
     #: ``sd4match train`` learns it
     learned: ClassVar[bool] = False
+    #: its output depends on each picture's own DINOv2 tokens (``batch["dino"]``): one prompt a picture
+    per_picture_condition: ClassVar[bool] = False
 
     def __init__(self, bridge: TextEncoderBridge, config: PromptConfig):
         super().__init__()
@@ -120,6 +123,11 @@ class Prompt(nn.Module):
     @property
     def learnable(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
+
+    @property
+    def dino_part(self) -> str:
+        """Which DINOv2 tokens its batch holds (``needs_dino``): ``patches`` or ``cls``."""
+        return "patches"
 
     @property
     def requires_category(self) -> bool:

@@ -83,7 +83,9 @@ def prompt_fingerprint(prompt: Prompt | None) -> str:
     SHA-256 of its tensors; ``none`` for featurizers without prompts."""
     if prompt is None:
         return "none"
-    h = hashlib.sha256(json.dumps({k: v for k, v in asdict(prompt.config).items() if k != "training"}, sort_keys=True, default=str).encode())
+    late = {"cpm_input"}  # fields added later: absent (None) they leave earlier fingerprints (and stored maps) as they were
+    cfg = {k: v for k, v in asdict(prompt.config).items() if k != "training" and not (k in late and v is None)}
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     for k, v in prompt.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().float().cpu().contiguous().numpy().tobytes())

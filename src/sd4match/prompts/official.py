@@ -10,7 +10,10 @@ prompt folders.
 - CPM: ``ckpt.pt``, the state dict ``{global_embeds, positional_embedding, alpha_cond,
   linear_C.weight, linear_C.bias, linear_N.weight, linear_N.bias}``; ``global_embeds`` is
   absent when the global length is 0 (``...-G0-C50``); the lengths are read from the shapes.
-  The official Head and Img modes (one ``linear`` layer) are refused by name.
+  The official Head and Img modes (one ``linear`` layer) become ``cpm`` with
+  ``cpm_input="cls"`` (Pair-Head) or ``cpm-image`` (Img-Feat, Img-Head); the mode comes
+  from the folder name (``CPM_<data>_sd2-1_<Pair|Img>-DINO-<Feat|Head>-G<n>-C<n>``) or
+  ``cpm_config``. CLIP-conditioned CPMs are refused by name.
 
 A Single/Class file is told from a HiddenState one by its first row: an embedding-layer
 sequence starts with the text encoder's own BOS row (token + position embedding, fixed,
@@ -38,8 +41,6 @@ from sd4match.prompts.base import PROMPT_CLASSES, read_prompt_config, read_promp
 from sd4match.prompts.build import bridge_for, make_prompt
 
 CPM_KEYS = ("global_embeds", "positional_embedding", "alpha_cond", "linear_C.weight", "linear_C.bias", "linear_N.weight", "linear_N.bias")
-#: ``global_embeds`` is absent in G0 files
-CPM_REQUIRED = CPM_KEYS[1:]
 #: how far the first row of an embedding-layer file may be from the BOS row (fp16 round trips)
 BOS_TOLERANCE = 1e-2
 IMPORT_KINDS: tuple[str, ...] = typing.get_args(ImportKind)
@@ -121,7 +122,8 @@ def _check_token_file(path: Path, seqs: dict[str, torch.Tensor], bridge) -> None
                             f"(a HiddenState file: use --kind hidden) or was made for another text encoder")
 
 
-def import_official(path: str | Path, kind: str, featurizer, out: str | Path, *, dino: str | None = "dinov2-b", dino_dim: int | None = None) -> Path:
+def import_official(path: str | Path, kind: str, featurizer, out: str | Path, *, dino: str | None = "dinov2-b", dino_dim: int | None = None,
+                    cpm_config: str | None = None) -> Path:
     """Turn a released official prompt file into a prompt folder at ``out``; return ``out``.
 
     Args:
@@ -131,6 +133,10 @@ def import_official(path: str | Path, kind: str, featurizer, out: str | Path, *,
         featurizer: the ``SDFeaturizer`` the prompt is for (its text encoder's width and rows).
         dino: the DINOv2 the CPM takes its tokens from (recorded in the folder).
         dino_dim: that DINOv2's token width, when known (the file must fit it).
+        cpm_config: the official captioner config, ``<Pair|Img>-DINO-<Feat|Head>-G<n>-C<n>``
+            (default: read from the file's folder name when it is an official one, else
+            told from the file's keys where they tell: Pair-Feat has linear_C and linear_N,
+            Pair-Head a ``linear`` layer twice the DINOv2 width wide).
 
     ``load_prompt(out, featurizer)`` then gives the official code's embeddings.
     """
@@ -172,33 +178,7 @@ def import_official(path: str | Path, kind: str, featurizer, out: str | Path, *,
             prompt = make_prompt("hidden-category", featurizer, categories=list(per))
             state = {"states": torch.cat([per[c] for c in prompt.config.categories])}
     else:
-        if "linear.weight" in data:
-            raise Sd4MatchError(f"{path}: a CPM of the official Head or Img mode (one 'linear' layer): this release imports the "
-                                f"Pair-DINO-Feat CPM (linear_C and linear_N) only")
-        missing = [k for k in CPM_REQUIRED if k not in data]
-        extra = sorted(set(data) - set(CPM_KEYS))
-        if missing or extra:
-            what = f"lacks {', '.join(missing)}" if missing else f"holds unexpected {', '.join(extra)}"
-            raise Sd4MatchError(f"{path}: not a CPM checkpoint: it {what}")
-        pe, ac = data["positional_embedding"], data["alpha_cond"]
-        wc, wn = data["linear_C.weight"], data["linear_N.weight"]
-        d = bridge.dim
-        ge = data.get("global_embeds", torch.zeros(1, 0, d))  # G0: no global rows
-        if ge.ndim != 3 or ge.shape[0] != 1 or ge.shape[2] != d:
-            raise Sd4MatchError(f"{path}: global_embeds is {tuple(ge.shape)}, expected (1, G, {d}) for this text encoder")
-        if pe.ndim != 3 or pe.shape[0] != 1 or pe.shape[2] != d or ac.shape != pe.shape:
-            raise Sd4MatchError(f"{path}: positional_embedding {tuple(pe.shape)} and alpha_cond {tuple(ac.shape)} must both be (1, C, {d})")
-        if wc.ndim != 2 or wc.shape[0] != d or wc.shape[1] % 2 or data["linear_C.bias"].shape != (d,):
-            raise Sd4MatchError(f"{path}: linear_C is {tuple(wc.shape)}, expected ({d}, 2 x DINOv2 width)")
-        if wn.ndim != 2 or wn.shape[0] != wn.shape[1] or data["linear_N.bias"].shape != (wn.shape[0],):
-            raise Sd4MatchError(f"{path}: linear_N is {tuple(wn.shape)}, expected (P, P) with P DINOv2 patches")
-        want, dino_dim, n_global, n_cond = dino_dim, wc.shape[1] // 2, ge.shape[1], pe.shape[1]
-        if want is not None and want != dino_dim:
-            raise Sd4MatchError(f"{path}: made for {dino_dim}-d DINOv2 tokens, but {dino} gives {want}-d ones")
-        if n_global + n_cond > n:
-            raise Sd4MatchError(f"{path}: {n_global} global + {n_cond} conditional rows do not fit CLIP's {n} learnable positions")
-        prompt = make_prompt("cpm", featurizer, dino_dim=dino_dim, n_patches=wn.shape[0], n_global=n_global, n_cond=n_cond, dino_model=dino)
-        state = {k: v.float() for k, v in data.items()}
+        prompt, state = _cpm_from_file(path, data, featurizer, bridge, dino=dino, dino_dim=dino_dim, cpm_config=cpm_config)
     try:
         prompt.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -207,6 +187,68 @@ def import_official(path: str | Path, kind: str, featurizer, out: str | Path, *,
     prompt.config.training = {"imported_from": {"file": path.name, "sha256": file_sha256(path), "kind": kind,
                                                 "source": "ActiveVisionLab/SD4Match pretrained_prompts.zip format"}}
     return prompt.save(out)
+
+
+#: ``<Pair|Img>-<DINO|CLIP>-<Feat|Head>-G<n>-C<n>``: the official ``--captioner_config``
+CPM_CONFIG = re.compile(r"^(?P<mode>Pair|Img)-(?P<extractor>DINO|CLIP)-(?P<type>Feat|Head)-G(?P<g>[0-9]+)-C(?P<c>[0-9]+)$")
+
+
+def _cpm_from_file(path: Path, data: dict, featurizer, bridge, *, dino, dino_dim, cpm_config):
+    """The CPM prompt (``cpm`` or ``cpm-image``) a released ``ckpt.pt`` is, and its state."""
+    if cpm_config is None:
+        m = OFFICIAL_NAME.match(path.parent.name)
+        cpm_config = m["what"] if m is not None and CPM_CONFIG.match(m["what"]) else None
+    d = bridge.dim
+    if cpm_config is not None:
+        c = CPM_CONFIG.match(cpm_config)
+        if c is None:
+            raise Sd4MatchError(f"--cpm-config {cpm_config}: expected <Pair|Img>-DINO-<Feat|Head>-G<n>-C<n> (e.g. Pair-DINO-Feat-G25-C50)")
+        if c["extractor"] != "DINO":
+            raise Sd4MatchError(f"{path}: a CPM on CLIP image features ({cpm_config}): this release conditions on DINOv2 only")
+        mode, ftype = c["mode"], c["type"]
+    elif "linear_C.weight" in data:
+        mode, ftype = "Pair", "Feat"
+    elif "linear.weight" in data and dino_dim is not None and data["linear.weight"].ndim == 2 and data["linear.weight"].shape[1] == 2 * dino_dim:
+        mode, ftype = "Pair", "Head"
+    elif "linear.weight" in data:
+        raise Sd4MatchError(f"{path}: a CPM with one 'linear' layer is an official Img-Feat, Img-Head or Pair-Head file, which its keys "
+                            f"cannot tell apart: name it with --cpm-config (e.g. Img-DINO-Feat-G25-C50), or keep the official folder name")
+    else:
+        mode, ftype = "Pair", "Feat"
+    lin = ("linear_C", "linear_N") if (mode, ftype) == ("Pair", "Feat") else ("linear",)
+    keys = ["positional_embedding", "alpha_cond"] + [f"{n}.{w}" for n in lin for w in ("weight", "bias")]
+    missing = [k for k in keys if k not in data]
+    extra = sorted(set(data) - set(keys) - {"global_embeds"})
+    if missing or extra:
+        what = f"lacks {', '.join(missing)}" if missing else f"holds unexpected {', '.join(extra)}"
+        raise Sd4MatchError(f"{path}: not a {mode}-DINO-{ftype} CPM checkpoint: it {what}")
+    pe, ac = data["positional_embedding"], data["alpha_cond"]
+    ge = data.get("global_embeds", torch.zeros(1, 0, d))  # G0: no global rows
+    if ge.ndim != 3 or ge.shape[0] != 1 or ge.shape[2] != d:
+        raise Sd4MatchError(f"{path}: global_embeds is {tuple(ge.shape)}, expected (1, G, {d}) for this text encoder")
+    if pe.ndim != 3 or pe.shape[0] != 1 or pe.shape[2] != d or ac.shape != pe.shape:
+        raise Sd4MatchError(f"{path}: positional_embedding {tuple(pe.shape)} and alpha_cond {tuple(ac.shape)} must both be (1, C, {d})")
+    first = data[f"{lin[0]}.weight"]
+    pictures = 2 if mode == "Pair" else 1
+    if first.ndim != 2 or first.shape[0] != d or first.shape[1] % pictures or data[f"{lin[0]}.bias"].shape != (d,):
+        raise Sd4MatchError(f"{path}: {lin[0]} is {tuple(first.shape)}, expected ({d}, {pictures} x DINOv2 width)")
+    n_patches = 256
+    if "linear_N.weight" in data:
+        wn = data["linear_N.weight"]
+        if wn.ndim != 2 or wn.shape[0] != wn.shape[1] or data["linear_N.bias"].shape != (wn.shape[0],):
+            raise Sd4MatchError(f"{path}: linear_N is {tuple(wn.shape)}, expected (P, P) with P DINOv2 patches")
+        n_patches = wn.shape[0]
+    want, width, n_global, n_cond = dino_dim, first.shape[1] // pictures, ge.shape[1], pe.shape[1]
+    if want is not None and want != width:
+        raise Sd4MatchError(f"{path}: made for {width}-d DINOv2 tokens, but {dino} gives {want}-d ones")
+    if n_global + n_cond > bridge.length - 2:
+        raise Sd4MatchError(f"{path}: {n_global} global + {n_cond} conditional rows do not fit CLIP's {bridge.length - 2} learnable positions")
+    if cpm_config is not None and (int(c["g"]), int(c["c"])) != (n_global, n_cond):
+        raise Sd4MatchError(f"{path}: {cpm_config} says G{c['g']}-C{c['c']}, but the file holds {n_global} global and {n_cond} conditional rows")
+    kind = "cpm" if mode == "Pair" else "cpm-image"
+    prompt = make_prompt(kind, featurizer, dino_dim=width, n_patches=n_patches, n_global=n_global, n_cond=n_cond, dino_model=dino,
+                         cpm_input="patches" if ftype == "Feat" else "cls")
+    return prompt, {k: v.float() for k, v in data.items()}
 
 
 def describe_prompt(folder: str | Path) -> str:
@@ -219,7 +261,8 @@ def describe_prompt(folder: str | Path) -> str:
     if cfg.categories:
         lines.append(f"  categories ({len(cfg.categories)}): {', '.join(cfg.categories)}")
     if PROMPT_CLASSES[cfg.kind].needs_dino:
-        lines.append(f"  CPM: {cfg.n_global} global + {cfg.n_cond} conditional rows, DINOv2 {cfg.dino_model or '?'} ({cfg.dino_dim}-d, {cfg.n_patches} patches)")
+        lines.append(f"  CPM: {cfg.n_global} global + {cfg.n_cond} conditional rows from DINOv2 {cfg.dino_model or '?'} "
+                     f"{cfg.cpm_input or 'patches'} tokens ({cfg.dino_dim}-d, {cfg.n_patches} patches)")
     if cfg.timestep is not None or cfg.up_block is not None:
         lines.append(f"  trained at timestep {cfg.timestep}, up_blocks[{cfg.up_block}]")
     if cfg.training:
