@@ -153,7 +153,7 @@ def load_model(model: ModelConfig):
 
     dev = pick_device(model.device)
     kw = {"timestep": model.timestep, "up_block": model.up_block, "ensemble": model.ensemble, "max_batch": model.max_batch,
-          "compile": model.compile == "on" or (model.compile == "auto" and dev.type == "cuda"), "dino_input": model.dino_input, "dino_pos": model.dino_pos}
+          "compile": model.compile == "on" or (model.compile == "auto" and dev.type == "cuda"), "dino_input": model.dino_input, "dino_pos": model.dino_pos, "noise_schedule": model.noise_schedule}
     if model.model_config:
         kw["config"] = model.model_config
     if model.resolution:
@@ -450,7 +450,7 @@ def cmd_evaluate(args) -> int:
     recs = check_splits(cfg.dataset, cfg.root, [cfg.split])[cfg.split]
     if cfg.limit:
         recs = recs[: cfg.limit]
-    request = {**{k: getattr(model, k) for k in ("model", "model_config", "dtype", "timestep", "up_block", "ensemble", "resolution")},
+    request = {**{k: getattr(model, k) for k in ("model", "model_config", "dtype", "timestep", "up_block", "ensemble", "resolution", "noise_schedule")},
                "dino": args.dino, "dino_input": model.dino_input, "dino_pos": model.dino_pos}
     check_evaluation_folder(args.out, resume=args.resume, cfg=cfg, request=request)
     feat = load_model(model)

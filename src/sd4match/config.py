@@ -113,6 +113,8 @@ DinoPos = Literal["official", "transformers"]
 CpmInput = Literal["patches", "cls", "mean"]
 DINO_POS_HELP = ("DINOv2 position embeddings: official (the DINOv2 authors' and transformers 4.35 interpolation, the released CPM prompts' environment) or transformers (the installed version's)")
 DEFAULT_ALPHAS: tuple[float, ...] = (0.05, 0.1, 0.15)
+NOISE_SCHEDULE_TEXT = ("noise at t through the model's own scheduler (model), or <class>[:<beta schedule>]: DDPM, DDIM, PNDM, Euler, "
+                       "EulerAncestral, DPMSolver, LMS, Heun; linear, scaled_linear, squaredcos_cap_v2 (e.g. DDIM, model:linear)")
 #: What matching and the loss compare (``sd4match.matching.SIMILARITIES``).
 Similarity = Literal["cosine", "dot"]
 SIMILARITY_HELP = "cosine (descriptors L2-normalised, the official default) or dot (raw dot products: the official dift/fuseDino configs)"
@@ -162,6 +164,7 @@ class ModelConfig:
     timestep: int = setting(261, "noise level t (the official test script uses 50)")
     up_block: int = setting(1, "read the output of unet.up_blocks[k]")
     ensemble: int = setting(8, "noisy copies averaged per picture")
+    noise_schedule: str = setting("model", NOISE_SCHEDULE_TEXT)
     resolution: int | None = setting(None, "square working size", default_text="768 for SD, 512 for effnet-lite0, 840 for DINOv2")
     max_batch: int = setting(32, "UNet samples (pictures x ensemble) per call")
     compile: CompileMode = setting("off", "torch.compile the early-exit UNet and the VAE encoder (auto: on CUDA; compiling takes about a minute, "
@@ -248,6 +251,7 @@ class TrainConfig:
     timestep: int = setting(261, "noise level t")
     up_block: int = setting(1, "feature block k: the output of unet.up_blocks[k]")
     ensemble: int = setting(1, "noisy copies in training")
+    noise_schedule: str = setting("model", NOISE_SCHEDULE_TEXT)
     resolution: int = setting(768, "working size")
     temperature: float = setting(0.04, "softmax temperature of the loss")
     similarity: Similarity = setting("cosine", "what the loss compares: " + SIMILARITY_HELP)

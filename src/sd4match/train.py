@@ -136,11 +136,12 @@ class Trainer:
         # 1. the frozen models
         dev = pick_device(cfg.device)
         wdt = pick_dtype(cfg.dtype, dev) if cfg.amp_dtype is None else torch.float32
-        self.feat = featurizer or load_featurizer(cfg.model, timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble,
+        self.feat = featurizer or load_featurizer(cfg.model, timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, noise_schedule=cfg.noise_schedule,
                                                   resolution=cfg.resolution, amp_dtype=cfg.amp_dtype).to(dev, wdt)
         if not (self.feat.takes_prompt and self.feat.has_posterior):
             raise Sd4MatchError(f"{cfg.model}: prompts are learned for Stable Diffusion (or SD+DINOv2) models, not {self.feat.model_id}")
         self.feat.reconfigure(timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, resolution=cfg.resolution, amp_dtype=cfg.amp_dtype,
+                              noise_schedule=cfg.noise_schedule,
                               compile=cfg.compile == "on" or (cfg.compile == "auto" and torch.device(dev).type == "cuda"))
         self.dino = (dino or DinoFeaturizer.from_pretrained(cfg.dino, pos=cfg.dino_pos).to(dev, wdt)) if kind.needs_dino else None
         # 2. the data

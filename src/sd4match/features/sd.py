@@ -47,6 +47,7 @@ class SDFeaturizerConfig:
     amp_dtype: str | None = None  # "bf16" / "fp16": autocast; None: the modules' own dtype (see ``.to(dtype=...)``)
     compile: bool = False  # torch.compile the early-exit UNet function and the VAE encoder
     vae_batch: int = 8  # most pictures per VAE call
+    noise_schedule: str = "model"  # the model's own scheduler, or <Class>[:<beta schedule>] (NOISE_SCHEDULERS, BETA_SCHEDULES)
 
 
 class _EarlyExit(Exception):
@@ -54,6 +55,25 @@ class _EarlyExit(Exception):
 
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}
+
+#: ``--noise-schedule`` classes: short name -> diffusers scheduler class
+NOISE_SCHEDULERS = {"DDPM": "DDPMScheduler", "DDIM": "DDIMScheduler", "PNDM": "PNDMScheduler", "Euler": "EulerDiscreteScheduler",
+                    "EulerAncestral": "EulerAncestralDiscreteScheduler", "DPMSolver": "DPMSolverMultistepScheduler", "LMS": "LMSDiscreteScheduler",
+                    "Heun": "HeunDiscreteScheduler"}
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+NOISE_SCHEDULE_HELP = (f"noise at t through the model's own scheduler (model), or <class>[:<beta schedule>] with class in "
+                       f"{', '.join(NOISE_SCHEDULERS)} and beta schedule in {', '.join(BETA_SCHEDULES)} (e.g. DDIM, Euler:linear, model:squaredcos_cap_v2)")
+
+
+def parse_noise_schedule(text: str) -> tuple[str | None, str | None]:
+    """``model`` -> (None, None); ``DDIM`` -> ("DDIM", None); ``Euler:linear`` -> ("Euler", "linear");
+    ``model:linear`` -> (None, "linear"): the model's class with another beta schedule."""
+    name, _, beta = str(text).partition(":")
+    if name != "model" and name not in NOISE_SCHEDULERS:
+        raise Sd4MatchError(f"--noise-schedule {text}: unknown scheduler {name!r}; expected model or one of {', '.join(NOISE_SCHEDULERS)}")
+    if beta and beta not in BETA_SCHEDULES:
+        raise Sd4MatchError(f"--noise-schedule {text}: unknown beta schedule {beta!r}; expected one of {', '.join(BETA_SCHEDULES)}")
+    return (None if name == "model" else name), (beta or None)
 
 
 def early_exit_supported(unet) -> bool:
@@ -63,13 +83,19 @@ def early_exit_supported(unet) -> bool:
             and not getattr(c, "center_input_sample", False) and getattr(unet, "time_embedding", None) is not None)
 
 
-def unet_up_to(unet, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, k: int) -> torch.Tensor:
+def unet_up_to(unet, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, k: int,
+               keep: Sequence[int] | None = None) -> torch.Tensor | dict[int, torch.Tensor]:
     """The output of ``unet.up_blocks[k]``: the UNet's public blocks called in the order of
-    ``UNet2DConditionModel.forward``, stopping after block k (SD 1.x / 2.x UNets).
+    ``UNet2DConditionModel.forward``, stopping after block k (SD 1.x / 2.x UNets). With
+    ``keep``, {i: output of ``up_blocks[i]``} for every i in ``keep`` (k = max(keep)), from
+    the one pass.
 
     Shape:
         sample: (N, 4, h, w); timestep: (N,); encoder_hidden_states: (N, L, D) -> (N, C, h', w').
     """
+    if keep is not None:
+        k = max(keep)
+    kept: dict[int, torch.Tensor] = {}
     forward_upsample_size = any(d % (2**unet.num_upsamplers) for d in sample.shape[-2:])
     emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
     if unet.time_embed_act is not None:
@@ -94,7 +120,9 @@ def unet_up_to(unet, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidde
             sample = blk(hidden_states=sample, temb=emb, res_hidden_states_tuple=skip, encoder_hidden_states=ehs, upsample_size=upsample_size)
         else:
             sample = blk(hidden_states=sample, temb=emb, res_hidden_states_tuple=skip, upsample_size=upsample_size)
-    return sample
+        if keep is not None and i in keep:
+            kept[i] = sample
+    return kept if keep is not None else sample
 
 
 def _vae_posterior(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,6 +159,7 @@ class SDFeaturizer(Featurizer):
         self._compiled: dict = {}
         self._meta: dict = {}  # modules' dtype and device, read once (diffusers walks every module to tell them)
         self._bridge: TextEncoderBridge | None = None
+        self._schedulers: dict = {}  # --noise-schedule name -> scheduler
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -161,6 +190,7 @@ class SDFeaturizer(Featurizer):
         max_batch: int = 32,
         amp_dtype: str | None = None,
         compile: bool = False,
+        noise_schedule: str = "model",
         config: str | Path | None = None,
         local_files_only: bool | None = None,
     ) -> "SDFeaturizer":
@@ -180,11 +210,14 @@ class SDFeaturizer(Featurizer):
         if res.kind == "builtin":
             raise Sd4MatchError(f"{model}: not a Stable Diffusion model (use sd4match.features.load_featurizer)")
         parts = load_sd_components(res, config=config, local_files_only=local_files_only)
-        cfg = SDFeaturizerConfig(timestep, up_block, ensemble, deterministic_latent, resolution, max_batch, amp_dtype, compile)
+        parse_noise_schedule(noise_schedule)  # named before any weights load
+        cfg = SDFeaturizerConfig(timestep, up_block, ensemble, deterministic_latent, resolution, max_batch, amp_dtype, compile,
+                                 noise_schedule=noise_schedule)
         return cls(*parts, config=cfg, model_id=res.model_id)
 
     # ------------------------------------------------------------------ settings
     def _check_config(self, c: SDFeaturizerConfig) -> None:
+        parse_noise_schedule(c.noise_schedule)
         n_up = len(self.unet.up_blocks)
         if not 0 <= c.up_block < n_up:
             raise Sd4MatchError(f"up_block must be in 0..{n_up - 1} for this UNet, got {c.up_block}")
@@ -217,14 +250,22 @@ class SDFeaturizer(Featurizer):
 
     @property
     def grid_size(self) -> tuple[int, int]:
+        return self.grid_of(self.config.up_block)
+
+    def grid_of(self, up_block: int) -> tuple[int, int]:
+        """The (w, h) feature grid of ``up_blocks[up_block]`` at this resolution."""
         side = self.config.resolution // self.latent_factor
         for blk in self.unet.down_blocks:
             if getattr(blk, "downsamplers", None):
                 side = (side + 1) // 2
-        for blk in self.unet.up_blocks[: self.config.up_block + 1]:
+        for blk in self.unet.up_blocks[: up_block + 1]:
             if getattr(blk, "upsamplers", None):
                 side *= 2
         return side, side
+
+    def dim_of(self, up_block: int) -> int:
+        """The channels of ``up_blocks[up_block]``'s output."""
+        return self.unet.up_blocks[up_block].resnets[-1].out_channels
 
     def cell_map(self, image_size) -> CellMap:
         """The official mapping (``CellMap.corners``): x' = x * R / W into the R x R working
@@ -233,8 +274,7 @@ class SDFeaturizer(Featurizer):
 
     @property
     def feature_dim(self) -> int:
-        blk = self.unet.up_blocks[self.config.up_block]
-        return blk.resnets[-1].out_channels
+        return self.dim_of(self.config.up_block)
 
     @property
     def prompt_dim(self) -> int:
@@ -260,6 +300,8 @@ class SDFeaturizer(Featurizer):
         s = asdict(self.config)
         for k in ("max_batch", "compile", "vae_batch"):
             s.pop(k)
+        if s["noise_schedule"] == "model":  # the default leaves the keys of stored maps as they were
+            s.pop("noise_schedule")
         return {"featurizer": "sd", "model": self.model_id, **s, "dtype": str(self._module_meta("unet")[0]).replace("torch.", "")}
 
     def posterior_settings(self) -> dict:
@@ -327,49 +369,87 @@ class SDFeaturizer(Featurizer):
             z, noise = torch.cat(zs), torch.cat(noises)
         lat = (z * self.vae.config.scaling_factor).repeat_interleave(e, dim=0)
         t = torch.full((lat.shape[0],), self.config.timestep, device=lat.device, dtype=torch.long)
-        return self.scheduler.add_noise(lat, noise, t), t
+        return self.add_noise(lat, noise, t), t
 
-    def unet_features(self, noisy: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        """The output of ``up_blocks[k]`` for every sample, in calls of up to ``max_batch``.
+    def noise_scheduler(self):
+        """The scheduler that noises latents (``noise_schedule``): the model's own, or a
+        diffusers class / beta schedule built from the model's scheduler config."""
+        name = self.config.noise_schedule
+        if name == "model":
+            return self.scheduler
+        if name not in self._schedulers:
+            import diffusers
+
+            cls_name, beta = parse_noise_schedule(name)
+            cls = type(self.scheduler) if cls_name is None else getattr(diffusers, NOISE_SCHEDULERS[cls_name])
+            self._schedulers[name] = cls.from_config(self.scheduler.config, **({"beta_schedule": beta} if beta else {}))
+        return self._schedulers[name]
+
+    def add_noise(self, lat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The scheduler's ``add_noise`` at t. Schedulers that noise as x + sigma * noise
+        (Euler, LMS, Heun: ``init_noise_sigma`` > 1) are scaled as their
+        ``scale_model_input`` scales the UNet's input, by 1 / sqrt(sigma^2 + 1): the UNet then
+        sees sqrt(a) x + sqrt(1 - a) noise as with every other scheduler, a = its cumulative
+        alpha at t. So features depend only on the cumulative alphas."""
+        sched = self.noise_scheduler()
+        noisy = sched.add_noise(lat, noise, t)
+        if float(getattr(sched, "init_noise_sigma", 1.0)) > 1.0:
+            a = sched.alphas_cumprod.to(lat.device, torch.float32)[t].view(-1, *([1] * (lat.ndim - 1)))
+            noisy = noisy * a.sqrt().to(noisy.dtype)  # 1 / sqrt(sigma^2 + 1) with sigma^2 = (1 - a) / a
+        return noisy
+
+    def unet_features(self, noisy: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
+                      layers: Sequence[int] | None = None) -> torch.Tensor | dict[int, torch.Tensor]:
+        """The output of ``up_blocks[k]`` for every sample, in calls of up to ``max_batch``;
+        with ``layers``, {k: output} of each of them from one pass per call.
 
         Shape:
             noisy: (N, 4, h, w); t: (N,); prompt_embeds: (N, 77, D) -> (N, C, h', w') fp32.
         """
-        outs = []
+        outs: list = []
         dt = self._module_meta("unet")[0]
         with self._autocast(noisy.device):
             for i in range(0, noisy.shape[0], self.config.max_batch):
                 sl = slice(i, i + self.config.max_batch)
-                outs.append(self._up_to(noisy[sl].to(dt), t[sl], prompt_embeds[sl].to(dt)).float())
-        return torch.cat(outs)
+                outs.append(self._up_to(noisy[sl].to(dt), t[sl], prompt_embeds[sl].to(dt), layers))
+        if layers is None:
+            return torch.cat([o.float() for o in outs])
+        return {k: torch.cat([o[k].float() for o in outs]) for k in layers}
 
-    def _up_to(self, sample, t, ehs) -> torch.Tensor:
-        k = self.config.up_block
+    def _up_to(self, sample, t, ehs, layers: Sequence[int] | None = None):
+        keep = tuple(sorted(set(layers))) if layers is not None else None
+        k = self.config.up_block if keep is None else keep[-1]
         if early_exit_supported(self.unet):
             if self.config.compile:
-                fn = self._compiled_fn(("unet", k), lambda: torch.compile(unet_up_to))
-                return fn(self.unet, sample, t, ehs, k)
-            return unet_up_to(self.unet, sample, t, ehs, k)
-        return self._hooked(sample, t, ehs)
+                fn = self._compiled_fn(("unet", k, keep), lambda: torch.compile(unet_up_to))
+                return fn(self.unet, sample, t, ehs, k, keep)
+            return unet_up_to(self.unet, sample, t, ehs, k, keep)
+        return self._hooked(sample, t, ehs, keep or (k,)) if keep is not None else self._hooked(sample, t, ehs, (k,))[k]
 
-    def _hooked(self, sample, t, ehs) -> torch.Tensor:
-        """The fallback: the full forward with a hook on up_blocks[k] that exists only during this call."""
-        box: list = []
+    def _hooked(self, sample, t, ehs, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """The fallback: the full forward with hooks on the ``up_blocks`` asked for, which exist
+        only during this call; the deepest one stops the forward."""
+        box: dict[int, torch.Tensor] = {}
+        last = max(layers)
 
-        def capture(module, args, output):
-            box.append(output[0] if isinstance(output, tuple) else output)
-            raise _EarlyExit
+        def capture(i):
+            def hook(module, args, output):
+                box[i] = output[0] if isinstance(output, tuple) else output
+                if i == last:
+                    raise _EarlyExit
+            return hook
 
-        h = self.unet.up_blocks[self.config.up_block].register_forward_hook(capture)
+        hs = [self.unet.up_blocks[i].register_forward_hook(capture(i)) for i in layers]
         try:
             self.unet(sample, t, encoder_hidden_states=ehs, return_dict=False)
         except _EarlyExit:
             pass
         finally:
-            h.remove()
-        if not box:  # pragma: no cover - the hook always fires
-            raise RuntimeError("the up_blocks hook did not fire")
-        return box[0]
+            for h in hs:
+                h.remove()
+        if len(box) != len(set(layers)):  # pragma: no cover - the hooks always fire
+            raise RuntimeError("the up_blocks hooks did not fire")
+        return box
 
     def _compiled_fn(self, name, make):
         if name not in self._compiled:
@@ -392,8 +472,11 @@ class SDFeaturizer(Featurizer):
         text: Sequence[str] | None = None,
         generator: Generators = None,
         posteriors: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Feature maps of ``images``.
+        layers: Sequence[int] | None = None,
+    ) -> torch.Tensor | dict[int, torch.Tensor]:
+        """Feature maps of ``images``; with ``layers``, {k: maps of ``up_blocks[k]``} for each,
+        from one early-exit pass that stops at the deepest (the same draws, so each equals
+        the single-layer call with ``up_block=k``).
 
         Args:
             images: (B, 3, H, W) float tensor in [0, 1], or a list of PIL images (None when
@@ -427,6 +510,12 @@ class SDFeaturizer(Featurizer):
         with torch.no_grad():
             noisy, t = self.noisy_latents(mean, std, generator)
         cond = prompt_embeds.to(dev).expand(b, -1, -1).repeat_interleave(e, dim=0)
+        if layers is not None:
+            n_up = len(self.unet.up_blocks)
+            if not layers or any(not 0 <= k < n_up for k in layers):
+                raise Sd4MatchError(f"layers must be in 0..{n_up - 1} for this UNet, got {list(layers)}")
+            got = self.unet_features(noisy, t, cond, layers)
+            return {k: f.view(b, e, *f.shape[1:]).mean(dim=1) for k, f in got.items()}
         feats = self.unet_features(noisy, t, cond)
         return feats.view(b, e, *feats.shape[1:]).mean(dim=1)
 
