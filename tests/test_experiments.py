@@ -67,3 +67,91 @@ def test_schedules_with_equal_cumulative_alphas_give_identical_features(sd_path)
         with pytest.raises(Sd4MatchError, match=msg):
             feat.reconfigure(noise_schedule=bad)
     assert base
+
+
+class Work:
+    """Counts UNet calls (at conv_in) and the pictures through the VAE (by content)."""
+
+    def __init__(self, feat):
+        import hashlib
+
+        self.unet, self.vae = [], []
+        self.hooks = [feat.unet.conv_in.register_forward_hook(lambda m, a, o: self.unet.append(a[0].shape[0])),
+                      feat.vae.encoder.register_forward_hook(lambda m, a, o: self.vae.extend(hashlib.sha1(x.numpy().tobytes()).hexdigest() for x in a[0]))]
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+
+
+def test_sweep_cells_equal_separate_evaluations_and_a_rerun_computes_nothing(sd_path, willow_root, tmp_path, capsys, monkeypatch):
+    """A 3 x 2 sweep (t x layer) on the real PF-Willow fixture: 6 cells, each with the
+    predictions a separate `evaluate` with its settings writes; the VAE runs once per picture
+    over the whole grid; the two layers of a timestep come from one UNet pass; a rerun runs no
+    model; the plots exist with their axes labelled."""
+    import json
+
+    from sd4match.cli import main
+    from sd4match.config import EvalConfig
+    from sd4match.data import open_dataset
+    from sd4match.sweep import sweep
+
+    recs = open_dataset("pfwillow", willow_root).pairs("test")[:10]
+    n_pics = len({p for r in recs for p in (r.src, r.trg)})
+    feat = SDFeaturizer.from_pretrained(sd_path, resolution=64, ensemble=2)
+    cfg = EvalConfig("pfwillow", str(willow_root), prompt="text", rule="nn", limit=10)
+    w = Work(feat)
+    try:
+        res = sweep(feat, cfg, tmp_path / "s", timesteps=(50, 261, 500), up_blocks=(0, 1), ensembles=(2,), records=recs, progress=False)
+    finally:
+        w.close()
+    assert res["ran"] == 6 and len(res["cells"]) == 6
+    cells = sorted(p.name for p in (tmp_path / "s" / "sweep").iterdir())
+    assert cells == [f"t{t:04d}-b{k}-e2" for t in (50, 261, 500) for k in (0, 1)]
+    assert len(w.vae) == len(set(w.vae)) == n_pics  # each picture through the VAE once, for the whole grid
+    assert len(w.unet) == 3 * -(-n_pics // 16)  # per timestep one pass for both layers: 16 pictures x 2 copies a call
+    base = ["evaluate", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--model", str(sd_path), "--resolution", "64",
+            "--ensemble", "2", "--prompt", "text", "--match", "nn", "--limit", "10", "--device", "cpu", "--no-progress"]
+    for t, k in ((50, 0), (500, 1)):
+        one = tmp_path / f"one-{t}-{k}"
+        assert main(base + ["--timestep", str(t), "--up-block", str(k), "--out", str(one)]) == 0
+        cell = tmp_path / "s" / "sweep" / f"t{t:04d}-b{k}-e2"
+        assert (cell / "predictions.jsonl").read_text() == (one / "predictions.jsonl").read_text()
+        a, b = json.loads((cell / "score.json").read_text()), json.loads((one / "score.json").read_text())
+        assert a["run"]["config"]["settings"] == b["run"]["config"]["settings"]
+        assert {k2: v for k2, v in a.items() if k2 != "run"} == {k2: v for k2, v in b.items() if k2 != "run"}
+    doc = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    best = max(doc["cells"], key=lambda r: r["per_image"]["0.1"])
+    assert doc["best"] == best and "**" in (tmp_path / "s" / "table.md").read_text()
+    assert (tmp_path / "s" / "table.csv").read_text().count("\n") == 7
+    for png in ("pck_vs_t.png", "heatmap.png"):
+        assert (tmp_path / "s" / png).stat().st_size > 10_000
+    capsys.readouterr()
+
+    # the rerun, through the command line: every cell is done, so no model runs
+    w = Work(feat)
+    monkeypatch.setattr("sd4match.cli.load_model", lambda m: feat)
+    try:
+        argv = ["sweep", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--model", str(sd_path), "--resolution", "64",
+                "--ensembles", "2", "--prompt", "text", "--match", "nn", "--limit", "10", "--timesteps", "50,261,500", "--up-blocks", "0,1",
+                "--device", "cpu", "--no-progress", "--out", str(tmp_path / "s")]
+        assert main(argv) == 0
+    finally:
+        w.close()
+    assert w.unet == [] and w.vae == []
+    assert "0 cells evaluated now, 6 read from earlier runs" in capsys.readouterr().out
+    # the same folder with other settings is refused
+    assert main([*argv[:-1], str(tmp_path / "s"), "--protocol", "standard"]) == 2
+    assert "holds a sweep with other settings (protocol)" in capsys.readouterr().err
+
+
+def test_grid_grammar():
+    from sd4match.sweep import parse_grid, parse_names
+
+    assert parse_grid("50,100,261") == (50, 100, 261) and parse_grid("0:1000:250") == (0, 250, 500, 750)
+    assert parse_names("model,DDIM:linear") == ("model", "DDIM:linear")
+    for bad in ("a,b", "10:5:0", "5:1"):
+        with pytest.raises(ValueError):
+            parse_grid(bad)
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        parse_names("Foo")

@@ -297,6 +297,22 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.set_defaults(func=cmd_serve)
 
+    p = command("sweep", "evaluate a grid of timestep x layer (x ensemble x noise schedule); write sweep.json, table.md/csv and plots")
+    p.add_argument("--out", required=True, type=Path, help="folder for sweep/<cell>/, sweep.json, table.md, table.csv, pck_vs_t.png, heatmap.png")
+    p.add_argument("--timesteps", required=True, type=_parser_type(_grid), help="a list (50,100,261) or start:stop:step (stop excluded)")
+    p.add_argument("--up-blocks", required=True, type=_parser_type(_grid), help="layers read, e.g. 0,1,2 (from one UNet pass per timestep)")
+    p.add_argument("--ensembles", type=_parser_type(_grid), default=(8,), help="noisy copies per picture (default: 8)")
+    p.add_argument("--noise-schedules", type=_parser_type(_schedules), default=("model",), help="comma-separated --noise-schedule values "
+                                                                                              "(default: model)")
+    p.add_argument("--dino", default="dinov2-b", help="DINOv2 model for prompts that take its tokens (cpm)")
+    p.add_argument("--cache-dir", type=Path, help="keep VAE posteriors and DINOv2 tokens (and maps) here too, for later runs")
+    p.add_argument("--store-gb", type=float, default=4.0, help="memory for VAE posteriors and DINOv2 tokens, kept for the whole grid")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(p.add_argument_group("evaluation (every cell)"), EvalConfig)
+    _model_args(p, only=("model", "model_config", "device", "dtype", "resolution", "max_batch", "compile", "dino_input", "dino_pos"),
+                compile_default="auto")
+    p.set_defaults(func=cmd_sweep, command_parser=p)
+
     p = command("reproduce", "the paper's Table 1 from the authors' released prompts: import, evaluate every row, write table.md/csv/png")
     p.add_argument("--prompts", required=True, type=Path, help="the authors' pretrained_prompts.zip, or the folder it was unzipped into")
     for ds, label in (("spair", "SPair-71k (the folder holding JPEGImages/)"), ("pfpascal", "PF-Pascal (the folder holding PF-dataset-PASCAL/)"),
@@ -521,6 +537,44 @@ def cmd_serve(args) -> int:
     _check_common(args)
     serve(load_matcher(args), host=args.host, port=args.port, images=args.images, max_upload_bytes=int(args.max_upload_mb * 1e6),
           max_pixels=int(args.max_pixels), max_side=args.max_side)
+    return 0
+
+
+def _grid(text: str) -> tuple[int, ...]:
+    from sd4match.sweep import parse_grid
+
+    return parse_grid(text)
+
+
+def _schedules(text: str) -> tuple[str, ...]:
+    from sd4match.sweep import parse_names
+
+    return parse_names(text)
+
+
+def cmd_sweep(args) -> int:
+    from sd4match.checks import check_splits
+    from sd4match.sweep import sweep
+
+    if args.preset:
+        _apply_preset(args)
+    model = config_from_args(ModelConfig, args, timestep=args.timesteps[0], up_block=args.up_blocks[0], ensemble=args.ensembles[0],
+                             noise_schedule=args.noise_schedules[0])
+    cfg = config_from_args(EvalConfig, args)
+    _check_common(args)
+    recs = check_splits(cfg.dataset, cfg.root, [cfg.split])[cfg.split]
+    if cfg.limit:
+        recs = recs[: cfg.limit]
+    feat = load_model(model)
+    dino = _dino_for(cfg.prompt, args.dino, feat, model.dino_pos)
+    res = sweep(feat, cfg, args.out, timesteps=args.timesteps, up_blocks=args.up_blocks, ensembles=args.ensembles, noise_schedules=args.noise_schedules,
+                dino=dino, records=recs, progress=not args.no_progress, store_gb=args.store_gb, cache_dir=args.cache_dir)
+    if res.get("best"):
+        print((args.out / "table.md").read_text(), end="")
+        b = res["best"]
+        print(f"\n{res['ran']} cells evaluated now, {len(res['cells']) - res['ran']} read from earlier runs; best: t = {b['timestep']}, "
+              f"up_blocks[{b['up_block']}], ensemble {b['ensemble']}, {b['noise_schedule']}: PCK@{res['alpha']} {100 * b['per_image'][res['alpha']]:.2f} "
+              f"per image; plots: {args.out / 'pck_vs_t.png'}, {args.out / 'heatmap.png'}")
     return 0
 
 

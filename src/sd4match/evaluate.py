@@ -39,6 +39,7 @@ from sd4match.config import EVAL_PRESETS, EvalConfig, MatchConfig, as_dict
 from sd4match.data import open_dataset
 from sd4match.data.records import PairRecord
 from sd4match.errors import DataError, Sd4MatchError, first_line
+from sd4match.features.sd import SDLayerStack
 from sd4match.fileio import atomic_write_text
 from sd4match.matching import match_pixels
 from sd4match.metrics import format_table, score, write_predictions
@@ -80,10 +81,15 @@ def predict_pairs(featurizer, prompt: Prompt | None, records: Sequence[PairRecor
                for m in matches}
         return got if several else got[matches[0].rule]
 
+    yield from _stream(batcher, prompt, records, root, predict, workers=workers, chunk=chunk, progress=progress)
+
+
+def _stream(batcher: Batcher, prompt, records, root, consume, *, workers: int, chunk: int, progress: bool):
+    """(pair id, what ``consume(record, src map, trg map)`` returned, or the pair's error), in order."""
     bar = tqdm(total=len(records), unit="pair", desc="evaluate", disable=not progress, smoothing=0.05)
     loaded = prefetch(records, lambda r: batcher.load_pair(root, r), workers=workers, ahead=2 * chunk)
     try:
-        for entry in batcher.stream(prompt, loaded, predict):
+        for entry in batcher.stream(prompt, loaded, consume):
             bar.update(1)
             yield entry.record.id, entry.error if entry.error is not None else entry.result
     finally:
@@ -204,7 +210,14 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
         bad = gather_dicts(bad)
         if rank != 0:
             return Evaluation(out, settings, None)
-    seconds = time.perf_counter() - t0
+    doc = _finish(out, cfg, records, done, mine, bad, settings, world, time.perf_counter() - t0)
+    return Evaluation(out, settings, doc)
+
+
+def _finish(out: Path, cfg: EvalConfig, records, done: dict, mine: dict, bad: dict, settings: dict, world: int, seconds: float) -> dict:
+    """Write ``predictions.jsonl`` (one per rule with ``--match all``) and ``score.json`` of a
+    finished run, and remove its partial files; return the score document."""
+    rules = [m.rule for m in cfg.matches]
     # every prediction goes through the same JSON round trip, resumed or not
     by_rule: dict[str, dict] = {}
     for rule in rules:
@@ -229,7 +242,56 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
     for f in out.glob(PARTIAL.replace(".jsonl", "*.jsonl")):
         f.unlink()
     (out / RUN).unlink(missing_ok=True)
-    return Evaluation(out, settings, json.loads(json.dumps(doc, default=str)))
+    return json.loads(json.dumps(doc, default=str))
+
+
+def evaluate_layers(featurizer, cfg: EvalConfig, outs: dict[int, str | Path], *, dino=None, progress: bool = True, records=None,
+                    store: Store | None = None) -> dict[int, Evaluation]:
+    """``evaluate`` at several ``up_blocks`` of one SD featurizer from one UNet pass per
+    picture (``SDLayerStack``): each layer's folder in ``outs`` gets the ``predictions.jsonl``
+    and ``score.json`` that ``evaluate`` with ``up_block=k`` writes (the same draws, the same
+    call shapes: the same predictions). A run that stops starts again (no partial files)."""
+    outs = {int(k): Path(v) for k, v in outs.items()}
+    if records is None:
+        records = open_dataset(cfg.dataset, cfg.root).pairs(cfg.split)
+        if cfg.limit:
+            records = records[: cfg.limit]
+    stack = SDLayerStack(featurizer, list(outs))
+    prompt = resolve_prompt(cfg.prompt, featurizer, dino=dino)
+    rank, world = distributed_rank_world()
+    batcher = Batcher(stack, dino=dino, store=store, seed=cfg.seed)
+    views = {k: stack.view(k) for k in stack.layers}
+    matches = cfg.matches
+
+    def consume(r: PairRecord, fs, ft):
+        ms, mt = stack.unpack(fs), stack.unpack(ft)
+        return {k: {m.rule: match_pixels(views[k], ms[k], mt[k], r.src_kps, r.src_size, r.trg_size, m.rule, **m.kwargs())["kps"].double().cpu().numpy()
+                    for m in matches} for k in stack.layers}
+
+    t0 = time.perf_counter()
+    mine: dict[int, dict[str, dict]] = {k: {} for k in stack.layers}
+    bad: dict[str, str] = {}
+    for pid, got in _stream(batcher, prompt, records[rank::world], cfg.root, consume, workers=cfg.workers, chunk=cfg.chunk,
+                            progress=progress and rank == 0):
+        if isinstance(got, BaseException):
+            if not (cfg.skip_bad and isinstance(got, DataError)):
+                raise got
+            bad[pid] = first_line(got)
+            continue
+        for k in stack.layers:
+            mine[k][pid] = got[k]
+    if world > 1:
+        mine = {k: gather_dicts(v) for k, v in mine.items()}
+        bad = gather_dicts(bad)
+    seconds = time.perf_counter() - t0
+    result = {}
+    for k, out in outs.items():
+        settings = {**featurizer.settings(), "up_block": k}
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        doc = _finish(out, cfg, records, {}, mine[k], bad, settings, world, seconds / len(outs)) if rank == 0 else None
+        result[k] = Evaluation(out, settings, doc)
+    return result
 
 
 def predictions_file(rule: str, several: bool) -> str:

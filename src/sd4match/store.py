@@ -56,13 +56,15 @@ class Store:
     Args:
         max_bytes: memory held at most; the least recently used entries leave first.
         folder: also keep entries here, as ``<folder>/<kind>/<key>.safetensors``.
+        pinned: kinds whose entries leave memory only when no entry of another kind is left.
 
     ``stats`` counts, per kind, ``hit`` (memory), ``disk`` (loaded from disk) and ``miss``.
     Thread-safe.
     """
 
-    def __init__(self, max_bytes: int = 2 << 30, folder: str | Path | None = None):
+    def __init__(self, max_bytes: int = 2 << 30, folder: str | Path | None = None, pinned: tuple[str, ...] = ()):
         self.max_bytes = int(max_bytes)
+        self.pinned = frozenset(pinned)  # kinds that leave memory only when no other kind is left (a sweep keeps its posteriors)
         self.folder = Path(folder) if folder is not None else None
         self._mem: OrderedDict[tuple[str, str], dict[str, torch.Tensor]] = OrderedDict()
         self._bytes = 0
@@ -139,7 +141,8 @@ class Store:
             self._mem[(kind, key)] = tensors
             self._bytes += size
             while self._bytes > self.max_bytes and self._mem:
-                _, dropped = self._mem.popitem(last=False)
+                victim = next((k for k in self._mem if k[0] not in self.pinned), None) if self.pinned else None
+                dropped = self._mem.pop(victim) if victim is not None else self._mem.popitem(last=False)[1]
                 self._bytes -= _nbytes(dropped)
 
     def _read(self, kind: str, key: str) -> dict[str, torch.Tensor] | None:

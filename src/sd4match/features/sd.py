@@ -623,3 +623,83 @@ def _load_single_file(path: Path, *, config, offline: bool):
         hint = "" if config else " Pass --model-config with the diffusers folder or hub id that matches this checkpoint."
         raise Sd4MatchError(f"{path}: cannot load as a Stable Diffusion checkpoint ({msg}).{hint}") from None
     return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
+
+
+class SDLayerStack(Featurizer):
+    """An ``SDFeaturizer`` read at several ``up_blocks`` from one early-exit pass.
+
+    It behaves as its featurizer (prompts, posteriors, batching) and returns each picture's
+    maps of every layer packed into one row (``unpack`` gives them back), so the batching
+    and the store treat the layers as one map; ``view(k)`` maps pixels to layer k's cells.
+
+    Shape:
+        ``forward`` returns (B, sum of C_k h_k w_k) fp32.
+    """
+
+    takes_prompt = True
+    has_posterior = True
+
+    def __init__(self, sd: SDFeaturizer, layers: Sequence[int]):
+        super().__init__()
+        self.sd = sd
+        self.layers = tuple(sorted(set(int(k) for k in layers)))
+        self.model_id = sd.model_id
+
+    config = property(lambda self: self.sd.config)
+    resolution = property(lambda self: self.sd.resolution)  # type: ignore[assignment]
+    grid_size = property(lambda self: self.sd.grid_of(self.layers[-1]))  # type: ignore[assignment]
+    prompt_dim = property(lambda self: self.sd.prompt_dim)
+    text_bridge = property(lambda self: self.sd.text_bridge)
+    max_batch = property(lambda self: self.sd.max_batch)
+    samples_per_picture = property(lambda self: self.sd.samples_per_picture)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sd.device
+
+    @property
+    def feature_dim(self) -> int:
+        return sum(self.sd.dim_of(k) for k in self.layers)
+
+    def settings(self) -> dict:
+        return {**self.sd.settings(), "up_block": list(self.layers)}
+
+    def posterior(self, x):
+        return self.sd.posterior(x)
+
+    def posterior_settings(self) -> dict:
+        return self.sd.posterior_settings()
+
+    def preprocess(self, images):
+        return self.sd.preprocess(images)
+
+    def cell_map(self, image_size) -> CellMap:
+        return self.view(self.layers[-1]).cell_map(image_size)
+
+    def view(self, up_block: int) -> "LayerView":
+        """Layer ``up_block``'s cell mapping (what ``match_pixels`` asks of a featurizer)."""
+        return LayerView(self.sd.grid_of(up_block), self.sd.resolution)
+
+    def forward(self, images=None, *, prompt_embeds=None, text=None, generator=None, posteriors=None) -> torch.Tensor:
+        maps = self.sd(images, prompt_embeds=prompt_embeds, text=text, generator=generator, posteriors=posteriors, layers=self.layers)
+        return torch.cat([maps[k].flatten(1) for k in self.layers], dim=1)
+
+    def unpack(self, packed: torch.Tensor) -> dict[int, torch.Tensor]:
+        """(B, N) packed rows -> {k: (B, C_k, h_k, w_k)}."""
+        out, i = {}, 0
+        for k in self.layers:
+            (w, h), c = self.sd.grid_of(k), self.sd.dim_of(k)
+            out[k] = packed[:, i : i + c * h * w].reshape(packed.shape[0], c, h, w)
+            i += c * h * w
+        return out
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """One layer's grid: its cell mapping (the official corners mapping at ``resolution``)."""
+
+    grid_size: tuple[int, int]
+    resolution: int
+
+    def cell_map(self, image_size) -> CellMap:
+        return CellMap.corners(image_size, self.grid_size, self.resolution)
