@@ -246,3 +246,42 @@ def test_cpm_variants_train(kind, cpm_input, n_global, tiny, willow_root, tmp_pa
     p = load_prompt(out / "last", feat)
     assert (p.kind, p.config.cpm_input, p.config.n_global, p.config.n_cond) == (kind, cpm_input, n_global, 30)
     assert ("global_embeds" in after) == bool(n_global)
+
+
+def test_excluded_categories_are_never_drawn_and_scores_split_seen_from_unseen(tiny, spair_with_images, tmp_path, capsys):
+    """train --exclude-categories on the SPair-71k fixture: no excluded pair over a whole epoch;
+    the prompt records what it saw; evaluate's score.json gives the means over seen and unseen
+    categories, equal to the means of its per-category numbers."""
+    import json
+
+    import numpy as np
+
+    from sd4match.cli import main
+
+    feat = SDFeaturizer.from_pretrained(tiny, resolution=64, ensemble=1)
+    cfg = TrainConfig(dataset="spair", root=str(spair_with_images), prompt="single", model=str(tiny), resolution=64, steps=2, batch_size=1,
+                      micro_batch=1, val_every=0, ckpt_every=1000, device="cpu", exclude_categories=("car",))
+    t = Trainer(cfg, tmp_path / "run", featurizer=feat, progress=False)
+    jobs = t._micro_jobs(0)
+    drawn = [r.category for _ in range(3 * len(t.train_pairs)) for r in next(jobs)[2]]  # three epochs of micro-batches
+    assert drawn and set(drawn) == {"aeroplane"}
+    out = t.run()
+    assert json.loads((out / "last" / "config.json").read_text())["training"]["categories"] == ["aeroplane"]
+    with pytest.raises(Sd4MatchError, match="category 'tiger' is not in spair trn; its categories: aeroplane, car"):
+        Trainer(TrainConfig(**{**cfg.__dict__, "categories": ("tiger",)}), tmp_path / "r2", featurizer=feat, progress=False)
+
+    ev = tmp_path / "eval"
+    assert main(["evaluate", "--dataset", "spair", "--root", str(spair_with_images), "--split", "test", "--prompt", str(out / "last"),
+                 "--model", str(tiny), "--resolution", "64", "--ensemble", "1", "--device", "cpu", "--no-progress", "--out", str(ev)]) == 0
+    doc = json.loads((ev / "score.json").read_text())
+    su = doc["seen_unseen"]
+    assert su["seen"] == ["aeroplane"] and sorted(su["unseen"]) == ["bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair"]
+    for agg in ("per_image", "per_point"):
+        by = doc[agg]["by_category"]
+        for a in ("0.05", "0.1", "0.15"):
+            assert su[agg]["seen"][a] == pytest.approx(by["aeroplane"][a])
+            assert su[agg]["unseen"][a] == pytest.approx(np.mean([by[c][a] for c in su["unseen"]]))
+    assert "mean of unseen categories (8)" in capsys.readouterr().out
+    assert main(["score", "--dataset", "spair", "--root", str(spair_with_images), "--split", "test", "--predictions", str(ev / "predictions.jsonl"),
+                 "--protocol", "sd4match", "--seen", str(out / "last"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["seen_unseen"] == su

@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the score as JSON")
     p.add_argument("--out", type=Path, help="also write the score JSON here")
     p.add_argument("--plot", type=Path, help="write a per-category bar chart (PNG)")
+    p.add_argument("--seen", help="the categories a prompt was trained on (its folder, or a comma-separated list): also report the mean "
+                                  "over seen and over unseen categories")
     p.set_defaults(func=cmd_score)
 
     p = command("datasets", "inspect datasets")
@@ -379,11 +381,13 @@ def cmd_pairs(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from sd4match.metrics import format_table, load_predictions, plot_categories, score
+    from sd4match.metrics import format_table, load_predictions, plot_categories, score, seen_unseen
 
     recs = _open(args).pairs(args.split)
     preds = load_predictions(args.predictions)
     result = score(recs, preds, protocol=args.protocol, alphas=args.alphas, allow_missing=args.allow_missing, where=str(args.predictions))
+    if args.seen:
+        result["seen_unseen"] = seen_unseen(result, _seen_categories(args.seen))
     result["dataset"], result["split"] = args.dataset, args.split
     text = json.dumps(result, indent=2)
     if args.out:
@@ -392,6 +396,19 @@ def cmd_score(args) -> int:
         plot_categories(result, args.plot, title=f"{args.dataset}/{args.split}")
     print(text if args.json else format_table(result, f"{args.dataset}/{args.split}"))
     return 0
+
+
+def _seen_categories(text: str) -> list[str]:
+    """``--seen``: a prompt folder (the categories it was trained on) or a comma-separated list."""
+    if Path(text).is_dir():
+        from sd4match.prompts import read_prompt_config
+
+        cfg = read_prompt_config(text)
+        cats = cfg.training.get("categories") or cfg.categories
+        if not cats:
+            raise Sd4MatchError(f"--seen {text}: the prompt folder does not record the categories it was trained on")
+        return list(cats)
+    return [c.strip() for c in text.split(",") if c.strip()]
 
 
 def cmd_datasets_check(args) -> int:

@@ -120,6 +120,14 @@ Similarity = Literal["cosine", "dot"]
 SIMILARITY_HELP = "cosine (descriptors L2-normalised, the official default) or dot (raw dot products: the official dift/fuseDino configs)"
 
 
+def parse_names(text: str) -> tuple[str, ...]:
+    """``"cat,dog"`` -> ("cat", "dog")."""
+    vals = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    if not vals:
+        raise ValueError(f"{text!r} names nothing")
+    return vals
+
+
 def parse_alphas(text: str) -> tuple[float, ...]:
     """``"0.05,0.1"`` -> (0.05, 0.1); each in (0, 1]."""
     try:
@@ -273,6 +281,10 @@ class TrainConfig:
     amp_dtype: Literal["bf16", "fp16"] | None = setting(None, "autocast the frozen models in this dtype (GPU), weights in fp32", default_text="off")
     apply_flip: bool = setting(True, "PF-Pascal trn: mirror the pairs whose flip flag is set, as the official code does")
     max_kps: int = setting(0, "keypoints per pair used in the loss (0: all)")
+    categories: tuple[str, ...] = setting((), "train (and validate) on these categories only, comma-separated", parse=parse_names,
+                                          default_text="all")
+    exclude_categories: tuple[str, ...] = setting((), "leave these categories out of training and validation (unseen at test)",
+                                                  parse=parse_names, default_text="none")
     train_split: str = setting("trn", "split to train on")
     val_split: str = setting("val", "split to validate on")
     device: str = setting("auto", "auto, cpu, cuda, cuda:N, mps")
@@ -283,6 +295,8 @@ class TrainConfig:
     compile: CompileMode = setting("auto", "torch.compile the early-exit UNet and the VAE (auto: on CUDA)")
 
     def __post_init__(self):
+        for name in ("categories", "exclude_categories"):
+            object.__setattr__(self, name, tuple(getattr(self, name) or ()))
         check_choices(self)
         if self.batch_size % self.micro_batch:
             raise Sd4MatchError(f"batch_size {self.batch_size} is not a multiple of micro_batch {self.micro_batch}")

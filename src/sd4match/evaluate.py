@@ -42,7 +42,7 @@ from sd4match.errors import DataError, Sd4MatchError, first_line
 from sd4match.features.sd import SDLayerStack
 from sd4match.fileio import atomic_write_text
 from sd4match.matching import match_pixels
-from sd4match.metrics import format_table, score, write_predictions
+from sd4match.metrics import format_table, score, seen_unseen, write_predictions
 from sd4match.prompts import Prompt, resolve_prompt
 from sd4match.runtime import distributed_rank_world, gather_dicts, git_sha, hang_for_tests
 from sd4match.store import Store
@@ -170,7 +170,7 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
         if cfg.limit:
             records = records[: cfg.limit]
     prompt = resolve_prompt(cfg.prompt, featurizer, dino=dino)
-    settings = featurizer.settings()
+    settings = {**featurizer.settings(), **_prompt_categories(prompt)}
     rank, world = distributed_rank_world()
     done: dict[str, list] = {}
     check_evaluation_folder(out, resume=resume)
@@ -214,6 +214,12 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
     return Evaluation(out, settings, doc)
 
 
+def _prompt_categories(prompt: Prompt | None) -> dict:
+    """A trained prompt's training categories (``score.json`` then reports seen and unseen apart)."""
+    cats = prompt.config.training.get("categories") if prompt is not None else None
+    return {"prompt_categories": list(cats)} if cats else {}
+
+
 def _finish(out: Path, cfg: EvalConfig, records, done: dict, mine: dict, bad: dict, settings: dict, world: int, seconds: float) -> dict:
     """Write ``predictions.jsonl`` (one per rule with ``--match all``) and ``score.json`` of a
     finished run, and remove its partial files; return the score document."""
@@ -230,6 +236,10 @@ def _finish(out: Path, cfg: EvalConfig, records, done: dict, mine: dict, bad: di
     if len(rules) > 1:
         result["rule"] = rules[0]
         result["by_rule"] = by_rule
+    seen = settings.get("prompt_categories")
+    if seen:
+        for r in (result, *by_rule.values()) if len(rules) > 1 else (result,):
+            r["seen_unseen"] = seen_unseen(r, seen)
     result["dataset"], result["split"] = cfg.dataset, cfg.split
     if bad:
         order = {r.id: i for i, r in enumerate(records)}
@@ -286,7 +296,7 @@ def evaluate_layers(featurizer, cfg: EvalConfig, outs: dict[int, str | Path], *,
     seconds = time.perf_counter() - t0
     result = {}
     for k, out in outs.items():
-        settings = {**featurizer.settings(), "up_block": k}
+        settings = {**featurizer.settings(), "up_block": k, **_prompt_categories(prompt)}
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
         doc = _finish(out, cfg, records, {}, mine[k], bad, settings, world, seconds / len(outs)) if rank == 0 else None

@@ -203,6 +203,24 @@ def score(
     return out
 
 
+def seen_unseen(result: dict, seen: Sequence[str]) -> dict:
+    """The mean over the categories a prompt was trained on (seen) and over the others
+    (unseen) of their per-category PCK, per image and per point: each category counts once.
+
+    Returns:
+        ``{"seen": [...], "unseen": [...], "per_image": {"seen": {alpha: v} | None, "unseen":
+        ...}, "per_point": {...}}`` (None where a group has no category).
+    """
+    cats = list(result["per_image"]["by_category"])
+    groups = {"seen": [c for c in cats if c in set(seen)], "unseen": [c for c in cats if c not in set(seen)]}
+    out: dict = {"seen": groups["seen"], "unseen": groups["unseen"]}
+    for agg in ("per_image", "per_point"):
+        by = result[agg]["by_category"]
+        out[agg] = {g: ({a: float(np.mean([by[c][a] for c in members])) for a in result[agg]["all"]} if members else None)
+                    for g, members in groups.items()}
+    return out
+
+
 def format_table(result: dict, title: str = "") -> str:
     """A readable table naming the protocol and the aggregation in its headers."""
     keys = [alpha_key(a) for a in result["alphas"]]
@@ -216,6 +234,9 @@ def format_table(result: dict, title: str = "") -> str:
         rows = [("all", block["all"])] + list(block["by_category"].items())
         for k, levels in block.get("by_difficulty", {}).items():
             rows += [(f"{k}={lvl}", v) for lvl, v in levels.items()]
+        su = result.get("seen_unseen")
+        if su:
+            rows += [(f"mean of {g} categories ({len(su[g])})", su[agg][g]) for g in ("seen", "unseen") if su[agg][g] is not None]
         width = max(12, *(len(name) for name, _ in rows))
         lines.append("")
         lines.append(f"[{label}]")

@@ -80,6 +80,17 @@ def clamp_to_frame(kps, size, resolution: int, eps: float = TARGET_EPS) -> np.nd
     return np.clip(xy * scale, eps, resolution - 1 - eps) / scale
 
 
+def select_categories(records, cfg: TrainConfig, split: str) -> list:
+    """The records of the categories ``cfg`` trains on (``categories``, minus
+    ``exclude_categories``); a name the split does not have is an error naming those it has."""
+    known = sorted({r.category for r in records})
+    for name in (*cfg.categories, *cfg.exclude_categories):
+        if name not in known:
+            raise Sd4MatchError(f"category {name!r} is not in {cfg.dataset} {split}; its categories: {', '.join(known)}")
+    keep = set(cfg.categories or known) - set(cfg.exclude_categories)
+    return [r for r in records if r.category in keep]
+
+
 def step_generator(device, seed: int, step: int, micro: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, step, micro]).generate_state(1, dtype=np.uint64)[0] >> 1))
 
@@ -146,7 +157,8 @@ class Trainer:
         self.dino = (dino or DinoFeaturizer.from_pretrained(cfg.dino, pos=cfg.dino_pos).to(dev, wdt)) if kind.needs_dino else None
         # 2. the data
         self._ds = open_dataset(cfg.dataset, cfg.root)
-        self.train_pairs = [r for r in self._ds.pairs(cfg.train_split, apply_flip=cfg.apply_flip) if r.n_points > 0]
+        every = [r for r in self._ds.pairs(cfg.train_split, apply_flip=cfg.apply_flip) if r.n_points > 0]
+        self.train_pairs = select_categories(every, cfg, cfg.train_split)
         if not self.train_pairs:
             raise Sd4MatchError(f"{cfg.root}: no training pairs with keypoints in split {cfg.train_split!r}")
         self._val_pairs: list | None = None
@@ -158,6 +170,7 @@ class Trainer:
         cats = sorted({r.category for r in self.train_pairs})
         self.prompt = make_prompt(cfg.prompt, self.feat, categories=cats, seed=cfg.seed, **kw).to(dev)
         self.prompt.config.model, self.prompt.config.timestep, self.prompt.config.up_block = self.feat.model_id, cfg.timestep, cfg.up_block
+        self.prompt.config.training["categories"] = cats  # what it saw: evaluate reports seen and unseen categories apart
         self.opt = build_optimizer(self.prompt, cfg)
         # fp16 autocast needs loss scaling so that small prompt gradients do not underflow;
         # disabled (a pass-through) for fp32 and bf16
@@ -264,7 +277,7 @@ class Trainer:
     @property
     def val_pairs(self) -> list:
         if self._val_pairs is None:
-            recs = self._ds.pairs(self.cfg.val_split)
+            recs = select_categories(self._ds.pairs(self.cfg.val_split), self.cfg, self.cfg.val_split)
             self._val_pairs = recs[: self.cfg.val_pairs] if self.cfg.val_pairs else recs
         return self._val_pairs
 
@@ -414,7 +427,7 @@ def _resumable(cfg: dict) -> dict:
     """The settings a resumed run must share; a setting newer than the checkpoint counts as
     its default (so runs of an earlier release resume)."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-    return {k: v for k, v in {**defaults, **cfg}.items() if k not in _VOLATILE}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in {**defaults, **cfg}.items() if k not in _VOLATILE}
 
 
 def check_run_folder(out: str | Path, *, resume: bool, resume_or_start: bool) -> bool:
