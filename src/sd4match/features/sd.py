@@ -386,17 +386,17 @@ class SDFeaturizer(Featurizer):
         return self._schedulers[name]
 
     def add_noise(self, lat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The scheduler's ``add_noise`` at t. Schedulers that noise as x + sigma * noise
-        (Euler, LMS, Heun: ``init_noise_sigma`` > 1) are scaled as their
-        ``scale_model_input`` scales the UNet's input, by 1 / sqrt(sigma^2 + 1): the UNet then
-        sees sqrt(a) x + sqrt(1 - a) noise as with every other scheduler, a = its cumulative
-        alpha at t. So features depend only on the cumulative alphas."""
-        sched = self.noise_scheduler()
-        noisy = sched.add_noise(lat, noise, t)
-        if float(getattr(sched, "init_noise_sigma", 1.0)) > 1.0:
-            a = sched.alphas_cumprod.to(lat.device, torch.float32)[t].view(-1, *([1] * (lat.ndim - 1)))
-            noisy = noisy * a.sqrt().to(noisy.dtype)  # 1 / sqrt(sigma^2 + 1) with sigma^2 = (1 - a) / a
-        return noisy
+        """Latents noised at t. ``model``: the model's own ``scheduler.add_noise`` (the official
+        code's). Any other ``noise_schedule``: sqrt(a_t) x + sqrt(1 - a_t) noise with a_t the
+        named scheduler's cumulative alpha, which is what every diffusers scheduler's
+        ``add_noise`` is (the sigma-parameterised ones, Euler, LMS, Heun, once scaled by their
+        ``scale_model_input``) when used as it is meant to be; their own ``add_noise`` before
+        ``set_timesteps`` is not always (DPM-Solver's looks its sigma up in a reversed table).
+        So the features depend on the cumulative alphas only: on the beta schedule, not the class."""
+        if self.config.noise_schedule == "model":
+            return self.scheduler.add_noise(lat, noise, t)
+        a = self.noise_scheduler().alphas_cumprod.to(device=lat.device, dtype=lat.dtype)[t].view(-1, *([1] * (lat.ndim - 1)))
+        return a**0.5 * lat + (1 - a) ** 0.5 * noise
 
     def unet_features(self, noisy: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
                       layers: Sequence[int] | None = None) -> torch.Tensor | dict[int, torch.Tensor]:
