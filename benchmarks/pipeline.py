@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the early-exit UNet and the VAE encoder")
     ap.add_argument("--eval-pairs", type=int, default=None, help="pairs per evaluate measurement (default: 64 sd21, 24 tiny)")
     ap.add_argument("--train-steps", type=int, default=3, help="timed steps per training row (after one warm-up step)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: stages,featurize,evaluate,train")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: stages,featurize,evaluate,sweep,train")
     ap.add_argument("--json", type=Path, help="also write every number here")
     args = ap.parse_args()
 
@@ -241,6 +241,27 @@ def main() -> None:
             row(f"evaluate, {label} prompt, ensemble 8, per pair ({len(recs)} pairs, {n_img} images)", sec / len(recs), "s", peak_mb(dev))
             row(f"evaluate, {label} prompt, per feature extraction ({extractions})", 1000 * sec / extractions, "ms")
             results[f"evaluate_{label}_s_per_pair"] = sec / len(recs)
+
+    if "sweep" not in skip:  # a sweep's cost: the layers of one timestep from one UNet pass, matching per layer
+        from sd4match.config import EvalConfig
+        from sd4match.evaluate import evaluate_layers
+
+        n_pairs = args.eval_pairs or (64 if sd21 else 24)
+        root = willow_like(tmp / "willow-sweep", 12, n_pairs)
+        recs = open_dataset("pfwillow", root).pairs("test")
+        n_img = len({p for r in recs for p in (r.src, r.trg)})
+        feat.reconfigure(ensemble=8)
+        cfg = EvalConfig("pfwillow", str(root), prompt="empty", rule="nn", workers=8 if dev.type == "cuda" else 2)
+        layers = (0, 1, 2)
+        evaluate_layers(feat, cfg, {k: tmp / f"sweep-warm-{k}" for k in layers}, records=recs[:4], store=Store(), progress=False)  # warm-up
+        sync(dev)
+        s = time.perf_counter()
+        evaluate_layers(feat, cfg, {k: tmp / f"sweep-{k}" for k in layers}, records=recs, store=Store(), progress=False)
+        sync(dev)
+        sec = time.perf_counter() - s
+        per_img = sec / n_img
+        row(f"sweep, empty prompt, ensemble 8, {len(layers)} layers from one pass, per image", 1000 * per_img, "ms")
+        row(f"sweep cells per minute on a split of 1,000 pictures ({len(layers)} layers a pass)", 60 / (per_img * 1000 / len(layers)), "cells/min")
 
     if "train" not in skip:
         folder = tmp / "train-pics"
