@@ -111,7 +111,7 @@ def test_sweep_cells_equal_separate_evaluations_and_a_rerun_computes_nothing(sd_
     assert len(w.unet) == 3 * -(-n_pics // 16)  # per timestep one pass for both layers: 16 pictures x 2 copies a call
     base = ["evaluate", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--model", str(sd_path), "--resolution", "64",
             "--ensemble", "2", "--prompt", "text", "--match", "nn", "--limit", "10", "--device", "cpu", "--no-progress"]
-    for t, k in ((50, 0), (500, 1)):
+    for t, k in ((t, k) for t in (50, 261, 500) for k in (0, 1)):
         one = tmp_path / f"one-{t}-{k}"
         assert main(base + ["--timestep", str(t), "--up-block", str(k), "--out", str(one)]) == 0
         cell = tmp_path / "s" / "sweep" / f"t{t:04d}-b{k}-e2"
@@ -125,6 +125,8 @@ def test_sweep_cells_equal_separate_evaluations_and_a_rerun_computes_nothing(sd_
     assert (tmp_path / "s" / "table.csv").read_text().count("\n") == 7
     for png in ("pck_vs_t.png", "heatmap.png"):
         assert (tmp_path / "s" / png).stat().st_size > 10_000
+    assert res["plots"]["pck_vs_t.png"] == [("timestep t", "PCK@0.1 (%)"), ("timestep t", "")]  # the panels share the y axis
+    assert res["plots"]["heatmap.png"] == [("timestep t", "layer")]
     capsys.readouterr()
 
     # the rerun, through the command line: every cell is done, so no model runs

@@ -244,3 +244,18 @@ def test_compiled_early_exit_equals_the_full_forward(style, tiny_sd1, tiny_sd2):
     x = images(b=2)
     eager = SDFeaturizer.from_pretrained(path, resolution=64)
     torch.testing.assert_close(feat.posterior(feat.preprocess(x))[0], eager.posterior(eager.preprocess(x))[0], rtol=1e-4, atol=1e-5)
+
+
+def test_hooked_fallback_reads_several_layers_in_one_pass(tiny_sd2):
+    """The fallback path (UNets the public-blocks path does not cover) with several layers:
+    hooks on each, the deepest stops the forward, each output equals the early exit's."""
+    feat = SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, ensemble=1)
+    g = torch.Generator().manual_seed(2)
+    noisy, t, cond = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([261, 50]), torch.randn(2, 77, feat.prompt_dim, generator=g)
+    with torch.no_grad():
+        got = feat._hooked(noisy, t, cond, (0, 1))
+        want = feat.unet_features(noisy, t, cond, layers=(0, 1))
+    assert set(got) == {0, 1}
+    for k in (0, 1):
+        torch.testing.assert_close(got[k].float(), want[k], rtol=1e-5, atol=1e-6)
+    assert not any(b._forward_hooks for b in feat.unet.up_blocks)

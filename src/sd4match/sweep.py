@@ -130,7 +130,7 @@ def sweep(featurizer, cfg: EvalConfig, out: str | Path, *, timesteps: Sequence[i
         summary["alpha"] = key
         atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2))
         write_tables(rows, out, cfg, key)
-        plot_sweep(rows, out, key)
+        summary["plots"] = plot_sweep(rows, out, key)
     return summary
 
 
@@ -173,9 +173,11 @@ def write_tables(rows: Sequence[dict], out: Path, cfg: EvalConfig, key: str) -> 
     atomic_write_text(out / "table.csv", buf.getvalue())
 
 
-def plot_sweep(rows: Sequence[dict], out: Path, key: str) -> None:
+def plot_sweep(rows: Sequence[dict], out: Path, key: str) -> dict[str, list[tuple[str, str]]]:
     """``pck_vs_t.png``: PCK@key against t, one line per layer (and ensemble / schedule), per
-    image and per point; ``heatmap.png``: t x layer per (ensemble, schedule), best cell marked."""
+    image and per point; ``heatmap.png``: t x layer per (ensemble, schedule), best cell marked.
+    Returns each file's (x label, y label) per panel."""
+    labels: dict[str, list[tuple[str, str]]] = {}
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -197,6 +199,7 @@ def plot_sweep(rows: Sequence[dict], out: Path, key: str) -> None:
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "pck_vs_t.png", dpi=120)
+    labels["pck_vs_t.png"] = [(a.get_xlabel(), a.get_ylabel()) for a in axes]
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(combos), figsize=(max(5, 4.5 * len(combos)), 4), squeeze=False)
@@ -222,4 +225,6 @@ def plot_sweep(rows: Sequence[dict], out: Path, key: str) -> None:
         fig.colorbar(im, ax=ax, label=f"PCK@{key} (%)")
     fig.tight_layout()
     fig.savefig(out / "heatmap.png", dpi=120)
+    labels["heatmap.png"] = [(a.get_xlabel(), a.get_ylabel()) for a in axes[0]]
     plt.close(fig)
+    return labels

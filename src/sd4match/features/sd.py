@@ -424,11 +424,14 @@ class SDFeaturizer(Featurizer):
                 fn = self._compiled_fn(("unet", k, keep), lambda: torch.compile(unet_up_to))
                 return fn(self.unet, sample, t, ehs, k, keep)
             return unet_up_to(self.unet, sample, t, ehs, k, keep)
-        return self._hooked(sample, t, ehs, keep or (k,)) if keep is not None else self._hooked(sample, t, ehs, (k,))[k]
+        return self._hooked(sample, t, ehs, keep)
 
-    def _hooked(self, sample, t, ehs, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """The fallback: the full forward with hooks on the ``up_blocks`` asked for, which exist
-        only during this call; the deepest one stops the forward."""
+    def _hooked(self, sample, t, ehs, layers: Sequence[int] | None = None) -> torch.Tensor | dict[int, torch.Tensor]:
+        """The fallback: the full forward with hooks on the ``up_blocks`` asked for (default:
+        ``up_block``, whose output is returned), which exist only during this call; the
+        deepest one stops the forward."""
+        if layers is None:
+            return self._hooked(sample, t, ehs, (self.config.up_block,))[self.config.up_block]
         box: dict[int, torch.Tensor] = {}
         last = max(layers)
 
