@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--eval-pairs", type=int, default=None, help="pairs per evaluate measurement (default: 64 sd21, 24 tiny)")
     ap.add_argument("--train-steps", type=int, default=3, help="timed steps per training row (after one warm-up step)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: stages,featurize,evaluate,sweep,train")
+    ap.add_argument("--train-micro", default="3,9", help="micro-batch sizes of the training rows (comma-separated)")
     ap.add_argument("--json", type=Path, help="also write every number here")
     args = ap.parse_args()
 
@@ -267,7 +268,7 @@ def main() -> None:
         folder = tmp / "train-pics"
         make_pictures(folder, 24, seed=3)
         for kind in ("single", "cpm"):
-            for micro in (3, 9):
+            for micro in (int(m) for m in args.train_micro.split(",")):
                 cfg = TrainConfig(dataset="synthetic", root=str(folder), prompt=kind, model="-", resolution=res, steps=10**6, batch_size=9,
                                   micro_batch=micro, val_every=0, device=str(dev), workers=8 if dev.type == "cuda" else 2)
                 feat.reconfigure(ensemble=1)

@@ -163,7 +163,7 @@ def test_pipeline_benchmark_runs_on_cpu_with_tiny_models(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline.py"
     out = tmp_path / "bench.json"
-    p = subprocess.run([sys.executable, str(script), "--size", "tiny", "--train-steps", "1", "--eval-pairs", "8", "--json", str(out)],
+    p = subprocess.run([sys.executable, str(script), "--size", "tiny", "--train-steps", "1", "--train-micro", "9", "--eval-pairs", "8", "--json", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())
