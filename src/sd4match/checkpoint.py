@@ -36,8 +36,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(folder: Path, step: int, prompt, optimizer, state: dict) -> Path:
-    """Write ``checkpoints/step-XXXXXXX`` atomically: a temporary folder, fsync, rename."""
+def save_checkpoint(folder: Path, step: int, prompt, optimizer, state: dict, extra: dict | None = None) -> Path:
+    """Write ``checkpoints/step-XXXXXXX`` atomically: a temporary folder, fsync, rename.
+    ``extra``: more modules whose tensors are kept (``{"adapter": adapter}``)."""
     ckpts = folder / CKPT_DIR
     ckpts.mkdir(parents=True, exist_ok=True)
     final = ckpts / f"step-{step:07d}"
@@ -45,6 +46,8 @@ def save_checkpoint(folder: Path, step: int, prompt, optimizer, state: dict) -> 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     tensors = {f"prompt.{k}": v.detach().cpu().contiguous() for k, v in prompt.state_dict().items()}
+    for name, mod in (extra or {}).items():
+        tensors.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in mod.state_dict().items()})
     osd = optimizer.state_dict()
     for idx, st in osd["state"].items():
         for name, val in st.items():
@@ -80,7 +83,7 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, prompt, optimizer) -> dict:
+def load_checkpoint(path: Path, prompt, optimizer, extra: dict | None = None) -> dict:
     """Restore the prompt, the optimiser and every RNG from ``path``; return its ``state.json``."""
     try:
         tensors = load((path / "state.safetensors").read_bytes())
@@ -91,6 +94,11 @@ def load_checkpoint(path: Path, prompt, optimizer) -> dict:
         prompt.load_state_dict({k[len("prompt."):]: v for k, v in tensors.items() if k.startswith("prompt.")}, strict=True)
     except RuntimeError as e:
         raise Sd4MatchError(f"{path}: does not fit this prompt ({str(e).splitlines()[-1].strip()})") from None
+    for name, mod in (extra or {}).items():
+        try:
+            mod.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}, strict=True)
+        except RuntimeError as e:
+            raise Sd4MatchError(f"{path}: does not fit this run's {name} ({str(e).splitlines()[-1].strip()})") from None
     state: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("optim."):

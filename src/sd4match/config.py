@@ -109,6 +109,8 @@ CompileMode = Literal["auto", "on", "off"]
 DinoInput = Literal["official", "imagenet"]
 #: How DINOv2's learned position grid is resized (``sd4match.features.dino.DINO_POS``).
 DinoPos = Literal["official", "transformers"]
+#: What ``sd4match train`` trains: the prompt, UNet adapters, or both.
+AdaptMode = Literal["prompt", "lora", "prompt+lora", "finetune", "prompt+finetune"]
 #: What a CPM's conditional rows are made from (``sd4match.prompts.cpm.CPM_INPUTS``).
 CpmInput = Literal["patches", "cls", "mean"]
 DINO_POS_HELP = ("DINOv2 position embeddings: official (the DINOv2 authors' and transformers 4.35 interpolation, the released CPM prompts' environment) or transformers (the installed version's)")
@@ -267,6 +269,17 @@ class TrainConfig:
     sigma: float = setting(1.5, "sigma of the loss target's Gaussian window, in cells")
     lr: float = setting(1e-2, "learning rate of tokens, embeddings and gate")
     lr_linear: float = setting(1e-3, "learning rate of the CPM linear layers")
+    adapt: AdaptMode = setting("prompt", "what is trained: the prompt (the paper), LoRA adapters on the UNet's attention, both, or the UNet's "
+                                         "weights up to the feature block (finetune)")
+    fixed_prompt: str = setting("empty", "--adapt lora / finetune: the prompt the UNet is adapted under ('empty', 'text', 'text:<words>' or a "
+                                         "prompt folder)")
+    lora_rank: int = setting(4, "LoRA rank r")
+    lora_alpha: float = setting(4.0, "LoRA scale alpha (the update is alpha / r * B A)")
+    lora_targets: tuple[str, ...] = setting(("to_q", "to_k", "to_v", "to_out.0"), "module-name suffixes of the linear layers LoRA adapts",
+                                            parse=parse_names, default_text="to_q,to_k,to_v,to_out.0")
+    finetune_blocks: tuple[str, ...] = setting((), "--adapt finetune: the blocks trained (e.g. up_blocks.1,up_blocks.0)", parse=parse_names,
+                                               default_text="every block up to the feature block")
+    lr_adapter: float = setting(1e-4, "learning rate of LoRA tensors (1e-4) or fine-tuned weights (use 1e-5)")
     batch_size: int = setting(9, "pairs per optimiser step (effective batch)")
     micro_batch: int = setting(1, "pairs per forward pass; batch-size / micro-batch accumulation steps")
     steps: int = setting(30000, "optimiser steps (replaces the preset's epochs; may grow on --resume)", default_text="30000, or the preset's epochs")
@@ -295,7 +308,7 @@ class TrainConfig:
     compile: CompileMode = setting("auto", "torch.compile the early-exit UNet and the VAE (auto: on CUDA)")
 
     def __post_init__(self):
-        for name in ("categories", "exclude_categories"):
+        for name in ("categories", "exclude_categories", "lora_targets", "finetune_blocks"):
             object.__setattr__(self, name, tuple(getattr(self, name) or ()))
         check_choices(self)
         if self.batch_size % self.micro_batch:

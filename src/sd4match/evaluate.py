@@ -210,7 +210,7 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
         bad = gather_dicts(bad)
         if rank != 0:
             return Evaluation(out, settings, None)
-    doc = _finish(out, cfg, records, done, mine, bad, settings, world, time.perf_counter() - t0)
+    doc = _finish(out, cfg, records, done, mine, bad, settings, world, time.perf_counter() - t0, _training_cost(prompt))
     return Evaluation(out, settings, doc)
 
 
@@ -220,7 +220,14 @@ def _prompt_categories(prompt: Prompt | None) -> dict:
     return {"prompt_categories": list(cats)} if cats else {}
 
 
-def _finish(out: Path, cfg: EvalConfig, records, done: dict, mine: dict, bad: dict, settings: dict, world: int, seconds: float) -> dict:
+def _training_cost(prompt: Prompt | None) -> dict:
+    """What training the prompt (and its adapter) cost, as its folder records it."""
+    cost = prompt.config.training.get("cost") if prompt is not None else None
+    return {"training_cost": cost} if cost else {}
+
+
+def _finish(out: Path, cfg: EvalConfig, records, done: dict, mine: dict, bad: dict, settings: dict, world: int, seconds: float,
+            extra: dict | None = None) -> dict:
     """Write ``predictions.jsonl`` (one per rule with ``--match all``) and ``score.json`` of a
     finished run, and remove its partial files; return the score document."""
     rules = [m.rule for m in cfg.matches]
@@ -246,6 +253,7 @@ def _finish(out: Path, cfg: EvalConfig, records, done: dict, mine: dict, bad: di
         result["skipped"] = [{"id": pid, "problem": msg} for pid, msg in sorted(bad.items(), key=lambda kv: order[kv[0]])]
     meta = {"config": {**as_dict(cfg), "settings": settings}, "git_sha": git_sha(), "processes": world,
             "protocol_note": f"protocol {cfg.protocol} (evaluate's default: sd4match, the official code's frame; sd4match score defaults to standard)"}
+    meta.update(extra or {})
     meta["seconds_this_session"] = round(seconds, 3)
     doc = {**result, "run": meta}
     atomic_write_text(out / "score.json", json.dumps(doc, indent=2, default=str))
@@ -299,7 +307,7 @@ def evaluate_layers(featurizer, cfg: EvalConfig, outs: dict[int, str | Path], *,
         settings = {**featurizer.settings(), "up_block": k, **_prompt_categories(prompt)}
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-        doc = _finish(out, cfg, records, {}, mine[k], bad, settings, world, seconds / len(outs)) if rank == 0 else None
+        doc = _finish(out, cfg, records, {}, mine[k], bad, settings, world, seconds / len(outs), _training_cost(prompt)) if rank == 0 else None
         result[k] = Evaluation(out, settings, doc)
     return result
 

@@ -108,3 +108,16 @@ def hang_for_tests(folder, where: str) -> None:
 
         (Path(folder) / ".test-hang").write_text(where)
         time.sleep(3600)
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory of this process so far, in MB: the accelerator's allocator peak on CUDA,
+    the resident set's high-water mark on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)

@@ -38,8 +38,9 @@ from sd4match.fileio import atomic_write_text
 from sd4match.loss import gaussian_window_ce
 from sd4match.matching import point_correlation
 from sd4match.metrics import score
-from sd4match.prompts import Prompt, make_prompt, prompt_class
-from sd4match.runtime import distributed_rank_world, gather_dicts, git_sha, hang_for_tests, pick_device, pick_dtype
+from sd4match.features.adapters import Adapter, AdapterConfig
+from sd4match.prompts import Prompt, make_prompt, parse_prompt, prompt_class, resolve_prompt
+from sd4match.runtime import distributed_rank_world, gather_dicts, git_sha, hang_for_tests, peak_memory_mb, pick_device, pick_dtype
 from sd4match.store import Store
 
 __all__ = ["PRESETS", "TrainConfig", "Trainer", "batch_indices", "build_optimizer", "check_run_folder", "load_config"]
@@ -95,10 +96,21 @@ def step_generator(device, seed: int, step: int, micro: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, step, micro]).generate_state(1, dtype=np.uint64)[0] >> 1))
 
 
-def build_optimizer(prompt: Prompt, cfg: TrainConfig) -> torch.optim.Adam:
+def build_optimizer(prompt: Prompt, cfg: TrainConfig, adapter=None) -> torch.optim.Adam:
     """Adam without weight decay at a constant learning rate, over the groups the prompt
-    declares (``Prompt.param_groups``: the CPM's linear layers at ``lr_linear``)."""
-    return torch.optim.Adam(prompt.param_groups(cfg.lr, cfg.lr_linear))
+    declares (``Prompt.param_groups``: the CPM's linear layers at ``lr_linear``) when it is
+    learned, and the adapter's tensors at ``lr_adapter``."""
+    groups = []
+    if cfg.adapt.startswith("prompt"):
+        groups = [g for g in prompt.param_groups(cfg.lr, cfg.lr_linear) if g["params"]]
+    if adapter is not None:
+        groups.append({"params": list(adapter.parameters()), "lr": cfg.lr_adapter})
+    return torch.optim.Adam(groups)
+
+
+def trainable_count(prompt: Prompt, adapter=None) -> int:
+    """Parameters a run trains: the prompt's (when learned) and the adapter's."""
+    return sum(p.numel() for p in prompt.parameters() if p.requires_grad) + (adapter.trainable_count() if adapter is not None else 0)
 
 
 class RunLog:
@@ -141,8 +153,10 @@ class Trainer:
         # data parallel under `accelerate launch` / torchrun: the micro-batches of each optimiser
         # step are dealt out across processes and the prompt's gradients summed (all-reduce)
         self.rank, self.world = distributed_rank_world()
-        kind = prompt_class(cfg.prompt)
-        if not kind.learned:
+        self.learns_prompt = cfg.adapt.startswith("prompt")
+        self.adapter_kind = cfg.adapt.split("+")[-1] if cfg.adapt != "prompt" else None  # lora | finetune | None
+        kind = prompt_class(cfg.prompt) if self.learns_prompt else parse_prompt(cfg.fixed_prompt).prompt_class
+        if self.learns_prompt and not kind.learned:
             raise Sd4MatchError(f"prompt {cfg.prompt!r} is not learned; train one of the learned kinds")
         # 1. the frozen models
         dev = pick_device(cfg.device)
@@ -168,15 +182,29 @@ class Trainer:
             kw = {"dino_dim": self.dino.feature_dim, "n_patches": self.dino.grid_size[0] * self.dino.grid_size[1], "dino_model": self.dino.model_id,
                   "cpm_input": cfg.cpm_input, "n_global": cfg.global_tokens, "n_cond": cfg.cond_tokens}
         cats = sorted({r.category for r in self.train_pairs})
-        self.prompt = make_prompt(cfg.prompt, self.feat, categories=cats, seed=cfg.seed, **kw).to(dev)
+        if self.learns_prompt:
+            self.prompt = make_prompt(cfg.prompt, self.feat, categories=cats, seed=cfg.seed, **kw).to(dev)
+        else:  # the prompt the UNet is adapted under, fixed
+            self.prompt = resolve_prompt(cfg.fixed_prompt, self.feat, dino=self.dino).to(dev).requires_grad_(False)
+            self.feat.use_adapter(None)  # a prompt folder with an adapter of its own does not start this run
         self.prompt.config.model, self.prompt.config.timestep, self.prompt.config.up_block = self.feat.model_id, cfg.timestep, cfg.up_block
         self.prompt.config.training["categories"] = cats  # what it saw: evaluate reports seen and unseen categories apart
-        self.opt = build_optimizer(self.prompt, cfg)
+        # 3b. the UNet adapter (LoRA, fine-tuning): its own tensors, applied per call
+        self.adapter = None
+        if self.adapter_kind is not None:
+            if not self.feat.adapts:
+                raise Sd4MatchError(f"{cfg.model}: --adapt {cfg.adapt} adapts a Stable Diffusion UNet, which {self.feat.model_id} has not")
+            acfg = AdapterConfig(self.adapter_kind, up_block=cfg.up_block, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=list(cfg.lora_targets),
+                                 blocks=list(cfg.finetune_blocks), seed=cfg.seed, model=self.feat.model_id)
+            self.adapter = Adapter(self.feat.unet, acfg).to(dev)
+            self.feat.use_adapter(self.adapter)
+        self.opt = build_optimizer(self.prompt, cfg, self.adapter)
         # fp16 autocast needs loss scaling so that small prompt gradients do not underflow;
         # disabled (a pass-through) for fp32 and bf16
         dev_type = torch.device(dev).type
         self.scaler = torch.amp.GradScaler(dev_type, enabled=cfg.amp_dtype == "fp16" and dev_type == "cuda")
         self.step, self.best = 0, {"pck": -1.0, "step": -1}
+        self.cost: dict[str, Any] = {"adapt": cfg.adapt, "trainable_params": trainable_count(self.prompt, self.adapter)}
         # 4. VAE posteriors and DINOv2 tokens of every training picture, computed once
         self.store = Store(int(cfg.store_gb * (1 << 30)), cfg.cache_dir or None)
         self.batcher = Batcher(self.feat, dino=self.dino, store=self.store, seed=cfg.seed)
@@ -325,7 +353,7 @@ class Trainer:
         if pck > self.best["pck"]:
             self.best = {"pck": pck, "step": self.step}
             if self.rank == 0:
-                self.prompt.save(self.out / "best", dataset=self.cfg.dataset, split=self.cfg.train_split, step=self.step, val_pck=pck)
+                self.save_result(self.out / "best", val_pck=pck)
 
     # .................................................................... the run
     def state(self) -> dict:
@@ -333,9 +361,12 @@ class Trainer:
 
     def checkpoint(self) -> Path:
         """Write a checkpoint of this step; keep the newest ``keep_checkpoints``."""
-        path = save_checkpoint(self.out, self.step, self.prompt, self.opt, self.state())
+        path = save_checkpoint(self.out, self.step, self.prompt, self.opt, self.state(), extra=self._extra())
         prune_checkpoints(self.out, self.cfg.keep_checkpoints)
         return path
+
+    def _extra(self) -> dict:
+        return {"adapter": self.adapter} if self.adapter is not None else {}
 
     def resume(self) -> bool:
         """Load the newest readable checkpoint (a damaged one is skipped with a warning naming
@@ -353,7 +384,7 @@ class Trainer:
             if int(meta["step"]) > self.total_steps:
                 raise Sd4MatchError(f"{ckpt}: the run is already at step {meta['step']}, past the {self.total_steps} asked for")
             try:
-                meta = load_checkpoint(ckpt, self.prompt, self.opt)
+                meta = load_checkpoint(ckpt, self.prompt, self.opt, extra=self._extra())
             except Sd4MatchError as e:
                 warnings.warn(f"{e}; falling back to the checkpoint before it", stacklevel=2)
                 continue
@@ -376,7 +407,13 @@ class Trainer:
             if resume:
                 _cut_log(self.out / "scalars.jsonl", self.step)  # the steps after the checkpoint are done again: logged once
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "config.json", json.dumps({**asdict(self.cfg), "git_sha": git_sha(), "processes": self.world}, indent=2))
+            self.write_config()
+
+    def write_config(self) -> None:
+        """``config.json``: the settings, the code, and what the run costs (trainable
+        parameters; after the run, seconds per step and peak memory)."""
+        atomic_write_text(self.out / "config.json", json.dumps({**asdict(self.cfg), "git_sha": git_sha(), "processes": self.world, "cost": self.cost},
+                                                               indent=2))
 
     def run(self, *, resume: bool = False) -> Path:
         """Train to ``total_steps``; return the run folder (``best/`` and ``last/`` prompts in it)."""
@@ -410,11 +447,22 @@ class Trainer:
             bar.close()
             self.close_loader()
             log.close()
+        self.cost["seconds_per_step"] = (time.perf_counter() - t0) / max(1, self.step - n0)
+        self.cost["peak_memory_mb"] = peak_memory_mb(self.feat.device)
         if lead:
-            self.prompt.save(out / "last", dataset=cfg.dataset, split=cfg.train_split, step=self.step)
+            self.save_result(out / "last")
             if self.best["step"] < 0:  # never validated: the last prompt is the one to use
-                self.prompt.save(out / "best", dataset=cfg.dataset, split=cfg.train_split, step=self.step)
+                self.save_result(out / "best")
+            self.write_config()
         return out
+
+    def save_result(self, folder: Path, **extra) -> Path:
+        """The prompt folder a run hands on: the prompt, the adapter (if any), what it cost."""
+        cfg = self.cfg
+        self.prompt.save(folder, dataset=cfg.dataset, split=cfg.train_split, step=self.step, adapt=cfg.adapt, cost=dict(self.cost), **extra)
+        if self.adapter is not None:
+            self.adapter.save(folder)
+        return folder
 
 
 # ------------------------------------------------------------------------------ the run folder

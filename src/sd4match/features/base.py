@@ -119,6 +119,8 @@ class Featurizer(torch.nn.Module):
     takes_prompt: ClassVar[bool] = False
     has_posterior: ClassVar[bool] = False
     needs_pixels: ClassVar[bool] = False
+    #: a UNet adapter (LoRA, fine-tuning: ``sd4match.features.adapters``) can be applied (``use_adapter``)
+    adapts: ClassVar[bool] = False
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -146,6 +148,12 @@ class Featurizer(torch.nn.Module):
     def text_bridge(self):
         """The ``TextEncoderBridge`` prompts are encoded with (featurizers that ``takes_prompt``)."""
         raise Sd4MatchError(f"{self.model_id} takes no prompt")
+
+    def use_adapter(self, adapter) -> "Featurizer":
+        """Apply a UNet adapter from now on (None: none); featurizers without a UNet refuse one."""
+        if adapter is not None:
+            raise Sd4MatchError(f"{self.model_id}: has no UNet to adapt (LoRA and fine-tuning are for Stable Diffusion models)")
+        return self
 
     def reconfigure(self, **changes) -> "Featurizer":
         """Change settings in place (timestep, up_block, ensemble, ...); returns self."""

@@ -77,6 +77,13 @@ class FusedFeaturizer(Featurizer):
     def feature_dim(self) -> int:
         return self.sd.feature_dim + int(self.dino.config.hidden_size)
 
+    adapts = True
+
+    def use_adapter(self, adapter) -> "FusedFeaturizer":
+        """The SD half reads its UNet with ``adapter`` (DINOv2 stays as it is)."""
+        self.sd.use_adapter(adapter)
+        return self
+
     def reconfigure(self, **changes) -> "FusedFeaturizer":
         self.sd.reconfigure(**changes)
         return self

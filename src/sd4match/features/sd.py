@@ -160,6 +160,8 @@ class SDFeaturizer(Featurizer):
         self._meta: dict = {}  # modules' dtype and device, read once (diffusers walks every module to tell them)
         self._bridge: TextEncoderBridge | None = None
         self._schedulers: dict = {}  # --noise-schedule name -> scheduler
+        self.adapter = None  # an ``Adapter`` (LoRA, fine-tuning): applied per call, the UNet itself is never changed
+        self._adapter_fp: tuple = (None, None)
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -302,6 +304,8 @@ class SDFeaturizer(Featurizer):
             s.pop(k)
         if s["noise_schedule"] == "model":  # the default leaves the keys of stored maps as they were
             s.pop("noise_schedule")
+        if self.adapter is not None:
+            s["adapter"] = self.adapter_fingerprint()
         return {"featurizer": "sd", "model": self.model_id, **s, "dtype": str(self._module_meta("unet")[0]).replace("torch.", "")}
 
     def posterior_settings(self) -> dict:
@@ -416,11 +420,33 @@ class SDFeaturizer(Featurizer):
             return torch.cat([o.float() for o in outs])
         return {k: torch.cat([o[k].float() for o in outs]) for k in layers}
 
+    adapts = True
+
+    def use_adapter(self, adapter) -> "SDFeaturizer":
+        """Read the UNet with ``adapter`` (an ``Adapter``, or None for the base model) from now
+        on; the UNet module is not changed (see ``sd4match.features.adapters``)."""
+        self.adapter = adapter
+        self._compiled = {}
+        return self
+
+    def adapter_fingerprint(self) -> str:
+        """The adapter's content name, recomputed only after its tensors changed."""
+        version = tuple(p._version for p in self.adapter.parameters())
+        if self._adapter_fp[0] != (id(self.adapter), version):
+            self._adapter_fp = ((id(self.adapter), version), self.adapter.fingerprint())
+        return self._adapter_fp[1]
+
     def _up_to(self, sample, t, ehs, layers: Sequence[int] | None = None):
+        if self.adapter is not None:  # the adapted weights in place for this call only
+            over = {f"unet.{k}": v for k, v in self.adapter.overrides(self.unet).items()}
+            return torch.func.functional_call(_UNetCall(self, layers), over, (sample, t, ehs), strict=False)
+        return self._base_up_to(sample, t, ehs, layers)
+
+    def _base_up_to(self, sample, t, ehs, layers: Sequence[int] | None = None):
         keep = tuple(sorted(set(layers))) if layers is not None else None
         k = self.config.up_block if keep is None else keep[-1]
         if early_exit_supported(self.unet):
-            if self.config.compile:
+            if self.config.compile and self.adapter is None:  # an adapter's weights change per call: eager
                 fn = self._compiled_fn(("unet", k, keep), lambda: torch.compile(unet_up_to))
                 return fn(self.unet, sample, t, ehs, k, keep)
             return unet_up_to(self.unet, sample, t, ehs, k, keep)
@@ -626,6 +652,20 @@ def _load_single_file(path: Path, *, config, offline: bool):
         hint = "" if config else " Pass --model-config with the diffusers folder or hub id that matches this checkpoint."
         raise Sd4MatchError(f"{path}: cannot load as a Stable Diffusion checkpoint ({msg}).{hint}") from None
     return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
+
+
+class _UNetCall(torch.nn.Module):
+    """The featurizer's UNet read as a module whose only child is the UNet, so that
+    ``functional_call`` can put adapted weights in place (``unet.<name>``) for one call."""
+
+    def __init__(self, feat: SDFeaturizer, layers):
+        super().__init__()
+        self.unet = feat.unet
+        object.__setattr__(self, "_feat", feat)  # not a child: its other modules stay out of the call
+        self._layers = layers
+
+    def forward(self, sample, t, ehs):
+        return self._feat._base_up_to(sample, t, ehs, self._layers)
 
 
 class SDLayerStack(Featurizer):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sd4match.errors import Sd4MatchError
+from sd4match.features.adapters import has_adapter, load_adapter
 from sd4match.features.text import TextEncoderBridge
 from sd4match.prompts.base import Prompt, prompt_class, read_prompt_config, read_prompt_tensors
 from sd4match.prompts.spec import DEFAULT_TEMPLATE, PromptSpec, parse_prompt
@@ -58,7 +59,8 @@ def load_prompt(folder: str | Path, featurizer) -> Prompt:
 
 def resolve_prompt(spec: str | PromptSpec, featurizer, *, dino=None) -> Prompt | None:
     """The prompt a ``--prompt`` string names, for ``featurizer`` (None when the featurizer
-    takes no prompt).
+    takes no prompt). A prompt folder that holds a UNet adapter (``adapter.safetensors``)
+    puts it on the featurizer (``use_adapter``); one without takes the featurizer's off.
 
     Args:
         spec: ``empty``, ``text``, ``text:<template>``, a prompt folder, or a ``PromptSpec``.
@@ -75,7 +77,13 @@ def resolve_prompt(spec: str | PromptSpec, featurizer, *, dino=None) -> Prompt |
         return make_prompt(spec.kind, featurizer, template=spec.template or "")
     if spec.needs_dino and dino is None:
         raise Sd4MatchError(f"{name}: a {spec.kind} prompt needs DINOv2 features (--dino)")
-    return load_prompt(spec.folder, featurizer)
+    prompt = load_prompt(spec.folder, featurizer)
+    # the folder may hold a UNet adapter trained with the prompt (train --adapt lora / finetune)
+    if featurizer.adapts:
+        featurizer.use_adapter(load_adapter(spec.folder, featurizer.unet) if has_adapter(spec.folder) else None)
+    elif has_adapter(spec.folder):
+        raise Sd4MatchError(f"{name}: holds a UNet adapter, but {featurizer.model_id} has no UNet")
+    return prompt
 
 
 def prompt_fingerprint(prompt: Prompt | None) -> str:
