@@ -121,3 +121,32 @@ def test_lora_resume_is_bit_exact(sd_path, willow_root, tmp_path):
     for f in ("adapter.safetensors", "prompt.safetensors"):
         a, b = load_file(str(ref / "last" / f)), load_file(str(tmp_path / "cut" / "last" / f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+def test_compare_three_runs_gives_their_own_numbers(sd_path, willow_root, tmp_path, capsys):
+    """Three tiny runs (prompt, LoRA, both), each evaluated: `compare`'s table holds the numbers
+    of each run's score.json and its training cost."""
+    import csv
+
+    from sd4match.cli import main
+
+    evals = []
+    for adapt in ("prompt", "lora", "prompt+lora"):
+        feat = SDFeaturizer.from_pretrained(sd_path, resolution=64, ensemble=1)
+        cfg = TrainConfig(dataset="synthetic", root=str(willow_root), prompt="single", model=str(sd_path), resolution=64, steps=2, batch_size=2,
+                          micro_batch=2, val_every=0, ckpt_every=1000, device="cpu", adapt=adapt)
+        out = Trainer(cfg, tmp_path / adapt, featurizer=feat, progress=False).run()
+        ev = tmp_path / f"ev-{adapt.replace('+', '-')}"
+        assert main(["evaluate", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--prompt", str(out / "best"), "--model",
+                     str(sd_path), "--resolution", "64", "--ensemble", "1", "--limit", "6", "--device", "cpu", "--no-progress", "--out", str(ev)]) == 0
+        evals.append(ev)
+    capsys.readouterr()
+    assert main(["compare", *map(str, evals), "--out", str(tmp_path / "cmp")]) == 0
+    rows = list(csv.DictReader((tmp_path / "cmp" / "compare.csv").open()))
+    assert [r["run"] for r in rows] == [e.name for e in evals]
+    for r, ev in zip(rows, evals):
+        doc = json.loads((ev / "score.json").read_text())
+        assert float(r["per image @0.1"]) == pytest.approx(100 * doc["per_image"]["all"]["0.1"], abs=0.006)
+        assert float(r["per point @0.05"]) == pytest.approx(100 * doc["per_point"]["all"]["0.05"], abs=0.006)
+        assert int(r["trainable params"]) == doc["run"]["training_cost"]["trainable_params"] and r["adapt"] == doc["run"]["training_cost"]["adapt"]
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 5_000 and "| run | prompt | adapt |" in capsys.readouterr().out

@@ -563,3 +563,23 @@ def test_mean_input_is_the_patch_mean_through_the_head_layer(feat):
     with torch.no_grad():
         torch.testing.assert_close(m({"dino_src": s, "dino_trg": t}), c({"dino_src": s.mean(1, keepdim=True), "dino_trg": t.mean(1, keepdim=True)}))
     assert m.dino_part == "patches" and c.dino_part == "cls"
+
+
+def test_plain_cpm_is_the_projection_alone(feat):
+    """plain: no global rows, positional embedding or gate; the conditional rows are
+    pool(linear_N(linear_C(src || trg))), by hand."""
+    from sd4match.prompts import make_prompt
+
+    p = make_prompt("cpm", feat, dino_dim=32, plain=True, n_cond=40, seed=2)
+    assert {n for n, _ in p.named_parameters()} == {"linear_C.weight", "linear_C.bias", "linear_N.weight", "linear_N.bias"}
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(2, 256, 32, generator=g), torch.randn(2, 256, 32, generator=g)
+    sd = p.state_dict()
+    x = torch.cat([s, t], dim=2) @ sd["linear_C.weight"].T + sd["linear_C.bias"]
+    x = (x.permute(0, 2, 1) @ sd["linear_N.weight"].T + sd["linear_N.bias"]).permute(0, 2, 1)
+    rows = torch.nn.functional.adaptive_max_pool1d(x.permute(0, 2, 1), 40).permute(0, 2, 1)
+    tok = feat.tokenizer
+    with torch.no_grad():
+        dummy = emb_layer(feat)(input_ids=torch.tensor([[tok.bos_token_id] + [7] * 40 + [tok.eos_token_id] + [0] * 35]))
+        want = clip_by_hand(feat.text_encoder, torch.cat([dummy[:, :1].expand(2, -1, -1), rows, dummy[:, 41:].expand(2, -1, -1)], dim=1))
+        torch.testing.assert_close(p({"dino_src": s, "dino_trg": t}), want, rtol=1e-5, atol=1e-5)

@@ -315,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
                 compile_default="auto")
     p.set_defaults(func=cmd_sweep, command_parser=p)
 
+    p = command("compare", "accuracy beside training cost for several evaluations: compare.md, compare.csv, compare.png")
+    p.add_argument("runs", nargs="+", type=Path, help="evaluate output folders (each with its score.json)")
+    p.add_argument("--out", type=Path, help="also write compare.md, compare.csv and compare.png here")
+    p.set_defaults(func=cmd_compare)
+
     p = command("reproduce", "the paper's Table 1 from the authors' released prompts: import, evaluate every row, write table.md/csv/png")
     p.add_argument("--prompts", required=True, type=Path, help="the authors' pretrained_prompts.zip, or the folder it was unzipped into")
     for ds, label in (("spair", "SPair-71k (the folder holding JPEGImages/)"), ("pfpascal", "PF-Pascal (the folder holding PF-dataset-PASCAL/)"),
@@ -554,6 +559,14 @@ def cmd_serve(args) -> int:
     _check_common(args)
     serve(load_matcher(args), host=args.host, port=args.port, images=args.images, max_upload_bytes=int(args.max_upload_mb * 1e6),
           max_pixels=int(args.max_pixels), max_side=args.max_side)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from sd4match.compare import compare
+
+    res = compare(args.runs, args.out)
+    print(res["markdown"], end="")
     return 0
 
 

@@ -258,6 +258,8 @@ class TrainConfig:
                                              "Head) or the patches' mean")
     global_tokens: int = setting(25, "cpm, cpm-image: learned global rows (0: the official G0)")
     cond_tokens: int = setting(50, "cpm, cpm-image: conditional rows")
+    cpm_plain: bool = setting(False, "cpm, cpm-image: the rows are the projection of the DINOv2 tokens alone (no global rows, positional "
+                                     "embedding or gate): image conditioning without learned prompt rows")
     timestep: int = setting(261, "noise level t")
     up_block: int = setting(1, "feature block k: the output of unet.up_blocks[k]")
     ensemble: int = setting(1, "noisy copies in training")

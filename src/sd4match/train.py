@@ -180,7 +180,7 @@ class Trainer:
         kw: dict[str, Any] = {}
         if self.dino is not None:
             kw = {"dino_dim": self.dino.feature_dim, "n_patches": self.dino.grid_size[0] * self.dino.grid_size[1], "dino_model": self.dino.model_id,
-                  "cpm_input": cfg.cpm_input, "n_global": cfg.global_tokens, "n_cond": cfg.cond_tokens}
+                  "cpm_input": cfg.cpm_input, "n_global": cfg.global_tokens, "n_cond": cfg.cond_tokens, "plain": cfg.cpm_plain}
         cats = sorted({r.category for r in self.train_pairs})
         if self.learns_prompt:
             self.prompt = make_prompt(cfg.prompt, self.feat, categories=cats, seed=cfg.seed, **kw).to(dev)

@@ -86,6 +86,7 @@ class PromptConfig:
     n_patches: int | None = None
     dino_model: str | None = None
     cpm_input: str | None = None  # CPM: patches (None), cls or mean
+    cpm_plain: bool | None = None  # CPM: rows are the projection alone (no global rows, positional embedding or gate)
     seed: int = 0
     training: dict[str, Any] = field(default_factory=dict)  # data, split, step, ... or where it was imported from
     format: str = PROMPT_FORMAT

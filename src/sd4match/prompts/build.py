@@ -91,7 +91,7 @@ def prompt_fingerprint(prompt: Prompt | None) -> str:
     SHA-256 of its tensors; ``none`` for featurizers without prompts."""
     if prompt is None:
         return "none"
-    late = {"cpm_input"}  # fields added later: absent (None) they leave earlier fingerprints (and stored maps) as they were
+    late = {"cpm_input", "cpm_plain"}  # fields added later: absent (None) they leave earlier fingerprints (and stored maps) as they were
     cfg = {k: v for k, v in asdict(prompt.config).items() if k != "training" and not (k in late and v is None)}
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     for k, v in prompt.state_dict().items():

@@ -17,6 +17,9 @@ The official variants are settings of the same modules:
   pooled CLS token, one (B, C) vector a picture, through one ``linear`` layer, broadcast over
   the conditional rows by the positional embedding; no pooling), or ``mean`` (the mean of
   the patch tokens in its place: a global descriptor of the same tokens);
+- ``plain``: the conditional rows are the projection of the DINOv2 tokens alone, with no
+  learned global rows, positional embedding or gate (direct image conditioning without
+  learned prompt rows: only the linear layers learn);
 - the mode: ``cpm`` conditions on both pictures of a pair (the official ``Pair``);
   ``cpm-image`` (``ImageConditionalPrompt``, the official ``Img``) on each picture's own
   tokens, so each picture has its own prompt and its features are made once per picture.
@@ -46,10 +49,12 @@ class _Conditional(Prompt):
     pictures: ClassVar[int] = 2
 
     def __init__(self, bridge: TextEncoderBridge, *, dino_dim: int = 768, n_patches: int = 256, n_global: int = 25, n_cond: int = 50,
-                 cpm_input: str = "patches", seed: int = 0, dino_model: str | None = None, config: PromptConfig | None = None):
+                 cpm_input: str = "patches", plain: bool = False, seed: int = 0, dino_model: str | None = None, config: PromptConfig | None = None):
         if config is None:
+            n_global = 0 if plain else n_global
             config = PromptConfig(kind=self.kind, text_dim=bridge.dim, n_tokens=n_global + n_cond, n_global=n_global, n_cond=n_cond,
-                                  dino_dim=dino_dim, n_patches=n_patches, seed=seed, dino_model=dino_model, cpm_input=cpm_input)
+                                  dino_dim=dino_dim, n_patches=n_patches, seed=seed, dino_model=dino_model, cpm_input=cpm_input,
+                                  cpm_plain=True if plain else None)
         super().__init__(bridge, config)
         c, d = self.config, bridge.dim
         if self.cpm_input not in CPM_INPUTS:
@@ -58,10 +63,12 @@ class _Conditional(Prompt):
             raise Sd4MatchError(f"a CPM needs at least 1 conditional row and no negative global count, got {c.n_global} + {c.n_cond}")
         if c.n_global + c.n_cond > bridge.length - 2:
             raise Sd4MatchError(f"n_global + n_cond must be at most {bridge.length - 2}, got {c.n_global + c.n_cond}")
+        if self.plain and c.n_global:
+            raise Sd4MatchError("a plain CPM has no global rows (n_global 0)")
         g = torch.Generator().manual_seed(c.seed)
         self.global_embeds = nn.Parameter(torch.rand(1, c.n_global, d, generator=g)) if c.n_global else None
-        self.positional_embedding = nn.Parameter(torch.rand(1, c.n_cond, d, generator=g))
-        self.alpha_cond = nn.Parameter(torch.rand(1, c.n_cond, d, generator=g))
+        self.positional_embedding = None if self.plain else nn.Parameter(torch.rand(1, c.n_cond, d, generator=g))
+        self.alpha_cond = None if self.plain else nn.Parameter(torch.rand(1, c.n_cond, d, generator=g))
         width = self.pictures * c.dino_dim
         with torch.random.fork_rng(devices=[]):  # PyTorch's default init, reproducible from the seed
             torch.manual_seed(c.seed)
@@ -78,6 +85,10 @@ class _Conditional(Prompt):
     @property
     def cpm_input(self) -> str:
         return self.config.cpm_input or "patches"
+
+    @property
+    def plain(self) -> bool:
+        return bool(self.config.cpm_plain)
 
     @property
     def dino_part(self) -> str:
@@ -115,6 +126,8 @@ class _Conditional(Prompt):
             if self.pictures == 2:
                 x = self.linear_N(x)  # mixes patches
             x = self.adaptive_pool(x).transpose(1, 2)  # (B, n_cond, D)
+        if self.plain:  # the projection alone (Head inputs: the one vector on every row)
+            return x.expand(-1, self.config.n_cond, -1)
         return torch.tanh(self.alpha_cond) * (x + self.positional_embedding)
 
     def sequence(self, rows: torch.Tensor) -> torch.Tensor:

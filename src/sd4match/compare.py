@@ -1,0 +1,89 @@
+"""``sd4match compare``: accuracy beside cost for several evaluated runs, in one table.
+
+Each argument is an ``evaluate`` output folder (its ``score.json``); what training the
+prompt and adapter cost (trainable parameters, seconds per step, peak memory) comes from
+the prompt folder's record, copied into ``score.json`` (``run.training_cost``). Writes
+``compare.md``, ``compare.csv`` and ``compare.png`` (PCK@0.1 per image against trainable
+parameters, one bar per run).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Sequence
+
+from sd4match.errors import Sd4MatchError, first_line
+from sd4match.fileio import atomic_write_text
+
+__all__ = ["compare", "read_run"]
+
+
+def read_run(folder: str | Path) -> dict:
+    """One row: the run's name, prompt, adaptation, cost and PCK (per image and per point)."""
+    folder = Path(folder)
+    f = folder / "score.json"
+    try:
+        doc = json.loads(f.read_text())
+        run = doc.get("run", {})
+        return {"run": folder.name, "path": str(folder), "prompt": run.get("config", {}).get("prompt"), "rule": run.get("config", {}).get("rule"),
+                "dataset": f"{doc['dataset']}/{doc['split']}", "protocol": doc["protocol"], "n_pairs": doc["n_pairs"],
+                "cost": run.get("training_cost") or {}, "per_image": doc["per_image"]["all"], "per_point": doc["per_point"]["all"]}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise Sd4MatchError(f"{f}: not the score.json of an evaluation ({first_line(e)})") from None
+
+
+def compare(folders: Sequence[str | Path], out: str | Path | None = None) -> dict:
+    """The comparison of ``folders``; with ``out``, also its markdown, CSV and plot."""
+    rows = [read_run(f) for f in folders]
+    if len({(r["dataset"], r["protocol"]) for r in rows}) > 1:
+        raise Sd4MatchError("the runs were scored on different splits or protocols: "
+                            + "; ".join(f"{r['run']}: {r['dataset']} ({r['protocol']})" for r in rows))
+    alphas = list(rows[0]["per_image"])
+    head = ["run", "prompt", "adapt", "trainable params", "s/step", "peak MB"] + [f"per image @{a}" for a in alphas] + [f"per point @{a}" for a in alphas]
+
+    def cells(r):
+        c = r["cost"]
+        return [r["run"], r["prompt"], c.get("adapt", "-"), c.get("trainable_params", "-"),
+                f"{c['seconds_per_step']:.3f}" if "seconds_per_step" in c else "-", f"{c['peak_memory_mb']:.0f}" if "peak_memory_mb" in c else "-",
+                *(f"{100 * r['per_image'][a]:.2f}" for a in alphas), *(f"{100 * r['per_point'][a]:.2f}" for a in alphas)]
+
+    md = [f"# Comparison: {rows[0]['dataset']}, protocol {rows[0]['protocol']} (PCK in %)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md += ["| " + " | ".join(str(c) for c in cells(r)) + " |" for r in rows]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(head)
+    for r in rows:
+        w.writerow(cells(r))
+    result = {"rows": rows, "markdown": "\n".join(md) + "\n", "csv": buf.getvalue()}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "compare.md", result["markdown"])
+        atomic_write_text(out / "compare.csv", result["csv"])
+        plot_compare(rows, out / "compare.png")
+    return result
+
+
+def plot_compare(rows: Sequence[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    key = "0.1" if "0.1" in rows[0]["per_image"] else next(iter(rows[0]["per_image"]))
+    order = sorted(rows, key=lambda r: (r["cost"].get("trainable_params") or 0))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(order) + 2), 4.2))
+    bars = ax.bar(range(len(order)), [100 * r["per_image"][key] for r in order], color="tab:blue")
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(range(len(order)), [f"{r['run']}\n{r['cost'].get('trainable_params', '?'):,} params" if isinstance(r["cost"].get("trainable_params"), int)
+                                      else f"{r['run']}\n? params" for r in order], fontsize=8)
+    ax.set_xlabel("run (trainable parameters, fewest first)")
+    ax.set_ylabel(f"PCK@{key} per image (%)")
+    ax.set_title(f"Accuracy against trainable parameters: {rows[0]['dataset']}, {rows[0]['protocol']} protocol", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
