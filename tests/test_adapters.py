@@ -81,6 +81,10 @@ def test_adapters_train_and_only_their_tensors_get_gradients(adapt, sd_path, wil
     print(f"{adapt}: loss {first:.3f} -> {last:.3f}, trainable {t.cost['trainable_params']}")
     assert last < first
     assert all(p.grad is None for p in feat.unet.parameters())  # the UNet's own weights are never trained
+    adapted = maps(feat)
+    feat.use_adapter(None)
+    assert (adapted - maps(feat)).abs().max() > 1e-4  # the trained adapter changes the features
+    feat.use_adapter(t.adapter)
     assert all(torch.equal(v, unet_before[k]) for k, v in feat.unet.state_dict().items())
     prompt_grads = [p.grad is not None for p in t.prompt.parameters()]
     assert any(prompt_grads) == adapt.startswith("prompt")
@@ -150,3 +154,19 @@ def test_compare_three_runs_gives_their_own_numbers(sd_path, willow_root, tmp_pa
         assert float(r["per point @0.05"]) == pytest.approx(100 * doc["per_point"]["all"]["0.05"], abs=0.006)
         assert int(r["trainable params"]) == doc["run"]["training_cost"]["trainable_params"] and r["adapt"] == doc["run"]["training_cost"]["adapt"]
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 5_000 and "| run | prompt | adapt |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind,extra", [("cpm", {"cpm_input": "cls"}), ("cpm", {"cpm_input": "mean"}), ("cpm", {"global_tokens": 0}),
+                                        ("cpm", {"cpm_plain": True}), ("cpm-image", {})])
+def test_conditioning_variants_learn(kind, extra, sd_path, willow_root, tmp_path):
+    """Each conditioning variant trains on warps of the fixture photos with a falling loss."""
+    from sd4match.features import DinoFeaturizer
+    from sd4match.testing import tiny_dinov2
+
+    feat = SDFeaturizer.from_pretrained(sd_path, resolution=64, ensemble=1)
+    dino = DinoFeaturizer.from_pretrained(tiny_dinov2(tmp_path / "dino"))
+    cfg = TrainConfig(dataset="synthetic", root=str(willow_root), prompt=kind, model=str(sd_path), resolution=64, steps=20, batch_size=2,
+                      micro_batch=2, val_every=0, ckpt_every=1000, device="cpu", lr_linear=1e-2, **extra)
+    t = Trainer(cfg, tmp_path / "run", featurizer=feat, dino=dino, progress=False)
+    losses = [t.train_step() for _ in range(cfg.steps)]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
