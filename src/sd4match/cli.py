@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -509,7 +510,7 @@ def _check_points(args) -> list | None:
     from sd4match.data.images import oriented_size
     from sd4match.usermatch import check_points_within, parse_points
 
-    points = parse_points(args.points) if args.points else None
+    points = parse_points(args.points) if args.points is not None else None  # an empty --points is an error, not "automatic points"
     if points is not None:
         check_points_within(points, str(args.source), oriented_size(args.source))
     return points
@@ -700,11 +701,23 @@ def _write_atomic(path: Path, write) -> None:
             write(fh)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``sd4match: warning: <message>`` for sd4match's warnings; others as Python prints them."""
+    from sd4match.errors import Sd4MatchWarning
+
+    if issubclass(category, Sd4MatchWarning):
+        print(f"sd4match: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        rc = args.func(args)
+        with warnings.catch_warnings():  # sd4match's own warnings as one line each, for this command only
+            warnings.showwarning = _show_warning
+            rc = args.func(args)
         sys.stdout.flush()  # here, not at exit: a reader that left is noticed while it can be handled
         return rc
     except BrokenPipeError:  # `sd4match pairs ... | head`: the reader left, not an error

@@ -19,6 +19,11 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+class Sd4MatchWarning(UserWarning):
+    """Something the user should know that does not stop the run; the command line prints it
+    as one line, ``sd4match: warning: ...``."""
+
+
 class DataError(Sd4MatchError):
     """A dataset file is missing, unreadable or not in the expected format."""
 

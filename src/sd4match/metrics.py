@@ -167,13 +167,14 @@ def score(
     total = _Tally(len(alphas))
     by_cat: dict[str, _Tally] = defaultdict(lambda: _Tally(len(alphas)))
     by_diff: dict[str, dict[str, _Tally]] = defaultdict(lambda: defaultdict(lambda: _Tally(len(alphas))))
-    n_points = 0
+    n_points = n_missing = 0
     for r in records:
         pred = predictions.get(r.id)
         if pred is None:
             if not allow_missing:
                 raise PredictionError(where, f"no prediction for pair {r.id!r} (use --allow-missing to score it as 0)")
             correct = np.zeros((r.n_points, len(alphas)), dtype=bool)
+            n_missing += 1
         else:
             if pred.shape != r.trg_kps.shape:
                 raise PredictionError(where, f"pair {r.id!r}: {len(pred)} predicted points for {r.n_points} source keypoints")
@@ -193,6 +194,8 @@ def score(
         "per_image": {"all": total.per_image(keys), "by_category": {c: t.per_image(keys) for c, t in sorted(by_cat.items())}},
         "per_point": {"all": total.per_point(keys), "by_category": {c: t.per_point(keys) for c, t in sorted(by_cat.items())}},
     }
+    if allow_missing:
+        out["n_missing"] = n_missing  # pairs without a prediction, scored 0
     if protocol == "sd4match" and resolution != SD4MATCH_RESOLUTION:
         out["resolution"] = resolution
     if by_diff:
@@ -229,6 +232,8 @@ def format_table(result: dict, title: str = "") -> str:
         head += f" ({result['resolution']} px frame)"
     head += f" | {result['n_pairs']} pairs, {result['n_points']} points"
     lines = [head]
+    if result.get("n_missing"):
+        lines.append(f"missing: {result['n_missing']} of the {result['n_pairs']} pairs have no prediction (scored 0)")
     for agg, label in (("per_image", "per image (mean of pair PCK)"), ("per_point", "per point (all points pooled)")):
         block = result[agg]
         rows = [("all", block["all"])] + list(block["by_category"].items())

@@ -31,7 +31,7 @@ from sd4match.batching import Batcher, Picture, prefetch
 from sd4match.checkpoint import CKPT_DIR, list_checkpoints, load_checkpoint, prune_checkpoints, read_checkpoint_meta, save_checkpoint
 from sd4match.config import TRAIN_PRESETS, MatchConfig, TrainConfig, load_train_config
 from sd4match.data import open_dataset
-from sd4match.errors import Sd4MatchError
+from sd4match.errors import Sd4MatchError, Sd4MatchWarning
 from sd4match.evaluate import predict_pairs
 from sd4match.features import DinoFeaturizer, load_featurizer
 from sd4match.fileio import atomic_write_text
@@ -375,7 +375,7 @@ class Trainer:
             try:
                 meta = read_checkpoint_meta(ckpt)
             except Sd4MatchError as e:
-                warnings.warn(f"{e}; falling back to the checkpoint before it", stacklevel=2)
+                warnings.warn(f"{e}; falling back to the checkpoint before it", Sd4MatchWarning, stacklevel=2)
                 continue
             mine, theirs = _resumable(asdict(self.cfg)), _resumable(meta["config"])
             if mine != theirs:
@@ -386,7 +386,7 @@ class Trainer:
             try:
                 meta = load_checkpoint(ckpt, self.prompt, self.opt, extra=self._extra())
             except Sd4MatchError as e:
-                warnings.warn(f"{e}; falling back to the checkpoint before it", stacklevel=2)
+                warnings.warn(f"{e}; falling back to the checkpoint before it", Sd4MatchWarning, stacklevel=2)
                 continue
             self.step, self.best = int(meta["step"]), meta["best"]
             if meta.get("grad_scaler"):

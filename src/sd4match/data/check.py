@@ -12,7 +12,7 @@ from tqdm import tqdm
 from sd4match.data import open_dataset
 from sd4match.data.download import interrupted_extractions
 from sd4match.data.images import load_image
-from sd4match.errors import DataError
+from sd4match.errors import DataError, first_line
 
 
 @dataclass
@@ -21,6 +21,8 @@ class CheckReport:
     root: Path
     splits: dict[str, dict] = field(default_factory=dict)  # split -> {"pairs": n, "categories": {cat: n}}
     n_images: int = 0
+    n_missing: int = 0  # referenced images not on disk
+    n_bad: int = 0  # present but unreadable (or of another size than annotated)
     problems: list[str] = field(default_factory=list)  # one line each, the first is the one to fix first
     mode: str = "decode"  # how the images were looked at
 
@@ -32,12 +34,20 @@ class CheckReport:
         lines = [f"{self.dataset} at {self.root}"]
         for split, info in self.splits.items():
             if info is None:
-                lines.append(f"  {split:<5} missing")
+                lines.append(f"  {split:<5} missing (no pair list)")
+                continue
+            if "error" in info:
+                lines.append(f"  {split:<5} unreadable: {info['error']}")
                 continue
             cats = ", ".join(f"{c} {n}" for c, n in sorted(info["categories"].items()))
             lines.append(f"  {split:<5} {info['pairs']} pairs ({cats})")
-        how = {"decode": "decoded", "headers": "headers read (--quick)", "none": "not looked at"}.get(self.mode, self.mode)
-        lines.append(f"  images: {self.n_images} referenced, {how}" + (", all readable" if self.ok and self.mode != "none" else ""))
+        if self.mode == "none":
+            lines.append(f"  images: {self.n_images} referenced, not looked at")
+        else:
+            how = {"decode": "decoded", "headers": "headers read (--quick)"}.get(self.mode, self.mode)
+            found = self.n_images - self.n_missing
+            lines.append(f"  images: {found} of {self.n_images} referenced found" + (f" ({self.n_missing} missing)" if self.n_missing else "")
+                         + f", {how}" + (f", {self.n_bad} unreadable" if self.n_bad else ", all readable" if found else ""))
         if self.problems:
             lines.append(f"  {len(self.problems)} problem(s):")
             lines.extend(f"    {p}" for p in self.problems)
@@ -69,9 +79,9 @@ def check_dataset(name: str, root: str | Path, *, images: bool | str = "decode",
     ds = open_dataset(name, root)
     rep = CheckReport(name, Path(root))
     rep.mode = mode
-    for entry in ds.required:
-        if not (ds.root / entry).exists():
-            rep.problems.append(f"{ds.root / entry}: missing")
+    absent = [entry for entry in ds.required if not (ds.root / entry).exists()]
+    for entry in absent:
+        rep.problems.append(f"{ds.root / entry}: missing")
     seen: dict[str, tuple | None] = {}
     for split in ds.splits:
         if ds.split_file(split) is None:
@@ -81,7 +91,8 @@ def check_dataset(name: str, root: str | Path, *, images: bool | str = "decode",
         try:
             recs = ds.pairs(split)
         except DataError as e:
-            rep.splits[split] = None
+            # the layout's own folders missing say more than the first file that could not be read
+            rep.splits[split] = {"error": f"{' and '.join(str(a) for a in absent)} missing" if absent else first_line(e)}
             rep.problems.append(str(e))
             continue
         rep.splits[split] = {"pairs": len(recs), "categories": dict(Counter(r.category for r in recs))}
@@ -93,7 +104,9 @@ def check_dataset(name: str, root: str | Path, *, images: bool | str = "decode",
     if mode == "none":
         return rep
 
-    def one(rel: str) -> str | None:
+    def one(rel: str) -> tuple[str, str] | None:
+        if not (ds.root / rel).is_file():
+            return "missing", f"{ds.root / rel}: image file is missing"
         try:
             if mode == "headers":
                 ds.image_size(rel)
@@ -101,14 +114,17 @@ def check_dataset(name: str, root: str | Path, *, images: bool | str = "decode",
                 img = load_image(ds.root / rel)
                 want = seen[rel]
                 if want and tuple(img.size) != want:
-                    return f"{ds.root / rel}: image is {img.width}x{img.height} but the annotation says {want[0]}x{want[1]}"
+                    return "bad", f"{ds.root / rel}: image is {img.width}x{img.height} but the annotation says {want[0]}x{want[1]}"
         except DataError as e:
-            return str(e)
+            return "bad", str(e)
         return None
 
     rels = sorted(seen)
     with ThreadPoolExecutor(max_workers=4) as ex:
-        for msg in tqdm(ex.map(one, rels), total=len(rels), unit="img", desc=f"check images ({mode})", disable=None if progress else True):
-            if msg:
+        for got in tqdm(ex.map(one, rels), total=len(rels), unit="img", desc=f"check images ({mode})", disable=None if progress else True):
+            if got:
+                what, msg = got
+                rep.n_missing += what == "missing"
+                rep.n_bad += what == "bad"
                 rep.problems.append(msg)
     return rep

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-from sd4match.errors import Sd4MatchError
+from sd4match.errors import Sd4MatchError, Sd4MatchWarning
 from sd4match.features.adapters import has_adapter, load_adapter
 from sd4match.features.text import TextEncoderBridge
 from sd4match.prompts.base import Prompt, prompt_class, read_prompt_config, read_prompt_tensors
@@ -48,6 +49,9 @@ def load_prompt(folder: str | Path, featurizer) -> Prompt:
             f"{folder}: prompt was made for a {cfg.text_dim}-d text encoder ({cfg.model or 'unknown model'}), "
             f"but {featurizer.model_id} has a {b.dim}-d one"
         )
+    if cfg.model and prompt_class(cfg.kind).learned and cfg.model != featurizer.model_id:
+        warnings.warn(f"{folder}: this prompt was made for {cfg.model}, but is used with {featurizer.model_id} (same text width; "
+                      f"its features may not be what it learned)", Sd4MatchWarning, stacklevel=2)
     prompt = prompt_class(cfg.kind)(b, config=cfg)
     tensors = read_prompt_tensors(folder)
     try:

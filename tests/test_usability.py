@@ -1,0 +1,87 @@
+"""What a new user trips over, one test per case (issue: output folders, checks before a model
+loads, honest messages)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sd4match.cli import main
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_datasets_check_counts_missing_pictures_and_names_missing_annotations(spair_root, pascal_lists, tmp_path, capsys):
+    # SPair-71k without JPEGImages/: "0 of 58 found", non-zero exit
+    assert main(["datasets", "check", "--dataset", "spair", "--root", str(spair_root), "--no-progress"]) == 2
+    out = capsys.readouterr().out
+    assert "images: 0 of 58 referenced found (58 missing)" in out and "decoded" in out
+    # PF-Pascal with its three lists but no annotations or pictures: says so, not "trn missing"
+    root = tmp_path / "pf-pascal"
+    root.mkdir()
+    for f in pascal_lists.glob("*_pairs.csv"):
+        shutil.copy(f, root / f.name)
+    assert main(["datasets", "check", "--dataset", "pfpascal", "--root", str(root), "--no-progress"]) == 2
+    out = capsys.readouterr().out
+    assert "trn   unreadable: PF-dataset-PASCAL/JPEGImages and PF-dataset-PASCAL/Annotations missing" in out
+    assert "trn   missing" not in out
+
+
+def test_score_allow_missing_counts_the_missing_pairs(willow_root, tmp_path, capsys):
+    from sd4match.data import open_dataset
+
+    recs = open_dataset("pfwillow", willow_root).pairs("test")
+    preds = tmp_path / "p.jsonl"
+    preds.write_text("".join(json.dumps({"id": r.id, "kps": r.trg_kps.tolist()}) + "\n" for r in recs[1:]))
+    args = ["score", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--predictions", str(preds), "--allow-missing"]
+    assert main(args) == 0
+    assert "missing: 1 of the 450 pairs have no prediction (scored 0)" in capsys.readouterr().out
+    assert main(args + ["--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["n_missing"] == 1 and doc["n_pairs"] == 450
+    assert doc["per_image"]["all"]["0.05"] == pytest.approx(449 / 450)  # the missing pair scores 0
+
+
+def test_empty_points_is_an_error_not_automatic_points(tmp_path, capsys):
+    assert main(["match", str(EXAMPLES / "cat.jpg"), str(EXAMPLES / "pets.jpg"), "--points", "", "--out", str(tmp_path / "o"),
+                 "--model", "effnet-lite0"]) == 2
+    assert "--points: no points given" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_prompt_of_another_model_warns_naming_both(tmp_path, capsys):
+    """A prompt folder records its model; used with another model of the same text width, one
+    warning line names both."""
+    from sd4match.features import SDFeaturizer
+    from sd4match.prompts import make_prompt
+    from sd4match.testing import tiny_sd
+
+    a, b = tiny_sd(tmp_path / "a"), tiny_sd(tmp_path / "b", seed=1)
+    fa = SDFeaturizer.from_pretrained(a, resolution=64, ensemble=1)
+    p = make_prompt("single", fa)
+    p.config.model = fa.model_id
+    p.save(tmp_path / "prompt")
+    assert main(["match", str(EXAMPLES / "cat.jpg"), str(EXAMPLES / "pets.jpg"), "--points", "100,100", "--prompt", str(tmp_path / "prompt"),
+                 "--model", str(b), "--resolution", "64", "--ensemble", "1", "--device", "cpu", "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    mine = [line for line in err.splitlines() if "sd4match" in line.lower() and "warning" in line.lower()]
+    assert len(mine) == 1 and mine[0].startswith("sd4match: warning: ") and str(a.resolve()) in mine[0] and str(b.resolve()) in mine[0]
+    assert "Sd4MatchWarning" not in err
+
+
+def test_damaged_newest_checkpoint_is_one_warning_line(willow_root, tmp_path, capsys):
+    from sd4match.testing import tiny_sd
+
+    model = tiny_sd(tmp_path / "m")
+    base = ["train", "--dataset", "synthetic", "--root", str(willow_root), "--prompt", "single", "--model", str(model), "--resolution", "64",
+            "--batch-size", "1", "--val-every", "0", "--ckpt-every", "1", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run")]
+    assert main(base + ["--steps", "2"]) == 0
+    newest = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1]
+    (newest / "state.safetensors").write_bytes(b"cut short")
+    capsys.readouterr()
+    assert main(base + ["--steps", "3", "--resume"]) == 0
+    err = capsys.readouterr().err
+    warn = [line for line in err.splitlines() if "falling back to the checkpoint" in line]
+    assert len(warn) == 1 and warn[0].startswith("sd4match: warning: ") and newest.name in warn[0]
+    assert "Sd4MatchWarning" not in err and "train.py" not in err
