@@ -189,3 +189,4 @@ def test_unreachable_server_is_one_line(tmp_path):
         capture_output=True, text=True,
     )
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "cannot connect" in p.stderr
+    assert "nothing was downloaded" in p.stderr and "partial download" not in p.stderr  # nothing came: no partial file is claimed

@@ -157,7 +157,10 @@ def fetch(src: Source, folder: Path, *, progress: bool = True, timeout: float = 
         else:
             raise DownloadError(f"{src.url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
-        raise DownloadError(f"{src.url}: cannot connect ({getattr(e, 'reason', e)}); a partial download is kept and resumed next time") from None
+        kept = (f"the {have:,} bytes downloaded so far are kept in {part} and resumed next time" if have else
+                "nothing was downloaded; run the command again where the address is reachable, or download the file yourself and "
+                f"put it at {final}")
+        raise DownloadError(f"{src.url}: cannot connect ({getattr(e, 'reason', e)}); {kept}") from None
     total = src.size
     if resp is not None:
         with resp:
