@@ -85,3 +85,26 @@ def test_damaged_newest_checkpoint_is_one_warning_line(willow_root, tmp_path, ca
     warn = [line for line in err.splitlines() if "falling back to the checkpoint" in line]
     assert len(warn) == 1 and warn[0].startswith("sd4match: warning: ") and newest.name in warn[0]
     assert "Sd4MatchWarning" not in err and "train.py" not in err
+
+
+def test_a_second_evaluation_into_a_running_ones_folder_is_refused(willow_root, tmp_path, capsys):
+    """While a run holds the folder's lock (here another open file description holds it, as a
+    second process would see it), `evaluate` is refused in one line, before any model loads;
+    once the holder is gone the folder is free again."""
+    import fcntl
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    holder = open(out / ".sd4match.lock", "a+")
+    holder.write("pid 4242")
+    holder.flush()
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    args = ["evaluate", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--model", "effnet-lite0", "--limit", "3",
+            "--match", "nn", "--no-progress", "--out", str(out)]
+    try:
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"sd4match: error: {out}: another evaluation is writing here (pid 4242); wait for it to end or choose another --out"
+    finally:
+        holder.close()
+    assert main(args) == 0 and (out / "score.json").is_file()

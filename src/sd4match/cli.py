@@ -13,6 +13,7 @@ imported inside the commands, so that ``sd4match --help`` needs no torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -477,9 +478,8 @@ def _apply_preset(args) -> None:
 
 def cmd_evaluate(args) -> int:
     from sd4match.checks import check_splits
-    from sd4match.evaluate import check_evaluation_folder, evaluate, print_score
-    from sd4match.runtime import distributed_rank_world, finish_distributed
-    from sd4match.store import Store
+    from sd4match.fileio import folder_lock
+    from sd4match.runtime import distributed_rank_world
 
     if args.preset:
         _apply_preset(args)
@@ -491,6 +491,16 @@ def cmd_evaluate(args) -> int:
         recs = recs[: cfg.limit]
     request = {**{k: getattr(model, k) for k in ("model", "model_config", "dtype", "timestep", "up_block", "ensemble", "resolution", "noise_schedule")},
                "dino": args.dino, "dino_input": model.dino_input, "dino_pos": model.dino_pos}
+    lock = contextlib.nullcontext() if distributed_rank_world()[1] > 1 else folder_lock(args.out, "evaluation")
+    with lock:  # held from before the model loads to the end: a second run into this folder is refused at once
+        return _run_evaluation(args, model, cfg, recs, request)
+
+
+def _run_evaluation(args, model, cfg, recs, request) -> int:
+    from sd4match.evaluate import check_evaluation_folder, evaluate, print_score
+    from sd4match.runtime import distributed_rank_world, finish_distributed
+    from sd4match.store import Store
+
     check_evaluation_folder(args.out, resume=args.resume, cfg=cfg, request=request)
     feat = load_model(model)
     dino = _dino_for(cfg.prompt, args.dino, feat, model.dino_pos)

@@ -40,7 +40,7 @@ from sd4match.data import open_dataset
 from sd4match.data.records import PairRecord
 from sd4match.errors import DataError, Sd4MatchError, first_line
 from sd4match.features.sd import SDLayerStack
-from sd4match.fileio import atomic_write_text
+from sd4match.fileio import atomic_write_text, folder_lock
 from sd4match.matching import match_pixels
 from sd4match.metrics import format_table, score, seen_unseen, write_predictions
 from sd4match.prompts import Prompt, resolve_prompt
@@ -165,6 +165,13 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
     protocol and alphas, plus the settings that produced it (and the pairs skipped).
     """
     out = Path(out)
+    if distributed_rank_world()[1] > 1:  # data parallel: every process writes its own partial file
+        return _evaluate(featurizer, cfg, out, dino=dino, progress=progress, records=records, store=store, resume=resume, request=request)
+    with folder_lock(out, "evaluation"):
+        return _evaluate(featurizer, cfg, out, dino=dino, progress=progress, records=records, store=store, resume=resume, request=request)
+
+
+def _evaluate(featurizer, cfg: EvalConfig, out: Path, *, dino, progress, records, store, resume, request) -> Evaluation:
     if records is None:
         records = open_dataset(cfg.dataset, cfg.root).pairs(cfg.split)
         if cfg.limit:

@@ -83,3 +83,50 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
                 os.replace(f, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+LOCK_NAME = ".sd4match.lock"
+_held: dict[str, list] = {}  # folder -> [open lock file, depth]: this process's locks (re-entrant)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str = "run") -> Iterator[None]:
+    """Hold ``folder``'s lock while a run writes there: a second process asking for it is
+    refused in one line (naming the process that holds it). Re-entrant within a process;
+    released when the holder ends, however it ends (the OS drops the lock with the process).
+    Where file locks are not available the block runs unlocked."""
+    from sd4match.errors import Sd4MatchError
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    folder = Path(folder)
+    key = str(folder.resolve())
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fh = open(folder / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise Sd4MatchError(f"{folder}: another {what} is writing here ({holder}); wait for it to end or choose another --out") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}")
+    fh.flush()
+    _held[key] = [fh, 1]
+    try:
+        yield
+    finally:
+        _held.pop(key, None)
+        fh.close()  # closing the file releases the lock
