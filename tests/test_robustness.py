@@ -122,6 +122,8 @@ def test_evaluate_keeps_predictions_on_a_bad_image_and_resume_equals_a_clean_run
     (root / rel).write_bytes(good)
     assert main(_eval_args(tiny, root, out, "--resume")) == 0
     assert (out / "predictions.jsonl").read_bytes() == (clean / "predictions.jsonl").read_bytes()
+    assert (out / "score.json").read_bytes() == (clean / "score.json").read_bytes()  # run-specific facts live in run-info.json
+    assert json.loads((out / "run-info.json").read_text())["seconds_this_session"] >= 0
     a, b = json.loads((out / "score.json").read_text()), json.loads((clean / "score.json").read_text())
     assert {k: v for k, v in a.items() if k != "run"} == {k: v for k, v in b.items() if k != "run"}
     assert not (out / "predictions.partial.jsonl").exists()
@@ -145,6 +147,8 @@ def test_evaluate_killed_at_a_pair_then_resumed_equals_a_clean_run(tmp_path, wil
     assert rc == 2 and "timestep" in one_error_line(err)
     assert main(_eval_args(tiny, willow_root, out, "--resume")) == 0
     assert (out / "predictions.jsonl").read_bytes() == (clean / "predictions.jsonl").read_bytes()
+    assert (out / "score.json").read_bytes() == (clean / "score.json").read_bytes()  # run-specific facts live in run-info.json
+    assert json.loads((out / "run-info.json").read_text())["seconds_this_session"] >= 0
 
 
 # ------------------------------------------------------------------------------ failures damage nothing

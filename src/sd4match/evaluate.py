@@ -52,6 +52,8 @@ __all__ = ["EVAL_PRESETS", "EvalConfig", "Evaluation", "check_evaluation_folder"
 
 PARTIAL = "predictions.partial.jsonl"
 RUN = "run.json"
+RUN_INFO = "run-info.json"  # where and how a finished run went (root, loader threads, processes, seconds): not part of the result
+_WHERE = ("root", "workers", "chunk")
 #: settings that may differ between a run and its resumption
 _VOLATILE = ("workers", "chunk", "skip_bad", "preset")
 
@@ -258,12 +260,15 @@ def _finish(out: Path, cfg: EvalConfig, records, done: dict, mine: dict, bad: di
     if bad:
         order = {r.id: i for i, r in enumerate(records)}
         result["skipped"] = [{"id": pid, "problem": msg} for pid, msg in sorted(bad.items(), key=lambda kv: order[kv[0]])]
-    meta = {"config": {**as_dict(cfg), "settings": settings}, "git_sha": git_sha(), "processes": world,
+    # the result holds what makes the numbers; how and where this run went is in run-info.json, so a
+    # resumed, sharded or moved run writes the same score.json, byte for byte
+    meta = {"config": {**{k: v for k, v in as_dict(cfg).items() if k not in _WHERE}, "settings": settings}, "git_sha": git_sha(),
             "protocol_note": f"protocol {cfg.protocol} (evaluate's default: sd4match, the official code's frame; sd4match score defaults to standard)"}
     meta.update(extra or {})
-    meta["seconds_this_session"] = round(seconds, 3)
     doc = {**result, "run": meta}
     atomic_write_text(out / "score.json", json.dumps(doc, indent=2, default=str))
+    info = {**{k: getattr(cfg, k) for k in _WHERE}, "processes": world, "seconds_this_session": round(seconds, 3)}
+    atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2, default=str))
     for f in out.glob(PARTIAL.replace(".jsonl", "*.jsonl")):
         f.unlink()
     (out / RUN).unlink(missing_ok=True)
