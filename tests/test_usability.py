@@ -108,3 +108,28 @@ def test_a_second_evaluation_into_a_running_ones_folder_is_refused(willow_root, 
     finally:
         holder.close()
     assert main(args) == 0 and (out / "score.json").is_file()
+
+
+def test_output_folders_hold_one_run(tmp_path, capsys):
+    """match without --dense into an earlier --dense run's folder, and transfer onto other
+    targets into an earlier transfer's folder: only this run's files remain (a file the user
+    put there stays)."""
+    out = tmp_path / "o"
+    common = ["--model", "effnet-lite0", "--points", "100,100;200,150"]
+    assert main(["match", str(EXAMPLES / "cat.jpg"), str(EXAMPLES / "pets.jpg"), "--dense", "--out", str(out), *common]) == 0
+    assert {"warped.png", "confidence.png", "dense.npz", "matches.json", "matches.png"} <= {p.name for p in out.iterdir()}
+    (out / "my-notes.txt").write_text("mine")
+    assert main(["match", str(EXAMPLES / "bird.jpg"), str(EXAMPLES / "owl.jpg"), "--out", str(out), *common]) == 0
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {"matches.json", "matches.png", "my-notes.txt"}
+    assert json.loads((out / "matches.json").read_text())["source"]["path"].endswith("bird.jpg")
+
+    t1, t2, tout = tmp_path / "t1", tmp_path / "t2", tmp_path / "transfer"
+    for d, names in ((t1, ("pets.jpg", "owl.jpg")), (t2, ("bird.jpg",))):
+        d.mkdir()
+        for n in names:
+            shutil.copy(EXAMPLES / n, d / n)
+    base = ["transfer", "--source", str(EXAMPLES / "cat.jpg"), "--points", "100,100", "--model", "effnet-lite0", "--no-progress", "--out", str(tout)]
+    assert main([*base, "--targets", str(t1)]) == 0
+    assert {p.name for p in tout.iterdir() if not p.name.startswith(".")} == {"pets.json", "owl.json", "sheet.png"}
+    assert main([*base, "--targets", str(t2)]) == 0
+    assert {p.name for p in tout.iterdir() if not p.name.startswith(".")} == {"bird.json", "sheet.png"}

@@ -61,11 +61,20 @@ def atomic_save_image(path: str | Path, image) -> Path:
     return Path(path)
 
 
+MANIFEST = ".sd4match-files"  # the files the last run wrote into an output folder (JSON)
+
+
 @contextlib.contextmanager
 def staged_dir(out: str | Path) -> Iterator[Path]:
-    """A temporary folder beside ``out`` to write a command's results into. On success each
-    file is moved into ``out`` (replacing a file of the same name); on error the folder is
-    removed and ``out`` is exactly as it was."""
+    """A temporary folder beside ``out`` to write a command's results into.
+
+    On success each file is moved into ``out`` (replacing a file of the same name), and the
+    files an earlier sd4match run wrote there that this run did not write again are removed
+    (they are listed in ``out/.sd4match-files``), so the folder holds this run's files
+    only; files sd4match did not write are left alone. On error the staging folder is
+    removed and ``out`` is exactly as it was.
+    """
+    import json
     import shutil
 
     out = Path(out)
@@ -76,11 +85,23 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         out.mkdir(parents=True, exist_ok=True)
+        try:
+            earlier = json.loads((out / MANIFEST).read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            earlier = []
+        written = []
         for f in sorted(tmp.rglob("*")):
             if f.is_file():
-                dest = out / f.relative_to(tmp)
+                rel = f.relative_to(tmp)
+                dest = out / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(f, dest)
+                written.append(rel.as_posix())
+        for rel in set(earlier) - set(written):
+            stale = out / rel
+            if ".." not in Path(rel).parts and stale.is_file():
+                stale.unlink()
+        atomic_write_text(out / MANIFEST, json.dumps({"files": written}, indent=1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
