@@ -133,3 +133,39 @@ def test_output_folders_hold_one_run(tmp_path, capsys):
     assert {p.name for p in tout.iterdir() if not p.name.startswith(".")} == {"pets.json", "owl.json", "sheet.png"}
     assert main([*base, "--targets", str(t2)]) == 0
     assert {p.name for p in tout.iterdir() if not p.name.startswith(".")} == {"bird.json", "sheet.png"}
+
+
+def test_missing_pictures_are_named_before_any_model_loads_and_a_failed_start_blocks_nothing(spair_root, spair_with_images, tmp_path, capsys,
+                                                                                             monkeypatch):
+    """train and evaluate on an SPair-71k root without its pictures: one line naming the first
+    missing picture and the count, before any model is loaded (the model source here does not
+    even exist as weights); the failed train leaves nothing that blocks a rerun."""
+    from sd4match.testing import tiny_sd
+
+    model = tiny_sd(tmp_path / "m")
+    capsys.readouterr()
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr("sd4match.cli.load_model", no_model)
+    monkeypatch.setattr("sd4match.train.load_featurizer", no_model)
+    run = tmp_path / "run"
+    train = ["train", "--preset", "single-spair", "--root", str(spair_root), "--model", str(model), "--device", "cpu", "--no-progress",
+             "--out", str(run)]
+    assert main(train) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sd4match: error: ") and "JPEGImages" in err and "image file is missing" in err and "pictures these pairs read are missing" in err and "\n" not in err
+    assert not run.exists() or not any(run.iterdir())
+    assert main(["evaluate", "--dataset", "spair", "--root", str(spair_root), "--split", "test", "--model", str(model), "--out",
+                 str(tmp_path / "ev"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sd4match: error: ") and "image file is missing (52 of the 52 pictures these pairs read are missing" in err and "\n" not in err
+    # a run folder from a start that failed before its first step does not block the rerun
+    run.mkdir(exist_ok=True)
+    (run / "config.json").write_text("{}")
+    (run / "scalars.jsonl").write_text("")
+    monkeypatch.undo()
+    assert main(["train", "--dataset", "spair", "--root", str(spair_with_images), "--prompt", "single", "--model", str(model), "--resolution", "64",
+                 "--steps", "1", "--batch-size", "1", "--val-every", "0", "--device", "cpu", "--no-progress", "--out", str(run)]) == 0
+    assert (run / "last" / "prompt.safetensors").is_file()

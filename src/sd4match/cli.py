@@ -458,7 +458,7 @@ def cmd_train(args) -> int:
     # inputs first, in seconds: device, model source, data, run folder
     check_device(cfg.device)
     check_model(cfg.model)
-    check_splits(cfg.dataset, cfg.root, [cfg.train_split] + ([cfg.val_split] if cfg.val_every else []))
+    check_splits(cfg.dataset, cfg.root, [cfg.train_split] + ([cfg.val_split] if cfg.val_every else []), pictures=True)
     check_output_folder(args.out)
     resume = check_run_folder(args.out, resume=args.resume, resume_or_start=args.resume_or_start)
     out = Trainer(cfg, args.out, progress=not args.no_progress).run(resume=resume)
@@ -477,7 +477,7 @@ def _apply_preset(args) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from sd4match.checks import check_splits
+    from sd4match.checks import check_pictures, check_splits
     from sd4match.fileio import folder_lock
     from sd4match.runtime import distributed_rank_world
 
@@ -489,6 +489,8 @@ def cmd_evaluate(args) -> int:
     recs = check_splits(cfg.dataset, cfg.root, [cfg.split])[cfg.split]
     if cfg.limit:
         recs = recs[: cfg.limit]
+    if not cfg.skip_bad:  # every picture the run reads is there, before any model loads (--skip-bad goes past missing ones)
+        check_pictures(cfg.root, recs)
     request = {**{k: getattr(model, k) for k in ("model", "model_config", "dtype", "timestep", "up_block", "ensemble", "resolution", "noise_schedule")},
                "dino": args.dino, "dino_input": model.dino_input, "dino_pos": model.dino_pos}
     lock = contextlib.nullcontext() if distributed_rank_world()[1] > 1 else folder_lock(args.out, "evaluation")
@@ -594,7 +596,7 @@ def _schedules(text: str) -> tuple[str, ...]:
 
 
 def cmd_sweep(args) -> int:
-    from sd4match.checks import check_splits
+    from sd4match.checks import check_pictures, check_splits
     from sd4match.sweep import sweep
 
     if args.preset:
@@ -606,6 +608,8 @@ def cmd_sweep(args) -> int:
     recs = check_splits(cfg.dataset, cfg.root, [cfg.split])[cfg.split]
     if cfg.limit:
         recs = recs[: cfg.limit]
+    if not cfg.skip_bad:  # every picture the run reads is there, before any model loads (--skip-bad goes past missing ones)
+        check_pictures(cfg.root, recs)
     feat = load_model(model)
     dino = _dino_for(cfg.prompt, args.dino, feat, model.dino_pos)
     res = sweep(feat, cfg, args.out, timesteps=args.timesteps, up_blocks=args.up_blocks, ensembles=args.ensembles, noise_schedules=args.noise_schedules,

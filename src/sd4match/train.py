@@ -498,6 +498,11 @@ def check_run_folder(out: str | Path, *, resume: bool, resume_or_start: bool) ->
                 (out / name).unlink(missing_ok=True)
         return has_ckpt
     earlier = [n for n in RUN_FILES if (out / n).exists()]
+    log = out / "scalars.jsonl"
+    if earlier and set(earlier) <= {"config.json", "scalars.jsonl"} and not (log.is_file() and log.stat().st_size):
+        for name in earlier:  # a run that failed before its first step: nothing of it to keep
+            (out / name).unlink()
+        return False
     if earlier:
         raise Sd4MatchError(f"{out}: holds an earlier run's files ({', '.join(earlier)}); pass --resume or --resume-or-start to continue it, "
                             "or choose another --out")
