@@ -169,3 +169,41 @@ def test_missing_pictures_are_named_before_any_model_loads_and_a_failed_start_bl
     assert main(["train", "--dataset", "spair", "--root", str(spair_with_images), "--prompt", "single", "--model", str(model), "--resolution", "64",
                  "--steps", "1", "--batch-size", "1", "--val-every", "0", "--device", "cpu", "--no-progress", "--out", str(run)]) == 0
     assert (run / "last" / "prompt.safetensors").is_file()
+
+
+def test_uncached_weights_without_a_network_fail_after_one_probe(tmp_path, monkeypatch):
+    """Not cached and not offline: the cache is tried first (no network), then one
+    reachability probe, then the one-line error; the libraries never get to retry the hub."""
+    import socket
+
+    import transformers
+    from huggingface_hub import constants
+
+    from sd4match.errors import Sd4MatchError
+    from sd4match.features import DinoFeaturizer
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    probes, loads = [], []
+
+    def no_network(*a, **k):
+        probes.append(a)
+        raise OSError("network is unreachable")
+
+    real = transformers.Dinov2Model.from_pretrained
+
+    def counted(*a, **k):
+        loads.append(k.get("local_files_only"))
+        return real(*a, **k)
+
+    from sd4match.features import registry
+
+    reach = registry.hub_reachable
+    checks = []
+    monkeypatch.setattr(registry, "hub_reachable", lambda *a, **k: checks.append(1) or reach(*a, **k))
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(transformers.Dinov2Model, "from_pretrained", counted)
+    with pytest.raises(Sd4MatchError, match=r"DINOv2 weights facebook/dinov2-base \(dinov2-b\) are not cached and the hub could not be reached"):
+        DinoFeaturizer.from_pretrained("dinov2-b")
+    assert checks == [1] and loads == [True]  # the cache only, one probe; the libraries' download path (and its retries) never started
+    assert any(a[0] == ("huggingface.co", 443) for a in probes)

@@ -726,6 +726,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # transformers' notices about optional packages (torchvision, ...) are not for our users;
+    # its warnings that matter still show when TRANSFORMERS_VERBOSITY is set
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

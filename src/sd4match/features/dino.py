@@ -34,7 +34,7 @@ from PIL import Image
 
 from sd4match.errors import Sd4MatchError
 from sd4match.features.base import CellMap, Featurizer, ImagesLike, images_to_tensor
-from sd4match.features.registry import offline_mode, resolve, weights_missing
+from sd4match.features.registry import load_from_hub, offline_mode, resolve
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -175,10 +175,8 @@ class DinoFeaturizer(Featurizer):
             return Dinov2Model.from_pretrained(res.location, local_files_only=True), res.model_id
         if res.kind != "hub":
             raise Sd4MatchError(f"{model}: DINOv2 loads from a registry name, hub id or transformers folder")
-        try:
-            net = Dinov2Model.from_pretrained(res.location, revision=res.revision, local_files_only=offline)
-        except Exception as e:  # hub and cache errors come in many types; all mean "not here"
-            raise weights_missing("DINOv2", res, offline, e) from None
+        net = load_from_hub(lambda local: Dinov2Model.from_pretrained(res.location, revision=res.revision, local_files_only=local), "DINOv2", res,
+                            offline)
         return net, res.model_id
 
     @property

@@ -99,6 +99,45 @@ def offline_mode(local_files_only: bool | None) -> bool:
     return bool(constants.HF_HUB_OFFLINE) if local_files_only is None else local_files_only
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's address (``HF_ENDPOINT``) accepts a connection within ``timeout``
+    seconds: one attempt, so a machine without network learns it in seconds, not after the
+    libraries' retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_from_hub(load, what: str, res: ResolvedModel, offline: bool):
+    """``load(local_files_only)`` for hub weights: from the local cache first (no network at
+    all); otherwise, unless offline, one reachability check and then the download. Whatever
+    fails ends in ``weights_missing``'s one line."""
+    try:
+        return load(True)
+    except Sd4MatchError:
+        raise
+    except Exception as e:  # not cached (the libraries' errors come in many types)
+        if offline:
+            raise weights_missing(what, res, True, e) from None
+    if not hub_reachable():
+        raise weights_missing(what, res, False, ConnectionError("the hub is unreachable")) from None
+    try:
+        return load(False)
+    except Sd4MatchError:
+        raise
+    except Exception as e:
+        raise weights_missing(what, res, False, e) from None
+
+
 def weights_missing(what: str, res: ResolvedModel, offline: bool, exc: BaseException) -> Sd4MatchError:
     """The one-line error for hub weights that could not be loaded: which, why, how to get them."""
     why = "not in the local cache (offline mode)" if offline else f"not cached and the hub could not be reached ({type(exc).__name__})"

@@ -30,7 +30,7 @@ import torch
 
 from sd4match.errors import Sd4MatchError, first_line
 from sd4match.features.base import CellMap, Featurizer, ImagesLike, images_to_tensor
-from sd4match.features.registry import ResolvedModel, offline_mode, resolve, weights_missing
+from sd4match.features.registry import ResolvedModel, load_from_hub, offline_mode, resolve, weights_missing
 from sd4match.features.text import TextEncoderBridge
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -567,12 +567,7 @@ def load_sd_components(res: ResolvedModel, *, config=None, local_files_only: boo
             raise Sd4MatchError(f"{root}: not a Stable Diffusion folder in the diffusers layout ({missing[0]}/ is missing)")
         return _load_parts(str(root), None, local_files_only=True)
     if res.kind == "hub":
-        try:
-            return _load_parts(res.location, res.revision, local_files_only=offline)
-        except Sd4MatchError:
-            raise
-        except Exception as e:  # hub and cache errors come in many types; all mean "not here"
-            raise weights_missing("Stable Diffusion", res, offline, e) from None
+        return load_from_hub(lambda local: _load_parts(res.location, res.revision, local_files_only=local), "Stable Diffusion", res, offline)
     if res.kind == "single_file":
         return _load_single_file(Path(res.location), config=config, offline=offline)
     raise Sd4MatchError(f"{res.location}: not a Stable Diffusion model")
