@@ -30,7 +30,7 @@ import torch
 
 from sd4match.errors import Sd4MatchError, first_line
 from sd4match.features.base import CellMap, Featurizer, ImagesLike, images_to_tensor
-from sd4match.features.registry import ResolvedModel, load_from_hub, offline_mode, resolve, weights_missing
+from sd4match.features.registry import ResolvedModel, load_from_hub, offline_mode, resolve
 from sd4match.features.text import TextEncoderBridge
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
