@@ -207,3 +207,17 @@ def test_uncached_weights_without_a_network_fail_after_one_probe(tmp_path, monke
         DinoFeaturizer.from_pretrained("dinov2-b")
     assert checks == [1] and loads == [True]  # the cache only, one probe; the libraries' download path (and its retries) never started
     assert any(a[0] == ("huggingface.co", 443) for a in probes)
+
+
+def test_pictures_explain_themselves():
+    """Close scores get one colour on a readable scale; serve opens on a pair of the same kind."""
+    from sd4match.serve import opening_pair
+    from sd4match.viz import MIN_SPAN, score_range
+
+    lo, hi = score_range([0.2412, 0.2438])
+    assert hi - lo == pytest.approx(MIN_SPAN) and lo < 0.2412 < 0.2438 < hi and f"{lo:.2f}" != f"{hi:.2f}"
+    assert score_range([0.1, 0.9]) == (0.1, 0.9)
+    names = sorted(p.name for p in EXAMPLES.glob("*.jpg"))
+    assert names[:2] == ["bird.jpg", "cat.jpg"]  # alphabetical order would open on a bird and a cat
+    assert opening_pair(EXAMPLES, names) == ["cat.jpg", "pets.jpg"]
+    assert opening_pair(Path("/nonexistent"), names) == names[:2]

@@ -91,12 +91,13 @@ def test_auto_points_and_dense_on_self(tmp_path, featurizer, willow_pair):
         assert z["source_xy"].shape == (8, 8, 2) and z["score"].shape == (8, 8)
     warped = np.asarray(Image.open(tmp_path / "d" / "warped.png")).astype(float)
     orig = np.asarray(a.image).astype(float)
-    assert warped.shape == orig.shape
+    assert warped.shape[1:] == orig.shape[1:] and warped.shape[0] > orig.shape[0]  # the picture, then its caption
+    warped = warped[: orig.shape[0]]
     # identity flow: inside the outermost half cells the warp reproduces the picture
     mx, my = 300 // 16 + 1, 200 // 16 + 1
     assert np.abs(warped[my:-my, mx:-mx] - orig[my:-my, mx:-mx]).mean() < 1.0
     conf = Image.open(tmp_path / "d" / "confidence.png")
-    assert conf.size == (300, 200 + 30)  # the picture, then its colour bar
+    assert conf.size[0] == 300 and conf.size[1] > 200 + 30  # the picture, its colour bar, its caption
 
 
 def test_transfer_three_targets(tmp_path, tiny, willow_pair, willow_root):

@@ -123,6 +123,18 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+def opening_pair(folder: str | Path, names: list[str]) -> list[str]:
+    """The two pictures the page opens with: the first pair of ``<folder>/pairs.txt`` (lines
+    ``a.jpg b.jpg``: pictures of the same kind) whose pictures exist, else the first two."""
+    listed = Path(folder) / "pairs.txt"
+    if listed.is_file():
+        for line in listed.read_text(encoding="utf-8", errors="replace").splitlines():
+            parts = line.split("#")[0].split()
+            if len(parts) == 2 and all(p in names for p in parts):
+                return parts
+    return names[:2]
+
+
 def create_app(matcher: Matcher, *, images: str | Path | None = None, max_upload_bytes: int = 20_000_000, max_pixels: int = 50_000_000,
                max_side: int = MAX_SIDE, workdir: str | Path | None = None):
     """The FastAPI app; ``images`` is a folder whose pictures the page offers as examples."""
@@ -136,6 +148,7 @@ def create_app(matcher: Matcher, *, images: str | Path | None = None, max_upload
         workdir = tmp.name
     store = ImageStore(Path(workdir), max_pixels=max_pixels, max_side=max_side)
     examples = {p.relative_to(images).as_posix(): p for p in list_images(images)} if images else {}
+    first = opening_pair(images, sorted(examples)) if images else []
     model_lock = threading.Lock()  # one forward pass at a time; the feature cache is not thread-safe
     app = FastAPI(title="sd4match", docs_url=None, redoc_url=None)
     app.state.tmp = tmp  # keeps the upload folder alive as long as the app
@@ -162,7 +175,7 @@ def create_app(matcher: Matcher, *, images: str | Path | None = None, max_upload
     @app.get("/api/config")
     def config():
         s = matcher.settings()
-        return {"model": matcher.featurizer.model_id, "prompt": s["prompt"], "rule": s["rule"], "examples": sorted(examples),
+        return {"model": matcher.featurizer.model_id, "prompt": s["prompt"], "rule": s["rule"], "examples": sorted(examples), "first_pair": first,
                 "max_upload_mb": max_upload_bytes / 1e6, "max_megapixels": max_pixels / 1e6}
 
     @app.post("/api/images")

@@ -32,7 +32,9 @@ from sd4match.matching import MATCH_RULES, border_contrast, cells_to_grid, dense
 from sd4match.prompts import prompt_fingerprint, resolve_prompt
 from sd4match.store import Store, image_key
 from sd4match.version import __version__
-from sd4match.viz import contact_sheet, draw_matches, draw_points, heat_image
+from sd4match.viz import caption, contact_sheet, draw_matches, draw_points, overlay_heat, score_legend, score_range
+
+SHEET_TILE = 320  # pixel height of each picture of a transfer's sheet.png
 
 MAX_SIDE = 2048  # larger pictures are downscaled before the model (which works at 768 or less)
 
@@ -264,23 +266,39 @@ class Matcher:
                 "mutual": d["mutual"][0].cpu().numpy().reshape(h, w)}
 
 
-def warp_onto(a: UserImage, b: UserImage, dense: dict[str, np.ndarray], cell_map_b) -> Image.Image:
-    """``a`` resampled onto ``b``'s pixels (working resolution) through the dense matches.
+def warp_onto(a: UserImage, b: UserImage, dense: dict[str, np.ndarray], cell_map_b, *, a_cells=None) -> Image.Image:
+    """``a`` moved onto ``b``'s pixels (working resolution) cell by cell: each pixel of ``b``
+    takes the cell it lies in (the nearest cell centre), and reads ``a`` at that cell's match
+    plus its own offset from the cell centre (scaled by the two pictures' cell sizes), so each
+    cell is a shifted piece of ``a``, never a blend of neighbours that matched far apart.
+    Only cells with a mutual match are moved; the others show ``b`` in grey.
 
-    ``cell_map_b`` is the featurizer's ``cell_map(b.size)``: each working pixel of ``b`` reads
-    the flow at its own cell coordinate, so every featurizer's mapping is honoured.
+    ``cell_map_b`` (and ``a_cells`` = ``cell_map(a.size)``) are the featurizer's mappings.
     """
     wb, hb = b.image.size
     h, w = dense["source_xy"].shape[:2]
-    flow = torch.from_numpy(dense["source_xy"]).permute(2, 0, 1)[None].float()  # (1, 2, h, w) original pixels of a
     ys, xs = torch.meshgrid(torch.arange(hb, dtype=torch.float64) + 0.5, torch.arange(wb, dtype=torch.float64) + 0.5, indexing="ij")
     px = torch.stack([xs / b.scale, ys / b.scale], dim=-1)  # centres of the working pixels, in b's original pixels
-    cells = cell_map_b.pixel_to_cell(px).float()
-    flow = F.grid_sample(flow, cells_to_grid(cells, h, w)[None], mode="bilinear", align_corners=True, padding_mode="border")[0].permute(1, 2, 0)
-    grid = torch.stack([flow[..., 0] / a.size[0] * 2 - 1, flow[..., 1] / a.size[1] * 2 - 1], dim=-1)[None]
+    cells = cell_map_b.pixel_to_cell(px)
+    ci = cells.round().long()
+    ci[..., 0].clamp_(0, w - 1)
+    ci[..., 1].clamp_(0, h - 1)
+    centre = cell_map_b.cell_to_pixel(ci.double())  # each pixel's cell centre, in b's original pixels
+    src_xy = torch.from_numpy(dense["source_xy"]).double()[ci[..., 1], ci[..., 0]]  # that cell's match in a
+    per = (1.0, 1.0)
+    if a_cells is not None:  # a's pixels per cell against b's: the offset keeps its size in cells
+        one_a = a_cells.cell_to_pixel(torch.tensor([[1.0, 1.0]], dtype=torch.float64)) - a_cells.cell_to_pixel(torch.zeros(1, 2, dtype=torch.float64))
+        one_b = cell_map_b.cell_to_pixel(torch.tensor([[1.0, 1.0]], dtype=torch.float64)) - cell_map_b.cell_to_pixel(torch.zeros(1, 2, dtype=torch.float64))
+        per = (float(one_a[0, 0] / one_b[0, 0]), float(one_a[0, 1] / one_b[0, 1]))
+    ax = src_xy[..., 0] + (px[..., 0] - centre[..., 0]) * per[0]
+    ay = src_xy[..., 1] + (px[..., 1] - centre[..., 1]) * per[1]
+    grid = torch.stack([ax / a.size[0] * 2 - 1, ay / a.size[1] * 2 - 1], dim=-1)[None].float()
     src = torch.from_numpy(np.asarray(a.image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-    out = F.grid_sample(src, grid, mode="bilinear", align_corners=False, padding_mode="border")[0]
-    return Image.fromarray((out.permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8))
+    moved = F.grid_sample(src, grid, mode="bilinear", align_corners=False, padding_mode="border")[0].permute(1, 2, 0).numpy()
+    mutual = torch.from_numpy(np.asarray(dense["mutual"], dtype=bool))[ci[..., 1], ci[..., 0]].numpy()
+    grey = np.asarray(b.image.convert("L"), dtype=np.float32)[..., None] / 255.0 * 0.5 + 0.25  # b, faded to mid-grey
+    out = np.where(mutual[..., None], moved, np.repeat(grey, 3, axis=2))
+    return Image.fromarray((out * 255 + 0.5).clip(0, 255).astype(np.uint8))
 
 
 # -- what the commands write ---------------------------------------------------------------
@@ -312,8 +330,12 @@ def run_match(matcher: Matcher, src: str | Path, trg: str | Path, out: str | Pat
     arrays = None
     if dense:
         d = matcher.dense(a, b)
-        pictures["warped.png"] = warp_onto(a, b, d, matcher.featurizer.cell_map(b.size))
-        pictures["confidence.png"] = heat_image(d["score"], b.image.size, lo=0.0, hi=1.0, colorbar="match score (cosine) per cell of B:")
+        pictures["warped.png"] = caption(warp_onto(a, b, d, matcher.featurizer.cell_map(b.size), a_cells=matcher.featurizer.cell_map(a.size)),
+                                         f"A's pixels moved onto B, cell by cell, through the {int(d['mutual'].sum())} mutual matches "
+                                         f"({100 * float(d['mutual'].mean()):.0f}% of B's cells); grey: B where no cell matches mutually.")
+        pictures["confidence.png"] = caption(overlay_heat(b.image, d["score"], title="match score:"),
+                                             "How well each cell of B is matched in A: the similarity of its best match (its own range, "
+                                             "from the lowest cell to the highest), over B.")
         arrays = d
         result["dense"] = {"grid": list(d["score"].shape), "mean_score": round(float(d["score"].mean()), 4), "mutual_fraction": round(float(d["mutual"].mean()), 4),
                            "files": ["warped.png", "confidence.png", "dense.npz"]}
@@ -349,8 +371,8 @@ def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets
     if not files:
         raise Sd4MatchError(f"{root}: no images to transfer onto")
     out = Path(out)
-    src_view = [{"name": n, "source": list(xy), "score": 1.0} for n, xy in points]
-    tiles = [(f"source: {Path(a.name).name}", draw_points(a.image, a.size, src_view, key="source"))]
+    src_view = [{"name": n, "source": list(xy), "score": None} for n, xy in points]
+    views: list[tuple[str, Image.Image, tuple, list]] = []  # small copies: the points are drawn once every score is known
     docs: dict[str, str] = {}
     for path, name in tqdm(list(zip(files, _target_names(files, root))), unit="image", desc="transfer", disable=not progress):
         b = open_image(path, max_side=max_side)
@@ -360,8 +382,13 @@ def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets
                "source_points": [{"name": m["name"], "x": m["source"][0], "y": m["source"][1]} for m in matches],
                "settings": matcher.settings(), "model": matcher.featurizer.model_id, "sd4match": __version__}
         docs[f"{name}.json"] = json.dumps(doc, indent=2)
-        tiles.append((name, draw_points(b.image, b.size, matches, key="target")))
-    sheet = contact_sheet(tiles, columns=sheet_columns)
+        views.append((name, b.image.copy().reduce(max(1, b.image.height // (2 * SHEET_TILE))), b.size, matches))
+    lo, hi = score_range([m["score"] for *_, ms in views for m in ms])
+    tiles = [(f"source: {Path(a.name).name}", draw_points(a.image, a.size, [{**p, "score": hi} for p in src_view], key="source", lo=lo, hi=hi,
+                                                           height=SHEET_TILE))]
+    tiles += [(name, draw_points(im, size, ms, key="target", lo=lo, hi=hi, height=SHEET_TILE)) for name, im, size, ms in views]
+    sheet = score_legend(contact_sheet(tiles, columns=sheet_columns, tile_height=SHEET_TILE), lo, hi,
+                         "score of each transferred point (cosine; the source's points in the top colour):")
     with staged_dir(out) as stage:
         for fname, text in docs.items():
             (stage / fname).write_text(text, encoding="utf-8")

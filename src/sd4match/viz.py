@@ -30,6 +30,44 @@ def colormap(values: np.ndarray, lo: float | None = None, hi: float | None = Non
     return (colormaps["turbo"](t)[..., :3] * 255 + 0.5).astype(np.uint8)
 
 
+#: the narrowest score range a colour scale spans: scores closer than this are drawn alike, not red and green
+MIN_SPAN = 0.1
+
+
+def score_range(scores: Sequence[float]) -> tuple[float, float]:
+    """The colour scale of a set of scores: their own range, widened around its middle to at
+    least ``MIN_SPAN`` (two matches at 0.241 and 0.244 are the same colour, on a 0.19-0.29 bar)."""
+    if not len(scores):
+        return 0.0, 1.0
+    lo, hi = float(min(scores)), float(max(scores))
+    if hi - lo < MIN_SPAN:
+        mid = (lo + hi) / 2
+        lo, hi = mid - MIN_SPAN / 2, mid + MIN_SPAN / 2
+    return lo, hi
+
+
+def caption(img: Image.Image, text: str) -> Image.Image:
+    """``img`` with ``text`` in a band below it (wrapped to the picture's width)."""
+    font = _font(max(11, min(16, img.width // 45)))
+    probe = ImageDraw.Draw(img)
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        trial = f"{line} {w}".strip()
+        if probe.textlength(trial, font=font) > img.width - 12 and line:
+            lines.append(line)
+            line = w
+        else:
+            line = trial
+    lines.append(line)
+    lh = int(font.size * 1.35) if hasattr(font, "size") else 14
+    out = Image.new("RGB", (img.width, img.height + lh * len(lines) + 8), (255, 255, 255))
+    out.paste(img, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, ln in enumerate(lines):
+        draw.text((6, img.height + 4 + i * lh), ln, fill=(0, 0, 0), font=font)
+    return out
+
+
 def _fit(img: Image.Image, height: int) -> Image.Image:
     w = max(1, round(img.width * height / img.height))
     return img.convert("RGB").resize((w, height), Image.Resampling.BICUBIC)
@@ -110,9 +148,7 @@ def draw_matches(src: Image.Image, trg: Image.Image, src_size: Sequence[int], tr
     r = max(3, height // 120)
     font = _font(max(10, height // 40))
     scores = [float(m.get("score", 1.0)) for m in matches]
-    lo, hi = (min(scores), max(scores)) if scores else (0.0, 1.0)
-    if hi - lo < 1e-6:
-        lo, hi = lo - 0.05, hi + 0.05
+    lo, hi = score_range(scores)
 
     def colour(v):
         return confidence_colour(v, lo, hi)
@@ -144,7 +180,18 @@ def heat_image(values: np.ndarray, size: Sequence[int], lo: float | None = None,
     return _legend(img, lo, hi, colorbar, lambda v: tuple(int(c) for c in colormap(np.array([[v]]), lo, hi)[0, 0]))
 
 
-def contact_sheet(tiles: Sequence[tuple[str, Image.Image]], *, tile_height: int = 240, columns: int = 4, pad: int = 6) -> Image.Image:
+def overlay_heat(photo: Image.Image, values: np.ndarray, *, title: str, alpha: float = 0.55) -> Image.Image:
+    """``values`` (h, w) coloured in their own range over ``photo`` (translucent), with that
+    range's colour bar and ``title`` below."""
+    lo, hi = float(np.min(values)), float(np.max(values))
+    if hi - lo < 1e-6:
+        lo, hi = lo - MIN_SPAN / 2, hi + MIN_SPAN / 2
+    heat = Image.fromarray(colormap(values, lo, hi)).resize(photo.size, Image.Resampling.BILINEAR)
+    img = Image.blend(photo.convert("RGB"), heat, alpha)
+    return _legend(img, lo, hi, title, lambda v: tuple(int(c) for c in colormap(np.array([[v]]), lo, hi)[0, 0]))
+
+
+def contact_sheet(tiles: Sequence[tuple[str, Image.Image]], *, tile_height: int = 320, columns: int = 4, pad: int = 8) -> Image.Image:
     """Captioned pictures on a grid, ``columns`` per row."""
     tiles = [(c, _fit(im, tile_height)) for c, im in tiles]
     font = _font(max(10, tile_height // 16))
@@ -165,15 +212,25 @@ def contact_sheet(tiles: Sequence[tuple[str, Image.Image]], *, tile_height: int 
     return sheet
 
 
-def draw_points(img: Image.Image, size: Sequence[int], points: Sequence[dict], *, height: int = 240, key: str = "target") -> Image.Image:
-    """``img`` at ``height`` with named points (original pixels under ``key``) coloured by score."""
+def draw_points(img: Image.Image, size: Sequence[int], points: Sequence[dict], *, height: int = 320, key: str = "target",
+                lo: float = 0.0, hi: float = 1.0) -> Image.Image:
+    """``img`` at ``height`` with named points (original pixels under ``key``) coloured by
+    score on the [lo, hi] scale; labels never overlap each other or leave the picture."""
     out = _fit(img, height)
     draw = ImageDraw.Draw(out)
     s = (out.width / size[0], height / size[1])
-    r = max(3, height // 60)
-    font = _font(max(10, height // 20))
-    for p in points:
-        x, y = p[key][0] * s[0], p[key][1] * s[1]
-        col = confidence_colour(p.get("score", 1.0))
-        _mark(draw, x, y, r, col, str(p.get("name", "")), font)
+    r = max(4, height // 60)
+    font = _font(max(11, height // 22))
+    placer = _Labels(draw, font)
+    marks = [(p[key][0] * s[0], p[key][1] * s[1], confidence_colour(p.get("score", 1.0), lo, hi), str(p.get("name", ""))) for p in points]
+    for x, y, col, _ in marks:
+        _mark(draw, x, y, r, col, None, font)
+    for x, y, _, name in marks:
+        if name:
+            placer.place(x, y, r, name, (0, 0, out.width, height))
     return out
+
+
+def score_legend(img: Image.Image, lo: float, hi: float, title: str = "match score (cosine):") -> Image.Image:
+    """``img`` with the colour bar of ``confidence_colour`` on [lo, hi] below it."""
+    return _legend(img, lo, hi, title, lambda v: confidence_colour(v, lo, hi))
