@@ -88,10 +88,17 @@ def predict_pairs(featurizer, prompt: Prompt | None, records: Sequence[PairRecor
 
 def _stream(batcher: Batcher, prompt, records, root, consume, *, workers: int, chunk: int, progress: bool):
     """(pair id, what ``consume(record, src map, trg map)`` returned, or the pair's error), in order."""
-    bar = tqdm(total=len(records), unit="pair", desc="evaluate", disable=not progress, smoothing=0.05)
+    # the first pairs wait for the first pictures' features (and a compilation): the bar's clock
+    # starts when they are done, so its rate and time left are those of the run, not of its start
+    bar = tqdm(total=len(records), unit="pair", desc="evaluate (first features)", disable=not progress, smoothing=0.05)
     loaded = prefetch(records, lambda r: batcher.load_pair(root, r), workers=workers, ahead=2 * chunk)
+    started = False
     try:
         for entry in batcher.stream(prompt, loaded, consume):
+            if not started:
+                bar.reset(total=len(records))
+                bar.set_description("evaluate")
+                started = True
             bar.update(1)
             yield entry.record.id, entry.error if entry.error is not None else entry.result
     finally:
