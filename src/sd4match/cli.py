@@ -478,8 +478,7 @@ def _apply_preset(args) -> None:
 
 def cmd_evaluate(args) -> int:
     from sd4match.checks import check_pictures, check_splits
-    from sd4match.fileio import folder_lock
-    from sd4match.runtime import distributed_rank_world
+    from sd4match.runtime import distributed_rank_world, folder_lock
 
     if args.preset:
         _apply_preset(args)

@@ -40,11 +40,11 @@ from sd4match.data import open_dataset
 from sd4match.data.records import PairRecord
 from sd4match.errors import DataError, Sd4MatchError, first_line
 from sd4match.features.sd import SDLayerStack
-from sd4match.fileio import atomic_write_text, folder_lock
+from sd4match.fileio import atomic_write_text
 from sd4match.matching import match_pixels
 from sd4match.metrics import format_table, score, seen_unseen, write_predictions
 from sd4match.prompts import Prompt, resolve_prompt
-from sd4match.runtime import distributed_rank_world, gather_dicts, git_sha, hang_for_tests
+from sd4match.runtime import distributed_rank_world, folder_lock, gather_dicts, git_sha, hang_for_tests
 from sd4match.store import Store
 
 __all__ = ["EVAL_PRESETS", "EvalConfig", "Evaluation", "check_evaluation_folder", "evaluate", "predict_pairs", "print_score", "read_partial",

@@ -3,10 +3,12 @@ data-parallel launch, and the git SHA recorded with every output."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -121,3 +123,48 @@ def peak_memory_mb(device) -> float:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+LOCK_NAME = ".sd4match.lock"
+_held: dict[str, list] = {}  # folder -> [open lock file, depth]: this process's locks (re-entrant)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str = "run") -> Iterator[None]:
+    """Hold ``folder``'s lock while a run writes there: a second process asking for it is
+    refused in one line (naming the process that holds it). Re-entrant within a process;
+    released when the holder ends, however it ends (the OS drops the lock with the process).
+    Where file locks are not available the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    folder = Path(folder)
+    key = str(folder.resolve())
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fh = open(folder / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise Sd4MatchError(f"{folder}: another {what} is writing here ({holder}); wait for it to end or choose another --out") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}")
+    fh.flush()
+    _held[key] = [fh, 1]
+    try:
+        yield
+    finally:
+        _held.pop(key, None)
+        fh.close()  # closing the file releases the lock
