@@ -476,8 +476,20 @@ def _apply_preset(args) -> None:
             setattr(args, k, v)
 
 
-def cmd_evaluate(args) -> int:
+def _eval_records(cfg: EvalConfig) -> list:
+    """The pairs an evaluation reads (``--limit`` applied), and every picture they read there
+    (unless ``--skip-bad`` goes past missing ones): checked before any model loads."""
     from sd4match.checks import check_pictures, check_splits
+
+    recs = check_splits(cfg.dataset, cfg.root, [cfg.split])[cfg.split]
+    if cfg.limit:
+        recs = recs[: cfg.limit]
+    if not cfg.skip_bad:
+        check_pictures(cfg.root, recs)
+    return recs
+
+
+def cmd_evaluate(args) -> int:
     from sd4match.runtime import distributed_rank_world, folder_lock
 
     if args.preset:
@@ -485,11 +497,7 @@ def cmd_evaluate(args) -> int:
     model = config_from_args(ModelConfig, args)
     cfg = config_from_args(EvalConfig, args)
     _check_common(args)
-    recs = check_splits(cfg.dataset, cfg.root, [cfg.split])[cfg.split]
-    if cfg.limit:
-        recs = recs[: cfg.limit]
-    if not cfg.skip_bad:  # every picture the run reads is there, before any model loads (--skip-bad goes past missing ones)
-        check_pictures(cfg.root, recs)
+    recs = _eval_records(cfg)
     request = {**{k: getattr(model, k) for k in ("model", "model_config", "dtype", "timestep", "up_block", "ensemble", "resolution", "noise_schedule")},
                "dino": args.dino, "dino_input": model.dino_input, "dino_pos": model.dino_pos}
     lock = contextlib.nullcontext() if distributed_rank_world()[1] > 1 else folder_lock(args.out, "evaluation")
@@ -595,7 +603,6 @@ def _schedules(text: str) -> tuple[str, ...]:
 
 
 def cmd_sweep(args) -> int:
-    from sd4match.checks import check_pictures, check_splits
     from sd4match.sweep import sweep
 
     if args.preset:
@@ -604,11 +611,7 @@ def cmd_sweep(args) -> int:
                              noise_schedule=args.noise_schedules[0])
     cfg = config_from_args(EvalConfig, args)
     _check_common(args)
-    recs = check_splits(cfg.dataset, cfg.root, [cfg.split])[cfg.split]
-    if cfg.limit:
-        recs = recs[: cfg.limit]
-    if not cfg.skip_bad:  # every picture the run reads is there, before any model loads (--skip-bad goes past missing ones)
-        check_pictures(cfg.root, recs)
+    recs = _eval_records(cfg)
     feat = load_model(model)
     dino = _dino_for(cfg.prompt, args.dino, feat, model.dino_pos)
     res = sweep(feat, cfg, args.out, timesteps=args.timesteps, up_blocks=args.up_blocks, ensembles=args.ensembles, noise_schedules=args.noise_schedules,

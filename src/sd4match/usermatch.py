@@ -28,7 +28,7 @@ from sd4match.config import MatchConfig
 from sd4match.data.images import list_images, load_image, oriented_size
 from sd4match.errors import Sd4MatchError
 from sd4match.fileio import staged_dir
-from sd4match.matching import MATCH_RULES, border_contrast, cells_to_grid, dense_match, match_pixels, point_correlation
+from sd4match.matching import MATCH_RULES, border_contrast, dense_match, match_pixels, point_correlation
 from sd4match.prompts import prompt_fingerprint, resolve_prompt
 from sd4match.store import Store, image_key
 from sd4match.version import __version__

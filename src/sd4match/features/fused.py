@@ -21,12 +21,13 @@ import torch.nn.functional as F
 from sd4match.errors import Sd4MatchError
 from sd4match.features.base import CellMap, Featurizer
 from sd4match.features.dino import DINO_POS, dino_hidden_states, imagenet_normalize
+from sd4match.features.sd import SDFace
 from sd4match.matching import l2_normalize
 
 DINO_INPUTS = ("official", "imagenet")
 
 
-class FusedFeaturizer(Featurizer):
+class FusedFeaturizer(SDFace, Featurizer):
     """SD features fused with DINOv2 patch tokens.
 
     Behaves as its ``SDFeaturizer`` (prompts, text encoder, posteriors, cell mapping, grid)
@@ -61,17 +62,7 @@ class FusedFeaturizer(Featurizer):
     text_encoder = property(lambda self: self.sd.text_encoder)
     tokenizer = property(lambda self: self.sd.tokenizer)
     scheduler = property(lambda self: self.sd.scheduler)
-    config = property(lambda self: self.sd.config)
-    resolution = property(lambda self: self.sd.resolution)  # type: ignore[assignment]
     grid_size = property(lambda self: self.sd.grid_size)  # type: ignore[assignment]
-    prompt_dim = property(lambda self: self.sd.prompt_dim)
-    text_bridge = property(lambda self: self.sd.text_bridge)
-    max_batch = property(lambda self: self.sd.max_batch)
-    samples_per_picture = property(lambda self: self.sd.samples_per_picture)
-
-    @property
-    def device(self) -> torch.device:
-        return self.sd.device
 
     @property
     def feature_dim(self) -> int:

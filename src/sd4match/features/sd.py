@@ -663,7 +663,20 @@ class _UNetCall(torch.nn.Module):
         return self._feat._base_up_to(sample, t, ehs, self._layers)
 
 
-class SDLayerStack(Featurizer):
+class SDFace:
+    """What a featurizer built on an ``SDFeaturizer`` (``self.sd``) hands on from it: its
+    settings, working size, prompt width, text encoder, batching and device."""
+
+    config = property(lambda self: self.sd.config)
+    resolution = property(lambda self: self.sd.resolution)
+    prompt_dim = property(lambda self: self.sd.prompt_dim)
+    text_bridge = property(lambda self: self.sd.text_bridge)
+    max_batch = property(lambda self: self.sd.max_batch)
+    samples_per_picture = property(lambda self: self.sd.samples_per_picture)
+    device = property(lambda self: self.sd.device)
+
+
+class SDLayerStack(SDFace, Featurizer):
     """An ``SDFeaturizer`` read at several ``up_blocks`` from one early-exit pass.
 
     It behaves as its featurizer (prompts, posteriors, batching) and returns each picture's
@@ -683,17 +696,7 @@ class SDLayerStack(Featurizer):
         self.layers = tuple(sorted(set(int(k) for k in layers)))
         self.model_id = sd.model_id
 
-    config = property(lambda self: self.sd.config)
-    resolution = property(lambda self: self.sd.resolution)  # type: ignore[assignment]
     grid_size = property(lambda self: self.sd.grid_of(self.layers[-1]))  # type: ignore[assignment]
-    prompt_dim = property(lambda self: self.sd.prompt_dim)
-    text_bridge = property(lambda self: self.sd.text_bridge)
-    max_batch = property(lambda self: self.sd.max_batch)
-    samples_per_picture = property(lambda self: self.sd.samples_per_picture)
-
-    @property
-    def device(self) -> torch.device:
-        return self.sd.device
 
     @property
     def feature_dim(self) -> int:
