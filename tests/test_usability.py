@@ -221,3 +221,20 @@ def test_pictures_explain_themselves():
     assert names[:2] == ["bird.jpg", "cat.jpg"]  # alphabetical order would open on a bird and a cat
     assert opening_pair(EXAMPLES, names) == ["cat.jpg", "pets.jpg"]
     assert opening_pair(Path("/nonexistent"), names) == names[:2]
+
+
+def test_store_entries_hold_only_their_own_bytes():
+    """A map stored as a row of a batch's output is copied out: the batch is not kept alive
+    behind the store's byte count."""
+    import torch
+
+    from sd4match.store import Store
+
+    batch = torch.zeros(32, 64, 16, 16)  # 2 MiB
+    s = Store(max_bytes=1 << 20)
+    s.put("features", "k", {"features": batch[3:4]})
+    got = s.get("features", "k")["features"]
+    assert got.untyped_storage().nbytes() == got.numel() * got.element_size() == s.nbytes == 64 * 16 * 16 * 4
+    whole = torch.zeros(8, 8)
+    s.put("features", "w", {"features": whole})
+    assert s.get("features", "w")["features"].data_ptr() == whole.data_ptr()  # a tensor that owns its storage is kept as it is

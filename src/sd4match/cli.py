@@ -146,6 +146,7 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
     add_config_flags(g, MatchConfig)
     g.add_argument("--max-side", type=int, default=2048, help="larger pictures are downscaled to this before the model (points stay in original pixels)")
     g.add_argument("--cache", type=Path, help="keep feature maps (and VAE posteriors) in this folder too, so later runs skip their extraction")
+    g.add_argument("--store-gb", type=float, default=1.0, help="memory for stored maps and VAE posteriors, GB")
 
 
 def load_model(model: ModelConfig):
@@ -182,7 +183,7 @@ def load_matcher(args):
     feat = load_model(model)
     m = config_from_args(MatchConfig, args)
     return Matcher(feat, args.prompt, category=args.category, dino=_dino_for(args.prompt, args.dino, feat, model.dino_pos), rule=m.rule, temperature=m.temperature,
-                   sigma=m.sigma, similarity=m.similarity, seed=args.seed, cache_dir=args.cache)
+                   sigma=m.sigma, similarity=m.similarity, seed=args.seed, cache_dir=args.cache, cache_bytes=int(args.store_gb * (1 << 30)))
 
 
 def _check_common(args, *, prompt: bool = True) -> None:
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="store folder (features/<key>.safetensors + index.json)")
     p.add_argument("--text", help="text prompt (default: the empty prompt)")
     p.add_argument("--batch-size", type=int, default=4, help="pictures per featurizer call")
+    p.add_argument("--store-gb", type=float, default=0.5, help="memory for maps and VAE posteriors while extracting, GB (the folder keeps them all)")
     p.add_argument("--workers", type=int, default=4, help="loader threads decoding ahead")
     _seed_arg(p)
     _model_args(p)
@@ -261,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted evaluation in --out at its first missing pair")
     p.add_argument("--dino", default="dinov2-b", help="DINOv2 model for prompts that take its tokens (cpm)")
     p.add_argument("--cache-dir", type=Path, help="keep feature maps, VAE posteriors and DINOv2 tokens here too, for later runs")
+    p.add_argument("--store-gb", type=float, default=2.0, help="memory for stored maps, VAE posteriors and DINOv2 tokens, GB")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_flags(p.add_argument_group("evaluation"), EvalConfig)
     _model_args(p, compile_default="auto")
@@ -441,7 +444,8 @@ def cmd_features(args) -> int:
         raise Sd4MatchError(f"{args.images}: no images found (looked for .jpg, .jpeg, .png, .bmp, .webp, .tif)")
     check_output_folder(args.out)
     feat = load_model(config_from_args(ModelConfig, args))
-    path = extract_folder(feat, args.images, args.out, text=args.text, seed=args.seed, batch_size=args.batch_size, workers=args.workers, progress=True)
+    path = extract_folder(feat, args.images, args.out, text=args.text, seed=args.seed, batch_size=args.batch_size, workers=args.workers, progress=True,
+                          store_gb=args.store_gb)
     print(f"features of {args.images} under {args.model} are in {path.parent} (index: {path})", file=sys.stderr)
     return 0
 
@@ -513,7 +517,7 @@ def _run_evaluation(args, model, cfg, recs, request) -> int:
     check_evaluation_folder(args.out, resume=args.resume, cfg=cfg, request=request)
     feat = load_model(model)
     dino = _dino_for(cfg.prompt, args.dino, feat, model.dino_pos)
-    store = Store(folder=args.cache_dir) if args.cache_dir else None
+    store = Store(int(args.store_gb * (1 << 30)), folder=args.cache_dir)
     out = evaluate(feat, cfg, args.out, dino=dino, progress=not args.no_progress, records=recs, store=store, resume=args.resume, request=request)
     rank = distributed_rank_world()[0]
     finish_distributed()

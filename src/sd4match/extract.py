@@ -31,6 +31,7 @@ def extract_folder(
     batch_size: int = 4,
     workers: int = 4,
     progress: bool = True,
+    store_gb: float = 0.5,
 ) -> Path:
     """Features of every image under ``images`` into the store folder ``out``.
 
@@ -46,7 +47,7 @@ def extract_folder(
     files = list_images(images)
     if not files:
         raise Sd4MatchError(f"{images}: no images found (looked for .jpg, .jpeg, .png, .bmp, .webp, .tif)")
-    store = Store(max_bytes=512 << 20, folder=out)
+    store = Store(max_bytes=int(store_gb * (1 << 30)), folder=out)
     batcher = Batcher(featurizer, store=store, seed=seed, fixed_batches=False)
     prompt = resolve_prompt(PromptSpec("empty") if text is None else PromptSpec("text", template=text), featurizer) if featurizer.takes_prompt else None
     emb, prompt_id = batcher.embeds(prompt), batcher.prompt_id(prompt)

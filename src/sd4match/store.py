@@ -46,6 +46,11 @@ def settings_key(image_hash: str, settings: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:40]
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it when it is a view into a larger storage."""
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
+
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -112,8 +117,10 @@ class Store:
         return got if device is None else {k: v.to(device) for k, v in got.items()}
 
     def put(self, kind: str, key: str, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
-        """Keep ``tensors`` (detached) in memory and, with a folder, on disk."""
-        tensors = {k: v.detach() for k, v in tensors.items()}
+        """Keep ``tensors`` (detached) in memory and, with a folder, on disk. A tensor that is
+        a slice of a larger one (a row of a batch's output) is copied out, so that the entry
+        holds only its own bytes and the byte limit counts what memory really holds."""
+        tensors = {k: _own(v.detach()) for k, v in tensors.items()}
         self._remember(kind, key, tensors)
         if self.folder is not None:
             self._write(kind, key, tensors, meta or {})
