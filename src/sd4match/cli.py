@@ -155,7 +155,7 @@ def load_model(model: ModelConfig):
     from sd4match.runtime import pick_device, pick_dtype
 
     dev = pick_device(model.device)
-    kw = {"timestep": model.timestep, "up_block": model.up_block, "ensemble": model.ensemble, "max_batch": model.max_batch,
+    kw = {"timestep": model.timestep, "up_block": model.up_block, "ensemble": model.ensemble, **({"max_batch": model.max_batch} if model.max_batch else {}),
           "compile": model.compile == "on" or (model.compile == "auto" and dev.type == "cuda"), "dino_input": model.dino_input, "dino_pos": model.dino_pos, "noise_schedule": model.noise_schedule}
     if model.model_config:
         kw["config"] = model.model_config

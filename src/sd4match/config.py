@@ -176,7 +176,8 @@ class ModelConfig:
     ensemble: int = setting(8, "noisy copies averaged per picture")
     noise_schedule: str = setting("model", NOISE_SCHEDULE_TEXT)
     resolution: int | None = setting(None, "square working size", default_text="768 for SD, 512 for effnet-lite0, 840 for DINOv2")
-    max_batch: int = setting(32, "UNet samples (pictures x ensemble) per call")
+    max_batch: int | None = setting(None, "model samples per call (SD: pictures x ensemble)",
+                                    default_text="the model's own: 32 for SD, 8 pictures for effnet-lite0")
     compile: CompileMode = setting("off", "torch.compile the early-exit UNet and the VAE encoder (auto: on CUDA; compiling takes about a minute, "
                                           "then each call is faster)")
 
