@@ -294,10 +294,11 @@ def main() -> None:
     for what, value, mb in rows:
         print(f"| {what} | {value} | {'' if mb is None else f'{mb:.0f}'} |")
     if "evaluate_CPM_s_per_pair" in results:
-        print(f"\nProjected SPair-71k test with a CPM prompt (12,234 pairs): {12234 * results['evaluate_CPM_s_per_pair'] / 60:.1f} min")
+        note = "" if sd21 else " (tiny model: a projection from a few tiny calls; it says nothing about the real model, only that the row runs)"
+        print(f"\nProjected SPair-71k test with a CPM prompt (12,234 pairs): {12234 * results['evaluate_CPM_s_per_pair'] / 60:.1f} min{note}")
     best = min((v for k, v in results.items() if k.startswith("train_cpm_")), default=None)
     if best is not None:
-        print(f"Projected 30k training steps with a CPM prompt (batch 9): {30000 * best / 3600:.2f} h")
+        print(f"Projected 30k training steps with a CPM prompt (batch 9): {30000 * best / 3600:.2f} h" + ("" if sd21 else " (tiny model: meaningless)"))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
     with contextlib.suppress(Exception):
