@@ -62,6 +62,10 @@ def test_schedules_with_equal_cumulative_alphas_give_identical_features(sd_path)
     assert feat.settings()["noise_schedule"] == f"DDPM:{other}"
     feat.reconfigure(noise_schedule="model")
     assert "noise_schedule" not in feat.settings()  # the default keeps the keys of stored maps
+    from sd4match.config import NOISE_SCHEDULE_TEXT
+    from sd4match.features.sd import BETA_SCHEDULES, NOISE_SCHEDULERS
+
+    assert all(name in NOISE_SCHEDULE_TEXT for name in (*NOISE_SCHEDULERS, *BETA_SCHEDULES))  # the flag's help names every choice
     for bad, msg in (("Foo", "unknown scheduler"), ("DDIM:cubic", "unknown beta schedule")):
         with pytest.raises(Sd4MatchError, match=msg):
             feat.reconfigure(noise_schedule=bad)
@@ -147,12 +151,12 @@ def test_sweep_cells_equal_separate_evaluations_and_a_rerun_computes_nothing(sd_
 
 
 def test_grid_grammar():
-    from sd4match.sweep import parse_grid, parse_names
+    from sd4match.sweep import parse_grid, parse_schedules
 
     assert parse_grid("50,100,261") == (50, 100, 261) and parse_grid("0:1000:250") == (0, 250, 500, 750)
-    assert parse_names("model,DDIM:linear") == ("model", "DDIM:linear")
+    assert parse_schedules("model,DDIM:linear") == ("model", "DDIM:linear")
     for bad in ("a,b", "10:5:0", "5:1"):
         with pytest.raises(ValueError):
             parse_grid(bad)
     with pytest.raises(ValueError, match="unknown scheduler"):
-        parse_names("Foo")
+        parse_schedules("Foo")

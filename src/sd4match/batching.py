@@ -368,6 +368,7 @@ class PairStream:
     def __init__(self, batcher: Batcher, prompt: Prompt | None, consume: Callable):
         self.b, self.prompt, self.consume = batcher, prompt, consume
         self.per_pair = per_pair(prompt)
+        self.conditioned = prompt is not None and prompt.per_picture_condition  # each picture under its own prompt
         self.queue: deque[PendingPair] = deque()
         self.todo: dict[tuple[str, str], tuple[Picture, torch.Tensor | None]] = {}  # (picture key, prompt id) -> (picture, embeddings)
         self.fingerprint = prompt_fingerprint(prompt)  # once: the prompt does not change during a stream
@@ -397,14 +398,13 @@ class PairStream:
             self.ids[cat] = self.b.prompt_id(self.prompt, cat, fingerprint=self.fingerprint)
         pid = self.ids[cat]
         if pid not in self.embs:  # once per prompt id: categories a prompt does not tell apart share it
-            conditioned = self.prompt is not None and self.prompt.per_picture_condition  # each picture's own: picture_emb
-            self.embs[pid] = None if conditioned else self.b.embeds(self.prompt, cat)
+            self.embs[pid] = None if self.conditioned else self.b.embeds(self.prompt, cat)  # conditioned: picture_emb
         return pid, self.embs[pid]
 
     def picture_emb(self, p: Picture, emb: torch.Tensor | None) -> torch.Tensor | None:
         """The embeddings ``p``'s map is made under: the category's, or its own (a prompt
         conditioned on each picture)."""
-        return self.b.picture_embeds(self.prompt, p) if self.prompt is not None and self.prompt.per_picture_condition else emb
+        return self.b.picture_embeds(self.prompt, p) if self.conditioned else emb
 
     def want(self, entry: PendingPair) -> None:
         """Queue the entry's pictures that are neither stored nor queued yet."""

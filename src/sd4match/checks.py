@@ -67,7 +67,7 @@ def check_pictures(root: str | Path, records) -> None:
     files; decoding stays with ``sd4match datasets check``); else one line naming the first
     missing one and how many are missing."""
     root = Path(root)
-    rels = dict.fromkeys(rel for r in records for rel in ((r.src,) if "synthetic" in r.meta else (r.src, r.trg)))
+    rels = dict.fromkeys(rel for r in records for rel in r.files)
     missing = [rel for rel in rels if not os.path.isfile(root / rel)]
     if missing:
         more = f" ({len(missing)} of the {len(rels)} pictures these pairs read are missing; `sd4match datasets check` lists them)" if len(missing) > 1 else ""

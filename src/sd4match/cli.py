@@ -13,7 +13,6 @@ imported inside the commands, so that ``sd4match --help`` needs no torch.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sd4match.config import (DEFAULT_ALPHAS, EVAL_PRESETS, MATCH_RULES, PROTOCOL_HELP, TRAIN_PRESETS, DatasetName, EvalConfig, ImportKind, MatchConfig,
-                             ModelConfig, Protocol, TrainConfig, field_base_type, field_choices, parse_alphas)
+                             ModelConfig, Protocol, TrainConfig, field_base_type, field_choices, parse_alphas, parse_names)
 from sd4match.errors import Sd4MatchError
 
 __all__ = ["EVAL_PRESETS", "MATCH_RULES", "build_parser", "main"]
@@ -331,8 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                       ("pfwillow", "PF-Willow (the folder holding PF-dataset/)")):
         p.add_argument(f"--{ds}", type=Path, help=f"root of {label}; a dataset not given is listed as missing")
     p.add_argument("--out", required=True, type=Path, help="folder for prompts/, runs/, table.md, table.csv, table.png (a rerun skips what is done)")
-    p.add_argument("--timesteps", type=_parser_type(_int_list), default=(50, 261), help="timesteps of each row (default: 50,261: the official "
-                                                                                       "test script's and the training one)")
+    p.add_argument("--timesteps", type=_parser_type(_grid), default=(50, 261), help="timesteps of each row, a list or start:stop:step (default: "
+                                                                                   "50,261: the official test script's and the training one)")
     p.add_argument("--ensemble", type=int, default=8, help="noisy copies averaged per picture")
     p.add_argument("--limit", type=int, default=0, help="only the first N pairs of each test split (a quick look)")
     p.add_argument("--dino", default="dinov2-b", help="DINOv2 model of the CPM prompts")
@@ -418,7 +417,7 @@ def _seen_categories(text: str) -> list[str]:
         if not cats:
             raise Sd4MatchError(f"--seen {text}: the prompt folder does not record the categories it was trained on")
         return list(cats)
-    return [c.strip() for c in text.split(",") if c.strip()]
+    return list(parse_names(text))
 
 
 def cmd_datasets_check(args) -> int:
@@ -494,7 +493,7 @@ def _eval_records(cfg: EvalConfig) -> list:
 
 
 def cmd_evaluate(args) -> int:
-    from sd4match.runtime import distributed_rank_world, folder_lock
+    from sd4match.runtime import run_lock
 
     if args.preset:
         _apply_preset(args)
@@ -504,8 +503,7 @@ def cmd_evaluate(args) -> int:
     recs = _eval_records(cfg)
     request = {**{k: getattr(model, k) for k in ("model", "model_config", "dtype", "timestep", "up_block", "ensemble", "resolution", "noise_schedule")},
                "dino": args.dino, "dino_input": model.dino_input, "dino_pos": model.dino_pos}
-    lock = contextlib.nullcontext() if distributed_rank_world()[1] > 1 else folder_lock(args.out, "evaluation")
-    with lock:  # held from before the model loads to the end: a second run into this folder is refused at once
+    with run_lock(args.out, "evaluation"):  # held from before the model loads to the end: a second run into this folder is refused at once
         return _run_evaluation(args, model, cfg, recs, request)
 
 
@@ -601,9 +599,9 @@ def _grid(text: str) -> tuple[int, ...]:
 
 
 def _schedules(text: str) -> tuple[str, ...]:
-    from sd4match.sweep import parse_names
+    from sd4match.sweep import parse_schedules
 
-    return parse_names(text)
+    return parse_schedules(text)
 
 
 def cmd_sweep(args) -> int:
@@ -627,17 +625,6 @@ def cmd_sweep(args) -> int:
               f"up_blocks[{b['up_block']}], ensemble {b['ensemble']}, {b['noise_schedule']}: PCK@{res['alpha']} {100 * b['per_image'][res['alpha']]:.2f} "
               f"per image; plots: {args.out / 'pck_vs_t.png'}, {args.out / 'heatmap.png'}")
     return 0
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    """``"50,261"`` -> (50, 261)."""
-    try:
-        vals = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"{text!r} is not a comma-separated list of integers") from None
-    if not vals:
-        raise ValueError("give at least one value")
-    return vals
 
 
 def cmd_reproduce(args) -> int:

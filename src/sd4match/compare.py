@@ -9,14 +9,13 @@ parameters, one bar per run).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 from typing import Sequence
 
 from sd4match.errors import Sd4MatchError, first_line
-from sd4match.fileio import atomic_write_text
+from sd4match.fileio import atomic_write_text, csv_text, markdown_table
+from sd4match.viz import pyplot
 
 __all__ = ["compare", "read_run"]
 
@@ -50,14 +49,9 @@ def compare(folders: Sequence[str | Path], out: str | Path | None = None) -> dic
                 f"{c['seconds_per_step']:.3f}" if "seconds_per_step" in c else "-", f"{c['peak_memory_mb']:.0f}" if "peak_memory_mb" in c else "-",
                 *(f"{100 * r['per_image'][a]:.2f}" for a in alphas), *(f"{100 * r['per_point'][a]:.2f}" for a in alphas)]
 
-    md = [f"# Comparison: {rows[0]['dataset']}, protocol {rows[0]['protocol']} (PCK in %)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    md += ["| " + " | ".join(str(c) for c in cells(r)) + " |" for r in rows]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(head)
-    for r in rows:
-        w.writerow(cells(r))
-    result = {"rows": rows, "markdown": "\n".join(md) + "\n", "csv": buf.getvalue()}
+    table = [cells(r) for r in rows]
+    md = [f"# Comparison: {rows[0]['dataset']}, protocol {rows[0]['protocol']} (PCK in %)", "", *markdown_table(head, table)]
+    result = {"rows": rows, "markdown": "\n".join(md) + "\n", "csv": csv_text(head, table)}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -68,10 +62,7 @@ def compare(folders: Sequence[str | Path], out: str | Path | None = None) -> dic
 
 
 def plot_compare(rows: Sequence[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     key = "0.1" if "0.1" in rows[0]["per_image"] else next(iter(rows[0]["per_image"]))
     order = sorted(rows, key=lambda r: (r["cost"].get("trainable_params") or 0))

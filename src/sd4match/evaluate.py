@@ -44,7 +44,7 @@ from sd4match.fileio import atomic_write_text
 from sd4match.matching import match_pixels
 from sd4match.metrics import format_table, score, seen_unseen, write_predictions
 from sd4match.prompts import Prompt, resolve_prompt
-from sd4match.runtime import distributed_rank_world, folder_lock, gather_dicts, git_sha, hang_for_tests
+from sd4match.runtime import distributed_rank_world, gather_dicts, git_sha, hang_for_tests, run_lock
 from sd4match.store import Store
 
 __all__ = ["EVAL_PRESETS", "EvalConfig", "Evaluation", "check_evaluation_folder", "evaluate", "predict_pairs", "print_score", "read_partial",
@@ -79,11 +79,25 @@ def predict_pairs(featurizer, prompt: Prompt | None, records: Sequence[PairRecor
     matches = tuple(match) if several else (match,)
 
     def predict(r: PairRecord, fs, ft):
-        got = {m.rule: match_pixels(featurizer, fs, ft, r.src_kps, r.src_size, r.trg_size, m.rule, **m.kwargs())["kps"].double().cpu().numpy()
-               for m in matches}
+        got = _match_rules(featurizer, matches, r, fs, ft)
         return got if several else got[matches[0].rule]
 
     yield from _stream(batcher, prompt, records, root, predict, workers=workers, chunk=chunk, progress=progress)
+
+
+def _match_rules(cells, matches: Sequence[MatchConfig], r: PairRecord, fs, ft) -> dict[str, np.ndarray]:
+    """{rule: the pair's predicted target points} for each match config, from the same maps
+    (``cells``: what maps pixels to the maps' cells, a featurizer or a layer's view)."""
+    return {m.rule: match_pixels(cells, fs, ft, r.src_kps, r.src_size, r.trg_size, m.rule, **m.kwargs())["kps"].double().cpu().numpy()
+            for m in matches}
+
+
+def _records(cfg: EvalConfig, records):
+    """The pairs to evaluate: those given, else the split's (``limit`` applied)."""
+    if records is not None:
+        return records
+    records = open_dataset(cfg.dataset, cfg.root).pairs(cfg.split)
+    return records[: cfg.limit] if cfg.limit else records
 
 
 def _stream(batcher: Batcher, prompt, records, root, consume, *, workers: int, chunk: int, progress: bool):
@@ -107,7 +121,8 @@ def _stream(batcher: Batcher, prompt, records, root, consume, *, workers: int, c
 
 
 # ------------------------------------------------------------------------------ the run folder
-def _run_settings(cfg: EvalConfig) -> dict:
+def run_settings(cfg: EvalConfig) -> dict:
+    """The settings a run (or a resumption of it, or a sweep's cell) must share."""
     return {k: v for k, v in as_dict(cfg).items() if k not in _VOLATILE}
 
 
@@ -126,7 +141,7 @@ def read_partial(out: Path) -> dict[str, list]:
 
 
 def _check_resume(out: Path, cfg: EvalConfig, featurizer_settings: dict) -> None:
-    _compare(out / RUN, {"config": _run_settings(cfg), "featurizer": featurizer_settings})
+    _compare(out / RUN, {"config": run_settings(cfg), "featurizer": featurizer_settings})
 
 
 def check_evaluation_folder(out: str | Path, *, resume: bool, cfg: EvalConfig | None = None, request: dict | None = None) -> None:
@@ -140,7 +155,7 @@ def check_evaluation_folder(out: str | Path, *, resume: bool, cfg: EvalConfig | 
     if not resume and unfinished:
         raise Sd4MatchError(f"{out}: holds an unfinished evaluation ({PARTIAL}); pass --resume to continue it or choose another --out")
     if resume and cfg is not None:
-        _compare(out / RUN, {"config": _run_settings(cfg), **({"request": request} if request is not None else {})})
+        _compare(out / RUN, {"config": run_settings(cfg), **({"request": request} if request is not None else {})})
 
 
 def _compare(run: Path, now: dict) -> None:
@@ -174,17 +189,12 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
     protocol and alphas, plus the settings that produced it (and the pairs skipped).
     """
     out = Path(out)
-    if distributed_rank_world()[1] > 1:  # data parallel: every process writes its own partial file
-        return _evaluate(featurizer, cfg, out, dino=dino, progress=progress, records=records, store=store, resume=resume, request=request)
-    with folder_lock(out, "evaluation"):
+    with run_lock(out, "evaluation"):
         return _evaluate(featurizer, cfg, out, dino=dino, progress=progress, records=records, store=store, resume=resume, request=request)
 
 
 def _evaluate(featurizer, cfg: EvalConfig, out: Path, *, dino, progress, records, store, resume, request) -> Evaluation:
-    if records is None:
-        records = open_dataset(cfg.dataset, cfg.root).pairs(cfg.split)
-        if cfg.limit:
-            records = records[: cfg.limit]
+    records = _records(cfg, records)
     prompt = resolve_prompt(cfg.prompt, featurizer, dino=dino)
     settings = {**featurizer.settings(), **_prompt_categories(prompt)}
     rank, world = distributed_rank_world()
@@ -197,7 +207,7 @@ def _evaluate(featurizer, cfg: EvalConfig, out: Path, *, dino, progress, records
         dist.barrier()
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not resume:
-        atomic_write_text(out / RUN, json.dumps({"config": _run_settings(cfg), "featurizer": settings, "request": request or {}}, indent=2, default=str))
+        atomic_write_text(out / RUN, json.dumps({"config": run_settings(cfg), "featurizer": settings, "request": request or {}}, indent=2, default=str))
     t0 = time.perf_counter()
     # sharded: process k predicts pairs k, k + world, ...; every picture's draws are seeded by
     # its content and every call has a fixed size, so the merged predictions equal one process
@@ -289,21 +299,16 @@ def evaluate_layers(featurizer, cfg: EvalConfig, outs: dict[int, str | Path], *,
     and ``score.json`` that ``evaluate`` with ``up_block=k`` writes (the same draws, the same
     call shapes: the same predictions). A run that stops starts again (no partial files)."""
     outs = {int(k): Path(v) for k, v in outs.items()}
-    if records is None:
-        records = open_dataset(cfg.dataset, cfg.root).pairs(cfg.split)
-        if cfg.limit:
-            records = records[: cfg.limit]
+    records = _records(cfg, records)
     stack = SDLayerStack(featurizer, list(outs))
     prompt = resolve_prompt(cfg.prompt, featurizer, dino=dino)
     rank, world = distributed_rank_world()
     batcher = Batcher(stack, dino=dino, store=store, seed=cfg.seed)
     views = {k: stack.view(k) for k in stack.layers}
-    matches = cfg.matches
 
     def consume(r: PairRecord, fs, ft):
         ms, mt = stack.unpack(fs), stack.unpack(ft)
-        return {k: {m.rule: match_pixels(views[k], ms[k], mt[k], r.src_kps, r.src_size, r.trg_size, m.rule, **m.kwargs())["kps"].double().cpu().numpy()
-                    for m in matches} for k in stack.layers}
+        return {k: _match_rules(views[k], cfg.matches, r, ms[k], mt[k]) for k in stack.layers}
 
     t0 = time.perf_counter()
     mine: dict[int, dict[str, dict]] = {k: {} for k in stack.layers}

@@ -104,3 +104,21 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
         atomic_write_text(out / MANIFEST, json.dumps({"files": written}, indent=1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def markdown_table(header, rows) -> list[str]:
+    """A markdown table's lines: the header, its rule, a line per row (cells as text)."""
+    return ["| " + " | ".join(str(c) for c in header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+
+def csv_text(header, rows) -> str:
+    """The rows as CSV text, the header first."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+

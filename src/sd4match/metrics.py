@@ -23,6 +23,7 @@ from sd4match.data.records import CLAMP_EPS, SD4MATCH_RESOLUTION, PairRecord, ch
 from sd4match.data.spair import DIFFICULTY_KEYS
 from sd4match.errors import PredictionError
 from sd4match.fileio import atomic_path
+from sd4match.viz import pyplot
 
 
 def alpha_key(alpha: float) -> str:
@@ -255,10 +256,7 @@ def format_table(result: dict, title: str = "") -> str:
 
 def plot_categories(result: dict, path: str | Path, title: str = "") -> Path:
     """Per-category per-image PCK as grouped bars (one group per category, one bar per alpha)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     path = Path(path)
     keys = [alpha_key(a) for a in result["alphas"]]

@@ -21,9 +21,7 @@ saying so, never an error. No model loads when nothing is left to run.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -36,10 +34,11 @@ from sd4match.checks import check_splits
 from sd4match.config import MATCH_RULES, EvalConfig
 from sd4match.errors import Sd4MatchError, first_line
 from sd4match.evaluate import RUN, evaluate
-from sd4match.fileio import atomic_write_text, file_sha256
+from sd4match.fileio import atomic_write_text, csv_text, file_sha256, markdown_table
 from sd4match.prompts import parse_prompt, read_prompt_config
 from sd4match.prompts.official import OfficialName, import_official, official_file, parse_official_name
 from sd4match.runtime import distributed_rank_world
+from sd4match.viz import pyplot
 
 __all__ = ["OfficialPrompt", "PUBLISHED", "TABLE1_TESTS", "find_official_prompts", "parse_official_name", "reproduce"]
 
@@ -293,30 +292,22 @@ def write_table(rows: Sequence[Row], out: Path, *, missing: Sequence[str] = (), 
              f"Published numbers sit on the rows of the official README's setting (t = {PAPER_T}, {PAPER_RULE})."]
     if limit:
         lines += ["", f"**Only the first {limit} pairs of each test split (`--limit`): not comparable with the published numbers.**"]
-    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(c) for c in _cells(r)) + " |" for r in rows]
+    table = [[_fmt(c) for c in _cells(r)] for r in rows]
+    lines += ["", *markdown_table(COLUMNS, table)]
     if missing:
         lines += ["", "Missing data:"] + [f"- {m}" for m in missing]
     if notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(COLUMNS)
-    for r in rows:
-        w.writerow([_fmt(c) for c in _cells(r)])
-    atomic_write_text(out / "table.csv", buf.getvalue())
+    atomic_write_text(out / "table.csv", csv_text(COLUMNS, table))
     plot_table(rows, out / "table.png")
 
 
 def plot_table(rows: Sequence[Row], path: Path) -> Path:
     """PCK@0.1 per image of each (method, test) at each timestep (the paper's rule), beside
     the published number where one exists."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     done = [r for r in rows if r.status == "ok" and r.rule == PAPER_RULE]
     groups = list(dict.fromkeys((r.method, r.train, r.test) for r in done))

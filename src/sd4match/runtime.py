@@ -125,8 +125,14 @@ def peak_memory_mb(device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def run_lock(folder: str | Path, what: str = "run"):
+    """``folder_lock`` for a run in one process; none under a data-parallel launch, whose
+    processes all write into the folder (each its own files)."""
+    return contextlib.nullcontext() if distributed_rank_world()[1] > 1 else folder_lock(folder, what)
+
+
 LOCK_NAME = ".sd4match.lock"
-_held: dict[str, list] = {}  # folder -> [open lock file, depth]: this process's locks (re-entrant)
+_held: set[str] = set()  # the folders whose lock this process holds (re-entrant)
 
 
 @contextlib.contextmanager
@@ -142,12 +148,8 @@ def folder_lock(folder: str | Path, what: str = "run") -> Iterator[None]:
         return
     folder = Path(folder)
     key = str(folder.resolve())
-    if key in _held:
-        _held[key][1] += 1
-        try:
-            yield
-        finally:
-            _held[key][1] -= 1
+    if key in _held:  # held by an outer call of this process
+        yield
         return
     folder.mkdir(parents=True, exist_ok=True)
     fh = open(folder / LOCK_NAME, "a+")
@@ -162,9 +164,9 @@ def folder_lock(folder: str | Path, what: str = "run") -> Iterator[None]:
     fh.truncate()
     fh.write(f"pid {os.getpid()}")
     fh.flush()
-    _held[key] = [fh, 1]
+    _held.add(key)
     try:
         yield
     finally:
-        _held.pop(key, None)
+        _held.discard(key)
         fh.close()  # closing the file releases the lock

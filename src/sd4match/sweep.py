@@ -12,27 +12,26 @@ layer, per image and per point) and ``heatmap.png`` (t x layer, the best cell ma
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from sd4match.config import EvalConfig, as_dict
+from sd4match.config import EvalConfig, parse_names
 from sd4match.errors import Sd4MatchError
-from sd4match.evaluate import RUN, evaluate, evaluate_layers
+from sd4match.evaluate import RUN, evaluate, evaluate_layers, run_settings
 from sd4match.features.sd import SDFeaturizer, parse_noise_schedule
-from sd4match.fileio import atomic_write_text
+from sd4match.fileio import atomic_write_text, csv_text, markdown_table
 from sd4match.metrics import alpha_key
 from sd4match.runtime import distributed_rank_world
 from sd4match.store import Store
+from sd4match.viz import pyplot
 
 __all__ = ["Cell", "parse_grid", "sweep"]
 
 #: EvalConfig settings a sweep's cells may not differ in from the sweep's record
-_VOLATILE = ("workers", "chunk", "skip_bad", "preset")
+
 
 
 def parse_grid(text: str) -> tuple[int, ...]:
@@ -53,11 +52,9 @@ def parse_grid(text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(vals))
 
 
-def parse_names(text: str) -> tuple[str, ...]:
+def parse_schedules(text: str) -> tuple[str, ...]:
     """``"model,DDIM:linear"`` -> the noise schedules, each checked."""
-    vals = tuple(dict.fromkeys(v.strip() for v in str(text).split(",") if v.strip()))
-    if not vals:
-        raise ValueError(f"{text!r} gives no values")
+    vals = parse_names(text)
     for v in vals:
         try:
             parse_noise_schedule(v)
@@ -99,7 +96,7 @@ def sweep(featurizer, cfg: EvalConfig, out: str | Path, *, timesteps: Sequence[i
         raise Sd4MatchError(f"{featurizer.model_id}: a sweep varies timestep and layer: it needs a Stable Diffusion model")
     rank, _ = distributed_rank_world()
     cells = [Cell(t, k, e, s) for s, e, t, k in itertools.product(noise_schedules, ensembles, timesteps, up_blocks)]
-    record = {"config": {k: v for k, v in as_dict(cfg).items() if k not in _VOLATILE}, "model": featurizer.model_id,
+    record = {"config": run_settings(cfg), "model": featurizer.model_id,
               "grid": {"timesteps": list(timesteps), "up_blocks": list(up_blocks), "ensembles": list(ensembles), "noise_schedules": list(noise_schedules)}}
     _check_record(out, record)
     store = Store(int(store_gb * (1 << 30)), cache_dir, pinned=("posterior", "dino"))
@@ -158,19 +155,13 @@ def write_tables(rows: Sequence[dict], out: Path, cfg: EvalConfig, key: str) -> 
     alphas = list(rows[0]["per_image"]) if rows else []
     head = ["timestep", "up_block", "ensemble", "noise_schedule", "pairs"] + [f"per image @{a}" for a in alphas] + [f"per point @{a}" for a in alphas]
     best = max(rows, key=lambda r: r["per_image"][key]) if rows else None
+    table = [[r["timestep"], r["up_block"], r["ensemble"], r["noise_schedule"], r["n_pairs"],
+              *(f"{100 * r['per_image'][a]:.2f}" for a in alphas), *(f"{100 * r['per_point'][a]:.2f}" for a in alphas)] for r in rows]
+    shown = [[f"**{v}**" for v in vals] if r is best else vals for r, vals in zip(rows, table)]
     lines = [f"# Sweep: {cfg.dataset}/{cfg.split}, prompt {cfg.prompt}, match {cfg.rule}, protocol {cfg.protocol}", "",
-             f"PCK in %; the best cell by per-image PCK@{key} is in bold.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(head)
-    for r in rows:
-        vals = [r["timestep"], r["up_block"], r["ensemble"], r["noise_schedule"], r["n_pairs"]]
-        vals += [f"{100 * r['per_image'][a]:.2f}" for a in alphas] + [f"{100 * r['per_point'][a]:.2f}" for a in alphas]
-        w.writerow(vals)
-        cells = [str(v) for v in vals]
-        lines.append("| " + " | ".join(f"**{v}**" if r is best else v for v in cells) + " |")
+             f"PCK in %; the best cell by per-image PCK@{key} is in bold.", "", *markdown_table(head, shown)]
     atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
-    atomic_write_text(out / "table.csv", buf.getvalue())
+    atomic_write_text(out / "table.csv", csv_text(head, table))
 
 
 def plot_sweep(rows: Sequence[dict], out: Path, key: str) -> dict[str, list[tuple[str, str]]]:
@@ -178,10 +169,7 @@ def plot_sweep(rows: Sequence[dict], out: Path, key: str) -> dict[str, list[tupl
     image and per point; ``heatmap.png``: t x layer per (ensemble, schedule), best cell marked.
     Returns each file's (x label, y label) per panel."""
     labels: dict[str, list[tuple[str, str]]] = {}
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     combos = list(dict.fromkeys((r["ensemble"], r["noise_schedule"]) for r in rows))

@@ -12,6 +12,17 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 
+def pyplot():
+    """matplotlib's pyplot on the file backend (Agg, unless one is already chosen): plots
+    are written to files, never shown."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def confidence_colour(score: float, lo: float = 0.0, hi: float = 1.0) -> tuple[int, int, int]:
     """Red (low) through yellow to green (high), for a score in [lo, hi]."""
     t = float(np.clip((score - lo) / max(hi - lo, 1e-9), 0.0, 1.0))

@@ -97,9 +97,8 @@ def check_dataset(name: str, root: str | Path, *, images: bool | str = "decode",
             continue
         rep.splits[split] = {"pairs": len(recs), "categories": dict(Counter(r.category for r in recs))}
         for r in recs:
-            seen.setdefault(r.src, tuple(r.src_size))
-            if "synthetic" not in r.meta:
-                seen.setdefault(r.trg, tuple(r.trg_size))
+            for rel, size in zip(r.files, (r.src_size, r.trg_size)):
+                seen.setdefault(rel, tuple(size))
     rep.n_images = len(seen)
     if mode == "none":
         return rep

@@ -120,6 +120,12 @@ class PairRecord:
     def n_points(self) -> int:
         return int(self.src_kps.shape[0])
 
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The picture files the pair reads: the source alone for a synthetic pair (its
+        target is rendered from the source), else the source and the target."""
+        return (self.src,) if "synthetic" in self.meta else (self.src, self.trg)
+
     def to_json(self) -> dict[str, Any]:
         """The pair-export dict (DESIGN.md, JSON Lines format)."""
         return {

@@ -44,6 +44,13 @@ DINO_POS = ("official", "transformers")
 DINO_PARTS = ("patches", "cls")
 
 
+def check_dino_pos(pos: str) -> str:
+    """``pos`` when it names a position-embedding interpolation (``DINO_POS``), else one line."""
+    if pos not in DINO_POS:
+        raise Sd4MatchError(f"DINOv2 position embeddings must be one of {', '.join(DINO_POS)}, got {pos!r}")
+    return pos
+
+
 def legacy_position_embeddings(pos: torch.Tensor, grid: tuple[int, int], square: bool) -> torch.Tensor:
     """DINOv2's position embeddings at a patch grid, as the DINOv2 authors and transformers
     4.35 compute them.
@@ -97,10 +104,8 @@ def _official_positions(model):
 def dino_hidden_states(model, pixel_values: torch.Tensor, pos: str = "official") -> torch.Tensor:
     """``model(pixel_values).last_hidden_state`` (no gradient) with the position embeddings
     ``pos`` names (``DINO_POS``)."""
-    if pos not in DINO_POS:
-        raise Sd4MatchError(f"DINOv2 position embeddings must be one of {', '.join(DINO_POS)}, got {pos!r}")
     with torch.no_grad():
-        if pos == "transformers":
+        if check_dino_pos(pos) == "transformers":
             return model(pixel_values=pixel_values).last_hidden_state
         with _official_positions(model):
             return model(pixel_values=pixel_values).last_hidden_state
@@ -148,8 +153,7 @@ class DinoFeaturizer(Featurizer):
         self.n_skip = 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
         if config.mode not in ("crop", "squash"):
             raise Sd4MatchError(f"DINOv2 mode must be crop or squash, got {config.mode!r}")
-        if config.pos not in DINO_POS:
-            raise Sd4MatchError(f"DINOv2 position embeddings must be one of {', '.join(DINO_POS)}, got {config.pos!r}")
+        check_dino_pos(config.pos)
         if config.mode == "squash" and config.resolution % self.patch:
             raise Sd4MatchError(f"DINOv2 resolution must be a multiple of {self.patch}, got {config.resolution}")
 

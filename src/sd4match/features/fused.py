@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from sd4match.errors import Sd4MatchError
 from sd4match.features.base import CellMap, Featurizer
-from sd4match.features.dino import DINO_POS, dino_hidden_states, imagenet_normalize
+from sd4match.features.dino import check_dino_pos, dino_hidden_states, imagenet_normalize
 from sd4match.features.sd import SDFace
 from sd4match.matching import l2_normalize
 
@@ -45,9 +45,7 @@ class FusedFeaturizer(SDFace, Featurizer):
         super().__init__()
         if dino_input not in DINO_INPUTS:
             raise Sd4MatchError(f"dino_input must be one of {', '.join(DINO_INPUTS)}, got {dino_input!r}")
-        if dino_pos not in DINO_POS:
-            raise Sd4MatchError(f"dino_pos must be one of {', '.join(DINO_POS)}, got {dino_pos!r}")
-        self.dino_pos = dino_pos
+        self.dino_pos = check_dino_pos(dino_pos)
         self.sd = sd
         self.dino = dino_model.eval().requires_grad_(False)
         self.dino_input = dino_input
@@ -85,14 +83,6 @@ class FusedFeaturizer(SDFace, Featurizer):
     def encode_text(self, text):
         return self.sd.encode_text(text)
 
-    def preprocess(self, images):
-        return self.sd.preprocess(images)
-
-    def posterior(self, x):
-        return self.sd.posterior(x)
-
-    def posterior_settings(self) -> dict:
-        return self.sd.posterior_settings()
 
     def settings(self) -> dict:
         return {"featurizer": "sd+dinov2", "model": self.model_id, "sd": self.sd.settings(), "dino": self.dino_id, "dino_input": self.dino_input,

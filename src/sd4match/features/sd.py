@@ -61,8 +61,6 @@ NOISE_SCHEDULERS = {"DDPM": "DDPMScheduler", "DDIM": "DDIMScheduler", "PNDM": "P
                     "EulerAncestral": "EulerAncestralDiscreteScheduler", "DPMSolver": "DPMSolverMultistepScheduler", "LMS": "LMSDiscreteScheduler",
                     "Heun": "HeunDiscreteScheduler"}
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-NOISE_SCHEDULE_HELP = (f"noise at t through the model's own scheduler (model), or <class>[:<beta schedule>] with class in "
-                       f"{', '.join(NOISE_SCHEDULERS)} and beta schedule in {', '.join(BETA_SCHEDULES)} (e.g. DDIM, Euler:linear, model:squaredcos_cap_v2)")
 
 
 def parse_noise_schedule(text: str) -> tuple[str | None, str | None]:
@@ -425,8 +423,7 @@ class SDFeaturizer(Featurizer):
     def use_adapter(self, adapter) -> "SDFeaturizer":
         """Read the UNet with ``adapter`` (an ``Adapter``, or None for the base model) from now
         on; the UNet module is not changed (see ``sd4match.features.adapters``)."""
-        self.adapter = adapter
-        self._compiled = {}
+        self.adapter = adapter  # compiled early exits stay: with an adapter the UNet runs eager, without one they serve again
         return self
 
     def adapter_fingerprint(self) -> str:
@@ -675,6 +672,15 @@ class SDFace:
     samples_per_picture = property(lambda self: self.sd.samples_per_picture)
     device = property(lambda self: self.sd.device)
 
+    def preprocess(self, images):
+        return self.sd.preprocess(images)
+
+    def posterior(self, x):
+        return self.sd.posterior(x)
+
+    def posterior_settings(self) -> dict:
+        return self.sd.posterior_settings()
+
 
 class SDLayerStack(SDFace, Featurizer):
     """An ``SDFeaturizer`` read at several ``up_blocks`` from one early-exit pass.
@@ -704,15 +710,6 @@ class SDLayerStack(SDFace, Featurizer):
 
     def settings(self) -> dict:
         return {**self.sd.settings(), "up_block": list(self.layers)}
-
-    def posterior(self, x):
-        return self.sd.posterior(x)
-
-    def posterior_settings(self) -> dict:
-        return self.sd.posterior_settings()
-
-    def preprocess(self, images):
-        return self.sd.preprocess(images)
 
     def cell_map(self, image_size) -> CellMap:
         return self.view(self.layers[-1]).cell_map(image_size)
