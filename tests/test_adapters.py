@@ -10,7 +10,7 @@ from PIL import Image
 
 from sd4match.errors import Sd4MatchError
 from sd4match.features import SDFeaturizer
-from sd4match.features.adapters import Adapter, AdapterConfig, load_adapter
+from sd4match.features.adapters import DEFAULT_TARGETS, Adapter, AdapterConfig, load_adapter
 from sd4match.testing import tiny_sd
 from sd4match.train import Trainer, TrainConfig
 
@@ -57,6 +57,7 @@ def test_lora_at_zero_equals_the_base_and_leaves_a_shared_unet_alone(sd_path, tm
     (tmp_path / "a" / "adapter.safetensors").write_bytes(b"cut")
     with pytest.raises(Sd4MatchError, match="cannot read adapter weights"):
         load_adapter(tmp_path / "a", feat.unet)
+    assert TrainConfig(root="r").lora_targets == DEFAULT_TARGETS  # the flag's default is the adapter's
     with pytest.raises(Sd4MatchError, match="no linear layer"):
         Adapter(feat.unet, AdapterConfig("lora", up_block=1, targets=["nope"]))
     with pytest.raises(Sd4MatchError, match="not among the blocks the early exit runs"):

@@ -100,7 +100,7 @@ DatasetName = Literal["spair", "pfpascal", "pfwillow", "synthetic"]
 MatchRule = Literal["kernel-softargmax", "softargmax", "nn", "bilinear"]
 MATCH_RULES: tuple[str, ...] = typing.get_args(MatchRule)
 #: ``evaluate --match``: one rule, or ``all`` four from one feature extraction (as the official evaluator reports them)
-EvalRule = Literal["kernel-softargmax", "softargmax", "nn", "bilinear", "all"]
+EvalRule = Literal[MatchRule, "all"]
 #: PCK protocols (DESIGN.md): the official code's 768 x 768 frame, or original pixels.
 Protocol = Literal["sd4match", "standard"]
 PROTOCOL_HELP = "sd4match = the official SD4Match code's frame (768 x 768); standard = the field's common frame (original pixels)"

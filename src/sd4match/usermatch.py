@@ -266,14 +266,14 @@ class Matcher:
                 "mutual": d["mutual"][0].cpu().numpy().reshape(h, w)}
 
 
-def warp_onto(a: UserImage, b: UserImage, dense: dict[str, np.ndarray], cell_map_b, *, a_cells=None) -> Image.Image:
+def warp_onto(a: UserImage, b: UserImage, dense: dict[str, np.ndarray], cell_map_b, cell_map_a) -> Image.Image:
     """``a`` moved onto ``b``'s pixels (working resolution) cell by cell: each pixel of ``b``
     takes the cell it lies in (the nearest cell centre), and reads ``a`` at that cell's match
     plus its own offset from the cell centre (scaled by the two pictures' cell sizes), so each
     cell is a shifted piece of ``a``, never a blend of neighbours that matched far apart.
     Only cells with a mutual match are moved; the others show ``b`` in grey.
 
-    ``cell_map_b`` (and ``a_cells`` = ``cell_map(a.size)``) are the featurizer's mappings.
+    ``cell_map_b`` and ``cell_map_a`` are the featurizer's ``cell_map(b.size)`` and ``cell_map(a.size)``.
     """
     wb, hb = b.image.size
     h, w = dense["source_xy"].shape[:2]
@@ -285,11 +285,9 @@ def warp_onto(a: UserImage, b: UserImage, dense: dict[str, np.ndarray], cell_map
     ci[..., 1].clamp_(0, h - 1)
     centre = cell_map_b.cell_to_pixel(ci.double())  # each pixel's cell centre, in b's original pixels
     src_xy = torch.from_numpy(dense["source_xy"]).double()[ci[..., 1], ci[..., 0]]  # that cell's match in a
-    per = (1.0, 1.0)
-    if a_cells is not None:  # a's pixels per cell against b's: the offset keeps its size in cells
-        one_a = a_cells.cell_to_pixel(torch.tensor([[1.0, 1.0]], dtype=torch.float64)) - a_cells.cell_to_pixel(torch.zeros(1, 2, dtype=torch.float64))
-        one_b = cell_map_b.cell_to_pixel(torch.tensor([[1.0, 1.0]], dtype=torch.float64)) - cell_map_b.cell_to_pixel(torch.zeros(1, 2, dtype=torch.float64))
-        per = (float(one_a[0, 0] / one_b[0, 0]), float(one_a[0, 1] / one_b[0, 1]))
+    # a's pixels per cell against b's: an offset from the cell centre keeps its size in cells
+    unit = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    per = (cell_map_a.cell_to_pixel(unit).diff(dim=0) / cell_map_b.cell_to_pixel(unit).diff(dim=0))[0]
     ax = src_xy[..., 0] + (px[..., 0] - centre[..., 0]) * per[0]
     ay = src_xy[..., 1] + (px[..., 1] - centre[..., 1]) * per[1]
     grid = torch.stack([ax / a.size[0] * 2 - 1, ay / a.size[1] * 2 - 1], dim=-1)[None].float()
@@ -330,7 +328,7 @@ def run_match(matcher: Matcher, src: str | Path, trg: str | Path, out: str | Pat
     arrays = None
     if dense:
         d = matcher.dense(a, b)
-        pictures["warped.png"] = caption(warp_onto(a, b, d, matcher.featurizer.cell_map(b.size), a_cells=matcher.featurizer.cell_map(a.size)),
+        pictures["warped.png"] = caption(warp_onto(a, b, d, matcher.featurizer.cell_map(b.size), matcher.featurizer.cell_map(a.size)),
                                          f"A's pixels moved onto B, cell by cell, through the {int(d['mutual'].sum())} mutual matches "
                                          f"({100 * float(d['mutual'].mean()):.0f}% of B's cells); grey: B where no cell matches mutually.")
         pictures["confidence.png"] = caption(overlay_heat(b.image, d["score"], title="match score:"),
@@ -371,7 +369,6 @@ def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets
     if not files:
         raise Sd4MatchError(f"{root}: no images to transfer onto")
     out = Path(out)
-    src_view = [{"name": n, "source": list(xy), "score": None} for n, xy in points]
     views: list[tuple[str, Image.Image, tuple, list]] = []  # small copies: the points are drawn once every score is known
     docs: dict[str, str] = {}
     for path, name in tqdm(list(zip(files, _target_names(files, root))), unit="image", desc="transfer", disable=not progress):
@@ -384,8 +381,8 @@ def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets
         docs[f"{name}.json"] = json.dumps(doc, indent=2)
         views.append((name, b.image.copy().reduce(max(1, b.image.height // (2 * SHEET_TILE))), b.size, matches))
     lo, hi = score_range([m["score"] for *_, ms in views for m in ms])
-    tiles = [(f"source: {Path(a.name).name}", draw_points(a.image, a.size, [{**p, "score": hi} for p in src_view], key="source", lo=lo, hi=hi,
-                                                           height=SHEET_TILE))]
+    src_view = [{"name": n, "source": list(xy), "score": hi} for n, xy in points]  # the source's points in the top colour
+    tiles = [(f"source: {Path(a.name).name}", draw_points(a.image, a.size, src_view, key="source", lo=lo, hi=hi, height=SHEET_TILE))]
     tiles += [(name, draw_points(im, size, ms, key="target", lo=lo, hi=hi, height=SHEET_TILE)) for name, im, size, ms in views]
     sheet = score_legend(contact_sheet(tiles, columns=sheet_columns, tile_height=SHEET_TILE), lo, hi,
                          "score of each transferred point (cosine; the source's points in the top colour):")

@@ -188,7 +188,12 @@ def heat_image(values: np.ndarray, size: Sequence[int], lo: float | None = None,
     img = Image.fromarray(colormap(values, lo, hi)).resize(tuple(size), Image.Resampling.BILINEAR)
     if colorbar is None:
         return img
-    return _legend(img, lo, hi, colorbar, lambda v: tuple(int(c) for c in colormap(np.array([[v]]), lo, hi)[0, 0]))
+    return _legend(img, lo, hi, colorbar, _turbo(lo, hi))
+
+
+def _turbo(lo: float, hi: float):
+    """The colour ``colormap`` gives a value on the [lo, hi] scale (for colour bars)."""
+    return lambda v: tuple(int(c) for c in colormap(np.array([[v]]), lo, hi)[0, 0])
 
 
 def overlay_heat(photo: Image.Image, values: np.ndarray, *, title: str, alpha: float = 0.55) -> Image.Image:
@@ -199,7 +204,7 @@ def overlay_heat(photo: Image.Image, values: np.ndarray, *, title: str, alpha: f
         lo, hi = lo - MIN_SPAN / 2, hi + MIN_SPAN / 2
     heat = Image.fromarray(colormap(values, lo, hi)).resize(photo.size, Image.Resampling.BILINEAR)
     img = Image.blend(photo.convert("RGB"), heat, alpha)
-    return _legend(img, lo, hi, title, lambda v: tuple(int(c) for c in colormap(np.array([[v]]), lo, hi)[0, 0]))
+    return _legend(img, lo, hi, title, _turbo(lo, hi))
 
 
 def contact_sheet(tiles: Sequence[tuple[str, Image.Image]], *, tile_height: int = 320, columns: int = 4, pad: int = 8) -> Image.Image:
