@@ -9,9 +9,7 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from sd4match.cli import main
 from sd4match.testing import tiny_sd

@@ -46,7 +46,8 @@ def willow(root, n=None):
 
 def run(feat, prompt, recs, root, dino=None, **kw):
     out = {}
-    for pid, kps in predict_pairs(feat, prompt, recs, str(root), seed=0, dino=dino, store=Store(), progress=False, **kw):
+    kw.setdefault("store", Store())
+    for pid, kps in predict_pairs(feat, prompt, recs, str(root), seed=0, dino=dino, progress=False, **kw):
         assert not isinstance(kps, BaseException), kps
         out[pid] = kps
     return out
@@ -107,6 +108,57 @@ def test_batched_predictions_equal_one_pair_at_a_time(models, willow_root, kind)
             ft = feat([trg], prompt_embeds=et, generator=[torch.Generator().manual_seed(seed_for(image_key(trg), 0))])
         direct = match_pixels(feat, fs, ft, r.src_kps, r.src_size, r.trg_size, "kernel-softargmax")["kps"].double().numpy()
         np.testing.assert_allclose(batched[r.id], direct, atol=1e-3)
+
+
+def test_pending_pairs_hold_a_bounded_number_of_pictures_with_the_same_predictions(models, willow_root):
+    """Pairs whose pictures are seen interleave with pairs of new pictures (a shuffled split):
+    a pair waiting for a full UNet call holds its pictures; the bound forces an early (padded)
+    call instead, and the predictions stay the same bit for bit."""
+    sd, _ = models
+    feat = SDFeaturizer.from_pretrained(sd, resolution=64, ensemble=8)  # 4 pictures a UNet call
+    recs = willow(willow_root)
+    recs = [recs[i] for i in np.random.default_rng(3).permutation(len(recs))[:120]]
+    prompt = resolve_prompt("empty", feat)
+    free = Batcher(feat, store=Store())
+    unbounded = run(feat, prompt, recs, willow_root, batcher=free, pending=10_000)
+    assert free.stream_peak["flushes"] == 0 and free.stream_peak["pictures"] > 6  # without a bound, more pictures wait
+    tight = Batcher(feat, store=Store())
+    w = Work(feat)
+    try:
+        bounded = run(feat, prompt, recs, willow_root, batcher=tight, pending=6)
+    finally:
+        w.close()
+    assert tight.stream_peak["pictures"] <= 6 and tight.stream_peak["flushes"] > 0
+    assert set(w.unet) == {32}  # early calls are padded to the fixed size
+    assert list(bounded) == [r.id for r in recs]
+    for pid in bounded:
+        assert np.array_equal(bounded[pid], unbounded[pid]), pid
+
+
+def test_a_stored_run_decodes_no_picture(models, willow_root, tmp_path, monkeypatch):
+    """With the maps on disk (``--cache-dir``), a rerun reads the pictures' files to name them
+    but decodes none, and predicts the same."""
+    from PIL import ImageFile
+
+    sd, _ = models
+    feat = SDFeaturizer.from_pretrained(sd, resolution=64, ensemble=2)
+    recs = willow(willow_root, 40)
+    prompt = resolve_prompt("empty", feat)
+    decodes = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decodes.append(im.filename) or real_load(im))
+    first = run(feat, prompt, recs, willow_root, batcher=Batcher(feat, store=Store(folder=tmp_path / "cache")))
+    n_pics = len({p for r in recs for p in (r.src, r.trg)})
+    assert len(set(decodes)) == n_pics
+    decodes.clear()
+    again = Batcher(feat, store=Store(folder=tmp_path / "cache"))  # a new process: nothing in memory
+    second = run(feat, prompt, recs, willow_root, batcher=again)
+    assert decodes == [] and again.calls["unet"] == [] and again.store.stats["features.disk"] == n_pics
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+    decodes.clear()
+    other = resolve_prompt("text", feat)  # another prompt: its maps are not stored, so its pictures are decoded (ahead, by the loaders)
+    run(feat, other, recs, willow_root, batcher=Batcher(feat, store=Store(folder=tmp_path / "cache")))
+    assert len(set(decodes)) == n_pics
 
 
 def test_training_runs_the_vae_at_most_once_per_picture(models, willow_root, tmp_path):

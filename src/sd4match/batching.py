@@ -27,9 +27,9 @@ one-at-a-time runs agree exactly.
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterable, Iterator, Sequence, TypeVar
 
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sd4match.data import load_pair_images
+from sd4match.data import pair_sources
 from sd4match.data.records import PairRecord
 from sd4match.prompts import Prompt, prompt_fingerprint
 from sd4match.store import Store, image_key, seed_for, settings_key
@@ -46,18 +46,30 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-@dataclass(eq=False)
 class Picture:
-    """A decoded RGB picture, its content key, and (once prepared) its pixels squashed to
-    the featurizer's working resolution as uint8 (made in a loader thread)."""
+    """A picture, its content key, and (once prepared) its pixels squashed to the
+    featurizer's working resolution as uint8 (made in a loader thread).
 
-    image: Image.Image
-    key: str = ""
-    resized: dict = field(default_factory=dict)  # resolution -> (3, R, R) uint8 tensor
+    Made from a decoded ``image`` (its key computed from the pixels), or lazily from a known
+    ``key`` and ``decode``: the picture is then decoded only when its pixels are first
+    needed (a stored run needs none)."""
 
-    def __post_init__(self):
-        if not self.key:
-            self.key = image_key(self.image)
+    def __init__(self, image: Image.Image | None = None, key: str = "", *, decode: Callable[[], Image.Image] | None = None):
+        if image is None and (decode is None or not key):
+            raise ValueError("a Picture needs its image, or its key and how to decode it")
+        self._image, self._decode = image, decode
+        self.key = key or image_key(image)
+        self.resized: dict = {}  # resolution -> (3, R, R) uint8 tensor
+
+    @property
+    def image(self) -> Image.Image:
+        if self._image is None:
+            self._image, self._decode = self._decode(), None
+        return self._image
+
+    @property
+    def decoded(self) -> bool:
+        return self._image is not None
 
     def prepare(self, resolution: int | None) -> "Picture":
         """Squash to ``resolution`` (bilinear, as torchvision's Resize on PIL images) now."""
@@ -126,6 +138,7 @@ class Batcher:
         self.fixed_batches = fixed_batches
         self.dino_batch = dino_batch
         self.calls: dict[str, list[int]] = {"posterior": [], "unet": [], "dino": []}  # pictures (VAE, DINOv2) or samples (UNet) per call
+        self.stream_peak: dict[str, int] = {}  # the last stream's largest held pictures and waiting pairs, and its early calls
 
     @property
     def device(self):
@@ -140,11 +153,30 @@ class Batcher:
         """The side pictures are squashed to before the model (featurizers with posteriors), else None."""
         return self.featurizer.resolution if self.featurizer.has_posterior else None
 
-    def load_pair(self, root: str | Path, record: PairRecord) -> tuple[Picture, Picture]:
-        """A pair's two pictures, decoded and squashed for the model (in a loader thread)."""
-        res = self.picture_resolution
-        src, trg = load_pair_images(root, record)
-        return Picture(src).prepare(res), Picture(trg).prepare(res)
+    def load_pair(self, root: str | Path, record: PairRecord,
+                  need: Callable[[PairRecord, Picture, Picture], tuple[bool, bool]] | None = None) -> tuple[Picture, Picture]:
+        """A pair's two pictures, decoded and squashed for the model (in a loader thread).
+
+        A picture whose file the store has named before (``Store.name``) is made lazily;
+        ``need(record, src, trg)`` says which of those are needed now (decoded here), the
+        others are decoded only if their pixels are asked for (a stored map needs none).
+        A picture not named yet is decoded here, so that a bad file fails on its pair."""
+        pics = []
+        for source in pair_sources(root, record):
+            key = self.store.name(source.identity)
+            if key is None:
+                pic = Picture(source.decode())
+                self.store.remember_name(source.identity, pic.key)
+            else:
+                pic = Picture(key=key, decode=source.decode)
+            pics.append(pic)
+        src, trg = pics
+        wanted = need(record, src, trg) if need is not None else (True, True)
+        for p, w in zip(pics, wanted):
+            if w:
+                p.image  # noqa: B018 - decode now, in this thread
+                p.prepare(self.picture_resolution)
+        return src, trg
 
     def pad(self, items: Sequence[T], n: int) -> list[T]:
         """``items`` padded to ``n`` with copies of the last one (with ``fixed_batches``)."""
@@ -331,18 +363,29 @@ class Batcher:
         self.store.put("features", kb, {"features": fb})
         return fa, fb
 
-    def stream(self, prompt: Prompt | None, loaded: Iterable[tuple[Any, tuple[Picture, Picture] | BaseException]],
-               consume: Callable[[Any, torch.Tensor, torch.Tensor], R]) -> Iterator["PendingPair[R]"]:
-        """Pairs through the models as a stream: ``loaded`` yields (record, pictures or the error
-        that kept them from loading); ``consume(record, src map, trg map)`` runs as soon as a
-        pair's maps exist (so maps need not wait in memory); the pairs come back in order as
-        ``PendingPair``s holding what ``consume`` returned, or the error.
+    def stream(self, prompt: Prompt | None, records: Iterable[PairRecord], root: str | Path, consume: Callable[[Any, torch.Tensor, torch.Tensor], R],
+               *, workers: int = 4, ahead: int = 64, max_pictures: int = 64, max_pairs: int = 1024) -> Iterator["PendingPair[R]"]:
+        """Pairs through the models as a stream: loader threads read up to ``ahead`` pairs in
+        advance (``load_pair``: a picture whose map is stored is not decoded);
+        ``consume(record, src map, trg map)`` runs as soon as a pair's maps exist, in any
+        order (so maps need not wait in memory); the pairs come back in record order as
+        ``PendingPair``s holding what ``consume`` returned, or the error that kept their
+        pictures from loading.
 
         A model call runs as soon as ``pictures_per_call`` new pictures (pair-independent
         prompts) or ``pairs_per_call`` pairs (per-pair prompts) are waiting, so every call
-        but the last is full.
+        but the last is full; and also when the pairs waiting would hold more than
+        ``max_pictures`` decoded pictures or ``max_pairs`` pairs wait to be returned in
+        order (a padded call: the results are the same bit for bit). Memory is so bounded by
+        these settings, not by the number of pairs; ``stream_peak`` reports the largest
+        numbers seen.
         """
-        return PairStream(self, prompt, consume).run(loaded)
+        pairs = PairStream(self, prompt, consume, max_pictures=max_pictures, max_pairs=max_pairs)
+        loaded = prefetch(records, lambda r: self.load_pair(root, r, need=pairs.needed), workers=workers, ahead=ahead)
+        try:
+            yield from pairs.run(loaded)
+        finally:
+            loaded.close()  # stop the loader threads, also when the consumer stopped early
 
 
 @dataclass(eq=False)
@@ -363,42 +406,85 @@ class PendingPair(Generic[R]):
 
 class PairStream:
     """The scheduler behind ``Batcher.stream``: a queue of pairs in record order, and the
-    pictures (pair-independent prompts) or pairs (per-pair prompts) waiting for a model call."""
+    pictures (pair-independent prompts) or pairs (per-pair prompts) waiting for a model call.
+    A pair's pictures are let go as soon as its maps were consumed; ``held`` counts, per
+    picture, the waiting pairs that hold it."""
 
-    def __init__(self, batcher: Batcher, prompt: Prompt | None, consume: Callable):
+    def __init__(self, batcher: Batcher, prompt: Prompt | None, consume: Callable, *, max_pictures: int = 64, max_pairs: int = 1024):
+        if max_pictures < 2 or max_pairs < 1:
+            raise ValueError(f"max_pictures must be at least 2 (one pair) and max_pairs at least 1, not {max_pictures} and {max_pairs}")
         self.b, self.prompt, self.consume = batcher, prompt, consume
+        self.max_pictures, self.max_pairs = max_pictures, max_pairs
         self.per_pair = per_pair(prompt)
         self.conditioned = prompt is not None and prompt.per_picture_condition  # each picture under its own prompt
         self.queue: deque[PendingPair] = deque()
         self.todo: dict[tuple[str, str], tuple[Picture, torch.Tensor | None]] = {}  # (picture key, prompt id) -> (picture, embeddings)
+        self.held: Counter[str] = Counter()  # picture key -> waiting pairs holding it
         self.fingerprint = prompt_fingerprint(prompt)  # once: the prompt does not change during a stream
         self.ids: dict[str, str] = {}  # category -> prompt id
         self.embs: dict[str, torch.Tensor | None] = {}  # prompt id -> embeddings
+        batcher.stream_peak = {"pictures": 0, "pairs": 0, "flushes": 0}
+        self.peak = batcher.stream_peak
 
     def run(self, loaded) -> Iterator[PendingPair]:
         for record, pics in loaded:
             failed = isinstance(pics, BaseException)
+            new = 0 if failed else len({p.key for p in pics} - set(self.held))
+            if self.held and (len(self.held) + new > self.max_pictures or len(self.queue) >= self.max_pairs):
+                self.flush()
+                yield from self.finished()
             entry = PendingPair(record, None if failed else pics, pics if failed else None)
             self.queue.append(entry)
+            if not failed:
+                self.held.update({p.key for p in pics})
+                self.peak["pictures"] = max(self.peak["pictures"], len(self.held))
+            self.peak["pairs"] = max(self.peak["pairs"], len(self.queue))
             if not failed and not self.per_pair:
                 self.want(entry)
                 self.match_ready()
             self.compute(final=False)
-            while self.queue and self.queue[0].ready:
-                yield self.queue.popleft()
+            yield from self.finished()
         self.compute(final=True)
-        while self.queue:
+        yield from self.finished(all_=True)
+
+    def finished(self, all_: bool = False) -> Iterator[PendingPair]:
+        while self.queue and (all_ or self.queue[0].ready):
             yield self.queue.popleft()
 
+    def flush(self) -> None:
+        """A model call now for what waits (padded): the bound on held pictures or waiting pairs was reached."""
+        self.peak["flushes"] += 1
+        self.compute(final=True)
+
+    def needed(self, record, src: Picture, trg: Picture) -> tuple[bool, bool]:
+        """Which of a pair's pictures have no stored map (asked by loader threads, so that only
+        those are decoded ahead)."""
+        keys = self.b.map_keys(self.prompt, self.prompt_id(record), src, trg)
+        missing = tuple(not self.b.store.contains("features", k) for k in keys)
+        return (any(missing),) * 2 if self.per_pair else missing
+
+    def done(self, entry: PendingPair, result) -> None:
+        """``entry`` consumed: its result kept, its pictures let go."""
+        entry.result, entry.done = result, True
+        for key in {p.key for p in entry.pictures}:
+            self.held[key] -= 1
+            if self.held[key] <= 0:
+                del self.held[key]
+        entry.pictures = None
+
     # .................................................................. pair-independent prompts
-    def embedded(self, record) -> tuple[str, torch.Tensor | None]:
-        """(prompt id, embeddings) of a record's category, each computed once."""
+    def prompt_id(self, record) -> str:
+        """The prompt id of a record's category, each computed once (also from loader threads)."""
         cat = record.category
         if cat not in self.ids:
             self.ids[cat] = self.b.prompt_id(self.prompt, cat, fingerprint=self.fingerprint)
-        pid = self.ids[cat]
+        return self.ids[cat]
+
+    def embedded(self, record) -> tuple[str, torch.Tensor | None]:
+        """(prompt id, embeddings) of a record's category, each computed once."""
+        pid = self.prompt_id(record)
         if pid not in self.embs:  # once per prompt id: categories a prompt does not tell apart share it
-            self.embs[pid] = None if self.conditioned else self.b.embeds(self.prompt, cat)  # conditioned: picture_emb
+            self.embs[pid] = None if self.conditioned else self.b.embeds(self.prompt, record.category)  # conditioned: picture_emb
         return pid, self.embs[pid]
 
     def picture_emb(self, p: Picture, emb: torch.Tensor | None) -> torch.Tensor | None:
@@ -428,7 +514,7 @@ class PairStream:
                     if (p.key, pid) not in self.todo:
                         self.todo[(p.key, pid)] = (p, self.picture_emb(p, emb))
                 continue
-            entry.result, entry.done = self.consume(entry.record, fs, ft), True
+            self.done(entry, self.consume(entry.record, fs, ft))
 
     def compute(self, final: bool) -> None:
         (self.compute_pairs if self.per_pair else self.compute_pictures)(final)
@@ -452,4 +538,4 @@ class PairStream:
                 emb = self.prompt(self.b.prompt_batch(self.prompt, src, trg))
             fs, ft = self.b.pair_features(src, trg, emb)
             for i, e in enumerate(group):
-                e.result, e.done = self.consume(e.record, fs[i : i + 1], ft[i : i + 1]), True
+                self.done(e, self.consume(e.record, fs[i : i + 1], ft[i : i + 1]))

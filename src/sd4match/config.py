@@ -205,6 +205,8 @@ class EvalConfig:
     limit: int = setting(0, "only the first N pairs (a quick look; the score then covers those N only)")
     workers: int = setting(4, "loader threads decoding ahead")
     chunk: int = setting(32, "loader threads decode up to 2 x chunk pairs ahead", cli=False)
+    pending: int = setting(64, "decoded pictures that pairs waiting for their features may hold (bounds memory; the predictions do not "
+                               "depend on it)", flag="max-pending")
     skip_bad: bool = setting(False, "go past pairs with unreadable images: scored as missing and listed in score.json")
     preset: str | None = setting(None, "a zero-shot baseline's settings (dift, dinov2, sd-dino-fuse; the SD4Match authors' dift-sd4match, "
                                        "fusedino-sd4match); flags given explicitly override them",

@@ -34,7 +34,7 @@ import numpy as np
 import torch.distributed as dist
 from tqdm import tqdm
 
-from sd4match.batching import Batcher, prefetch
+from sd4match.batching import Batcher
 from sd4match.config import EVAL_PRESETS, EvalConfig, MatchConfig, as_dict
 from sd4match.data import open_dataset
 from sd4match.data.records import PairRecord
@@ -53,13 +53,13 @@ __all__ = ["EVAL_PRESETS", "EvalConfig", "Evaluation", "check_evaluation_folder"
 PARTIAL = "predictions.partial.jsonl"
 RUN = "run.json"
 RUN_INFO = "run-info.json"  # where and how a finished run went (root, loader threads, processes, seconds): not part of the result
-_WHERE = ("root", "workers", "chunk")
+_WHERE = ("root", "workers", "chunk", "pending")
 #: settings that may differ between a run and its resumption
-_VOLATILE = ("workers", "chunk", "skip_bad", "preset")
+_VOLATILE = ("workers", "chunk", "pending", "skip_bad", "preset")
 
 
 def predict_pairs(featurizer, prompt: Prompt | None, records: Sequence[PairRecord], root, *, match: MatchConfig | Sequence[MatchConfig] = MatchConfig(),
-                  seed: int = 0, workers: int = 4, chunk: int = 32, dino=None, store: Store | None = None, batcher: Batcher | None = None,
+                  seed: int = 0, workers: int = 4, chunk: int = 32, pending: int = 64, dino=None, store: Store | None = None, batcher: Batcher | None = None,
                   progress: bool = True) -> Iterator[tuple[str, np.ndarray | dict[str, np.ndarray] | BaseException]]:
     """Yield (pair id, predicted target points in original pixels) for ``records``, in order;
     with several match configs, (pair id, {rule: points}) from the same feature maps.
@@ -71,6 +71,7 @@ def predict_pairs(featurizer, prompt: Prompt | None, records: Sequence[PairRecor
     Args:
         match: the match rule and its settings, or a sequence of them.
         seed: base seed of every picture's random draws (ignored when ``batcher`` is given).
+        pending: decoded pictures the pairs waiting for their maps may hold (``Batcher.stream``).
         dino, store: for a new ``Batcher`` (or give ``batcher``, e.g. to share its store).
     """
     batcher = batcher or Batcher(featurizer, dino=dino, store=store, seed=seed)
@@ -82,7 +83,7 @@ def predict_pairs(featurizer, prompt: Prompt | None, records: Sequence[PairRecor
         got = _match_rules(featurizer, matches, r, fs, ft)
         return got if several else got[matches[0].rule]
 
-    yield from _stream(batcher, prompt, records, root, predict, workers=workers, chunk=chunk, progress=progress)
+    yield from _stream(batcher, prompt, records, root, predict, workers=workers, chunk=chunk, pending=pending, progress=progress)
 
 
 def _match_rules(cells, matches: Sequence[MatchConfig], r: PairRecord, fs, ft) -> dict[str, np.ndarray]:
@@ -100,15 +101,15 @@ def _records(cfg: EvalConfig, records):
     return records[: cfg.limit] if cfg.limit else records
 
 
-def _stream(batcher: Batcher, prompt, records, root, consume, *, workers: int, chunk: int, progress: bool):
+def _stream(batcher: Batcher, prompt, records, root, consume, *, workers: int, chunk: int, pending: int, progress: bool):
     """(pair id, what ``consume(record, src map, trg map)`` returned, or the pair's error), in order."""
     # the first pairs wait for the first pictures' features (and a compilation): the bar's clock
     # starts when they are done, so its rate and time left are those of the run, not of its start
     bar = tqdm(total=len(records), unit="pair", desc="evaluate (first features)", disable=not progress, smoothing=0.05)
-    loaded = prefetch(records, lambda r: batcher.load_pair(root, r), workers=workers, ahead=2 * chunk)
     started = False
+    stream = batcher.stream(prompt, records, root, consume, workers=workers, ahead=2 * chunk, max_pictures=pending)
     try:
-        for entry in batcher.stream(prompt, loaded, consume):
+        for entry in stream:
             if not started:
                 bar.reset(total=len(records))
                 bar.set_description("evaluate")
@@ -116,7 +117,7 @@ def _stream(batcher: Batcher, prompt, records, root, consume, *, workers: int, c
             bar.update(1)
             yield entry.record.id, entry.error if entry.error is not None else entry.result
     finally:
-        loaded.close()  # stop the loader threads, also when the consumer stopped early
+        stream.close()  # stops the loader threads, also when the consumer stopped early
         bar.close()
 
 
@@ -218,7 +219,7 @@ def _evaluate(featurizer, cfg: EvalConfig, out: Path, *, dino, progress, records
     bad: dict[str, str] = {}
     with open(partial, "a", encoding="utf-8") as fh:
         for pid, kps in predict_pairs(featurizer, prompt, mine_recs, cfg.root, match=cfg.matches, seed=cfg.seed, workers=cfg.workers, chunk=cfg.chunk,
-                                      dino=dino, store=store, progress=progress and rank == 0):
+                                      pending=cfg.pending, dino=dino, store=store, progress=progress and rank == 0):
             if isinstance(kps, BaseException):
                 if not (cfg.skip_bad and isinstance(kps, DataError)):
                     if isinstance(kps, Sd4MatchError):
@@ -314,7 +315,7 @@ def evaluate_layers(featurizer, cfg: EvalConfig, outs: dict[int, str | Path], *,
     mine: dict[int, dict[str, dict]] = {k: {} for k in stack.layers}
     bad: dict[str, str] = {}
     for pid, got in _stream(batcher, prompt, records[rank::world], cfg.root, consume, workers=cfg.workers, chunk=cfg.chunk,
-                            progress=progress and rank == 0):
+                            pending=cfg.pending, progress=progress and rank == 0):
         if isinstance(got, BaseException):
             if not (cfg.skip_bad and isinstance(got, DataError)):
                 raise got

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -35,7 +36,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fsynced and renamed onto ``path``, on error it is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # threads of one process may write the same path
     try:
         yield tmp
         with open(tmp, "rb") as fh:

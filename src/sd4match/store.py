@@ -8,7 +8,9 @@ setting that changes the result. Three kinds are stored:
   sample drawn with a call's generator is the same draw as without the store;
 - ``dino``: the DINOv2 patch tokens of a picture (the CPM's input);
 - ``features``: the feature map of a picture under a prompt that does not depend on the
-  pair (empty, text, single, category), a model setting and a seed.
+  pair (empty, text, single, category), a model setting and a seed;
+- ``name``: the content key of a picture file (``name``/``remember_name``), so that a run
+  whose maps are stored decodes no picture.
 
 The store keeps entries in memory, least recently used first out, up to ``max_bytes``;
 with a ``folder`` it also keeps them on disk (safetensors, written under a temporary name
@@ -124,6 +126,16 @@ class Store:
         self._remember(kind, key, tensors)
         if self.folder is not None:
             self._write(kind, key, tensors, meta or {})
+
+    def name(self, identity: str) -> str | None:
+        """The content key (``image_key``) remembered for a picture source's ``identity`` (its
+        file's bytes and what is done to them), or None: a stored run finds its pictures'
+        keys, and then their maps, without decoding a picture."""
+        got = self.get("name", settings_key(identity, {}))
+        return None if got is None else bytes(got["key"].tolist()).hex()
+
+    def remember_name(self, identity: str, key: str) -> None:
+        self.put("name", settings_key(identity, {}), {"key": torch.tensor(list(bytes.fromhex(key)), dtype=torch.uint8)})
 
     def drop(self, kind: str) -> None:
         """Forget the in-memory entries of ``kind`` (disk entries stay)."""

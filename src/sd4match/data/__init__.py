@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -42,26 +45,65 @@ def load_annotated_image(root: str | Path, rel: str, size) -> Image.Image:
     return img
 
 
+@dataclass(frozen=True)
+class PictureSource:
+    """One side of a pair before decoding: ``identity`` names what the picture is made from
+    (the SHA-256 of the file's bytes, the annotated size, and what is done to the pixels:
+    mirrored, rendered by a synthetic warp), read without decoding; ``decode()`` makes the
+    RGB picture (the annotated size checked)."""
+
+    identity: str
+    decode: Callable[[], Image.Image]
+
+
+def _file_digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise DataError(path, "image file is missing") from None
+    except OSError as e:
+        raise DataError(path, f"unreadable ({e.strerror or e})") from None
+
+
+def pair_sources(root: str | Path, record: PairRecord) -> tuple[PictureSource, PictureSource]:
+    """The two pictures of ``record``, named by their files' bytes and undecoded (a missing
+    file raises ``DataError`` naming it). Synthetic targets are rendered from the record's
+    warp; mirrored records (``PairRecord.mirrored``) come back mirrored."""
+    root = Path(root)
+    syn, mirrored = record.meta.get("synthetic"), bool(record.meta.get("mirrored"))
+    src_digest = _file_digest(root / record.src)
+    trg_digest = src_digest if syn is not None else _file_digest(root / record.trg)
+    decoded: dict[str, Image.Image] = {}
+
+    def src_image() -> Image.Image:  # decoded once for both sides of a synthetic pair
+        if "src" not in decoded:
+            decoded["src"] = load_annotated_image(root, record.src, record.src_size)
+        return decoded["src"]
+
+    def trg_image() -> Image.Image:
+        if syn is not None:
+            return render_target(src_image(), np.asarray(syn["homography"]), syn["color"])
+        return load_annotated_image(root, record.trg, record.trg_size)
+
+    def side(digest, size, make, warp=None):
+        what = json.dumps({"size": list(size), "mirrored": mirrored, "synthetic": warp}, sort_keys=True, default=str)
+        return PictureSource(f"{digest}:{what}", (lambda: ImageOps.mirror(make())) if mirrored else make)
+
+    return side(src_digest, record.src_size, src_image), side(trg_digest, record.trg_size, trg_image, syn)
+
+
 def load_pair_images(root: str | Path, record: PairRecord) -> tuple[Image.Image, Image.Image]:
     """Decode the source and target images of ``record`` as RGB.
 
     Synthetic targets are rendered from the record's warp; mirrored records
     (``PairRecord.mirrored``) come back mirrored.
     """
-    root = Path(root)
-    src = load_annotated_image(root, record.src, record.src_size)
-    syn = record.meta.get("synthetic")
-    if syn is not None:
-        trg = render_target(src, np.asarray(syn["homography"]), syn["color"])
-    else:
-        trg = load_annotated_image(root, record.trg, record.trg_size)
-    if record.meta.get("mirrored"):
-        src, trg = ImageOps.mirror(src), ImageOps.mirror(trg)
-    return src, trg
+    src, trg = pair_sources(root, record)
+    return src.decode(), trg.decode()
 
 
 __all__ = [
-    "DATASETS", "PROTOCOLS", "PFPascal", "PFWillow", "PairDataset", "PairRecord", "SPair71k",
+    "DATASETS", "PROTOCOLS", "PFPascal", "PFWillow", "PairDataset", "PairRecord", "PictureSource", "SPair71k",
     "SyntheticPairs", "WarpConfig", "image_size", "load_image", "load_pair_images", "make_pair",
-    "open_dataset", "pck_bases", "read_jsonl", "write_jsonl",
+    "open_dataset", "pair_sources", "pck_bases", "read_jsonl", "write_jsonl",
 ]
