@@ -52,10 +52,11 @@ def check_output_folder(out: str | Path) -> Path:
     return out
 
 
-def check_splits(name: str, root: str | Path, splits, *, pictures: bool = False) -> dict:
-    """Open the dataset and read the pair lists of ``splits``: {split: records}; with
-    ``pictures``, every picture those pairs read must exist (``check_pictures``)."""
-    ds = open_dataset(name, root)
+def check_splits(name: str, root: str | Path, splits, *, pictures: bool = False, options: dict | None = None) -> dict:
+    """Open the dataset (with its reader ``options``) and read the pair lists of ``splits``:
+    {split: records}; with ``pictures``, every picture those pairs read must exist
+    (``check_pictures``)."""
+    ds = open_dataset(name, root, **(options or {}))
     got = {s: ds.pairs(s) for s in splits}
     if pictures:
         check_pictures(root, [r for recs in got.values() for r in recs])

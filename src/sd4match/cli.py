@@ -22,7 +22,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from sd4match.config import (DEFAULT_ALPHAS, EVAL_PRESETS, MATCH_RULES, PROTOCOL_HELP, TRAIN_PRESETS, DatasetName, EvalConfig, ImportKind, MatchConfig,
+from sd4match.config import (ALL_PAIRS_HELP, DEFAULT_ALPHAS, EVAL_PRESETS, IMAGES_HELP, MATCH_RULES, PROTOCOL_HELP, SPLIT_HELP, TRAIN_PRESETS, DatasetName,
+                             EvalConfig, ImportKind, MatchConfig,
                              ModelConfig, Protocol, TrainConfig, field_base_type, field_choices, parse_alphas, parse_names)
 from sd4match.errors import Sd4MatchError
 
@@ -122,8 +123,10 @@ def config_from_args(cls, args, **given):
 def _dataset_args(p: argparse.ArgumentParser, split: bool = True) -> None:
     p.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="benchmark name (synthetic: seeded warps of the pictures in --root)")
     p.add_argument("--root", required=True, type=Path, help="the dataset's own top folder (see the README's Datasets section)")
+    p.add_argument("--images", type=Path, help=IMAGES_HELP)
+    p.add_argument("--all-pairs", action="store_true", help=ALL_PAIRS_HELP)
     if split:
-        p.add_argument("--split", required=True, help="trn, val or test")
+        p.add_argument("--split", required=True, help=SPLIT_HELP)
 
 
 def _model_args(p: argparse.ArgumentParser, *, only: Sequence[str] | None = None, compile_default: str = "off") -> None:
@@ -234,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-images", action="store_true", help="do not look at the images at all")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_datasets_check)
+    c = dsub.add_parser("prepare", help="build a dataset's correspondence layout from its official download (ap10k: as GeoAware-SC's notebook, "
+                                        "deterministically)", formatter_class=_Help)
+    c.add_argument("name", choices=["ap10k"], help="the dataset")
+    c.add_argument("--from", dest="source", required=True, type=Path, help="the official download (ap10k: annotations/ and data/)")
+    c.add_argument("--root", required=True, type=Path, help="the new dataset root (must not hold a layout yet)")
+    c.add_argument("--crowd", type=Path, help="ap10k: GeoAware-SC's ap-10k_is_crowd.txt (default: the one in --from)")
+    c.add_argument("--copy", action="store_true", help="copy the pictures (default: hard links where the file system allows)")
+    c.set_defaults(func=cmd_datasets_prepare)
 
     p = command("features", "extract and keep the feature maps of a folder of images")
     p.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
@@ -363,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_prompts_show)
 
     p = command("download", "fetch a benchmark from its published address")
-    p.add_argument("dataset", choices=("spair", "pfpascal", "pfwillow"), help="benchmark name")
+    p.add_argument("dataset", choices=("spair", "pfpascal", "pfwillow", "spair-u", "cub"),
+                   help="benchmark name (ap10k and mp100 have no plain public address: the README says where to get them)")
     p.add_argument("--root", required=True, type=Path, help="the dataset root to create or complete")
     p.add_argument("--mirror", help="fetch each file as MIRROR/<file name> instead of its published address")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -372,9 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _open(args):
-    from sd4match.data import open_dataset
+    from sd4match.data import dataset_options, open_dataset
 
-    return open_dataset(args.dataset, args.root)
+    return open_dataset(args.dataset, args.root, **dataset_options(args))
 
 
 def cmd_pairs(args) -> int:
@@ -421,13 +433,23 @@ def _seen_categories(text: str) -> list[str]:
 
 
 def cmd_datasets_check(args) -> int:
+    from sd4match.data import dataset_options
     from sd4match.data.check import check_dataset
 
     images = "none" if args.no_images else "headers" if args.quick else "decode"
-    rep = check_dataset(args.dataset, args.root, images=images, progress=not args.no_progress)
+    rep = check_dataset(args.dataset, args.root, images=images, progress=not args.no_progress, options=dataset_options(args))
     print(rep.format())
     if not rep.ok:
         raise Sd4MatchError(rep.problems[0] + (f" (and {len(rep.problems) - 1} more problem(s), listed above)" if len(rep.problems) > 1 else ""))
+    return 0
+
+
+def cmd_datasets_prepare(args) -> int:
+    from sd4match.data import prepare_ap10k
+
+    counts = prepare_ap10k(args.source, args.root, crowd=args.crowd, link=not args.copy)
+    print(f"{args.name} at {args.root}: " + ", ".join(f"{split} {n} pairs" for split, n in counts.items()), file=sys.stderr)
+    print(f"read it with --dataset {args.name} --root {args.root}", file=sys.stderr)
     return 0
 
 
@@ -452,6 +474,7 @@ def cmd_features(args) -> int:
 def cmd_train(args) -> int:
     from sd4match.checks import check_device, check_model, check_output_folder, check_splits
     from sd4match.config import load_train_config
+    from sd4match.data import dataset_options
     from sd4match.runtime import distributed_rank_world, finish_distributed
     from sd4match.train import Trainer, check_run_folder
 
@@ -461,7 +484,7 @@ def cmd_train(args) -> int:
     # inputs first, in seconds: device, model source, data, run folder
     check_device(cfg.device)
     check_model(cfg.model)
-    check_splits(cfg.dataset, cfg.root, [cfg.train_split] + ([cfg.val_split] if cfg.val_every else []), pictures=True)
+    check_splits(cfg.dataset, cfg.root, [cfg.train_split] + ([cfg.val_split] if cfg.val_every else []), pictures=True, options=dataset_options(cfg))
     check_output_folder(args.out)
     resume = check_run_folder(args.out, resume=args.resume, resume_or_start=args.resume_or_start)
     out = Trainer(cfg, args.out, progress=not args.no_progress).run(resume=resume)
@@ -483,8 +506,9 @@ def _eval_records(cfg: EvalConfig) -> list:
     """The pairs an evaluation reads (``--limit`` applied), and every picture they read there
     (unless ``--skip-bad`` goes past missing ones): checked before any model loads."""
     from sd4match.checks import check_pictures, check_splits
+    from sd4match.data import dataset_options
 
-    recs = check_splits(cfg.dataset, cfg.root, [cfg.split])[cfg.split]
+    recs = check_splits(cfg.dataset, cfg.root, [cfg.split], options=dataset_options(cfg))[cfg.split]
     if cfg.limit:
         recs = recs[: cfg.limit]
     if not cfg.skip_bad:

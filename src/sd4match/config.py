@@ -95,7 +95,11 @@ LearnedKind = Literal["single", "category", "cpm", "cpm-image", "hidden", "hidde
 #: takes a Single or a Class HiddenState file).
 ImportKind = Literal["single", "category", "cpm", "hidden"]
 #: Dataset readers (``sd4match.data.DATASETS``; a test checks the two agree).
-DatasetName = Literal["spair", "pfpascal", "pfwillow", "synthetic"]
+DatasetName = Literal["spair", "spair-u", "pfpascal", "pfwillow", "ap10k", "cub", "mp100", "synthetic"]
+IMAGES_HELP = "spair-u: the SPair-71k folder holding JPEGImages/, when --root holds SPair-U's annotations alone"
+ALL_PAIRS_HELP = "cub: every within-class pair of the split, not DistillDIFT's 1,000 (seed 42)"
+SPLIT_HELP = ("trn, val or test (SPair-71k, PF-Pascal); ap10k also test_cross_species, test_cross_family, val_cross_*; cub: train, test; "
+              "mp100: animal_body_unseen, animal_face, clothing, furniture, human_face")
 #: The four match rules, the paper's first (``sd4match.matching``).
 MatchRule = Literal["kernel-softargmax", "softargmax", "nn", "bilinear"]
 MATCH_RULES: tuple[str, ...] = typing.get_args(MatchRule)
@@ -192,7 +196,9 @@ class EvalConfig:
 
     dataset: DatasetName = setting(help="benchmark name (synthetic: seeded warps of the pictures in --root)")
     root: str = setting(help="the dataset's own top folder (see the README's Datasets section)")
-    split: str = setting("test", "trn, val or test", required=True)
+    images: str | None = setting(None, IMAGES_HELP)
+    all_pairs: bool = setting(False, ALL_PAIRS_HELP)
+    split: str = setting("test", SPLIT_HELP, required=True)
     prompt: str = setting("empty", "a prompt folder, 'empty', 'text' ('a photo of a {category}') or 'text:<template with {category}>'")
     rule: EvalRule = setting("kernel-softargmax", "match rule; all: the four rules from one feature extraction, a score table and "
                                                   "predictions file per rule", flag="match")
@@ -253,6 +259,8 @@ class TrainConfig:
 
     dataset: DatasetName = setting("spair", "training data", default_text="the preset's, else spair")
     root: str = setting("", "the dataset's top folder", required=True)
+    images: str | None = setting(None, IMAGES_HELP)
+    all_pairs: bool = setting(False, ALL_PAIRS_HELP)
     prompt: LearnedKind = setting("single", "prompt kind to learn", default_text="the preset's, else single")
     model: str = setting("sd-2-1", "registry name, hub id, diffusers folder or checkpoint file")
     dino: str = setting("dinov2-b", "DINOv2 model for prompts that take its tokens (cpm)")

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from sd4match.batching import Batcher
 from sd4match.config import EVAL_PRESETS, EvalConfig, MatchConfig, as_dict
-from sd4match.data import open_dataset
+from sd4match.data import dataset_options, open_dataset
 from sd4match.data.records import PairRecord
 from sd4match.errors import DataError, Sd4MatchError, first_line
 from sd4match.features.sd import SDLayerStack
@@ -97,7 +97,7 @@ def _records(cfg: EvalConfig, records):
     """The pairs to evaluate: those given, else the split's (``limit`` applied)."""
     if records is not None:
         return records
-    records = open_dataset(cfg.dataset, cfg.root).pairs(cfg.split)
+    records = open_dataset(cfg.dataset, cfg.root, **dataset_options(cfg)).pairs(cfg.split)
     return records[: cfg.limit] if cfg.limit else records
 
 
@@ -218,8 +218,9 @@ def _evaluate(featurizer, cfg: EvalConfig, out: Path, *, dino, progress, records
     mine: dict[str, dict[str, np.ndarray]] = {}
     bad: dict[str, str] = {}
     with open(partial, "a", encoding="utf-8") as fh:
-        for pid, kps in predict_pairs(featurizer, prompt, mine_recs, cfg.root, match=cfg.matches, seed=cfg.seed, workers=cfg.workers, chunk=cfg.chunk,
-                                      pending=cfg.pending, dino=dino, store=store, progress=progress and rank == 0):
+        batcher = Batcher(featurizer, dino=dino, store=store, seed=cfg.seed)
+        for pid, kps in predict_pairs(featurizer, prompt, mine_recs, cfg.root, match=cfg.matches, workers=cfg.workers, chunk=cfg.chunk,
+                                      pending=cfg.pending, batcher=batcher, progress=progress and rank == 0):
             if isinstance(kps, BaseException):
                 if not (cfg.skip_bad and isinstance(kps, DataError)):
                     if isinstance(kps, Sd4MatchError):
@@ -237,7 +238,8 @@ def _evaluate(featurizer, cfg: EvalConfig, out: Path, *, dino, progress, records
         bad = gather_dicts(bad)
         if rank != 0:
             return Evaluation(out, settings, None)
-    doc = _finish(out, cfg, records, done, mine, bad, settings, world, time.perf_counter() - t0, _training_cost(prompt))
+    doc = _finish(out, cfg, records, done, mine, bad, settings, world, time.perf_counter() - t0, _training_cost(prompt),
+                  stream=batcher.stream_peak)
     return Evaluation(out, settings, doc)
 
 
@@ -254,7 +256,7 @@ def _training_cost(prompt: Prompt | None) -> dict:
 
 
 def _finish(out: Path, cfg: EvalConfig, records, done: dict, mine: dict, bad: dict, settings: dict, world: int, seconds: float,
-            extra: dict | None = None) -> dict:
+            extra: dict | None = None, stream: dict | None = None) -> dict:
     """Write ``predictions.jsonl`` (one per rule with ``--match all``) and ``score.json`` of a
     finished run, and remove its partial files; return the score document."""
     rules = [m.rule for m in cfg.matches]
@@ -286,6 +288,8 @@ def _finish(out: Path, cfg: EvalConfig, records, done: dict, mine: dict, bad: di
     doc = {**result, "run": meta}
     atomic_write_text(out / "score.json", json.dumps(doc, indent=2, default=str))
     info = {**{k: getattr(cfg, k) for k in _WHERE}, "processes": world, "seconds_this_session": round(seconds, 3)}
+    if stream:  # this session's largest number of pictures held and pairs waiting, and its early (padded) calls
+        info["stream"] = dict(stream)
     atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2, default=str))
     for f in out.glob(PARTIAL.replace(".jsonl", "*.jsonl")):
         f.unlink()

@@ -168,6 +168,7 @@ def score(
     total = _Tally(len(alphas))
     by_cat: dict[str, _Tally] = defaultdict(lambda: _Tally(len(alphas)))
     by_diff: dict[str, dict[str, _Tally]] = defaultdict(lambda: defaultdict(lambda: _Tally(len(alphas))))
+    by_group: dict[str, dict[str, _Tally]] = defaultdict(lambda: defaultdict(lambda: _Tally(len(alphas))))
     n_points = n_missing = 0
     for r in records:
         pred = predictions.get(r.id)
@@ -187,6 +188,8 @@ def score(
         for k in DIFFICULTY_KEYS:
             if k in r.meta:
                 by_diff[k][str(r.meta[k])].add(correct)
+        for g, value in (r.meta.get("groups") or {}).items():  # AP-10K: species, family; MP-100: domain
+            by_group[g][str(value)].add(correct)
     out = {
         "protocol": protocol,
         "alphas": alphas,
@@ -199,6 +202,9 @@ def score(
         out["n_missing"] = n_missing  # pairs without a prediction, scored 0
     if protocol == "sd4match" and resolution != SD4MATCH_RESOLUTION:
         out["resolution"] = resolution
+    for g, values in by_group.items():
+        for agg, fn in (("per_image", _Tally.per_image), ("per_point", _Tally.per_point)):
+            out[agg][f"by_{g}"] = {v: fn(t, keys) for v, t in sorted(values.items())}
     if by_diff:
         for agg, fn in (("per_image", _Tally.per_image), ("per_point", _Tally.per_point)):
             out[agg]["by_difficulty"] = {
@@ -240,6 +246,8 @@ def format_table(result: dict, title: str = "") -> str:
         rows = [("all", block["all"])] + list(block["by_category"].items())
         for k, levels in block.get("by_difficulty", {}).items():
             rows += [(f"{k}={lvl}", v) for lvl, v in levels.items()]
+        for k in [k for k in block if k.startswith("by_") and k not in ("by_category", "by_difficulty")]:
+            rows += [(f"{k[3:]}={v}", vals) for v, vals in block[k].items()]
         su = result.get("seen_unseen")
         if su:
             rows += [(f"mean of {g} categories ({len(su[g])})", su[agg][g]) for g in ("seen", "unseen") if su[agg][g] is not None]

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from sd4match.batching import Batcher, Picture, prefetch
 from sd4match.checkpoint import CKPT_DIR, list_checkpoints, load_checkpoint, prune_checkpoints, read_checkpoint_meta, save_checkpoint
 from sd4match.config import TRAIN_PRESETS, MatchConfig, TrainConfig, load_train_config
-from sd4match.data import open_dataset
+from sd4match.data import dataset_options, open_dataset
 from sd4match.errors import Sd4MatchError, Sd4MatchWarning
 from sd4match.evaluate import predict_pairs
 from sd4match.features import DinoFeaturizer, load_featurizer
@@ -170,7 +170,7 @@ class Trainer:
                               compile=cfg.compile == "on" or (cfg.compile == "auto" and torch.device(dev).type == "cuda"))
         self.dino = (dino or DinoFeaturizer.from_pretrained(cfg.dino, pos=cfg.dino_pos).to(dev, wdt)) if kind.needs_dino else None
         # 2. the data
-        self._ds = open_dataset(cfg.dataset, cfg.root)
+        self._ds = open_dataset(cfg.dataset, cfg.root, **dataset_options(cfg))
         every = [r for r in self._ds.pairs(cfg.train_split, apply_flip=cfg.apply_flip) if r.n_points > 0]
         self.train_pairs = select_categories(every, cfg, cfg.train_split)
         if not self.train_pairs:

@@ -1,4 +1,4 @@
-"""Pair records from SPair-71k, PF-Pascal, PF-Willow and synthetic warps."""
+"""Pair records from SPair-71k, SPair-U, PF-Pascal, PF-Willow, AP-10K, CUB-200-2011, MP-100 and synthetic warps."""
 
 from __future__ import annotations
 
@@ -11,30 +11,51 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageOps
 
+from sd4match.data.ap10k import AP10K, prepare_ap10k
 from sd4match.data.base import PairDataset
+from sd4match.data.cub import CUB200
 from sd4match.data.images import image_size, load_image
 from sd4match.data.pfpascal import PFPascal
+from sd4match.data.mp100 import MP100
 from sd4match.data.pfwillow import PFWillow
 from sd4match.data.records import PROTOCOLS, PairRecord, pck_bases, read_jsonl, write_jsonl
-from sd4match.data.spair import SPair71k
+from sd4match.data.spair import SPair71k, SPairU
 from sd4match.errors import DataError
 from sd4match.data.synthetic import SyntheticPairs, WarpConfig, make_pair, render_target
 
 DATASETS: dict[str, type[PairDataset]] = {
     "spair": SPair71k,
+    "spair-u": SPairU,
     "pfpascal": PFPascal,
     "pfwillow": PFWillow,
+    "ap10k": AP10K,
+    "cub": CUB200,
+    "mp100": MP100,
     "synthetic": SyntheticPairs,
 }
+#: reader options and their command-line flags (``PairDataset.options`` says which reader takes which)
+OPTION_FLAGS = {"images": "--images", "all_pairs": "--all-pairs"}
 
 
-def open_dataset(name: str, root: str | Path, **kwargs: Any) -> PairDataset:
-    """The reader of dataset ``name`` (``spair``, ``pfpascal``, ``pfwillow``, ``synthetic``) at ``root``."""
+def dataset_options(obj: Any) -> dict[str, Any]:
+    """The reader options set on ``obj`` (a config or parsed flags): ``images``, ``all_pairs``."""
+    return {k: getattr(obj, k) for k in OPTION_FLAGS if getattr(obj, k, None) not in (None, False, "")}
+
+
+def open_dataset(name: str, root: str | Path, **options: Any) -> PairDataset:
+    """The reader of dataset ``name`` (a key of ``DATASETS``) at ``root``, with its own
+    ``options`` (``images`` for SPair-U, ``all_pairs`` for CUB); an option the reader does not
+    take is refused in one line."""
     try:
         cls = DATASETS[name]
     except KeyError:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}") from None
-    return cls(root, **kwargs)
+    options = {k: v for k, v in options.items() if v not in (None, False, "")}
+    wrong = [k for k in options if k not in cls.options and k in OPTION_FLAGS]
+    if wrong:
+        takers = sorted(n for n, c in DATASETS.items() if wrong[0] in c.options)
+        raise DataError(root, f"{OPTION_FLAGS[wrong[0]]} is for --dataset {' or '.join(takers)}, not {name}")
+    return cls(root, **options)
 
 
 def load_annotated_image(root: str | Path, rel: str, size) -> Image.Image:
@@ -103,7 +124,7 @@ def load_pair_images(root: str | Path, record: PairRecord) -> tuple[Image.Image,
 
 
 __all__ = [
-    "DATASETS", "PROTOCOLS", "PFPascal", "PFWillow", "PairDataset", "PairRecord", "PictureSource", "SPair71k",
+    "AP10K", "CUB200", "DATASETS", "MP100", "OPTION_FLAGS", "PROTOCOLS", "PFPascal", "PFWillow", "PairDataset", "PairRecord", "PictureSource", "SPair71k", "SPairU",
     "SyntheticPairs", "WarpConfig", "image_size", "load_image", "load_pair_images", "make_pair",
-    "open_dataset", "pair_sources", "pck_bases", "read_jsonl", "write_jsonl",
+    "dataset_options", "open_dataset", "pair_sources", "prepare_ap10k", "pck_bases", "read_jsonl", "write_jsonl",
 ]

@@ -23,6 +23,12 @@ class PairDataset(abc.ABC):
     base_rule: ClassVar[BaseRule]
     #: top-level entries the official layout has (for ``datasets check`` and ``download``).
     required: ClassVar[tuple[str, ...]] = ()
+    #: the reader's own options (``open_dataset(name, root, **options)``; the CLI's ``--images``, ``--all-pairs``)
+    options: ClassVar[tuple[str, ...]] = ()
+    #: groupings of the pairs besides their category (``meta["groups"]``), reported by ``score``
+    groups: ClassVar[tuple[str, ...]] = ()
+    #: how the papers that report on this dataset aggregate and threshold (README's dataset table)
+    convention: ClassVar[str] = ""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)

@@ -41,6 +41,8 @@ class CheckReport:
                 continue
             cats = ", ".join(f"{c} {n}" for c, n in sorted(info["categories"].items()))
             lines.append(f"  {split:<5} {info['pairs']} pairs ({cats})")
+            for g, counts in info.get("groups", {}).items():
+                lines.append(f"  {'':<5} by {g}: " + ", ".join(f"{v} {n}" for v, n in sorted(counts.items())))
         if self.mode == "none":
             lines.append(f"  images: {self.n_images} referenced, not looked at")
         else:
@@ -56,7 +58,7 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def check_dataset(name: str, root: str | Path, *, images: bool | str = "decode", progress: bool = False) -> CheckReport:
+def check_dataset(name: str, root: str | Path, *, images: bool | str = "decode", progress: bool = False, options: dict | None = None) -> CheckReport:
     """Read every split's pair list and annotations, and every image.
 
     Args:
@@ -76,7 +78,7 @@ def check_dataset(name: str, root: str | Path, *, images: bool | str = "decode",
         raise ValueError(f"images must be decode, headers or none, got {images!r}")
     for leftover in interrupted_extractions(Path(root)):
         raise DataError(leftover, f"interrupted extraction; run `sd4match download {name} --root {root}` again")
-    ds = open_dataset(name, root)
+    ds = open_dataset(name, root, **(options or {}))
     rep = CheckReport(name, Path(root))
     rep.mode = mode
     absent = [entry for entry in ds.required if not (ds.root / entry).exists()]
@@ -96,6 +98,9 @@ def check_dataset(name: str, root: str | Path, *, images: bool | str = "decode",
             rep.problems.append(str(e))
             continue
         rep.splits[split] = {"pairs": len(recs), "categories": dict(Counter(r.category for r in recs))}
+        groups = {g: dict(Counter(r.meta["groups"][g] for r in recs if g in r.meta.get("groups", {}))) for g in ds.groups}
+        if any(groups.values()):
+            rep.splits[split]["groups"] = {g: c for g, c in groups.items() if c}
         for r in recs:
             for rel, size in zip(r.files, (r.src_size, r.trg_size)):
                 seen.setdefault(rel, tuple(size))

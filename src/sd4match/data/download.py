@@ -84,6 +84,13 @@ SOURCES: dict[str, tuple[Source, ...]] = {
         Source("https://www.di.ens.fr/willow/research/proposalflow/dataset/PF-dataset.zip", "PF-dataset.zip", "zip"),
         Source("https://www.robots.ox.ac.uk/~xinghui/sd4match/test_pairs.csv", "test_pairs.csv", "file", dest="test_pairs.csv"),
     ),
+    # the SPair-U annotations alone (Jamais Vu's README); the pictures are SPair-71k's (--images, or link JPEGImages/ in)
+    "spair-u": (
+        Source("https://groups.inf.ed.ac.uk/hbilen-data/data/JamaisVuData/SPair-U.zip", "SPair-U.zip", "zip", strip="datasets/SPair-U"),
+    ),
+    "cub": (
+        Source("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz", "CUB_200_2011.tgz", "tar", strip="CUB_200_2011"),
+    ),
 }
 
 

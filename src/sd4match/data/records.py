@@ -48,6 +48,31 @@ def as_points(values: Any, where: str, what: str) -> np.ndarray:
     return arr
 
 
+def coco_keypoints(values, where: str) -> np.ndarray:
+    """COCO ``keypoints`` [x1, y1, v1, x2, ...] as an (N, 3) float64 array."""
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(where, "keypoints is not a list of numbers") from None
+    if arr.ndim != 1 or arr.size % 3:
+        raise DataError(where, f"keypoints has {arr.size} values, not a multiple of 3 (x, y, v)")
+    arr = arr.reshape(-1, 3)
+    if not np.isfinite(arr).all():
+        raise DataError(where, "keypoints holds a value that is not finite")
+    return arr
+
+
+def xywh_box(values, where: str) -> tuple[float, float, float, float]:
+    """A COCO ``bbox`` [x, y, w, h] as [x1, y1, x2, y2]."""
+    try:
+        x, y, w, h = (float(v) for v in values)
+    except (TypeError, ValueError):
+        raise DataError(where, f"bbox is {values!r}, expected [x, y, w, h]") from None
+    if w < 0 or h < 0:
+        raise DataError(where, f"bbox is {values!r}: negative width or height")
+    return x, y, x + w, y + h
+
+
 def pck_bases(
     rule: BaseRule,
     trg_size: Sequence[int],

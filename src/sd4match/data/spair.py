@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import replace
 from pathlib import Path
 
 from sd4match.data.base import PairDataset
@@ -53,47 +55,51 @@ class SPair71k(PairDataset):
         return [self.read_pair(split, pid) for pid in ids]
 
     def read_pair(self, split: str, pair_id: str) -> PairRecord:
-        path = self.root / "PairAnnotation" / split / f"{pair_id}.json"
-        if not path.is_file():
-            raise DataError(path, f"pair annotation is missing (listed in Layout/large/{split}.txt)")
-        try:
-            ann = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(path, f"not valid JSON ({e})") from None
-        if not isinstance(ann, dict):
-            raise DataError(path, "expected a JSON object")
-        for key in PAIR_KEYS + DIFFICULTY_KEYS:
-            if key not in ann:
-                raise DataError(path, f"missing key {key!r}")
-        cat = ann["category"]
-        src_kps = as_points(ann["src_kps"], str(path), "src_kps")
-        trg_kps = as_points(ann["trg_kps"], str(path), "trg_kps")
-        if len(src_kps) != len(trg_kps):
-            raise DataError(path, f"{len(src_kps)} source keypoints but {len(trg_kps)} target keypoints")
-        src_size = _size(ann["src_imsize"], path, "src_imsize")
-        trg_size = _size(ann["trg_imsize"], path, "trg_imsize")
-        src_bbox = _box(ann["src_bndbox"], path, "src_bndbox")
-        trg_bbox = _box(ann["trg_bndbox"], path, "trg_bndbox")
-        meta = {k: int(ann[k]) for k in DIFFICULTY_KEYS}
-        meta["mirror"] = int(ann.get("mirror", 0))
-        meta["kps_ids"] = [str(k) for k in ann.get("kps_ids", [])]
-        for k in ("src_pose", "trg_pose"):
-            if k in ann:
-                meta[k] = ann[k]
-        return PairRecord(
-            id=pair_id,
-            category=cat,
-            src=f"JPEGImages/{cat}/{ann['src_imname']}",
-            trg=f"JPEGImages/{cat}/{ann['trg_imname']}",
-            src_size=src_size,
-            trg_size=trg_size,
-            src_kps=src_kps,
-            trg_kps=trg_kps,
-            src_bbox=src_bbox,
-            trg_bbox=trg_bbox,
-            pck_base=pck_bases("bbox", trg_size, trg_kps, trg_bbox),
-            meta=meta,
-        )
+        return _read_pair_file(self.root / "PairAnnotation" / split / f"{pair_id}.json", pair_id, f"Layout/large/{split}.txt")
+
+
+def _read_pair_file(path: Path, pair_id: str, listed_in: str) -> PairRecord:
+    """One SPair-71k pair annotation file as a record (picture paths under ``JPEGImages/``)."""
+    if not path.is_file():
+        raise DataError(path, f"pair annotation is missing (listed in {listed_in})")
+    try:
+        ann = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(path, f"not valid JSON ({e})") from None
+    if not isinstance(ann, dict):
+        raise DataError(path, "expected a JSON object")
+    for key in PAIR_KEYS + DIFFICULTY_KEYS:
+        if key not in ann:
+            raise DataError(path, f"missing key {key!r}")
+    cat = ann["category"]
+    src_kps = as_points(ann["src_kps"], str(path), "src_kps")
+    trg_kps = as_points(ann["trg_kps"], str(path), "trg_kps")
+    if len(src_kps) != len(trg_kps):
+        raise DataError(path, f"{len(src_kps)} source keypoints but {len(trg_kps)} target keypoints")
+    src_size = _size(ann["src_imsize"], path, "src_imsize")
+    trg_size = _size(ann["trg_imsize"], path, "trg_imsize")
+    src_bbox = _box(ann["src_bndbox"], path, "src_bndbox")
+    trg_bbox = _box(ann["trg_bndbox"], path, "trg_bndbox")
+    meta = {k: int(ann[k]) for k in DIFFICULTY_KEYS}
+    meta["mirror"] = int(ann.get("mirror", 0))
+    meta["kps_ids"] = [str(k) for k in ann.get("kps_ids", [])]
+    for k in ("src_pose", "trg_pose"):
+        if k in ann:
+            meta[k] = ann[k]
+    return PairRecord(
+        id=pair_id,
+        category=cat,
+        src=f"JPEGImages/{cat}/{ann['src_imname']}",
+        trg=f"JPEGImages/{cat}/{ann['trg_imname']}",
+        src_size=src_size,
+        trg_size=trg_size,
+        src_kps=src_kps,
+        trg_kps=trg_kps,
+        src_bbox=src_bbox,
+        trg_bbox=trg_bbox,
+        pck_base=pck_bases("bbox", trg_size, trg_kps, trg_bbox),
+        meta=meta,
+    )
 
 
 def _size(v, path: Path, key: str) -> tuple[int, int]:
@@ -112,3 +118,68 @@ def _box(v, path: Path, key: str) -> tuple[float, float, float, float]:
     if not (x2 >= x1 and y2 >= y1):
         raise DataError(path, f"{key} is {v!r}, x2 < x1 or y2 < y1")
     return x1, y1, x2, y2
+
+
+class SPairU(SPair71k):
+    """SPair-U (Mariotti et al., Jamais Vu, NeurIPS 2025): new keypoints, never seen in
+    training, annotated on SPair-71k's test pairs, in SPair-71k's pair-annotation format.
+
+    Either layout:
+
+    - the SPair-U folder (``PairAnnotation/test/*.json``; MARCO links ``JPEGImages/`` and
+      ``Layout/`` of SPair-71k into it), with ``images`` the SPair-71k folder when it holds
+      no ``JPEGImages/`` of its own;
+    - laid into the SPair-71k tree as Jamais Vu does: ``ExtraPairAnnotation/test/*.json``
+      beside SPair-71k's own folders.
+
+    The pairs are SPair-71k's ``Layout/large/test.txt`` order restricted to the pairs SPair-U
+    annotates (as MARCO reads them), or the annotation files in name order where no layout
+    file is there. The protocol is SPair-71k's (threshold: the target box's max side).
+    """
+
+    name = "spair-u"
+    splits = ("test",)
+    required = ("JPEGImages",)
+    options = ("images",)
+
+    def __init__(self, root: str | Path, images: str | Path | None = None):
+        self.images = Path(images) if images is not None else None
+        super().__init__(root)
+        if self.images is not None:
+            self.required = ()  # the pictures live in the SPair-71k folder
+        self._ann = self.root / ("ExtraPairAnnotation" if (self.root / "ExtraPairAnnotation").is_dir() else "PairAnnotation")
+        base = self.images if self.images is not None else self.root
+        self._jpeg = Path(os.path.relpath(base / "JPEGImages", self.root)).as_posix()
+
+    def layout_problem(self) -> str | None:
+        if not self.root.is_dir():
+            return "dataset root does not exist"
+        if not ((self.root / "PairAnnotation" / "test").is_dir() or (self.root / "ExtraPairAnnotation" / "test").is_dir()):
+            return "not a SPair-U root: expected PairAnnotation/test/ (the SPair-U folder) or ExtraPairAnnotation/test/ (laid into SPair-71k)"
+        if self.images is not None and not (self.images / "JPEGImages").is_dir():
+            return f"--images {self.images}: not a SPair-71k folder (it has no JPEGImages/)"
+        if self.images is None and not (self.root / "JPEGImages").is_dir():
+            return "no JPEGImages/ here: give the SPair-71k folder that holds the pictures with --images"
+        return None
+
+    def split_file(self, split: str) -> Path | None:
+        p = self._ann / split
+        return p if split in self.splits and p.is_dir() else None
+
+    def expected_split_file(self, split: str) -> str:
+        return f"{self._ann.name}/{split}/"
+
+    def _read_split(self, split: str, path: Path) -> list[PairRecord]:
+        annotated = {p.stem for p in path.glob("*.json")}
+        layout = self.root / "Layout" / "large" / f"{split}.txt"
+        if layout.is_file():
+            listed = [line.strip() for line in layout.read_text(encoding="utf-8").splitlines() if line.strip()]
+            ids = [pid for pid in listed if pid in annotated]
+            ids += sorted(annotated.difference(listed))
+        else:
+            ids = sorted(annotated)
+        return [self.read_pair(split, pid) for pid in ids]
+
+    def read_pair(self, split: str, pair_id: str) -> PairRecord:
+        rec = _read_pair_file(self._ann / split / f"{pair_id}.json", pair_id, f"{self._ann.name}/{split}/")
+        return replace(rec, src=rec.src.replace("JPEGImages", self._jpeg, 1), trg=rec.trg.replace("JPEGImages", self._jpeg, 1))
