@@ -42,6 +42,9 @@ SIZE = (500, 375)  # the stand-in pictures' (W, H), SPair-71k's typical size
 # (VmHWM: of this process's own memory, not of the process that started it)
 _CHILD = """
 import json, os, sys
+if os.environ.get("SD4MATCH_BENCH_SRC"):  # another checkout's sources, ahead of an editable install's finder
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__name__.lower() and "editable" not in str(f).lower()]
+    sys.path.insert(0, os.environ["SD4MATCH_BENCH_SRC"])
 from PIL import ImageFile
 seen = []
 _load = ImageFile.ImageFile.load
@@ -141,8 +144,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", default="900,2700", help="the two split sizes, smaller first")
     ap.add_argument("--json", help="also write the numbers here")
+    ap.add_argument("--src", help="measure the sd4match of another checkout's src/ folder (e.g. an earlier commit's, to compare)")
     args = ap.parse_args(argv)
     sizes = sorted(int(x) for x in args.pairs.split(","))
+    if args.src:
+        os.environ["SD4MATCH_BENCH_SRC"] = str(Path(args.src).resolve())
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         t0 = time.perf_counter()

@@ -147,9 +147,14 @@ def test_a_stored_run_decodes_no_picture(models, willow_root, tmp_path, monkeypa
     decodes = []
     real_load = ImageFile.ImageFile.load
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decodes.append(im.filename) or real_load(im))
-    first = run(feat, prompt, recs, willow_root, batcher=Batcher(feat, store=Store(folder=tmp_path / "cache")))
+    import sd4match.data as data
+
+    real_decode, decoded = data.load_annotated_image, []
+    monkeypatch.setattr(data, "load_annotated_image", lambda root, rel, size: decoded.append(rel) or real_decode(root, rel, size))
+    first = run(feat, prompt, recs, willow_root, batcher=Batcher(feat, store=Store(folder=tmp_path / "cache")), workers=1)
     n_pics = len({p for r in recs for p in (r.src, r.trg)})
     assert len(set(decodes)) == n_pics
+    assert sorted(decoded) == sorted({p for r in recs for p in (r.src, r.trg)})  # each picture decoded once, not once per pair
     decodes.clear()
     again = Batcher(feat, store=Store(folder=tmp_path / "cache"))  # a new process: nothing in memory
     second = run(feat, prompt, recs, willow_root, batcher=again)

@@ -27,6 +27,8 @@ one-at-a-time runs agree exactly.
 from __future__ import annotations
 
 import itertools
+import threading
+import weakref
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -139,6 +141,8 @@ class Batcher:
         self.dino_batch = dino_batch
         self.calls: dict[str, list[int]] = {"posterior": [], "unet": [], "dino": []}  # pictures (VAE, DINOv2) or samples (UNet) per call
         self.stream_peak: dict[str, int] = {}  # the last stream's largest held pictures and waiting pairs, and its early calls
+        self._live: weakref.WeakValueDictionary[str, Picture] = weakref.WeakValueDictionary()  # decoded pictures someone still holds
+        self._live_lock = threading.Lock()
 
     @property
     def device(self):
@@ -160,22 +164,31 @@ class Batcher:
         A picture whose file the store has named before (``Store.name``) is made lazily;
         ``need(record, src, trg)`` says which of those are needed now (decoded here), the
         others are decoded only if their pixels are asked for (a stored map needs none).
-        A picture not named yet is decoded here, so that a bad file fails on its pair."""
+        A picture not named yet is decoded here, so that a bad file fails on its pair. A
+        picture that another waiting pair holds decoded is that same ``Picture`` (decoded
+        once however many pairs of the look-ahead read it)."""
         pics = []
-        for source in pair_sources(root, record):
-            key = self.store.name(source.identity)
-            if key is None:
-                pic = Picture(source.decode())
-                self.store.remember_name(source.identity, pic.key)
-            else:
-                pic = Picture(key=key, decode=source.decode)
+        sources = pair_sources(root, record)
+        for source in sources:
+            with self._live_lock:
+                pic = self._live.get(source.identity)
+            if pic is None:
+                key = self.store.name(source.identity)
+                if key is None:
+                    pic = Picture(source.decode())
+                    self.store.remember_name(source.identity, pic.key)
+                else:
+                    pic = Picture(key=key, decode=source.decode)
             pics.append(pic)
         src, trg = pics
         wanted = need(record, src, trg) if need is not None else (True, True)
-        for p, w in zip(pics, wanted):
+        for p, source, w in zip(pics, sources, wanted):
             if w:
                 p.image  # noqa: B018 - decode now, in this thread
                 p.prepare(self.picture_resolution)
+            if p.decoded:
+                with self._live_lock:
+                    self._live.setdefault(source.identity, p)
         return src, trg
 
     def pad(self, items: Sequence[T], n: int) -> list[T]:
