@@ -6,7 +6,7 @@ so nothing is downloaded. The data are generated pictures (500 x 375 JPEGs) in t
 PF-Willow layout for evaluation and a picture folder for synthetic training pairs: the
 same loaders, store, batching and matching as a real run.
 
-    python benchmarks/pipeline.py --size tiny                       # CPU, about a minute
+    python benchmarks/pipeline.py --size tiny                       # CPU, about 40 s on 2 cores
     python benchmarks/pipeline.py --size sd21 --device cuda         # the GPU table (RESULTS.md)
     python benchmarks/pipeline.py --size sd21 --device cuda --compile
 

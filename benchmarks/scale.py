@@ -14,7 +14,7 @@ process's maximum resident set size. ``evaluate`` uses a tiny random SD (built f
 not the model. It is then run a second time with ``--cache-dir``, every map stored, and
 the pictures it decoded are counted.
 
-    python benchmarks/scale.py                          # 900 and 2,700 pairs (about 4 minutes on 2 cores)
+    python benchmarks/scale.py                          # 100, 900 and 2,700 pairs (about 6 minutes on 2 cores)
     python benchmarks/scale.py --pairs 300,900 --json out.json
 """
 
@@ -65,13 +65,16 @@ sys.exit(rc or 0)
 """
 
 
-def build_tree(root: Path, n_pairs: int, *, categories: int = 18, pictures_per_category: int = 100, seed: int = 0) -> list[str]:
-    """A SPair-71k tree whose test split has ``n_pairs`` pairs (in category order); returns the pair ids."""
+def build_tree(root: Path, n_pairs: int, *, pairs_per_category: int = 680, pictures_per_category: int = 30, seed: int = 0) -> list[str]:
+    """A SPair-71k tree whose test split has ``n_pairs`` pairs in category order, at the real
+    test split's density (12,234 pairs over 18 categories: about 680 a category); returns the
+    pair ids."""
     templates = [json.loads(f.read_text()) for f in sorted((FIXTURES / "SPair-71k" / "PairAnnotation" / "test").glob("*.json"))]
     if not templates:
         raise SystemExit(f"no SPair-71k pair annotations under {FIXTURES} (set SD4MATCH_FIXTURES)")
     rng = np.random.default_rng(seed)
-    per_cat = -(-n_pairs // categories)
+    per_cat = pairs_per_category
+    categories = -(-n_pairs // per_cat)
     ids, made = [], set()
     (root / "PairAnnotation" / "test").mkdir(parents=True)
     (root / "Layout" / "large").mkdir(parents=True)
@@ -142,7 +145,9 @@ def measure(tmp: Path, n: int, model: Path) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pairs", default="900,2700", help="the two split sizes, smaller first")
+    ap.add_argument("--pairs", default="100,900,2700", help="the split sizes (the first pairs of the largest), compared with the first")
+    ap.add_argument("--pairs-per-category", type=int, default=680, help="pairs a category (SPair-71k test: about 680)")
+    ap.add_argument("--pictures-per-category", type=int, default=30, help="stand-in pictures a category's pairs are drawn from")
     ap.add_argument("--json", help="also write the numbers here")
     ap.add_argument("--src", help="measure the sd4match of another checkout's src/ folder (e.g. an earlier commit's, to compare)")
     args = ap.parse_args(argv)
@@ -152,22 +157,27 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         t0 = time.perf_counter()
-        ids = build_tree(tmp / "SPair-71k", sizes[-1])
+        ids = build_tree(tmp / "SPair-71k", sizes[-1], pairs_per_category=args.pairs_per_category, pictures_per_category=args.pictures_per_category)
         (tmp / "ids.json").write_text(json.dumps(ids))
         model = tmp / "tiny-sd"  # made in a child process: this one stays small
         subprocess.run([sys.executable, "-c", f"from sd4match.testing import tiny_sd; tiny_sd({str(model)!r})"], check=True, capture_output=True)
         print(f"built a {sizes[-1]}-pair SPair-71k test tree in {time.perf_counter() - t0:.1f} s "
               f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", flush=True)
         rows = [measure(tmp, n, model) for n in sizes]
-    a, b = rows
-    print(f"\n| command | {a['pairs']} pairs ({a['pictures']} pictures) | {b['pairs']} pairs ({b['pictures']} pictures) | ratio (x{b['pairs'] / a['pairs']:g} pairs) |")
-    print("|---|---|---|---|")
-    for name in ("pairs", "score", "evaluate"):
-        print(f"| `{name}` peak memory | {a[name + '_mb']:.0f} MiB | {b[name + '_mb']:.0f} MiB | {b[name + '_mb'] / a[name + '_mb']:.2f} |")
-        print(f"| `{name}` time | {a[name + '_s']:.1f} s | {b[name + '_s']:.1f} s | {b[name + '_s'] / a[name + '_s']:.2f} |")
-    for r in rows:
-        print(f"| `evaluate --cache-dir`, {r['pairs']} pairs: pictures decoded, first run / stored rerun | {r['decodes_first']} / "
-              f"{r['decodes_cached']} | rerun {r['cached_s']:.1f} s | same predictions: {r['cached_same_predictions']} |")
+    head = " | ".join(f"{r['pairs']} pairs ({r['pictures']} pictures)" for r in rows)
+    ratios = " | ".join(f"x{r['pairs'] / rows[0]['pairs']:g} pairs" for r in rows[1:])
+    print(f"\n| command | {head} | ratio to the first: {ratios} |")
+    print("|---|" + "---|" * (2 * len(rows) - 1))
+    for name, unit, fmt in (("pairs", "mb", ".0f"), ("score", "mb", ".0f"), ("evaluate", "mb", ".0f"), ("pairs", "s", ".1f"), ("score", "s", ".1f"),
+                            ("evaluate", "s", ".1f")):
+        k = f"{name}_{unit}"
+        label = "peak memory" if unit == "mb" else "time"
+        vals = " | ".join(f"{r[k]:{fmt}} {'MiB' if unit == 'mb' else 's'}" for r in rows)
+        print(f"| `{name}` {label} | {vals} | " + " | ".join(f"{r[k] / rows[0][k]:.2f}" for r in rows[1:]) + " |")
+    print("| `evaluate --cache-dir`: pictures decoded, first run / a rerun with every map stored | "
+          + " | ".join(f"{r['decodes_first']} / {r['decodes_cached']}" for r in rows) + " |" + " |" * (len(rows) - 1))
+    print("| `evaluate --cache-dir`: the rerun's time, its predictions equal the first run's | "
+          + " | ".join(f"{r['cached_s']:.1f} s, {'equal' if r['cached_same_predictions'] else 'DIFFERENT'}" for r in rows) + " |" + " |" * (len(rows) - 1))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

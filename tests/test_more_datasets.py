@@ -227,6 +227,38 @@ def test_mp100_score_by_domain_and_a_missing_record_named(mp100_root, capsys, tm
     one_line_error(capsys, ["pairs", "--dataset", "mp100", "--root", mp100_root, "--split", "furniture"], "not an MP-100 root", "annotations/")
 
 
+def test_mp100_checked_and_evaluated_on_stand_in_pictures_of_the_annotated_sizes(mp100_root, capsys, tmp_path):
+    from PIL import Image
+
+    from sd4match.testing import tiny_sd
+
+    ds = open_dataset("mp100", mp100_root)
+    sizes = {}
+    for split in ds.splits:
+        for r in ds.pairs(split):
+            sizes[r.src], sizes[r.trg] = r.src_size, r.trg_size
+    for k, (rel, size) in enumerate(sorted(sizes.items())):  # plain stand-ins: only their sizes matter here
+        (mp100_root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, (40 * k % 255, 90, 160)).save(mp100_root / rel)
+    assert main(["datasets", "check", "--dataset", "mp100", "--root", str(mp100_root)]) == 0
+    out = capsys.readouterr().out
+    assert "furniture 5 pairs (bed 2, sofa 1, table 2)" in out and "by domain: furniture 5" in out and "complete" in out
+    model = tiny_sd(tmp_path / "sd")
+    ev = tmp_path / "eval"
+    assert main(["evaluate", "--dataset", "mp100", "--root", str(mp100_root), "--split", "furniture", "--model", str(model), "--resolution", "64",
+                 "--ensemble", "1", "--device", "cpu", "--no-progress", "--out", str(ev), "--protocol", "standard"]) == 0
+    doc = json.loads((ev / "score.json").read_text())
+    assert doc["n_pairs"] == 5 and set(doc["per_image"]["by_domain"]) == {"furniture"}
+    assert doc["per_point"]["by_domain"]["furniture"] == doc["per_point"]["all"]
+    preds = [json.loads(line) for line in (ev / "predictions.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in preds] == [r.id for r in ds.pairs("furniture")]
+    capsys.readouterr()
+    assert main(["score", "--dataset", "mp100", "--root", str(mp100_root), "--split", "furniture", "--predictions", str(ev / "predictions.jsonl"),
+                 "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["per_image"] == doc["per_image"]  # evaluate's score equals sd4match score on its predictions
+
+
 # ------------------------------------------------------------------------------ SPair-U
 def _as_spair_u(spair_root: Path, dest: Path, folder: str = "PairAnnotation") -> list[str]:
     """SPair-71k's test annotation files laid out as SPair-U's (the same format), half of them."""

@@ -166,6 +166,29 @@ def test_a_stored_run_decodes_no_picture(models, willow_root, tmp_path, monkeypa
     assert len(set(decodes)) == n_pics
 
 
+def test_a_small_store_holds_its_byte_limit_through_an_evaluation(models, willow_root):
+    """Maps evicted from a store too small for the split are recomputed (the same bits); the
+    bytes the store's entries really hold never pass its limit."""
+    sd, _ = models
+    feat = SDFeaturizer.from_pretrained(sd, resolution=64, ensemble=2)
+    recs = willow(willow_root, 60)
+    prompt = resolve_prompt("empty", feat)
+    roomy = run(feat, prompt, recs, willow_root)
+    one_map = 32 * 8 * 8 * 4  # the tiny UNet's up_blocks[1]: 32 channels at 8 x 8, fp32
+    small = Store(max_bytes=6 * one_map)
+    held = []
+    real = small._remember
+
+    def remember(kind, key, tensors):
+        real(kind, key, tensors)
+        held.append(sum(t.untyped_storage().nbytes() for entry in small._mem.values() for t in entry.values()))
+
+    small._remember = remember
+    tight = run(feat, prompt, recs, willow_root, store=small)
+    assert max(held) <= small.max_bytes and small.stats["features.miss"] > len({p for r in recs for p in (r.src, r.trg)})  # evictions happened
+    assert all(np.array_equal(tight[k], roomy[k]) for k in roomy)
+
+
 def test_training_runs_the_vae_at_most_once_per_picture(models, willow_root, tmp_path):
     from sd4match.train import Trainer, TrainConfig
 
