@@ -68,13 +68,17 @@ def fixture_images() -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``slow`` (compilation, long runs) run only when selected: ``pytest -m slow``."""
-    if "slow" in (config.getoption("-m") or ""):
-        return
-    skip = pytest.mark.skip(reason="slow: run with `python -m pytest -m slow`")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    """Tests marked ``slow`` (compilation, real weights) or ``long`` (several processes: kill and
+    resume, two-process runs) run only when selected: ``pytest -m slow``, ``pytest -m long``
+    (CI runs ``-m long`` after the default run)."""
+    selected = config.getoption("-m") or ""
+    for mark in ("slow", "long"):
+        if mark in selected:
+            continue
+        skip = pytest.mark.skip(reason=f"{mark}: run with `python -m pytest -m {mark}`")
+        for item in items:
+            if mark in item.keywords:
+                item.add_marker(skip)
 
 
 def official_dino_hidden(model, pixel_values):

@@ -36,6 +36,7 @@ def test_evaluate_rejects_prompt_for_effnet(tmp_path, willow_root):
         evaluate(load_featurizer("effnet-lite0"), EvalConfig("pfwillow", str(willow_root), prompt="text"), tmp_path / "o")
 
 
+@pytest.mark.long
 def test_two_processes_write_the_same_predictions(tmp_path, willow_root):
     """torchrun with 2 CPU processes (gloo) vs 1 process, same thread count per process."""
     import os

@@ -127,6 +127,7 @@ def test_evaluate_keeps_predictions_on_a_bad_image_and_resume_equals_a_clean_run
     assert not (out / "predictions.partial.jsonl").exists()
 
 
+@pytest.mark.long
 def test_evaluate_killed_at_a_pair_then_resumed_equals_a_clean_run(tmp_path, willow_root, tiny):
     clean = tmp_path / "clean"
     assert main(_eval_args(tiny, willow_root, clean)) == 0
@@ -189,6 +190,7 @@ def _steps(out):
     return [json.loads(l)["step"] for l in (out / "scalars.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.long
 def test_training_run_folders_resume_and_extend(tmp_path, willow_root, tiny):
     out = tmp_path / "run"
     # killed before its first checkpoint (after step 2): --resume says so; --resume-or-start starts again

@@ -235,6 +235,7 @@ def test_dinov2_tokens_through_the_store_equal_direct(models, fixture_images):
     assert torch.equal(a[0], dino.tokens([pics[0].image])[0])
 
 
+@pytest.mark.long
 def test_pipeline_benchmark_runs_on_cpu_with_tiny_models(tmp_path):
     """benchmarks/pipeline.py --size tiny: every part runs end to end and reports its rows."""
     import subprocess

@@ -60,6 +60,7 @@ def _train_cmd(tiny, root, out, *extra):
             "--device", "cpu", "--no-progress", "--out", str(out), *extra]
 
 
+@pytest.mark.long
 def test_sigkill_and_resume_is_bit_identical(tiny, willow_root, tmp_path):
     """Killed inside the write of checkpoint 4 and after step 7 (between checkpoints), resumed
     each time: the final prompt equals an uninterrupted run's.
@@ -121,6 +122,7 @@ def test_refuses_to_overwrite_a_run(tiny, willow_root, tmp_path, capsys):
     assert (out / "last/prompt.safetensors").read_bytes() == before
 
 
+@pytest.mark.long
 def test_two_process_training_equals_one_process(tiny, willow_root, tmp_path):
     """torchrun, 2 CPU processes (gloo): each takes half of every step's micro-batches and the
     gradients are summed, so the run follows the 1-process run (up to the summation order)."""
