@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from sd4match.data.base import PairDataset
-from sd4match.data.records import PairRecord, coco_keypoints, pck_bases, xywh_box
+from sd4match.data.records import PairRecord, coco_keypoints, pck_bases, read_json, xywh_box
 from sd4match.errors import DataError
 
 SPLITS = ("trn", "val", "test", "test_cross_species", "val_cross_species", "test_cross_family", "val_cross_family")
@@ -82,26 +82,14 @@ class AP10K(PairDataset):
         if not hasattr(self, "_images"):
             self._images: dict[Path, dict] = {}
         if path not in self._images:
-            try:
-                d = json.loads(path.read_text(encoding="utf-8"))
-                for k in ("width", "height", "bbox", "keypoints", "name", "supercategory"):
-                    if k not in d:
-                        raise DataError(path, f"missing key {k!r}")
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DataError(path, f"not valid JSON ({e})") from None
-            self._images[path] = d
+            self._images[path] = read_json(path, ("width", "height", "bbox", "keypoints", "name", "supercategory"))
         return self._images[path]
 
     def _read_split(self, split: str, path: Path) -> list[PairRecord]:
         out = []
         for f in sorted(path.glob("*.json")):
-            try:
-                pair = json.loads(f.read_text(encoding="utf-8"))
-                src_json, trg_json = pair["src_json_path"], pair["trg_json_path"]
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DataError(f, f"not valid JSON ({e})") from None
-            except (KeyError, TypeError):
-                raise DataError(f, "expected {\"src_json_path\", \"trg_json_path\"}") from None
+            pair = read_json(f, ("src_json_path", "trg_json_path"))
+            src_json, trg_json = pair["src_json_path"], pair["trg_json_path"]
             ps, pt = self._annotation(src_json, f), self._annotation(trg_json, f)
             s, t = self._image(ps), self._image(pt)
             ks, kt = coco_keypoints(s["keypoints"], str(ps)), coco_keypoints(t["keypoints"], str(pt))
@@ -177,15 +165,10 @@ def prepare_ap10k(src: str | Path, out: str | Path, *, crowd: str | Path | None 
     crowd_ids = {line.strip() for line in crowd.read_text(encoding="utf-8").splitlines() if line.strip()}
     annotations, images, categories = [], [], []
     for f in files:
-        try:
-            d = json.loads(f.read_text(encoding="utf-8"))
-            annotations += d["annotations"]
-            images += d["images"]
-            categories = categories or d.get("categories", [])
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f, f"not valid JSON ({e})") from None
-        except (KeyError, TypeError):
-            raise DataError(f, "not a COCO annotation file (no images/annotations)") from None
+        d = read_json(f, ("images", "annotations"), "a COCO annotation file")
+        annotations += d["annotations"]
+        images += d["images"]
+        categories = categories or d.get("categories", [])
     first: dict[int, dict] = {}
     for a in annotations:  # the first annotation of each image
         first.setdefault(a["image_id"], a)

@@ -21,13 +21,12 @@ are not reproduced here.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from sd4match.data.base import PairDataset
-from sd4match.data.records import PairRecord, coco_keypoints, pck_bases, xywh_box
+from sd4match.data.records import PairRecord, coco_keypoints, pck_bases, read_json, xywh_box
 from sd4match.errors import DataError
 
 DOMAINS = ("animal_body_unseen", "animal_face", "clothing", "furniture", "human_face")
@@ -72,13 +71,8 @@ class MP100(PairDataset):
         pictures: dict[str, tuple[dict, dict | None, Path]] = {}
         cats: dict[int, dict] = {}
         for f in files:
-            try:
-                coco = json.loads(f.read_text(encoding="utf-8"))
-                images, anns = coco["images"], coco["annotations"]
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DataError(f, f"not valid JSON ({e})") from None
-            except (KeyError, TypeError):
-                raise DataError(f, "not a COCO annotation file (no images/annotations)") from None
+            coco = read_json(f, ("images", "annotations"), "a COCO annotation file")
+            images, anns = coco["images"], coco["annotations"]
             for c in coco.get("categories", []):
                 cats[int(c["id"])] = c
             first: dict = {}
@@ -91,10 +85,7 @@ class MP100(PairDataset):
         return self._idx
 
     def _read_split(self, split: str, path: Path) -> list[PairRecord]:
-        try:
-            pairs = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(path, f"not valid JSON ({e})") from None
+        pairs = read_json(path)
         if not isinstance(pairs, list):
             raise DataError(path, "expected a list of {episode_idx, category_id, src_file, trg_file}")
         pictures, cats = self._index()

@@ -48,6 +48,20 @@ def as_points(values: Any, where: str, what: str) -> np.ndarray:
     return arr
 
 
+def read_json(path: Path, keys: Sequence[str] = (), expected: str = "") -> Any:
+    """A JSON annotation file; not valid JSON, or (with ``keys``) not an object holding them,
+    is a ``DataError`` naming the file (``expected`` says what it should hold)."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(path, f"not valid JSON ({e})") from None
+    if keys:
+        missing = [k for k in keys if not isinstance(d, dict) or k not in d]
+        if missing:
+            raise DataError(path, f"missing key {missing[0]!r}" + (f" (expected {expected})" if expected else ""))
+    return d
+
+
 def coco_keypoints(values, where: str) -> np.ndarray:
     """COCO ``keypoints`` [x1, y1, v1, x2, ...] as an (N, 3) float64 array."""
     try:

@@ -9,13 +9,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
 
 from sd4match.data.base import PairDataset
-from sd4match.data.records import PairRecord, as_points, pck_bases
+from sd4match.data.records import PairRecord, as_points, pck_bases, read_json
 from sd4match.errors import DataError
 
 PAIR_KEYS = (
@@ -62,10 +61,7 @@ def _read_pair_file(path: Path, pair_id: str, listed_in: str) -> PairRecord:
     """One SPair-71k pair annotation file as a record (picture paths under ``JPEGImages/``)."""
     if not path.is_file():
         raise DataError(path, f"pair annotation is missing (listed in {listed_in})")
-    try:
-        ann = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(path, f"not valid JSON ({e})") from None
+    ann = read_json(path)
     if not isinstance(ann, dict):
         raise DataError(path, "expected a JSON object")
     for key in PAIR_KEYS + DIFFICULTY_KEYS:
