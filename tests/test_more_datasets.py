@@ -165,8 +165,13 @@ def test_cub_pairs_as_distilldift_makes_them_by_hand(cub_root):
 
 
 def test_cub_wrong_layout_and_options_are_one_line(cub_root, capsys, tmp_path):
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps({"id": r.id, "kps": r.trg_kps.tolist()}) + "\n" for r in open_dataset("cub", cub_root).pairs("test")))
+    assert main(["score", "--dataset", "cub", "--root", str(cub_root), "--split", "test", "--predictions", str(preds), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["per_point"]["all"]["0.1"] == 1.0
     (cub_root / "parts" / "part_locs.txt").unlink()
     one_line_error(capsys, ["pairs", "--dataset", "cub", "--root", cub_root, "--split", "test"], "part_locs.txt", "missing")
+    one_line_error(capsys, ["score", "--dataset", "cub", "--root", cub_root, "--split", "test", "--predictions", preds], "part_locs.txt", "missing")
     one_line_error(capsys, ["pairs", "--dataset", "cub", "--root", cub_root.parent, "--split", "test"], "did you mean its CUB_200_2011/")
     one_line_error(capsys, ["pairs", "--dataset", "pfwillow", "--root", fixture_dir("pf-willow"), "--split", "test", "--all-pairs"],
                    "--all-pairs is for --dataset cub")
