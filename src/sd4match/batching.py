@@ -442,14 +442,15 @@ class PairStream:
     def run(self, loaded) -> Iterator[PendingPair]:
         for record, pics in loaded:
             failed = isinstance(pics, BaseException)
-            new = 0 if failed else len({p.key for p in pics} - set(self.held))
+            keys = set() if failed else {p.key for p in pics}
+            new = sum(k not in self.held for k in keys)
             if self.held and (len(self.held) + new > self.max_pictures or len(self.queue) >= self.max_pairs):
                 self.flush()
                 yield from self.finished()
             entry = PendingPair(record, None if failed else pics, pics if failed else None)
             self.queue.append(entry)
             if not failed:
-                self.held.update({p.key for p in pics})
+                self.held.update(keys)
                 self.peak["pictures"] = max(self.peak["pictures"], len(self.held))
             self.peak["pairs"] = max(self.peak["pairs"], len(self.queue))
             if not failed and not self.per_pair:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from sd4match.data.pfwillow import PFWillow
 from sd4match.data.records import PROTOCOLS, PairRecord, pck_bases, read_jsonl, write_jsonl
 from sd4match.data.spair import SPair71k, SPairU
 from sd4match.errors import DataError
+from sd4match.fileio import file_sha256
 from sd4match.data.synthetic import SyntheticPairs, WarpConfig, make_pair, render_target
 
 DATASETS: dict[str, type[PairDataset]] = {
@@ -38,8 +38,9 @@ OPTION_FLAGS = {"images": "--images", "all_pairs": "--all-pairs"}
 
 
 def dataset_options(obj: Any) -> dict[str, Any]:
-    """The reader options set on ``obj`` (a config or parsed flags): ``images``, ``all_pairs``."""
-    return {k: getattr(obj, k) for k in OPTION_FLAGS if getattr(obj, k, None) not in (None, False, "")}
+    """The reader options on ``obj`` (a config or parsed flags): ``images``, ``all_pairs``
+    (``open_dataset`` drops those that are unset)."""
+    return {k: getattr(obj, k, None) for k in OPTION_FLAGS}
 
 
 def open_dataset(name: str, root: str | Path, **options: Any) -> PairDataset:
@@ -79,7 +80,7 @@ class PictureSource:
 
 def _file_digest(path: Path) -> str:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return file_sha256(path)
     except FileNotFoundError:
         raise DataError(path, "image file is missing") from None
     except OSError as e:
