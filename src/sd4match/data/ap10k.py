@@ -19,6 +19,7 @@ both pictures; threshold α × max(w, h) of the target box (COCO ``[x, y, w, h]`
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -78,9 +79,12 @@ class AP10K(PairDataset):
                 return c
         raise DataError(where, f"{given}: image annotation not found (looked for {cands[0]})")
 
+    @functools.cached_property
+    def _images(self) -> dict[Path, dict]:
+        """Image annotations read so far (each file once: pictures recur across pairs)."""
+        return {}
+
     def _image(self, path: Path) -> dict:
-        if not hasattr(self, "_images"):
-            self._images: dict[Path, dict] = {}
         if path not in self._images:
             self._images[path] = read_json(path, ("width", "height", "bbox", "keypoints", "name", "supercategory"))
         return self._images[path]

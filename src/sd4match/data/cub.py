@@ -25,7 +25,6 @@ from sd4match.data.base import PairDataset
 from sd4match.data.records import PairRecord, pck_bases
 from sd4match.errors import DataError
 
-FILES = ("images.txt", "train_test_split.txt", "bounding_boxes.txt", "image_class_labels.txt", "classes.txt", "parts/part_locs.txt")
 N_PAIRS = 1000  # DistillDIFT's dataset_config.yaml: num_samples
 SEED = 42
 
@@ -88,9 +87,6 @@ class CUB200(PairDataset):
 
     def _read_split(self, split: str, path: Path) -> list[PairRecord]:
         r = self.root
-        for f in FILES:
-            if not (r / f).is_file():
-                raise DataError(r / f, "annotation file is missing")
         images = [(i, name) for i, name in _rows(r / "images.txt", 2)]
         is_train = {i: v for i, v in _rows(path, 2)}
         labels = {i: int(c) for i, c in _rows(r / "image_class_labels.txt", 2)}

@@ -21,6 +21,7 @@ are not reproduced here.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -60,11 +61,10 @@ class MP100(PairDataset):
     def expected_split_file(self, split: str) -> str:
         return f"pairs/pairs_{split}.json"
 
+    @functools.cached_property
     def _index(self) -> tuple[dict[str, tuple[dict, dict | None, Path]], dict[int, dict]]:
         """file_name -> (image record, its first annotation with keypoints or None, file);
         category id -> category (every ``annotations/*test*.json``)."""
-        if hasattr(self, "_idx"):
-            return self._idx
         files = sorted((self.root / "annotations").glob("*test*.json"))
         if not files:
             raise DataError(self.root / "annotations", "no test annotation file (mp100_split{1..5}_test.json) in it")
@@ -81,14 +81,13 @@ class MP100(PairDataset):
                     first[a["image_id"]] = a
             for im in images:
                 pictures.setdefault(im["file_name"], (im, first.get(im["id"]), f))
-        self._idx = (pictures, cats)
-        return self._idx
+        return pictures, cats
 
     def _read_split(self, split: str, path: Path) -> list[PairRecord]:
         pairs = read_json(path)
         if not isinstance(pairs, list):
             raise DataError(path, "expected a list of {episode_idx, category_id, src_file, trg_file}")
-        pictures, cats = self._index()
+        pictures, cats = self._index
         base = self.picture_dir
         out = []
         for i, p in enumerate(pairs):
