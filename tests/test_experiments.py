@@ -8,7 +8,7 @@ from PIL import Image
 
 from sd4match.errors import Sd4MatchError
 from sd4match.features import SDFeaturizer
-from sd4match.testing import tiny_sd
+from sd4match.testing import WorkCounter as Work, tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -70,21 +70,6 @@ def test_schedules_with_equal_cumulative_alphas_give_identical_features(sd_path)
         with pytest.raises(Sd4MatchError, match=msg):
             feat.reconfigure(noise_schedule=bad)
     assert base
-
-
-class Work:
-    """Counts UNet calls (at conv_in) and the pictures through the VAE (by content)."""
-
-    def __init__(self, feat):
-        import hashlib
-
-        self.unet, self.vae = [], []
-        self.hooks = [feat.unet.conv_in.register_forward_hook(lambda m, a, o: self.unet.append(a[0].shape[0])),
-                      feat.vae.encoder.register_forward_hook(lambda m, a, o: self.vae.extend(hashlib.sha1(x.numpy().tobytes()).hexdigest() for x in a[0]))]
-
-    def close(self):
-        for h in self.hooks:
-            h.remove()
 
 
 def test_sweep_cells_equal_separate_evaluations_and_a_rerun_computes_nothing(sd_path, willow_root, tmp_path, capsys, monkeypatch):

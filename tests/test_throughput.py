@@ -1,7 +1,6 @@
 """The store and the batched pipelines: work done once, full UNet calls, and predictions equal
 to a one-pair-at-a-time run, on the real PF-Willow fixture with tiny random models."""
 
-import hashlib
 import json
 
 import numpy as np
@@ -14,29 +13,13 @@ from sd4match.features import DinoFeaturizer, SDFeaturizer
 from sd4match.batching import Batcher, Picture
 from sd4match.prompts import make_prompt
 from sd4match.store import Store
-from sd4match.testing import tiny_dinov2, tiny_sd
+from sd4match.testing import WorkCounter as Work, tiny_dinov2, tiny_sd
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("m")
     return tiny_sd(d / "sd"), tiny_dinov2(d / "dino")
-
-
-class Work:
-    """Counts what the frozen models do: pictures through the VAE (by content), DINOv2
-    pictures, and samples per UNet call (seen at ``conv_in``)."""
-
-    def __init__(self, feat, dino=None):
-        self.vae, self.dino, self.unet = [], [], []
-        self.hooks = [feat.unet.conv_in.register_forward_hook(lambda m, a, o: self.unet.append(a[0].shape[0])),
-                      feat.vae.encoder.register_forward_hook(lambda m, a, o: self.vae.extend(hashlib.sha1(x.numpy().tobytes()).hexdigest() for x in a[0]))]
-        if dino is not None:
-            self.hooks.append(dino.model.embeddings.register_forward_hook(lambda m, a, o: self.dino.extend(hashlib.sha1(x.numpy().tobytes()).hexdigest() for x in a[0])))
-
-    def close(self):
-        for h in self.hooks:
-            h.remove()
 
 
 def willow(root, n=None):
@@ -60,21 +43,28 @@ def test_evaluate_runs_each_picture_once_in_full_unet_calls(models, willow_root)
     recs = willow(willow_root)  # 450 pairs over 50 pictures
     n_pics = len({p for r in recs for p in (r.src, r.trg)})
     w = Work(feat)
+    b = Batcher(feat, store=Store())
     try:
-        run(feat, resolve_prompt("empty", feat), recs, willow_root)
+        run(feat, resolve_prompt("empty", feat), recs, willow_root, batcher=b)
     finally:
         w.close()
     assert len(w.vae) == len(set(w.vae)) == n_pics  # each picture through the VAE once
+    assert {len(c) for c in w.vae_calls} == {8} and len(w.vae_calls) == -(-n_pics // 8)  # 8 pictures a VAE call (the last padded)
+    assert b.padded["posterior"] == 8 * len(w.vae_calls) - n_pics == sum(len(c) - len(set(c)) for c in w.vae_calls)
     assert min(w.unet) >= 32 and len(w.unet) == -(-n_pics // 4)  # 4 pictures x 8 copies a call, every call full (the last padded)
 
     cpm = make_prompt("cpm", feat, dino_dim=dino.feature_dim)
     w = Work(feat, dino)
+    b = Batcher(feat, dino=dino, store=Store())
     try:
-        run(feat, cpm, recs[:60], willow_root, dino=dino)
+        run(feat, cpm, recs[:60], willow_root, batcher=b)
     finally:
         w.close()
     pics60 = len({p for r in recs[:60] for p in (r.src, r.trg)})
     assert len(w.vae) == len(set(w.vae)) == pics60 and len(w.dino) == len(set(w.dino)) == pics60
+    # the fresh pictures are gathered for whole calls: 8 a VAE call, 16 a DINOv2 call (padding only at the end)
+    assert {len(c) for c in w.vae_calls} == {8} and {len(c) for c in w.dino_calls} == {16}
+    assert len(w.dino_calls) == -(-pics60 // 16) and b.padded["dino"] == 16 * len(w.dino_calls) - pics60
     assert min(w.unet) >= 2 * 2 * 8 and len(w.unet) == 30  # 2 pairs (4 pictures x 8) a call
 
 
@@ -231,8 +221,8 @@ def test_dinov2_tokens_through_the_store_equal_direct(models, fixture_images):
     f = Batcher(dino, dino=dino, store=Store())
     a = f.tokens(pics)
     b = f.tokens(pics)  # from the store
-    assert torch.equal(a, b) and f.calls["dino"] == [1, 1]  # two distinct pictures, one call each
-    assert torch.equal(a[0], dino.tokens([pics[0].image])[0])
+    assert torch.equal(a, b) and f.calls["dino"] == [16] and f.padded["dino"] == 14  # two distinct pictures in one call of 16
+    assert torch.equal(a[0], dino.tokens([pics[0].image])[0]) and torch.equal(a[1], dino.tokens([pics[1].image])[0])  # = one picture a call
 
 
 @pytest.mark.long
@@ -250,3 +240,60 @@ def test_pipeline_benchmark_runs_on_cpu_with_tiny_models(tmp_path):
     res = json.loads(out.read_text())
     assert "Projected SPair-71k test" in p.stdout and "Projected 30k training steps" in p.stdout
     assert res["evaluate_CPM_s_per_pair"] > 0 and res["train_cpm_9_s_per_step"] > 0
+
+
+def _willow_pictures(root, n):
+    from sd4match.data import load_pair_images
+
+    pics = []
+    for r in willow(root):
+        for im in load_pair_images(root, r):
+            p = Picture(im)
+            if p.key not in {q.key for q in pics}:
+                pics.append(p)
+        if len(pics) >= n:
+            return pics[:n]
+    return pics
+
+
+def test_batched_vae_and_dinov2_equal_one_picture_a_call(models, willow_root):
+    """Fixed-size VAE and DINOv2 calls (fp32, CPU): a picture's posterior and tokens are the
+    same bits alone in its call (padded) as with any other pictures; with ``vae_batch=1``
+    they are those of the VAE run one picture a call, unpadded, under the keys stored before
+    calls were batched."""
+    from sd4match.store import settings_key
+
+    sd, dn = models
+    feat = SDFeaturizer.from_pretrained(sd, resolution=64)
+    dino = DinoFeaturizer.from_pretrained(dn)
+    pics = _willow_pictures(willow_root, 8)
+    together = Batcher(feat, dino=dino, store=Store())
+    mean, std = together.posteriors(pics)
+    tokens = together.tokens(pics)
+    assert together.calls == {"posterior": [8], "unet": [], "dino": [16]} and together.padded == {"dino": 8}
+    split = Batcher(feat, dino=dino, store=Store())  # 3 then 5: other companions, other padding
+    m3, _ = split.posteriors(pics[:3])
+    m5, _ = split.posteriors(pics[3:])
+    assert torch.equal(torch.cat([m3, m5]), mean) and split.padded["posterior"] == 5 + 3
+    for i, p in enumerate(pics):
+        alone = Batcher(feat, dino=dino, store=Store())
+        m, s = alone.posteriors([p])
+        assert torch.equal(m, mean[i : i + 1]) and torch.equal(s, std[i : i + 1])
+        assert torch.equal(alone.tokens([p]), tokens[i : i + 1])
+        assert alone.calls["posterior"] == [8] and alone.padded["posterior"] == 7
+    # against the models called one picture at a time, unpadded: DINOv2's kernels give the same
+    # bits; the VAE's convolutions take another oneDNN kernel at batch 1 (float noise)
+    x = torch.stack([p.tensor(64, "cpu") for p in pics])
+    direct = torch.cat([feat.posterior(x[i : i + 1])[0] for i in range(8)])
+    torch.testing.assert_close(mean, direct, rtol=1e-5, atol=1e-5)
+    assert torch.equal(tokens, torch.cat([dino.tokens([p.image]) for p in pics]))
+    cpm = make_prompt("cpm", feat, dino_dim=dino.feature_dim)
+    batched_key, batched_cpm = together.feature_key(pics[0], together.prompt_id(None)), together.prompt_id(cpm)
+    # vae_batch=1: one picture a call, the old bits under the old keys
+    feat.reconfigure(vae_batch=1)
+    old = Batcher(feat, dino=dino, store=Store(), dino_batch=1)
+    assert torch.equal(old.posteriors(pics)[0], direct) and old.calls["posterior"] == [1] * 8 and not old.padded
+    pid = old.prompt_id(None)
+    assert old.feature_key(pics[0], pid) == settings_key(pics[0].key, {"featurizer": feat.settings(), "prompt": pid, "seed": 0})
+    assert batched_key != old.feature_key(pics[0], pid)  # maps made from batched posteriors are other bits: other keys
+    assert old.prompt_id(cpm).endswith(":-") and batched_cpm == old.prompt_id(cpm) + ":dino-call-16"

@@ -16,12 +16,15 @@ the GPU (``prefetch``). ``Batcher`` answers, through one ``Store``:
 - ``prompt_id``, ``feature_key``, ``pair_keys``: the only recipe of the store's keys.
 
 Every picture's random draws come from a generator seeded by ``seed`` and its content.
-With ``fixed_batches`` (evaluate, train) every call has a fixed shape: the VAE and DINOv2
-take one picture a call (each picture runs through them once, ever), the UNet takes
-``pictures_per_call`` pictures, the last call of a run padded with copies. A picture's
-result then does not depend on which pictures it was batched with, bit for bit (a call's
-kernels depend on its shape, not on its other rows), so sharded, resumed and
-one-at-a-time runs agree exactly.
+With ``fixed_batches`` (evaluate, train) every call has a fixed shape: the VAE takes
+``vae_batch`` pictures a call, DINOv2 ``dino_batch`` and the UNet ``pictures_per_call``
+pictures (each picture runs through the VAE and DINOv2 once, ever), a call with fewer
+padded with copies of its last picture (``padded`` counts them). A picture's result then
+does not depend on which pictures it was batched with, bit for bit (a call's kernels
+depend on its shape, not on its other rows), so sharded, resumed and one-at-a-time runs
+agree exactly. ``stream`` gathers the once-per-picture work of the pictures that wait
+(``prepare``) until it fills whole VAE and DINOv2 calls, so that padding is rare: at the
+end of a run, or when the bound on waiting pictures is reached.
 """
 
 from __future__ import annotations
@@ -130,7 +133,7 @@ class Batcher:
         fixed_batches: every call of a fixed size (evaluate, train: results independent of
             the batching, bit for bit); False: calls as large as the work at hand
             (interactive use).
-        dino_batch: pictures per DINOv2 call without ``fixed_batches``.
+        dino_batch: pictures per DINOv2 call (the VAE's: the featurizer's ``vae_batch``).
     """
 
     def __init__(self, featurizer, *, dino=None, store: Store | None = None, seed: int = 0, fixed_batches: bool = True, dino_batch: int = 16):
@@ -139,7 +142,8 @@ class Batcher:
         self.seed = seed
         self.fixed_batches = fixed_batches
         self.dino_batch = dino_batch
-        self.calls: dict[str, list[int]] = {"posterior": [], "unet": [], "dino": []}  # pictures (VAE, DINOv2) or samples (UNet) per call
+        self.calls: dict[str, list[int]] = {"posterior": [], "unet": [], "dino": []}  # pictures (VAE, DINOv2) or samples (UNet) per call, padding included
+        self.padded: Counter[str] = Counter()  # padding copies: pictures (VAE, DINOv2) or samples (UNet)
         self.stream_peak: dict[str, int] = {}  # the last stream's largest held pictures and waiting pairs, and its early calls
         self._live: weakref.WeakValueDictionary[str, Picture] = weakref.WeakValueDictionary()  # decoded pictures someone still holds
         self._live_lock = threading.Lock()
@@ -147,6 +151,12 @@ class Batcher:
     @property
     def device(self):
         return self.featurizer.device
+
+    def work_counts(self) -> dict[str, dict[str, int]]:
+        """What the frozen models did: per model (``vae``, ``dino``, ``unet``) its calls, the
+        pictures (UNet: samples) they carried, and how many of those were padding copies."""
+        units = {"posterior": "vae", "dino": "dino", "unet": "unet"}
+        return {units[k]: {"calls": len(v), "items": sum(v), "padded": self.padded[k]} for k, v in self.calls.items() if v}
 
     @property
     def resolution(self) -> int:
@@ -191,10 +201,15 @@ class Batcher:
                     self._live.setdefault(source.identity, p)
         return src, trg
 
-    def pad(self, items: Sequence[T], n: int) -> list[T]:
-        """``items`` padded to ``n`` with copies of the last one (with ``fixed_batches``)."""
+    def pad(self, items: Sequence[T], n: int, kind: str = "", unit: int = 1) -> list[T]:
+        """``items`` padded to ``n`` with copies of the last one (with ``fixed_batches``); the
+        copies are counted in ``padded[kind]``, ``unit`` each (samples per picture)."""
         items = list(items)
-        return items + [items[-1]] * (n - len(items)) if self.fixed_batches and 0 < len(items) < n else items
+        if not (self.fixed_batches and 0 < len(items) < n):
+            return items
+        if kind:
+            self.padded[kind] += (n - len(items)) * unit
+        return items + [items[-1]] * (n - len(items))
 
     def generators(self, pics: Sequence[Picture]) -> list[torch.Generator]:
         return [torch.Generator(device=self.device).manual_seed(seed_for(p.key, self.seed)) for p in pics]
@@ -208,11 +223,14 @@ class Batcher:
         passed in when the caller has it: hashing a prompt's tensors is not free), and the
         category when the prompt's output may depend on it."""
         tag = category if prompt is not None and prompt.uses_category and category is not None else "-"
-        return f"{fingerprint or prompt_fingerprint(prompt)}:{tag}"
+        dino_call = self.fixed_call("dino") if prompt is not None and prompt.needs_dino else None
+        return f"{fingerprint or prompt_fingerprint(prompt)}:{tag}" + (f":dino-call-{dino_call}" if dino_call else "")
 
     def feature_key(self, pic: Picture, prompt_id: str) -> str:
         """The store key of ``pic``'s map under a pair-independent prompt named ``prompt_id``."""
-        return settings_key(pic.key, {"featurizer": self.featurizer.settings(), "prompt": prompt_id, "seed": self.seed})
+        vae_call = self.fixed_call("posterior")
+        return settings_key(pic.key, {"featurizer": self.featurizer.settings(), "prompt": prompt_id, "seed": self.seed,
+                                      **({"vae_call": vae_call} if vae_call else {})})
 
     def pair_keys(self, src: Picture, trg: Picture, prompt_id: str) -> tuple[str, str]:
         """The store keys of a pair's two maps under a per-pair prompt (each depends on both pictures)."""
@@ -233,18 +251,64 @@ class Batcher:
         return None if hit is None else hit["features"]
 
     # ---------------------------------------------------------------- work done once per picture
-    def _once(self, kind: str, pics: Sequence[Picture], settings: dict, batch: int, compute) -> dict[str, torch.Tensor]:
+    def call_size(self, kind: str) -> int:
+        """Pictures per VAE (``posterior``) or DINOv2 (``dino``) call."""
+        return self.featurizer.config.vae_batch if kind == "posterior" else self.dino_batch
+
+    def fixed_call(self, kind: str) -> int | None:
+        """The fixed call size that shapes the bits of a ``kind`` result (kernels depend on a
+        call's shape: a VAE posterior made 8 a call differs from one made alone at float
+        noise, 1e-6), named in store keys; None where it is not fixed or is 1 (the keys of
+        one picture a call, as stored before the VAE and DINOv2 were batched)."""
+        if not self.fixed_batches or (kind == "posterior" and not self.featurizer.has_posterior):
+            return None
+        n = self.call_size(kind)
+        return n if n != 1 else None
+
+    def _work_settings(self, kind: str, part: str = "patches") -> dict:
+        call = self.fixed_call(kind)
+        tag = {"call": call} if call else {}
+        if kind == "posterior":
+            return {**self.featurizer.posterior_settings(), **tag}
+        if self.dino is None:
+            raise ValueError("no DINOv2 model was given")
+        return {**self.dino.settings(), **({} if part == "patches" else {"part": part}), **tag}
+
+    def work_for(self, prompt: Prompt | None) -> list[tuple[str, str]]:
+        """The once-per-picture work that maps under ``prompt`` read: (kind, part) for the VAE
+        posterior (featurizers with one) and DINOv2 tokens (prompts that need them)."""
+        work = [("posterior", "")] if self.featurizer.has_posterior else []
+        if prompt is not None and prompt.needs_dino:
+            work.append(("dino", prompt.dino_part))
+        return work
+
+    def has_work(self, pic: Picture, work: Sequence[tuple[str, str]]) -> bool:
+        """Whether the store holds all of ``work`` (``work_for``) for ``pic``."""
+        return all(self.store.contains(kind, settings_key(pic.key, self._work_settings(kind, part))) for kind, part in work)
+
+    def prepare(self, pics: Sequence[Picture], work: Sequence[tuple[str, str]]) -> None:
+        """Compute and store ``work`` (``work_for``) of the pictures that lack it, in calls of
+        ``call_size`` pictures (the last padded with ``fixed_batches``)."""
+        for kind, part in work:
+            if kind == "posterior":
+                self.posteriors(pics)
+            else:
+                self.tokens(pics, part)
+
+    def _once(self, kind: str, pics: Sequence[Picture], settings: dict, compute) -> dict[str, torch.Tensor]:
         """Each picture's ``kind`` entry from the store, the missing ones computed by
-        ``compute(pictures) -> {name: (B, ...)}`` in calls of ``batch`` (1 with
-        ``fixed_batches``); returns ``{name: (len(pics), ...)}`` in the order of ``pics``."""
+        ``compute(pictures) -> {name: (B, ...)}`` in calls of ``call_size(kind)`` pictures
+        (with ``fixed_batches``, a call with fewer padded to it); returns
+        ``{name: (len(pics), ...)}`` in the order of ``pics``."""
         keys = [settings_key(p.key, settings) for p in pics]
         got = {k: self.store.get(kind, k, self.device) for k in dict.fromkeys(keys)}
         todo = [(k, p) for k, p in dict(zip(keys, pics)).items() if got[k] is None]
-        step = 1 if self.fixed_batches else batch
+        step = self.call_size(kind)
         for i in range(0, len(todo), step):
             chunk = todo[i : i + step]
-            out = compute([p for _, p in chunk])
-            self.calls[kind].append(len(chunk))
+            batch = self.pad([p for _, p in chunk], step, kind)
+            out = compute(batch)
+            self.calls[kind].append(len(batch))
             for j, (k, _) in enumerate(chunk):
                 got[k] = {name: t[j : j + 1] for name, t in out.items()}
                 self.store.put(kind, k, got[k])
@@ -257,16 +321,13 @@ class Batcher:
             mean, std = self.featurizer.posterior(self.batch_tensor(batch))
             return {"mean": mean, "std": std}
 
-        got = self._once("posterior", pics, self.featurizer.posterior_settings(), self.featurizer.config.vae_batch, vae)
+        got = self._once("posterior", pics, self._work_settings("posterior"), vae)
         return got["mean"], got["std"]
 
     def tokens(self, pics: Sequence[Picture], part: str = "patches") -> torch.Tensor:
         """DINOv2 patch tokens (B, P, C) fp32, or with ``part="cls"`` the CLS token (B, 1, C);
         each picture's computed once."""
-        if self.dino is None:
-            raise ValueError("no DINOv2 model was given")
-        settings = self.dino.settings() if part == "patches" else {**self.dino.settings(), "part": part}
-        return self._once("dino", pics, settings, self.dino_batch,
+        return self._once("dino", pics, self._work_settings("dino", part),
                           lambda batch: {"tokens": self.dino.tokens([p.image for p in batch], part).to(self.device)})["tokens"]
 
     # ---------------------------------------------------------------- prompts
@@ -274,8 +335,9 @@ class Batcher:
         """The batch ``prompt`` reads for these pairs: their categories (when given) and, for a
         prompt that ``needs_dino``, the DINOv2 tokens of both pictures."""
         batch: dict[str, Any] = {"categories": list(categories)} if categories is not None else {}
-        if prompt.needs_dino:
-            batch["dino_src"], batch["dino_trg"] = self.tokens(src, prompt.dino_part), self.tokens(trg, prompt.dino_part)
+        if prompt.needs_dino:  # both sides' missing tokens in the same calls
+            both = self.tokens([*src, *trg], prompt.dino_part)
+            batch["dino_src"], batch["dino_trg"] = both[: len(src)], both[len(src) :]
         return batch
 
     def embeds(self, prompt: Prompt | None, category: str | None = None) -> torch.Tensor | None:
@@ -323,7 +385,7 @@ class Batcher:
         n = self.pictures_per_call()
         if len(pics) > n:
             raise ValueError(f"{len(pics)} pictures for one call of {n}")
-        idx = self.pad(range(len(pics)), n)
+        idx = self.pad(range(len(pics)), n, "unet", self.featurizer.samples_per_picture)
         emb = None if embeds[0] is None else torch.cat([embeds[i] for i in idx])
         maps = self._run([pics[i] for i in idx], emb)
         out = []
@@ -420,8 +482,12 @@ class PendingPair(Generic[R]):
 class PairStream:
     """The scheduler behind ``Batcher.stream``: a queue of pairs in record order, and the
     pictures (pair-independent prompts) or pairs (per-pair prompts) waiting for a model call.
-    A pair's pictures are let go as soon as its maps were consumed; ``held`` counts, per
-    picture, the waiting pairs that hold it."""
+
+    A picture entering without its once-per-picture work stored (VAE posterior, DINOv2
+    tokens: ``Batcher.work_for``) is ``fresh``; fresh pictures are prepared in whole VAE and
+    DINOv2 calls (``prepare_size`` of them at once), and a picture or pair goes to the UNet
+    once its pictures are prepared. A pair's pictures are let go as soon as its maps were
+    consumed; ``held`` counts, per picture, the waiting pairs that hold it."""
 
     def __init__(self, batcher: Batcher, prompt: Prompt | None, consume: Callable, *, max_pictures: int = 64, max_pairs: int = 1024):
         if max_pictures < 2 or max_pairs < 1:
@@ -431,8 +497,12 @@ class PairStream:
         self.per_pair = per_pair(prompt)
         self.conditioned = prompt is not None and prompt.per_picture_condition  # each picture under its own prompt
         self.queue: deque[PendingPair] = deque()
-        self.todo: dict[tuple[str, str], tuple[Picture, torch.Tensor | None]] = {}  # (picture key, prompt id) -> (picture, embeddings)
+        self.todo: dict[tuple[str, str], tuple[Picture, torch.Tensor | None]] = {}  # (picture key, prompt id) -> (picture, category embeddings)
         self.held: Counter[str] = Counter()  # picture key -> waiting pairs holding it
+        self.work = batcher.work_for(prompt)
+        self.prepare_size = max((batcher.call_size(kind) for kind, _ in self.work), default=0)
+        self.fresh: dict[str, Picture] = {}  # pictures waiting for their once-per-picture work, in arrival order
+        self.prepared: set[str] = set()  # pictures whose work is done (or was stored)
         self.fingerprint = prompt_fingerprint(prompt)  # once: the prompt does not change during a stream
         self.ids: dict[str, str] = {}  # category -> prompt id
         self.embs: dict[str, torch.Tensor | None] = {}  # prompt id -> embeddings
@@ -444,8 +514,8 @@ class PairStream:
             failed = isinstance(pics, BaseException)
             keys = set() if failed else {p.key for p in pics}
             new = sum(k not in self.held for k in keys)
-            if self.held and (len(self.held) + new > self.max_pictures or len(self.queue) >= self.max_pairs):
-                self.flush()
+            if self.held and self.over(new):
+                self.flush(new)
                 yield from self.finished()
             entry = PendingPair(record, None if failed else pics, pics if failed else None)
             self.queue.append(entry)
@@ -453,9 +523,8 @@ class PairStream:
                 self.held.update(keys)
                 self.peak["pictures"] = max(self.peak["pictures"], len(self.held))
             self.peak["pairs"] = max(self.peak["pairs"], len(self.queue))
-            if not failed and not self.per_pair:
-                self.want(entry)
-                self.match_ready()
+            if not failed:
+                self.arrive(entry)
             self.compute(final=False)
             yield from self.finished()
         self.compute(final=True)
@@ -465,10 +534,19 @@ class PairStream:
         while self.queue and (all_ or self.queue[0].ready):
             yield self.queue.popleft()
 
-    def flush(self) -> None:
-        """A model call now for what waits (padded): the bound on held pictures or waiting pairs was reached."""
+    def over(self, new: int) -> bool:
+        """Whether a pair bringing ``new`` pictures would pass a bound on what waits."""
+        return len(self.held) + new > self.max_pictures or len(self.queue) >= self.max_pairs
+
+    def flush(self, new: int) -> None:
+        """The bound on held pictures or waiting pairs was reached: the fresh pictures are
+        prepared now (a padded VAE / DINOv2 call), full UNet calls run, and if what still
+        waits is over the bound, a padded UNet call too."""
         self.peak["flushes"] += 1
-        self.compute(final=True)
+        self.prepare_fresh(final=True)
+        self.compute(final=False)
+        if self.held and self.over(new):
+            self.compute(final=True)
 
     def needed(self, record, src: Picture, trg: Picture) -> tuple[bool, bool]:
         """Which of a pair's pictures have no stored map (asked by loader threads, so that only
@@ -485,6 +563,33 @@ class PairStream:
             if self.held[key] <= 0:
                 del self.held[key]
         entry.pictures = None
+
+    def arrive(self, entry: PendingPair) -> None:
+        """A pair entered the queue: it (per-pair prompts) or its pictures whose maps are not
+        stored (pair-independent) wait for a model call, once their pictures are prepared."""
+        if self.per_pair:
+            self.need_work(entry.pictures)
+            return
+        self.want(entry)
+        self.match_ready()
+
+    def need_work(self, pics: Sequence[Picture]) -> None:
+        """Note which of ``pics`` lack their once-per-picture work."""
+        for p in pics:
+            if p.key not in self.prepared and p.key not in self.fresh:
+                if self.b.has_work(p, self.work):
+                    self.prepared.add(p.key)
+                else:
+                    self.fresh[p.key] = p
+
+    def prepare_fresh(self, final: bool) -> None:
+        """The fresh pictures' work in whole calls of ``prepare_size`` (all of it when ``final``)."""
+        n = len(self.fresh) if final else len(self.fresh) - len(self.fresh) % max(1, self.prepare_size)
+        if n <= 0:
+            return
+        pics = [self.fresh.pop(k) for k in list(self.fresh)[:n]]
+        self.b.prepare(pics, self.work)
+        self.prepared.update(p.key for p in pics)
 
     # .................................................................. pair-independent prompts
     def prompt_id(self, record) -> str:
@@ -503,7 +608,7 @@ class PairStream:
 
     def picture_emb(self, p: Picture, emb: torch.Tensor | None) -> torch.Tensor | None:
         """The embeddings ``p``'s map is made under: the category's, or its own (a prompt
-        conditioned on each picture)."""
+        conditioned on each picture: made from its tokens, once they are prepared)."""
         return self.b.picture_embeds(self.prompt, p) if self.conditioned else emb
 
     def want(self, entry: PendingPair) -> None:
@@ -511,7 +616,8 @@ class PairStream:
         pid, emb = self.embedded(entry.record)
         for p in entry.pictures:
             if (p.key, pid) not in self.todo and not self.b.store.contains("features", self.b.feature_key(p, pid)):
-                self.todo[(p.key, pid)] = (p, self.picture_emb(p, emb))
+                self.todo[(p.key, pid)] = (p, emb)
+                self.need_work([p])
 
     def match_ready(self) -> None:
         """Consume every waiting pair whose two maps are stored."""
@@ -526,30 +632,35 @@ class PairStream:
             if fs is None or ft is None:  # evicted from memory meanwhile: computed again (same bits)
                 for p in entry.pictures:
                     if (p.key, pid) not in self.todo:
-                        self.todo[(p.key, pid)] = (p, self.picture_emb(p, emb))
+                        self.todo[(p.key, pid)] = (p, emb)
+                        self.need_work([p])
                 continue
             self.done(entry, self.consume(entry.record, fs, ft))
 
     def compute(self, final: bool) -> None:
+        self.prepare_fresh(final)
         (self.compute_pairs if self.per_pair else self.compute_pictures)(final)
 
     def compute_pictures(self, final: bool) -> None:
         n = self.b.pictures_per_call()
-        while len(self.todo) >= n or (final and self.todo):
-            items = [(k, self.todo.pop(k)) for k in list(self.todo)[:n]]
-            self.b.compute_maps([p for _, (p, _) in items], [e for _, (_, e) in items], [pid for (_, pid), _ in items])
+        while True:
+            ready = [k for k, (p, _) in self.todo.items() if p.key not in self.fresh]
+            if not (len(ready) >= n or (final and ready)):
+                return
+            items = [(k, self.todo.pop(k)) for k in ready[:n]]
+            self.b.compute_maps([p for _, (p, _) in items], [self.picture_emb(p, e) for _, (p, e) in items], [pid for (_, pid), _ in items])
             self.match_ready()
 
     # .................................................................. per-pair prompts
     def compute_pairs(self, final: bool) -> None:
         n = self.b.pairs_per_call()
-        waiting = [e for e in self.queue if not e.ready]
+        waiting = [e for e in self.queue if not e.ready and not any(p.key in self.fresh for p in e.pictures)]
         while len(waiting) >= n or (final and waiting):
             group, waiting = waiting[:n], waiting[n:]
-            full = self.b.pad(group, n)
+            full = self.b.pad(group, n, "unet", 2 * self.b.featurizer.samples_per_picture)
             src, trg = [e.pictures[0] for e in full], [e.pictures[1] for e in full]
             with torch.no_grad():
                 emb = self.prompt(self.b.prompt_batch(self.prompt, src, trg))
             fs, ft = self.b.pair_features(src, trg, emb)
-            for i, e in enumerate(group):
+            for i, e in enumerate(group):  # per-pair maps are not stored: one a pair would fill any store
                 self.done(e, self.consume(e.record, fs[i : i + 1], ft[i : i + 1]))

@@ -109,7 +109,16 @@ EvalRule = Literal[MatchRule, "all"]
 Protocol = Literal["sd4match", "standard"]
 PROTOCOL_HELP = "sd4match = the official SD4Match code's frame (768 x 768); standard = the field's common frame (original pixels)"
 DType = Literal["auto", "fp32", "bf16", "fp16"]
-CompileMode = Literal["auto", "on", "off"]
+#: ``--compile``: off, on (torch.compile's default mode), auto (on with CUDA), or a torch.compile mode
+#: (reduce-overhead: CUDA graphs of the fixed call shapes; max-autotune: autotuned kernels, and graphs)
+CompileMode = Literal["auto", "on", "off", "reduce-overhead", "max-autotune"]
+
+
+def compile_choice(mode: str, device_type: str) -> tuple[bool, str]:
+    """(compile or not, torch.compile mode) of a ``--compile`` value on a device type."""
+    if mode in ("off",) or (mode == "auto" and device_type != "cuda"):
+        return False, "default"
+    return True, mode if mode in ("reduce-overhead", "max-autotune") else "default"
 DinoInput = Literal["official", "imagenet"]
 #: How DINOv2's learned position grid is resized (``sd4match.features.dino.DINO_POS``).
 DinoPos = Literal["official", "transformers"]
@@ -182,8 +191,10 @@ class ModelConfig:
     resolution: int | None = setting(None, "square working size", default_text="768 for SD, 512 for effnet-lite0, 840 for DINOv2")
     max_batch: int | None = setting(None, "model samples per call (SD: pictures x ensemble)",
                                     default_text="the model's own: 32 for SD, 8 pictures for effnet-lite0")
+    vae_batch: int = setting(8, "pictures per VAE call (evaluate and train: every call this size, the last padded; 1: one picture a call, "
+                                "the bits of sd4match before the VAE was batched)")
     compile: CompileMode = setting("off", "torch.compile the early-exit UNet and the VAE encoder (auto: on CUDA; compiling takes about a minute, "
-                                          "then each call is faster)")
+                                          "then each call is faster; reduce-overhead / max-autotune: that torch.compile mode)")
 
     def __post_init__(self):
         check_choices(self)

@@ -239,7 +239,7 @@ def _evaluate(featurizer, cfg: EvalConfig, out: Path, *, dino, progress, records
         if rank != 0:
             return Evaluation(out, settings, None)
     doc = _finish(out, cfg, records, done, mine, bad, settings, world, time.perf_counter() - t0, _training_cost(prompt),
-                  stream=batcher.stream_peak)
+                  stream={**batcher.stream_peak, "work": batcher.work_counts()})
     return Evaluation(out, settings, doc)
 
 
@@ -288,7 +288,7 @@ def _finish(out: Path, cfg: EvalConfig, records, done: dict, mine: dict, bad: di
     doc = {**result, "run": meta}
     atomic_write_text(out / "score.json", json.dumps(doc, indent=2, default=str))
     info = {**{k: getattr(cfg, k) for k in _WHERE}, "processes": world, "seconds_this_session": round(seconds, 3)}
-    if stream:  # this session's largest number of pictures held and pairs waiting, and its early (padded) calls
+    if stream:  # this session's largest number of pictures held and pairs waiting, its early (padded) calls, and each model's calls
         info["stream"] = dict(stream)
     atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2, default=str))
     for f in out.glob(PARTIAL.replace(".jsonl", "*.jsonl")):

@@ -289,3 +289,45 @@ def write_single_file(folder: str | Path, path: str | Path) -> Path:
     else:
         torch.save({"state_dict": state}, path)
     return path
+
+
+class WorkCounter:
+    """What the frozen models do, seen through forward hooks (removed by ``close``): the
+    pictures of each VAE call and each DINOv2 call (by the SHA-1 of their input rows), and
+    the samples of each UNet call (at ``conv_in``).
+
+    Example:
+        >>> w = WorkCounter(feat, dino)
+        >>> ...  # evaluate, train
+        >>> w.close(); assert len(w.vae) == len(set(w.vae))  # each picture through the VAE once
+    """
+
+    def __init__(self, feat, dino=None):
+        import hashlib
+
+        self.vae_calls: list[list[str]] = []
+        self.dino_calls: list[list[str]] = []
+        self.unet: list[int] = []
+        digest = lambda x: hashlib.sha1(x.detach().cpu().numpy().tobytes()).hexdigest()  # noqa: E731
+        self.hooks = [feat.unet.conv_in.register_forward_hook(lambda m, a, o: self.unet.append(a[0].shape[0])),
+                      feat.vae.encoder.register_forward_hook(lambda m, a, o: self.vae_calls.append([digest(x) for x in a[0]]))]
+        if dino is not None:
+            self.hooks.append(dino.model.embeddings.register_forward_hook(lambda m, a, o: self.dino_calls.append([digest(x) for x in a[0]])))
+
+    @staticmethod
+    def once(calls: list[list[str]]) -> list[str]:
+        """The pictures of ``calls``, each listed once per call it went through (a call's
+        padding, copies of one of its pictures, not counted again)."""
+        return [h for c in calls for h in dict.fromkeys(c)]
+
+    @property
+    def vae(self) -> list[str]:
+        return self.once(self.vae_calls)
+
+    @property
+    def dino(self) -> list[str]:
+        return self.once(self.dino_calls)
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from sd4match.batching import Batcher, Picture, prefetch
 from sd4match.checkpoint import CKPT_DIR, list_checkpoints, load_checkpoint, prune_checkpoints, read_checkpoint_meta, save_checkpoint
-from sd4match.config import TRAIN_PRESETS, MatchConfig, TrainConfig, load_train_config
+from sd4match.config import TRAIN_PRESETS, MatchConfig, TrainConfig, compile_choice, load_train_config
 from sd4match.data import dataset_options, open_dataset
 from sd4match.errors import Sd4MatchError, Sd4MatchWarning
 from sd4match.evaluate import predict_pairs
@@ -167,7 +167,7 @@ class Trainer:
             raise Sd4MatchError(f"{cfg.model}: prompts are learned for Stable Diffusion (or SD+DINOv2) models, not {self.feat.model_id}")
         self.feat.reconfigure(timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, resolution=cfg.resolution, amp_dtype=cfg.amp_dtype,
                               noise_schedule=cfg.noise_schedule,
-                              compile=cfg.compile == "on" or (cfg.compile == "auto" and torch.device(dev).type == "cuda"))
+                              compile=compile_choice(cfg.compile, torch.device(dev).type)[0], compile_mode=compile_choice(cfg.compile, torch.device(dev).type)[1])
         self.dino = (dino or DinoFeaturizer.from_pretrained(cfg.dino, pos=cfg.dino_pos).to(dev, wdt)) if kind.needs_dino else None
         # 2. the data
         self._ds = open_dataset(cfg.dataset, cfg.root, **dataset_options(cfg))

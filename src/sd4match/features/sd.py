@@ -46,7 +46,8 @@ class SDFeaturizerConfig:
     max_batch: int = 32  # most UNet samples per call (pictures x ensemble are chunked to this)
     amp_dtype: str | None = None  # "bf16" / "fp16": autocast; None: the modules' own dtype (see ``.to(dtype=...)``)
     compile: bool = False  # torch.compile the early-exit UNet function and the VAE encoder
-    vae_batch: int = 8  # most pictures per VAE call
+    compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune
+    vae_batch: int = 8  # most pictures per VAE call (evaluate and train: every call this size, padded)
     noise_schedule: str = "model"  # the model's own scheduler, or <Class>[:<beta schedule>] (NOISE_SCHEDULERS, BETA_SCHEDULES)
 
 
@@ -55,6 +56,8 @@ class _EarlyExit(Exception):
 
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}
+#: torch.compile modes (``compile_mode``); reduce-overhead and max-autotune capture CUDA graphs of the fixed call shapes
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 #: ``--noise-schedule`` classes: short name -> diffusers scheduler class
 NOISE_SCHEDULERS = {"DDPM": "DDPMScheduler", "DDIM": "DDIMScheduler", "PNDM": "PNDMScheduler", "Euler": "EulerDiscreteScheduler",
@@ -190,7 +193,9 @@ class SDFeaturizer(Featurizer):
         max_batch: int = 32,
         amp_dtype: str | None = None,
         compile: bool = False,
+        compile_mode: str = "default",
         noise_schedule: str = "model",
+        vae_batch: int = 8,
         config: str | Path | None = None,
         local_files_only: bool | None = None,
     ) -> "SDFeaturizer":
@@ -212,7 +217,7 @@ class SDFeaturizer(Featurizer):
         parts = load_sd_components(res, config=config, local_files_only=local_files_only)
         parse_noise_schedule(noise_schedule)  # named before any weights load
         cfg = SDFeaturizerConfig(timestep, up_block, ensemble, deterministic_latent, resolution, max_batch, amp_dtype, compile,
-                                 noise_schedule=noise_schedule)
+                                 compile_mode=compile_mode, vae_batch=vae_batch, noise_schedule=noise_schedule)
         return cls(*parts, config=cfg, model_id=res.model_id)
 
     # ------------------------------------------------------------------ settings
@@ -230,12 +235,14 @@ class SDFeaturizer(Featurizer):
             raise Sd4MatchError(f"resolution must be a multiple of {self.latent_factor}, got {c.resolution}")
         if c.amp_dtype not in _AMP:
             raise Sd4MatchError(f"amp_dtype must be bf16, fp16 or None, got {c.amp_dtype!r}")
+        if c.compile_mode not in COMPILE_MODES:
+            raise Sd4MatchError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {c.compile_mode!r}")
 
     def reconfigure(self, **changes) -> "SDFeaturizer":
         """Change settings in place (timestep, up_block, ensemble, ...); returns self."""
         cfg = replace(self.config, **changes)
         self._check_config(cfg)
-        if (cfg.up_block, cfg.compile) != (self.config.up_block, self.config.compile):
+        if (cfg.up_block, cfg.compile, cfg.compile_mode) != (self.config.up_block, self.config.compile, self.config.compile_mode):
             self._compiled = {}
         self.config = cfg
         return self
@@ -298,7 +305,7 @@ class SDFeaturizer(Featurizer):
     def settings(self) -> dict:
         """Everything that changes the features (store keys, run records)."""
         s = asdict(self.config)
-        for k in ("max_batch", "compile", "vae_batch"):
+        for k in ("max_batch", "compile", "compile_mode", "vae_batch"):
             s.pop(k)
         if s["noise_schedule"] == "model":  # the default leaves the keys of stored maps as they were
             s.pop("noise_schedule")
@@ -331,11 +338,11 @@ class SDFeaturizer(Featurizer):
         Shape:
             x: (B, 3, R, R) in [0, 1] -> mean, std: (B, 4, R / 8, R / 8).
         """
-        fn = self._compiled_fn("vae", lambda: torch.compile(_vae_posterior)) if self.config.compile else _vae_posterior
+        fn = self._compiled_fn("vae", lambda: self._compile(_vae_posterior)) if self.config.compile else _vae_posterior
         means, stds = [], []
         with self._autocast(x.device):
             for i in range(0, x.shape[0], self.config.vae_batch):
-                m, s = fn(self.vae, (2 * x[i : i + self.config.vae_batch] - 1).to(self._module_meta("vae")[0]))
+                m, s = self._call(fn, self.vae, (2 * x[i : i + self.config.vae_batch] - 1).to(self._module_meta("vae")[0]))
                 means.append(m.float())
                 stds.append(s.float())
         return torch.cat(means), torch.cat(stds)
@@ -444,8 +451,8 @@ class SDFeaturizer(Featurizer):
         k = self.config.up_block if keep is None else keep[-1]
         if early_exit_supported(self.unet):
             if self.config.compile and self.adapter is None:  # an adapter's weights change per call: eager
-                fn = self._compiled_fn(("unet", k, keep), lambda: torch.compile(unet_up_to))
-                return fn(self.unet, sample, t, ehs, k, keep)
+                fn = self._compiled_fn(("unet", k, keep), lambda: self._compile(unet_up_to))
+                return self._call(fn, self.unet, sample, t, ehs, k, keep)
             return unet_up_to(self.unet, sample, t, ehs, k, keep)
         return self._hooked(sample, t, ehs, keep)
 
@@ -481,6 +488,21 @@ class SDFeaturizer(Featurizer):
         if name not in self._compiled:
             self._compiled[name] = make()
         return self._compiled[name]
+
+    def _compile(self, fn):
+        mode = self.config.compile_mode
+        return torch.compile(fn, mode=None if mode == "default" else mode)
+
+    def _call(self, fn, *args):
+        """``fn(*args)``; under CUDA graphs (``reduce-overhead``, ``max-autotune``) a new graph
+        step, and the outputs cloned out of the graph's memory, which the next replay reuses."""
+        if not (self.config.compile and self.config.compile_mode != "default"):
+            return fn(*args)
+        torch.compiler.cudagraph_mark_step_begin()
+        out = fn(*args)
+        if isinstance(out, dict):
+            return {k: v.clone() for k, v in out.items()}
+        return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
 
     def _autocast(self, device: torch.device):
         """Mixed precision for the VAE and UNet when ``amp_dtype`` is set."""
