@@ -13,8 +13,16 @@ same loaders, store, batching and matching as a real run.
 Prints markdown tables: per-stage times (load + resize, VAE, UNet, DINOv2, matching);
 featurizing a new image (ensemble 8, batch 1 and 4) against the official way (fp16
 weights, the full UNet forward read by a hook, batch 1); evaluate s/pair with an empty
-and a CPM prompt; train s/step (single and CPM, micro-batch 3 and 9); peak memory; then
-the projected SPair-71k test time with CPM (12,234 pairs) and a 30k-step training run.
+and a CPM prompt, with each model's calls and padding; train s/step (single and CPM,
+micro-batch 3 and 9); peak memory; the levers asked for with ``--levers`` (each one's
+featurize or evaluate row beside the plain one); then the floor: the FLOPs of each
+measured unit of work (counted with ``torch.utils.flop_counter`` on meta-device copies),
+divided by the device's peak (its named bf16 dense peak where known, and the measured
+peak of a large matmul), and the ratio of each measured row to its floor; and the
+projected SPair-71k test time with CPM (12,234 pairs) and a 30k-step training run.
+
+    python benchmarks/pipeline.py --size sd21 --device cuda --compile \
+        --levers sdpa:flash,sdpa:efficient,sdpa:cudnn,channels-last,cpm-pairs:4,vae-batch:8,compile:reduce-overhead,compile:max-autotune
 """
 
 from __future__ import annotations
@@ -113,6 +121,62 @@ def official_like(feat, x, cond, dev):
         h.remove()
 
 
+#: dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' data sheets, by a
+#: substring of ``torch.cuda.get_device_name``
+NAMED_PEAKS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0,
+               "RTX 4090": 165.0, "RTX 6000 Ada": 365.0, "B200": 2250.0, "GB200": 2500.0}
+
+
+def named_peak(name: str) -> float | None:
+    """The data sheet's dense bf16 peak in TFLOP/s of a device name, or None."""
+    hits = [k for k in NAMED_PEAKS if k in name]
+    return NAMED_PEAKS[max(hits, key=len)] if hits else None
+
+
+def matmul_peak(dev: torch.device, dtype: torch.dtype) -> float:
+    """TFLOP/s of a large square matmul in ``dtype`` on ``dev`` (the reachable peak)."""
+    n = 8192 if dev.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    sec, _ = timed(lambda: a @ b, dev, reps=10 if dev.type == "cuda" else 3)
+    return 2 * n**3 / sec / 1e12
+
+
+def count_work_flops(feat, dino, res: int) -> dict[str, float]:
+    """FLOPs of each unit of work at ``res`` (one sample, picture or step), counted on
+    meta-device copies of the modules (no arithmetic runs): UNet to ``up_blocks[1]`` (ours)
+    and the full UNet (the official way), forward; the same early exit forward and backward
+    to the prompt (training); the VAE encoder; DINOv2 at the CPM's 224 crop."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def on_meta(m):
+        return copy.deepcopy(m).to("meta")
+
+    def flops(fn) -> float:
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        return float(fc.get_total_flops())
+
+    unet, vae, dnet = on_meta(feat.unet).float(), on_meta(feat.vae).float(), on_meta(dino.model).float()
+    side = res // feat.latent_factor
+    with torch.device("meta"):
+        noisy, t = torch.randn(1, 4, side, side), torch.tensor([261])
+        cond = torch.randn(1, 77, feat.prompt_dim)
+        image, crop = torch.rand(1, 3, res, res), torch.rand(1, 3, 224, 224)
+    from sd4match.features.sd import unet_up_to
+
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        out["unet_sample"] = flops(lambda: unet_up_to(unet, noisy, t, cond, feat.config.up_block))
+        out["unet_full_sample"] = flops(lambda: unet(noisy, t, encoder_hidden_states=cond))
+        out["vae_picture"] = flops(lambda: vae.encode(2 * image - 1))
+        out["dino_picture"] = flops(lambda: dnet(pixel_values=crop))
+    c = cond.clone().requires_grad_(True)
+    out["unet_train_sample"] = flops(lambda: unet_up_to(unet, noisy, t, c, feat.config.up_block).float().mean().backward())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=("tiny", "sd21"), default="tiny")
@@ -123,10 +187,13 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=3, help="timed steps per training row (after one warm-up step)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: stages,featurize,evaluate,sweep,train")
     ap.add_argument("--train-micro", default="3,9", help="micro-batch sizes of the training rows (comma-separated)")
+    ap.add_argument("--levers", default="", help="comma-separated levers, each measured beside the plain row: sdpa:<flash|efficient|cudnn|math>, "
+                    "channels-last, cpm-pairs:<pairs a UNet call>, vae-batch:<pictures a VAE call>, compile:<default|reduce-overhead|max-autotune>")
     ap.add_argument("--json", type=Path, help="also write every number here")
     args = ap.parse_args()
 
     from sd4match.batching import Batcher, Picture
+    from sd4match.errors import Sd4MatchError
     from sd4match.data import open_dataset
     from sd4match.evaluate import predict_pairs, resolve_prompt
     from sd4match.matching import match_pixels
@@ -159,6 +226,38 @@ def main() -> None:
     pics = make_pictures(tmp / "pics", 16)
     cond = torch.randn(1, 77, feat.prompt_dim, device=dev)
     g = torch.Generator(device=dev).manual_seed(0)
+    x4 = torch.rand(4, 3, res, res, device=dev)
+
+    def featurize_ms(b: int) -> tuple[float, float, float]:
+        """(ms per image, peak MB, seconds of the first call) of featurizing ``b`` new images, ensemble 8."""
+        with torch.no_grad():
+            t_c = time.perf_counter()
+            feat(x4[:b], prompt_embeds=cond, generator=g)  # compiles on the first call when compiling
+            sync(dev)
+            first = time.perf_counter() - t_c
+            sec, mb = timed(lambda: feat(x4[:b], prompt_embeds=cond, generator=g), dev)
+        return 1000 * sec / b, mb, first
+
+    n_pairs = args.eval_pairs or (64 if sd21 else 24)
+    eval_root = willow_like(tmp / "willow", 12, n_pairs)
+    eval_recs = open_dataset("pfwillow", eval_root).pairs("test")
+    eval_img = len({p for r in eval_recs for p in (r.src, r.trg)})
+    workers = 8 if dev.type == "cuda" else 2
+    cpm = make_prompt("cpm", feat, dino_dim=dino.feature_dim).to(dev)
+
+    def evaluate_s(prompt) -> tuple[float, float, dict]:
+        """(seconds for the evaluation pairs, peak MB, each model's calls and padding) with ``prompt``, after a warm-up."""
+        warm = eval_recs[: 2 * Batcher(feat).pairs_per_call()]
+        list(predict_pairs(feat, prompt, warm, str(eval_root), workers=workers, dino=dino, store=Store(), progress=False))  # warm-up (and compile)
+        sync(dev)
+        reset_peak(dev)
+        batcher = Batcher(feat, dino=dino, store=Store())
+        s = time.perf_counter()
+        out = list(predict_pairs(feat, prompt, eval_recs, str(eval_root), workers=workers, batcher=batcher, progress=False))
+        sync(dev)
+        sec = time.perf_counter() - s
+        assert all(not isinstance(k, BaseException) for _, k in out)
+        return sec, peak_mb(dev), batcher.work_counts()
     if "stages" not in skip:
         from PIL import Image
 
@@ -167,7 +266,6 @@ def main() -> None:
         for p in pics:
             Picture(Image.open(p).convert("RGB")).prepare(res)
         row("load + resize (one CPU thread), per image", 1000 * (time.perf_counter() - s) / n, "ms")
-        x4 = torch.rand(4, 3, res, res, device=dev)
         for b in (1, 4):
             sec, mb = timed(lambda: feat.posterior(x4[:b]), dev)
             row(f"VAE posterior, batch {b}, per image", 1000 * sec / b, "ms", mb)
@@ -189,15 +287,10 @@ def main() -> None:
         row("matching, kernel soft-argmax, 20 points, per pair", 1000 * sec, "ms")
 
     if "featurize" not in skip:
-        x4 = torch.rand(4, 3, res, res, device=dev)
         for b in (1, 4):
-            with torch.no_grad():
-                t_c = time.perf_counter()
-                feat(x4[:b], prompt_embeds=cond, generator=g)  # compiles on the first call when --compile
-                sync(dev)
-                first = time.perf_counter() - t_c
-                sec, mb = timed(lambda: feat(x4[:b], prompt_embeds=cond, generator=g), dev)
-            row(f"featurize new image, ensemble 8, batch {b}, per image (ours)", 1000 * sec / b, "ms", mb)
+            ms, mb, first = featurize_ms(b)
+            row(f"featurize new image, ensemble 8, batch {b}, per image (ours)", ms, "ms", mb)
+            results[f"featurize_b{b}_ms"] = ms
             if args.compile:
                 row(f"  first call incl. compilation, batch {b}", first, "s")
         from sd4match.features.dino import DinoConfig, DinoFeaturizer
@@ -219,29 +312,20 @@ def main() -> None:
             off.unet, off.vae = copy.deepcopy(feat.unet).half(), copy.deepcopy(feat.vae).half()
             sec, mb = timed(lambda: official_like(off, x4[:1], cond, dev), dev)
             row("featurize new image, ensemble 8, batch 1, official-like (fp16, full UNet + hook)", 1000 * sec, "ms", mb)
+            results["official_ms"] = 1000 * sec
             del off
             torch.cuda.empty_cache()
 
     if "evaluate" not in skip:
-        n_pairs = args.eval_pairs or (64 if sd21 else 24)
-        root = willow_like(tmp / "willow", 12, n_pairs)
-        recs = open_dataset("pfwillow", root).pairs("test")
-        n_img = len({p for r in recs for p in (r.src, r.trg)})
-        workers = 8 if dev.type == "cuda" else 2
-        cpm = make_prompt("cpm", feat, dino_dim=dino.feature_dim).to(dev)
-        for label, prompt, extractions in (("empty", resolve_prompt("empty", feat), n_img), ("CPM", cpm, 2 * len(recs))):
-            warm = recs[: 2 * Batcher(feat).pairs_per_call()]
-            list(predict_pairs(feat, prompt, warm, str(root), workers=workers, dino=dino, store=Store(), progress=False))  # warm-up (and compile)
-            sync(dev)
-            reset_peak(dev)
-            s = time.perf_counter()
-            out = list(predict_pairs(feat, prompt, recs, str(root), workers=workers, dino=dino, store=Store(), progress=False))
-            sync(dev)
-            sec = time.perf_counter() - s
-            assert all(not isinstance(k, BaseException) for _, k in out)
-            row(f"evaluate, {label} prompt, ensemble 8, per pair ({len(recs)} pairs, {n_img} images)", sec / len(recs), "s", peak_mb(dev))
+        for label, prompt, extractions in (("empty", resolve_prompt("empty", feat), eval_img), ("CPM", cpm, 2 * len(eval_recs))):
+            sec, mb, work = evaluate_s(prompt)
+            row(f"evaluate, {label} prompt, ensemble 8, per pair ({len(eval_recs)} pairs, {eval_img} images)", sec / len(eval_recs), "s", mb)
             row(f"evaluate, {label} prompt, per feature extraction ({extractions})", 1000 * sec / extractions, "ms")
-            results[f"evaluate_{label}_s_per_pair"] = sec / len(recs)
+            print("    model calls: " + "; ".join(f"{m}: {w['calls']} calls, {w['items']} {'samples' if m == 'unet' else 'pictures'}, "
+                                                f"{w['padded']} padding" for m, w in work.items()), flush=True)
+            results[f"evaluate_{label}_s_per_pair"] = sec / len(eval_recs)
+            results[f"evaluate_{label}_ms_per_extraction"] = 1000 * sec / extractions
+            results[f"evaluate_{label}_work"] = work
 
     if "sweep" not in skip:  # a sweep's cost: the layers of one timestep from one UNet pass, matching per layer
         from sd4match.config import EvalConfig
@@ -289,6 +373,89 @@ def main() -> None:
                 row(f"train step, {kind}, batch 9, micro-batch {micro} (posteriors stored)", (time.perf_counter() - s) / args.train_steps, "s", peak_mb(dev))
                 results[f"train_{kind}_{micro}_s_per_step"] = (time.perf_counter() - s) / args.train_steps
         feat.reconfigure(ensemble=8)
+
+    for lever in filter(None, args.levers.split(",")):
+        kind, _, arg = lever.partition(":")
+        try:
+            if kind == "sdpa":
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                           "math": SDPBackend.MATH}[arg]
+                with sdpa_kernel(backend):
+                    ms, mb, _ = featurize_ms(4)
+                row(f"lever sdpa {arg}: featurize new image, ensemble 8, batch 4, per image", ms, "ms", mb)
+            elif kind == "channels-last":
+                for m in (feat.unet, feat.vae):
+                    m.to(memory_format=torch.channels_last)
+                try:
+                    ms, mb, first = featurize_ms(4)
+                finally:
+                    for m in (feat.unet, feat.vae):
+                        m.to(memory_format=torch.contiguous_format)
+                row(f"lever channels-last{' (compiled)' if args.compile else ''}: featurize new image, ensemble 8, batch 4, per image", ms, "ms", mb)
+            elif kind == "cpm-pairs":
+                pairs = int(arg)
+                feat.reconfigure(max_batch=2 * 8 * pairs)
+                try:
+                    sec, mb, _ = evaluate_s(cpm)
+                finally:
+                    feat.reconfigure(max_batch=32)
+                row(f"lever cpm-pairs {pairs} a UNet call: evaluate, CPM prompt, per feature extraction", 1000 * sec / (2 * len(eval_recs)), "ms", mb)
+            elif kind == "vae-batch":
+                n = int(arg)
+                xs = torch.rand(n, 3, res, res, device=dev)
+                feat.reconfigure(vae_batch=n)
+                try:
+                    sec, mb = timed(lambda: feat.posterior(xs), dev)
+                finally:
+                    feat.reconfigure(vae_batch=8)
+                row(f"lever vae-batch {n}: VAE posterior, per image", 1000 * sec / n, "ms", mb)
+            elif kind == "compile":
+                was = (feat.config.compile, feat.config.compile_mode)
+                feat.reconfigure(compile=True, compile_mode=arg)
+                try:
+                    ms, mb, first = featurize_ms(4)
+                finally:
+                    feat.reconfigure(compile=was[0], compile_mode=was[1])
+                row(f"lever compile {arg}: featurize new image, ensemble 8, batch 4, per image", ms, "ms", mb)
+                row(f"  lever compile {arg}: first call incl. compilation", first, "s")
+            else:
+                raise ValueError(f"unknown lever {lever!r}")
+        except (RuntimeError, KeyError, ValueError, Sd4MatchError) as e:  # a backend this device lacks, a bad name: said, and the others still run
+            print(f"  lever {lever}: not measured ({str(e).splitlines()[0][:200]})", flush=True)
+            results[f"lever {lever}"] = {"error": str(e).splitlines()[0][:200]}
+
+    # the floor: FLOPs of each unit of work over the device's peak
+    flops = count_work_flops(feat, dino, res)
+    peak_dtype = dtype if dtype != torch.float32 or dev.type == "cpu" else torch.bfloat16
+    measured = matmul_peak(dev, peak_dtype)
+    named = named_peak(name) if dev.type == "cuda" else None
+    peak = named or measured
+    results["flops"], results["peak_tflops"] = flops, {"named": named, "measured_matmul": measured, "dtype": str(peak_dtype)}
+    per_pic = flops["vae_picture"] + 8 * flops["unet_sample"]
+    print(f"\nFLOPs at {res} px (counted on meta-device copies): UNet to up_blocks[1] {flops['unet_sample'] / 1e9:,.1f} GFLOP a sample "
+          f"(full UNet {flops['unet_full_sample'] / 1e9:,.1f}; forward + backward to the prompt {flops['unet_train_sample'] / 1e9:,.1f}), "
+          f"VAE encoder {flops['vae_picture'] / 1e9:,.1f} GFLOP a picture, DINOv2 at 224 {flops['dino_picture'] / 1e9:,.1f} GFLOP a picture; "
+          f"a new picture at ensemble 8: {per_pic / 1e9:,.1f} GFLOP ({8 * flops['unet_sample'] / 1e9:,.1f} with its posterior stored)")
+    print(f"Peak: {f'{named:.0f} TFLOP/s dense bf16 ({name}, data sheet); ' if named else ''}a {peak_dtype} matmul measured here: {measured:.1f} TFLOP/s; "
+          f"the floor below uses {'the data sheet' if named else 'the measured matmul'}")
+    n_extr = 2 * len(eval_recs)
+    floors = [("featurize new image, ensemble 8, batch 4 (ours)", results.get("featurize_b4_ms"), per_pic, "ms"),
+              ("featurize new image, ensemble 8, official-like", results.get("official_ms"), flops["vae_picture"] + 8 * flops["unet_full_sample"], "ms"),
+              ("evaluate, CPM prompt, per feature extraction", results.get("evaluate_CPM_ms_per_extraction"),
+               8 * flops["unet_sample"] + eval_img / n_extr * (flops["vae_picture"] + flops["dino_picture"]), "ms"),
+              ("train step, CPM, batch 9 (posteriors stored)", 1000 * min((v for k, v in results.items() if k.startswith("train_cpm_")), default=float("nan")),
+               18 * flops["unet_train_sample"], "ms")]
+    print("\n| unit of work | measured | floor (FLOPs / peak) | measured / floor |\n|---|---|---|---|")
+    for what, ms, fl, _ in floors:
+        floor_ms = 1000 * fl / (peak * 1e12)
+        results[f"floor {what}"] = {"measured_ms": ms, "floor_ms": floor_ms, "tflop": fl / 1e12}
+        got = "not measured" if ms is None or ms != ms else f"{ms:.1f} ms"
+        ratio = "" if ms is None or ms != ms else f"{ms / floor_ms:.2f}x"
+        print(f"| {what} | {got} | {floor_ms:.2f} ms ({fl / 1e9:,.1f} GFLOP) | {ratio} |")
+    if not sd21:
+        print("(tiny model: its floor and ratios say nothing about the real one; they show that the rows run)")
 
     print("\n| measurement | value | peak MB |\n|---|---|---|")
     for what, value, mb in rows:

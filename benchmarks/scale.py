@@ -133,6 +133,7 @@ def measure(tmp: Path, n: int, model: Path) -> dict:
     common = ["evaluate", *at, "--model", str(model), "--resolution", "64", "--ensemble", "8", "--device", "cpu", "--match", "nn"]
     got = run([*common, "--out", str(out)])
     res["evaluate_s"], res["evaluate_mb"] = got["seconds"], got["mb"]
+    res["work"] = json.loads((out / "run-info.json").read_text()).get("stream", {}).get("work", {})
     got = run(["score", *at, "--predictions", str(out / "predictions.jsonl"), "--json"])
     res["score_s"], res["score_mb"] = got["seconds"], got["mb"]
     cache = tmp / f"cache{n}"
@@ -178,6 +179,12 @@ def main(argv=None) -> int:
           + " | ".join(f"{r['decodes_first']} / {r['decodes_cached']}" for r in rows) + " |" + " |" * (len(rows) - 1))
     print("| `evaluate --cache-dir`: the rerun's time, its predictions equal the first run's | "
           + " | ".join(f"{r['cached_s']:.1f} s, {'equal' if r['cached_same_predictions'] else 'DIFFERENT'}" for r in rows) + " |" + " |" * (len(rows) - 1))
+    for model, unit in (("vae", "pictures"), ("unet", "samples")):
+        cells = []
+        for r in rows:
+            w = r["work"].get(model)
+            cells.append(f"{w['calls']} calls, {w['items']} {unit}, {w['padded']} padding ({100 * w['padded'] / max(1, w['items']):.2f} %)" if w else "")
+        print(f"| `evaluate`: {model.upper()} work, padding copies among it | " + " | ".join(cells) + " |" + " |" * (len(rows) - 1))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

@@ -259,3 +259,42 @@ def test_hooked_fallback_reads_several_layers_in_one_pass(tiny_sd2):
     for k in (0, 1):
         torch.testing.assert_close(got[k].float(), want[k], rtol=1e-5, atol=1e-6)
     assert not any(b._forward_hooks for b in feat.unet.up_blocks)
+
+
+def test_compile_modes_reach_torch_compile_and_graph_outputs_are_copied(tiny_sd2, monkeypatch):
+    """``--compile reduce-overhead`` / ``max-autotune``: the mode reaches torch.compile (here a
+    recording stand-in, so nothing compiles), each call starts a new CUDA-graph step and its
+    outputs are copies (a graph replay reuses its output memory); the features equal eager."""
+    from sd4match.config import compile_choice
+
+    assert compile_choice("off", "cuda") == (False, "default") and compile_choice("auto", "cpu") == (False, "default")
+    assert compile_choice("auto", "cuda") == (True, "default") and compile_choice("on", "cpu") == (True, "default")
+    assert compile_choice("max-autotune", "cpu") == (True, "max-autotune")
+    with pytest.raises(Sd4MatchError, match="compile_mode must be one of"):
+        SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, compile=True, compile_mode="fast")
+    modes, outs, steps = [], [], []
+
+    def fake_compile(fn, mode=None):
+        modes.append(mode)
+
+        def run(*args):
+            outs.append(fn(*args))
+            return outs[-1]
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    feat = SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, ensemble=2, compile=True, compile_mode="reduce-overhead")
+    eager = SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, ensemble=2)
+    x = images(b=2)
+    with torch.no_grad():
+        got = feat(x, generator=torch.Generator().manual_seed(0))
+        want = eager(x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, want)
+    assert modes == ["reduce-overhead", "reduce-overhead"] and len(steps) == 2  # the VAE's function, then the UNet's: one step each call
+    mean, std = feat.posterior(feat.preprocess(x))
+    assert mean.data_ptr() != outs[-1][0].data_ptr()  # a copy, not the graph's own output memory
+    feat.reconfigure(compile_mode="max-autotune")
+    with torch.no_grad():
+        feat(x, generator=torch.Generator().manual_seed(0))
+    assert modes[-2:] == ["max-autotune", "max-autotune"]  # recompiled under the new mode

@@ -234,12 +234,26 @@ def test_pipeline_benchmark_runs_on_cpu_with_tiny_models(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline.py"
     out = tmp_path / "bench.json"
-    p = subprocess.run([sys.executable, str(script), "--size", "tiny", "--train-steps", "1", "--train-micro", "9", "--eval-pairs", "8", "--json", str(out)],
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, str(script), "--size", "tiny", "--train-steps", "1", "--train-micro", "9", "--eval-pairs", "8", "--json", str(out),
+                        "--levers", "sdpa:math,channels-last,cpm-pairs:4,vae-batch:8,compile:fast"], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())
     assert "Projected SPair-71k test" in p.stdout and "Projected 30k training steps" in p.stdout
     assert res["evaluate_CPM_s_per_pair"] > 0 and res["train_cpm_9_s_per_step"] > 0
+    for lever in ("lever sdpa math:", "lever channels-last:", "lever cpm-pairs 4 a UNet call:", "lever vae-batch 8:"):
+        assert lever in p.stdout
+    assert "lever compile:fast: not measured (compile_mode must be one of" in p.stdout  # a bad lever is said, the others run
+    # the floor: FLOPs counted on meta copies of the loaded modules equal featurize.py's count on modules built on meta
+    sys.path.insert(0, str(script.parent))
+    from featurize import count_flops
+
+    early, full, vae = count_flops("tiny", 64, str(tmp_path / "tok"))
+    fl = res["flops"]
+    assert (fl["unet_sample"], fl["unet_full_sample"], fl["vae_picture"]) == (early, full, vae)
+    assert 1.5 < fl["unet_train_sample"] / fl["unet_sample"] < 3  # backward to the prompt: about one more forward of GEMMs
+    row = res["floor featurize new image, ensemble 8, batch 4 (ours)"]
+    assert row["tflop"] * 1e12 == vae + 8 * early and row["measured_ms"] == res["featurize_b4_ms"]
+    assert "| featurize new image, ensemble 8, batch 4 (ours) |" in p.stdout and "measured / floor" in p.stdout
 
 
 def _willow_pictures(root, n):
