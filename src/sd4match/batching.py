@@ -289,7 +289,7 @@ class Batcher:
     def prepare(self, pics: Sequence[Picture], work: Sequence[tuple[str, str]]) -> None:
         """Compute and store ``work`` (``work_for``) of the pictures that lack it, in calls of
         ``call_size`` pictures (the last padded with ``fixed_batches``)."""
-        for kind, part in work:
+        for kind, part in work if pics else ():
             if kind == "posterior":
                 self.posteriors(pics)
             else:
@@ -399,6 +399,7 @@ class Batcher:
         (``prompt_id`` names the prompt in the store key; ``embeds`` is (1, 77, D))."""
         got = {p.key: self.stored_map(p, prompt_id) for p in pics}
         todo = list({p.key: p for p in pics if got[p.key] is None}.values())
+        self.prepare(todo, self.work_for(None))  # their posteriors in whole VAE calls, before the UNet's chunks
         n = self.pictures_per_call()
         for i in range(0, len(todo), n):
             chunk = todo[i : i + n]
