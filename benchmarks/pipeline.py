@@ -354,8 +354,10 @@ def main() -> None:
         make_pictures(folder, 24, seed=3)
         for kind in ("single", "cpm"):
             for micro in (int(m) for m in args.train_micro.split(",")):
+                # compiled as the run is (TrainConfig's own default, auto, would compile on CUDA: the rows would not say eager)
                 cfg = TrainConfig(dataset="synthetic", root=str(folder), prompt=kind, model="-", resolution=res, steps=10**6, batch_size=9,
-                                  micro_batch=micro, val_every=0, device=str(dev), workers=8 if dev.type == "cuda" else 2)
+                                  micro_batch=micro, val_every=0, device=str(dev), workers=8 if dev.type == "cuda" else 2,
+                                  compile="on" if args.compile else "off")
                 feat.reconfigure(ensemble=1)
                 tr = Trainer(cfg, tmp / f"run-{kind}-{micro}", featurizer=feat, dino=dino if kind == "cpm" else None, progress=False)
                 tr.train_step()  # warm-up: the first pictures' posteriors and tokens, compilation
