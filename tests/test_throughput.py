@@ -125,6 +125,27 @@ def test_pending_pairs_hold_a_bounded_number_of_pictures_with_the_same_predictio
         assert np.array_equal(bounded[pid], unbounded[pid]), pid
 
 
+def test_a_cpm_stream_under_a_tight_bound_gives_the_same_predictions(models, willow_root):
+    """CPM pairs wait for their fresh pictures to fill whole VAE and DINOv2 calls; a bound
+    tighter than one call forces early, padded VAE / DINOv2 calls instead: the predictions
+    stay the same bit for bit, and only the calls change."""
+    sd, dn = models
+    feat = SDFeaturizer.from_pretrained(sd, resolution=64, ensemble=8)
+    dino = DinoFeaturizer.from_pretrained(dn)
+    cpm = make_prompt("cpm", feat, seed=2, dino_dim=dino.feature_dim)
+    recs = willow(willow_root)
+    recs = [recs[i] for i in np.random.default_rng(5).permutation(len(recs))[:24]]
+    free = Batcher(feat, dino=dino, store=Store())
+    gathered = run(feat, cpm, recs, willow_root, batcher=free)
+    tight = Batcher(feat, dino=dino, store=Store())
+    bounded = run(feat, cpm, recs, willow_root, batcher=tight, pending=4)
+    assert free.stream_peak["flushes"] == 0 and tight.stream_peak["flushes"] > 0 and tight.stream_peak["pictures"] <= 4
+    assert tight.padded["posterior"] > free.padded["posterior"] and tight.padded["dino"] > free.padded["dino"]
+    assert len(tight.calls["dino"]) > len(free.calls["dino"])
+    assert list(bounded) == list(gathered) == [r.id for r in recs]
+    assert all(np.array_equal(bounded[k], gathered[k]) for k in gathered)
+
+
 def test_a_stored_run_decodes_no_picture(models, willow_root, tmp_path, monkeypatch):
     """With the maps on disk (``--cache-dir``), a rerun reads the pictures' files to name them
     but decodes none, and predicts the same."""

@@ -191,8 +191,8 @@ class ModelConfig:
     resolution: int | None = setting(None, "square working size", default_text="768 for SD, 512 for effnet-lite0, 840 for DINOv2")
     max_batch: int | None = setting(None, "model samples per call (SD: pictures x ensemble)",
                                     default_text="the model's own: 32 for SD, 8 pictures for effnet-lite0")
-    vae_batch: int = setting(8, "pictures per VAE call (evaluate and train: every call this size, the last padded; 1: one picture a call, "
-                                "the bits of sd4match before the VAE was batched)")
+    vae_batch: int = setting(8, "pictures per VAE call (evaluate: every call this size, the last padded; match, serve: up to it; 1: one "
+                                "picture a call, the bits of sd4match before the VAE was batched)")
     compile: CompileMode = setting("off", "torch.compile the early-exit UNet and the VAE encoder (auto: on CUDA; compiling takes about a minute, "
                                           "then each call is faster; reduce-overhead / max-autotune: that torch.compile mode)")
 
