@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
     p.add_argument("--out", required=True, type=Path, help="store folder (features/<key>.safetensors + index.json)")
     p.add_argument("--text", help="text prompt (default: the empty prompt)")
-    p.add_argument("--batch-size", type=int, default=4, help="pictures per featurizer call")
+    p.add_argument("--batch-size", type=int, default=8, help="pictures handed to the featurizer at once: their VAE posteriors in calls of up to "
+                                                               "--vae-batch, the UNet in calls of up to --max-batch samples")
     p.add_argument("--store-gb", type=float, default=0.5, help="memory for maps and VAE posteriors while extracting, GB (the folder keeps them all)")
     p.add_argument("--workers", type=int, default=4, help="loader threads decoding ahead")
     _seed_arg(p)

@@ -28,7 +28,7 @@ def extract_folder(
     *,
     text: str | None = None,
     seed: int = 0,
-    batch_size: int = 4,
+    batch_size: int = 8,
     workers: int = 4,
     progress: bool = True,
     store_gb: float = 0.5,
