@@ -98,6 +98,8 @@ def _first_use(root, image_rel):
 def test_evaluate_keeps_predictions_on_a_bad_image_and_resume_equals_a_clean_run(tmp_path, willow_root, tiny, capsys):
     clean = tmp_path / "clean"
     assert main(_eval_args(tiny, willow_root, clean)) == 0
+    work = json.loads((clean / "run-info.json").read_text())["stream"]["work"]  # 50 pictures: 7 VAE calls of 8, 6 of them padding
+    assert work["vae"] == {"calls": 7, "items": 56, "padded": 6} and work["unet"]["items"] == 32 * work["unet"]["calls"]
     root = _willow_copy(tmp_path, willow_root)
     rel = "PF-dataset/winebottle(wC)/246_0042.png"
     first = _first_use(root, rel)
