@@ -146,6 +146,29 @@ def test_a_cpm_stream_under_a_tight_bound_gives_the_same_predictions(models, wil
     assert all(np.array_equal(bounded[k], gathered[k]) for k in gathered)
 
 
+def test_dinov2_inputs_are_made_by_the_loader_threads(models, willow_root):
+    """A CPM stream: each picture's DINOv2 crop (PIL resize and crop, normalisation) is made
+    in a loader thread, ahead of the model, not in the thread that feeds the GPU; a store
+    that already holds the tokens makes none."""
+    import threading
+
+    sd, dn = models
+    feat = SDFeaturizer.from_pretrained(sd, resolution=64, ensemble=2)
+    dino = DinoFeaturizer.from_pretrained(dn)
+    cpm = make_prompt("cpm", feat, dino_dim=dino.feature_dim)
+    recs = willow(willow_root, 30)
+    made = []
+    real = dino.pixels
+    dino.pixels = lambda im: made.append(threading.current_thread().name) or real(im)
+    store = Store()
+    run(feat, cpm, recs, willow_root, batcher=Batcher(feat, dino=dino, store=store), workers=2)
+    n_pics = len({p for r in recs for p in (r.src, r.trg)})
+    assert len(made) >= n_pics and all(name.startswith("sd4match-load") for name in made), made
+    made.clear()
+    run(feat, cpm, recs, willow_root, batcher=Batcher(feat, dino=dino, store=store), workers=2)  # tokens stored: no DINOv2 input made
+    assert made == []
+
+
 def test_a_stored_run_decodes_no_picture(models, willow_root, tmp_path, monkeypatch):
     """With the maps on disk (``--cache-dir``), a rerun reads the pictures' files to name them
     but decodes none, and predicts the same."""

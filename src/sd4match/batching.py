@@ -30,6 +30,7 @@ end of a run, or when the bound on waiting pictures is reached.
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import weakref
 from collections import Counter, deque
@@ -65,6 +66,7 @@ class Picture:
         self._image, self._decode = image, decode
         self.key = key or image_key(image)
         self.resized: dict = {}  # resolution -> (3, R, R) uint8 tensor
+        self.inputs: dict[str, torch.Tensor] = {}  # a model's input made from the picture (DINOv2's crop), by the model's settings
 
     @property
     def image(self) -> Image.Image:
@@ -87,6 +89,13 @@ class Picture:
         """(3, R, R) fp32 in [0, 1] on ``device`` (uint8 travels, the float is made there)."""
         self.prepare(resolution)
         return self.resized[resolution].to(device, non_blocking=True).float() / 255.0
+
+    def input_for(self, name: str, make: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+        """The input ``make(image)`` of the model ``name`` names, made once (in a loader thread when asked there)."""
+        got = self.inputs.get(name)
+        if got is None:
+            got = self.inputs[name] = make(self.image)
+        return got
 
 
 def prefetch(items: Iterable[T], fn: Callable[[T], R], *, workers: int = 4, ahead: int = 16) -> Iterator[tuple[T, R | BaseException]]:
@@ -147,6 +156,7 @@ class Batcher:
         self.stream_peak: dict[str, int] = {}  # the last stream's largest held pictures and waiting pairs, and its early calls
         self._live: weakref.WeakValueDictionary[str, Picture] = weakref.WeakValueDictionary()  # decoded pictures someone still holds
         self._live_lock = threading.Lock()
+        self._dino_name = json.dumps(dino.settings(), sort_keys=True) if dino is not None else ""
 
     @property
     def device(self):
@@ -168,7 +178,7 @@ class Batcher:
         return self.featurizer.resolution if self.featurizer.has_posterior else None
 
     def load_pair(self, root: str | Path, record: PairRecord,
-                  need: Callable[[PairRecord, Picture, Picture], tuple[bool, bool]] | None = None) -> tuple[Picture, Picture]:
+                  need: Callable[[PairRecord, Picture, Picture], tuple[bool, bool]] | None = None, dino_part: str | None = None) -> tuple[Picture, Picture]:
         """A pair's two pictures, decoded and squashed for the model (in a loader thread).
 
         A picture whose file the store has named before (``Store.name``) is made lazily;
@@ -176,7 +186,8 @@ class Batcher:
         others are decoded only if their pixels are asked for (a stored map needs none).
         A picture not named yet is decoded here, so that a bad file fails on its pair. A
         picture that another waiting pair holds decoded is that same ``Picture`` (decoded
-        once however many pairs of the look-ahead read it)."""
+        once however many pairs of the look-ahead read it). With ``dino_part``, a decoded
+        picture whose DINOv2 tokens are not stored gets its DINOv2 input made here too."""
         pics = []
         sources = pair_sources(root, record)
         for source in sources:
@@ -196,6 +207,8 @@ class Batcher:
             if w:
                 p.image  # noqa: B018 - decode now, in this thread
                 p.prepare(self.picture_resolution)
+                if dino_part is not None and not self.store.contains("dino", settings_key(p.key, self._work_settings("dino", dino_part))):
+                    self.dino_input(p)
             if p.decoded:
                 with self._live_lock:
                     self._live.setdefault(source.identity, p)
@@ -327,8 +340,18 @@ class Batcher:
     def tokens(self, pics: Sequence[Picture], part: str = "patches") -> torch.Tensor:
         """DINOv2 patch tokens (B, P, C) fp32, or with ``part="cls"`` the CLS token (B, 1, C);
         each picture's computed once."""
-        return self._once("dino", pics, self._work_settings("dino", part),
-                          lambda batch: {"tokens": self.dino.tokens([p.image for p in batch], part).to(self.device)})["tokens"]
+
+        def dino(batch):
+            out = {"tokens": self.dino.tokens_of_pixels(torch.stack([self.dino_input(p) for p in batch]), part).to(self.device)}
+            for p in batch:  # the tokens are stored: their input is not needed again
+                p.inputs.pop(self._dino_name, None)
+            return out
+
+        return self._once("dino", pics, self._work_settings("dino", part), dino)["tokens"]
+
+    def dino_input(self, pic: Picture) -> torch.Tensor:
+        """``pic`` as DINOv2 takes it (``DinoFeaturizer.pixels``), made once."""
+        return pic.input_for(self._dino_name, self.dino.pixels)
 
     # ---------------------------------------------------------------- prompts
     def prompt_batch(self, prompt: Prompt, src: Sequence[Picture], trg: Sequence[Picture], categories: Sequence[str] | None = None) -> dict[str, Any]:
@@ -457,7 +480,8 @@ class Batcher:
         numbers seen.
         """
         pairs = PairStream(self, prompt, consume, max_pictures=max_pictures, max_pairs=max_pairs)
-        loaded = prefetch(records, lambda r: self.load_pair(root, r, need=pairs.needed), workers=workers, ahead=ahead)
+        dino_part = prompt.dino_part if prompt is not None and prompt.needs_dino else None
+        loaded = prefetch(records, lambda r: self.load_pair(root, r, need=pairs.needed, dino_part=dino_part), workers=workers, ahead=ahead)
         try:
             yield from pairs.run(loaded)
         finally:

@@ -222,7 +222,8 @@ class Trainer:
             step += 1
 
     def _load_pictures(self, recs) -> list[tuple[Picture, Picture]]:
-        return [self.batcher.load_pair(self.cfg.root, r) for r in recs]
+        part = self.prompt.dino_part if self.prompt.needs_dino else None  # DINOv2's input made here too, in the loader thread
+        return [self.batcher.load_pair(self.cfg.root, r, dino_part=part) for r in recs]
 
     def close_loader(self) -> None:
         """Stop the loader threads (they decode ahead; nothing may run on when the run ends)."""

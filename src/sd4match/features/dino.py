@@ -209,15 +209,30 @@ class DinoFeaturizer(Featurizer):
             return imagenet_normalize(x).to(self.model.dtype)
         if isinstance(images, torch.Tensor):
             images = [Image.fromarray((im.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)) for im in images]
-        out = []
-        for im in images:
-            im = im.convert("RGB")
-            w, h = self._resized(im.size)
-            im = im.resize((w, h), Image.Resampling.BICUBIC)
-            left, top = (w - self.config.crop) // 2, (h - self.config.crop) // 2
-            im = im.crop((left, top, left + self.config.crop, top + self.config.crop))
-            out.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
-        return imagenet_normalize(torch.stack(out)).to(self.model.device, self.model.dtype)
+        return torch.stack([self.pixels(im) for im in images]).to(self.model.device, self.model.dtype)
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """One PIL picture as the model takes it, (3, S, S) fp32 on the CPU, ImageNet-normalised:
+        its 224 centre crop (crop mode), or squashed to ``resolution``. The PIL work of
+        ``preprocess``, one picture at a time, so that loader threads can do it ahead
+        (``tokens_of_pixels`` then runs the model)."""
+        if self.config.mode == "squash":
+            return imagenet_normalize(images_to_tensor([image], self.config.resolution))[0]
+        im = image.convert("RGB")
+        w, h = self._resized(im.size)
+        im = im.resize((w, h), Image.Resampling.BICUBIC)
+        left, top = (w - self.config.crop) // 2, (h - self.config.crop) // 2
+        im = im.crop((left, top, left + self.config.crop, top + self.config.crop))
+        return imagenet_normalize(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)[None])[0]
+
+    def tokens_of_pixels(self, pixels: torch.Tensor, part: str = "patches") -> torch.Tensor:
+        """``tokens`` of pictures already made into model input (``pixels``, stacked: (B, 3, S, S))."""
+        if part not in DINO_PARTS:
+            raise Sd4MatchError(f"DINOv2 token part must be one of {', '.join(DINO_PARTS)}, got {part!r}")
+        x = pixels.to(self.model.device, self.model.dtype)
+        if part == "cls":
+            return dino_hidden_states(self.model, x, self.config.pos)[:, :1].float()
+        return self.tokens_of(x)
 
     def _resized(self, size) -> tuple[int, int]:
         w, h = resized_size(size, self.config.resize)
@@ -227,12 +242,7 @@ class DinoFeaturizer(Featurizer):
         """Patch tokens (B, N, C), CLS and register tokens dropped; or with ``part="cls"``
         the CLS token after the final LayerNorm (B, 1, C): transformers' ``pooler_output``,
         the official CPM's ``Head`` input."""
-        if part not in DINO_PARTS:
-            raise Sd4MatchError(f"DINOv2 token part must be one of {', '.join(DINO_PARTS)}, got {part!r}")
-        if part == "cls":
-            out = dino_hidden_states(self.model, self.preprocess(images).to(self.model.dtype), self.config.pos)
-            return out[:, :1].float()
-        return self.tokens_of(self.preprocess(images))
+        return self.tokens_of_pixels(self.preprocess(images), part)
 
     def forward(self, images: ImagesLike, *, prompt_embeds=None, text=None, generator=None) -> torch.Tensor:
         t = self.tokens(images)
