@@ -123,7 +123,7 @@ def official_like(feat, x, cond, dev):
 
 #: dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' data sheets, by a
 #: substring of ``torch.cuda.get_device_name``
-NAMED_PEAKS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0,
+NAMED_PEAKS = {"H200": 989.0, "H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0,
                "RTX 4090": 165.0, "RTX 6000 Ada": 365.0, "B200": 2250.0, "GB200": 2500.0}
 
 
