@@ -86,3 +86,27 @@ def test_match_all_equals_four_single_rule_runs(tmp_path, willow_root, capsys):
     assert {k: v for k, v in doc.items() if k not in ("rule", "by_rule", "run")} == {**doc["by_rule"]["kernel-softargmax"], "dataset": "pfwillow",
                                                                                       "split": "test"}
     assert len({json.dumps(doc["by_rule"][r]["per_point"]) for r in doc["by_rule"]}) > 1  # the rules really differ
+
+
+def test_a_resume_with_other_call_sizes_is_refused_before_the_model_loads(tmp_path):
+    """The VAE's call size shapes the bits (float noise), so an unfinished run resumes only
+    with the one it started with; a run of an earlier version (one picture a call, no
+    ``vae_batch`` recorded) resumes with ``--vae-batch 1`` and no other."""
+    from sd4match.config import EvalConfig
+    from sd4match.errors import Sd4MatchError
+    from sd4match.evaluate import RUN, check_evaluation_folder, run_settings
+
+    cfg = EvalConfig("pfwillow", str(tmp_path / "data"))
+    base = {"model": "sd-2-1", "ensemble": 8}
+    for earlier, now, ok in ((base, base, True),  # an earlier version's run, resumed with --vae-batch 1
+                             (base, {**base, "vae_batch": 8}, False),  # ... with the new default
+                             ({**base, "vae_batch": 8}, base, False),  # a batched run resumed one picture a call
+                             ({**base, "vae_batch": 8}, {**base, "vae_batch": 8}, True)):
+        out = tmp_path / f"run-{len(earlier)}-{len(now)}"
+        out.mkdir()
+        (out / RUN).write_text(json.dumps({"config": run_settings(cfg), "featurizer": {}, "request": earlier}))
+        if ok:
+            check_evaluation_folder(out, resume=True, cfg=cfg, request=now)
+        else:
+            with pytest.raises(Sd4MatchError, match=r"other settings \(request\.vae_batch\)"):
+                check_evaluation_folder(out, resume=True, cfg=cfg, request=now)

@@ -100,6 +100,7 @@ def test_evaluate_keeps_predictions_on_a_bad_image_and_resume_equals_a_clean_run
     assert main(_eval_args(tiny, willow_root, clean)) == 0
     work = json.loads((clean / "run-info.json").read_text())["stream"]["work"]  # 50 pictures: 7 VAE calls of 8, 6 of them padding
     assert work["vae"] == {"calls": 7, "items": 56, "padded": 6} and work["unet"]["items"] == 32 * work["unet"]["calls"]
+    assert json.loads((clean / "score.json").read_text())["run"]["config"]["settings"]["vae_call"] == 8  # the call size is part of what made the numbers
     root = _willow_copy(tmp_path, willow_root)
     rel = "PF-dataset/winebottle(wC)/246_0042.png"
     first = _first_use(root, rel)

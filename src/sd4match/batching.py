@@ -278,6 +278,12 @@ class Batcher:
         n = self.call_size(kind)
         return n if n != 1 else None
 
+    def call_settings(self, prompt: Prompt | None) -> dict[str, int]:
+        """The fixed call sizes that shape the bits of maps under ``prompt`` (``fixed_call``),
+        for a run's recorded settings: ``vae_call``, ``dino_call``; empty for one picture a call."""
+        calls = {"vae_call": self.fixed_call("posterior"), "dino_call": self.fixed_call("dino") if prompt is not None and prompt.needs_dino else None}
+        return {k: v for k, v in calls.items() if v}
+
     def _work_settings(self, kind: str, part: str = "patches") -> dict:
         call = self.fixed_call(kind)
         tag = {"call": call} if call else {}

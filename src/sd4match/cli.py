@@ -528,7 +528,8 @@ def cmd_evaluate(args) -> int:
     _check_common(args)
     recs = _eval_records(cfg)
     request = {**{k: getattr(model, k) for k in ("model", "model_config", "dtype", "timestep", "up_block", "ensemble", "resolution", "noise_schedule")},
-               "dino": args.dino, "dino_input": model.dino_input, "dino_pos": model.dino_pos}
+               "dino": args.dino, "dino_input": model.dino_input, "dino_pos": model.dino_pos,
+               **({"vae_batch": model.vae_batch} if model.vae_batch != 1 else {})}  # one a call: the runs of earlier versions
     with run_lock(args.out, "evaluation"):  # held from before the model loads to the end: a second run into this folder is refused at once
         return _run_evaluation(args, model, cfg, recs, request)
 

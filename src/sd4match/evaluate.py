@@ -164,7 +164,7 @@ def _compare(run: Path, now: dict) -> None:
         earlier = json.loads(run.read_text())
     except json.JSONDecodeError as e:
         raise Sd4MatchError(f"{run}: unreadable ({e})") from None
-    diff = sorted(f"{part}.{k}" for part, d in now.items() for k in d if earlier.get(part, {}).get(k) != d[k])
+    diff = sorted(f"{part}.{k}" for part, d in now.items() for k in set(d) | set(earlier.get(part, {})) if earlier.get(part, {}).get(k) != d.get(k))
     if diff:
         raise Sd4MatchError(f"{run}: the earlier run used other settings ({', '.join(diff)}); resume with the same ones or choose another --out")
 
@@ -197,7 +197,8 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
 def _evaluate(featurizer, cfg: EvalConfig, out: Path, *, dino, progress, records, store, resume, request) -> Evaluation:
     records = _records(cfg, records)
     prompt = resolve_prompt(cfg.prompt, featurizer, dino=dino)
-    settings = {**featurizer.settings(), **_prompt_categories(prompt)}
+    batcher = Batcher(featurizer, dino=dino, store=store, seed=cfg.seed)
+    settings = {**featurizer.settings(), **batcher.call_settings(prompt), **_prompt_categories(prompt)}
     rank, world = distributed_rank_world()
     done: dict[str, list] = {}
     check_evaluation_folder(out, resume=resume)
@@ -218,7 +219,6 @@ def _evaluate(featurizer, cfg: EvalConfig, out: Path, *, dino, progress, records
     mine: dict[str, dict[str, np.ndarray]] = {}
     bad: dict[str, str] = {}
     with open(partial, "a", encoding="utf-8") as fh:
-        batcher = Batcher(featurizer, dino=dino, store=store, seed=cfg.seed)
         for pid, kps in predict_pairs(featurizer, prompt, mine_recs, cfg.root, match=cfg.matches, workers=cfg.workers, chunk=cfg.chunk,
                                       pending=cfg.pending, batcher=batcher, progress=progress and rank == 0):
             if isinstance(kps, BaseException):
@@ -333,7 +333,7 @@ def evaluate_layers(featurizer, cfg: EvalConfig, outs: dict[int, str | Path], *,
     seconds = time.perf_counter() - t0
     result = {}
     for k, out in outs.items():
-        settings = {**featurizer.settings(), "up_block": k, **_prompt_categories(prompt)}
+        settings = {**featurizer.settings(), "up_block": k, **batcher.call_settings(prompt), **_prompt_categories(prompt)}
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
         doc = _finish(out, cfg, records, {}, mine[k], bad, settings, world, seconds / len(outs), _training_cost(prompt)) if rank == 0 else None
