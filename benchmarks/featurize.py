@@ -103,32 +103,43 @@ def timed(fn, dev, reps: int = 3, warmup: int = 1) -> tuple[float, float]:
     return (time.perf_counter() - t0) / reps, peak_mb(dev)
 
 
+def flops(fn) -> int:
+    """FLOPs of ``fn()`` (``torch.utils.flop_counter``: matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def sd_flops(unet, vae, res: int, *, latent_factor: int, prompt_dim: int, timestep: int, up_block: int) -> tuple[int, int, int]:
+    """FLOPs of one early-exit UNet forward (to ``up_blocks[up_block]``), one full forward and
+    one VAE encode, batch 1 at ``res``; give modules on the meta device (nothing computes)."""
+    from sd4match.features.sd import unet_up_to
+
+    side = res // latent_factor
+    with torch.device("meta"):
+        noisy = torch.randn(1, 4, side, side)
+        t = torch.tensor([timestep])
+        cond = torch.randn(1, 77, prompt_dim)
+        image = torch.rand(1, 3, res, res)
+    with torch.no_grad():
+        early = flops(lambda: unet_up_to(unet, noisy, t, cond, up_block))
+        full = flops(lambda: unet(noisy, t, encoder_hidden_states=cond))
+        enc = flops(lambda: vae.encode(2 * image - 1))
+    return early, full, enc
+
+
 def count_flops(size: str, res: int, tmp: str) -> tuple[int, int, int]:
     """FLOPs of one early-exit UNet forward, one full forward and one VAE encode (batch 1).
 
-    Counted on meta-device copies: no arithmetic runs, so full-size numbers at 768 cost
-    about a second on any machine.
+    Counted on modules built on the meta device: no arithmetic runs, so full-size numbers at
+    768 cost about a second on any machine.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     with torch.device("meta"):
         feat = build(size, tmp)
-        side = res // feat.latent_factor
-        noisy = torch.randn(1, 4, side, side)
-        t = torch.tensor([feat.config.timestep])
-        cond = torch.randn(1, 77, feat.prompt_dim)
-        image = torch.rand(1, 3, res, res)
-    with torch.no_grad():
-        with FlopCounterMode(display=False) as fc:
-            feat.unet_features(noisy, t, cond)
-        early = fc.get_total_flops()
-        with FlopCounterMode(display=False) as fc:
-            feat.unet(noisy, t, encoder_hidden_states=cond)
-        full = fc.get_total_flops()
-        with FlopCounterMode(display=False) as fc:
-            feat.vae.encode(2 * image - 1)
-        vae = fc.get_total_flops()
-    return early, full, vae
+    return sd_flops(feat.unet, feat.vae, res, latent_factor=feat.latent_factor, prompt_dim=feat.prompt_dim, timestep=feat.config.timestep,
+                    up_block=feat.config.up_block)
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from featurize import SD21_UNET, SD21_VAE, peak_mb, reset_peak, sync, timed  # noqa: E402
+from featurize import SD21_UNET, SD21_VAE, flops, peak_mb, reset_peak, sd_flops, sync, timed  # noqa: E402
 
 # CLIP ViT-H/14 text tower (SD 2.1's text_encoder/config.json) and DINOv2-B/14
 SD21_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
@@ -148,33 +148,24 @@ def count_work_flops(feat, dino, res: int) -> dict[str, float]:
     to the prompt (training); the VAE encoder; DINOv2 at the CPM's 224 crop."""
     import copy
 
-    from torch.utils.flop_counter import FlopCounterMode
+    from sd4match.features.sd import unet_up_to
 
     def on_meta(m):
-        return copy.deepcopy(m).to("meta")
+        return copy.deepcopy(m).to("meta").float()
 
-    def flops(fn) -> float:
-        with FlopCounterMode(display=False) as fc:
-            fn()
-        return float(fc.get_total_flops())
-
-    unet, vae, dnet = on_meta(feat.unet).float(), on_meta(feat.vae).float(), on_meta(dino.model).float()
+    unet, vae, dnet = on_meta(feat.unet), on_meta(feat.vae), on_meta(dino.model)
+    k = feat.config.up_block
+    early, full, enc = sd_flops(unet, vae, res, latent_factor=feat.latent_factor, prompt_dim=feat.prompt_dim, timestep=261, up_block=k)
     side = res // feat.latent_factor
     with torch.device("meta"):
         noisy, t = torch.randn(1, 4, side, side), torch.tensor([261])
-        cond = torch.randn(1, 77, feat.prompt_dim)
-        image, crop = torch.rand(1, 3, res, res), torch.rand(1, 3, 224, 224)
-    from sd4match.features.sd import unet_up_to
-
-    out: dict[str, float] = {}
+        cond = torch.randn(1, 77, feat.prompt_dim, requires_grad=True)
+        crop = torch.rand(1, 3, 224, 224)
     with torch.no_grad():
-        out["unet_sample"] = flops(lambda: unet_up_to(unet, noisy, t, cond, feat.config.up_block))
-        out["unet_full_sample"] = flops(lambda: unet(noisy, t, encoder_hidden_states=cond))
-        out["vae_picture"] = flops(lambda: vae.encode(2 * image - 1))
-        out["dino_picture"] = flops(lambda: dnet(pixel_values=crop))
-    c = cond.clone().requires_grad_(True)
-    out["unet_train_sample"] = flops(lambda: unet_up_to(unet, noisy, t, c, feat.config.up_block).float().mean().backward())
-    return out
+        dino_flops = flops(lambda: dnet(pixel_values=crop))
+    train = flops(lambda: unet_up_to(unet, noisy, t, cond, k).float().mean().backward())
+    return {"unet_sample": float(early), "unet_full_sample": float(full), "vae_picture": float(enc), "dino_picture": float(dino_flops),
+            "unet_train_sample": float(train)}
 
 
 def main() -> None:

@@ -131,6 +131,12 @@ def per_pair(prompt: Prompt | None) -> bool:
     return prompt is not None and prompt.per_pair
 
 
+def dino_part(prompt: Prompt | None) -> str | None:
+    """The DINOv2 tokens maps under ``prompt`` read (``patches`` or ``cls``), or None for a
+    prompt that reads none: the one test of that decision."""
+    return prompt.dino_part if prompt is not None and prompt.needs_dino else None
+
+
 class Batcher:
     """The frozen featurizer (and DINOv2) behind one store.
 
@@ -207,7 +213,7 @@ class Batcher:
             if w:
                 p.image  # noqa: B018 - decode now, in this thread
                 p.prepare(self.picture_resolution)
-                if dino_part is not None and not self.store.contains("dino", settings_key(p.key, self._work_settings("dino", dino_part))):
+                if dino_part is not None and not self.has_work(p, [("dino", dino_part)]):
                     self.dino_input(p)
             if p.decoded:
                 with self._live_lock:
@@ -236,7 +242,7 @@ class Batcher:
         passed in when the caller has it: hashing a prompt's tensors is not free), and the
         category when the prompt's output may depend on it."""
         tag = category if prompt is not None and prompt.uses_category and category is not None else "-"
-        dino_call = self.fixed_call("dino") if prompt is not None and prompt.needs_dino else None
+        dino_call = self.fixed_call("dino") if dino_part(prompt) else None
         return f"{fingerprint or prompt_fingerprint(prompt)}:{tag}" + (f":dino-call-{dino_call}" if dino_call else "")
 
     def feature_key(self, pic: Picture, prompt_id: str) -> str:
@@ -281,7 +287,7 @@ class Batcher:
     def call_settings(self, prompt: Prompt | None) -> dict[str, int]:
         """The fixed call sizes that shape the bits of maps under ``prompt`` (``fixed_call``),
         for a run's recorded settings: ``vae_call``, ``dino_call``; empty for one picture a call."""
-        calls = {"vae_call": self.fixed_call("posterior"), "dino_call": self.fixed_call("dino") if prompt is not None and prompt.needs_dino else None}
+        calls = {"vae_call": self.fixed_call("posterior"), "dino_call": self.fixed_call("dino") if dino_part(prompt) else None}
         return {k: v for k, v in calls.items() if v}
 
     def _work_settings(self, kind: str, part: str = "patches") -> dict:
@@ -297,8 +303,9 @@ class Batcher:
         """The once-per-picture work that maps under ``prompt`` read: (kind, part) for the VAE
         posterior (featurizers with one) and DINOv2 tokens (prompts that need them)."""
         work = [("posterior", "")] if self.featurizer.has_posterior else []
-        if prompt is not None and prompt.needs_dino:
-            work.append(("dino", prompt.dino_part))
+        part = dino_part(prompt)
+        if part is not None:
+            work.append(("dino", part))
         return work
 
     def has_work(self, pic: Picture, work: Sequence[tuple[str, str]]) -> bool:
@@ -486,8 +493,8 @@ class Batcher:
         numbers seen.
         """
         pairs = PairStream(self, prompt, consume, max_pictures=max_pictures, max_pairs=max_pairs)
-        dino_part = prompt.dino_part if prompt is not None and prompt.needs_dino else None
-        loaded = prefetch(records, lambda r: self.load_pair(root, r, need=pairs.needed, dino_part=dino_part), workers=workers, ahead=ahead)
+        part = dino_part(prompt)
+        loaded = prefetch(records, lambda r: self.load_pair(root, r, need=pairs.needed, dino_part=part), workers=workers, ahead=ahead)
         try:
             yield from pairs.run(loaded)
         finally:

@@ -157,8 +157,9 @@ def load_model(model: ModelConfig):
     from sd4match.runtime import pick_device, pick_dtype
 
     dev = pick_device(model.device)
+    compiled, compile_mode = compile_choice(model.compile, dev.type)
     kw = {"timestep": model.timestep, "up_block": model.up_block, "ensemble": model.ensemble, **({"max_batch": model.max_batch} if model.max_batch else {}),
-          "compile": compile_choice(model.compile, dev.type)[0], "compile_mode": compile_choice(model.compile, dev.type)[1], "dino_input": model.dino_input, "dino_pos": model.dino_pos, "noise_schedule": model.noise_schedule,
+          "compile": compiled, "compile_mode": compile_mode, "dino_input": model.dino_input, "dino_pos": model.dino_pos, "noise_schedule": model.noise_schedule,
           "vae_batch": model.vae_batch}
     if model.model_config:
         kw["config"] = model.model_config

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from sd4match.batching import Batcher, Picture, prefetch
+from sd4match.batching import Batcher, Picture, dino_part, prefetch
 from sd4match.checkpoint import CKPT_DIR, list_checkpoints, load_checkpoint, prune_checkpoints, read_checkpoint_meta, save_checkpoint
 from sd4match.config import TRAIN_PRESETS, MatchConfig, TrainConfig, compile_choice, load_train_config
 from sd4match.data import dataset_options, open_dataset
@@ -165,9 +165,10 @@ class Trainer:
                                                   resolution=cfg.resolution, amp_dtype=cfg.amp_dtype).to(dev, wdt)
         if not (self.feat.takes_prompt and self.feat.has_posterior):
             raise Sd4MatchError(f"{cfg.model}: prompts are learned for Stable Diffusion (or SD+DINOv2) models, not {self.feat.model_id}")
+        compiled, compile_mode = compile_choice(cfg.compile, torch.device(dev).type)
         self.feat.reconfigure(timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, resolution=cfg.resolution, amp_dtype=cfg.amp_dtype,
                               noise_schedule=cfg.noise_schedule,
-                              compile=compile_choice(cfg.compile, torch.device(dev).type)[0], compile_mode=compile_choice(cfg.compile, torch.device(dev).type)[1])
+                              compile=compiled, compile_mode=compile_mode)
         self.dino = (dino or DinoFeaturizer.from_pretrained(cfg.dino, pos=cfg.dino_pos).to(dev, wdt)) if kind.needs_dino else None
         # 2. the data
         self._ds = open_dataset(cfg.dataset, cfg.root, **dataset_options(cfg))
@@ -222,7 +223,7 @@ class Trainer:
             step += 1
 
     def _load_pictures(self, recs) -> list[tuple[Picture, Picture]]:
-        part = self.prompt.dino_part if self.prompt.needs_dino else None  # DINOv2's input made here too, in the loader thread
+        part = dino_part(self.prompt)  # DINOv2's input made here too, in the loader thread
         return [self.batcher.load_pair(self.cfg.root, r, dino_part=part) for r in recs]
 
     def close_loader(self) -> None:
