@@ -112,16 +112,18 @@ DType = Literal["auto", "fp32", "bf16", "fp16"]
 #: ``--compile``: off, on (torch.compile's default mode), auto (on with CUDA), or a torch.compile mode
 #: (reduce-overhead: CUDA graphs of the fixed call shapes; max-autotune: autotuned kernels, and graphs)
 CompileMode = Literal["auto", "on", "off", "reduce-overhead", "max-autotune"]
+#: torch.compile modes (``SDFeaturizerConfig.compile_mode``); reduce-overhead and max-autotune capture CUDA graphs
+TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+DinoInput = Literal["official", "imagenet"]
+#: How DINOv2's learned position grid is resized (``sd4match.features.dino.DINO_POS``).
+DinoPos = Literal["official", "transformers"]
 
 
 def compile_choice(mode: str, device_type: str) -> tuple[bool, str]:
     """(compile or not, torch.compile mode) of a ``--compile`` value on a device type."""
-    if mode in ("off",) or (mode == "auto" and device_type != "cuda"):
+    if mode == "off" or (mode == "auto" and device_type != "cuda"):
         return False, "default"
-    return True, mode if mode in ("reduce-overhead", "max-autotune") else "default"
-DinoInput = Literal["official", "imagenet"]
-#: How DINOv2's learned position grid is resized (``sd4match.features.dino.DINO_POS``).
-DinoPos = Literal["official", "transformers"]
+    return True, mode if mode in TORCH_COMPILE_MODES else "default"
 #: What ``sd4match train`` trains: the prompt, UNet adapters, or both.
 AdaptMode = Literal["prompt", "lora", "prompt+lora", "finetune", "prompt+finetune"]
 #: What a CPM's conditional rows are made from (``sd4match.prompts.cpm.CPM_INPUTS``).

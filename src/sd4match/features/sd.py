@@ -28,6 +28,7 @@ from typing import Sequence
 
 import torch
 
+from sd4match.config import TORCH_COMPILE_MODES
 from sd4match.errors import Sd4MatchError, first_line
 from sd4match.features.base import CellMap, Featurizer, ImagesLike, images_to_tensor
 from sd4match.features.registry import ResolvedModel, load_from_hub, offline_mode, resolve
@@ -56,8 +57,6 @@ class _EarlyExit(Exception):
 
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}
-#: torch.compile modes (``compile_mode``); reduce-overhead and max-autotune capture CUDA graphs of the fixed call shapes
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 #: ``--noise-schedule`` classes: short name -> diffusers scheduler class
 NOISE_SCHEDULERS = {"DDPM": "DDPMScheduler", "DDIM": "DDIMScheduler", "PNDM": "PNDMScheduler", "Euler": "EulerDiscreteScheduler",
@@ -235,8 +234,8 @@ class SDFeaturizer(Featurizer):
             raise Sd4MatchError(f"resolution must be a multiple of {self.latent_factor}, got {c.resolution}")
         if c.amp_dtype not in _AMP:
             raise Sd4MatchError(f"amp_dtype must be bf16, fp16 or None, got {c.amp_dtype!r}")
-        if c.compile_mode not in COMPILE_MODES:
-            raise Sd4MatchError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {c.compile_mode!r}")
+        if c.compile_mode not in TORCH_COMPILE_MODES:
+            raise Sd4MatchError(f"compile_mode must be one of {', '.join(TORCH_COMPILE_MODES)}, got {c.compile_mode!r}")
 
     def reconfigure(self, **changes) -> "SDFeaturizer":
         """Change settings in place (timestep, up_block, ensemble, ...); returns self."""
