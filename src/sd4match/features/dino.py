@@ -111,6 +111,11 @@ def dino_hidden_states(model, pixel_values: torch.Tensor, pos: str = "official")
             return model(pixel_values=pixel_values).last_hidden_state
 
 
+def _check_part(part: str) -> None:
+    if part not in DINO_PARTS:
+        raise Sd4MatchError(f"DINOv2 token part must be one of {', '.join(DINO_PARTS)}, got {part!r}")
+
+
 def resized_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
     """(W, H) after transformers' image-processor resize to a shorter side of ``shorter``:
     the longer side is ``int(shorter * long / short)`` (truncated, not rounded)."""
@@ -227,8 +232,7 @@ class DinoFeaturizer(Featurizer):
 
     def tokens_of_pixels(self, pixels: torch.Tensor, part: str = "patches") -> torch.Tensor:
         """``tokens`` of pictures already made into model input (``pixels``, stacked: (B, 3, S, S))."""
-        if part not in DINO_PARTS:
-            raise Sd4MatchError(f"DINOv2 token part must be one of {', '.join(DINO_PARTS)}, got {part!r}")
+        _check_part(part)
         x = pixels.to(self.model.device, self.model.dtype)
         if part == "cls":
             return dino_hidden_states(self.model, x, self.config.pos)[:, :1].float()
@@ -242,6 +246,7 @@ class DinoFeaturizer(Featurizer):
         """Patch tokens (B, N, C), CLS and register tokens dropped; or with ``part="cls"``
         the CLS token after the final LayerNorm (B, 1, C): transformers' ``pooler_output``,
         the official CPM's ``Head`` input."""
+        _check_part(part)  # before the pictures are prepared
         return self.tokens_of_pixels(self.preprocess(images), part)
 
     def forward(self, images: ImagesLike, *, prompt_embeds=None, text=None, generator=None) -> torch.Tensor:
