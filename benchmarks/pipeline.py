@@ -23,6 +23,14 @@ projected SPair-71k test time with CPM (12,234 pairs) and a 30k-step training ru
 
     python benchmarks/pipeline.py --size sd21 --device cuda --compile \
         --levers sdpa:flash,sdpa:efficient,sdpa:cudnn,channels-last,cpm-pairs:4,vae-batch:8,compile:reduce-overhead,compile:max-autotune
+
+``--profile N`` adds where the time of a CPM evaluation of N pairs goes (torch.profiler:
+the GPU's kernels on CUDA, the CPU's operators otherwise), in shares of convolution,
+attention, GroupNorm, matmul, layout copies, elementwise work and the rest, with the top
+kernels by name. ``--budget-s S`` starts no further part or lever once S seconds have
+passed (each is reported as not measured); the floor and the tables are printed all the
+same, and ``--json`` is rewritten after every row, so a run stopped from outside keeps what
+it measured. ``benchmarks/gpu.sh`` is the prepared GPU run in two parts.
 """
 
 from __future__ import annotations
@@ -168,6 +176,51 @@ def count_work_flops(feat, dino, res: int) -> dict[str, float]:
             "unet_train_sample": float(train)}
 
 
+#: kernel and operator names by what they do: the first category with a matching substring
+#: (of the lower-cased name) wins, so the implicit GEMMs of cuDNN count as convolution
+PROFILE_CATEGORIES = (
+    ("attention", ("scaled_dot_product", "flash", "fmha", "attention", "sdpa")),
+    ("GroupNorm", ("group_norm", "groupnorm", "rowwisemoments", "computefusedparams")),
+    ("LayerNorm", ("layer_norm", "layernorm")),
+    ("layout copies", ("nchwtonhwc", "nhwctonchw", "transpose", "permute", "copy", "contiguous", "cat_", "aten::cat")),
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "winograd", "im2col")),
+    ("matmul", ("gemm", "addmm", "aten::mm", "bmm", "matmul", "linear", "cutlass", "xmma", "cublas", "nvjet")),
+    ("elementwise", ("elementwise", "aten::add", "aten::mul", "aten::sub", "aten::div", "silu", "gelu", "aten::where", "reduce")),
+)
+
+
+def profile_category(name: str) -> str:
+    """What a profiled kernel or operator does, from its name (PROFILE_CATEGORIES), else "other"."""
+    low = name.lower()
+    return next((cat for cat, keys in PROFILE_CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def profile_shares(fn, dev: torch.device, top: int = 12) -> dict:
+    """Run ``fn`` under torch.profiler: the self time of every GPU kernel (CUDA) or CPU operator
+    (otherwise), in total, by category and for the ``top`` names."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = dev.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        fn()
+        sync(dev)
+    times = {}
+    for e in prof.key_averages():
+        if gpu and e.device_type != DeviceType.CUDA:
+            continue
+        t = e.self_device_time_total if gpu else e.self_cpu_time_total
+        if t > 0:
+            times[e.key] = times.get(e.key, 0.0) + t
+    total = sum(times.values()) or 1.0
+    cats: dict[str, float] = {}
+    for k, t in times.items():
+        cats[profile_category(k)] = cats.get(profile_category(k), 0.0) + t / total
+    names = sorted(times, key=times.get, reverse=True)[:top]
+    return {"what": "GPU kernels" if gpu else "CPU operators", "total_ms": total / 1000, "shares": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+            "top": [{"name": k, "share": times[k] / total, "category": profile_category(k)} for k in names]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=("tiny", "sd21"), default="tiny")
@@ -181,7 +234,9 @@ def main() -> None:
     ap.add_argument("--train-micro", default="3,9", help="micro-batch sizes of the training rows (comma-separated)")
     ap.add_argument("--levers", default="", help="comma-separated levers, each measured beside the plain row: sdpa:<flash|efficient|cudnn|math>, "
                     "channels-last, cpm-pairs:<pairs a UNet call>, vae-batch:<pictures a VAE call>, compile:<default|reduce-overhead|max-autotune>")
-    ap.add_argument("--json", type=Path, help="also write every number here")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="also profile a CPM evaluation of N pairs: where its time goes")
+    ap.add_argument("--budget-s", type=float, default=0, help="start no part or lever after this many seconds (0: no budget)")
+    ap.add_argument("--json", type=Path, help="also write every number here (rewritten after every row)")
     args = ap.parse_args()
 
     from sd4match.batching import Batcher, Picture
@@ -210,10 +265,28 @@ def main() -> None:
     results["setup"] = {"size": args.size, "device": str(dev), "device_name": name, "dtype": str(dtype), "compile": args.compile, "torch": torch.__version__}
     rows: list[tuple[str, str, float | None]] = []
 
+    def save():
+        if args.json:  # whole after every row: a run stopped from outside keeps what it measured
+            from sd4match.fileio import atomic_write_text
+
+            atomic_write_text(args.json, json.dumps(results, indent=1, default=str))
+
     def row(what, value, unit, mb=None):
         rows.append((what, f"{value:.2f} {unit}", mb))
         results[what] = {"value": value, "unit": unit, "peak_mb": mb}
         print(f"  {what}: {value:.2f} {unit}" + (f" (peak {mb:.0f} MB)" if mb is not None else ""), flush=True)
+        save()
+
+    def runs(part: str) -> bool:
+        """Whether ``part`` is to run: not skipped, and started inside ``--budget-s``."""
+        if part in skip:
+            return False
+        if args.budget_s and time.perf_counter() - t0 > args.budget_s:
+            print(f"  {part}: not measured (the time budget of {args.budget_s:g} s was spent)", flush=True)
+            results[f"not measured: {part}"] = "time budget"
+            save()
+            return False
+        return True
 
     pics = make_pictures(tmp / "pics", 16)
     cond = torch.randn(1, 77, feat.prompt_dim, device=dev)
@@ -250,7 +323,7 @@ def main() -> None:
         sec = time.perf_counter() - s
         assert all(not isinstance(k, BaseException) for _, k in out)
         return sec, peak_mb(dev), batcher.work_counts()
-    if "stages" not in skip:
+    if runs("stages"):
         from PIL import Image
 
         n = len(pics)
@@ -278,7 +351,7 @@ def main() -> None:
         sec, _ = timed(lambda: match_pixels(feat, maps[0], maps[1], kps, (500, 375), (500, 375), "kernel-softargmax"), dev, reps=10)
         row("matching, kernel soft-argmax, 20 points, per pair", 1000 * sec, "ms")
 
-    if "featurize" not in skip:
+    if runs("featurize"):
         for b in (1, 4):
             ms, mb, first = featurize_ms(b)
             row(f"featurize new image, ensemble 8, batch {b}, per image (ours)", ms, "ms", mb)
@@ -308,7 +381,7 @@ def main() -> None:
             del off
             torch.cuda.empty_cache()
 
-    if "evaluate" not in skip:
+    if runs("evaluate"):
         for label, prompt, extractions in (("empty", resolve_prompt("empty", feat), eval_img), ("CPM", cpm, 2 * len(eval_recs))):
             sec, mb, work = evaluate_s(prompt)
             row(f"evaluate, {label} prompt, ensemble 8, per pair ({len(eval_recs)} pairs, {eval_img} images)", sec / len(eval_recs), "s", mb)
@@ -319,7 +392,7 @@ def main() -> None:
             results[f"evaluate_{label}_ms_per_extraction"] = 1000 * sec / extractions
             results[f"evaluate_{label}_work"] = work
 
-    if "sweep" not in skip:  # a sweep's cost: the layers of one timestep from one UNet pass, matching per layer
+    if runs("sweep"):  # a sweep's cost: the layers of one timestep from one UNet pass, matching per layer
         from sd4match.config import EvalConfig
         from sd4match.evaluate import evaluate_layers
 
@@ -340,7 +413,7 @@ def main() -> None:
         row(f"sweep, empty prompt, ensemble 8, {len(layers)} layers from one pass, per image", 1000 * per_img, "ms")
         row(f"sweep cells per minute on a split of 1,000 pictures ({len(layers)} layers a pass)", 60 / (per_img * 1000 / len(layers)), "cells/min")
 
-    if "train" not in skip:
+    if runs("train"):
         folder = tmp / "train-pics"
         make_pictures(folder, 24, seed=3)
         for kind in ("single", "cpm"):
@@ -369,6 +442,8 @@ def main() -> None:
 
     for lever in filter(None, args.levers.split(",")):
         kind, _, arg = lever.partition(":")
+        if not runs(f"lever {lever}"):
+            continue
         try:
             if kind == "sdpa":
                 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -419,6 +494,18 @@ def main() -> None:
             print(f"  lever {lever}: not measured ({str(e).splitlines()[0][:200]})", flush=True)
             results[f"lever {lever}"] = {"error": str(e).splitlines()[0][:200]}
 
+    if args.profile and runs("profile"):  # where a CPM evaluation's time goes
+        recs = eval_recs[: args.profile]
+        list(predict_pairs(feat, cpm, recs[:2], str(eval_root), workers=workers, dino=dino, store=Store(), progress=False))  # warm-up
+        prof = profile_shares(lambda: list(predict_pairs(feat, cpm, recs, str(eval_root), workers=workers, dino=dino, store=Store(), progress=False)), dev)
+        results["profile"] = {"pairs": len(recs), **prof}
+        save()
+        print(f"\nWhere a CPM evaluation of {len(recs)} pairs spends its time (torch.profiler, self time of the {prof['what']}: "
+              f"{prof['total_ms']:.0f} ms): " + ", ".join(f"{c} {100 * v:.1f} %" for c, v in prof["shares"].items()))
+        print("| kernel or operator | share | counted as |\n|---|---|---|")
+        for t in prof["top"]:
+            print(f"| {t['name'][:90]} | {100 * t['share']:.1f} % | {t['category']} |")
+
     # the floor: FLOPs of each unit of work over the device's peak
     flops = count_work_flops(feat, dino, res)
     peak_dtype = dtype if dtype != torch.float32 or dev.type == "cpu" else torch.bfloat16
@@ -459,8 +546,7 @@ def main() -> None:
     best = min((v for k, v in results.items() if k.startswith("train_cpm_")), default=None)
     if best is not None:
         print(f"Projected 30k training steps with a CPM prompt (batch 9): {30000 * best / 3600:.2f} h" + ("" if sd21 else " (tiny model: meaningless)"))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=str))
+    save()
     with contextlib.suppress(Exception):
         import shutil
 

@@ -269,6 +269,30 @@ def test_dinov2_tokens_through_the_store_equal_direct(models, fixture_images):
     assert torch.equal(a[0], dino.tokens([pics[0].image])[0]) and torch.equal(a[1], dino.tokens([pics[1].image])[0])  # = one picture a call
 
 
+def test_the_profile_counts_kernels_by_what_they_do():
+    """benchmarks/pipeline.py --profile: kernel names of the forms cuDNN, cuBLAS and PyTorch
+    give their CUDA kernels, and CPU operator names, land in their categories; the implicit
+    GEMMs of cuDNN convolutions count as convolution, not matmul."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from pipeline import profile_category
+
+    seen = {"sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off": "convolution",
+            "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::BFloat16>(long, c10::BFloat16, c10::BFloat16 const*, float*, float*)": "GroupNorm",
+            "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128_4x1x1_kernel0_0": "attention",
+            "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false, cutlass::bfloat16_t>>": "attention",
+            "nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT": "matmul",
+            "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off_kernel__5x_cublas": "matmul",
+            "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true, (cudnnKernelDataType_t)0>": "layout copies",
+            "void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel(at::TensorIteratorBase&)::{lambda()#1}>": "elementwise",
+            "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float, false>": "LayerNorm",
+            "aten::mkldnn_convolution": "convolution", "aten::native_group_norm": "GroupNorm", "aten::addmm": "matmul", "aten::copy_": "layout copies",
+            "aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "aten::upsample_nearest2d": "other"}
+    assert {k: profile_category(k) for k in seen} == seen
+
+
 @pytest.mark.long
 def test_pipeline_benchmark_runs_on_cpu_with_tiny_models(tmp_path):
     """benchmarks/pipeline.py --size tiny: every part runs end to end and reports its rows."""
@@ -279,7 +303,8 @@ def test_pipeline_benchmark_runs_on_cpu_with_tiny_models(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline.py"
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, str(script), "--size", "tiny", "--train-steps", "1", "--train-micro", "9", "--eval-pairs", "8", "--json", str(out),
-                        "--levers", "sdpa:math,channels-last,cpm-pairs:4,vae-batch:8,compile:fast"], capture_output=True, text=True, timeout=600)
+                        "--levers", "sdpa:math,channels-last,cpm-pairs:4,vae-batch:8,compile:fast", "--profile", "4"],
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())
     assert "Projected SPair-71k test" in p.stdout and "Projected 30k training steps" in p.stdout
@@ -298,6 +323,44 @@ def test_pipeline_benchmark_runs_on_cpu_with_tiny_models(tmp_path):
     row = res["floor featurize new image, ensemble 8, batch 4 (ours)"]
     assert row["tflop"] * 1e12 == vae + 8 * early and row["measured_ms"] == res["featurize_b4_ms"]
     assert "| featurize new image, ensemble 8, batch 4 (ours) |" in p.stdout and "measured / floor" in p.stdout
+    # the profile: every CPU operator's self time counted once, in the categories of what the tiny UNet does
+    prof = res["profile"]
+    assert prof["pairs"] == 4 and abs(sum(prof["shares"].values()) - 1) < 1e-9
+    assert {"convolution", "attention", "matmul", "GroupNorm"} <= set(prof["shares"]) and "Where a CPM evaluation of 4 pairs" in p.stdout
+    assert [t["category"] for t in prof["top"] if t["name"] == "aten::native_group_norm"] == ["GroupNorm"]
+    # a spent budget: no part or lever starts, and the floor and the JSON still come
+    out2 = tmp_path / "spent.json"
+    p = subprocess.run([sys.executable, str(script), "--size", "tiny", "--budget-s", "0.001", "--levers", "sdpa:math", "--json", str(out2)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out2.read_text())
+    assert {k for k in res if k.startswith("not measured: ")} == {f"not measured: {k}" for k in ("stages", "featurize", "evaluate", "sweep", "train", "lever sdpa:math")}
+    assert res["flops"] == fl and "lever sdpa math:" not in p.stdout and "measured / floor" in p.stdout
+
+
+@pytest.mark.long
+def test_the_prepared_gpu_run_runs_its_eager_part_on_the_tiny_models(tmp_path):
+    """benchmarks/gpu.sh, the GPU run prepared for a lent machine, checked here on the tiny
+    models (SIZE=tiny DEVICE=cpu): its eager part writes its JSON and log with every lever's
+    row (or why not) and the profile; an unknown part is refused before anything runs."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.sh"
+    env = {**os.environ, "SIZE": "tiny", "DEVICE": "cpu", "OUT": str(tmp_path / "out"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # python3 is this test's interpreter
+    p = subprocess.run(["bash", str(script), "eager", "compiled-nope"], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "unknown part 'compiled-nope'" in p.stderr and not (tmp_path / "out").exists()
+    p = subprocess.run(["bash", str(script), "eager"], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-2000:]
+    res = json.loads((tmp_path / "out" / "eager.json").read_text())
+    for lever in ("sdpa:flash", "sdpa:efficient", "sdpa:cudnn", "channels-last", "cpm-pairs:4", "vae-batch:8"):  # measured, or said why not
+        assert any(k.startswith("lever " + lever.replace(":", " ")) for k in res) or "error" in res[f"lever {lever}"], lever
+    assert res["profile"]["shares"] and res["train_cpm_9_s_per_step"] > 0 and res["setup"]["size"] == "tiny"
+    log = (tmp_path / "out" / "eager.log").read_text()
+    assert "measured / floor" in log and "Where a CPM evaluation" in log and "| measurement | value | peak MB |" in log
 
 
 def _willow_pictures(root, n):

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The prepared GPU run of benchmarks/pipeline.py: the RESULTS.md table, every lever of the
+# throughput work, the profile and the floor, in parts that each end inside 10 minutes on
+# one H100 or H200 (each part's Python run is stopped at PART_LIMIT_S, 570 s, and starts no
+# part or lever after its budget; what it measured is in its JSON either way).
+#
+#   benchmarks/gpu.sh eager                 # stages, featurize, evaluate, sweep, train (eager);
+#                                           # sdpa / channels-last / cpm-pairs / vae-batch levers; profile
+#   benchmarks/gpu.sh compiled              # --compile: featurize, evaluate (96 pairs); channels-last and
+#                                           # compile:reduce-overhead beside them
+#   benchmarks/gpu.sh compiled-train        # --compile: the training rows; compile:max-autotune
+#   benchmarks/gpu.sh eager compiled        # several parts, one after the other
+#
+# Each part writes OUT/<part>.json (every number, rewritten after every row) and OUT/<part>.log
+# (the printed tables, to paste into RESULTS.md); OUT defaults to ./bench-out. sd4match is
+# taken from this checkout's src/. On a machine without a package index, WHEELS=<folder>
+# installs the wheels found there into /tmp/site first (benchmarks/gpu_wheels.sh fetches
+# the two that a stock PyTorch image lacks: diffusers and transformers, at the tested versions).
+# SIZE=tiny DEVICE=cpu runs the same parts on the tiny models: a check of this script, not numbers.
+set -euo pipefail
+[ $# -gt 0 ] || { sed -n '2,20p' "$0"; exit 2; }
+for part in "$@"; do
+    case $part in eager|compiled|compiled-train) ;; *) echo "gpu.sh: unknown part '$part' (eager, compiled, compiled-train)" >&2; exit 2 ;; esac
+done
+here=$(cd "$(dirname "$0")" && pwd)
+out=${OUT:-bench-out}
+limit=${PART_LIMIT_S:-570}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$here/../src${PYTHONPATH:+:$PYTHONPATH}"
+if [ -n "${WHEELS:-}" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader || true
+git -C "$here/.." log -1 --format='commit %h %cd' --date=short 2>/dev/null || true
+
+for part in "$@"; do
+    case $part in
+        eager) args=(--budget-s $((limit - 150)) --profile 32
+                     --levers sdpa:flash,sdpa:efficient,sdpa:cudnn,channels-last,cpm-pairs:4,vae-batch:8) ;;
+        compiled) args=(--compile --skip stages,sweep,train --eval-pairs 96 --budget-s $((limit - 180))
+                        --levers channels-last,compile:reduce-overhead) ;;
+        compiled-train) args=(--compile --skip stages,featurize,evaluate,sweep --budget-s $((limit - 300))
+                              --levers compile:max-autotune) ;;
+    esac
+    echo "== $part: python benchmarks/pipeline.py --size ${SIZE:-sd21} --device ${DEVICE:-cuda} ${args[*]}"
+    set +e
+    timeout "$limit" python3 "$here/pipeline.py" --size "${SIZE:-sd21}" --device "${DEVICE:-cuda}" "${args[@]}" --json "$out/$part.json" 2>&1 | tee "$out/$part.log"
+    rc=${PIPESTATUS[0]}
+    set -e
+    [ "$rc" -eq 0 ] || echo "== $part ended with exit status $rc (124: stopped at $limit s); $out/$part.json holds what it measured"
+done
