@@ -184,14 +184,19 @@ PROFILE_CATEGORIES = (
     ("LayerNorm", ("layer_norm", "layernorm")),
     ("layout copies", ("nchwtonhwc", "nhwctonchw", "transpose", "permute", "copy", "contiguous", "cat_", "aten::cat")),
     ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "winograd", "im2col")),
-    ("matmul", ("gemm", "addmm", "aten::mm", "bmm", "matmul", "linear", "cutlass", "xmma", "cublas", "nvjet")),
+    ("matmul", ("gemm", "addmm", "aten::mm", "_mm", "bmm", "matmul", "linear", "cutlass", "xmma", "cublas", "nvjet")),
     ("elementwise", ("elementwise", "aten::add", "aten::mul", "aten::sub", "aten::div", "silu", "gelu", "aten::where", "reduce")),
 )
 
 
 def profile_category(name: str) -> str:
-    """What a profiled kernel or operator does, from its name (PROFILE_CATEGORIES), else "other"."""
+    """What a profiled kernel or operator does, from its name (PROFILE_CATEGORIES), else "other".
+    The kernels torch.compile writes (``triton_poi_fused_...``, ``triton_red_fused_...``) fuse
+    several operators and count as "Triton fusions" (the top list names them); its tuned
+    templates (``triton_tem_fused_mm_...``) count as what they compute."""
     low = name.lower()
+    if low.startswith("triton_") and not low.startswith("triton_tem"):
+        return "Triton fusions"
     return next((cat for cat, keys in PROFILE_CATEGORIES if any(k in low for k in keys)), "other")
 
 

@@ -289,7 +289,9 @@ def test_the_profile_counts_kernels_by_what_they_do():
             "void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel(at::TensorIteratorBase&)::{lambda()#1}>": "elementwise",
             "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float, false>": "LayerNorm",
             "aten::mkldnn_convolution": "convolution", "aten::native_group_norm": "GroupNorm", "aten::addmm": "matmul", "aten::copy_": "layout copies",
-            "aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "aten::upsample_nearest2d": "other"}
+            "aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "aten::upsample_nearest2d": "other",
+            "triton_poi_fused_native_group_norm_silu_3": "Triton fusions", "triton_red_fused__to_copy_convolution_native_group_norm_7": "Triton fusions",
+            "triton_tem_fused_mm_12": "matmul", "triton_tem_fused_convolution_4": "convolution"}
     assert {k: profile_category(k) for k in seen} == seen
 
 
