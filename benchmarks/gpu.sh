@@ -12,13 +12,14 @@
 #   benchmarks/gpu.sh eager compiled        # several parts, one after the other
 #
 # Each part writes OUT/<part>.json (every number, rewritten after every row) and OUT/<part>.log
-# (the printed tables, to paste into RESULTS.md); OUT defaults to ./bench-out. sd4match is
+# (the printed tables); `python benchmarks/gpu_table.py OUT/*.json` prints the tables for
+# RESULTS.md from the JSONs. OUT defaults to ./bench-out. sd4match is
 # taken from this checkout's src/. On a machine without a package index, WHEELS=<folder>
 # installs the wheels found there into /tmp/site first (benchmarks/gpu_wheels.sh fetches
 # the two that a stock PyTorch image lacks: diffusers and transformers, at the tested versions).
 # SIZE=tiny DEVICE=cpu runs the same parts on the tiny models: a check of this script, not numbers.
 set -euo pipefail
-[ $# -gt 0 ] || { sed -n '2,20p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,21p' "$0"; exit 2; }
 for part in "$@"; do
     case $part in eager|compiled|compiled-train) ;; *) echo "gpu.sh: unknown part '$part' (eager, compiled, compiled-train)" >&2; exit 2 ;; esac
 done

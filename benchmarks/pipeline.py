@@ -441,8 +441,14 @@ def main() -> None:
                 for _ in range(args.train_steps):
                     tr.train_step()
                 sync(dev)
-                row(f"train step, {kind}, batch 9, micro-batch {micro} (posteriors stored)", (time.perf_counter() - s) / args.train_steps, "s", peak_mb(dev))
-                results[f"train_{kind}_{micro}_s_per_step"] = (time.perf_counter() - s) / args.train_steps
+                sec = (time.perf_counter() - s) / args.train_steps
+                row(f"train step, {kind}, batch 9, micro-batch {micro} (posteriors stored)", sec, "s", peak_mb(dev))
+                results[f"train_{kind}_{micro}_s_per_step"] = sec
+                # its loader threads decode ahead: stopped, or they would compete with the rows after this one
+                tr.close_loader()
+                del tr
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
         feat.reconfigure(ensemble=8)
 
     for lever in filter(None, args.levers.split(",")):

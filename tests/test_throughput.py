@@ -363,6 +363,19 @@ def test_the_prepared_gpu_run_runs_its_eager_part_on_the_tiny_models(tmp_path):
     assert res["profile"]["shares"] and res["train_cpm_9_s_per_step"] > 0 and res["setup"]["size"] == "tiny"
     log = (tmp_path / "out" / "eager.log").read_text()
     assert "measured / floor" in log and "Where a CPM evaluation" in log and "| measurement | value | peak MB |" in log
+    # gpu_table.py: the RESULTS.md tables from the parts' JSONs; a part that did not run is named, not filled in
+    table = subprocess.run([sys.executable, str(script.parent / "gpu_table.py"), str(tmp_path / "out" / "eager.json"), str(tmp_path / "out" / "compiled.json")],
+                           capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr[-2000:]
+    t = table.stdout
+    assert "compiled.json is missing: not measured" in t and "| measurement | eager |" in t
+    b4 = res["featurize new image, ensemble 8, batch 4, per image (ours)"]["value"]
+    best_b4 = min([b4] + [v["value"] for k, v in res.items() if k.startswith(("lever sdpa", "lever channels-last")) and "value" in v])
+    assert f"| new picture, ensemble 8, batch 4 | {best_b4:.1f} ms |" in t and "| ≤ 20 ms | (tiny) |" in t
+    step, micro = min((res[f"train_cpm_{m}_s_per_step"], m) for m in (3, 9))
+    assert f"| training step, CPM, batch 9 | {1000 * step:.1f} ms | train step, cpm, batch 9, micro-batch {micro} (posteriors stored) (eager) |" in t
+    for lever in ("sdpa:efficient", "sdpa:cudnn"):  # what this CPU lacks: the reason, in its row
+        assert f"| lever {lever} | not measured ({res[f'lever {lever}']['error'][:80]}) |" in t if f"lever {lever}" in res else f"lever {lever.replace(':', ' ')}:" in t
 
 
 def _willow_pictures(root, n):

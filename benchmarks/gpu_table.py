@@ -1,0 +1,107 @@
+"""The tables for RESULTS.md from the JSONs of a ``benchmarks/gpu.sh`` run.
+
+    python benchmarks/gpu_table.py bench-out/eager.json bench-out/compiled.json bench-out/compiled-train.json
+
+Prints, in markdown: every measured row of every part side by side (a part's column is
+empty where it did not measure the row; a lever's row says its number or why it was not
+measured); the three targets of the throughput work (a new picture at ensemble 8, batch 4;
+a CPM extraction; a CPM training step), each with the best row that measures it, its part,
+and whether it is met; the floor and the ratio to it; and each part's profile shares.
+A part missing or cut short is named, never filled in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+#: (what, unit of the target, target, the keys of the rows that measure it, how a row's value
+#: becomes ms): the targets of the throughput issue
+TARGETS = (
+    ("new picture, ensemble 8, batch 4", 20.0, ("featurize new image, ensemble 8, batch 4, per image (ours)", "lever sdpa", "lever channels-last", "lever compile"), 1.0),
+    ("CPM evaluation, per extraction", 20.0, ("evaluate, CPM prompt, per feature extraction", "lever cpm-pairs"), 1.0),
+    ("training step, CPM, batch 9", 120.0, ("train step, cpm, batch 9",), 1000.0),
+)
+
+
+def rows_of(res: dict) -> dict[str, dict]:
+    """The measured rows of one part's JSON: name -> {"value", "unit", "peak_mb"}, or {"error"} for a lever not measured."""
+    return {k: v for k, v in res.items() if isinstance(v, dict) and ("value" in v or (k.startswith("lever ") and "error" in v))}
+
+
+def cell(v: dict | None) -> str:
+    if v is None:
+        return ""
+    if "error" in v:
+        return f"not measured ({v['error'][:80]})"
+    return f"{v['value']:.2f} {v['unit']}" + (f" ({v['peak_mb'] / 1024:.1f} GB)" if v.get("peak_mb") else "")
+
+
+def best(parts: dict[str, dict], keys: tuple[str, ...], scale: float) -> tuple[float, str, str] | None:
+    """(ms, row, part) of the fastest row whose name starts with one of ``keys``, over every part."""
+    found = [(v["value"] * scale, k, p) for p, res in parts.items() for k, v in rows_of(res).items()
+             if "value" in v and "first call" not in k and any(k.startswith(s) for s in keys)]
+    return min(found) if found else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", nargs="+", type=Path, help="the parts' JSON files (OUT/<part>.json)")
+    args = ap.parse_args()
+    parts: dict[str, dict] = {}
+    for f in args.json:
+        if not f.is_file():
+            print(f"(part {f.stem}: {f} is missing: not measured)")
+            continue
+        parts[f.stem] = json.loads(f.read_text())
+    if not parts:
+        raise SystemExit("gpu_table.py: no part's JSON was found")
+    setups = {p: r.get("setup", {}) for p, r in parts.items()}
+    for p, s in setups.items():
+        print(f"- {p}: {s.get('size')} on {s.get('device_name')} ({s.get('device')}), weights {s.get('dtype')}, compile {s.get('compile')}, torch {s.get('torch')}")
+        for k in (k for k in parts[p] if k.startswith("not measured: ")):
+            print(f"  - {k[len('not measured: '):]}: not measured (its time budget was spent)")
+        if "flops" not in parts[p]:
+            print("  - cut short: the part ended before its floor (its rows so far are below)")
+
+    names: list[str] = []
+    for res in parts.values():
+        names += [k for k in rows_of(res) if k not in names]
+    print("\n| measurement | " + " | ".join(parts) + " |\n|---|" + "---|" * len(parts))
+    for k in names:
+        print(f"| {k} | " + " | ".join(cell(rows_of(res).get(k)) for res in parts.values()) + " |")
+
+    tiny = any(s.get("size") != "sd21" for s in setups.values())
+    if tiny:
+        print("\n(not the sd21 architecture: the targets, the floor and the ratios below say nothing about the real models; they show that the rows run)")
+    print("\n| target | best measured | row (part) | target | met |\n|---|---|---|---|---|")
+    for what, target, keys, scale in TARGETS:
+        b = best(parts, keys, scale)
+        if b is None:
+            print(f"| {what} | not measured | | ≤ {target:g} ms | |")
+        else:
+            met = "(tiny)" if tiny else "yes" if b[0] <= target else "no"
+            print(f"| {what} | {b[0]:.1f} ms | {b[1]} ({b[2]}) | ≤ {target:g} ms | {met} |")
+
+    floors = {k: v for res in parts.values() for k, v in res.items() if k.startswith("floor ")}
+    if floors:
+        peak = next(res["peak_tflops"] for res in parts.values() if "peak_tflops" in res)
+        print(f"\nThe floor (peak {peak['named'] or peak['measured_matmul']:.0f} TFLOP/s, "
+              f"{'the data sheet' if peak['named'] else 'a measured matmul'}; a matmul measured {peak['measured_matmul']:.0f}):")
+        print("\n| unit of work | best measured | floor | measured / floor |\n|---|---|---|---|")
+        for k in dict.fromkeys(floors):
+            got = [res[k]["measured_ms"] for res in parts.values() if k in res and res[k]["measured_ms"] not in (None,) and res[k]["measured_ms"] == res[k]["measured_ms"]]
+            fl = floors[k]["floor_ms"]
+            m = min(got) if got else None
+            print(f"| {k[len('floor '):]} | {'not measured' if m is None else f'{m:.1f} ms'} | {fl:.2f} ms | {'' if m is None else f'{m / fl:.2f}x'} |")
+
+    for p, res in parts.items():
+        if "profile" in res:
+            pr = res["profile"]
+            print(f"\nProfile ({p}, CPM evaluation of {pr['pairs']} pairs, self time of the {pr['what']}, {pr['total_ms']:.0f} ms): "
+                  + ", ".join(f"{c} {100 * v:.1f} %" for c, v in pr["shares"].items()))
+
+
+if __name__ == "__main__":
+    main()
