@@ -6,9 +6,13 @@
 #
 #   benchmarks/gpu.sh eager                 # stages, featurize, evaluate, sweep, train (eager);
 #                                           # sdpa / channels-last / cpm-pairs / vae-batch levers; profile
-#   benchmarks/gpu.sh compiled              # --compile: featurize, evaluate (96 pairs); channels-last and
-#                                           # compile:reduce-overhead beside them
-#   benchmarks/gpu.sh compiled-train        # --compile: the training rows; compile:max-autotune
+#   benchmarks/gpu.sh compiled              # --compile: featurize (batch 4), evaluate (96 pairs);
+#                                           # compile:reduce-overhead and channels-last beside them
+#   benchmarks/gpu.sh compiled-train        # --compile: the training rows (micro-batch 9); compile:max-autotune
+#
+# Every compiled row compiles anew (torch.compiler.reset()), as a new process of its command
+# would, and prints the time as its "incl. compilation" row (about a minute the first time
+# a shape is compiled on an H200; torch's on-disk compile cache makes repeats shorter).
 #   benchmarks/gpu.sh eager compiled        # several parts, one after the other
 #
 # Each part writes OUT/<part>.json (every number, rewritten after every row) and OUT/<part>.log
@@ -19,7 +23,7 @@
 # the two that a stock PyTorch image lacks: diffusers and transformers, at the tested versions).
 # SIZE=tiny DEVICE=cpu runs the same parts on the tiny models: a check of this script, not numbers.
 set -euo pipefail
-[ $# -gt 0 ] || { sed -n '2,21p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,24p' "$0"; exit 2; }
 for part in "$@"; do
     case $part in eager|compiled|compiled-train) ;; *) echo "gpu.sh: unknown part '$part' (eager, compiled, compiled-train)" >&2; exit 2 ;; esac
 done
@@ -40,9 +44,9 @@ for part in "$@"; do
     case $part in
         eager) args=(--budget-s $((limit - 150)) --profile 32
                      --levers sdpa:flash,sdpa:efficient,sdpa:cudnn,channels-last,cpm-pairs:4,vae-batch:8) ;;
-        compiled) args=(--compile --skip stages,sweep,train --eval-pairs 96 --budget-s $((limit - 180))
-                        --levers channels-last,compile:reduce-overhead) ;;
-        compiled-train) args=(--compile --skip stages,featurize,evaluate,sweep --budget-s $((limit - 300))
+        compiled) args=(--compile --skip stages,sweep,train --featurize-batches 4 --eval-pairs 96 --budget-s $((limit - 150))
+                        --levers compile:reduce-overhead,channels-last) ;;
+        compiled-train) args=(--compile --skip stages,featurize,evaluate,sweep --train-micro 9 --budget-s $((limit - 300))
                               --levers compile:max-autotune) ;;
     esac
     echo "== $part: python benchmarks/pipeline.py --size ${SIZE:-sd21} --device ${DEVICE:-cuda} ${args[*]}"

@@ -30,7 +30,10 @@ attention, GroupNorm, matmul, layout copies, elementwise work and the rest, with
 kernels by name. ``--budget-s S`` starts no further part or lever once S seconds have
 passed (each is reported as not measured); the floor and the tables are printed all the
 same, and ``--json`` is rewritten after every row, so a run stopped from outside keeps what
-it measured. ``benchmarks/gpu.sh`` is the prepared GPU run in two parts.
+it measured. With ``--compile``, each compiled row (and lever) compiles anew
+(``torch.compiler.reset()``), as a new process of the command it stands for would, and its
+compilation time is printed beside it. ``benchmarks/gpu.sh`` is the prepared GPU run in
+parts; ``benchmarks/gpu_table.py`` makes the RESULTS.md tables from their JSONs.
 """
 
 from __future__ import annotations
@@ -236,6 +239,7 @@ def main() -> None:
     ap.add_argument("--eval-pairs", type=int, default=None, help="pairs per evaluate measurement (default: 64 sd21, 24 tiny)")
     ap.add_argument("--train-steps", type=int, default=3, help="timed steps per training row (after one warm-up step)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: stages,featurize,evaluate,sweep,train")
+    ap.add_argument("--featurize-batches", default="1,4", help="batch sizes of the featurize rows (comma-separated; 4 is the one the floor and the levers compare)")
     ap.add_argument("--train-micro", default="3,9", help="micro-batch sizes of the training rows (comma-separated)")
     ap.add_argument("--levers", default="", help="comma-separated levers, each measured beside the plain row: sdpa:<flash|efficient|cudnn|math>, "
                     "channels-last, cpm-pairs:<pairs a UNet call>, vae-batch:<pictures a VAE call>, compile:<default|reduce-overhead|max-autotune>")
@@ -298,8 +302,16 @@ def main() -> None:
     g = torch.Generator(device=dev).manual_seed(0)
     x4 = torch.rand(4, 3, res, res, device=dev)
 
+    def fresh_compile() -> None:
+        """Forget what torch.compile compiled, so that the next row compiles for its own shapes
+        as a new process of the command it measures does: a shape met before would make
+        torch.compile's graph dynamic on the recompile, and slower than the one a run gets."""
+        if feat.config.compile:
+            torch.compiler.reset()
+
     def featurize_ms(b: int) -> tuple[float, float, float]:
         """(ms per image, peak MB, seconds of the first call) of featurizing ``b`` new images, ensemble 8."""
+        fresh_compile()
         with torch.no_grad():
             t_c = time.perf_counter()
             feat(x4[:b], prompt_embeds=cond, generator=g)  # compiles on the first call when compiling
@@ -315,11 +327,15 @@ def main() -> None:
     workers = 8 if dev.type == "cuda" else 2
     cpm = make_prompt("cpm", feat, dino_dim=dino.feature_dim).to(dev)
 
-    def evaluate_s(prompt) -> tuple[float, float, dict]:
-        """(seconds for the evaluation pairs, peak MB, each model's calls and padding) with ``prompt``, after a warm-up."""
+    def evaluate_s(prompt) -> tuple[float, float, dict, float]:
+        """(seconds for the evaluation pairs, peak MB, each model's calls and padding, seconds of
+        the warm-up) with ``prompt``, after a warm-up (where compiling: its compilation)."""
+        fresh_compile()
         warm = eval_recs[: 2 * Batcher(feat).pairs_per_call()]
+        s = time.perf_counter()
         list(predict_pairs(feat, prompt, warm, str(eval_root), workers=workers, dino=dino, store=Store(), progress=False))  # warm-up (and compile)
         sync(dev)
+        first = time.perf_counter() - s
         reset_peak(dev)
         batcher = Batcher(feat, dino=dino, store=Store())
         s = time.perf_counter()
@@ -327,7 +343,7 @@ def main() -> None:
         sync(dev)
         sec = time.perf_counter() - s
         assert all(not isinstance(k, BaseException) for _, k in out)
-        return sec, peak_mb(dev), batcher.work_counts()
+        return sec, peak_mb(dev), batcher.work_counts(), first
     if runs("stages"):
         from PIL import Image
 
@@ -357,7 +373,7 @@ def main() -> None:
         row("matching, kernel soft-argmax, 20 points, per pair", 1000 * sec, "ms")
 
     if runs("featurize"):
-        for b in (1, 4):
+        for b in (int(v) for v in args.featurize_batches.split(",")):
             ms, mb, first = featurize_ms(b)
             row(f"featurize new image, ensemble 8, batch {b}, per image (ours)", ms, "ms", mb)
             results[f"featurize_b{b}_ms"] = ms
@@ -388,7 +404,7 @@ def main() -> None:
 
     if runs("evaluate"):
         for label, prompt, extractions in (("empty", resolve_prompt("empty", feat), eval_img), ("CPM", cpm, 2 * len(eval_recs))):
-            sec, mb, work = evaluate_s(prompt)
+            sec, mb, work, first = evaluate_s(prompt)
             row(f"evaluate, {label} prompt, ensemble 8, per pair ({len(eval_recs)} pairs, {eval_img} images)", sec / len(eval_recs), "s", mb)
             row(f"evaluate, {label} prompt, per feature extraction ({extractions})", 1000 * sec / extractions, "ms")
             print("    model calls: " + "; ".join(f"{m}: {w['calls']} calls, {w['items']} {'samples' if m == 'unet' else 'pictures'}, "
@@ -396,6 +412,8 @@ def main() -> None:
             results[f"evaluate_{label}_s_per_pair"] = sec / len(eval_recs)
             results[f"evaluate_{label}_ms_per_extraction"] = 1000 * sec / extractions
             results[f"evaluate_{label}_work"] = work
+            if args.compile:
+                row(f"  evaluate, {label} prompt: warm-up ({len(eval_recs[: 2 * Batcher(feat).pairs_per_call()])} pairs) incl. compilation", first, "s")
 
     if runs("sweep"):  # a sweep's cost: the layers of one timestep from one UNet pass, matching per layer
         from sd4match.config import EvalConfig
@@ -428,8 +446,12 @@ def main() -> None:
                                   micro_batch=micro, val_every=0, device=str(dev), workers=8 if dev.type == "cuda" else 2,
                                   compile="on" if args.compile else "off")
                 feat.reconfigure(ensemble=1)
+                fresh_compile()
+                t_c = time.perf_counter()
                 tr = Trainer(cfg, tmp / f"run-{kind}-{micro}", featurizer=feat, dino=dino if kind == "cpm" else None, progress=False)
                 tr.train_step()  # warm-up: the first pictures' posteriors and tokens, compilation
+                sync(dev)
+                first = time.perf_counter() - t_c
                 # steady state: every training picture's VAE posterior (and DINOv2 tokens) stored, as after the first epoch
                 every = [p for r in tr.train_pairs for p in tr.batcher.load_pair(cfg.root, r)]
                 tr.batcher.posteriors(every)  # in whole calls (each picture once)
@@ -444,6 +466,8 @@ def main() -> None:
                 sec = (time.perf_counter() - s) / args.train_steps
                 row(f"train step, {kind}, batch 9, micro-batch {micro} (posteriors stored)", sec, "s", peak_mb(dev))
                 results[f"train_{kind}_{micro}_s_per_step"] = sec
+                if args.compile:
+                    row(f"  train step, {kind}, micro-batch {micro}: first step incl. compilation", first, "s")
                 # its loader threads decode ahead: stopped, or they would compete with the rows after this one
                 tr.close_loader()
                 del tr
@@ -477,7 +501,7 @@ def main() -> None:
                 pairs = int(arg)
                 feat.reconfigure(max_batch=2 * 8 * pairs)
                 try:
-                    sec, mb, _ = evaluate_s(cpm)
+                    sec, mb, _, _ = evaluate_s(cpm)
                 finally:
                     feat.reconfigure(max_batch=32)
                 row(f"lever cpm-pairs {pairs} a UNet call: evaluate, CPM prompt, per feature extraction", 1000 * sec / (2 * len(eval_recs)), "ms", mb)
