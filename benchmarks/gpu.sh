@@ -38,7 +38,8 @@ if [ -n "${WHEELS:-}" ]; then
 fi
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader || true
-git -C "$here/.." log -1 --format='commit %h %cd' --date=short 2>/dev/null || true
+# a copied tree has no .git: COMMIT=<hash> names the commit measured
+echo "commit ${COMMIT:-$(git -C "$here/.." log -1 --format='%h %cd' --date=short 2>/dev/null || echo 'unknown (set COMMIT)')}"
 
 for part in "$@"; do
     case $part in
