@@ -9,11 +9,11 @@
 #   benchmarks/gpu.sh compiled              # --compile: featurize (batch 4), evaluate (96 pairs);
 #                                           # compile:reduce-overhead and channels-last beside them
 #   benchmarks/gpu.sh compiled-train        # --compile: the training rows (micro-batch 9); compile:max-autotune
+#   benchmarks/gpu.sh eager compiled        # several parts, one after the other
 #
 # Every compiled row compiles anew (torch.compiler.reset()), as a new process of its command
 # would, and prints the time as its "incl. compilation" row (about a minute the first time
 # a shape is compiled on an H200; torch's on-disk compile cache makes repeats shorter).
-#   benchmarks/gpu.sh eager compiled        # several parts, one after the other
 #
 # Each part writes OUT/<part>.json (every number, rewritten after every row) and OUT/<part>.log
 # (the printed tables); `python benchmarks/gpu_table.py OUT/*.json` prints the tables for
@@ -24,12 +24,23 @@
 # SIZE=tiny DEVICE=cpu runs the same parts on the tiny models: a check of this script, not numbers.
 set -euo pipefail
 [ $# -gt 0 ] || { sed -n '2,24p' "$0"; exit 2; }
+part_args() {  # sets args to the pipeline.py arguments of part $1; fails for an unknown part
+    case $1 in
+        eager) args=(--budget-s $((limit - 150)) --profile 32
+                     --levers sdpa:flash,sdpa:efficient,sdpa:cudnn,channels-last,cpm-pairs:4,vae-batch:8) ;;
+        compiled) args=(--compile --skip stages,sweep,train --featurize-batches 4 --eval-pairs 96 --budget-s $((limit - 150))
+                        --levers compile:reduce-overhead,channels-last) ;;
+        compiled-train) args=(--compile --skip stages,featurize,evaluate,sweep --train-micro 9 --budget-s $((limit - 300))
+                              --levers compile:max-autotune) ;;
+        *) return 1 ;;
+    esac
+}
+limit=${PART_LIMIT_S:-570}
 for part in "$@"; do
-    case $part in eager|compiled|compiled-train) ;; *) echo "gpu.sh: unknown part '$part' (eager, compiled, compiled-train)" >&2; exit 2 ;; esac
+    part_args "$part" || { echo "gpu.sh: unknown part '$part' (eager, compiled, compiled-train)" >&2; exit 2; }
 done
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-bench-out}
-limit=${PART_LIMIT_S:-570}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$here/../src${PYTHONPATH:+:$PYTHONPATH}"
 if [ -n "${WHEELS:-}" ]; then
@@ -42,14 +53,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clo
 echo "commit ${COMMIT:-$(git -C "$here/.." log -1 --format='%h %cd' --date=short 2>/dev/null || echo 'unknown (set COMMIT)')}"
 
 for part in "$@"; do
-    case $part in
-        eager) args=(--budget-s $((limit - 150)) --profile 32
-                     --levers sdpa:flash,sdpa:efficient,sdpa:cudnn,channels-last,cpm-pairs:4,vae-batch:8) ;;
-        compiled) args=(--compile --skip stages,sweep,train --featurize-batches 4 --eval-pairs 96 --budget-s $((limit - 150))
-                        --levers compile:reduce-overhead,channels-last) ;;
-        compiled-train) args=(--compile --skip stages,featurize,evaluate,sweep --train-micro 9 --budget-s $((limit - 300))
-                              --levers compile:max-autotune) ;;
-    esac
+    part_args "$part"
     echo "== $part: python benchmarks/pipeline.py --size ${SIZE:-sd21} --device ${DEVICE:-cuda} ${args[*]}"
     set +e
     timeout "$limit" python3 "$here/pipeline.py" --size "${SIZE:-sd21}" --device "${DEVICE:-cuda}" "${args[@]}" --json "$out/$part.json" 2>&1 | tee "$out/$part.log"

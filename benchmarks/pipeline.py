@@ -221,12 +221,13 @@ def profile_shares(fn, dev: torch.device, top: int = 12) -> dict:
         if t > 0:
             times[e.key] = times.get(e.key, 0.0) + t
     total = sum(times.values()) or 1.0
-    cats: dict[str, float] = {}
+    cat = {k: profile_category(k) for k in times}
+    shares: dict[str, float] = {}
     for k, t in times.items():
-        cats[profile_category(k)] = cats.get(profile_category(k), 0.0) + t / total
+        shares[cat[k]] = shares.get(cat[k], 0.0) + t / total
     names = sorted(times, key=times.get, reverse=True)[:top]
-    return {"what": "GPU kernels" if gpu else "CPU operators", "total_ms": total / 1000, "shares": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
-            "top": [{"name": k, "share": times[k] / total, "category": profile_category(k)} for k in names]}
+    return {"what": "GPU kernels" if gpu else "CPU operators", "total_ms": total / 1000, "shares": dict(sorted(shares.items(), key=lambda kv: -kv[1])),
+            "top": [{"name": k, "share": times[k] / total, "category": cat[k]} for k in names]}
 
 
 def main() -> None:
@@ -327,9 +328,9 @@ def main() -> None:
     workers = 8 if dev.type == "cuda" else 2
     cpm = make_prompt("cpm", feat, dino_dim=dino.feature_dim).to(dev)
 
-    def evaluate_s(prompt) -> tuple[float, float, dict, float]:
-        """(seconds for the evaluation pairs, peak MB, each model's calls and padding, seconds of
-        the warm-up) with ``prompt``, after a warm-up (where compiling: its compilation)."""
+    def evaluate_s(prompt) -> tuple[float, float, dict, tuple[float, int]]:
+        """(seconds for the evaluation pairs, peak MB, each model's calls and padding, (seconds,
+        pairs) of the warm-up) with ``prompt``, after a warm-up (where compiling: its compilation)."""
         fresh_compile()
         warm = eval_recs[: 2 * Batcher(feat).pairs_per_call()]
         s = time.perf_counter()
@@ -343,7 +344,7 @@ def main() -> None:
         sync(dev)
         sec = time.perf_counter() - s
         assert all(not isinstance(k, BaseException) for _, k in out)
-        return sec, peak_mb(dev), batcher.work_counts(), first
+        return sec, peak_mb(dev), batcher.work_counts(), (first, len(warm))
     if runs("stages"):
         from PIL import Image
 
@@ -404,7 +405,7 @@ def main() -> None:
 
     if runs("evaluate"):
         for label, prompt, extractions in (("empty", resolve_prompt("empty", feat), eval_img), ("CPM", cpm, 2 * len(eval_recs))):
-            sec, mb, work, first = evaluate_s(prompt)
+            sec, mb, work, (first, n_warm) = evaluate_s(prompt)
             row(f"evaluate, {label} prompt, ensemble 8, per pair ({len(eval_recs)} pairs, {eval_img} images)", sec / len(eval_recs), "s", mb)
             row(f"evaluate, {label} prompt, per feature extraction ({extractions})", 1000 * sec / extractions, "ms")
             print("    model calls: " + "; ".join(f"{m}: {w['calls']} calls, {w['items']} {'samples' if m == 'unet' else 'pictures'}, "
@@ -413,7 +414,7 @@ def main() -> None:
             results[f"evaluate_{label}_ms_per_extraction"] = 1000 * sec / extractions
             results[f"evaluate_{label}_work"] = work
             if args.compile:
-                row(f"  evaluate, {label} prompt: warm-up ({len(eval_recs[: 2 * Batcher(feat).pairs_per_call()])} pairs) incl. compilation", first, "s")
+                row(f"  evaluate, {label} prompt: warm-up ({n_warm} pairs) incl. compilation", first, "s")
 
     if runs("sweep"):  # a sweep's cost: the layers of one timestep from one UNet pass, matching per layer
         from sd4match.config import EvalConfig
@@ -531,6 +532,7 @@ def main() -> None:
 
     if args.profile and runs("profile"):  # where a CPM evaluation's time goes
         recs = eval_recs[: args.profile]
+        fresh_compile()  # as every compiled row: the graphs of this run's own shapes
         list(predict_pairs(feat, cpm, recs[:2], str(eval_root), workers=workers, dino=dino, store=Store(), progress=False))  # warm-up
         prof = profile_shares(lambda: list(predict_pairs(feat, cpm, recs, str(eval_root), workers=workers, dino=dino, store=Store(), progress=False)), dev)
         results["profile"] = {"pairs": len(recs), **prof}
