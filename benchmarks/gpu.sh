@@ -5,7 +5,8 @@
 # part or lever after its budget; what it measured is in its JSON either way).
 #
 #   benchmarks/gpu.sh eager                 # stages, featurize, evaluate, sweep, train (eager);
-#                                           # sdpa / channels-last / cpm-pairs / vae-batch levers; profile
+#                                           # sdpa / channels-last / cpm-pairs / vae-batch levers;
+#                                           # profiles of a CPM evaluation and of CPM training steps
 #   benchmarks/gpu.sh compiled              # --compile: featurize (batch 4), evaluate (96 pairs);
 #                                           # compile:reduce-overhead and channels-last beside them
 #   benchmarks/gpu.sh compiled-train        # --compile: the training rows (micro-batch 9); compile:max-autotune
@@ -23,10 +24,10 @@
 # the two that a stock PyTorch image lacks: diffusers and transformers, at the tested versions).
 # SIZE=tiny DEVICE=cpu runs the same parts on the tiny models: a check of this script, not numbers.
 set -euo pipefail
-[ $# -gt 0 ] || { sed -n '2,24p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,25p' "$0"; exit 2; }
 part_args() {  # sets args to the pipeline.py arguments of part $1; fails for an unknown part
     case $1 in
-        eager) args=(--budget-s $((limit - 150)) --profile 32
+        eager) args=(--budget-s $((limit - 150)) --profile 32 --profile-train 2
                      --levers sdpa:flash,sdpa:efficient,sdpa:cudnn,channels-last,cpm-pairs:4,vae-batch:8) ;;
         compiled) args=(--compile --skip stages,sweep,train --featurize-batches 4 --eval-pairs 96 --budget-s $((limit - 150))
                         --levers compile:reduce-overhead,channels-last) ;;

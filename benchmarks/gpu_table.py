@@ -6,7 +6,8 @@ Prints, in markdown: every measured row of every part side by side (a part's col
 empty where it did not measure the row; a lever's row says its number or why it was not
 measured); the three targets of the throughput work (a new picture at ensemble 8, batch 4;
 a CPM extraction; a CPM training step), each with the best row that measures it, its part,
-and whether it is met; the floor and the ratio to it; and each part's profile shares.
+and whether it is met; the floor and the ratio to it; and each part's profile shares
+(of a CPM evaluation, and of CPM training steps by kernel and by phase).
 A part missing or cut short is named, never filled in.
 """
 
@@ -103,6 +104,11 @@ def main() -> None:
             pr = res["profile"]
             print(f"\nProfile ({p}, CPM evaluation of {pr['pairs']} pairs, self time of the {pr['what']}, {pr['total_ms']:.0f} ms): "
                   + ", ".join(f"{c} {100 * v:.1f} %" for c, v in pr["shares"].items()))
+        if "profile_train" in res:
+            pr = res["profile_train"]
+            print(f"\nProfile ({p}, CPM training, batch 9, micro-batch {pr['micro_batch']}, {pr['steps']} steps, self time of the {pr['what']}, "
+                  f"{pr['total_ms'] / pr['steps']:.0f} ms a step): " + ", ".join(f"{c} {100 * v:.1f} %" for c, v in pr["shares"].items())
+                  + "; by phase: " + ", ".join(f"{c} {100 * v:.1f} %" for c, v in pr["phases"].items()))
 
 
 if __name__ == "__main__":

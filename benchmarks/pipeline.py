@@ -27,10 +27,11 @@ projected SPair-71k test time with CPM (12,234 pairs) and a 30k-step training ru
 ``--profile N`` adds where the time of a CPM evaluation of N pairs goes (torch.profiler:
 the GPU's kernels on CUDA, the CPU's operators otherwise), in shares of convolution,
 attention, GroupNorm, matmul, layout copies, elementwise work and the rest, with the top
-kernels by name. ``--budget-s S`` starts no further part or lever once S seconds have
-passed (each is reported as not measured); the floor and the tables are printed all the
-same, and ``--json`` is rewritten after every row, so a run stopped from outside keeps what
-it measured. With ``--compile``, each compiled row (and lever) compiles anew
+kernels by name; ``--profile-train N`` the same for N CPM training steps (batch 9), with the
+share of the kernels run in the backward pass and in the optimiser's step. ``--budget-s S``
+starts no further part or lever once S seconds have passed (each is reported as not
+measured); the floor and the tables are printed all the same, and ``--json`` is rewritten
+after every row, so a run stopped from outside keeps what it measured. With ``--compile``, each compiled row (and lever) compiles anew
 (``torch.compiler.reset()``), as a new process of the command it stands for would, and its
 compilation time is printed beside it. ``benchmarks/gpu.sh`` is the prepared GPU run in
 parts; ``benchmarks/gpu_table.py`` makes the RESULTS.md tables from their JSONs.
@@ -183,7 +184,7 @@ def count_work_flops(feat, dino, res: int) -> dict[str, float]:
 #: (of the lower-cased name) wins, so the implicit GEMMs of cuDNN count as convolution
 PROFILE_CATEGORIES = (
     ("attention", ("scaled_dot_product", "flash", "fmha", "attention", "sdpa")),
-    ("GroupNorm", ("group_norm", "groupnorm", "rowwisemoments", "computefusedparams")),
+    ("GroupNorm", ("group_norm", "groupnorm", "rowwisemoments", "computefusedparams", "backwardfusedparams", "computeinternalgradients")),
     ("LayerNorm", ("layer_norm", "layernorm")),
     ("layout copies", ("nchwtonhwc", "nhwctonchw", "transpose", "permute", "copy", "contiguous", "cat_", "aten::cat")),
     ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "winograd", "im2col")),
@@ -203,9 +204,16 @@ def profile_category(name: str) -> str:
     return next((cat for cat, keys in PROFILE_CATEGORIES if any(k in low for k in keys)), "other")
 
 
+#: the ranges the autograd engine (one per backward node) and torch.optim (one per step) open
+#: in a profile: the kernels launched inside them are a training step's backward and optimiser
+PROFILE_PHASES = (("backward", "autograd::engine::evaluate_function:"), ("optimiser", "Optimizer.step#"))
+
+
 def profile_shares(fn, dev: torch.device, top: int = 12) -> dict:
     """Run ``fn`` under torch.profiler: the self time of every GPU kernel (CUDA) or CPU operator
-    (otherwise), in total, by category and for the ``top`` names."""
+    (otherwise), in total, by category and for the ``top`` names; and by phase (PROFILE_PHASES):
+    the time of the kernels or operators run inside the autograd engine's backward nodes and
+    inside optimiser steps, the rest being the forward (and whatever else ``fn`` does)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -213,21 +221,33 @@ def profile_shares(fn, dev: torch.device, top: int = 12) -> dict:
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
         fn()
         sync(dev)
-    times = {}
+    times, inside = {}, dict.fromkeys((name for name, _ in PROFILE_PHASES), 0.0)
     for e in prof.key_averages():
+        for phase, prefix in PROFILE_PHASES:  # a range's total: what ran inside it (on CUDA: its kernels' time)
+            if e.key.startswith(prefix) and e.device_type == DeviceType.CPU:
+                inside[phase] += e.device_time_total if gpu else e.cpu_time_total
         if gpu and e.device_type != DeviceType.CUDA:
             continue
         t = e.self_device_time_total if gpu else e.self_cpu_time_total
         if t > 0:
             times[e.key] = times.get(e.key, 0.0) + t
     total = sum(times.values()) or 1.0
+    phases = {k: min(1.0, v / total) for k, v in inside.items()}
+    phases = {"forward and the rest": max(0.0, 1.0 - sum(phases.values())), **phases}
     cat = {k: profile_category(k) for k in times}
     shares: dict[str, float] = {}
     for k, t in times.items():
         shares[cat[k]] = shares.get(cat[k], 0.0) + t / total
     names = sorted(times, key=times.get, reverse=True)[:top]
     return {"what": "GPU kernels" if gpu else "CPU operators", "total_ms": total / 1000, "shares": dict(sorted(shares.items(), key=lambda kv: -kv[1])),
-            "top": [{"name": k, "share": times[k] / total, "category": cat[k]} for k in names]}
+            "top": [{"name": k, "share": times[k] / total, "category": cat[k]} for k in names], "phases": phases}
+
+
+def print_top(prof: dict) -> None:
+    """The ``top`` list of a ``profile_shares`` result as a markdown table."""
+    print("| kernel or operator | share | counted as |\n|---|---|---|")
+    for t in prof["top"]:
+        print(f"| {t['name'][:90]} | {100 * t['share']:.1f} % | {t['category']} |")
 
 
 def main() -> None:
@@ -245,6 +265,8 @@ def main() -> None:
     ap.add_argument("--levers", default="", help="comma-separated levers, each measured beside the plain row: sdpa:<flash|efficient|cudnn|math>, "
                     "channels-last, cpm-pairs:<pairs a UNet call>, vae-batch:<pictures a VAE call>, compile:<default|reduce-overhead|max-autotune>")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="also profile a CPM evaluation of N pairs: where its time goes")
+    ap.add_argument("--profile-train", type=int, default=0, metavar="N", help="also profile N CPM training steps (batch 9, the largest --train-micro): "
+                    "where their time goes, by kernel and by phase (forward, backward, optimiser)")
     ap.add_argument("--budget-s", type=float, default=0, help="start no part or lever after this many seconds (0: no budget)")
     ap.add_argument("--json", type=Path, help="also write every number here (rewritten after every row)")
     args = ap.parse_args()
@@ -437,28 +459,43 @@ def main() -> None:
         row(f"sweep, empty prompt, ensemble 8, {len(layers)} layers from one pass, per image", 1000 * per_img, "ms")
         row(f"sweep cells per minute on a split of 1,000 pictures ({len(layers)} layers a pass)", 60 / (per_img * 1000 / len(layers)), "cells/min")
 
+    train_pics = tmp / "train-pics"
+
+    def steady_trainer(kind: str, micro: int):
+        """(Trainer, seconds of its first step) of ``kind`` at batch 9 and ``micro``, in the steady
+        state: its first step taken (where compiling: compiled) and every training picture's VAE
+        posterior (and DINOv2 tokens) stored, as after the first epoch. The caller closes it."""
+        if not train_pics.exists():
+            make_pictures(train_pics, 24, seed=3)
+        # compiled as the run is (TrainConfig's own default, auto, would compile on CUDA: the rows would not say eager)
+        cfg = TrainConfig(dataset="synthetic", root=str(train_pics), prompt=kind, model="-", resolution=res, steps=10**6, batch_size=9,
+                          micro_batch=micro, val_every=0, device=str(dev), workers=8 if dev.type == "cuda" else 2,
+                          compile="on" if args.compile else "off")
+        feat.reconfigure(ensemble=1)
+        fresh_compile()
+        t_c = time.perf_counter()
+        tr = Trainer(cfg, tempfile.mkdtemp(dir=tmp, prefix=f"run-{kind}-{micro}-"), featurizer=feat, dino=dino if kind == "cpm" else None, progress=False)
+        tr.train_step()  # warm-up: the first pictures' posteriors and tokens, compilation
+        sync(dev)
+        first = time.perf_counter() - t_c
+        every = [p for r in tr.train_pairs for p in tr.batcher.load_pair(cfg.root, r)]
+        tr.batcher.posteriors(every)  # in whole calls (each picture once)
+        if kind == "cpm":
+            tr.batcher.tokens(every)
+        sync(dev)
+        return tr, first
+
+    def close_trainer(tr) -> None:
+        # its loader threads decode ahead: stopped, or they would compete with the rows after this one
+        tr.close_loader()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        feat.reconfigure(ensemble=8)
+
     if runs("train"):
-        folder = tmp / "train-pics"
-        make_pictures(folder, 24, seed=3)
         for kind in ("single", "cpm"):
             for micro in (int(m) for m in args.train_micro.split(",")):
-                # compiled as the run is (TrainConfig's own default, auto, would compile on CUDA: the rows would not say eager)
-                cfg = TrainConfig(dataset="synthetic", root=str(folder), prompt=kind, model="-", resolution=res, steps=10**6, batch_size=9,
-                                  micro_batch=micro, val_every=0, device=str(dev), workers=8 if dev.type == "cuda" else 2,
-                                  compile="on" if args.compile else "off")
-                feat.reconfigure(ensemble=1)
-                fresh_compile()
-                t_c = time.perf_counter()
-                tr = Trainer(cfg, tmp / f"run-{kind}-{micro}", featurizer=feat, dino=dino if kind == "cpm" else None, progress=False)
-                tr.train_step()  # warm-up: the first pictures' posteriors and tokens, compilation
-                sync(dev)
-                first = time.perf_counter() - t_c
-                # steady state: every training picture's VAE posterior (and DINOv2 tokens) stored, as after the first epoch
-                every = [p for r in tr.train_pairs for p in tr.batcher.load_pair(cfg.root, r)]
-                tr.batcher.posteriors(every)  # in whole calls (each picture once)
-                if kind == "cpm":
-                    tr.batcher.tokens(every)
-                sync(dev)
+                tr, first = steady_trainer(kind, micro)
                 reset_peak(dev)
                 s = time.perf_counter()
                 for _ in range(args.train_steps):
@@ -469,12 +506,8 @@ def main() -> None:
                 results[f"train_{kind}_{micro}_s_per_step"] = sec
                 if args.compile:
                     row(f"  train step, {kind}, micro-batch {micro}: first step incl. compilation", first, "s")
-                # its loader threads decode ahead: stopped, or they would compete with the rows after this one
-                tr.close_loader()
+                close_trainer(tr)
                 del tr
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-        feat.reconfigure(ensemble=8)
 
     for lever in filter(None, args.levers.split(",")):
         kind, _, arg = lever.partition(":")
@@ -539,9 +572,22 @@ def main() -> None:
         save()
         print(f"\nWhere a CPM evaluation of {len(recs)} pairs spends its time (torch.profiler, self time of the {prof['what']}: "
               f"{prof['total_ms']:.0f} ms): " + ", ".join(f"{c} {100 * v:.1f} %" for c, v in prof["shares"].items()))
-        print("| kernel or operator | share | counted as |\n|---|---|---|")
-        for t in prof["top"]:
-            print(f"| {t['name'][:90]} | {100 * t['share']:.1f} % | {t['category']} |")
+        print_top(prof)
+
+    if args.profile_train and runs("profile-train"):  # where a CPM training step's time goes
+        micro = max(int(m) for m in args.train_micro.split(","))
+        tr, _ = steady_trainer("cpm", micro)
+        try:
+            prof = profile_shares(lambda: [tr.train_step() for _ in range(args.profile_train)], dev)
+        finally:
+            close_trainer(tr)
+            del tr
+        results["profile_train"] = {"steps": args.profile_train, "micro_batch": micro, **prof}
+        save()
+        print(f"\nWhere a CPM training step (batch 9, micro-batch {micro}; {args.profile_train} steps) spends its time (torch.profiler, self time of the "
+              f"{prof['what']}: {prof['total_ms'] / args.profile_train:.0f} ms a step): " + ", ".join(f"{c} {100 * v:.1f} %" for c, v in prof["shares"].items()))
+        print("By phase: " + ", ".join(f"{c} {100 * v:.1f} %" for c, v in prof["phases"].items()))
+        print_top(prof)
 
     # the floor: FLOPs of each unit of work over the device's peak
     flops = count_work_flops(feat, dino, res)

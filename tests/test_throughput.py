@@ -291,8 +291,61 @@ def test_the_profile_counts_kernels_by_what_they_do():
             "aten::mkldnn_convolution": "convolution", "aten::native_group_norm": "GroupNorm", "aten::addmm": "matmul", "aten::copy_": "layout copies",
             "aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "aten::upsample_nearest2d": "other",
             "triton_poi_fused_native_group_norm_silu_3": "Triton fusions", "triton_red_fused__to_copy_convolution_native_group_norm_7": "Triton fusions",
-            "triton_tem_fused_mm_12": "matmul", "triton_tem_fused_convolution_4": "convolution"}
+            "triton_tem_fused_mm_12": "matmul", "triton_tem_fused_convolution_4": "convolution",
+            # the backward pass's: cuDNN's data gradient, FlashAttention's backward, GroupNorm's two reductions
+            "sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nchw_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off": "convolution",
+            "pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64, 128, 128, 8>, false, true>": "attention",
+            "void at::native::(anonymous namespace)::ComputeInternalGradientsCUDAKernel<c10::BFloat16>(long, c10::BFloat16 const*, float*, float*)": "GroupNorm",
+            "void at::native::(anonymous namespace)::ComputeBackwardFusedParamsCUDAKernel<c10::BFloat16>(long, long, long)": "GroupNorm",
+            "aten::native_group_norm_backward": "GroupNorm", "aten::convolution_backward": "convolution"}
     assert {k: profile_category(k) for k in seen} == seen
+
+
+def test_the_training_profile_splits_its_time_into_forward_backward_and_optimiser():
+    """benchmarks/pipeline.py --profile-train: the time of what runs inside the autograd
+    engine's backward nodes counts as backward, inside an optimiser's step as optimiser, the
+    rest as forward. Checked on a step whose work is known to lie in one phase: matmuls that
+    only a custom backward runs, or only the forward."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from pipeline import profile_shares
+
+    a = torch.randn(512, 512)
+
+    def heavy():  # about 2 GFLOP: milliseconds, where the rest of the step takes microseconds
+        return sum(float((a @ a).sum()) for _ in range(8))
+
+    class HeavyBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2 + 0 * heavy()
+
+    w = torch.nn.Parameter(torch.ones(16))
+    opt = torch.optim.Adam([w])
+
+    def step(fwd, bwd):
+        opt.zero_grad()
+        if fwd:
+            with torch.no_grad():
+                heavy()
+        (HeavyBackward.apply(w) if bwd else w * 2).sum().backward()
+        opt.step()
+
+    step(True, True)  # warm-up: Adam's state, first-call costs
+    cpu = torch.device("cpu")
+    back = profile_shares(lambda: step(False, True), cpu)["phases"]
+    fwd = profile_shares(lambda: step(True, False), cpu)["phases"]
+    for ph in (back, fwd):
+        assert set(ph) == {"forward and the rest", "backward", "optimiser"} and abs(sum(ph.values()) - 1) < 1e-9
+        assert ph["optimiser"] > 0
+    assert back["backward"] > 0.7 and back["forward and the rest"] < 0.3
+    assert fwd["forward and the rest"] > 0.7 and fwd["backward"] < 0.3
 
 
 @pytest.mark.long
@@ -305,7 +358,7 @@ def test_pipeline_benchmark_runs_on_cpu_with_tiny_models(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline.py"
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, str(script), "--size", "tiny", "--train-steps", "1", "--train-micro", "9", "--eval-pairs", "8", "--json", str(out),
-                        "--levers", "sdpa:math,channels-last,cpm-pairs:4,vae-batch:8,compile:fast", "--profile", "4"],
+                        "--levers", "sdpa:math,channels-last,cpm-pairs:4,vae-batch:8,compile:fast", "--profile", "4", "--profile-train", "1"],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -333,6 +386,12 @@ def test_pipeline_benchmark_runs_on_cpu_with_tiny_models(tmp_path):
 
     top = [t["share"] for t in prof["top"]]
     assert top == sorted(top, reverse=True) and 0 < sum(top) <= 1 + 1e-9 and all(t["category"] == profile_category(t["name"]) for t in prof["top"])
+    assert prof["phases"]["backward"] == 0 and prof["phases"]["optimiser"] == 0  # an evaluation runs no backward and no optimiser
+    # the training profile: one CPM step at micro-batch 9, its backward and its Adam step seen
+    pt = res["profile_train"]
+    assert (pt["steps"], pt["micro_batch"]) == (1, 9) and abs(sum(pt["shares"].values()) - 1) < 1e-9
+    assert pt["phases"]["backward"] > 0 and pt["phases"]["optimiser"] > 0 and abs(sum(pt["phases"].values()) - 1) < 1e-9
+    assert "Where a CPM training step (batch 9, micro-batch 9; 1 steps)" in p.stdout and "By phase: forward and the rest" in p.stdout
     # a spent budget: no part or lever starts, and the floor and the JSON still come
     out2 = tmp_path / "spent.json"
     p = subprocess.run([sys.executable, str(script), "--size", "tiny", "--budget-s", "0.001", "--levers", "sdpa:math", "--json", str(out2)],
@@ -365,14 +424,16 @@ def test_the_prepared_gpu_run_runs_its_eager_part_on_the_tiny_models(tmp_path):
     for lever in ("sdpa:flash", "sdpa:efficient", "sdpa:cudnn", "channels-last", "cpm-pairs:4", "vae-batch:8"):  # measured, or said why not
         assert any(k.startswith("lever " + lever.replace(":", " ")) for k in res) or "error" in res[f"lever {lever}"], lever
     assert res["profile"]["shares"] and res["train_cpm_9_s_per_step"] > 0 and res["setup"]["size"] == "tiny"
+    assert res["profile_train"]["steps"] == 2 and res["profile_train"]["phases"]["backward"] > 0
     log = (tmp_path / "out" / "eager.log").read_text()
-    assert "measured / floor" in log and "Where a CPM evaluation" in log and "| measurement | value | peak MB |" in log
+    assert "measured / floor" in log and "Where a CPM evaluation" in log and "Where a CPM training step" in log and "| measurement | value | peak MB |" in log
     # gpu_table.py: the RESULTS.md tables from the parts' JSONs; a part that did not run is named, not filled in
     table = subprocess.run([sys.executable, str(script.parent / "gpu_table.py"), str(tmp_path / "out" / "eager.json"), str(tmp_path / "out" / "compiled.json")],
                            capture_output=True, text=True, timeout=60)
     assert table.returncode == 0, table.stderr[-2000:]
     t = table.stdout
     assert "compiled.json is missing: not measured" in t and "| measurement | eager |" in t
+    assert "Profile (eager, CPM training, batch 9, micro-batch 9, 2 steps" in t and "; by phase: forward and the rest" in t
     b4 = res["featurize new image, ensemble 8, batch 4, per image (ours)"]["value"]
     best_b4 = min([b4] + [v["value"] for k, v in res.items() if k.startswith(("lever sdpa", "lever channels-last")) and "value" in v])
     assert f"| new picture, ensemble 8, batch 4 | {best_b4:.1f} ms |" in t and "| ≤ 20 ms | (tiny) |" in t
