@@ -327,8 +327,9 @@ def main() -> None:
 
     def fresh_compile() -> None:
         """Forget what torch.compile compiled, so that the next row compiles for its own shapes
-        as a new process of the command it measures does: a shape met before would make
-        torch.compile's graph dynamic on the recompile, and slower than the one a run gets."""
+        as a new process of the command it measures does, and its first call's time is its
+        own compilation. (The featurizer compiles for static shapes, ``dynamic=False``; before
+        that, a shape met before made torch.compile's graph dynamic on the recompile.)"""
         if feat.config.compile:
             torch.compiler.reset()
 

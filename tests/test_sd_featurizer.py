@@ -246,6 +246,63 @@ def test_compiled_early_exit_equals_the_full_forward(style, tiny_sd1, tiny_sd2):
     torch.testing.assert_close(feat.posterior(feat.preprocess(x))[0], eager.posterior(eager.preprocess(x))[0], rtol=1e-4, atol=1e-5)
 
 
+def test_compiling_asks_torch_compile_for_static_shapes(tiny_sd2, monkeypatch):
+    """compile=True compiles the early-exit UNet and the VAE with ``dynamic=False`` (each call
+    size its own static graph) and the configured mode; an identity stand-in for
+    torch.compile keeps the features those of the eager featurizer."""
+    asked = []
+
+    def record(fn, **kw):
+        asked.append((fn.__name__, kw))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", record)
+    feat = SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, ensemble=2, compile=True)
+    eager = SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, ensemble=2)
+    x = images(b=2)
+    got = feat(x, generator=torch.Generator().manual_seed(0))
+    want = eager(x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, want)
+    assert sorted(asked) == [("_vae_posterior", {"mode": None, "dynamic": False}), ("unet_up_to", {"mode": None, "dynamic": False})]
+    asked.clear()
+    feat.reconfigure(compile_mode="max-autotune")
+    feat.posterior(feat.preprocess(x))
+    assert asked == [("_vae_posterior", {"mode": "max-autotune", "dynamic": False})]
+
+
+_SIZES_SCRIPT = """
+import sys, torch
+from sd4match.features.sd import SDFeaturizer, _vae_posterior
+feat = SDFeaturizer.from_pretrained(sys.argv[1], resolution=64, compile=True)
+eager = SDFeaturizer.from_pretrained(sys.argv[1], resolution=64)
+plain = torch.compile(_vae_posterior) if sys.argv[2] == "plain" else None  # torch.compile's default, the control
+for b in (1, 2, 1):
+    x = torch.rand(b, 3, 64, 64, generator=torch.Generator().manual_seed(b))
+    with torch.no_grad():
+        got = plain(feat.vae, 2 * x - 1) if plain else feat.posterior(x)
+        torch.testing.assert_close(got[0], eager.posterior(x)[0], rtol=1e-4, atol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_compiled_graphs_stay_static_when_the_call_size_changes(tiny_sd2):
+    """Calls of sizes 1, 2, 1 through the compiled VAE: torch.compile never marks a dimension
+    dynamic (TORCH_LOGS=dynamic says when it does), where its default does, on the same
+    calls (the control shows the log would tell). Slow: compiles."""
+    import os
+    import subprocess
+    import sys
+
+    runs = {}
+    for kind in ("ours", "plain"):
+        p = subprocess.run([sys.executable, "-c", _SIZES_SCRIPT, str(tiny_sd2), kind], env={**os.environ, "TORCH_LOGS": "dynamic"},
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-2000:]
+        runs[kind] = p.stderr
+    assert "as dynamic" in runs["plain"] and "as dynamic" not in runs["ours"]
+
+
 def test_hooked_fallback_reads_several_layers_in_one_pass(tiny_sd2):
     """The fallback path (UNets the public-blocks path does not cover) with several layers:
     hooks on each, the deepest stops the forward, each output equals the early exit's."""

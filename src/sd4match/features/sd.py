@@ -489,8 +489,13 @@ class SDFeaturizer(Featurizer):
         return self._compiled[name]
 
     def _compile(self, fn):
+        """``torch.compile(fn)`` for static shapes: each call size gets its own graph
+        (``dynamic=False``). Evaluation and training pad every call to its fixed size so that
+        graphs can be static; torch.compile's default would instead turn the batch dimension
+        symbolic on the first recompile for a second size (training's validation calls, a
+        last partial call) and run that dynamic graph for every size from then on."""
         mode = self.config.compile_mode
-        return torch.compile(fn, mode=None if mode == "default" else mode)
+        return torch.compile(fn, mode=None if mode == "default" else mode, dynamic=False)
 
     def _call(self, fn, *args):
         """``fn(*args)``; under CUDA graphs (``reduce-overhead``, ``max-autotune``) a new graph
