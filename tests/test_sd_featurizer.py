@@ -246,30 +246,6 @@ def test_compiled_early_exit_equals_the_full_forward(style, tiny_sd1, tiny_sd2):
     torch.testing.assert_close(feat.posterior(feat.preprocess(x))[0], eager.posterior(eager.preprocess(x))[0], rtol=1e-4, atol=1e-5)
 
 
-def test_compiling_asks_torch_compile_for_static_shapes(tiny_sd2, monkeypatch):
-    """compile=True compiles the early-exit UNet and the VAE with ``dynamic=False`` (each call
-    size its own static graph) and the configured mode; an identity stand-in for
-    torch.compile keeps the features those of the eager featurizer."""
-    asked = []
-
-    def record(fn, **kw):
-        asked.append((fn.__name__, kw))
-        return fn
-
-    monkeypatch.setattr(torch, "compile", record)
-    feat = SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, ensemble=2, compile=True)
-    eager = SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, ensemble=2)
-    x = images(b=2)
-    got = feat(x, generator=torch.Generator().manual_seed(0))
-    want = eager(x, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(got, want)
-    assert sorted(asked) == [("_vae_posterior", {"mode": None, "dynamic": False}), ("unet_up_to", {"mode": None, "dynamic": False})]
-    asked.clear()
-    feat.reconfigure(compile_mode="max-autotune")
-    feat.posterior(feat.preprocess(x))
-    assert asked == [("_vae_posterior", {"mode": "max-autotune", "dynamic": False})]
-
-
 _SIZES_SCRIPT = """
 import sys, torch
 from sd4match.features.sd import SDFeaturizer, _vae_posterior
@@ -320,8 +296,9 @@ def test_hooked_fallback_reads_several_layers_in_one_pass(tiny_sd2):
 
 def test_compile_modes_reach_torch_compile_and_graph_outputs_are_copied(tiny_sd2, monkeypatch):
     """``--compile reduce-overhead`` / ``max-autotune``: the mode reaches torch.compile (here a
-    recording stand-in, so nothing compiles), each call starts a new CUDA-graph step and its
-    outputs are copies (a graph replay reuses its output memory); the features equal eager."""
+    recording stand-in, so nothing compiles) with ``dynamic=False``, each call starts a new
+    CUDA-graph step and its outputs are copies (a graph replay reuses its output memory);
+    the features equal eager."""
     from sd4match.config import compile_choice
 
     assert compile_choice("off", "cuda") == (False, "default") and compile_choice("auto", "cpu") == (False, "default")
@@ -331,7 +308,8 @@ def test_compile_modes_reach_torch_compile_and_graph_outputs_are_copied(tiny_sd2
         SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, compile=True, compile_mode="fast")
     modes, outs, steps = [], [], []
 
-    def fake_compile(fn, mode=None):
+    def fake_compile(fn, mode=None, dynamic=None):
+        assert dynamic is False  # static shapes: one graph per call size, never a symbolic batch
         modes.append(mode)
 
         def run(*args):
