@@ -31,10 +31,11 @@ kernels by name; ``--profile-train N`` the same for N CPM training steps (batch 
 share of the kernels run in the backward pass and in the optimiser's step. ``--budget-s S``
 starts no further part or lever once S seconds have passed (each is reported as not
 measured); the floor and the tables are printed all the same, and ``--json`` is rewritten
-after every row, so a run stopped from outside keeps what it measured. With ``--compile``, each compiled row (and lever) compiles anew
-(``torch.compiler.reset()``), as a new process of the command it stands for would, and its
-compilation time is printed beside it. ``benchmarks/gpu.sh`` is the prepared GPU run in
-parts; ``benchmarks/gpu_table.py`` makes the RESULTS.md tables from their JSONs.
+after every row, so a run stopped from outside keeps what it measured. With ``--compile``,
+each compiled row (and lever) compiles anew (``torch.compiler.reset()``), as a new process
+of the command it stands for would, and its compilation time is printed beside it.
+``benchmarks/gpu.sh`` is the prepared GPU run in parts; ``benchmarks/gpu_table.py`` makes
+the RESULTS.md tables from their JSONs.
 """
 
 from __future__ import annotations
