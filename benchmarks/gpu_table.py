@@ -17,6 +17,11 @@ import argparse
 import json
 from pathlib import Path
 
+def percentages(shares: dict[str, float]) -> str:
+    """``{"convolution": 0.27, ...}`` as "convolution 27.0 %, ..." (a profile's shares or phases)."""
+    return ", ".join(f"{c} {100 * v:.1f} %" for c, v in shares.items())
+
+
 #: (what, target in ms, the beginnings of the names of the rows that measure it): the targets
 #: of the throughput issue
 TARGETS = (
@@ -103,12 +108,11 @@ def main() -> None:
         if "profile" in res:
             pr = res["profile"]
             print(f"\nProfile ({p}, CPM evaluation of {pr['pairs']} pairs, self time of the {pr['what']}, {pr['total_ms']:.0f} ms): "
-                  + ", ".join(f"{c} {100 * v:.1f} %" for c, v in pr["shares"].items()))
+                  + percentages(pr["shares"]))
         if "profile_train" in res:
             pr = res["profile_train"]
             print(f"\nProfile ({p}, CPM training, batch 9, micro-batch {pr['micro_batch']}, {pr['steps']} steps, self time of the {pr['what']}, "
-                  f"{pr['total_ms'] / pr['steps']:.0f} ms a step): " + ", ".join(f"{c} {100 * v:.1f} %" for c, v in pr["shares"].items())
-                  + "; by phase: " + ", ".join(f"{c} {100 * v:.1f} %" for c, v in pr["phases"].items()))
+                  f"{pr['total_ms'] / pr['steps']:.0f} ms a step): " + percentages(pr["shares"]) + "; by phase: " + percentages(pr["phases"]))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from featurize import SD21_UNET, SD21_VAE, flops, peak_mb, reset_peak, sd_flops, sync, timed  # noqa: E402
+from gpu_table import percentages  # noqa: E402
 
 # CLIP ViT-H/14 text tower (SD 2.1's text_encoder/config.json) and DINOv2-B/14
 SD21_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
@@ -573,7 +574,7 @@ def main() -> None:
         results["profile"] = {"pairs": len(recs), **prof}
         save()
         print(f"\nWhere a CPM evaluation of {len(recs)} pairs spends its time (torch.profiler, self time of the {prof['what']}: "
-              f"{prof['total_ms']:.0f} ms): " + ", ".join(f"{c} {100 * v:.1f} %" for c, v in prof["shares"].items()))
+              f"{prof['total_ms']:.0f} ms): " + percentages(prof["shares"]))
         print_top(prof)
 
     if args.profile_train and runs("profile-train"):  # where a CPM training step's time goes
@@ -587,8 +588,8 @@ def main() -> None:
         results["profile_train"] = {"steps": args.profile_train, "micro_batch": micro, **prof}
         save()
         print(f"\nWhere a CPM training step (batch 9, micro-batch {micro}; {args.profile_train} steps) spends its time (torch.profiler, self time of the "
-              f"{prof['what']}: {prof['total_ms'] / args.profile_train:.0f} ms a step): " + ", ".join(f"{c} {100 * v:.1f} %" for c, v in prof["shares"].items()))
-        print("By phase: " + ", ".join(f"{c} {100 * v:.1f} %" for c, v in prof["phases"].items()))
+              f"{prof['what']}: {prof['total_ms'] / args.profile_train:.0f} ms a step): " + percentages(prof["shares"]))
+        print("By phase: " + percentages(prof["phases"]))
         print_top(prof)
 
     # the floor: FLOPs of each unit of work over the device's peak

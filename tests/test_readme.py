@@ -68,7 +68,7 @@ def test_the_readmes_offline_examples_run_as_pasted(clone_folder):
         elif lang == "python" and any(key in text for key in OFFLINE_BLOCKS["python"]):
             _run([sys.executable, "-c", text], clone_folder, f"Python block at line {line}")
             ran += 1
-    assert ran == 6 + len(OFFLINE_BLOCKS["python"])
+    assert ran == 6 + len(OFFLINE_BLOCKS["python"])  # match x 3 (demo, demo-birds, cat-dog), features, mkdir + echo, transfer
     # what the commands say they write is there
     runs = clone_folder / "runs"
     for f in ("demo/matches.json", "demo/matches.png", "demo-birds/warped.png", "demo-birds/confidence.png", "demo-birds/dense.npz",
