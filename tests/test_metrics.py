@@ -6,7 +6,7 @@ import pytest
 
 from sd4match.data.records import PairRecord, pck_bases
 from sd4match.errors import PredictionError
-from sd4match.metrics import alpha_key, load_predictions, score
+from sd4match.metrics import alpha_key, format_table, load_predictions, score
 
 
 def rec(pid, cat, trg_size, trg_kps, rule="image", bbox=None, **meta):
@@ -104,3 +104,31 @@ def test_prediction_file_errors(tmp_path, text, message):
     p.write_text(text)
     with pytest.raises(PredictionError, match=message):
         load_predictions(p)
+
+
+def test_category_mean_counts_each_category_once():
+    # cat: two pairs of one point, one right one wrong -> per image 0.5, per point 0.5;
+    # dog: one pair of three points, one right -> 1/3 both ways; bird: a pair without keypoints
+    # (not scored, so not a category of the mean). Means over the 2 scored categories:
+    # (0.5 + 1/3) / 2, while "all" pools the pairs: per image (1 + 0 + 1/3) / 3, per point 2/5.
+    a1 = rec("a1", "cat", (100, 100), [[50, 50]])
+    a2 = rec("a2", "cat", (100, 100), [[50, 50]])
+    b = rec("b", "dog", (100, 100), [[10, 10], [20, 20], [30, 30]])
+    e = rec("e", "bird", (100, 100), np.zeros((0, 2)))
+    preds = {"a1": np.array([[50.0, 50]]), "a2": np.array([[90.0, 90]]),
+             "b": np.array([[10.0, 10], [60, 60], [90, 90]]), "e": np.zeros((0, 2))}
+    res = score([a1, a2, b, e], preds, alphas=[0.1])
+    assert res["n_categories"] == 2
+    assert res["per_image"]["category_mean"] == pytest.approx({"0.1": (0.5 + 1 / 3) / 2})
+    assert res["per_point"]["category_mean"] == pytest.approx({"0.1": (0.5 + 1 / 3) / 2})
+    assert res["per_image"]["all"] == pytest.approx({"0.1": (1 + 0 + 1 / 3) / 3})
+    assert res["per_point"]["all"] == pytest.approx({"0.1": 2 / 5})
+    # a category whose per-image and per-point PCK differ: cat gets a third pair of 3 points, all right
+    a3 = rec("a3", "cat", (100, 100), [[10, 10], [20, 20], [30, 30]])
+    preds["a3"] = a3.trg_kps.copy()
+    del preds["e"]
+    res = score([a1, a2, a3, b], preds, alphas=[0.1])
+    assert res["per_image"]["category_mean"]["0.1"] == pytest.approx(((1 + 0 + 1) / 3 + 1 / 3) / 2)
+    assert res["per_point"]["category_mean"]["0.1"] == pytest.approx((4 / 5 + 1 / 3) / 2)
+    table = format_table(res)
+    assert "mean of the 2 categories" in table

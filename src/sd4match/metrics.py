@@ -154,9 +154,12 @@ def score(
         where: name of the predictions source, for error messages.
 
     Returns:
-        ``{"protocol", "alphas", "n_pairs", "n_points", "per_image": {"all", "by_category"
-        [, "by_difficulty"]}, "per_point": {...}}``; alpha keys as strings (``"0.1"``).
-        Pairs without keypoints count in ``n_pairs`` but not in the PCK means.
+        ``{"protocol", "alphas", "n_pairs", "n_points", "n_categories", "per_image": {"all",
+        "by_category", "category_mean" [, "by_difficulty"]}, "per_point": {...}}``; alpha keys
+        as strings (``"0.1"``). ``category_mean`` is the mean over the ``n_categories``
+        categories with a scored pair of their PCK, each category counting once (the
+        aggregation of tables that average per category). Pairs without keypoints count in
+        ``n_pairs`` but not in the PCK means.
     """
     check_protocol(protocol)
     alphas = [float(a) for a in alphas]
@@ -198,6 +201,10 @@ def score(
         "per_image": {"all": total.per_image(keys), "by_category": {c: t.per_image(keys) for c, t in sorted(by_cat.items())}},
         "per_point": {"all": total.per_point(keys), "by_category": {c: t.per_point(keys) for c, t in sorted(by_cat.items())}},
     }
+    scored = [c for c, t in sorted(by_cat.items()) if t.n_img]  # categories with at least one scored pair
+    out["n_categories"] = len(scored)
+    for agg in ("per_image", "per_point"):
+        out[agg]["category_mean"] = category_mean(out[agg]["by_category"], scored, keys)
     if allow_missing:
         out["n_missing"] = n_missing  # pairs without a prediction, scored 0
     if protocol == "sd4match" and resolution != SD4MATCH_RESOLUTION:
@@ -213,6 +220,14 @@ def score(
     return out
 
 
+def category_mean(by_category: Mapping[str, Mapping[str, float]], categories: Sequence[str], keys: Sequence[str]) -> dict[str, float] | None:
+    """The mean over ``categories`` of their per-category PCK (each category counts once);
+    None when ``categories`` is empty."""
+    if not categories:
+        return None
+    return {k: float(np.mean([by_category[c][k] for c in categories])) for k in keys}
+
+
 def seen_unseen(result: dict, seen: Sequence[str]) -> dict:
     """The mean over the categories a prompt was trained on (seen) and over the others
     (unseen) of their per-category PCK, per image and per point: each category counts once.
@@ -226,8 +241,7 @@ def seen_unseen(result: dict, seen: Sequence[str]) -> dict:
     out: dict = {"seen": groups["seen"], "unseen": groups["unseen"]}
     for agg in ("per_image", "per_point"):
         by = result[agg]["by_category"]
-        out[agg] = {g: ({a: float(np.mean([by[c][a] for c in members])) for a in result[agg]["all"]} if members else None)
-                    for g, members in groups.items()}
+        out[agg] = {g: category_mean(by, members, list(result[agg]["all"])) for g, members in groups.items()}
     return out
 
 
@@ -243,7 +257,10 @@ def format_table(result: dict, title: str = "") -> str:
         lines.append(f"missing: {result['n_missing']} of the {result['n_pairs']} pairs have no prediction (scored 0)")
     for agg, label in (("per_image", "per image (mean of pair PCK)"), ("per_point", "per point (all points pooled)")):
         block = result[agg]
-        rows = [("all", block["all"])] + list(block["by_category"].items())
+        rows = [("all", block["all"])]
+        if block.get("category_mean") is not None and len(block["by_category"]) > 1:
+            rows.append((f"mean of the {result['n_categories']} categories", block["category_mean"]))
+        rows += list(block["by_category"].items())
         for k, levels in block.get("by_difficulty", {}).items():
             rows += [(f"{k}={lvl}", v) for lvl, v in levels.items()]
         for k in [k for k in block if k.startswith("by_") and k not in ("by_category", "by_difficulty")]:
