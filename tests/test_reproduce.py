@@ -109,6 +109,51 @@ def test_reproduce_end_to_end_then_nothing_left_to_do(tmp_path, willow_root, cap
     assert "0 evaluations run now, 4 read" in capsys.readouterr().out
 
 
+def test_processes_extracting_the_zip_at_once_all_succeed(tmp_path, monkeypatch):
+    """Every process of a torchrun extracts the zip into one folder: two extractions whose
+    writes both happen before either renames its file into place (held there by a barrier)
+    must both succeed and leave the files whole (a shared temporary name made the second
+    rename fail: "caption.part: No such file or directory")."""
+    import threading
+    from pathlib import Path
+
+    from sd4match.reproduce import find_official_prompts
+
+    g = torch.Generator().manual_seed(0)
+    z = tmp_path / "pretrained_prompts.zip"
+    prompt = {"dataset": torch.rand(1, 77, 8, generator=g)}
+    torch.save(prompt, tmp_path / "caption.pt")
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.write(tmp_path / "caption.pt", "pretrained_prompts/Single_spair_sd2-1_TokenEmbeds75/caption.pt")
+    barrier, first, rename = threading.Barrier(2, timeout=20), threading.local(), Path.replace
+
+    def replace(self, target):
+        if not getattr(first, "done", False):  # each extraction's first rename waits for the other's
+            first.done = True
+            barrier.wait()
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace)
+    results, errors = [], []
+
+    def extract():
+        try:
+            results.append(find_official_prompts(z, tmp_path / "official"))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=extract) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert [[p.name for p in r[0]] for r in results] == [["Single_spair_sd2-1_TokenEmbeds75"]] * 2
+    folder = tmp_path / "official" / "Single_spair_sd2-1_TokenEmbeds75"
+    assert sorted(f.name for f in folder.iterdir()) == ["caption.pt"]  # no temporary file left
+    assert torch.equal(torch.load(folder / "caption.pt", weights_only=True)["dataset"], prompt["dataset"])
+
+
 def test_reproduce_refuses_what_is_not_there(tmp_path, capsys):
     assert main(["reproduce", "--prompts", str(tmp_path / "nope.zip"), "--out", str(tmp_path / "o"), "--model", str(tmp_path)]) == 2
     assert "no such zip or folder" in capsys.readouterr().err
@@ -116,3 +161,39 @@ def test_reproduce_refuses_what_is_not_there(tmp_path, capsys):
     bad.write_bytes(b"PK not really")
     assert main(["reproduce", "--prompts", str(bad), "--out", str(tmp_path / "o"), "--model", "sd-2-1"]) == 2
     assert "not a readable zip" in capsys.readouterr().err
+
+
+@pytest.mark.long
+def test_reproduce_under_torchrun_writes_the_table_of_one_process(tmp_path, willow_root):
+    """torchrun with 2 CPU processes (gloo): the first imports the prompts while the other
+    waits, both share each row's pairs, and only the first writes the table, which must equal
+    a one-process run's byte for byte (same thread count per process, both fresh processes)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    sd, dino = tiny_sd(tmp_path / "sd"), tiny_dinov2(tmp_path / "dino")
+    z = official_zip(tmp_path / "pretrained_prompts.zip", SDFeaturizer.from_pretrained(sd, resolution=64, ensemble=1))
+    common = ["reproduce", "--prompts", str(z), "--pfwillow", str(willow_root), "--model", str(sd), "--dino", str(dino),
+              "--resolution", "64", "--ensemble", "2", "--limit", "7", "--timesteps", "50", "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                          "--master_port", str(port), "-m", "sd4match", *common, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, "\n".join(l for l in two.stderr.splitlines() if "error" in l.lower())[-3000:]
+    assert two.stdout.count("4 evaluations run now, 0 read from earlier runs") == 1  # the summary is printed once
+    one = subprocess.run([sys.executable, "-m", "sd4match", *common, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    table = (tmp_path / "one" / "table.csv").read_text()
+    assert (tmp_path / "two" / "table.csv").read_text() == table
+    assert sum(line.endswith(",ok") for line in table.splitlines()) == 16  # four prompts x four rules, on PF-Willow
+    for run in (tmp_path / "two" / "runs").glob("*/*"):
+        info = json.loads((run / "run-info.json").read_text())
+        assert info["processes"] == 2, run
+        mine = (run / "score.json").read_text().replace(str(tmp_path / "two"), str(tmp_path / "one"))  # the config names its prompt folder
+        assert mine == (tmp_path / "one" / run.relative_to(tmp_path / "two") / "score.json").read_text()

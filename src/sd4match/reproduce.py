@@ -34,7 +34,7 @@ from sd4match.checks import check_splits
 from sd4match.config import MATCH_RULES, EvalConfig
 from sd4match.errors import Sd4MatchError, first_line
 from sd4match.evaluate import RUN, evaluate
-from sd4match.fileio import atomic_write_text, csv_text, file_sha256, markdown_table
+from sd4match.fileio import atomic_path, atomic_write_text, csv_text, file_sha256, markdown_table
 from sd4match.prompts import parse_prompt, read_prompt_config
 from sd4match.prompts.official import OfficialName, import_official, official_file, parse_official_name
 from sd4match.runtime import distributed_rank_world
@@ -110,15 +110,13 @@ def find_official_prompts(source: str | Path, workdir: str | Path) -> tuple[list
                     continue
                 dest = workdir / parts[-2] / parts[-1]
                 if not dest.is_file() or dest.stat().st_size != info.file_size:
-                    dest.parent.mkdir(parents=True, exist_ok=True)
                     try:
                         data = zf.read(info)
                     except (zipfile.BadZipFile, OSError, EOFError) as e:
                         notes.append(f"{source}:{info.filename}: unreadable ({first_line(e)})")
                         continue
-                    tmp = dest.with_suffix(".part")
-                    tmp.write_bytes(data)
-                    tmp.replace(dest)
+                    with atomic_path(dest) as tmp:  # a temporary name of this process: the processes of torchrun all extract
+                        tmp.write_bytes(data)
                 found[parts[-2]] = OfficialPrompt(parts[-2], parsed, dest)
     elif source.is_dir():
         for f in sorted([*source.rglob("caption.pt"), *source.rglob("ckpt.pt")]):
