@@ -182,3 +182,36 @@ def test_sweep_under_torchrun_writes_the_tables_of_one_process(sd_path, willow_r
     assert (tmp_path / "two" / "table.csv").read_text() == (tmp_path / "one" / "table.csv").read_text()
     cells_of = lambda d: json.loads((tmp_path / d / "sweep.json").read_text())["cells"]  # noqa: E731
     assert cells_of("two") == cells_of("one")
+
+
+def test_an_interrupted_sweep_refuses_other_settings_for_its_cells(sd_path, willow_root, tmp_path, monkeypatch):
+    """A sweep stopped after its first cell (a KeyboardInterrupt in the second) keeps that
+    cell; a rerun with another prompt is refused instead of reusing the cell computed with the
+    first one; the same settings finish the grid, evaluating only the cells not done."""
+    import json
+
+    import sd4match.sweep as sweep_mod
+    from sd4match.config import EvalConfig
+
+    feat = SDFeaturizer.from_pretrained(sd_path, resolution=64, ensemble=1)
+    real, calls = sweep_mod.evaluate, []
+
+    def stop_at_second(*a, **k):
+        calls.append(a[2])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sweep_mod, "evaluate", stop_at_second)
+    cfg = EvalConfig("pfwillow", str(willow_root), prompt="text", rule="nn", limit=4)
+    grid = {"timesteps": (50, 261), "up_blocks": (1,), "ensembles": (1,), "progress": False}
+    with pytest.raises(KeyboardInterrupt):
+        sweep_mod.sweep(feat, cfg, tmp_path / "s", **grid)
+    assert (tmp_path / "s" / "sweep" / "t0050-b1-e1" / "score.json").is_file()
+    assert not (tmp_path / "s" / "sweep" / "t0261-b1-e1" / "score.json").exists()
+    with pytest.raises(Sd4MatchError, match=r"holds a sweep with other settings \(prompt\)"):
+        sweep_mod.sweep(feat, EvalConfig("pfwillow", str(willow_root), prompt="empty", rule="nn", limit=4), tmp_path / "s", **grid)
+    monkeypatch.setattr(sweep_mod, "evaluate", real)
+    res = sweep_mod.sweep(feat, cfg, tmp_path / "s", **grid)
+    assert res["ran"] == 1 and [r["cell"] for r in res["cells"]] == ["t0050-b1-e1", "t0261-b1-e1"]
+    assert json.loads((tmp_path / "s" / "sweep.json").read_text())["ran"] == 1

@@ -30,8 +30,6 @@ from sd4match.viz import pyplot
 
 __all__ = ["Cell", "parse_grid", "sweep"]
 
-#: EvalConfig settings a sweep's cells may not differ in from the sweep's record
-
 
 
 def parse_grid(text: str) -> tuple[int, ...]:
@@ -99,6 +97,8 @@ def sweep(featurizer, cfg: EvalConfig, out: str | Path, *, timesteps: Sequence[i
     record = {"config": run_settings(cfg), "model": featurizer.model_id,
               "grid": {"timesteps": list(timesteps), "up_blocks": list(up_blocks), "ensembles": list(ensembles), "noise_schedules": list(noise_schedules)}}
     _check_record(out, record)
+    if rank == 0 and not (out / "sweep.json").is_file():  # the record first: a rerun of an interrupted sweep is checked against it
+        atomic_write_text(out / "sweep.json", json.dumps({"record": record, "cells": [], "ran": 0}, indent=2))
     store = Store(int(store_gb * (1 << 30)), cache_dir, pinned=("posterior", "dino"))
     stackable = isinstance(featurizer, SDFeaturizer)
     ran = 0
