@@ -211,6 +211,9 @@ def test_an_interrupted_sweep_refuses_other_settings_for_its_cells(sd_path, will
     assert not (tmp_path / "s" / "sweep" / "t0261-b1-e1" / "score.json").exists()
     with pytest.raises(Sd4MatchError, match=r"holds a sweep with other settings \(prompt\)"):
         sweep_mod.sweep(feat, EvalConfig("pfwillow", str(willow_root), prompt="empty", rule="nn", limit=4), tmp_path / "s", **grid)
+    other = SDFeaturizer.from_pretrained(sd_path, resolution=128, ensemble=1)  # the model's own settings count too
+    with pytest.raises(Sd4MatchError, match=r"holds a sweep with other settings \(resolution\)"):
+        sweep_mod.sweep(other, cfg, tmp_path / "s", **grid)
     monkeypatch.setattr(sweep_mod, "evaluate", real)
     res = sweep_mod.sweep(feat, cfg, tmp_path / "s", **grid)
     assert res["ran"] == 1 and [r["cell"] for r in res["cells"]] == ["t0050-b1-e1", "t0261-b1-e1"]

@@ -94,7 +94,9 @@ def sweep(featurizer, cfg: EvalConfig, out: str | Path, *, timesteps: Sequence[i
         raise Sd4MatchError(f"{featurizer.model_id}: a sweep varies timestep and layer: it needs a Stable Diffusion model")
     rank, _ = distributed_rank_world()
     cells = [Cell(t, k, e, s) for s, e, t, k in itertools.product(noise_schedules, ensembles, timesteps, up_blocks)]
+    grid_keys = ("timestep", "up_block", "ensemble", "noise_schedule")
     record = {"config": run_settings(cfg), "model": featurizer.model_id,
+              "featurizer": {k: v for k, v in featurizer.settings().items() if k not in grid_keys},  # resolution, dtype, ...
               "grid": {"timesteps": list(timesteps), "up_blocks": list(up_blocks), "ensembles": list(ensembles), "noise_schedules": list(noise_schedules)}}
     _check_record(out, record)
     if rank == 0 and not (out / "sweep.json").is_file():  # the record first: a rerun of an interrupted sweep is checked against it
@@ -141,6 +143,9 @@ def _check_record(out: Path, record: dict) -> None:
     except (json.JSONDecodeError, KeyError, TypeError):
         raise Sd4MatchError(f"{f}: unreadable; move it away to start the sweep again") from None
     diff = sorted(k for k in record["config"] if earlier["config"].get(k) != record["config"][k])
+    if "featurizer" in earlier:  # a sweep.json written before this field existed is checked on its config and model only
+        mine, theirs = record["featurizer"], earlier["featurizer"]
+        diff += sorted(k for k in set(mine) | set(theirs) if k != "model" and mine.get(k) != theirs.get(k))
     if diff or earlier.get("model") != record["model"]:
         what = ", ".join(diff + ([] if earlier.get("model") == record["model"] else ["model"]))
         raise Sd4MatchError(f"{out}: holds a sweep with other settings ({what}); use the same ones or another --out")
