@@ -105,3 +105,28 @@ def official_dino_hidden(model, pixel_values):
         m.embeddings.position_embeddings = torch.nn.Parameter(torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h0 * h0, -1)], dim=1))
     with torch.no_grad():
         return m(pixel_values=pixel_values).last_hidden_state
+
+
+@pytest.fixture
+def two_and_one_process():
+    """``run(args, two, one)``: ``sd4match ARGS --out TWO`` under torchrun with 2 CPU processes
+    (gloo), then ``--out ONE`` in one fresh process, each with one thread a process (the same
+    arithmetic); both must succeed. Returns the two completed processes."""
+    import socket
+    import subprocess
+    import sys
+
+    def run(args, two, one):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        runs = []
+        for launcher, out in ((["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port)], two),
+                              ([], one)):
+            p = subprocess.run([sys.executable, *launcher, "-m", "sd4match", *args, "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+            assert p.returncode == 0, "\n".join(line for line in p.stderr.splitlines() if "error" in line.lower())[-3000:] or p.stderr[-2000:]
+            runs.append(p)
+        return runs
+
+    return run

@@ -148,30 +148,16 @@ def test_grid_grammar():
 
 
 @pytest.mark.long
-def test_sweep_under_torchrun_writes_the_tables_of_one_process(sd_path, willow_root, tmp_path):
+def test_sweep_under_torchrun_writes_the_tables_of_one_process(sd_path, willow_root, tmp_path, two_and_one_process):
     """torchrun with 2 CPU processes (gloo): the cells' pairs are shared by the processes, the
     first writes the tables, and every cell's predictions, the table and sweep.json's cells
     equal a one-process sweep's (same thread count per process, both fresh processes)."""
     import json
-    import os
-    import socket
-    import subprocess
-    import sys
 
     common = ["sweep", "--prompt", "text", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--limit", "9",
               "--timesteps", "50,261", "--up-blocks", "0,1", "--ensembles", "2", "--model", str(sd_path), "--resolution", "64",
               "--device", "cpu", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                          "--master_port", str(port), "-m", "sd4match", *common, "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, "\n".join(l for l in two.stderr.splitlines() if "error" in l.lower())[-3000:]
-    one = subprocess.run([sys.executable, "-m", "sd4match", *common, "--out", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-2000:]
+    two_and_one_process(common, tmp_path / "two", tmp_path / "one")
     cells = sorted(p.name for p in (tmp_path / "one" / "sweep").iterdir())
     assert cells == ["t0050-b0-e2", "t0050-b1-e2", "t0261-b0-e2", "t0261-b1-e2"]
     assert sorted(p.name for p in (tmp_path / "two" / "sweep").iterdir()) == cells

@@ -164,31 +164,16 @@ def test_reproduce_refuses_what_is_not_there(tmp_path, capsys):
 
 
 @pytest.mark.long
-def test_reproduce_under_torchrun_writes_the_table_of_one_process(tmp_path, willow_root):
+def test_reproduce_under_torchrun_writes_the_table_of_one_process(tmp_path, willow_root, two_and_one_process):
     """torchrun with 2 CPU processes (gloo): the first imports the prompts while the other
     waits, both share each row's pairs, and only the first writes the table, which must equal
     a one-process run's byte for byte (same thread count per process, both fresh processes)."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
     sd, dino = tiny_sd(tmp_path / "sd"), tiny_dinov2(tmp_path / "dino")
     z = official_zip(tmp_path / "pretrained_prompts.zip", SDFeaturizer.from_pretrained(sd, resolution=64, ensemble=1))
     common = ["reproduce", "--prompts", str(z), "--pfwillow", str(willow_root), "--model", str(sd), "--dino", str(dino),
               "--resolution", "64", "--ensemble", "2", "--limit", "7", "--timesteps", "50", "--device", "cpu", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                          "--master_port", str(port), "-m", "sd4match", *common, "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, "\n".join(l for l in two.stderr.splitlines() if "error" in l.lower())[-3000:]
+    two, _ = two_and_one_process(common, tmp_path / "two", tmp_path / "one")
     assert two.stdout.count("4 evaluations run now, 0 read from earlier runs") == 1  # the summary is printed once
-    one = subprocess.run([sys.executable, "-m", "sd4match", *common, "--out", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-2000:]
     table = (tmp_path / "one" / "table.csv").read_text()
     assert (tmp_path / "two" / "table.csv").read_text() == table
     assert sum(line.endswith(",ok") for line in table.splitlines()) == 16  # four prompts x four rules, on PF-Willow
