@@ -5,10 +5,11 @@
 # part or lever after its budget; what it measured is in its JSON either way).
 #
 #   benchmarks/gpu.sh eager                 # stages, featurize, evaluate, sweep, train (eager);
-#                                           # sdpa / channels-last / cpm-pairs / vae-batch levers;
+#                                           # sdpa / channels-last / cudnn-benchmark / cpm-pairs / vae-batch levers,
+#                                           # cudnn-benchmark and channels-last on the training step too;
 #                                           # profiles of a CPM evaluation and of CPM training steps
 #   benchmarks/gpu.sh compiled              # --compile: featurize (batch 4), evaluate (96 pairs);
-#                                           # compile:reduce-overhead and channels-last beside them
+#                                           # compile:reduce-overhead, channels-last and cudnn-benchmark beside them
 #   benchmarks/gpu.sh compiled-train        # --compile: the training rows (micro-batch 9); compile:max-autotune
 #   benchmarks/gpu.sh eager compiled        # several parts, one after the other
 #
@@ -28,9 +29,9 @@ set -euo pipefail
 part_args() {  # sets args to the pipeline.py arguments of part $1; fails for an unknown part
     case $1 in
         eager) args=(--budget-s $((limit - 150)) --profile 32 --profile-train 2
-                     --levers sdpa:flash,sdpa:efficient,sdpa:cudnn,channels-last,cpm-pairs:4,vae-batch:8) ;;
+                     --levers sdpa:flash,sdpa:efficient,sdpa:cudnn,channels-last,cudnn-benchmark,cpm-pairs:4,vae-batch:8,cudnn-benchmark@train,channels-last@train) ;;
         compiled) args=(--compile --skip stages,sweep,train --featurize-batches 4 --eval-pairs 96 --budget-s $((limit - 150))
-                        --levers compile:reduce-overhead,channels-last) ;;
+                        --levers compile:reduce-overhead,channels-last,cudnn-benchmark) ;;
         compiled-train) args=(--compile --skip stages,featurize,evaluate,sweep --train-micro 9 --budget-s $((limit - 300))
                               --levers compile:max-autotune) ;;
         *) return 1 ;;

@@ -22,7 +22,12 @@ peak of a large matmul), and the ratio of each measured row to its floor; and th
 projected SPair-71k test time with CPM (12,234 pairs) and a 30k-step training run.
 
     python benchmarks/pipeline.py --size sd21 --device cuda --compile \
-        --levers sdpa:flash,sdpa:efficient,sdpa:cudnn,channels-last,cpm-pairs:4,vae-batch:8,compile:reduce-overhead,compile:max-autotune
+        --levers sdpa:flash,sdpa:efficient,sdpa:cudnn,channels-last,cudnn-benchmark,cpm-pairs:4,vae-batch:8,compile:reduce-overhead,compile:max-autotune
+
+The kernel levers (``sdpa``, ``channels-last``, ``cudnn-benchmark``, ``compile``) go through the
+featurizer's own settings, so a lever's row is what ``--attention``, ``--channels-last``,
+``--cudnn-benchmark`` or ``--compile`` give a real run; ``<lever>@train`` measures one on the
+CPM training step. The plain rows run with the settings a run gets by default on the device.
 
 ``--profile N`` adds where the time of a CPM evaluation of N pairs goes (torch.profiler:
 the GPU's kernels on CUDA, the CPU's operators otherwise), in shares of convolution,
@@ -265,7 +270,9 @@ def main() -> None:
     ap.add_argument("--featurize-batches", default="1,4", help="batch sizes of the featurize rows (comma-separated; 4 is the one the floor and the levers compare)")
     ap.add_argument("--train-micro", default="3,9", help="micro-batch sizes of the training rows (comma-separated)")
     ap.add_argument("--levers", default="", help="comma-separated levers, each measured beside the plain row: sdpa:<flash|efficient|cudnn|math>, "
-                    "channels-last, cpm-pairs:<pairs a UNet call>, vae-batch:<pictures a VAE call>, compile:<default|reduce-overhead|max-autotune>")
+                    "channels-last[:off], cudnn-benchmark[:off], cpm-pairs:<pairs a UNet call>, vae-batch:<pictures a VAE call>, "
+                    "compile:<default|reduce-overhead|max-autotune>; a kernel lever (sdpa, channels-last, cudnn-benchmark, compile) with @train "
+                    "is measured on the CPM training step (batch 9, the largest --train-micro) instead of featurizing")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="also profile a CPM evaluation of N pairs: where its time goes")
     ap.add_argument("--profile-train", type=int, default=0, metavar="N", help="also profile N CPM training steps (batch 9, the largest --train-micro): "
                     "where their time goes, by kernel and by phase (forward, backward, optimiser)")
@@ -274,6 +281,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from sd4match.batching import Batcher, Picture
+    from sd4match.config import ModelConfig, kernel_choice
     from sd4match.errors import Sd4MatchError
     from sd4match.data import open_dataset
     from sd4match.evaluate import predict_pairs, resolve_prompt
@@ -292,11 +300,15 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="sd4match-bench-"))
     t0 = time.perf_counter()
     feat, dino = build(args.size, dev, dtype, tmp)
-    feat.reconfigure(resolution=res, ensemble=8, max_batch=32, compile=args.compile)
+    # the kernel settings a run of sd4match gets by default on this device (--channels-last / --attention / --cudnn-benchmark auto)
+    kernels = kernel_choice(ModelConfig(), dev.type)
+    feat.reconfigure(resolution=res, ensemble=8, max_batch=32, compile=args.compile, **kernels)
+    plain = {k: getattr(feat.config, k) for k in ("compile", "compile_mode", *kernels)}  # what every row after a lever's goes back to
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
     print(f"# pipeline benchmark: {args.size} architecture (random weights), {res} px, {dev} ({name}), weights {dtype}, "
-          f"compile {args.compile}, torch {torch.__version__}, built in {time.perf_counter() - t0:.1f} s", flush=True)
-    results["setup"] = {"size": args.size, "device": str(dev), "device_name": name, "dtype": str(dtype), "compile": args.compile, "torch": torch.__version__}
+          f"compile {args.compile}, kernels {kernels}, torch {torch.__version__}, built in {time.perf_counter() - t0:.1f} s", flush=True)
+    results["setup"] = {"size": args.size, "device": str(dev), "device_name": name, "dtype": str(dtype), "compile": args.compile, "kernels": kernels,
+                        "torch": torch.__version__}
     rows: list[tuple[str, str, float | None]] = []
 
     def save():
@@ -464,16 +476,17 @@ def main() -> None:
 
     train_pics = tmp / "train-pics"
 
-    def steady_trainer(kind: str, micro: int):
+    def steady_trainer(kind: str, micro: int, **over):
         """(Trainer, seconds of its first step) of ``kind`` at batch 9 and ``micro``, in the steady
         state: its first step taken (where compiling: compiled) and every training picture's VAE
-        posterior (and DINOv2 tokens) stored, as after the first epoch. The caller closes it."""
+        posterior (and DINOv2 tokens) stored, as after the first epoch; ``over``: other
+        ``TrainConfig`` settings (a lever's). The caller closes it."""
         if not train_pics.exists():
             make_pictures(train_pics, 24, seed=3)
         # compiled as the run is (TrainConfig's own default, auto, would compile on CUDA: the rows would not say eager)
         cfg = TrainConfig(dataset="synthetic", root=str(train_pics), prompt=kind, model="-", resolution=res, steps=10**6, batch_size=9,
                           micro_batch=micro, val_every=0, device=str(dev), workers=8 if dev.type == "cuda" else 2,
-                          compile="on" if args.compile else "off")
+                          **{"compile": "on" if args.compile else "off", **over})
         feat.reconfigure(ensemble=1)
         fresh_compile()
         t_c = time.perf_counter()
@@ -493,7 +506,7 @@ def main() -> None:
         tr.close_loader()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        feat.reconfigure(ensemble=8)
+        feat.reconfigure(ensemble=8, **plain)  # a lever's trainer set its own kernel and compile settings on the featurizer
 
     if runs("train"):
         for kind in ("single", "cpm"):
@@ -512,28 +525,70 @@ def main() -> None:
                 close_trainer(tr)
                 del tr
 
+    def lever_settings(kind: str, arg: str) -> dict | None:
+        """The featurizer settings a kernel lever sets, as ``sd4match`` applies them (None: not one)."""
+        switch = {"": True, "on": True, "off": False}
+        if kind == "sdpa":
+            return {"attention": arg}
+        if kind in ("channels-last", "cudnn-benchmark"):
+            if arg not in switch:
+                raise ValueError(f"lever {kind}:{arg}: expected {kind}, {kind}:on or {kind}:off")
+            return {kind.replace("-", "_"): switch[arg]}
+        if kind == "compile":
+            return {"compile": True, "compile_mode": arg or "default"}
+        return None
+
+    def as_train_config(changes: dict) -> dict:
+        """The ``TrainConfig`` fields (the flags of ``sd4match train``) of featurizer settings."""
+        out = {}
+        for k, v in changes.items():
+            if k in ("channels_last", "cudnn_benchmark"):
+                out[k] = "on" if v else "off"
+            elif k == "attention":
+                out[k] = v
+            elif k == "compile_mode":
+                out["compile"] = "on" if v == "default" else v
+        return out
+
     for lever in filter(None, args.levers.split(",")):
-        kind, _, arg = lever.partition(":")
+        spec, _, target = lever.partition("@")  # <lever>@train: measured on the CPM training step instead of featurizing
+        kind, _, arg = spec.partition(":")
         if not runs(f"lever {lever}"):
             continue
+        label = {"sdpa": f"sdpa {arg}", "compile": f"compile {arg}"}.get(kind, spec)
         try:
-            if kind == "sdpa":
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-
-                backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                           "math": SDPBackend.MATH}[arg]
-                with sdpa_kernel(backend):
-                    ms, mb, _ = featurize_ms(4)
-                row(f"lever sdpa {arg}: featurize new image, ensemble 8, batch 4, per image", ms, "ms", mb)
-            elif kind == "channels-last":
-                for m in (feat.unet, feat.vae):
-                    m.to(memory_format=torch.channels_last)
+            changes = lever_settings(kind, arg)
+            if target == "train":
+                if changes is None:
+                    raise ValueError(f"lever {lever}: only kernel levers (sdpa, channels-last, cudnn-benchmark, compile) have a training row")
+                micro = max(int(m) for m in args.train_micro.split(","))
+                tr, first = steady_trainer("cpm", micro, **as_train_config(changes))
+                try:
+                    reset_peak(dev)
+                    s = time.perf_counter()
+                    for _ in range(args.train_steps):
+                        tr.train_step()
+                    sync(dev)
+                    sec = (time.perf_counter() - s) / args.train_steps
+                finally:
+                    close_trainer(tr)
+                    del tr
+                row(f"lever {label}: train step, cpm, batch 9, micro-batch {micro} (posteriors stored)", sec, "s", peak_mb(dev))
+                if "compile" in changes:
+                    row(f"  lever {label}: train, first step incl. compilation", first, "s")
+            elif target:
+                raise ValueError(f"lever {lever}: unknown target {target!r} (featurize by default, or @train)")
+            elif changes is not None:  # kernel settings: through the featurizer's own settings, as a run with the flag gets them
+                was = {k: getattr(feat.config, k) for k in changes}
+                feat.reconfigure(**changes)
                 try:
                     ms, mb, first = featurize_ms(4)
                 finally:
-                    for m in (feat.unet, feat.vae):
-                        m.to(memory_format=torch.contiguous_format)
-                row(f"lever channels-last{' (compiled)' if args.compile else ''}: featurize new image, ensemble 8, batch 4, per image", ms, "ms", mb)
+                    feat.reconfigure(**was)
+                compiled = " (compiled)" if feat.config.compile and kind != "compile" else ""
+                row(f"lever {label}{compiled}: featurize new image, ensemble 8, batch 4, per image", ms, "ms", mb)
+                if kind == "compile":
+                    row(f"  lever compile {arg}: first call incl. compilation", first, "s")
             elif kind == "cpm-pairs":
                 pairs = int(arg)
                 feat.reconfigure(max_batch=2 * 8 * pairs)
@@ -551,15 +606,6 @@ def main() -> None:
                 finally:
                     feat.reconfigure(vae_batch=8)
                 row(f"lever vae-batch {n}: VAE posterior, per image", 1000 * sec / n, "ms", mb)
-            elif kind == "compile":
-                was = (feat.config.compile, feat.config.compile_mode)
-                feat.reconfigure(compile=True, compile_mode=arg)
-                try:
-                    ms, mb, first = featurize_ms(4)
-                finally:
-                    feat.reconfigure(compile=was[0], compile_mode=was[1])
-                row(f"lever compile {arg}: featurize new image, ensemble 8, batch 4, per image", ms, "ms", mb)
-                row(f"  lever compile {arg}: first call incl. compilation", first, "s")
             else:
                 raise ValueError(f"unknown lever {lever!r}")
         except (RuntimeError, KeyError, ValueError, Sd4MatchError) as e:  # a backend this device lacks, a bad name: said, and the others still run

@@ -333,3 +333,92 @@ def test_compile_modes_reach_torch_compile_and_graph_outputs_are_copied(tiny_sd2
     with torch.no_grad():
         feat(x, generator=torch.Generator().manual_seed(0))
     assert modes[-2:] == ["max-autotune", "max-autotune"]  # recompiled under the new mode
+
+
+def _sdp_flags():
+    b = torch.backends.cuda
+    return b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled(), b.cudnn_sdp_enabled()
+
+
+def test_kernel_settings_hold_inside_the_calls_only_and_keep_the_features(tiny_sd2):
+    """``channels_last``, ``attention`` and ``cudnn_benchmark`` (the throughput levers): inside
+    the UNet and VAE calls the weights and inputs are channels-last, only the named SDPA
+    backend is enabled and cuDNN's search is on; after a call (a failed one too) torch's
+    process-wide switches are as they were, and the features equal the plain featurizer's
+    (float noise: another convolution kernel)."""
+    plain = SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, ensemble=2)
+    feat = SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, ensemble=2, channels_last=True, attention="math", cudnn_benchmark=True)
+    cl = torch.channels_last
+    assert feat.unet.conv_in.weight.is_contiguous(memory_format=cl) and feat.vae.encoder.conv_in.weight.is_contiguous(memory_format=cl)
+    assert not plain.unet.conv_in.weight.is_contiguous(memory_format=cl)
+    before = (_sdp_flags(), torch.backends.cudnn.benchmark)
+    assert before == ((True, True, True, True), False)  # torch's defaults: every backend, no search
+    seen = []
+
+    def look(m, args):
+        seen.append((m.__class__.__name__, args[0].is_contiguous(memory_format=cl), _sdp_flags(), torch.backends.cudnn.benchmark))
+
+    hs = [feat.unet.conv_in.register_forward_pre_hook(look), feat.vae.encoder.conv_in.register_forward_pre_hook(look)]
+    try:
+        x = images(b=2)
+        with torch.no_grad():
+            got = feat(x, generator=torch.Generator().manual_seed(0))
+            want = plain(x, generator=torch.Generator().manual_seed(0))
+    finally:
+        for h in hs:
+            h.remove()
+    assert len(seen) == 2 and all(s[1:] == (True, (False, False, True, False), True) for s in seen), seen
+    assert (_sdp_flags(), torch.backends.cudnn.benchmark) == before
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a call that fails inside the UNet sets them back too
+    h = feat.unet.conv_in.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(ValueError("boom")))
+    try:
+        with pytest.raises(ValueError, match="boom"), torch.no_grad():
+            feat(x, generator=torch.Generator().manual_seed(0))
+    finally:
+        h.remove()
+    assert (_sdp_flags(), torch.backends.cudnn.benchmark) == before
+    # .to() keeps the format; turning the setting off turns the weights back
+    feat.to(torch.float64)
+    assert feat.unet.conv_in.weight.dtype == torch.float64 and feat.unet.conv_in.weight.is_contiguous(memory_format=cl)
+    feat.to(torch.float32).reconfigure(channels_last=False)
+    assert feat.unet.conv_in.weight.is_contiguous() and feat.vae.encoder.conv_in.weight.is_contiguous()
+    # a format the caller gave the modules is theirs: settings that leave channels_last alone leave it alone
+    plain.unet.to(memory_format=cl)
+    plain.reconfigure(ensemble=1, attention="auto")
+    assert plain.unet.conv_in.weight.is_contiguous(memory_format=cl)
+    assert "channels_last" not in feat.settings() and "attention" not in feat.settings()  # kernels, not what the features are: same store keys
+
+
+def test_an_attention_backend_the_device_lacks_is_named(tiny_sd2):
+    with pytest.raises(Sd4MatchError, match="attention must be one of auto, flash, efficient, cudnn, math"):
+        SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, attention="fastest")
+    before = _sdp_flags()
+    feat = SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, ensemble=1, attention="efficient")  # memory-efficient SDPA: CUDA only
+    if torch.cuda.is_available():
+        pytest.skip("this test needs a machine without CUDA")
+    with pytest.raises(Sd4MatchError, match="attention 'efficient': torch has no such kernel .* use --attention auto"), torch.no_grad():
+        feat(images(b=1), generator=torch.Generator().manual_seed(0))
+    assert _sdp_flags() == before
+
+
+def test_kernel_flags_reach_the_featurizer_and_auto_follows_the_measured_table(tiny_sd2, monkeypatch):
+    from sd4match import config
+    from sd4match.cli import build_parser, load_model
+
+    assert config.kernel_choice(config.ModelConfig(), "cuda") == {"channels_last": False, "attention": "auto", "cudnn_benchmark": False}
+    on = config.ModelConfig(channels_last="on", cudnn_benchmark="on", attention="math")
+    assert config.kernel_choice(on, "cpu") == {"channels_last": True, "attention": "math", "cudnn_benchmark": True}
+    monkeypatch.setitem(config.KERNELS_AUTO, "cudnn_benchmark", ("cuda",))  # what a GPU measurement would write
+    assert config.kernel_choice(config.ModelConfig(), "cuda")["cudnn_benchmark"] is True
+    assert config.kernel_choice(config.ModelConfig(), "cpu")["cudnn_benchmark"] is False
+    assert config.kernel_choice(config.ModelConfig(cudnn_benchmark="off"), "cuda")["cudnn_benchmark"] is False
+    with pytest.raises(Sd4MatchError, match="attention 'fastest'"):
+        config.ModelConfig(attention="fastest")
+    args = build_parser().parse_args(["features", "--model", str(tiny_sd2), "--images", "x", "--out", "y", "--device", "cpu", "--resolution", "64",
+                                      "--channels-last", "on", "--attention", "math", "--cudnn-benchmark", "on"])
+    from sd4match.cli import config_from_args
+
+    feat = load_model(config_from_args(config.ModelConfig, args))
+    assert (feat.config.channels_last, feat.config.attention, feat.config.cudnn_benchmark) == (True, "math", True)
+    assert feat.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)

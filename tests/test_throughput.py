@@ -348,6 +348,35 @@ def test_the_training_profile_splits_its_time_into_forward_backward_and_optimise
     assert fwd["forward and the rest"] > 0.7 and fwd["backward"] < 0.3
 
 
+def test_a_target_counts_the_rows_of_its_own_unit_of_work():
+    """benchmarks/gpu_table.py: a target's best row is the fastest plain or lever row of its
+    unit of work; a lever's row of another unit (a training step beside a featurize target) and
+    a compilation time never count."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gpu_table import TARGETS, best
+
+    work = {what: w for what, _, w in TARGETS}
+    r = lambda v, u: {"value": v, "unit": u, "peak_mb": None}  # noqa: E731
+    parts = {"eager": {"featurize new image, ensemble 8, batch 4, per image (ours)": r(30.0, "ms"),
+                       "featurize new image, SD + DINOv2 fused, ensemble 8, batch 4, per image": r(5.0, "ms"),
+                       "lever channels-last: featurize new image, ensemble 8, batch 4, per image": r(25.0, "ms"),
+                       "lever channels-last: train step, cpm, batch 9, micro-batch 9 (posteriors stored)": r(0.015, "s"),
+                       "train step, cpm, batch 9, micro-batch 9 (posteriors stored)": r(0.19, "s"),
+                       "lever sdpa:cudnn": {"error": "attention 'cudnn': torch has no such kernel"}},
+             "compiled": {"featurize new image, ensemble 8, batch 4, per image (ours)": r(21.0, "ms"),
+                          "  first call incl. compilation, batch 4": r(0.002, "s"),
+                          "evaluate, CPM prompt, per feature extraction (128)": r(32.1, "ms"),
+                          "lever cpm-pairs 4 a UNet call: evaluate, CPM prompt, per feature extraction": r(30.5, "ms")}}
+    assert best(parts, work["new picture, ensemble 8, batch 4"]) == (21.0, "featurize new image, ensemble 8, batch 4, per image (ours)", "compiled")
+    assert best(parts, work["CPM evaluation, per extraction"])[:2] == (30.5, "lever cpm-pairs 4 a UNet call: evaluate, CPM prompt, per feature extraction")
+    assert best(parts, work["training step, CPM, batch 9"]) == (15.0, "lever channels-last: train step, cpm, batch 9, micro-batch 9 (posteriors stored)", "eager")
+    del parts["eager"]["lever channels-last: train step, cpm, batch 9, micro-batch 9 (posteriors stored)"], parts["eager"]["train step, cpm, batch 9, micro-batch 9 (posteriors stored)"]
+    assert best(parts, work["training step, CPM, batch 9"]) is None
+
+
 @pytest.mark.long
 def test_pipeline_benchmark_runs_on_cpu_with_tiny_models(tmp_path):
     """benchmarks/pipeline.py --size tiny: every part runs end to end and reports its rows."""
@@ -358,14 +387,18 @@ def test_pipeline_benchmark_runs_on_cpu_with_tiny_models(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline.py"
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, str(script), "--size", "tiny", "--train-steps", "1", "--train-micro", "9", "--eval-pairs", "8", "--json", str(out),
-                        "--levers", "sdpa:math,channels-last,cpm-pairs:4,vae-batch:8,compile:fast", "--profile", "4", "--profile-train", "1"],
+                        "--levers", "sdpa:math,channels-last,cudnn-benchmark,channels-last@train,cpm-pairs:4,vae-batch:8,compile:fast,vae-batch:8@train",
+                        "--profile", "4", "--profile-train", "1"],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())
     assert "Projected SPair-71k test" in p.stdout and "Projected 30k training steps" in p.stdout
     assert res["evaluate_CPM_s_per_pair"] > 0 and res["train_cpm_9_s_per_step"] > 0
-    for lever in ("lever sdpa math:", "lever channels-last:", "lever cpm-pairs 4 a UNet call:", "lever vae-batch 8:"):
+    for lever in ("lever sdpa math:", "lever channels-last:", "lever cudnn-benchmark:", "lever cpm-pairs 4 a UNet call:", "lever vae-batch 8:"):
         assert lever in p.stdout
+    assert res["lever channels-last: train step, cpm, batch 9, micro-batch 9 (posteriors stored)"]["value"] > 0
+    assert "lever vae-batch:8@train: not measured (lever vae-batch:8@train: only kernel levers" in p.stdout
+    assert res["setup"]["kernels"] == {"channels_last": False, "attention": "auto", "cudnn_benchmark": False}  # the rows' defaults: a run's
     assert "lever compile:fast: not measured (compile_mode must be one of" in p.stdout  # a bad lever is said, the others run
     # the floor: FLOPs counted on meta copies of the loaded modules equal featurize.py's count on modules built on meta
     sys.path.insert(0, str(script.parent))
@@ -421,8 +454,10 @@ def test_the_prepared_gpu_run_runs_its_eager_part_on_the_tiny_models(tmp_path):
     p = subprocess.run(["bash", str(script), "eager"], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-2000:]
     res = json.loads((tmp_path / "out" / "eager.json").read_text())
-    for lever in ("sdpa:flash", "sdpa:efficient", "sdpa:cudnn", "channels-last", "cpm-pairs:4", "vae-batch:8"):  # measured, or said why not
+    for lever in ("sdpa:flash", "sdpa:efficient", "sdpa:cudnn", "channels-last", "cudnn-benchmark", "cpm-pairs:4", "vae-batch:8"):  # measured, or said why not
         assert any(k.startswith("lever " + lever.replace(":", " ")) for k in res) or "error" in res[f"lever {lever}"], lever
+    for lever in ("cudnn-benchmark", "channels-last"):  # on the training step too
+        assert res[f"lever {lever}: train step, cpm, batch 9, micro-batch 9 (posteriors stored)"]["value"] > 0
     assert res["profile"]["shares"] and res["train_cpm_9_s_per_step"] > 0 and res["setup"]["size"] == "tiny"
     assert res["profile_train"]["steps"] == 2 and res["profile_train"]["phases"]["backward"] > 0
     log = (tmp_path / "out" / "eager.log").read_text()
@@ -435,10 +470,13 @@ def test_the_prepared_gpu_run_runs_its_eager_part_on_the_tiny_models(tmp_path):
     assert "compiled.json is missing: not measured" in t and "| measurement | eager |" in t
     assert "Profile (eager, CPM training, batch 9, micro-batch 9, 2 steps" in t and "; by phase: forward and the rest" in t
     b4 = res["featurize new image, ensemble 8, batch 4, per image (ours)"]["value"]
-    best_b4 = min([b4] + [v["value"] for k, v in res.items() if k.startswith(("lever sdpa", "lever channels-last")) and "value" in v])
+    best_b4 = min([b4] + [v["value"] for k, v in res.items() if k.startswith("lever ") and k.endswith(": featurize new image, ensemble 8, batch 4, per image")
+                          and "value" in v])
     assert f"| new picture, ensemble 8, batch 4 | {best_b4:.1f} ms |" in t and "| ≤ 20 ms | (tiny) |" in t
-    step, micro = min((res[f"train_cpm_{m}_s_per_step"], m) for m in (3, 9))
-    assert f"| training step, CPM, batch 9 | {1000 * step:.1f} ms | train step, cpm, batch 9, micro-batch {micro} (posteriors stored) (eager) |" in t
+    steps = [(res[f"train_cpm_{m}_s_per_step"], f"train step, cpm, batch 9, micro-batch {m} (posteriors stored)") for m in (3, 9)]
+    steps += [(v["value"], k) for k, v in res.items() if k.startswith("lever ") and ": train step, cpm, batch 9, " in k]  # a lever's row counts too
+    step, name = min(steps)
+    assert f"| training step, CPM, batch 9 | {1000 * step:.1f} ms | {name} (eager) |" in t
     for lever in ("sdpa:efficient", "sdpa:cudnn"):  # what this CPU lacks: the reason, in its row
         assert f"| lever {lever} | not measured ({res[f'lever {lever}']['error'][:80]}) |" in t if f"lever {lever}" in res else f"lever {lever.replace(':', ' ')}:" in t
 

@@ -1,5 +1,6 @@
 """Training: learnability on real images, exact resume after SIGKILL, presets and settings."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -170,6 +171,27 @@ def test_bf16_autocast_training_step(tiny, willow_root, tmp_path):
         assert t.prompt.tokens.dtype == torch.float32 and not torch.equal(before, t.prompt.tokens.detach())
         assert not t.scaler.is_enabled()  # loss scaling is for fp16 on CUDA only
     assert losses["bf16"] == pytest.approx(losses[None], rel=0.02)
+
+
+def test_kernel_settings_reach_training_and_keep_its_loss(tiny, willow_root, tmp_path):
+    """``--channels-last``, ``--attention`` and ``--cudnn-benchmark`` reach the trainer's
+    featurizer; a step through channels-last weights (backward included) gives the loss and
+    the prompt update of the plain step, to float noise, and a resumed run may change them."""
+    from sd4match.train import _resumable
+
+    feat = SDFeaturizer.from_pretrained(tiny, resolution=64, ensemble=1)
+    got = {}
+    for name, kw in (("plain", {}), ("levers", {"channels_last": "on", "attention": "math", "cudnn_benchmark": "on"})):
+        cfg = TrainConfig(dataset="synthetic", root=str(willow_root), prompt="single", model=str(tiny), resolution=64, steps=1, batch_size=2,
+                          micro_batch=2, val_every=0, device="cpu", **kw)
+        t = Trainer(cfg, tmp_path / name, featurizer=feat, progress=False)
+        assert (feat.config.channels_last, feat.config.attention, feat.config.cudnn_benchmark) == ((True, "math", True) if kw else (False, "auto", False))
+        got[name] = (t.train_step(), t.prompt.tokens.detach().clone())
+        t.close_loader()
+        assert _resumable(dataclasses.asdict(cfg)) == _resumable(dataclasses.asdict(TrainConfig(**{**dataclasses.asdict(cfg), "channels_last": "off", "attention": "flash"})))
+    assert feat.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert got["levers"][0] == pytest.approx(got["plain"][0], rel=1e-5)
+    torch.testing.assert_close(got["levers"][1], got["plain"][1], rtol=1e-4, atol=1e-5)
 
 
 def test_training_targets_are_clamped_as_the_official_datasets_do(tiny, willow_root, tmp_path):

@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from sd4match.config import (ALL_PAIRS_HELP, compile_choice, DEFAULT_ALPHAS, EVAL_PRESETS, IMAGES_HELP, MATCH_RULES, PROTOCOL_HELP, SPLIT_HELP, TRAIN_PRESETS, DatasetName,
+from sd4match.config import (ALL_PAIRS_HELP, compile_choice, kernel_choice, DEFAULT_ALPHAS, EVAL_PRESETS, IMAGES_HELP, MATCH_RULES, PROTOCOL_HELP, SPLIT_HELP, TRAIN_PRESETS, DatasetName,
                              EvalConfig, ImportKind, MatchConfig,
                              ModelConfig, Protocol, TrainConfig, field_base_type, field_choices, parse_alphas, parse_names)
 from sd4match.errors import Sd4MatchError
@@ -160,7 +160,7 @@ def load_model(model: ModelConfig):
     compiled, compile_mode = compile_choice(model.compile, dev.type)
     kw = {"timestep": model.timestep, "up_block": model.up_block, "ensemble": model.ensemble, **({"max_batch": model.max_batch} if model.max_batch else {}),
           "compile": compiled, "compile_mode": compile_mode, "dino_input": model.dino_input, "dino_pos": model.dino_pos, "noise_schedule": model.noise_schedule,
-          "vae_batch": model.vae_batch}
+          "vae_batch": model.vae_batch, **kernel_choice(model, dev.type)}
     if model.model_config:
         kw["config"] = model.model_config
     if model.resolution:
@@ -329,8 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store-gb", type=float, default=4.0, help="memory for VAE posteriors and DINOv2 tokens, kept for the whole grid")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_flags(p.add_argument_group("evaluation (every cell)"), EvalConfig)
-    _model_args(p, only=("model", "model_config", "device", "dtype", "resolution", "max_batch", "vae_batch", "compile", "dino_input", "dino_pos"),
-                compile_default="auto")
+    _model_args(p, only=("model", "model_config", "device", "dtype", "resolution", "max_batch", "vae_batch", "compile", "dino_input", "dino_pos",
+                         "channels_last", "attention", "cudnn_benchmark"), compile_default="auto")
     p.set_defaults(func=cmd_sweep, command_parser=p)
 
     p = command("compare", "accuracy beside training cost for several evaluations: compare.md, compare.csv, compare.png")
@@ -350,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="only the first N pairs of each test split (a quick look)")
     p.add_argument("--dino", default="dinov2-b", help="DINOv2 model of the CPM prompts")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _model_args(p, only=("model", "model_config", "device", "dtype", "resolution", "max_batch", "vae_batch", "compile", "dino_pos"), compile_default="auto")
+    _model_args(p, only=("model", "model_config", "device", "dtype", "resolution", "max_batch", "vae_batch", "compile", "dino_pos", "channels_last",
+                         "attention", "cudnn_benchmark"), compile_default="auto")
     p.set_defaults(func=cmd_reproduce)
 
     p = command("prompts", "import the authors' released prompts; show what a prompt folder holds")

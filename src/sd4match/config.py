@@ -114,6 +114,21 @@ DType = Literal["auto", "fp32", "bf16", "fp16"]
 CompileMode = Literal["auto", "on", "off", "reduce-overhead", "max-autotune"]
 #: torch.compile modes (``SDFeaturizerConfig.compile_mode``); reduce-overhead and max-autotune capture CUDA graphs
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+#: ``--channels-last``, ``--cudnn-benchmark``: on, off, or auto (on for the device types in ``KERNELS_AUTO``)
+Switch = Literal["auto", "on", "off"]
+#: ``--attention``: torch's scaled-dot-product-attention backend (``auto``: torch picks per call)
+Attention = Literal["auto", "flash", "efficient", "cudnn", "math"]
+#: What ``auto`` turns on, per device type: the kernel settings that ``benchmarks/pipeline.py --levers``
+#: measured faster there (benchmarks/RESULTS.md). Empty until a GPU run has measured them.
+KERNELS_AUTO: dict[str, tuple[str, ...]] = {"channels_last": (), "cudnn_benchmark": ()}
+KERNEL_HELP = {
+    "channels_last": "the UNet's and VAE's weights and inputs in channels-last (NHWC) memory format (auto: off until measured faster; "
+                     "features move by float noise only)",
+    "attention": "attention kernel of the UNet and VAE: auto (torch picks) or flash, efficient, cudnn, math (one backend, refused where "
+                 "this device has none for the model's shapes)",
+    "cudnn_benchmark": "cuDNN times its convolution algorithms once per shape and keeps the fastest, during sd4match's model calls only "
+                       "(auto: off until measured faster)",
+}
 DinoInput = Literal["official", "imagenet"]
 #: How DINOv2's learned position grid is resized (``sd4match.features.dino.DINO_POS``).
 DinoPos = Literal["official", "transformers"]
@@ -124,6 +139,17 @@ def compile_choice(mode: str, device_type: str) -> tuple[bool, str]:
     if mode == "off" or (mode == "auto" and device_type != "cuda"):
         return False, "default"
     return True, mode if mode in TORCH_COMPILE_MODES else "default"
+
+
+def kernel_choice(cfg, device_type: str) -> dict[str, Any]:
+    """The featurizer's kernel settings (``channels_last``, ``attention``, ``cudnn_benchmark``)
+    of a settings object with the ``--channels-last`` / ``--attention`` / ``--cudnn-benchmark``
+    fields, on a device type."""
+    def on(name: str) -> bool:
+        v = getattr(cfg, name)
+        return v == "on" or (v == "auto" and device_type in KERNELS_AUTO[name])
+
+    return {"channels_last": on("channels_last"), "attention": cfg.attention, "cudnn_benchmark": on("cudnn_benchmark")}
 #: What ``sd4match train`` trains: the prompt, UNet adapters, or both.
 AdaptMode = Literal["prompt", "lora", "prompt+lora", "finetune", "prompt+finetune"]
 #: What a CPM's conditional rows are made from (``sd4match.prompts.cpm.CPM_INPUTS``).
@@ -197,6 +223,9 @@ class ModelConfig:
                                 "picture a call, the bits of sd4match before the VAE was batched)")
     compile: CompileMode = setting("off", "torch.compile the early-exit UNet and the VAE encoder (auto: on CUDA; compiling takes about a minute, "
                                           "then each call is faster; reduce-overhead / max-autotune: that torch.compile mode)")
+    channels_last: Switch = setting("auto", KERNEL_HELP["channels_last"])
+    attention: Attention = setting("auto", KERNEL_HELP["attention"])
+    cudnn_benchmark: Switch = setting("auto", KERNEL_HELP["cudnn_benchmark"])
 
     def __post_init__(self):
         check_choices(self)
@@ -332,6 +361,9 @@ class TrainConfig:
     cache_dir: str = setting("", "keep VAE posteriors and DINOv2 tokens here too, for later runs", default_text="none")
     store_gb: float = setting(8.0, "memory for VAE posteriors and DINOv2 tokens, GB (all of SPair-71k trn: about 2 GB)")
     compile: CompileMode = setting("auto", "torch.compile the early-exit UNet and the VAE (auto: on CUDA)")
+    channels_last: Switch = setting("auto", KERNEL_HELP["channels_last"])
+    attention: Attention = setting("auto", KERNEL_HELP["attention"])
+    cudnn_benchmark: Switch = setting("auto", KERNEL_HELP["cudnn_benchmark"])
 
     def __post_init__(self):
         for name in ("categories", "exclude_categories", "lora_targets", "finetune_blocks"):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from sd4match.batching import Batcher, Picture, dino_part, prefetch
 from sd4match.checkpoint import CKPT_DIR, list_checkpoints, load_checkpoint, prune_checkpoints, read_checkpoint_meta, save_checkpoint
-from sd4match.config import TRAIN_PRESETS, MatchConfig, TrainConfig, compile_choice, load_train_config
+from sd4match.config import TRAIN_PRESETS, MatchConfig, TrainConfig, compile_choice, kernel_choice, load_train_config
 from sd4match.data import dataset_options, open_dataset
 from sd4match.errors import Sd4MatchError, Sd4MatchWarning
 from sd4match.evaluate import predict_pairs
@@ -168,7 +168,7 @@ class Trainer:
         compiled, compile_mode = compile_choice(cfg.compile, torch.device(dev).type)
         self.feat.reconfigure(timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, resolution=cfg.resolution, amp_dtype=cfg.amp_dtype,
                               noise_schedule=cfg.noise_schedule,
-                              compile=compiled, compile_mode=compile_mode)
+                              compile=compiled, compile_mode=compile_mode, **kernel_choice(cfg, torch.device(dev).type))
         self.dino = (dino or DinoFeaturizer.from_pretrained(cfg.dino, pos=cfg.dino_pos).to(dev, wdt)) if kind.needs_dino else None
         # 2. the data
         self._ds = open_dataset(cfg.dataset, cfg.root, **dataset_options(cfg))
@@ -469,7 +469,8 @@ class Trainer:
 
 # ------------------------------------------------------------------------------ the run folder
 #: settings that may change between a run and its resumption: how long it runs and how it is fed
-_VOLATILE = ("steps", "epochs", "workers", "cache_dir", "store_gb", "compile", "ckpt_every", "keep_checkpoints", "device")
+_VOLATILE = ("steps", "epochs", "workers", "cache_dir", "store_gb", "compile", "channels_last", "attention", "cudnn_benchmark", "ckpt_every",
+             "keep_checkpoints", "device")
 RUN_FILES = ("config.json", "scalars.jsonl", CKPT_DIR, "best", "last", "tb")
 
 

@@ -50,6 +50,10 @@ class SDFeaturizerConfig:
     compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune
     vae_batch: int = 8  # most pictures per VAE call (evaluate and train: every call this size, padded)
     noise_schedule: str = "model"  # the model's own scheduler, or <Class>[:<beta schedule>] (NOISE_SCHEDULERS, BETA_SCHEDULES)
+    # kernels only (the features move by float noise, never more; not part of ``settings()``):
+    channels_last: bool = False  # the UNet's and VAE's 4-D weights, and their inputs, in channels-last (NHWC) memory format
+    attention: str = "auto"  # scaled-dot-product attention backend during the calls: auto (torch's choice) or one of ATTENTION_BACKENDS
+    cudnn_benchmark: bool = False  # cuDNN times its convolution algorithms per shape and keeps the fastest, during the calls only
 
 
 class _EarlyExit(Exception):
@@ -57,6 +61,35 @@ class _EarlyExit(Exception):
 
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}
+
+#: ``attention``: torch's scaled-dot-product-attention backends by name (``auto``: torch picks per call)
+ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+
+
+@contextlib.contextmanager
+def kernel_settings(attention: str = "auto", cudnn_benchmark: bool = False):
+    """Within the block: SDPA restricted to the ``attention`` backend, and cuDNN's
+    per-shape algorithm search on; both as they were after it (torch's own switches, which
+    are process-wide, are set back even when the block raises)."""
+    if attention not in ATTENTION_BACKENDS:
+        raise Sd4MatchError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
+    with contextlib.ExitStack() as stack:
+        if attention != "auto":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                       "math": SDPBackend.MATH}[attention]
+            stack.enter_context(sdpa_kernel(backend))
+        if cudnn_benchmark:
+            was = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = True
+            stack.callback(setattr, torch.backends.cudnn, "benchmark", was)
+        try:
+            yield
+        except RuntimeError as e:
+            if attention != "auto" and any(m in str(e) for m in ("No available kernel", "No viable backend")):  # CUDA's, the CPU's words
+                raise Sd4MatchError(f"attention {attention!r}: torch has no such kernel for these inputs on this device; use --attention auto") from None
+            raise
 
 #: ``--noise-schedule`` classes: short name -> diffusers scheduler class
 NOISE_SCHEDULERS = {"DDPM": "DDPMScheduler", "DDIM": "DDIMScheduler", "PNDM": "PNDMScheduler", "Euler": "EulerDiscreteScheduler",
@@ -156,6 +189,8 @@ class SDFeaturizer(Featurizer):
         for m in (unet, vae, text_encoder):
             m.eval()
             m.requires_grad_(False)
+        if config.channels_last:
+            self._memory_format()
         self._compiled: dict = {}
         self._meta: dict = {}  # modules' dtype and device, read once (diffusers walks every module to tell them)
         self._bridge: TextEncoderBridge | None = None
@@ -195,6 +230,9 @@ class SDFeaturizer(Featurizer):
         compile_mode: str = "default",
         noise_schedule: str = "model",
         vae_batch: int = 8,
+        channels_last: bool = False,
+        attention: str = "auto",
+        cudnn_benchmark: bool = False,
         config: str | Path | None = None,
         local_files_only: bool | None = None,
     ) -> "SDFeaturizer":
@@ -216,7 +254,8 @@ class SDFeaturizer(Featurizer):
         parts = load_sd_components(res, config=config, local_files_only=local_files_only)
         parse_noise_schedule(noise_schedule)  # named before any weights load
         cfg = SDFeaturizerConfig(timestep, up_block, ensemble, deterministic_latent, resolution, max_batch, amp_dtype, compile,
-                                 compile_mode=compile_mode, vae_batch=vae_batch, noise_schedule=noise_schedule)
+                                 compile_mode=compile_mode, vae_batch=vae_batch, noise_schedule=noise_schedule, channels_last=channels_last,
+                                 attention=attention, cudnn_benchmark=cudnn_benchmark)
         return cls(*parts, config=cfg, model_id=res.model_id)
 
     # ------------------------------------------------------------------ settings
@@ -236,15 +275,33 @@ class SDFeaturizer(Featurizer):
             raise Sd4MatchError(f"amp_dtype must be bf16, fp16 or None, got {c.amp_dtype!r}")
         if c.compile_mode not in TORCH_COMPILE_MODES:
             raise Sd4MatchError(f"compile_mode must be one of {', '.join(TORCH_COMPILE_MODES)}, got {c.compile_mode!r}")
+        if c.attention not in ATTENTION_BACKENDS:
+            raise Sd4MatchError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {c.attention!r}")
 
     def reconfigure(self, **changes) -> "SDFeaturizer":
         """Change settings in place (timestep, up_block, ensemble, ...); returns self."""
         cfg = replace(self.config, **changes)
         self._check_config(cfg)
-        if (cfg.up_block, cfg.compile, cfg.compile_mode) != (self.config.up_block, self.config.compile, self.config.compile_mode):
+        graph = ("up_block", "compile", "compile_mode", "channels_last", "attention")  # what a compiled graph was traced with
+        if any(getattr(cfg, k) != getattr(self.config, k) for k in graph):
             self._compiled = {}
+        changed = cfg.channels_last != self.config.channels_last
         self.config = cfg
+        if changed:
+            self._memory_format()
         return self
+
+    def _memory_format(self) -> None:
+        """The UNet's and VAE's 4-D weights in the format ``channels_last`` asks for, set
+        when the setting is given or changed (``.to(device, dtype)`` later keeps the format;
+        a format the caller gave the modules is otherwise left alone)."""
+        fmt = torch.channels_last if self.config.channels_last else torch.contiguous_format
+        for m in (self.unet, self.vae):
+            m.to(memory_format=fmt)
+
+    def _as_format(self, x: torch.Tensor) -> torch.Tensor:
+        """A (B, C, H, W) input in the memory format of the weights."""
+        return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
 
     @property
     def resolution(self) -> int:  # type: ignore[override]
@@ -304,7 +361,7 @@ class SDFeaturizer(Featurizer):
     def settings(self) -> dict:
         """Everything that changes the features (store keys, run records)."""
         s = asdict(self.config)
-        for k in ("max_batch", "compile", "compile_mode", "vae_batch"):
+        for k in ("max_batch", "compile", "compile_mode", "vae_batch", "channels_last", "attention", "cudnn_benchmark"):
             s.pop(k)
         if s["noise_schedule"] == "model":  # the default leaves the keys of stored maps as they were
             s.pop("noise_schedule")
@@ -339,9 +396,9 @@ class SDFeaturizer(Featurizer):
         """
         fn = self._compiled_fn("vae", lambda: self._compile(_vae_posterior)) if self.config.compile else _vae_posterior
         means, stds = [], []
-        with self._autocast(x.device):
+        with self._autocast(x.device), self._kernels():
             for i in range(0, x.shape[0], self.config.vae_batch):
-                m, s = self._call(fn, self.vae, (2 * x[i : i + self.config.vae_batch] - 1).to(self._module_meta("vae")[0]))
+                m, s = self._call(fn, self.vae, self._as_format((2 * x[i : i + self.config.vae_batch] - 1).to(self._module_meta("vae")[0])))
                 means.append(m.float())
                 stds.append(s.float())
         return torch.cat(means), torch.cat(stds)
@@ -416,10 +473,10 @@ class SDFeaturizer(Featurizer):
         """
         outs: list = []
         dt = self._module_meta("unet")[0]
-        with self._autocast(noisy.device):
+        with self._autocast(noisy.device), self._kernels():
             for i in range(0, noisy.shape[0], self.config.max_batch):
                 sl = slice(i, i + self.config.max_batch)
-                outs.append(self._up_to(noisy[sl].to(dt), t[sl], prompt_embeds[sl].to(dt), layers))
+                outs.append(self._up_to(self._as_format(noisy[sl].to(dt)), t[sl], prompt_embeds[sl].to(dt), layers))
         if layers is None:
             return torch.cat([o.float() for o in outs])
         return {k: torch.cat([o[k].float() for o in outs]) for k in layers}
@@ -514,6 +571,10 @@ class SDFeaturizer(Featurizer):
         if dt is None:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=dt)
+
+    def _kernels(self):
+        """The attention backend and cuDNN's algorithm search of the settings, for one call."""
+        return kernel_settings(self.config.attention, self.config.cudnn_benchmark)
 
     # ------------------------------------------------------------------ call
     def forward(
