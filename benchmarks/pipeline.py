@@ -257,6 +257,26 @@ def print_top(prof: dict) -> None:
         print(f"| {t['name'][:90]} | {100 * t['share']:.1f} % | {t['category']} |")
 
 
+def count_syncs(fn, dev) -> int | None:
+    """How many times ``fn()`` made the CPU wait for the GPU (CUDA's synchronising calls, as
+    ``torch.cuda.set_sync_debug_mode`` reports them); None off CUDA or where torch cannot say."""
+    if dev.type != "cuda":
+        return None
+    import warnings
+
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in seen)
+    except Exception:  # noqa: BLE001 - a diagnostic: never the reason a GPU run fails
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=("tiny", "sd21"), default="tiny")
@@ -628,10 +648,13 @@ def main() -> None:
         tr, _ = steady_trainer("cpm", micro)
         try:
             prof = profile_shares(lambda: [tr.train_step() for _ in range(args.profile_train)], dev)
+            syncs = count_syncs(tr.train_step, dev)
         finally:
             close_trainer(tr)
             del tr
-        results["profile_train"] = {"steps": args.profile_train, "micro_batch": micro, **prof}
+        results["profile_train"] = {"steps": args.profile_train, "micro_batch": micro, "syncs_per_step": syncs, **prof}
+        if syncs is not None:
+            print(f"\nA CPM training step waited for the GPU {syncs} times (torch.cuda.set_sync_debug_mode; one is the step's loss)")
         save()
         print(f"\nWhere a CPM training step (batch 9, micro-batch {micro}; {args.profile_train} steps) spends its time (torch.profiler, self time of the "
               f"{prof['what']}: {prof['total_ms'] / args.profile_train:.0f} ms a step): " + percentages(prof["shares"]))

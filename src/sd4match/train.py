@@ -253,18 +253,21 @@ class Trainer:
         if pics is None:
             pics = self._load_pictures(recs)
         src, trg = [a for a, _ in pics], [b for _, b in pics]
-        emb = self.prompt(self.batcher.prompt_batch(self.prompt, src, trg, [r.category for r in recs]))
-        fs, ft = self.batcher.pair_features(src, trg, emb, grad=True, generator=gen)
+        # the keypoints' cells, made on the CPU and sent in one copy that does not wait for the
+        # GPU (a copy per pair into a device tensor waits for the work queued before it)
         n = max(r.n_points for r in recs) if not cfg.max_kps else min(cfg.max_kps, max(r.n_points for r in recs))
-        sc = torch.zeros(len(recs), n, 2, device=dev)
-        tc = torch.zeros(len(recs), n, 2, device=dev)
-        valid = torch.zeros(len(recs), n, dtype=torch.bool, device=dev)
+        cells = np.zeros((2, len(recs), n, 2), dtype=np.float32)
+        valid = torch.zeros(len(recs), n, dtype=torch.bool)
         res = self.feat.resolution
         for i, r in enumerate(recs):
             k = min(n, r.n_points)
-            sc[i, :k] = torch.as_tensor(self.feat.pixel_to_cell(clamp_to_frame(r.src_kps[:k], r.src_size, res), r.src_size), dtype=torch.float32)
-            tc[i, :k] = torch.as_tensor(self.feat.pixel_to_cell(clamp_to_frame(r.trg_kps[:k], r.trg_size, res), r.trg_size), dtype=torch.float32)
+            cells[0, i, :k] = self.feat.pixel_to_cell(clamp_to_frame(r.src_kps[:k], r.src_size, res), r.src_size)
+            cells[1, i, :k] = self.feat.pixel_to_cell(clamp_to_frame(r.trg_kps[:k], r.trg_size, res), r.trg_size)
             valid[i, :k] = True
+        sc, tc = torch.from_numpy(cells).to(dev, non_blocking=True)
+        valid = valid.to(dev, non_blocking=True)
+        emb = self.prompt(self.batcher.prompt_batch(self.prompt, src, trg, [r.category for r in recs]))
+        fs, ft = self.batcher.pair_features(src, trg, emb, grad=True, generator=gen)
         corr = point_correlation(fs, ft, sc, cfg.similarity)
         return gaussian_window_ce(corr, tc, valid, temperature=cfg.temperature, size=cfg.window, sigma=cfg.sigma)
 
@@ -273,13 +276,14 @@ class Trainer:
         cfg = self.cfg
         self.prompt.train()
         self.opt.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.feat.device)
         n_micro = cfg.batch_size // cfg.micro_batch
         for m in range(self.rank, n_micro, self.world):  # this process's share of the step's micro-batches
             recs, pics = self.next_micro(self.step, m)  # the loader's (step, micro-batch) is checked there
             loss = self.micro_loss(recs, step_generator(self.feat.device, cfg.seed, self.step, m), pics) / n_micro
             self.scaler.scale(loss).backward()
-            total += float(loss.detach())
+            total += loss.detach()  # on the device: the next micro-batch is queued while this one's backward runs (fp64: the sum float() of each gave)
+        total = float(total)
         if self.world > 1:
             total = self._all_reduce_grads(total)
         self.scaler.step(self.opt)  # skips the step if fp16 gradients overflowed (same decision on every process)
