@@ -265,6 +265,17 @@ def test_loss_gradient_flows_and_no_valid_point_gives_zero():
     assert zero.item() == 0.0 and zero.requires_grad
 
 
+def test_a_pair_without_keypoints_leaves_the_mean_over_pairs():
+    """The batch loss is the mean over the pairs that have a keypoint: a pair with none (all
+    padding) neither adds to it nor counts in its denominator."""
+    corr = torch.rand(3, 2, 6, 7, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    gt = torch.tensor([[[1.3, 2.6], [4.5, 3.2]], [[2.0, 2.0], [3.0, 1.0]], [[3.2, 4.1], [2.2, 2.2]]])
+    valid = torch.tensor([[True, True], [False, False], [True, False]])
+    got = gaussian_window_ce(corr, gt, valid).item()
+    want = (ref_pair_loss(corr[0].numpy(), gt[0].tolist()) + ref_pair_loss(corr[2, :1].numpy(), gt[2, :1].tolist())) / 2
+    assert got == pytest.approx(want, rel=1e-5)
+
+
 def test_dot_similarity_matches_raw_dot_products():
     """ENABLE_L2_NORM = False (the official dift / fuseDino configs): s is the raw dot product.
     Query (1, 0); target cell (0, 0) holds (1, 0) (cosine 1, dot 1), cell (2, 1) holds (3, 3)

@@ -89,8 +89,8 @@ def gaussian_window_ce(
     per_point = -(torch.where(inside, k * logp, torch.zeros_like(logp))).sum(dim=(-2, -1))  # (B, N)
     m = torch.ones(b, n, device=dev) if valid is None else valid.float()
     count = m.sum(dim=1)
-    has = count > 0
-    if not bool(has.any()):
-        return (corr.float() * 0).sum()
+    has = (count > 0).float()
     per_pair = (per_point * m).sum(dim=1) / count.clamp_min(1.0)
-    return per_pair[has].mean()
+    # the mean over the pairs that have a keypoint (0 when none has), computed without reading a
+    # value back from the device: a training step need not wait for the GPU here
+    return (per_pair * has).sum() / has.sum().clamp_min(1.0)
