@@ -35,6 +35,15 @@ TARGETS = (
 TO_MS = {"ms": 1.0, "s": 1000.0}
 
 
+def waiting(prof: dict) -> str:
+    """What a CUDA profile adds about waiting: the share of the wall time the GPU computed, and
+    a training step's synchronisations (empty where the profile has neither)."""
+    out = f"; the GPU busy {100 * prof['busy']:.0f} % of the wall time" if prof.get("busy") is not None else ""
+    if prof.get("syncs_per_step") is not None:
+        out += f"; {prof['syncs_per_step']} synchronisations a step"
+    return out
+
+
 def rows_of(res: dict) -> dict[str, dict]:
     """The measured rows of one part's JSON: name -> {"value", "unit", "peak_mb"}, or {"error"} for a lever not measured."""
     return {k: v for k, v in res.items() if isinstance(v, dict) and ("value" in v or (k.startswith("lever ") and "error" in v))}
@@ -110,11 +119,11 @@ def main() -> None:
         if "profile" in res:
             pr = res["profile"]
             print(f"\nProfile ({p}, CPM evaluation of {pr['pairs']} pairs, self time of the {pr['what']}, {pr['total_ms']:.0f} ms): "
-                  + percentages(pr["shares"]))
+                  + percentages(pr["shares"]) + waiting(pr))
         if "profile_train" in res:
             pr = res["profile_train"]
             print(f"\nProfile ({p}, CPM training, batch 9, micro-batch {pr['micro_batch']}, {pr['steps']} steps, self time of the {pr['what']}, "
-                  f"{pr['total_ms'] / pr['steps']:.0f} ms a step): " + percentages(pr["shares"]) + "; by phase: " + percentages(pr["phases"]))
+                  f"{pr['total_ms'] / pr['steps']:.0f} ms a step): " + percentages(pr["shares"]) + "; by phase: " + percentages(pr["phases"]) + waiting(pr))
 
 
 if __name__ == "__main__":

@@ -246,8 +246,23 @@ def profile_shares(fn, dev: torch.device, top: int = 12) -> dict:
     for k, t in times.items():
         shares[cat[k]] = shares.get(cat[k], 0.0) + t / total
     names = sorted(times, key=times.get, reverse=True)[:top]
-    return {"what": "GPU kernels" if gpu else "CPU operators", "total_ms": total / 1000, "shares": dict(sorted(shares.items(), key=lambda kv: -kv[1])),
-            "top": [{"name": k, "share": times[k] / total, "category": cat[k]} for k in names], "phases": phases}
+    out = {"what": "GPU kernels" if gpu else "CPU operators", "total_ms": total / 1000, "shares": dict(sorted(shares.items(), key=lambda kv: -kv[1])),
+           "top": [{"name": k, "share": times[k] / total, "category": cat[k]} for k in names], "phases": phases}
+    if gpu:  # how much of the wall time the GPU computes: the rest it waits for the CPU (launches, Python, syncs)
+        s = time.perf_counter()
+        fn()  # again, without the profiler's own overhead on the CPU side
+        sync(dev)
+        out["wall_ms"] = 1000 * (time.perf_counter() - s)
+        out["busy"] = min(1.0, out["total_ms"] / out["wall_ms"])
+    return out
+
+
+def busy_line(prof: dict) -> str:
+    """A profile's "the GPU computed X % of the wall time" sentence (empty off CUDA)."""
+    if "busy" not in prof:
+        return ""
+    return (f"The GPU ran kernels {100 * prof['busy']:.0f} % of the wall time ({prof['total_ms']:.0f} of {prof['wall_ms']:.0f} ms, timed again "
+            f"without the profiler); the rest it waited for the CPU.")
 
 
 def print_top(prof: dict) -> None:
@@ -641,6 +656,8 @@ def main() -> None:
         save()
         print(f"\nWhere a CPM evaluation of {len(recs)} pairs spends its time (torch.profiler, self time of the {prof['what']}: "
               f"{prof['total_ms']:.0f} ms): " + percentages(prof["shares"]))
+        if busy_line(prof):
+            print(busy_line(prof))
         print_top(prof)
 
     if args.profile_train and runs("profile-train"):  # where a CPM training step's time goes
@@ -659,6 +676,8 @@ def main() -> None:
         print(f"\nWhere a CPM training step (batch 9, micro-batch {micro}; {args.profile_train} steps) spends its time (torch.profiler, self time of the "
               f"{prof['what']}: {prof['total_ms'] / args.profile_train:.0f} ms a step): " + percentages(prof["shares"]))
         print("By phase: " + percentages(prof["phases"]))
+        if busy_line(prof):
+            print(busy_line(prof))
         print_top(prof)
 
     # the floor: FLOPs of each unit of work over the device's peak

@@ -356,7 +356,10 @@ def test_a_target_counts_the_rows_of_its_own_unit_of_work():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from gpu_table import TARGETS, best
+    from gpu_table import TARGETS, best, waiting
+
+    assert waiting({"busy": 0.615, "syncs_per_step": 1}) == "; the GPU busy 62 % of the wall time; 1 synchronisations a step"
+    assert waiting({"total_ms": 5.0}) == ""  # a CPU profile: nothing said about waiting
 
     work = {what: w for what, _, w in TARGETS}
     r = lambda v, u: {"value": v, "unit": u, "peak_mb": None}  # noqa: E731
