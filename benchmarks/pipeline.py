@@ -543,22 +543,28 @@ def main() -> None:
             torch.cuda.empty_cache()
         feat.reconfigure(ensemble=8, **plain)  # a lever's trainer set its own kernel and compile settings on the featurizer
 
+    def train_step_s(kind: str, micro: int, **over) -> tuple[float, float, float]:
+        """(seconds a step, peak MB, seconds of the first step) of ``steady_trainer(kind, micro, **over)``
+        over ``--train-steps`` steps; the trainer is closed after."""
+        tr, first = steady_trainer(kind, micro, **over)
+        try:
+            reset_peak(dev)
+            s = time.perf_counter()
+            for _ in range(args.train_steps):
+                tr.train_step()
+            sync(dev)
+            return (time.perf_counter() - s) / args.train_steps, peak_mb(dev), first
+        finally:
+            close_trainer(tr)
+
     if runs("train"):
         for kind in ("single", "cpm"):
             for micro in (int(m) for m in args.train_micro.split(",")):
-                tr, first = steady_trainer(kind, micro)
-                reset_peak(dev)
-                s = time.perf_counter()
-                for _ in range(args.train_steps):
-                    tr.train_step()
-                sync(dev)
-                sec = (time.perf_counter() - s) / args.train_steps
-                row(f"train step, {kind}, batch 9, micro-batch {micro} (posteriors stored)", sec, "s", peak_mb(dev))
+                sec, mb, first = train_step_s(kind, micro)
+                row(f"train step, {kind}, batch 9, micro-batch {micro} (posteriors stored)", sec, "s", mb)
                 results[f"train_{kind}_{micro}_s_per_step"] = sec
                 if args.compile:
                     row(f"  train step, {kind}, micro-batch {micro}: first step incl. compilation", first, "s")
-                close_trainer(tr)
-                del tr
 
     def lever_settings(kind: str, arg: str) -> dict | None:
         """The featurizer settings a kernel lever sets, as ``sd4match`` applies them (None: not one)."""
@@ -597,18 +603,8 @@ def main() -> None:
                 if changes is None:
                     raise ValueError(f"lever {lever}: only kernel levers (sdpa, channels-last, cudnn-benchmark, compile) have a training row")
                 micro = max(int(m) for m in args.train_micro.split(","))
-                tr, first = steady_trainer("cpm", micro, **as_train_config(changes))
-                try:
-                    reset_peak(dev)
-                    s = time.perf_counter()
-                    for _ in range(args.train_steps):
-                        tr.train_step()
-                    sync(dev)
-                    sec = (time.perf_counter() - s) / args.train_steps
-                finally:
-                    close_trainer(tr)
-                    del tr
-                row(f"lever {label}: train step, cpm, batch 9, micro-batch {micro} (posteriors stored)", sec, "s", peak_mb(dev))
+                sec, mb, first = train_step_s("cpm", micro, **as_train_config(changes))
+                row(f"lever {label}: train step, cpm, batch 9, micro-batch {micro} (posteriors stored)", sec, "s", mb)
                 if "compile" in changes:
                     row(f"  lever {label}: train, first step incl. compilation", first, "s")
             elif target:
