@@ -59,7 +59,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from featurize import SD21_UNET, SD21_VAE, flops, peak_mb, reset_peak, sd_flops, sync, timed  # noqa: E402
-from gpu_table import percentages  # noqa: E402
+from gpu_table import percentages, waiting  # noqa: E402
 
 # CLIP ViT-H/14 text tower (SD 2.1's text_encoder/config.json) and DINOv2-B/14
 SD21_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
@@ -255,14 +255,6 @@ def profile_shares(fn, dev: torch.device, top: int = 12) -> dict:
         out["wall_ms"] = 1000 * (time.perf_counter() - s)
         out["busy"] = min(1.0, out["total_ms"] / out["wall_ms"])
     return out
-
-
-def busy_line(prof: dict) -> str:
-    """A profile's "the GPU computed X % of the wall time" sentence (empty off CUDA)."""
-    if "busy" not in prof:
-        return ""
-    return (f"The GPU ran kernels {100 * prof['busy']:.0f} % of the wall time ({prof['total_ms']:.0f} of {prof['wall_ms']:.0f} ms, timed again "
-            f"without the profiler); the rest it waited for the CPU.")
 
 
 def print_top(prof: dict) -> None:
@@ -566,30 +558,20 @@ def main() -> None:
                 if args.compile:
                     row(f"  train step, {kind}, micro-batch {micro}: first step incl. compilation", first, "s")
 
-    def lever_settings(kind: str, arg: str) -> dict | None:
-        """The featurizer settings a kernel lever sets, as ``sd4match`` applies them (None: not one)."""
-        switch = {"": True, "on": True, "off": False}
+    def lever_settings(kind: str, arg: str) -> tuple[dict, dict] | None:
+        """A kernel lever's (featurizer settings, as ``sd4match`` applies them; the same as
+        ``TrainConfig`` flags, as ``sd4match train`` takes them), or None for another lever."""
         if kind == "sdpa":
-            return {"attention": arg}
+            return {"attention": arg}, {"attention": arg}
         if kind in ("channels-last", "cudnn-benchmark"):
-            if arg not in switch:
+            if arg not in ("", "on", "off"):
                 raise ValueError(f"lever {kind}:{arg}: expected {kind}, {kind}:on or {kind}:off")
-            return {kind.replace("-", "_"): switch[arg]}
+            name = kind.replace("-", "_")
+            return {name: arg != "off"}, {name: arg or "on"}
         if kind == "compile":
-            return {"compile": True, "compile_mode": arg or "default"}
+            mode = arg or "default"
+            return {"compile": True, "compile_mode": mode}, {"compile": "on" if mode == "default" else mode}
         return None
-
-    def as_train_config(changes: dict) -> dict:
-        """The ``TrainConfig`` fields (the flags of ``sd4match train``) of featurizer settings."""
-        out = {}
-        for k, v in changes.items():
-            if k in ("channels_last", "cudnn_benchmark"):
-                out[k] = "on" if v else "off"
-            elif k == "attention":
-                out[k] = v
-            elif k == "compile_mode":
-                out["compile"] = "on" if v == "default" else v
-        return out
 
     for lever in filter(None, args.levers.split(",")):
         spec, _, target = lever.partition("@")  # <lever>@train: measured on the CPM training step instead of featurizing
@@ -598,12 +580,12 @@ def main() -> None:
             continue
         label = {"sdpa": f"sdpa {arg}", "compile": f"compile {arg}"}.get(kind, spec)
         try:
-            changes = lever_settings(kind, arg)
+            changes, flags = lever_settings(kind, arg) or (None, None)
             if target == "train":
-                if changes is None:
+                if flags is None:
                     raise ValueError(f"lever {lever}: only kernel levers (sdpa, channels-last, cudnn-benchmark, compile) have a training row")
                 micro = max(int(m) for m in args.train_micro.split(","))
-                sec, mb, first = train_step_s("cpm", micro, **as_train_config(changes))
+                sec, mb, first = train_step_s("cpm", micro, **flags)
                 row(f"lever {label}: train step, cpm, batch 9, micro-batch {micro} (posteriors stored)", sec, "s", mb)
                 if "compile" in changes:
                     row(f"  lever {label}: train, first step incl. compilation", first, "s")
@@ -651,9 +633,7 @@ def main() -> None:
         results["profile"] = {"pairs": len(recs), **prof}
         save()
         print(f"\nWhere a CPM evaluation of {len(recs)} pairs spends its time (torch.profiler, self time of the {prof['what']}: "
-              f"{prof['total_ms']:.0f} ms): " + percentages(prof["shares"]))
-        if busy_line(prof):
-            print(busy_line(prof))
+              f"{prof['total_ms']:.0f} ms): " + percentages(prof["shares"]) + waiting(prof))
         print_top(prof)
 
     if args.profile_train and runs("profile-train"):  # where a CPM training step's time goes
@@ -666,14 +646,10 @@ def main() -> None:
             close_trainer(tr)
             del tr
         results["profile_train"] = {"steps": args.profile_train, "micro_batch": micro, "syncs_per_step": syncs, **prof}
-        if syncs is not None:
-            print(f"\nA CPM training step waited for the GPU {syncs} times (torch.cuda.set_sync_debug_mode; one is the step's loss)")
         save()
         print(f"\nWhere a CPM training step (batch 9, micro-batch {micro}; {args.profile_train} steps) spends its time (torch.profiler, self time of the "
               f"{prof['what']}: {prof['total_ms'] / args.profile_train:.0f} ms a step): " + percentages(prof["shares"]))
-        print("By phase: " + percentages(prof["phases"]))
-        if busy_line(prof):
-            print(busy_line(prof))
+        print("By phase: " + percentages(prof["phases"]) + waiting(results["profile_train"]))
         print_top(prof)
 
     # the floor: FLOPs of each unit of work over the device's peak

@@ -118,6 +118,7 @@ TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 Switch = Literal["auto", "on", "off"]
 #: ``--attention``: torch's scaled-dot-product-attention backend (``auto``: torch picks per call)
 Attention = Literal["auto", "flash", "efficient", "cudnn", "math"]
+ATTENTION_BACKENDS: tuple[str, ...] = typing.get_args(Attention)
 #: What ``auto`` turns on, per device type: the kernel settings that ``benchmarks/pipeline.py --levers``
 #: measured faster there (benchmarks/RESULTS.md). Empty until a GPU run has measured them.
 KERNELS_AUTO: dict[str, tuple[str, ...]] = {"channels_last": (), "cudnn_benchmark": ()}

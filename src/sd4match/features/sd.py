@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from sd4match.config import TORCH_COMPILE_MODES
+from sd4match.config import ATTENTION_BACKENDS, TORCH_COMPILE_MODES
 from sd4match.errors import Sd4MatchError, first_line
 from sd4match.features.base import CellMap, Featurizer, ImagesLike, images_to_tensor
 from sd4match.features.registry import ResolvedModel, load_from_hub, offline_mode, resolve
@@ -62,17 +62,13 @@ class _EarlyExit(Exception):
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}
 
-#: ``attention``: torch's scaled-dot-product-attention backends by name (``auto``: torch picks per call)
-ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
-
 
 @contextlib.contextmanager
 def kernel_settings(attention: str = "auto", cudnn_benchmark: bool = False):
     """Within the block: SDPA restricted to the ``attention`` backend, and cuDNN's
     per-shape algorithm search on; both as they were after it (torch's own switches, which
-    are process-wide, are set back even when the block raises)."""
-    if attention not in ATTENTION_BACKENDS:
-        raise Sd4MatchError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
+    are process-wide, are set back even when the block raises). ``attention`` is one of
+    ``ATTENTION_BACKENDS`` (the featurizer's settings check it)."""
     with contextlib.ExitStack() as stack:
         if attention != "auto":
             from torch.nn.attention import SDPBackend, sdpa_kernel
