@@ -128,6 +128,33 @@ def test_truncated_single_file_is_one_clear_error(tmp_path):
         SDFeaturizer.from_pretrained(ckpt, config=folder, local_files_only=True)
 
 
+class _Callback:  # an object a training framework pickles into a .ckpt beside the weights
+    pass
+
+
+def test_unreadable_ckpt_says_why_in_torch_s_words_not_its_advice(tmp_path):
+    """A .ckpt is read through diffusers, which wraps torch.load's error: the message still
+    says what is wrong with the file, and never torch's advice to load it unsafely."""
+    from sd4match.testing import write_single_file
+
+    folder = tiny_sd(tmp_path / "tiny", style="sd1")
+    good = write_single_file(folder, tmp_path / "model.ckpt")
+    sd = torch.load(good, weights_only=True)
+    torch.save({**sd, "callbacks": _Callback()}, tmp_path / "objects.ckpt")
+    (tmp_path / "cut.ckpt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp_path / "text.ckpt").write_bytes(b"not a checkpoint at all")
+    expected = {
+        "objects.ckpt": f"cannot read checkpoint (it holds Python objects ({__name__}._Callback), not only tensors, and sd4match unpickles tensors only); "
+                        "use the model's .safetensors file or its diffusers folder",
+        "cut.ckpt": "cannot read checkpoint (cut short or corrupt: its zip archive is incomplete)",
+        "text.ckpt": "cannot read checkpoint (not a file torch.save wrote, or one cut short)",
+    }
+    for name, words in expected.items():
+        with pytest.raises(Sd4MatchError) as got:
+            SDFeaturizer.from_pretrained(tmp_path / name, config=folder, local_files_only=True)
+        assert str(got.value) == f"{tmp_path / name}: {words}"
+
+
 def test_single_file_offline_without_config_says_what_to_pass(tmp_path, monkeypatch):
     from huggingface_hub import constants
 

@@ -11,6 +11,7 @@ from sd4match.features.dino import DinoFeaturizer
 from sd4match.loss import gaussian_window_ce
 from sd4match.matching import point_correlation
 from sd4match.prompts import ConditionalPrompt, TextEncoderBridge, bridge_for, load_prompt, make_prompt
+from sd4match.prompts.official import CPM_KEYS
 from sd4match.testing import tiny_clip_tokenizer, tiny_dinov2, tiny_sd
 
 
@@ -374,6 +375,10 @@ def test_import_single_class_and_cpm_through_the_cli(feat, models, tmp_path, cap
     assert "categories (3): bird, bottle, car" in capsys.readouterr().out
 
 
+class _Note:  # a Python object pickled beside the tensors
+    pass
+
+
 def test_import_errors_name_the_file(feat, models, tmp_path, capsys):
     import pickle
 
@@ -391,10 +396,19 @@ def test_import_errors_name_the_file(feat, models, tmp_path, capsys):
     cut.write_bytes(good.read_bytes()[:300])
     msg = err(["prompts", "import", str(cut), "--kind", "single", "--out", str(tmp_path / "x"), *model_args])
     assert msg.startswith(f"sd4match: error: {cut}: cannot read") and "\n" not in msg
+    assert msg.endswith("(cut short or corrupt: its zip archive is incomplete)")
     assert not (tmp_path / "x").exists()
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps({"dataset": object()}))
-    assert "cannot read" in err(["prompts", "import", str(evil), "--kind", "single", "--out", str(tmp_path / "y"), *model_args])
+    assert err(["prompts", "import", str(evil), "--kind", "single", "--out", str(tmp_path / "y"), *model_args]).endswith(
+        "cannot read as a released prompt file (not a file torch.save wrote, or one cut short)")
+    torch.save({"dataset": official_sequence(feat, 1), "note": _Note()}, tmp_path / "objects.pt")  # torch.save's own pickle, with an object
+    msg = err(["prompts", "import", str(tmp_path / "objects.pt"), "--kind", "single", "--out", str(tmp_path / "y"), *model_args])
+    assert msg == f"sd4match: error: {tmp_path / 'objects.pt'}: cannot read as a released prompt file (it holds Python objects ({__name__}._Note), not only tensors, and sd4match unpickles tensors only)"
+    torch.save({k: torch.zeros(2) for k in CPM_KEYS}, tmp_path / "cpm.pt")
+    assert err(["prompts", "import", str(tmp_path / "cpm.pt"), "--kind", "single", "--out", str(tmp_path / "y"), *model_args]).endswith(
+        "this one holds 'alpha_cond', 'global_embeds', 'linear_C.bias', 'linear_C.weight', 'linear_N.bias', 'linear_N.weight', 'positional_embedding' "
+        "(a CPM checkpoint? use --kind cpm)")
     torch.save({"car": official_sequence(feat, 2)}, tmp_path / "class.pt")
     assert "use --kind category" in err(["prompts", "import", str(tmp_path / "class.pt"), "--kind", "single", "--out", str(tmp_path / "z"), *model_args])
     torch.save({"dataset": torch.zeros(1, 77, 48)}, tmp_path / "wide.pt")

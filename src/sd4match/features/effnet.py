@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sd4match.errors import Sd4MatchError, first_line
+from sd4match.errors import Sd4MatchError, torch_load_problem
 from sd4match.features.base import Featurizer, ImagesLike, images_to_tensor
 
 #: (expand ratio, kernel, stride, out channels, repeats) of the seven stages of B0 / Lite0.
@@ -119,7 +119,7 @@ def load_effnet_lite0(path: str | Path | None = None) -> EfficientNetLite0:
     except FileNotFoundError:
         raise Sd4MatchError(f"{path}: weights file is missing") from None
     except Exception as e:
-        raise Sd4MatchError(f"{path}: cannot read weights ({first_line(e)})") from None
+        raise Sd4MatchError(f"{path}: cannot read weights ({torch_load_problem(e)})") from None
     net = EfficientNetLite0()
     try:
         net.load_state_dict(sd, strict=True)

@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 
 from sd4match.config import ATTENTION_BACKENDS, TORCH_COMPILE_MODES
-from sd4match.errors import Sd4MatchError, first_line
+from sd4match.errors import Sd4MatchError, first_line, torch_load_problem
 from sd4match.features.base import CellMap, Featurizer, ImagesLike, images_to_tensor
 from sd4match.features.registry import ResolvedModel, load_from_hub, offline_mode, resolve
 from sd4match.features.text import TextEncoderBridge
@@ -722,6 +722,9 @@ def _load_single_file(path: Path, *, config, offline: bool):
         pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw)
     except Exception as e:
         msg = first_line(e)
+        if reason := torch_load_problem(e, known_only=True):  # what torch said, under diffusers' wrapping
+            hint = "; use the model's .safetensors file or its diffusers folder" if "Python objects" in reason else ""
+            raise Sd4MatchError(f"{path}: cannot read checkpoint ({reason}){hint}") from None
         if any(s in msg.lower() for s in ("header", "deserializ", "incomplete", "corrupt", "unpickl", "eof", "invalid load key", "zip", "unable to load weights")):
             raise Sd4MatchError(f"{path}: cannot read checkpoint (truncated or corrupt: {msg})") from None
         hint = "" if config else " Pass --model-config with the diffusers folder or hub id that matches this checkpoint."

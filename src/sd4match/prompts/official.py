@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 
 from sd4match.config import ImportKind
-from sd4match.errors import Sd4MatchError, first_line
+from sd4match.errors import Sd4MatchError, torch_load_problem
 from sd4match.fileio import file_sha256
 from sd4match.prompts.base import PROMPT_CLASSES, read_prompt_config, read_prompt_tensors
 from sd4match.prompts.build import bridge_for, make_prompt
@@ -91,10 +91,16 @@ def read_official(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle of arbitrary objects, not a torch file: all unreadable here
-        raise Sd4MatchError(f"{path}: cannot read as a released prompt file (truncated, corrupt or not a plain tensor dict: {first_line(e)})") from None
+        raise Sd4MatchError(f"{path}: cannot read as a released prompt file ({torch_load_problem(e)})") from None
     if not isinstance(data, dict) or not data or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
         raise Sd4MatchError(f"{path}: not a dict of named tensors (what the official code saves)")
     return data
+
+
+def _keys(data: dict, most: int = 10) -> str:
+    """A file's keys for a message: quoted, at most ``most`` of them."""
+    keys = sorted(data)
+    return ", ".join(map(repr, keys[:most])) + (f" and {len(keys) - most} more" if len(keys) > most else "")
 
 
 def _sequence(path: Path, name: str, t: torch.Tensor, bridge) -> torch.Tensor:
@@ -148,7 +154,8 @@ def import_official(path: str | Path, kind: str, featurizer, out: str | Path, *,
     n = bridge.length - 2
     if kind == "single":
         if "dataset" not in data:
-            raise Sd4MatchError(f"{path}: a Single prompt file holds the key 'dataset'; this one holds {', '.join(sorted(data))} (a Class file? use --kind category)")
+            hint = "a CPM checkpoint? use --kind cpm" if set(data) & set(CPM_KEYS) else "a Class file? use --kind category"
+            raise Sd4MatchError(f"{path}: a Single prompt file holds the key 'dataset'; this one holds {_keys(data)} ({hint})")
         seq = _sequence(path, "dataset", data["dataset"], bridge)
         _check_token_file(path, {"dataset": seq}, bridge)
         prompt = make_prompt("single", featurizer, n_tokens=n)
