@@ -164,3 +164,35 @@ def test_single_file_offline_without_config_says_what_to_pass(tmp_path, monkeypa
     ckpt = write_single_file(tiny_sd(tmp_path / "tiny"), tmp_path / "model.safetensors")
     with pytest.raises(Sd4MatchError, match=r"model\.safetensors: cannot load as a Stable Diffusion checkpoint .*--model-config"):
         SDFeaturizer.from_pretrained(ckpt, local_files_only=True)
+
+
+def test_loading_prints_no_progress_bars_and_leaves_the_libraries_as_they_were(tmp_path, tiny, capfd):
+    """transformers draws a "Loading weights" bar per component on stderr; sd4match's own
+    output (its messages, its progress) must not drown in them, and the caller's settings
+    of transformers and of the warnings filters are as they were afterwards."""
+    import warnings
+
+    from transformers.utils import logging as tlog
+
+    from sd4match.features.dino import DinoFeaturizer
+    from sd4match.testing import tiny_dinov2
+
+    dino = tiny_dinov2(tmp_path / "dino")
+    tlog.enable_progress_bar()
+    filters = list(warnings.filters)
+    capfd.readouterr()
+    SDFeaturizer.from_pretrained(tiny, resolution=64)
+    DinoFeaturizer.from_pretrained(dino)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert tlog.is_progress_bar_enabled() and warnings.filters == filters
+    tlog.disable_progress_bar()  # a caller who turned them off keeps them off
+    try:
+        DinoFeaturizer.from_pretrained(dino)
+        assert not tlog.is_progress_bar_enabled()
+    finally:
+        tlog.enable_progress_bar()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(Exception):
+        DinoFeaturizer.from_pretrained(tmp_path / "broken")
+    assert tlog.is_progress_bar_enabled()

@@ -34,7 +34,7 @@ from PIL import Image
 
 from sd4match.errors import Sd4MatchError
 from sd4match.features.base import CellMap, Featurizer, ImagesLike, images_to_tensor
-from sd4match.features.registry import load_from_hub, offline_mode, resolve
+from sd4match.features.registry import load_from_hub, offline_mode, quiet_loading, resolve
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -181,11 +181,13 @@ class DinoFeaturizer(Featurizer):
         if res.kind == "folder":
             if not (Path(res.location) / "config.json").is_file():
                 raise Sd4MatchError(f"{res.location}: not a transformers model folder (config.json is missing)")
-            return Dinov2Model.from_pretrained(res.location, local_files_only=True), res.model_id
+            with quiet_loading():
+                return Dinov2Model.from_pretrained(res.location, local_files_only=True), res.model_id
         if res.kind != "hub":
             raise Sd4MatchError(f"{model}: DINOv2 loads from a registry name, hub id or transformers folder")
-        net = load_from_hub(lambda local: Dinov2Model.from_pretrained(res.location, revision=res.revision, local_files_only=local), "DINOv2", res,
-                            offline)
+        with quiet_loading():
+            net = load_from_hub(lambda local: Dinov2Model.from_pretrained(res.location, revision=res.revision, local_files_only=local), "DINOv2", res,
+                                offline)
         return net, res.model_id
 
     @property

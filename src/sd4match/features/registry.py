@@ -7,6 +7,8 @@ diffusers folder, or a single ``.safetensors`` / ``.ckpt`` checkpoint file.
 from __future__ import annotations
 
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -115,6 +117,24 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return True
     except OSError:
         return False
+
+
+@contextmanager
+def quiet_loading():
+    """While weights load: transformers' "Loading weights" progress bars off (one per
+    component, on stderr) and huggingface_hub's ``local_dir_use_symlinks`` notice unsaid;
+    both as they were afterwards (also when loading fails)."""
+    from transformers.utils import logging as tlog
+
+    bars = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
+            yield
+    finally:
+        if bars:
+            tlog.enable_progress_bar()
 
 
 def load_from_hub(load, what: str, res: ResolvedModel, offline: bool):

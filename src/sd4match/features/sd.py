@@ -31,7 +31,7 @@ import torch
 from sd4match.config import ATTENTION_BACKENDS, TORCH_COMPILE_MODES
 from sd4match.errors import Sd4MatchError, first_line, torch_load_problem
 from sd4match.features.base import CellMap, Featurizer, ImagesLike, images_to_tensor
-from sd4match.features.registry import ResolvedModel, load_from_hub, offline_mode, resolve
+from sd4match.features.registry import ResolvedModel, load_from_hub, offline_mode, quiet_loading, resolve
 from sd4match.features.text import TextEncoderBridge
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -654,29 +654,15 @@ def load_sd_components(res: ResolvedModel, *, config=None, local_files_only: boo
 
 
 def _load_parts(where: str, revision: str | None, *, local_files_only: bool):
-    from transformers.utils import logging as tlog
-
-    bars = tlog.is_progress_bar_enabled()
-    tlog.disable_progress_bar()  # "Loading weights" bars on stderr, for every component: off while we load, as they were after
-    try:
-        return _load_parts_quietly(where, revision, local_files_only=local_files_only)
-    finally:
-        if bars:
-            tlog.enable_progress_bar()
-
-
-def _load_parts_quietly(where: str, revision: str | None, *, local_files_only: bool):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    import warnings
-
     kw = {"revision": revision, "local_files_only": local_files_only}
-    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
-    unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", **kw)
-    vae = AutoencoderKL.from_pretrained(where, subfolder="vae", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **kw)
-    tokenizer = AutoTokenizer.from_pretrained(where, subfolder="tokenizer", **kw)
+    with quiet_loading():
+        unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(where, subfolder="vae", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **kw)
+        tokenizer = AutoTokenizer.from_pretrained(where, subfolder="tokenizer", **kw)
     scheduler = _load_scheduler(where, kw)
     return unet, vae, text_encoder, tokenizer, scheduler
 
@@ -719,7 +705,8 @@ def _load_single_file(path: Path, *, config, offline: bool):
     if config is not None:
         kw["config"] = str(config)
     try:
-        pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw)
+        with quiet_loading():
+            pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw)
     except Exception as e:
         msg = first_line(e)
         if reason := torch_load_problem(e, known_only=True):  # what torch said, under diffusers' wrapping
