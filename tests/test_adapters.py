@@ -171,3 +171,19 @@ def test_conditioning_variants_learn(kind, extra, sd_path, willow_root, tmp_path
     t = Trainer(cfg, tmp_path / "run", featurizer=feat, dino=dino, progress=False)
     losses = [t.train_step() for _ in range(cfg.steps)]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
+
+
+def test_compare_names_what_is_not_an_evaluation_and_writes_nothing(tmp_path, capsys):
+    from sd4match.cli import main
+
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "predictions.partial.jsonl").write_text("")
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "score.json").write_text('{"protocol": "sd4m')
+    out = tmp_path / "cmp"
+    cases = {"unfinished": "holds no score.json (not a finished evaluation", "gone": "no such folder", "cut": "score.json: not the score.json of an evaluation"}
+    for name, words in cases.items():
+        assert main(["compare", str(tmp_path / name), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"sd4match: error: {tmp_path / name}") and words in err and "\n" not in err
+    assert not out.exists()

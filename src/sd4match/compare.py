@@ -24,6 +24,10 @@ def read_run(folder: str | Path) -> dict:
     """One row: the run's name, prompt, adaptation, cost and PCK (per image and per point)."""
     folder = Path(folder)
     f = folder / "score.json"
+    if not folder.is_dir():
+        raise Sd4MatchError(f"{folder}: no such folder")
+    if not f.is_file():
+        raise Sd4MatchError(f"{folder}: holds no score.json (not a finished evaluation: `sd4match evaluate --out` writes one, `--resume` finishes one)")
     try:
         doc = json.loads(f.read_text())
         run = doc.get("run", {})
