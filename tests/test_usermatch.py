@@ -78,6 +78,28 @@ def test_self_match_returns_the_same_points_in_original_pixels(tmp_path, featuri
     assert all(o["score"] == pytest.approx(1.0, abs=1e-4) for o in out)
 
 
+def test_points_in_every_form_a_user_writes_give_the_same_matches(featurizer, willow_pair):
+    """match_points takes named pairs, a dict, unnamed (x, y) pairs, an (N, 2) array or tensor
+    (named p0, p1, ... as on the command line): the same points give the same matches; a point
+    that is not two finite numbers is named in one line."""
+    import torch
+
+    m = Matcher(featurizer, "empty", rule="nn")
+    a, b = open_image(willow_pair[0]), open_image(willow_pair[1])
+    xy = [(10.0, 20.0), (150.5, 100.0)]
+    named = m.match_points(a, b, [("p0", xy[0]), ("p1", xy[1])])
+    assert [r["name"] for r in named] == ["p0", "p1"] and [r["source"] for r in named] == [list(p) for p in xy]
+    for form in (xy, [list(p) for p in xy], np.array(xy), torch.tensor(xy), {"p0": xy[0], "p1": xy[1]}):
+        assert m.match_points(a, b, form) == named
+    with pytest.raises(Sd4MatchError, match=r"^point 'eye' is \(1, 2, 3\), not \(x, y\)$"):
+        m.match_points(a, b, [("eye", (1, 2, 3))])
+    with pytest.raises(Sd4MatchError, match=r"^point p0 \(nan, 2\) is not a position: its coordinates must be finite numbers$"):
+        m.match_points(a, b, [(float("nan"), 2.0)])
+    with pytest.raises(Sd4MatchError, match=r"^point query \(301, 5\) lies outside .*Cars_006a.png \(300x200 pixels\)$"):
+        m.similarity(a, b, (301, 5))
+    assert m.similarity(a, b, np.array(xy[1])).shape == featurizer.grid_size[::-1]
+
+
 def test_auto_points_and_dense_on_self(tmp_path, featurizer, willow_pair):
     a = open_image(willow_pair[0])
     m = Matcher(featurizer, "empty", rule="nn")

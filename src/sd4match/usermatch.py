@@ -120,11 +120,33 @@ def _points_from_json(path: Path) -> list[tuple[str, tuple[float, float]]]:
     return out
 
 
+def named_points(points) -> list[tuple[str, tuple[float, float]]]:
+    """Points as the Python API takes them -> [(name, (x, y))]: named, ``[("left eye", (x, y)),
+    ...]`` or ``{"left eye": (x, y), ...}``, or unnamed, ``[(x, y), ...]`` or an (N, 2) array or
+    tensor (named ``p0, p1, ...`` as on the command line)."""
+    if isinstance(points, dict):
+        items = [(str(k), v) for k, v in points.items()]
+    else:
+        items = [(p[0], p[1]) if isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str) else (f"p{i}", p) for i, p in enumerate(points)]
+    out = []
+    for name, xy in items:
+        try:
+            if isinstance(xy, (str, bytes)):
+                raise TypeError(xy)
+            x, y = (float(c) for c in xy)
+        except (TypeError, ValueError):
+            raise Sd4MatchError(f"point {name!r} is {xy!r}, not (x, y)") from None
+        out.append((name, (x, y)))
+    return out
+
+
 def check_points_within(points: Sequence[tuple[str, tuple[float, float]]], name: str, size: Sequence[int]) -> None:
     """Every point must lie inside the picture ``name`` of ``size`` = (W, H): 0 <= x <= W, 0 <= y <= H."""
     w, h = size
     for pname, (x, y) in points:
-        if not (math.isfinite(x) and math.isfinite(y) and 0 <= x <= w and 0 <= y <= h):
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise Sd4MatchError(f"point {pname} ({x:g}, {y:g}) is not a position: its coordinates must be finite numbers")
+        if not (0 <= x <= w and 0 <= y <= h):
             raise Sd4MatchError(f"point {pname} ({x:g}, {y:g}) lies outside {name} ({w}x{h} pixels)")
 
 
@@ -201,8 +223,11 @@ class Matcher:
         """(1, C, h, w) maps of ``a`` and ``b``; a per-pair prompt (CPM) is built from both images."""
         return self.batcher.pair_maps(self.prompt, self._picture(a), self._picture(b), prompt_id=self._prompt_id, embeds=self._emb)
 
-    def match_points(self, a: UserImage, b: UserImage, points: Sequence[tuple[str, tuple[float, float]]]) -> list[dict]:
-        """Each named point of ``a`` -> ``{"name", "source": [x, y], "target": [x, y], "score"}`` in original pixels."""
+    def match_points(self, a: UserImage, b: UserImage, points) -> list[dict]:
+        """Each point of ``a`` -> ``{"name", "source": [x, y], "target": [x, y], "score"}`` in
+        original pixels. ``points``: ``[(name, (x, y)), ...]``, ``{name: (x, y)}``, or unnamed
+        ``[(x, y), ...]`` / an (N, 2) array (named ``p0, p1, ...``)."""
+        points = named_points(points)
         check_points(points, a)
         fa, fb = self.features(a, b)
         kps = torch.tensor([xy for _, xy in points], dtype=torch.float32)
@@ -212,8 +237,9 @@ class Matcher:
                 for (n, (x, y)), t, s in zip(points, tk, sc)]
 
     def similarity(self, a: UserImage, b: UserImage, point: tuple[float, float]) -> np.ndarray:
-        """Cosine similarity of ``point`` of ``a`` to every cell of ``b``: (h, w) in [-1, 1]."""
-        check_points([("point", point)], a)
+        """Cosine similarity of ``point`` (x, y) of ``a`` to every cell of ``b``: (h, w) in [-1, 1]."""
+        (_, point), = named_points([("query", point)])
+        check_points([("query", point)], a)
         fa, fb = self.features(a, b)
         cells = self.featurizer.cell_map(a.size).pixel_to_cell(torch.tensor([point], dtype=torch.float32, device=fa.device))[None]
         return point_correlation(fa, fb, cells, self.match.similarity)[0, 0].float().cpu().numpy()
