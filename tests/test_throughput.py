@@ -218,9 +218,37 @@ def test_a_small_store_holds_its_byte_limit_through_an_evaluation(models, willow
         held.append(sum(t.untyped_storage().nbytes() for entry in small._mem.values() for t in entry.values()))
 
     small._remember = remember
-    tight = run(feat, prompt, recs, willow_root, store=small)
-    assert max(held) <= small.max_bytes and small.stats["features.miss"] > len({p for r in recs for p in (r.src, r.trg)})  # evictions happened
+    b = Batcher(feat, store=small)
+    tight = run(feat, prompt, recs, willow_root, batcher=b, pending=4)  # pictures let go between their pairs: they come back evicted
+    maps_made = (sum(b.calls["unet"]) - b.padded["unet"]) // feat.samples_per_picture
+    assert max(held) <= small.max_bytes and maps_made > len({p for r in recs for p in (r.src, r.trg)})  # evictions happened: maps made again
     assert all(np.array_equal(tight[k], roomy[k]) for k in roomy)
+
+
+@pytest.mark.parametrize("maps_held", [0, 1])
+def test_a_store_too_small_for_a_pair_costs_recomputation_not_progress(models, willow_root, maps_held):
+    """A store that cannot hold a pair's two maps (``--store-gb 0``, or one map's worth) used
+    to send a stream round forever: each map computed, not kept, computed again. The stream
+    keeps the maps it computed while a waiting pair holds their picture, so every pair is
+    predicted (the same bits) with a bounded number of UNet calls."""
+    sd, _ = models
+    feat = SDFeaturizer.from_pretrained(sd, resolution=64, ensemble=2)
+    recs = willow(willow_root, 30)
+    prompt = resolve_prompt("empty", feat)
+    roomy = run(feat, prompt, recs, willow_root)
+    b = Batcher(feat, store=Store(max_bytes=maps_held * 32 * 8 * 8 * 4))
+    calls, real = [], b.compute_maps
+
+    def compute_maps(pics, embeds, ids):
+        calls.append(len(pics))
+        if len(calls) > 4 * len(recs):  # far more than one call per pair: going round, not forward
+            raise RuntimeError("the stream recomputes maps without making progress")
+        return real(pics, embeds, ids)
+
+    b.compute_maps = compute_maps
+    tight = run(feat, prompt, recs, willow_root, batcher=b)
+    assert list(tight) == list(roomy) and all(np.array_equal(tight[k], roomy[k]) for k in roomy)
+    assert len(calls) <= 2 * len(recs)
 
 
 def test_training_runs_the_vae_at_most_once_per_picture(models, willow_root, tmp_path):

@@ -46,7 +46,7 @@ from PIL import Image
 from sd4match.data import pair_sources
 from sd4match.data.records import PairRecord
 from sd4match.prompts import Prompt, prompt_fingerprint
-from sd4match.store import Store, image_key, seed_for, settings_key
+from sd4match.store import Store, image_key, owned, seed_for, settings_key
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -426,7 +426,7 @@ class Batcher:
         maps = self._run([pics[i] for i in idx], emb)
         out = []
         for j, (p, pid) in enumerate(zip(pics, prompt_ids)):
-            out.append(maps[j : j + 1])
+            out.append(owned(maps[j : j + 1]))  # the tensor the store keeps, not a view holding the whole call's output
             self.store.put("features", self.feature_key(p, pid), {"features": out[-1]})
         return out
 
@@ -525,7 +525,9 @@ class PairStream:
     tokens: ``Batcher.work_for``) is ``fresh``; fresh pictures are prepared in whole VAE and
     DINOv2 calls (``prepare_size`` of them at once), and a picture or pair goes to the UNet
     once its pictures are prepared. A pair's pictures are let go as soon as its maps were
-    consumed; ``held`` counts, per picture, the waiting pairs that hold it."""
+    consumed; ``held`` counts, per picture, the waiting pairs that hold it. The maps computed
+    here are kept (``maps``) while a waiting pair holds their picture: the store is a cache,
+    and one too small to keep them (``--store-gb``) costs recomputation, never progress."""
 
     def __init__(self, batcher: Batcher, prompt: Prompt | None, consume: Callable, *, max_pictures: int = 64, max_pairs: int = 1024):
         if max_pictures < 2 or max_pairs < 1:
@@ -541,6 +543,7 @@ class PairStream:
         self.prepare_size = max((batcher.call_size(kind) for kind, _ in self.work), default=0)
         self.fresh: dict[str, Picture] = {}  # pictures waiting for their once-per-picture work, in arrival order
         self.prepared: set[str] = set()  # pictures whose work is done (or was stored)
+        self.maps: dict[tuple[str, str], torch.Tensor] = {}  # (picture key, prompt id) -> map computed here, while a waiting pair holds the picture
         self.fingerprint = prompt_fingerprint(prompt)  # once: the prompt does not change during a stream
         self.ids: dict[str, str] = {}  # category -> prompt id
         self.embs: dict[str, torch.Tensor | None] = {}  # prompt id -> embeddings
@@ -600,6 +603,8 @@ class PairStream:
             self.held[key] -= 1
             if self.held[key] <= 0:
                 del self.held[key]
+                for k in [k for k in self.maps if k[0] == key]:
+                    del self.maps[k]
         entry.pictures = None
 
     def arrive(self, entry: PendingPair) -> None:
@@ -653,7 +658,7 @@ class PairStream:
         """Queue the entry's pictures that are neither stored nor queued yet."""
         pid, emb = self.embedded(entry.record)
         for p in entry.pictures:
-            if (p.key, pid) not in self.todo and not self.b.store.contains("features", self.b.feature_key(p, pid)):
+            if (p.key, pid) not in self.todo and (p.key, pid) not in self.maps and not self.b.store.contains("features", self.b.feature_key(p, pid)):
                 self.todo[(p.key, pid)] = (p, emb)
                 self.need_work([p])
 
@@ -666,14 +671,19 @@ class PairStream:
             src, trg = entry.pictures
             if (src.key, pid) in self.todo or (trg.key, pid) in self.todo:
                 continue
-            fs, ft = self.b.stored_map(src, pid), self.b.stored_map(trg, pid)
-            if fs is None or ft is None:  # evicted from memory meanwhile: computed again (same bits)
+            fs, ft = self.map_of(src, pid), self.map_of(trg, pid)
+            if fs is None or ft is None:  # stored when the pair came, evicted from the store since: computed again (same bits)
                 for p in entry.pictures:
                     if (p.key, pid) not in self.todo:
                         self.todo[(p.key, pid)] = (p, emb)
                         self.need_work([p])
                 continue
             self.done(entry, self.consume(entry.record, fs, ft))
+
+    def map_of(self, p: Picture, pid: str) -> torch.Tensor | None:
+        """``p``'s map under ``pid``: computed here, else from the store (None: neither)."""
+        got = self.maps.get((p.key, pid))
+        return got if got is not None else self.b.stored_map(p, pid)
 
     def compute(self, final: bool) -> None:
         self.prepare_fresh(final)
@@ -686,7 +696,8 @@ class PairStream:
             if not (len(ready) >= n or (final and ready)):
                 return
             items = [(k, self.todo.pop(k)) for k in ready[:n]]
-            self.b.compute_maps([p for _, (p, _) in items], [self.picture_emb(p, e) for _, (p, e) in items], [pid for (_, pid), _ in items])
+            maps = self.b.compute_maps([p for _, (p, _) in items], [self.picture_emb(p, e) for _, (p, e) in items], [pid for (_, pid), _ in items])
+            self.maps.update(zip([k for k, _ in items], maps))
             self.match_ready()
 
     # .................................................................. per-pair prompts

@@ -48,7 +48,7 @@ def settings_key(image_hash: str, settings: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:40]
 
 
-def _own(t: torch.Tensor) -> torch.Tensor:
+def owned(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a copy of it when it is a view into a larger storage."""
     return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
 
@@ -122,7 +122,7 @@ class Store:
         """Keep ``tensors`` (detached) in memory and, with a folder, on disk. A tensor that is
         a slice of a larger one (a row of a batch's output) is copied out, so that the entry
         holds only its own bytes and the byte limit counts what memory really holds."""
-        tensors = {k: _own(v.detach()) for k, v in tensors.items()}
+        tensors = {k: owned(v.detach()) for k, v in tensors.items()}
         self._remember(kind, key, tensors)
         if self.folder is not None:
             self._write(kind, key, tensors, meta or {})
