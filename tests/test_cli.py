@@ -1,5 +1,6 @@
 """The command line: pair export, scoring, dataset checks, one-line errors."""
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -213,3 +214,64 @@ def test_prompts_import_shows_only_the_flags_it_uses():
     helps = _flag_helps("prompts import")
     assert {"--kind", "--out", "--dino", "--model", "--model-config", "--device"} <= set(helps)
     assert not {"--timestep", "--ensemble", "--resolution", "--compile", "--max-batch", "--up-block"} & set(helps)
+
+
+@pytest.mark.parametrize("command,flag,value,words", [
+    ("evaluate", "--limit", "-1", "limit -1: must be at least 0"),  # used to score all pairs but the last
+    ("evaluate", "--max-pending", "1", "max-pending 1: must be at least 2"),  # used to end in a traceback
+    ("evaluate", "--temperature", "0", "temperature 0.0: must be above 0"),  # used to divide by zero
+    ("evaluate", "--sigma", "nan", "sigma nan: expected a finite number"),
+    ("evaluate", "--max-batch", "0", "max-batch 0: must be at least 1"),
+    ("evaluate", "--store-gb", "-1", "argument --store-gb: -1 must be at least 0"),
+    ("train", "--micro-batch", "0", "micro-batch 0: must be at least 1"),  # used to be a ZeroDivisionError
+    ("train", "--ckpt-every", "0", "ckpt-every 0: must be at least 1"),  # the same
+    ("train", "--batch-size", "0", "batch-size 0: must be at least 1"),  # used to train on nothing
+    ("train", "--lr", "-1", "lr -1.0: must be above 0"),  # used to ascend the loss
+    ("train", "--steps", "-3", "steps -3: must be at least 1"),
+    ("train", "--keep-checkpoints", "0", "keep-checkpoints 0: must be at least 1"),  # would keep nothing to resume from
+    ("train", "--window", "4", "window 4: must be odd"),
+    ("train", "--val-every", "-2", "val-every -2: must be at least -1"),
+    ("match", "--max-points", "0", "argument --max-points: 0 must be at least 1"),
+    ("reproduce", "--limit", "-5", "argument --limit: -5 must be at least 0"),
+])
+def test_a_number_out_of_its_range_is_one_line_before_any_model_loads(tmp_path, willow_root, command, flag, value, words, capsys):
+    """Every numeric setting has its range; a value outside it is refused in one line naming
+    the setting, before any model loads (the model named here does not exist: reaching it
+    would be another error)."""
+    model = ["--model", str(tmp_path / "no-such-model")]
+    argv = {
+        "evaluate": ["evaluate", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--out", str(tmp_path / "e"), *model],
+        "train": ["train", "--dataset", "synthetic", "--root", str(willow_root), "--out", str(tmp_path / "t"), *model],
+        "match": ["match", str(willow_root / "PF-dataset" / "car(G)" / "Cars_006a.png"), str(willow_root / "PF-dataset" / "car(G)" / "Cars_007a.png"),
+                  "--out", str(tmp_path / "m"), *model],
+        "reproduce": ["reproduce", "--prompts", str(tmp_path), "--out", str(tmp_path / "r")],
+    }[command]
+    with pytest.raises(SystemExit) if words.startswith("argument") else contextlib.nullcontext():
+        assert main([*argv, flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert words in err and err.startswith(("sd4match: error:", f"sd4match {command}: error:")), err
+    assert not any((tmp_path / d).exists() for d in "etmr")
+
+
+def test_every_number_in_the_settings_has_a_range_and_files_read_numbers_written_as_text(tmp_path):
+    """A new numeric setting cannot be added without its range (seeds take any whole number);
+    YAML reads 1e-2 as text (its floats need a dot): a settings file's numbers written so are
+    numbers, and what is not a number is named."""
+    import dataclasses
+
+    from sd4match.config import EvalConfig, MatchConfig, ModelConfig, TrainConfig, field_base_type, load_train_config
+    from sd4match.errors import Sd4MatchError
+
+    unbounded = [f"{c.__name__}.{f.name}" for c in (MatchConfig, ModelConfig, EvalConfig, TrainConfig) for f in dataclasses.fields(c)
+                 if field_base_type(c, f) in (int, float) and f.metadata.get("at_least") is None and f.metadata.get("above") is None]
+    assert unbounded == ["EvalConfig.seed", "TrainConfig.seed"]
+    (tmp_path / "t.yaml").write_text("lr: 1e-2\nsteps: '40'\nepochs: 0\n")
+    cfg = load_train_config(yaml_file=tmp_path / "t.yaml", root="x")
+    assert (cfg.lr, cfg.steps, cfg.epochs) == (0.01, 40, 0.0) and type(cfg.epochs) is float
+    (tmp_path / "bad.yaml").write_text("lr: fast\n")
+    with pytest.raises(Sd4MatchError, match=r"^lr 'fast': expected a finite number$"):
+        load_train_config(yaml_file=tmp_path / "bad.yaml", root="x")
+    with pytest.raises(Sd4MatchError, match=r"^limit 2.5: expected a whole number$"):
+        EvalConfig("pfwillow", "x", limit=2.5)
+    with pytest.raises(Sd4MatchError, match=r"^alphas 0.1, 2: each must lie in \(0, 1\]$"):
+        EvalConfig("pfwillow", "x", alphas=(0.1, 2))

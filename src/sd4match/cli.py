@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import typing
@@ -114,6 +115,26 @@ def add_config_flags(target, cls, *, only: Sequence[str] | None = None, unset: b
         target.add_argument("--" + (m.get("flag") or f.name.replace("_", "-")), **kw)
 
 
+def _number(cast, *, at_least: float | None = None, above: float | None = None):
+    """An argparse ``type`` for a flag that is no config field: a whole (``int``) or finite
+    (``float``) number within its bounds, refused in argparse's one line otherwise."""
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole number' if cast is int else 'number'}") from None
+        if cast is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if at_least is not None and value < at_least:
+            raise argparse.ArgumentTypeError(f"{text} must be at least {at_least:g}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"{text} must be above {above:g}")
+        return value
+
+    return parse
+
+
 def config_from_args(cls, args, **given):
     """An instance of ``cls`` from the parsed flags (fields without a flag keep their defaults)."""
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
@@ -146,9 +167,9 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--category", help="category for per-category prompts and text templates with {category}")
     g.add_argument("--dino", default="dinov2-b", help="DINOv2 model for prompts that take its tokens (cpm)")
     add_config_flags(g, MatchConfig)
-    g.add_argument("--max-side", type=int, default=2048, help="larger pictures are downscaled to this before the model (points stay in original pixels)")
+    g.add_argument("--max-side", type=_number(int, at_least=1), default=2048, help="larger pictures are downscaled to this before the model (points stay in original pixels)")
     g.add_argument("--cache", type=Path, help="keep feature maps (and VAE posteriors) in this folder too, so later runs skip their extraction")
-    g.add_argument("--store-gb", type=float, default=1.0, help="memory for stored maps and VAE posteriors, GB")
+    g.add_argument("--store-gb", type=_number(float, at_least=0), default=1.0, help="memory for stored maps and VAE posteriors, GB")
 
 
 def load_model(model: ModelConfig):
@@ -252,10 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
     p.add_argument("--out", required=True, type=Path, help="store folder (features/<key>.safetensors + index.json)")
     p.add_argument("--text", help="text prompt (default: the empty prompt)")
-    p.add_argument("--batch-size", type=int, default=8, help="pictures handed to the featurizer at once: their VAE posteriors in calls of up to "
+    p.add_argument("--batch-size", type=_number(int, at_least=1), default=8, help="pictures handed to the featurizer at once: their VAE posteriors in calls of up to "
                                                                "--vae-batch, the UNet in calls of up to --max-batch samples")
-    p.add_argument("--store-gb", type=float, default=0.5, help="memory for maps and VAE posteriors while extracting, GB (the folder keeps them all)")
-    p.add_argument("--workers", type=int, default=4, help="loader threads decoding ahead")
+    p.add_argument("--store-gb", type=_number(float, at_least=0), default=0.5, help="memory for maps and VAE posteriors while extracting, GB (the folder keeps them all)")
+    p.add_argument("--workers", type=_number(int, at_least=0), default=4, help="loader threads decoding ahead")
     _seed_arg(p)
     _model_args(p)
     p.set_defaults(func=cmd_features)
@@ -276,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted evaluation in --out at its first missing pair")
     p.add_argument("--dino", default="dinov2-b", help="DINOv2 model for prompts that take its tokens (cpm)")
     p.add_argument("--cache-dir", type=Path, help="keep feature maps, VAE posteriors and DINOv2 tokens here too, for later runs")
-    p.add_argument("--store-gb", type=float, default=2.0, help="memory for stored maps, VAE posteriors and DINOv2 tokens, GB")
+    p.add_argument("--store-gb", type=_number(float, at_least=0), default=2.0, help="memory for stored maps, VAE posteriors and DINOv2 tokens, GB")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_flags(p.add_argument_group("evaluation"), EvalConfig)
     _model_args(p, compile_default="auto")
@@ -286,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", type=Path, help="image A")
     p.add_argument("target", type=Path, help="image B")
     p.add_argument("--points", help='"x,y;x,y" in A\'s pixels, or a JSON file of named points; default: automatic points on the salient object')
-    p.add_argument("--min-score", type=float, default=0.0, help="without --points: keep mutual matches with cosine >= this")
-    p.add_argument("--max-points", type=int, default=20, help="without --points: at most this many, spread over the object")
+    p.add_argument("--min-score", type=_number(float), default=0.0, help="without --points: keep mutual matches with cosine >= this")
+    p.add_argument("--max-points", type=_number(int, at_least=1), default=20, help="without --points: at most this many, spread over the object")
     p.add_argument("--dense", action="store_true", help="also write A warped onto B (warped.png), confidence.png and dense.npz")
     _prompt_args(p)
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -308,10 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("serve", "a local web page: click a point in one image, see its match in the other")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback: only this machine)")
-    p.add_argument("--port", type=int, default=7860, help="port")
+    p.add_argument("--port", type=_number(int, at_least=0), default=7860, help="port")
     p.add_argument("--images", type=Path, help="a folder of images to pick from on the page (the first two are shown)")
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted")
-    p.add_argument("--max-pixels", type=float, default=50e6, help="largest image (width x height) accepted")
+    p.add_argument("--max-upload-mb", type=_number(float, above=0), default=20.0, help="largest upload accepted")
+    p.add_argument("--max-pixels", type=_number(float, above=0), default=50e6, help="largest image (width x height) accepted")
     _prompt_args(p)
     _seed_arg(p)
     _model_args(p)
@@ -326,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                               "(default: model)")
     p.add_argument("--dino", default="dinov2-b", help="DINOv2 model for prompts that take its tokens (cpm)")
     p.add_argument("--cache-dir", type=Path, help="keep VAE posteriors and DINOv2 tokens (and maps) here too, for later runs")
-    p.add_argument("--store-gb", type=float, default=4.0, help="memory for VAE posteriors and DINOv2 tokens, kept for the whole grid")
+    p.add_argument("--store-gb", type=_number(float, at_least=0), default=4.0, help="memory for VAE posteriors and DINOv2 tokens, kept for the whole grid")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_flags(p.add_argument_group("evaluation (every cell)"), EvalConfig)
     _model_args(p, only=("model", "model_config", "device", "dtype", "resolution", "max_batch", "vae_batch", "compile", "dino_input", "dino_pos",
@@ -346,8 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder for prompts/, runs/, table.md, table.csv, table.png (a rerun skips what is done)")
     p.add_argument("--timesteps", type=_parser_type(_grid), default=(50, 261), help="timesteps of each row, a list or start:stop:step (default: "
                                                                                    "50,261: the official test script's and the training one)")
-    p.add_argument("--ensemble", type=int, default=8, help="noisy copies averaged per picture")
-    p.add_argument("--limit", type=int, default=0, help="only the first N pairs of each test split (a quick look)")
+    p.add_argument("--ensemble", type=_number(int, at_least=1), default=8, help="noisy copies averaged per picture")
+    p.add_argument("--limit", type=_number(int, at_least=0), default=0, help="only the first N pairs of each test split (a quick look)")
     p.add_argument("--dino", default="dinov2-b", help="DINOv2 model of the CPM prompts")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _model_args(p, only=("model", "model_config", "device", "dtype", "resolution", "max_batch", "vae_batch", "compile", "dino_pos", "channels_last",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ C = TypeVar("C")
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None, flag: str | None = None,
             cli: bool = True, choices: Sequence[str] | Callable[[], Sequence[str]] | None = None, parse: Callable[[str], Any] | None = None,
-            default_text: str | None = None, required: bool = False) -> Any:
+            default_text: str | None = None, required: bool = False, at_least: float | None = None, above: float | None = None) -> Any:
     """A dataclass field with what the command line needs to know about it.
 
     Args:
@@ -32,8 +33,10 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Call
         parse: turns the flag's text into the value (default: the annotation's type).
         default_text: how ``--help`` words the default, when the value alone would mislead.
         required: the command line asks for it although the library has a default.
+        at_least, above: a number's bounds (``check_settings``): value >= at_least, value > above.
     """
-    meta = {"help": help, "flag": flag, "cli": cli, "choices": choices, "parse": parse, "default_text": default_text, "required": required}
+    meta = {"help": help, "flag": flag, "cli": cli, "choices": choices, "parse": parse, "default_text": default_text, "required": required,
+            "at_least": at_least, "above": above}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -62,21 +65,48 @@ def field_choices(cls, f: dataclasses.Field) -> tuple | None:
     return typing.get_args(base) if typing.get_origin(base) is Literal else None
 
 
-def check_choices(cfg) -> None:
-    """Every field with choices holds one of them (``None`` passes where the field allows it)."""
+def check_settings(cfg) -> None:
+    """Every field holds what it may (``None`` passes where the field allows it): one of its
+    choices; a whole number where the field is an ``int``, a finite number where it is a
+    ``float`` (an int becomes a float); within its bounds (``at_least``, ``above``). One line
+    names the setting otherwise, before anything runs."""
+    cls = type(cfg)
     for f in dataclasses.fields(cfg):
-        allowed = field_choices(type(cfg), f)
-        value = getattr(cfg, f.name)
-        if allowed is not None and value is not None and value not in allowed:
-            raise Sd4MatchError(f"{f.name.replace('_', '-')} {value!r}: expected one of {', '.join(map(str, allowed))}")
+        value, name = getattr(cfg, f.name), f.metadata.get("flag") or f.name.replace("_", "-")
+        if value is None:
+            continue
+        allowed = field_choices(cls, f)
+        if allowed is not None and value not in allowed:
+            raise Sd4MatchError(f"{name} {value!r}: expected one of {', '.join(map(str, allowed))}")
+        base = field_base_type(cls, f)
+        if base is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise Sd4MatchError(f"{name} {value!r}: expected a whole number")
+        if base is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise Sd4MatchError(f"{name} {value!r}: expected a finite number")
+            object.__setattr__(cfg, f.name, float(value))
+        lo, gt = f.metadata.get("at_least"), f.metadata.get("above")
+        if lo is not None and value < lo:
+            raise Sd4MatchError(f"{name} {value!r}: must be at least {lo:g}")
+        if gt is not None and value <= gt:
+            raise Sd4MatchError(f"{name} {value!r}: must be above {gt:g}")
 
 
 def from_dict(cls: type[C], d: dict, what: str = "setting") -> C:
-    """``cls(**d)``, naming an unknown key in one line."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(d) - set(names))
+    """``cls(**d)``, naming an unknown key in one line. Numbers written as text (YAML reads
+    ``1e-2`` as a string: YAML 1.1 floats need a dot) become numbers where the field is one."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
     if unknown:
-        raise Sd4MatchError(f"unknown {what} {unknown[0]!r}; known: {', '.join(sorted(names))}")
+        raise Sd4MatchError(f"unknown {what} {unknown[0]!r}; known: {', '.join(sorted(fields))}")
+    d = dict(d)
+    for k, v in d.items():
+        base = field_base_type(cls, fields[k])
+        if base in (int, float) and isinstance(v, str):
+            try:
+                d[k] = base(v.strip())
+            except ValueError:
+                pass  # check_settings names it
     return cls(**d)
 
 
@@ -189,12 +219,12 @@ class MatchConfig:
     """How a query descriptor becomes a target point (``sd4match.matching.match``)."""
 
     rule: MatchRule = setting("kernel-softargmax", "match rule", flag="match")
-    temperature: float = setting(0.04, "softmax temperature of the soft-argmax rules")
-    sigma: float = setting(7.0, "kernel-softargmax: sigma of the Gaussian window, in cells")
+    temperature: float = setting(0.04, "softmax temperature of the soft-argmax rules", above=0)
+    sigma: float = setting(7.0, "kernel-softargmax: sigma of the Gaussian window, in cells", above=0)
     similarity: Similarity = setting("cosine", SIMILARITY_HELP)
 
     def __post_init__(self):
-        check_choices(self)
+        check_settings(self)
 
     def kwargs(self) -> dict[str, Any]:
         """The rule's keyword arguments for ``match`` / ``match_pixels``."""
@@ -213,15 +243,15 @@ class ModelConfig:
     model_config: str | None = setting(None, "for a single checkpoint file: the diffusers folder or hub id with its component configs")
     device: str = setting("auto", "auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
     dtype: DType = setting("auto", "weights' dtype: auto = bf16 on CUDA GPUs (fp16 on older ones), fp32 on CPU; matching, softmax and loss stay fp32")
-    timestep: int = setting(261, "noise level t (the official test script uses 50)")
-    up_block: int = setting(1, "read the output of unet.up_blocks[k]")
-    ensemble: int = setting(8, "noisy copies averaged per picture")
+    timestep: int = setting(261, "noise level t (the official test script uses 50)", at_least=0)
+    up_block: int = setting(1, "read the output of unet.up_blocks[k]", at_least=0)
+    ensemble: int = setting(8, "noisy copies averaged per picture", at_least=1)
     noise_schedule: str = setting("model", NOISE_SCHEDULE_TEXT)
-    resolution: int | None = setting(None, "square working size", default_text="768 for SD, 512 for effnet-lite0, 840 for DINOv2")
+    resolution: int | None = setting(None, "square working size", default_text="768 for SD, 512 for effnet-lite0, 840 for DINOv2", at_least=1)
     max_batch: int | None = setting(None, "model samples per call (SD: pictures x ensemble)",
-                                    default_text="the model's own: 32 for SD, 8 pictures for effnet-lite0")
+                                    default_text="the model's own: 32 for SD, 8 pictures for effnet-lite0", at_least=1)
     vae_batch: int = setting(8, "pictures per VAE call (evaluate: every call this size, the last padded; match, serve: up to it; 1: one "
-                                "picture a call, the bits of sd4match before the VAE was batched)")
+                                "picture a call, the bits of sd4match before the VAE was batched)", at_least=1)
     compile: CompileMode = setting("off", "torch.compile the early-exit UNet and the VAE encoder (auto: on CUDA; compiling takes about a minute, "
                                           "then each call is faster; reduce-overhead / max-autotune: that torch.compile mode)")
     channels_last: Switch = setting("auto", KERNEL_HELP["channels_last"])
@@ -229,7 +259,7 @@ class ModelConfig:
     cudnn_benchmark: Switch = setting("auto", KERNEL_HELP["cudnn_benchmark"])
 
     def __post_init__(self):
-        check_choices(self)
+        check_settings(self)
 
 
 # ------------------------------------------------------------------------------ evaluate
@@ -248,14 +278,14 @@ class EvalConfig:
     protocol: Protocol = setting("sd4match", PROTOCOL_HELP + "; `score` defaults to standard")
     alphas: tuple[float, ...] = setting(DEFAULT_ALPHAS, "comma-separated PCK thresholds", parse=parse_alphas, default_text="0.05,0.1,0.15")
     seed: int = setting(0, "base seed of every picture's latent sample and noise")
-    temperature: float = setting(0.04, "softmax temperature of the soft-argmax rules")
-    sigma: float = setting(7.0, "kernel-softargmax: sigma of the Gaussian window, in cells")
+    temperature: float = setting(0.04, "softmax temperature of the soft-argmax rules", above=0)
+    sigma: float = setting(7.0, "kernel-softargmax: sigma of the Gaussian window, in cells", above=0)
     similarity: Similarity = setting("cosine", SIMILARITY_HELP)
-    limit: int = setting(0, "only the first N pairs (a quick look; the score then covers those N only)")
-    workers: int = setting(4, "loader threads decoding ahead")
-    chunk: int = setting(32, "loader threads decode up to 2 x chunk pairs ahead", cli=False)
+    limit: int = setting(0, "only the first N pairs (a quick look; the score then covers those N only)", at_least=0)
+    workers: int = setting(4, "loader threads decoding ahead", at_least=0)
+    chunk: int = setting(32, "loader threads decode up to 2 x chunk pairs ahead", cli=False, at_least=1)
     pending: int = setting(64, "decoded pictures that pairs waiting for their features may hold (bounds memory; the predictions do not "
-                               "depend on it)", flag="max-pending")
+                               "depend on it)", flag="max-pending", at_least=2)
     skip_bad: bool = setting(False, "go past pairs with unreadable images: scored as missing and listed in score.json")
     preset: str | None = setting(None, "a zero-shot baseline's settings (dift, dinov2, sd-dino-fuse; the SD4Match authors' dift-sd4match, "
                                        "fusedino-sd4match); flags given explicitly override them",
@@ -263,7 +293,9 @@ class EvalConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
-        check_choices(self)
+        if not self.alphas or any(not 0 < a <= 1 for a in self.alphas):
+            raise Sd4MatchError(f"alphas {', '.join(f'{a:g}' for a in self.alphas) or '(none)'}: each must lie in (0, 1]")
+        check_settings(self)
 
     @property
     def match(self) -> MatchConfig:
@@ -310,46 +342,46 @@ class TrainConfig:
     dino_pos: DinoPos = setting("official", DINO_POS_HELP)
     cpm_input: CpmInput = setting("patches", "cpm, cpm-image: condition on DINOv2 patch tokens (the paper), the pooled CLS token (the official "
                                              "Head) or the patches' mean")
-    global_tokens: int = setting(25, "cpm, cpm-image: learned global rows (0: the official G0)")
-    cond_tokens: int = setting(50, "cpm, cpm-image: conditional rows")
+    global_tokens: int = setting(25, "cpm, cpm-image: learned global rows (0: the official G0)", at_least=0)
+    cond_tokens: int = setting(50, "cpm, cpm-image: conditional rows", at_least=1)
     cpm_plain: bool = setting(False, "cpm, cpm-image: the rows are the projection of the DINOv2 tokens alone (no global rows, positional "
                                      "embedding or gate): image conditioning without learned prompt rows")
-    timestep: int = setting(261, "noise level t")
-    up_block: int = setting(1, "feature block k: the output of unet.up_blocks[k]")
-    ensemble: int = setting(1, "noisy copies in training")
+    timestep: int = setting(261, "noise level t", at_least=0)
+    up_block: int = setting(1, "feature block k: the output of unet.up_blocks[k]", at_least=0)
+    ensemble: int = setting(1, "noisy copies in training", at_least=1)
     noise_schedule: str = setting("model", NOISE_SCHEDULE_TEXT)
-    resolution: int = setting(768, "working size")
-    temperature: float = setting(0.04, "softmax temperature of the loss")
+    resolution: int = setting(768, "working size", at_least=1)
+    temperature: float = setting(0.04, "softmax temperature of the loss", above=0)
     similarity: Similarity = setting("cosine", "what the loss compares: " + SIMILARITY_HELP)
-    window: int = setting(7, "side of the loss target's Gaussian window, in cells")
-    sigma: float = setting(1.5, "sigma of the loss target's Gaussian window, in cells")
-    lr: float = setting(1e-2, "learning rate of tokens, embeddings and gate")
-    lr_linear: float = setting(1e-3, "learning rate of the CPM linear layers")
+    window: int = setting(7, "side of the loss target's Gaussian window, in cells", at_least=1)
+    sigma: float = setting(1.5, "sigma of the loss target's Gaussian window, in cells", above=0)
+    lr: float = setting(1e-2, "learning rate of tokens, embeddings and gate", above=0)
+    lr_linear: float = setting(1e-3, "learning rate of the CPM linear layers", above=0)
     adapt: AdaptMode = setting("prompt", "what is trained: the prompt (the paper), LoRA adapters on the UNet's attention, both, or the UNet's "
                                          "weights up to the feature block (finetune)")
     fixed_prompt: str = setting("empty", "--adapt lora / finetune: the prompt the UNet is adapted under ('empty', 'text', 'text:<words>' or a "
                                          "prompt folder)")
-    lora_rank: int = setting(4, "LoRA rank r")
-    lora_alpha: float = setting(4.0, "LoRA scale alpha (the update is alpha / r * B A)")
+    lora_rank: int = setting(4, "LoRA rank r", at_least=1)
+    lora_alpha: float = setting(4.0, "LoRA scale alpha (the update is alpha / r * B A)", above=0)
     lora_targets: tuple[str, ...] = setting(("to_q", "to_k", "to_v", "to_out.0"), "module-name suffixes of the linear layers LoRA adapts",
                                             parse=parse_names, default_text="to_q,to_k,to_v,to_out.0")
     finetune_blocks: tuple[str, ...] = setting((), "--adapt finetune: the blocks trained (e.g. up_blocks.1,up_blocks.0)", parse=parse_names,
                                                default_text="every block up to the feature block")
-    lr_adapter: float = setting(1e-4, "learning rate of LoRA tensors (1e-4) or fine-tuned weights (use 1e-5)")
-    batch_size: int = setting(9, "pairs per optimiser step (effective batch)")
-    micro_batch: int = setting(1, "pairs per forward pass; batch-size / micro-batch accumulation steps")
-    steps: int = setting(30000, "optimiser steps (replaces the preset's epochs; may grow on --resume)", default_text="30000, or the preset's epochs")
-    epochs: float = setting(0, "> 0: passes over the training pairs instead of --steps (the presets: SPair-71k 5, PF-Pascal 90)")
-    val_every: int = setting(-1, "validate every N steps; -1: once per epoch (the official schedule); 0: never")
+    lr_adapter: float = setting(1e-4, "learning rate of LoRA tensors (1e-4) or fine-tuned weights (use 1e-5)", above=0)
+    batch_size: int = setting(9, "pairs per optimiser step (effective batch)", at_least=1)
+    micro_batch: int = setting(1, "pairs per forward pass; batch-size / micro-batch accumulation steps", at_least=1)
+    steps: int = setting(30000, "optimiser steps (replaces the preset's epochs; may grow on --resume)", default_text="30000, or the preset's epochs", at_least=1)
+    epochs: float = setting(0, "> 0: passes over the training pairs instead of --steps (the presets: SPair-71k 5, PF-Pascal 90)", at_least=0)
+    val_every: int = setting(-1, "validate every N steps; -1: once per epoch (the official schedule); 0: never", at_least=-1)
     val_rule: MatchRule = setting("nn", "match rule of validation (nn: the official model selection)")
-    val_pairs: int = setting(0, "validate on the first N val pairs (0: all)")
-    val_ensemble: int = setting(1, "noisy copies in validation")
-    ckpt_every: int = setting(500, "steps between checkpoints")
-    keep_checkpoints: int = setting(2, "checkpoints kept (the newest)")
+    val_pairs: int = setting(0, "validate on the first N val pairs (0: all)", at_least=0)
+    val_ensemble: int = setting(1, "noisy copies in validation", at_least=1)
+    ckpt_every: int = setting(500, "steps between checkpoints", at_least=1)
+    keep_checkpoints: int = setting(2, "checkpoints kept (the newest)", at_least=1)
     seed: int = setting(0, "seed of the data order and of every random draw")
     amp_dtype: Literal["bf16", "fp16"] | None = setting(None, "autocast the frozen models in this dtype (GPU), weights in fp32", default_text="off")
     apply_flip: bool = setting(True, "PF-Pascal trn: mirror the pairs whose flip flag is set, as the official code does")
-    max_kps: int = setting(0, "keypoints per pair used in the loss (0: all)")
+    max_kps: int = setting(0, "keypoints per pair used in the loss (0: all)", at_least=0)
     categories: tuple[str, ...] = setting((), "train (and validate) on these categories only, comma-separated", parse=parse_names,
                                           default_text="all")
     exclude_categories: tuple[str, ...] = setting((), "leave these categories out of training and validation (unseen at test)",
@@ -358,9 +390,9 @@ class TrainConfig:
     val_split: str = setting("val", "split to validate on")
     device: str = setting("auto", "auto, cpu, cuda, cuda:N, mps")
     dtype: DType = setting("auto", "weights' dtype: auto = bf16 on CUDA (fp16 on older GPUs), fp32 on CPU")
-    workers: int = setting(4, "loader threads decoding, warping and resizing ahead")
+    workers: int = setting(4, "loader threads decoding, warping and resizing ahead", at_least=0)
     cache_dir: str = setting("", "keep VAE posteriors and DINOv2 tokens here too, for later runs", default_text="none")
-    store_gb: float = setting(8.0, "memory for VAE posteriors and DINOv2 tokens, GB (all of SPair-71k trn: about 2 GB)")
+    store_gb: float = setting(8.0, "memory for VAE posteriors and DINOv2 tokens, GB (all of SPair-71k trn: about 2 GB)", at_least=0)
     compile: CompileMode = setting("auto", "torch.compile the early-exit UNet and the VAE (auto: on CUDA)")
     channels_last: Switch = setting("auto", KERNEL_HELP["channels_last"])
     attention: Attention = setting("auto", KERNEL_HELP["attention"])
@@ -369,7 +401,9 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("categories", "exclude_categories", "lora_targets", "finetune_blocks"):
             object.__setattr__(self, name, tuple(getattr(self, name) or ()))
-        check_choices(self)
+        check_settings(self)
+        if self.window % 2 == 0:
+            raise Sd4MatchError(f"window {self.window}: must be odd (the target window is centred on the ground-truth cell)")
         if self.batch_size % self.micro_batch:
             raise Sd4MatchError(f"batch_size {self.batch_size} is not a multiple of micro_batch {self.micro_batch}")
 
