@@ -108,3 +108,10 @@ def test_pairs_cli_on_synthetic(tmp_path, willow_root):
     assert len(rows) == 5 * WarpConfig().pairs_per_image
     assert all(r["src"] == r["trg"] and "homography" in r["meta"]["synthetic"] for r in rows)
     assert all(r["pck_base"]["sd4match"] == 768 for r in rows)
+
+
+@pytest.mark.parametrize("field,value", [("scale", (1.2, 0.9)), ("scale", (0.0, 1.0)), ("mirror_prob", 1.5), ("color", 1.0), ("grid", 0),
+                                         ("pairs_per_image", 0), ("rotation_deg", -5.0)])
+def test_warp_settings_out_of_range_are_named(field, value):
+    with pytest.raises(ValueError, match=rf"^warp setting {field} = .* is out of range"):
+        WarpConfig(**{field: value})

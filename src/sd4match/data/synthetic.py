@@ -46,6 +46,14 @@ class WarpConfig:
     def __post_init__(self):
         if self.kind not in ("homography", "affine"):
             raise ValueError(f"unknown warp kind {self.kind!r}; expected homography or affine")
+        lo, hi = self.scale
+        wrong = {"scale": not 0 < lo <= hi, "mirror_prob": not 0 <= self.mirror_prob <= 1, "color": not 0 <= self.color < 1,
+                 "grid": self.grid < 1, "pairs_per_image": self.pairs_per_image < 1,
+                 **{k: getattr(self, k) < 0 for k in ("rotation_deg", "translation", "shear", "perspective")}}
+        bad = [k for k, w in wrong.items() if w]
+        if bad:
+            raise ValueError(f"warp setting {bad[0]} = {getattr(self, bad[0])!r} is out of range (scale: 0 < low <= high; mirror_prob: [0, 1]; "
+                             "color: [0, 1); grid, pairs_per_image: at least 1; the others: at least 0)")
 
 
 @dataclass(frozen=True)
