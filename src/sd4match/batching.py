@@ -673,8 +673,8 @@ class PairStream:
                 continue
             fs, ft = self.map_of(src, pid), self.map_of(trg, pid)
             if fs is None or ft is None:  # stored when the pair came, evicted from the store since: computed again (same bits)
-                for p in entry.pictures:
-                    if (p.key, pid) not in self.todo:
+                for p, got in ((src, fs), (trg, ft)):
+                    if got is None and (p.key, pid) not in self.todo:
                         self.todo[(p.key, pid)] = (p, emb)
                         self.need_work([p])
                 continue
