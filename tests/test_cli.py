@@ -273,5 +273,7 @@ def test_every_number_in_the_settings_has_a_range_and_files_read_numbers_written
         load_train_config(yaml_file=tmp_path / "bad.yaml", root="x")
     with pytest.raises(Sd4MatchError, match=r"^limit 2.5: expected a whole number$"):
         EvalConfig("pfwillow", "x", limit=2.5)
+    got = ModelConfig(timestep=np.int64(50), ensemble=np.arange(3)[2])  # numpy's numbers are numbers: kept as Python's
+    assert (got.timestep, got.ensemble) == (50, 2) and type(got.timestep) is int
     with pytest.raises(Sd4MatchError, match=r"^alphas 0.1, 2: each must lie in \(0, 1\]$"):
         EvalConfig("pfwillow", "x", alphas=(0.1, 2))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,12 +80,14 @@ def check_settings(cfg) -> None:
         if allowed is not None and value not in allowed:
             raise Sd4MatchError(f"{name} {value!r}: expected one of {', '.join(map(str, allowed))}")
         base = field_base_type(cls, f)
-        if base is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise Sd4MatchError(f"{name} {value!r}: expected a whole number")
-        if base is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if base in (int, float):  # numpy's numbers too; stored as Python's
+            whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if base is int and not whole:
+                raise Sd4MatchError(f"{name} {value!r}: expected a whole number")
+            if base is float and not (whole or isinstance(value, numbers.Real) and math.isfinite(value)):
                 raise Sd4MatchError(f"{name} {value!r}: expected a finite number")
-            object.__setattr__(cfg, f.name, float(value))
+            value = base(value)
+            object.__setattr__(cfg, f.name, value)
         lo, gt = f.metadata.get("at_least"), f.metadata.get("above")
         if lo is not None and value < lo:
             raise Sd4MatchError(f"{name} {value!r}: must be at least {lo:g}")
