@@ -1,5 +1,8 @@
 """EfficientNet-Lite0 with its real ImageNet weights: real features on real images."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -50,3 +53,19 @@ def test_nearest_neighbour_pck_on_pf_willow(willow_root):
     rng = np.random.default_rng(0)
     rand = {r.id: rng.uniform(0, 1, (r.n_points, 2)) * np.array(r.trg_size) for r in recs}
     assert score(recs, rand, protocol="standard", alphas=[0.1])["per_image"]["all"]["0.1"] < 0.1
+
+
+def test_diffusion_settings_given_to_effnet_are_said_to_change_nothing(tmp_path, capsys):
+    """effnet-lite0 has no timestep or ensemble: given, they are named in one warning line
+    (and the features are those of the defaults); not given, nothing is said."""
+    from sd4match.cli import main
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    pics = [str(examples / "cat.jpg"), str(examples / "pets.jpg")]
+    assert main(["match", *pics, "--points", "229,149", "--model", "effnet-lite0", "--timestep", "50", "--ensemble", "2", "--out", str(tmp_path / "a")]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned == ["sd4match: warning: effnet-lite0 is not a diffusion model: --timestep 50, --ensemble 2 change nothing"]
+    assert main(["match", *pics, "--points", "229,149", "--model", "effnet-lite0", "--out", str(tmp_path / "b")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    a, b = (json.loads((tmp_path / d / "matches.json").read_text())["matches"] for d in "ab")
+    assert a == b

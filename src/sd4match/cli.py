@@ -186,7 +186,24 @@ def load_model(model: ModelConfig):
         kw["config"] = model.model_config
     if model.resolution:
         kw["resolution"] = model.resolution
-    return load_featurizer(model.model, **kw).to(dev, pick_dtype(model.dtype, dev))
+    feat = load_featurizer(model.model, **kw).to(dev, pick_dtype(model.dtype, dev))
+    _warn_unused_diffusion_settings(model, feat)
+    return feat
+
+
+def _warn_unused_diffusion_settings(model: ModelConfig, feat) -> None:
+    """A diffusion setting given another value than its default, for a model without diffusion
+    (effnet-lite0, DINOv2): one warning line, as it changes nothing."""
+    if feat.has_posterior:
+        return
+    default = ModelConfig()
+    given = [f"--{k.replace('_', '-')} {getattr(model, k)}" for k in ("timestep", "up_block", "ensemble", "noise_schedule")
+             if getattr(model, k) != getattr(default, k)]
+    if given:
+        from sd4match.errors import Sd4MatchWarning
+
+        warnings.warn(f"{feat.model_id} is not a diffusion model: {', '.join(given)} {'changes' if len(given) == 1 else 'change'} nothing",
+                      Sd4MatchWarning, stacklevel=2)
 
 
 def _dino_for(prompt: str, dino: str, feat, pos: str = "official"):
