@@ -275,3 +275,22 @@ def test_page_opens_with_two_pictures_and_shows_a_colour_bar(tiny, tmp_path, wil
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+def test_a_taken_port_or_a_foreign_host_is_one_line_before_the_model_loads(tmp_path, capsys):
+    """The page's address is checked before any model loads: a port another program listens
+    on, a host that is not this machine's, a port out of range."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        missing = ["--model", str(tmp_path / "no-such-model")]  # reached only after the address is checked
+        assert main(["serve", *missing, "--port", str(port)]) == 2
+        assert capsys.readouterr().err.strip() == (f"sd4match: error: 127.0.0.1:{port}: cannot listen there (Address already in use); "
+                                                   "choose another --port")
+    assert main(["serve", *missing, "--host", "192.0.2.1", "--port", str(port)]) == 2  # TEST-NET-1: no machine's own address
+    assert capsys.readouterr().err.strip() == (f"sd4match: error: 192.0.2.1:{port}: cannot listen there (Cannot assign requested address); "
+                                               "check --host and --port")
+    with pytest.raises(SystemExit):
+        main(["serve", *missing, "--port", "70000"])
+    assert "argument --port: 70000 must be at most 65535" in capsys.readouterr().err

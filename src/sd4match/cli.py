@@ -115,7 +115,7 @@ def add_config_flags(target, cls, *, only: Sequence[str] | None = None, unset: b
         target.add_argument("--" + (m.get("flag") or f.name.replace("_", "-")), **kw)
 
 
-def _number(cast, *, at_least: float | None = None, above: float | None = None):
+def _number(cast, *, at_least: float | None = None, above: float | None = None, at_most: float | None = None):
     """An argparse ``type`` for a flag that is no config field: a whole (``int``) or finite
     (``float``) number within its bounds, refused in argparse's one line otherwise."""
 
@@ -130,6 +130,8 @@ def _number(cast, *, at_least: float | None = None, above: float | None = None):
             raise argparse.ArgumentTypeError(f"{text} must be at least {at_least:g}")
         if above is not None and value <= above:
             raise argparse.ArgumentTypeError(f"{text} must be above {above:g}")
+        if at_most is not None and value > at_most:
+            raise argparse.ArgumentTypeError(f"{text} must be at most {at_most:g}")
         return value
 
     return parse
@@ -346,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("serve", "a local web page: click a point in one image, see its match in the other")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback: only this machine)")
-    p.add_argument("--port", type=_number(int, at_least=0), default=7860, help="port")
+    p.add_argument("--port", type=_number(int, at_least=0, at_most=65535), default=7860, help="port")
     p.add_argument("--images", type=Path, help="a folder of images to pick from on the page (the first two are shown)")
     p.add_argument("--max-upload-mb", type=_number(float, above=0), default=20.0, help="largest upload accepted")
     p.add_argument("--max-pixels", type=_number(float, above=0), default=50e6, help="largest image (width x height) accepted")
@@ -641,10 +643,11 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from sd4match.serve import serve
+    from sd4match.serve import check_serve, serve
 
     if args.images is not None and not args.images.is_dir():
         raise Sd4MatchError(f"--images {args.images}: no such folder")
+    check_serve(args.host, args.port)
     _check_common(args)
     serve(load_matcher(args), host=args.host, port=args.port, images=args.images, max_upload_bytes=int(args.max_upload_mb * 1e6),
           max_pixels=int(args.max_pixels), max_side=args.max_side)

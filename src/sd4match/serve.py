@@ -237,13 +237,36 @@ def create_app(matcher: Matcher, *, images: str | Path | None = None, max_upload
     return app
 
 
-def serve(matcher: Matcher, *, host: str = "127.0.0.1", port: int = 7860, **kwargs) -> None:
-    """Run the page until interrupted."""
+def check_serve(host: str, port: int) -> None:
+    """What the page needs, checked before a model loads: FastAPI and uvicorn installed, and
+    ``host:port`` free to listen on (not taken by another page or program)."""
+    import errno
+    import socket
+
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         raise Sd4MatchError("sd4match serve needs FastAPI and uvicorn: pip install 'sd4match[serve]'") from None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise Sd4MatchError(f"--host {host}: not an address of this machine ({e})") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port left in TIME_WAIT is free
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            hint = "choose another --port" if e.errno == errno.EADDRINUSE else "check --host and --port"
+            raise Sd4MatchError(f"{host}:{port}: cannot listen there ({e.strerror or e}); {hint}") from None
+
+
+def serve(matcher: Matcher, *, host: str = "127.0.0.1", port: int = 7860, **kwargs) -> None:
+    """Run the page until interrupted."""
+    check_serve(host, port)
+    import uvicorn
+
     app = create_app(matcher, **kwargs)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"sd4match: warning: serving on {host}: anyone who can reach this address can use the page", flush=True)
