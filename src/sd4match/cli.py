@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_number(int, at_least=1), default=8, help="pictures handed to the featurizer at once: their VAE posteriors in calls of up to "
                                                                "--vae-batch, the UNet in calls of up to --max-batch samples")
     p.add_argument("--store-gb", type=_number(float, at_least=0), default=0.5, help="memory for maps and VAE posteriors while extracting, GB (the folder keeps them all)")
-    p.add_argument("--workers", type=_number(int, at_least=0), default=4, help="loader threads decoding ahead")
+    p.add_argument("--workers", type=_number(int, at_least=0), default=4, help="loader threads decoding ahead (0: decode in the main thread)")
     _seed_arg(p)
     _model_args(p)
     p.set_defaults(func=cmd_features)

@@ -285,7 +285,7 @@ class EvalConfig:
     sigma: float = setting(7.0, "kernel-softargmax: sigma of the Gaussian window, in cells", above=0)
     similarity: Similarity = setting("cosine", SIMILARITY_HELP)
     limit: int = setting(0, "only the first N pairs (a quick look; the score then covers those N only)", at_least=0)
-    workers: int = setting(4, "loader threads decoding ahead", at_least=0)
+    workers: int = setting(4, "loader threads decoding ahead (0: decode in the main thread)", at_least=0)
     chunk: int = setting(32, "loader threads decode up to 2 x chunk pairs ahead", cli=False, at_least=1)
     pending: int = setting(64, "decoded pictures that pairs waiting for their features may hold (bounds memory; the predictions do not "
                                "depend on it)", flag="max-pending", at_least=2)
@@ -393,7 +393,7 @@ class TrainConfig:
     val_split: str = setting("val", "split to validate on")
     device: str = setting("auto", "auto, cpu, cuda, cuda:N, mps")
     dtype: DType = setting("auto", "weights' dtype: auto = bf16 on CUDA (fp16 on older GPUs), fp32 on CPU")
-    workers: int = setting(4, "loader threads decoding, warping and resizing ahead", at_least=0)
+    workers: int = setting(4, "loader threads decoding, warping and resizing ahead (0: in the main thread)", at_least=0)
     cache_dir: str = setting("", "keep VAE posteriors and DINOv2 tokens here too, for later runs", default_text="none")
     store_gb: float = setting(8.0, "memory for VAE posteriors and DINOv2 tokens, GB (all of SPair-71k trn: about 2 GB)", at_least=0)
     compile: CompileMode = setting("auto", "torch.compile the early-exit UNet and the VAE (auto: on CUDA)")
