@@ -26,7 +26,7 @@ from typing import Any, Sequence
 from sd4match.config import (ALL_PAIRS_HELP, compile_choice, kernel_choice, DEFAULT_ALPHAS, EVAL_PRESETS, IMAGES_HELP, MATCH_RULES, PROTOCOL_HELP, SPLIT_HELP, TRAIN_PRESETS, DatasetName,
                              EvalConfig, ImportKind, MatchConfig,
                              ModelConfig, Protocol, TrainConfig, field_base_type, field_choices, parse_alphas, parse_names)
-from sd4match.errors import Sd4MatchError
+from sd4match.errors import Sd4MatchError, Sd4MatchWarning
 
 __all__ = ["EVAL_PRESETS", "MATCH_RULES", "build_parser", "main"]
 
@@ -202,8 +202,6 @@ def _warn_unused_diffusion_settings(model: ModelConfig, feat) -> None:
     given = [f"--{k.replace('_', '-')} {getattr(model, k)}" for k in ("timestep", "up_block", "ensemble", "noise_schedule")
              if getattr(model, k) != getattr(default, k)]
     if given:
-        from sd4match.errors import Sd4MatchWarning
-
         warnings.warn(f"{feat.model_id} is not a diffusion model: {', '.join(given)} {'changes' if len(given) == 1 else 'change'} nothing",
                       Sd4MatchWarning, stacklevel=2)
 
@@ -780,8 +778,6 @@ def _write_atomic(path: Path, write) -> None:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """``sd4match: warning: <message>`` for sd4match's warnings; others as Python prints them."""
-    from sd4match.errors import Sd4MatchWarning
-
     if issubclass(category, Sd4MatchWarning):
         print(f"sd4match: warning: {message}", file=sys.stderr)
     else:
