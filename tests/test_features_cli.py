@@ -90,3 +90,41 @@ def test_store_files_have_the_permissions_of_index_json(tmp_path, small_images):
     assert run_features(small_images, out) == 0
     modes = {stat.S_IMODE(p.stat().st_mode) for p in [out / "index.json", *out.glob("features/*.safetensors")]}
     assert len(modes) == 1, modes
+
+
+def test_bad_pictures_are_all_named_before_the_model_loads(tmp_path, small_images, monkeypatch, capsys):
+    """An empty file, a text file named .png and a 1 x 1 picture: one line names all three,
+    and no model is loaded (before, the first was found only after the model had loaded
+    and the pictures before it had been extracted)."""
+    import sd4match.cli as cli
+    from PIL import Image
+
+    (small_images / "sub").mkdir()
+    (small_images / "sub" / "empty.jpg").write_bytes(b"")
+    (small_images / "notes.png").write_text("not a picture")
+    Image.new("RGB", (1, 1)).save(small_images / "one.png")
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "load_model", no_load)
+    monkeypatch.setattr(cli, "load_matcher", no_load)
+    assert main(["features", "--model", "effnet-lite0", "--images", str(small_images), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith(f"sd4match: error: {small_images / 'notes.png'}: not a readable image")
+    assert "(and 2 more bad picture(s): " in err[0]
+    assert f"{small_images / 'one.png'}: image is 1x1 pixels, too small to match" in err[0]
+    assert f"{small_images / 'sub' / 'empty.jpg'}: not a readable image" in err[0]
+    assert not (tmp_path / "out").exists()
+    # transfer checks its targets the same way
+    points = tmp_path / "p.json"
+    points.write_text('{"eye": [10, 10]}')
+    assert main(["transfer", "--source", str(small_images / "cat.jpg"), "--points", str(points), "--targets", str(small_images),
+                 "--model", "effnet-lite0", "--out", str(tmp_path / "tr")]) == 2
+    assert "(and 2 more bad picture(s): " in capsys.readouterr().err
+
+
+def test_features_no_progress(tmp_path, small_images, capsys):
+    assert run_features(small_images, tmp_path / "out", "--no-progress") == 0
+    assert "img/s" not in capsys.readouterr().err

@@ -18,7 +18,7 @@ from sd4match.features.registry import resolve
 from sd4match.prompts import check_prompt  # ``empty``, ``text:...`` or a readable prompt folder -> its PromptSpec
 from sd4match.runtime import pick_device
 
-__all__ = ["check_device", "check_model", "check_output_folder", "check_picture", "check_pictures", "check_prompt", "check_splits"]
+__all__ = ["check_device", "check_model", "check_output_folder", "check_picture", "check_picture_headers", "check_pictures", "check_prompt", "check_splits"]
 
 
 def check_device(name: str):
@@ -32,6 +32,21 @@ def check_picture(path: str | Path, *, decode: bool = True) -> tuple[int, int]:
     if decode:
         return load_image(path).size
     return image_size(path)
+
+
+def check_picture_headers(files) -> None:
+    """Every file is a picture of at least 2 x 2 by its header (seconds for thousands; a
+    truncated file is still found when it is decoded); else one line naming the first bad
+    one, how many are bad and the next few, so one run shows what to fix."""
+    problems = []
+    for f in files:
+        try:
+            image_size(f)
+        except Sd4MatchError as e:
+            problems.append(str(e))
+    if problems:
+        more = "" if len(problems) == 1 else f" (and {len(problems) - 1} more bad picture(s): " + "; ".join(problems[1:4]) + ("; ..." if len(problems) > 4 else "") + ")"
+        raise Sd4MatchError(problems[0] + more)
 
 
 def check_model(model: str) -> None:

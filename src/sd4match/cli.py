@@ -294,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "--vae-batch, the UNet in calls of up to --max-batch samples")
     p.add_argument("--store-gb", type=_number(float, at_least=0), default=0.5, help="memory for maps and VAE posteriors while extracting, GB (the folder keeps them all)")
     p.add_argument("--workers", type=_number(int, at_least=0), default=4, help="loader threads decoding ahead (0: decode in the main thread)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _seed_arg(p)
     _model_args(p)
     p.set_defaults(func=cmd_features)
@@ -496,18 +497,20 @@ def cmd_datasets_prepare(args) -> int:
 
 
 def cmd_features(args) -> int:
-    from sd4match.checks import check_output_folder
+    from sd4match.checks import check_output_folder, check_picture_headers
     from sd4match.data.images import list_images
     from sd4match.extract import extract_folder
 
     _check_common(args, prompt=False)
     if not args.images.is_dir():
         raise Sd4MatchError(f"--images {args.images}: no such folder")
-    if not list_images(args.images):
+    files = list_images(args.images)
+    if not files:
         raise Sd4MatchError(f"{args.images}: no images found (looked for .jpg, .jpeg, .png, .bmp, .webp, .tif)")
+    check_picture_headers(files)  # a bad file is named before the model loads, not after hours of extraction
     check_output_folder(args.out)
     feat = load_model(config_from_args(ModelConfig, args))
-    path = extract_folder(feat, args.images, args.out, text=args.text, seed=args.seed, batch_size=args.batch_size, workers=args.workers, progress=True,
+    path = extract_folder(feat, args.images, args.out, text=args.text, seed=args.seed, batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
                           store_gb=args.store_gb)
     print(f"features of {args.images} under {args.model} are in {path.parent} (index: {path})", file=sys.stderr)
     return 0
@@ -621,7 +624,7 @@ def cmd_match(args) -> int:
 
 
 def cmd_transfer(args) -> int:
-    from sd4match.checks import check_picture
+    from sd4match.checks import check_picture, check_picture_headers
     from sd4match.data.images import list_images
     from sd4match.usermatch import run_transfer
 
@@ -632,8 +635,7 @@ def cmd_transfer(args) -> int:
     files = [p for p in list_images(args.targets) if p.resolve() != args.source.resolve()]
     if not files:
         raise Sd4MatchError(f"{args.targets}: no images to transfer onto")
-    for f in files:
-        check_picture(f, decode=False)  # headers: a target that fails later leaves --out as it was
+    check_picture_headers(files)  # a target that fails later leaves --out as it was
     _check_common(args)
     written = run_transfer(load_matcher(args), args.source, points, args.targets, args.out, max_side=args.max_side, progress=not args.no_progress)
     print(f"{len(written)} images: one JSON each and sheet.png in {args.out}", file=sys.stderr)
