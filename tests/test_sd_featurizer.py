@@ -157,6 +157,45 @@ def test_pil_input_and_cell_map(tiny_sd2):
     torch.testing.assert_close(feat.cell_to_pixel(feat.pixel_to_cell(t, (300, 200)), (300, 200)), t)
 
 
+def test_pictures_of_any_form_give_the_features_the_cli_gives(tiny_sd2, tmp_path):
+    """A transparent RGBA picture and a 16-bit one handed to the featurizer from Python give
+    the features of the picture the CLI reads from their files (on white, scaled from 16
+    bits): before, Python's .convert("RGB") dropped the alpha (black behind it) and clipped
+    16-bit values. uint8 arrays equal their PIL image; a list of tensors is refused with the
+    fix named."""
+    from PIL import Image
+
+    from sd4match.data.images import load_image
+
+    feat = SDFeaturizer.from_pretrained(tiny_sd2, resolution=64, ensemble=1)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    alpha = np.zeros((48, 40), np.uint8)
+    alpha[:, 20:] = 255  # left half transparent
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(tmp_path / "a.png")
+    Image.fromarray((rng.integers(0, 65536, (48, 40))).astype(np.uint16)).save(tmp_path / "b.png")
+    shown = [load_image(tmp_path / "a.png"), load_image(tmp_path / "b.png")]
+    # the truth by hand: white where transparent, rgb where opaque; 16 bits to 8 by x / 65535 * 255
+    want_a = np.where(alpha[..., None] == 255, rgb, 255).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(shown[0]), want_a)
+    b16 = np.asarray(Image.open(tmp_path / "b.png"), dtype=np.float64)
+    np.testing.assert_array_equal(np.asarray(shown[1])[..., 0], np.clip(b16 / 65535 * 255 + 0.5, 0, 255).astype(np.uint8))
+
+    def run(ims):
+        return feat(ims, generator=torch.Generator().manual_seed(0))
+
+    ref = run(shown)
+    opened = [Image.open(tmp_path / "a.png"), Image.open(tmp_path / "b.png")]
+    assert opened[0].mode == "RGBA" and opened[1].mode.startswith("I")
+    assert torch.equal(run(opened), ref)
+    assert torch.equal(run([np.asarray(im) for im in shown]), ref)
+    assert torch.equal(run(np.asarray(shown[0])), run(shown[:1]))  # one picture alone, not in a list
+    with pytest.raises(Sd4MatchError, match=r"item 0 is a Tensor \(stack them: torch.stack\(images\)\)"):
+        run([torch.rand(3, 32, 32)])
+    with pytest.raises(Sd4MatchError, match=r"image 1: an array must be uint8 .*got float32 \(48, 40, 3\)"):
+        run([rgb, rgb.astype(np.float32)])
+
+
 def test_bad_settings(tiny_sd2):
     with pytest.raises(Sd4MatchError, match="up_block must be in 0..2"):
         SDFeaturizer.from_pretrained(tiny_sd2, up_block=3)

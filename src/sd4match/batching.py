@@ -44,6 +44,7 @@ import torch
 from PIL import Image
 
 from sd4match.data import pair_sources
+from sd4match.data.images import to_rgb
 from sd4match.data.records import PairRecord
 from sd4match.prompts import Prompt, prompt_fingerprint
 from sd4match.store import Store, image_key, owned, seed_for, settings_key
@@ -81,7 +82,7 @@ class Picture:
     def prepare(self, resolution: int | None) -> "Picture":
         """Squash to ``resolution`` (bilinear, as torchvision's Resize on PIL images) now."""
         if resolution and resolution not in self.resized:
-            im = self.image.convert("RGB").resize((resolution, resolution), Image.Resampling.BILINEAR)
+            im = to_rgb(self.image).resize((resolution, resolution), Image.Resampling.BILINEAR)
             self.resized[resolution] = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
         return self
 

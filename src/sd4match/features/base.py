@@ -9,16 +9,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sd4match.data.images import to_rgb
 from sd4match.errors import Sd4MatchError
 
-ImagesLike = torch.Tensor | Sequence[Image.Image]
+ImagesLike = torch.Tensor | Sequence[Image.Image | np.ndarray]
 
 
 def images_to_tensor(images: ImagesLike, resolution: int | tuple[int, int], device=None) -> torch.Tensor:
     """Images as a float tensor in [0, 1], squashed to ``resolution`` (aspect not kept).
 
     Args:
-        images: a tensor (B, 3, H, W) in [0, 1], or a list of PIL images.
+        images: a tensor (B, 3, H, W) in [0, 1], or a list of PIL images (any mode: RGBA on
+            white, 16-bit scaled) or uint8 arrays (H, W[, 3 or 4]).
         resolution: side of the square output, or (H, W).
 
     Shape:
@@ -35,15 +37,31 @@ def images_to_tensor(images: ImagesLike, resolution: int | tuple[int, int], devi
         if x.shape[-2:] != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         return x.clamp(0, 1)
+    if isinstance(images, (Image.Image, np.ndarray)):
+        images = [images]
     if len(images) == 0:
         raise Sd4MatchError("no images given")
     out = []
-    for im in images:
-        if not isinstance(im, Image.Image):
-            raise Sd4MatchError(f"images must be PIL images or a tensor, got {type(im).__name__}")
-        im = im.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)  # as torchvision's Resize on PIL: the official code
+    for i, im in enumerate(images):
+        im = rgb_image(im, i).resize((size[1], size[0]), Image.Resampling.BILINEAR)  # as torchvision's Resize on PIL: the official code
         out.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
     return torch.stack(out).to(device)
+
+
+def rgb_image(im, i: int = 0) -> Image.Image:
+    """One picture of a list handed to a featurizer, as an RGB PIL image, converted as the
+    CLI's pictures are (RGBA on white, 16-bit scaled; for RGB, L, P and CMYK the same as
+    ``.convert("RGB")``, the official code's): a PIL image of any mode, or an (H, W),
+    (H, W, 3) or (H, W, 4) uint8 array (as imageio, OpenCV after BGR -> RGB, or
+    ``np.asarray(pil_image)`` give)."""
+    if isinstance(im, np.ndarray):
+        if im.dtype != np.uint8 or not (im.ndim == 2 or (im.ndim == 3 and im.shape[2] in (3, 4))):
+            raise Sd4MatchError(f"image {i}: an array must be uint8 of shape (H, W), (H, W, 3) or (H, W, 4), got {im.dtype} {tuple(im.shape)}")
+        im = Image.fromarray(np.ascontiguousarray(im))
+    elif not isinstance(im, Image.Image):
+        raise Sd4MatchError(f"images must be a list of PIL images or uint8 arrays, or one (B, 3, H, W) float tensor in [0, 1]; "
+                            f"item {i} is a {type(im).__name__}" + (" (stack them: torch.stack(images))" if isinstance(im, torch.Tensor) else ""))
+    return to_rgb(im)
 
 
 class CellMap:

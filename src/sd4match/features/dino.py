@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sd4match.errors import Sd4MatchError
-from sd4match.features.base import CellMap, Featurizer, ImagesLike, images_to_tensor
+from sd4match.features.base import CellMap, Featurizer, ImagesLike, images_to_tensor, rgb_image
 from sd4match.features.registry import load_from_hub, offline_mode, quiet_loading, resolve
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -216,7 +216,9 @@ class DinoFeaturizer(Featurizer):
             return imagenet_normalize(x).to(self.model.dtype)
         if isinstance(images, torch.Tensor):
             images = [Image.fromarray((im.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)) for im in images]
-        return torch.stack([self.pixels(im) for im in images]).to(self.model.device, self.model.dtype)
+        elif isinstance(images, (Image.Image, np.ndarray)):
+            images = [images]
+        return torch.stack([self.pixels(rgb_image(im, i)) for i, im in enumerate(images)]).to(self.model.device, self.model.dtype)
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """One PIL picture as the model takes it, (3, S, S) fp32 on the CPU, ImageNet-normalised:
@@ -225,7 +227,7 @@ class DinoFeaturizer(Featurizer):
         (``tokens_of_pixels`` then runs the model)."""
         if self.config.mode == "squash":
             return imagenet_normalize(images_to_tensor([image], self.config.resolution))[0]
-        im = image.convert("RGB")
+        im = rgb_image(image)
         w, h = self._resized(im.size)
         im = im.resize((w, h), Image.Resampling.BICUBIC)
         left, top = (w - self.config.crop) // 2, (h - self.config.crop) // 2
