@@ -100,6 +100,31 @@ def test_points_in_every_form_a_user_writes_give_the_same_matches(featurizer, wi
     assert m.similarity(a, b, np.array(xy[1])).shape == featurizer.grid_size[::-1]
 
 
+def test_pictures_in_every_form_a_user_holds_give_the_same_matches(featurizer, willow_pair):
+    """Matcher takes what open_image returns, a path, a PIL image or a uint8 array (before,
+    anything but open_image's result ended in AttributeError: no attribute 'name'); a picture
+    in memory larger than max_side is downscaled for the model and keeps its own pixels for
+    coordinates."""
+    from sd4match.usermatch import as_user_image
+
+    m = Matcher(featurizer, "empty", rule="nn")
+    a, b = open_image(willow_pair[0]), open_image(willow_pair[1])
+    xy = [(10.0, 20.0), (150.5, 100.0)]
+    want = m.match_points(a, b, xy)
+    pil = [Image.open(p) for p in willow_pair]
+    for fa, fb in [(str(willow_pair[0]), willow_pair[1]), tuple(pil), tuple(np.asarray(im.convert("RGB")) for im in pil)]:
+        assert m.match_points(fa, fb, xy) == want
+        np.testing.assert_array_equal(m.similarity(fa, fb, xy[0]), m.similarity(a, b, xy[0]))
+    assert m.auto_points(pil[0], pil[1]) == m.auto_points(a, b)
+    np.testing.assert_array_equal(m.dense(pil[0], str(willow_pair[1]))["source_xy"], m.dense(a, b)["source_xy"])
+    big = as_user_image(Image.new("RGB", (6000, 1500), (1, 2, 3)), max_side=1000)
+    assert big.size == (6000, 1500) and big.image.size == (1000, 250)
+    with pytest.raises(Sd4MatchError, match=r"^a picture is a path, a PIL image, a uint8 array or what open_image returns, not a int$"):
+        m.match_points(3, b, xy)
+    with pytest.raises(Sd4MatchError, match=r"^image is 1x1 pixels, too small to match$"):
+        m.match_points(Image.new("RGB", (1, 1)), b, [(0.5, 0.5)])
+
+
 def test_auto_points_and_dense_on_self(tmp_path, featurizer, willow_pair):
     a = open_image(willow_pair[0])
     m = Matcher(featurizer, "empty", rule="nn")

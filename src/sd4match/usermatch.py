@@ -27,6 +27,7 @@ from sd4match.batching import Batcher, Picture, per_pair
 from sd4match.config import MatchConfig
 from sd4match.data.images import list_images, load_image, oriented_size
 from sd4match.errors import Sd4MatchError
+from sd4match.features.base import rgb_image
 from sd4match.fileio import staged_dir
 from sd4match.matching import MATCH_RULES, border_contrast, dense_match, match_pixels, point_correlation
 from sd4match.prompts import prompt_fingerprint, resolve_prompt
@@ -61,6 +62,27 @@ def open_image(path: str | Path, *, max_side: int = MAX_SIDE) -> UserImage:
     img = load_image(path, exif_transpose=True, max_side=max_side)  # names the file if it is missing, corrupt or tiny
     size = oriented_size(path)
     return UserImage(img, size, str(path), image_key(img))
+
+
+def as_user_image(image, *, max_side: int = MAX_SIDE) -> UserImage:
+    """What ``Matcher`` takes as a picture: a ``UserImage`` as it is, a path (``open_image``),
+    or a picture in memory: a PIL image of any mode or a uint8 array (H, W[, 3 or 4]), whose
+    pixels are taken as they are (no EXIF orientation: coordinates refer to them) and whose
+    size is the original for coordinates (downscaled to ``max_side`` for the model only)."""
+    if isinstance(image, UserImage):
+        return image
+    if isinstance(image, (str, Path)):
+        return open_image(image, max_side=max_side)
+    if not isinstance(image, (Image.Image, np.ndarray)):
+        raise Sd4MatchError(f"a picture is a path, a PIL image, a uint8 array or what open_image returns, not a {type(image).__name__}")
+    img = rgb_image(image)  # PIL mode or uint8 array -> RGB, as the featurizers take them
+    if img.width < 2 or img.height < 2:
+        raise Sd4MatchError(f"image is {img.width}x{img.height} pixels, too small to match")
+    size = img.size
+    if max(size) > max_side:
+        f = max_side / max(size)
+        img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.LANCZOS)
+    return UserImage(img, size, str(getattr(image, "filename", "") or "image"), image_key(img))
 
 
 # -- points -------------------------------------------------------------------------------
@@ -213,20 +235,25 @@ class Matcher:
 
     def store_keys(self, a: UserImage, b: UserImage | None = None) -> list[str]:
         """The store keys (kind ``features``) of the maps ``features(a, b)`` returns (of ``a`` alone without ``b``)."""
+        a, b = as_user_image(a), None if b is None else as_user_image(b)
         return self.batcher.map_keys(self.prompt, self._prompt_id, self._picture(a), None if b is None else self._picture(b))
 
     def is_cached(self, a: UserImage, b: UserImage | None = None) -> bool:
         """Whether the maps ``features(a, b)`` returns are stored (in memory or on disk)."""
+        a, b = as_user_image(a), None if b is None else as_user_image(b)
         return all(self.store.contains("features", k) for k in self.store_keys(a, b))
 
     def features(self, a: UserImage, b: UserImage) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, C, h, w) maps of ``a`` and ``b``; a per-pair prompt (CPM) is built from both images."""
+        a, b = as_user_image(a), as_user_image(b)
         return self.batcher.pair_maps(self.prompt, self._picture(a), self._picture(b), prompt_id=self._prompt_id, embeds=self._emb)
 
     def match_points(self, a: UserImage, b: UserImage, points) -> list[dict]:
         """Each point of ``a`` -> ``{"name", "source": [x, y], "target": [x, y], "score"}`` in
         original pixels. ``points``: ``[(name, (x, y)), ...]``, ``{name: (x, y)}``, or unnamed
-        ``[(x, y), ...]`` / an (N, 2) array (named ``p0, p1, ...``)."""
+        ``[(x, y), ...]`` / an (N, 2) array (named ``p0, p1, ...``). ``a`` and ``b``: as
+        ``open_image`` gives them, paths, PIL images or uint8 arrays (``as_user_image``)."""
+        a, b = as_user_image(a), as_user_image(b)
         points = named_points(points)
         check_points(points, a)
         fa, fb = self.features(a, b)
@@ -238,6 +265,7 @@ class Matcher:
 
     def similarity(self, a: UserImage, b: UserImage, point: tuple[float, float]) -> np.ndarray:
         """Cosine similarity of ``point`` (x, y) of ``a`` to every cell of ``b``: (h, w) in [-1, 1]."""
+        a, b = as_user_image(a), as_user_image(b)
         (_, point), = named_points([("query", point)])
         check_points([("query", point)], a)
         fa, fb = self.features(a, b)
@@ -252,6 +280,7 @@ class Matcher:
         ranked by cosine x saliency in ``a`` x saliency of the match in ``b``, then taken
         greedily at least ``max(h, w) / 8`` cells apart (then ``/ 16``, if too few remain).
         """
+        a, b = as_user_image(a), as_user_image(b)
         fa, fb = self.features(a, b)
         d = dense_match(fa, fb, "nn", similarity=self.match.similarity)
         h, w = fa.shape[-2:]
@@ -284,6 +313,7 @@ class Matcher:
 
         Returns ``{"source_xy": (h, w, 2), "score": (h, w), "mutual": (h, w) bool}`` on ``b``'s grid.
         """
+        a, b = as_user_image(a), as_user_image(b)
         fa, fb = self.features(a, b)
         h, w = fb.shape[-2:]
         d = dense_match(fb, fa, self.rule, **self.match.kwargs())
