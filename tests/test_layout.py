@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "sd4match"
 
 #: lowest first; a module may import its own layer and those below it
 LAYERS = [
-    ("base", {"version", "errors", "config", "fileio", "runtime", "store"}),
+    ("base", {"version", "errors", "config", "fileio", "pixels", "runtime", "store"}),
     ("core", {"data", "matching", "loss", "metrics", "viz"}),
     ("models", {"features"}),
     ("prompts", {"prompts"}),

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sd4match.data.images import to_rgb
+from sd4match.pixels import to_rgb
 from sd4match.errors import Sd4MatchError
 
 ImagesLike = torch.Tensor | Sequence[Image.Image | np.ndarray]
