@@ -110,3 +110,56 @@ def test_a_resume_with_other_call_sizes_is_refused_before_the_model_loads(tmp_pa
         else:
             with pytest.raises(Sd4MatchError, match=r"other settings \(request\.vae_batch\)"):
                 check_evaluation_folder(out, resume=True, cfg=cfg, request=now)
+
+
+def test_a_finished_evaluation_is_replaced_only_when_asked(tmp_path, willow_root, monkeypatch, capsys):
+    """Rerunning a finished evaluation with its settings makes the same files again; other
+    settings (the config, the model asked for) are refused before the model loads, naming
+    them, and the folder is left byte for byte (before, a typo'd --out or a --limit run over
+    a full one replaced the earlier predictions and score silently); --overwrite replaces it.
+    From Python the featurizer's resolved settings are compared too."""
+    import sd4match
+    import sd4match.cli as cli
+    from sd4match.config import EvalConfig
+    from sd4match.errors import Sd4MatchError
+    from sd4match.features import load_featurizer
+
+    out = tmp_path / "eval"
+    args = ["evaluate", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--model", "effnet-lite0", "--resolution", "128",
+            "--match", "nn", "--limit", "4", "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    files = {f.name: f.read_bytes() for f in out.iterdir() if f.name != "run-info.json"}
+    assert set(files) >= {"predictions.jsonl", "score.json"}
+    assert json.loads(files["score.json"])["run"]["request"]["resolution"] == 128
+    assert main(args) == 0  # the same settings: the same files
+    assert {f: (out / f).read_bytes() for f in files} == files
+    capsys.readouterr()
+
+    real_load = cli.load_model
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "load_model", no_load)
+    for change, named in ((["--limit", "6"], "config.limit"), (["--resolution", "160"], "request.resolution"),
+                          (["--match", "softargmax", "--protocol", "standard"], "config.protocol, config.rule")):
+        assert main(args + change) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"sd4match: error: {out}: holds a finished evaluation made with other settings ({named}); "
+                       "choose another --out, or pass --overwrite to replace it")
+        assert {f: (out / f).read_bytes() for f in files} == files
+    with pytest.raises(SystemExit):  # argparse: not both
+        main(args + ["--limit", "6", "--overwrite", "--resume"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "load_model", real_load)
+    assert main(args + ["--limit", "6", "--overwrite"]) == 0
+    assert json.loads((out / "score.json").read_text())["n_pairs"] == 6
+
+    # from Python (no model request recorded by the caller): the featurizer's own settings
+    cfg = EvalConfig("pfwillow", str(willow_root), split="test", rule="nn", limit=6)
+    before = (out / "score.json").read_bytes()
+    with pytest.raises(Sd4MatchError, match=r"holds a finished evaluation made with other settings \(featurizer\.resolution\)"):
+        sd4match.evaluate(load_featurizer("effnet-lite0", resolution=160), cfg, out, progress=False)
+    assert (out / "score.json").read_bytes() == before and not (out / "predictions.partial.jsonl").exists()
+    run = sd4match.evaluate(load_featurizer("effnet-lite0", resolution=160), cfg, out, progress=False, overwrite=True)
+    assert run.score["run"]["config"]["settings"]["resolution"] == 160

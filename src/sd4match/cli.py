@@ -312,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("evaluate", "predict a split with a prompt; write predictions.jsonl and score.json")
     p.add_argument("--out", required=True, type=Path, help="folder for predictions.jsonl and score.json")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted evaluation in --out at its first missing pair")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue an interrupted evaluation in --out at its first missing pair")
+    g.add_argument("--overwrite", action="store_true", help="replace a finished evaluation in --out made with other settings (without it, such a folder is refused)")
     p.add_argument("--dino", default="dinov2-b", help="DINOv2 model for prompts that take its tokens (cpm)")
     p.add_argument("--cache-dir", type=Path, help="keep feature maps, VAE posteriors and DINOv2 tokens here too, for later runs")
     p.add_argument("--store-gb", type=_number(float, at_least=0), default=2.0, help="memory for stored maps, VAE posteriors and DINOv2 tokens, GB")
@@ -582,11 +584,12 @@ def _run_evaluation(args, model, cfg, recs, request) -> int:
     from sd4match.runtime import distributed_rank_world, finish_distributed
     from sd4match.store import Store
 
-    check_evaluation_folder(args.out, resume=args.resume, cfg=cfg, request=request)
+    check_evaluation_folder(args.out, resume=args.resume, cfg=cfg, request=request, overwrite=args.overwrite)
     feat = load_model(model)
     dino = _dino_for(cfg.prompt, args.dino, feat, model.dino_pos)
     store = Store(int(args.store_gb * (1 << 30)), folder=args.cache_dir)
-    out = evaluate(feat, cfg, args.out, dino=dino, progress=not args.no_progress, records=recs, store=store, resume=args.resume, request=request)
+    out = evaluate(feat, cfg, args.out, dino=dino, progress=not args.no_progress, records=recs, store=store, resume=args.resume, request=request,
+                   overwrite=args.overwrite)
     rank = distributed_rank_world()[0]
     finish_distributed()
     if rank != 0:

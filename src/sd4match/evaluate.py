@@ -145,10 +145,12 @@ def _check_resume(out: Path, cfg: EvalConfig, featurizer_settings: dict) -> None
     _compare(out / RUN, {"config": run_settings(cfg), "featurizer": featurizer_settings})
 
 
-def check_evaluation_folder(out: str | Path, *, resume: bool, cfg: EvalConfig | None = None, request: dict | None = None) -> None:
+def check_evaluation_folder(out: str | Path, *, resume: bool, cfg: EvalConfig | None = None, request: dict | None = None,
+                            overwrite: bool = False) -> None:
     """Before any model loads: ``--resume`` needs an unfinished run in ``out`` made with the
     same settings (``cfg`` and the model ``request``, when given); a new run must not start
-    over one."""
+    over an unfinished one, nor replace a finished one made with other settings unless
+    ``overwrite`` (the same settings make the same files again)."""
     out = Path(out)
     unfinished = any(out.glob(PARTIAL.replace(".jsonl", "*.jsonl"))) or (out / RUN).is_file()
     if resume and not (out / RUN).is_file():
@@ -157,6 +159,31 @@ def check_evaluation_folder(out: str | Path, *, resume: bool, cfg: EvalConfig | 
         raise Sd4MatchError(f"{out}: holds an unfinished evaluation ({PARTIAL}); pass --resume to continue it or choose another --out")
     if resume and cfg is not None:
         _compare(out / RUN, {"config": run_settings(cfg), **({"request": request} if request is not None else {})})
+    if not resume and not overwrite and cfg is not None:
+        _check_finished(out, {"config": _finished_config(as_dict(cfg)), **({"request": request} if request is not None else {})})
+
+
+def _finished_config(config: dict) -> dict:
+    """What of a run's ``score.json`` config a new run into its folder must share."""
+    return {k: v for k, v in config.items() if k not in _WHERE + _VOLATILE + ("settings",)}
+
+
+def _check_finished(out: Path, now: dict) -> None:
+    """A finished evaluation in ``out`` (its ``score.json``) was made with the settings ``now``
+    holds ({"config": ..., "request": ..., "featurizer": ...}, each compared when both have it)."""
+    path = out / "score.json"
+    if not path.is_file():
+        return
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))["run"]
+        earlier = {"config": _finished_config(run["config"]), "request": run.get("request"), "featurizer": run["config"].get("settings")}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return  # not an evaluation's score.json: nothing of ours to keep
+    diff = sorted(f"{part}.{k}" for part, d in now.items() if earlier.get(part) is not None
+                  for k in set(d) | set(earlier[part]) if earlier[part].get(k) != d.get(k))
+    if diff:
+        raise Sd4MatchError(f"{out}: holds a finished evaluation made with other settings ({', '.join(diff)}); "
+                            "choose another --out, or pass --overwrite to replace it")
 
 
 def _compare(run: Path, now: dict) -> None:
@@ -183,25 +210,30 @@ class Evaluation:
 
 
 def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progress: bool = True, records=None, store: Store | None = None,
-             resume: bool = False, request: dict | None = None) -> Evaluation:
+             resume: bool = False, request: dict | None = None, overwrite: bool = False) -> Evaluation:
     """Predict, score and write ``predictions.jsonl`` + ``score.json`` into ``out``.
 
     ``score.json`` equals ``sd4match score`` on ``predictions.jsonl`` under the same
-    protocol and alphas, plus the settings that produced it (and the pairs skipped).
+    protocol and alphas, plus the settings that produced it (and the pairs skipped). A
+    finished evaluation in ``out`` made with other settings is replaced only with
+    ``overwrite``; an unfinished one is continued with ``resume``.
     """
     out = Path(out)
     with run_lock(out, "evaluation"):
-        return _evaluate(featurizer, cfg, out, dino=dino, progress=progress, records=records, store=store, resume=resume, request=request)
+        return _evaluate(featurizer, cfg, out, dino=dino, progress=progress, records=records, store=store, resume=resume, request=request,
+                         overwrite=overwrite)
 
 
-def _evaluate(featurizer, cfg: EvalConfig, out: Path, *, dino, progress, records, store, resume, request) -> Evaluation:
+def _evaluate(featurizer, cfg: EvalConfig, out: Path, *, dino, progress, records, store, resume, request, overwrite) -> Evaluation:
     records = _records(cfg, records)
     prompt = resolve_prompt(cfg.prompt, featurizer, dino=dino)
     batcher = Batcher(featurizer, dino=dino, store=store, seed=cfg.seed)
     settings = {**featurizer.settings(), **batcher.call_settings(prompt), **_prompt_categories(prompt)}
     rank, world = distributed_rank_world()
     done: dict[str, list] = {}
-    check_evaluation_folder(out, resume=resume)
+    check_evaluation_folder(out, resume=resume, cfg=cfg, request=request, overwrite=overwrite)
+    if not resume and not overwrite:
+        _check_finished(out, {"featurizer": settings})
     if resume:
         _check_resume(out, cfg, settings)
         done = read_partial(out)
@@ -238,7 +270,8 @@ def _evaluate(featurizer, cfg: EvalConfig, out: Path, *, dino, progress, records
         bad = gather_dicts(bad)
         if rank != 0:
             return Evaluation(out, settings, None)
-    doc = _finish(out, cfg, records, done, mine, bad, settings, world, time.perf_counter() - t0, _training_cost(prompt),
+    # the model as asked for, too: a later run into this folder is checked against it before its model loads
+    doc = _finish(out, cfg, records, done, mine, bad, settings, world, time.perf_counter() - t0, {**_training_cost(prompt), **({"request": request} if request else {})},
                   stream={**batcher.stream_peak, "work": batcher.work_counts()})
     return Evaluation(out, settings, doc)
 
