@@ -299,8 +299,10 @@ def test_dino_offline_error(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
-    with pytest.raises(Sd4MatchError, match=r"DINOv2 weights facebook/dinov2-base \(dinov2-b\) are not in the local cache.*hf download facebook/dinov2-base"):
+    with pytest.raises(Sd4MatchError, match=r"DINOv2 weights facebook/dinov2-base \(dinov2-b\) are not in the local cache.*hf download facebook/dinov2-base") as e:
         DinoFeaturizer.from_pretrained("dinov2-b", local_files_only=True)
+    # the way round it names DINOv2's own format and flag, not a diffusers folder as --model
+    assert str(e.value).endswith("or pass a local transformers folder of it (config.json, model.safetensors) as --dino (a CPM prompt's DINOv2), or in --model")
 
 
 # ---------------------------------------------------------------------------- the authors' released files

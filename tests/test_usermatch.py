@@ -349,6 +349,45 @@ def test_trained_prompt_folders_cpm_and_category(tmp_path, tiny, featurizer, wil
     assert res["settings"]["prompt"] == str(tmp_path / "cat") and res["settings"]["category"] == "car"
 
 
+def test_a_cpm_prompt_brings_its_own_dinov2(tmp_path, tiny, featurizer, willow_pair, willow_root, capsys):
+    """Without --dino, a CPM prompt folder's recorded DINOv2 is used (before: always dinov2-b,
+    a download, whichever DINOv2 the prompt was trained with); a --dino of another width is
+    refused before any model loads; another DINOv2 of the same width is warned about; a
+    recorded DINOv2 that is gone is named, with --dino as the way round it."""
+    import shutil
+
+    from sd4match.features import DinoFeaturizer
+    from sd4match.prompts import make_prompt
+    from sd4match.testing import tiny_dinov2
+
+    dino_dir = tiny_dinov2(tmp_path / "dino")
+    dino = DinoFeaturizer.from_pretrained(dino_dir)
+    make_prompt("cpm", featurizer, dino_dim=dino.feature_dim, n_patches=dino.grid_size[0] * dino.grid_size[1],
+                dino_model=dino.model_id).save(tmp_path / "cpm")
+    args = ["match", str(willow_pair[0]), str(willow_pair[1]), "--points", "50,60", "--prompt", str(tmp_path / "cpm"),
+            "--model", str(tiny), *MODEL_ARGS, "--out", str(tmp_path / "m")]
+    assert main(args) == 0
+    want = json.loads((tmp_path / "m" / "matches.json").read_text())["matches"]
+    capsys.readouterr()
+    assert main(args + ["--dino", "dinov2-s"]) == 2
+    assert capsys.readouterr().err.strip() == (f"sd4match: error: --dino dinov2-s: gives 384-d tokens, and the prompt {tmp_path / 'cpm'} takes "
+                                               f"{dino.feature_dim}-d ones (it was trained with DINOv2 {dino.model_id})")
+    shutil.copytree(dino_dir, tmp_path / "dino-copy")
+    assert main(args + ["--dino", str(tmp_path / "dino-copy")]) == 0
+    assert (f"sd4match: warning: --dino {tmp_path / 'dino-copy'}: the prompt {tmp_path / 'cpm'} was trained with DINOv2 {dino.model_id}; "
+            "its tokens may differ") in capsys.readouterr().err.splitlines()
+    assert json.loads((tmp_path / "m" / "matches.json").read_text())["matches"] == want  # the same weights give the same matches
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--limit", "2", "--prompt", str(tmp_path / "cpm"),
+                 "--model", str(tiny), *MODEL_ARGS, "--out", str(ev), "--no-progress"]) == 0
+    assert json.loads((ev / "score.json").read_text())["run"]["request"]["dino"] == dino.model_id
+    capsys.readouterr()
+    dino_dir.rename(tmp_path / "gone")
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == (f"sd4match: error: --prompt {tmp_path / 'cpm'}: trained with DINOv2 {dino.model_id}, which is not here "
+                                               f"({dino.model_id}: no such model folder or checkpoint file); pass --dino")
+
+
 def test_disk_cache_skips_extraction_on_the_next_run(tmp_path, featurizer, willow_pair, willow_root, extractions):
     import torch
 

@@ -167,7 +167,7 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prompt and matching")
     g.add_argument("--prompt", default="empty", help="'empty', 'text:<words>' (e.g. text:\"a photo of a cat\") or a trained prompt folder")
     g.add_argument("--category", help="category for per-category prompts and text templates with {category}")
-    g.add_argument("--dino", default="dinov2-b", help="DINOv2 model for prompts that take its tokens (cpm)")
+    g.add_argument("--dino", help=DINO_HELP)
     add_config_flags(g, MatchConfig)
     g.add_argument("--max-side", type=_number(int, at_least=1), default=2048, help="larger pictures are downscaled to this before the model (points stay in original pixels)")
     g.add_argument("--cache", type=Path, help="keep feature maps (and VAE posteriors) in this folder too, so later runs skip their extraction")
@@ -229,15 +229,59 @@ def load_matcher(args):
 
 
 def _check_common(args, *, prompt: bool = True) -> None:
-    """The model source, device, prompt and output folder: named before any model loads."""
+    """The model source, device, prompt and output folder: named before any model loads
+    (and ``--dino`` resolved, when the command takes it)."""
     from sd4match.checks import check_device, check_model, check_output_folder, check_prompt
 
     check_device(args.device)
     check_model(args.model)
     if prompt and getattr(args, "prompt", None):
-        check_prompt(args.prompt)
+        spec = check_prompt(args.prompt)
+        if hasattr(args, "dino"):
+            args.dino = _dino_source(spec, args.dino)
     if getattr(args, "out", None) is not None:
         check_output_folder(args.out)
+
+
+DEFAULT_DINO = "dinov2-b"
+DINO_HELP = "DINOv2 model for prompts that take its tokens (cpm) (default: the one the prompt folder records, else dinov2-b)"
+
+
+def _dino_source(spec, given: str | None) -> str:
+    """``--dino``: as given (with a warning when the prompt folder records another DINOv2),
+    else the DINOv2 the CPM prompt was trained with (its ``dino_model``), else dinov2-b.
+    A recorded one that is not on this machine is named before any model loads."""
+    from sd4match.features.registry import feature_width, resolve
+    from sd4match.prompts.base import read_prompt_config
+
+    if spec.folder is None or not spec.needs_dino:
+        return given or DEFAULT_DINO
+    cfg = read_prompt_config(spec.folder)
+    width = feature_width(given) if given is not None else None
+    if width is not None and cfg.dino_dim and width != cfg.dino_dim:
+        raise Sd4MatchError(f"--dino {given}: gives {width}-d tokens, and the prompt {spec.folder} takes {cfg.dino_dim}-d ones"
+                            + (f" (it was trained with DINOv2 {cfg.dino_model})" if cfg.dino_model else ""))
+    recorded = cfg.dino_model
+    if recorded in (None, "", "unknown"):
+        return given or DEFAULT_DINO
+
+    def same(a: str, b: str) -> bool:  # a registry name and its hub id name the same weights
+        try:
+            return a == b or resolve(a).model_id == resolve(b).model_id
+        except Sd4MatchError:
+            return False
+
+    if given is not None:
+        if not same(given, recorded):
+            warnings.warn(f"--dino {given}: the prompt {spec.folder} was trained with DINOv2 {recorded}; its tokens may differ", Sd4MatchWarning, stacklevel=2)
+        return given
+    if same(recorded, DEFAULT_DINO):
+        return DEFAULT_DINO
+    try:
+        resolve(recorded)
+    except Sd4MatchError as e:
+        raise Sd4MatchError(f"--prompt {spec.folder}: trained with DINOv2 {recorded}, which is not here ({e}); pass --dino") from None
+    return recorded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue an interrupted evaluation in --out at its first missing pair")
     g.add_argument("--overwrite", action="store_true", help="replace a finished evaluation in --out made with other settings (without it, such a folder is refused)")
-    p.add_argument("--dino", default="dinov2-b", help="DINOv2 model for prompts that take its tokens (cpm)")
+    p.add_argument("--dino", help=DINO_HELP)
     p.add_argument("--cache-dir", type=Path, help="keep feature maps, VAE posteriors and DINOv2 tokens here too, for later runs")
     p.add_argument("--store-gb", type=_number(float, at_least=0), default=2.0, help="memory for stored maps, VAE posteriors and DINOv2 tokens, GB")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -365,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensembles", type=_parser_type(_grid), default=(8,), help="noisy copies per picture (default: 8)")
     p.add_argument("--noise-schedules", type=_parser_type(_schedules), default=("model",), help="comma-separated --noise-schedule values "
                                                                                               "(default: model)")
-    p.add_argument("--dino", default="dinov2-b", help="DINOv2 model for prompts that take its tokens (cpm)")
+    p.add_argument("--dino", help=DINO_HELP)
     p.add_argument("--cache-dir", type=Path, help="keep VAE posteriors and DINOv2 tokens (and maps) here too, for later runs")
     p.add_argument("--store-gb", type=_number(float, at_least=0), default=4.0, help="memory for VAE posteriors and DINOv2 tokens, kept for the whole grid")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -162,10 +162,17 @@ def weights_missing(what: str, res: ResolvedModel, offline: bool, exc: BaseExcep
     """The one-line error for hub weights that could not be loaded: which, why, how to get them."""
     why = "not in the local cache (offline mode)" if offline else f"not cached and the hub could not be reached ({type(exc).__name__})"
     name = f" ({res.name})" if res.name else ""
-    return Sd4MatchError(f"{what} weights {res.model_id}{name} are {why}: {download_hint(res)}")
+    return Sd4MatchError(f"{what} weights {res.model_id}{name} are {why}: {download_hint(res, what)}")
 
 
-def download_hint(res: ResolvedModel) -> str:
+#: what a user may pass instead of hub weights, and where
+LOCAL_ALTERNATIVE = {
+    "Stable Diffusion": "a local diffusers folder or a single .safetensors/.ckpt file as --model",
+    "DINOv2": "a local transformers folder of it (config.json, model.safetensors) as --dino (a CPM prompt's DINOv2), or in --model",
+}
+
+
+def download_hint(res: ResolvedModel, what: str = "Stable Diffusion") -> str:
     """How to get weights that are not on this machine, as one sentence."""
     from huggingface_hub import constants
 
@@ -173,7 +180,7 @@ def download_hint(res: ResolvedModel) -> str:
     return (
         f"download them where the hub is reachable with `hf download {res.location}{rev}` (huggingface-cli in older huggingface_hub) "
         f"(files land in HF_HOME, here {constants.HF_HOME}; copy that folder to this machine), "
-        f"or pass a local diffusers folder or a single .safetensors/.ckpt file as --model"
+        f"or pass {LOCAL_ALTERNATIVE.get(what, LOCAL_ALTERNATIVE['Stable Diffusion'])}"
     )
 
 
