@@ -187,3 +187,34 @@ def test_compare_names_what_is_not_an_evaluation_and_writes_nothing(tmp_path, ca
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"sd4match: error: {tmp_path / name}") and words in err and "\n" not in err
     assert not out.exists()
+
+
+def _score_doc(pck: float, n_pairs: int = 450, limit: int = 0, alphas=("0.05", "0.1", "0.15")) -> str:
+    by = {a: pck for a in alphas}
+    return json.dumps({"dataset": "pfwillow", "split": "test", "protocol": "sd4match", "n_pairs": n_pairs, "per_image": {"all": by},
+                       "per_point": {"all": by}, "run": {"config": {"prompt": "p", "limit": limit}}})
+
+
+def test_compare_names_runs_apart_and_refuses_different_pairs(tmp_path, capsys):
+    """runs/x/test and runs/y/test are named x/test and y/test (before: 'test' twice, as the
+    README's own compare examples make them); a --limit run beside a full one is refused,
+    naming each run's pairs (before: side by side as if comparable); only the thresholds
+    every run has are compared."""
+    import csv
+
+    from sd4match.cli import main
+
+    for name, doc in {"prompt/test": _score_doc(0.5), "lora/test": _score_doc(0.6), "solo": _score_doc(0.7, alphas=("0.1",)),
+                      "quick/test": _score_doc(0.9, n_pairs=20, limit=20)}.items():
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "score.json").write_text(doc)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(tmp_path / "prompt" / "test"), str(tmp_path / "lora" / "test"), str(tmp_path / "solo"), "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert [r["run"] for r in rows] == ["prompt/test", "lora/test", "solo"]
+    assert [r["per image @0.1"] for r in rows] == ["50.00", "60.00", "70.00"] and "per image @0.05" not in rows[0]
+    assert capsys.readouterr().out.startswith("# Comparison: pfwillow/test, protocol sd4match, 450 pairs (PCK in %)")
+    assert main(["compare", str(tmp_path / "prompt" / "test"), str(tmp_path / "quick" / "test"), "--out", str(tmp_path / "cmp2")]) == 2
+    assert capsys.readouterr().err.strip() == ("sd4match: error: the runs were scored on different pairs: prompt/test: 450 pairs; "
+                                               "quick/test: 20 pairs (--limit 20); compare evaluations of the same pairs")
+    assert not (tmp_path / "cmp2").exists()

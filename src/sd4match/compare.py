@@ -33,6 +33,7 @@ def read_run(folder: str | Path) -> dict:
         run = doc.get("run", {})
         return {"run": folder.name, "path": str(folder), "prompt": run.get("config", {}).get("prompt"), "rule": run.get("config", {}).get("rule"),
                 "dataset": f"{doc['dataset']}/{doc['split']}", "protocol": doc["protocol"], "n_pairs": doc["n_pairs"],
+                "limit": run.get("config", {}).get("limit") or 0,
                 "cost": run.get("training_cost") or {}, "per_image": doc["per_image"]["all"], "per_point": doc["per_point"]["all"]}
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise Sd4MatchError(f"{f}: not the score.json of an evaluation ({first_line(e)})") from None
@@ -41,10 +42,18 @@ def read_run(folder: str | Path) -> dict:
 def compare(folders: Sequence[str | Path], out: str | Path | None = None) -> dict:
     """The comparison of ``folders``; with ``out``, also its markdown, CSV and plot."""
     rows = [read_run(f) for f in folders]
+    for r, name in zip(rows, run_names([r["path"] for r in rows])):
+        r["run"] = name
     if len({(r["dataset"], r["protocol"]) for r in rows}) > 1:
         raise Sd4MatchError("the runs were scored on different splits or protocols: "
                             + "; ".join(f"{r['run']}: {r['dataset']} ({r['protocol']})" for r in rows))
-    alphas = list(rows[0]["per_image"])
+    if len({(r["n_pairs"], r["limit"]) for r in rows}) > 1:  # a --limit run beside a full one: not the same pairs
+        raise Sd4MatchError("the runs were scored on different pairs: "
+                            + "; ".join(f"{r['run']}: {r['n_pairs']} pairs" + (f" (--limit {r['limit']})" if r["limit"] else "") for r in rows)
+                            + "; compare evaluations of the same pairs")
+    alphas = [a for a in rows[0]["per_image"] if all(a in r["per_image"] for r in rows)]
+    if not alphas:
+        raise Sd4MatchError("the runs share no PCK threshold: " + "; ".join(f"{r['run']}: {', '.join(r['per_image'])}" for r in rows))
     head = ["run", "prompt", "adapt", "trainable params", "s/step", "peak MB"] + [f"per image @{a}" for a in alphas] + [f"per point @{a}" for a in alphas]
 
     def cells(r):
@@ -54,7 +63,7 @@ def compare(folders: Sequence[str | Path], out: str | Path | None = None) -> dic
                 *(f"{100 * r['per_image'][a]:.2f}" for a in alphas), *(f"{100 * r['per_point'][a]:.2f}" for a in alphas)]
 
     table = [cells(r) for r in rows]
-    md = [f"# Comparison: {rows[0]['dataset']}, protocol {rows[0]['protocol']} (PCK in %)", "", *markdown_table(head, table)]
+    md = [f"# Comparison: {rows[0]['dataset']}, protocol {rows[0]['protocol']}, {rows[0]['n_pairs']} pairs (PCK in %)", "", *markdown_table(head, table)]
     result = {"rows": rows, "markdown": "\n".join(md) + "\n", "csv": csv_text(head, table)}
     if out is not None:
         out = Path(out)
@@ -63,6 +72,20 @@ def compare(folders: Sequence[str | Path], out: str | Path | None = None) -> dic
         atomic_write_text(out / "compare.csv", result["csv"])
         plot_compare(rows, out / "compare.png")
     return result
+
+
+def run_names(paths: Sequence[str | Path]) -> list[str]:
+    """Each folder's shortest trailing part of its path that no other folder shares:
+    ``runs/lora/test`` and ``runs/prompt/test`` are ``lora/test`` and ``prompt/test``, not
+    ``test`` twice."""
+    parts = [Path(p).resolve().parts for p in paths]
+    names = []
+    for i, ps in enumerate(parts):
+        k = 1
+        while k < len(ps) and any(j != i and qs[-k:] == ps[-k:] for j, qs in enumerate(parts)):
+            k += 1
+        names.append("/".join(ps[-k:]))
+    return names
 
 
 def plot_compare(rows: Sequence[dict], path: Path) -> Path:
