@@ -277,3 +277,31 @@ def test_every_number_in_the_settings_has_a_range_and_files_read_numbers_written
     assert (got.timestep, got.ensemble) == (50, 2) and type(got.timestep) is int
     with pytest.raises(Sd4MatchError, match=r"^alphas 0.1, 2: each must lie in \(0, 1\]$"):
         EvalConfig("pfwillow", "x", alphas=(0.1, 2))
+
+
+def test_settings_files_hold_lists_as_text_and_switches_as_words(tmp_path):
+    """A settings file's `exclude_categories: cat,dog` is the two names the flag would give
+    (before: its characters, so 'cat' excluded nothing); `apply_flip: yes`, 'no', 1 are
+    switches, 'maybe' is named (before: kept as a string, true whatever it said); a YAML
+    syntax error is one line with its place (before: YAML's lines and caret)."""
+    from sd4match.config import EvalConfig, TrainConfig, load_train_config
+    from sd4match.errors import Sd4MatchError
+
+    (tmp_path / "t.yaml").write_text("exclude_categories: cat, dog\ncategories: [bird]\nlora_targets: to_q\napply_flip: 'no'\ncpm_plain: 1\n"
+                                     "all_pairs: yes\n")
+    cfg = load_train_config(yaml_file=tmp_path / "t.yaml", root="x")
+    assert (cfg.exclude_categories, cfg.categories, cfg.lora_targets) == (("cat", "dog"), ("bird",), ("to_q",))
+    assert (cfg.apply_flip, cfg.cpm_plain, cfg.all_pairs) == (False, True, True)
+    assert TrainConfig.from_dict({"root": "x", "apply_flip": "On"}).apply_flip is True
+    for text, msg in (("apply_flip: maybe\n", r"^apply-flip 'maybe': expected true or false$"),
+                      ("cpm_plain: 2\n", r"^cpm-plain 2: expected true or false$"),
+                      ("categories: {a: 1}\n", r"^categories \{'a': 1\}: expected a list or comma-separated text$"),
+                      ("categories: [1, 2]\n", r"^categories \[1, 2\]: expected names$"),
+                      ("lr: 0.01\n  bad: [\n", r"t.yaml: not valid YAML at line 2, column 6 \(mapping values are not allowed here\)$")):
+        (tmp_path / "t.yaml").write_text(text)
+        with pytest.raises(Sd4MatchError, match=msg):
+            load_train_config(yaml_file=tmp_path / "t.yaml", root="x")
+    assert EvalConfig("pfwillow", "x", alphas="0.05,0.1").alphas == (0.05, 0.1)  # as --alphas reads it (before: ValueError on '.')
+    assert EvalConfig("pfwillow", "x", alphas=[0.1]).alphas == (0.1,)
+    with pytest.raises(Sd4MatchError, match=r"^alphas 'a,b': 'a,b' is not a comma-separated list of numbers$"):
+        EvalConfig("pfwillow", "x", alphas="a,b")

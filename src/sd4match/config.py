@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, TypeVar
 
-from sd4match.errors import Sd4MatchError
+from sd4match.errors import Sd4MatchError, first_line
 
 C = TypeVar("C")
 
@@ -76,10 +76,19 @@ def check_settings(cfg) -> None:
         value, name = getattr(cfg, f.name), f.metadata.get("flag") or f.name.replace("_", "-")
         if value is None:
             continue
+        base = field_base_type(cls, f)
+        if typing.get_origin(base) is tuple:  # a list, or text as the flag takes it ("cat,dog"), not its characters
+            value = _as_tuple(value, name, f, typing.get_args(base)[0])
+            object.__setattr__(cfg, f.name, value)
+            continue
+        if base is bool:
+            if not isinstance(value, bool) and getattr(getattr(value, "dtype", None), "kind", "") != "b":  # numpy's bools too
+                raise Sd4MatchError(f"{name} {value!r}: expected true or false")
+            object.__setattr__(cfg, f.name, bool(value))
+            continue
         allowed = field_choices(cls, f)
         if allowed is not None and value not in allowed:
             raise Sd4MatchError(f"{name} {value!r}: expected one of {', '.join(map(str, allowed))}")
-        base = field_base_type(cls, f)
         if base in (int, float):  # numpy's numbers too; stored as Python's
             whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
             if base is int and not whole:
@@ -93,6 +102,29 @@ def check_settings(cfg) -> None:
             raise Sd4MatchError(f"{name} {value!r}: must be at least {lo:g}")
         if gt is not None and value <= gt:
             raise Sd4MatchError(f"{name} {value!r}: must be above {gt:g}")
+
+
+def _as_tuple(value, name: str, f: dataclasses.Field, item: type) -> tuple:
+    """A sequence setting as a tuple of ``item``: text through the field's ``parse`` (as the
+    flag reads it), a list or tuple item by item."""
+    if isinstance(value, str):
+        parse = f.metadata.get("parse")
+        try:
+            return tuple(parse(value)) if parse else tuple(v.strip() for v in value.split(",") if v.strip())
+        except ValueError as e:
+            raise Sd4MatchError(f"{name} {value!r}: {e}") from None
+    if not isinstance(value, (list, tuple)):
+        raise Sd4MatchError(f"{name} {value!r}: expected a list or comma-separated text")
+    if item is float:
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+            raise Sd4MatchError(f"{name} {list(value)!r}: expected finite numbers")
+        return tuple(float(v) for v in value)
+    if not all(isinstance(v, str) for v in value):
+        raise Sd4MatchError(f"{name} {list(value)!r}: expected names")
+    return tuple(value)
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
 def from_dict(cls: type[C], d: dict, what: str = "setting") -> C:
@@ -110,6 +142,9 @@ def from_dict(cls: type[C], d: dict, what: str = "setting") -> C:
                 d[k] = base(v.strip())
             except ValueError:
                 pass  # check_settings names it
+        elif base is bool and (isinstance(v, str) or type(v) is int):  # 'yes', "true", 1 as a file may hold them
+            word = str(v).strip().lower()
+            d[k] = True if word in _TRUE else False if word in _FALSE else v  # anything else: check_settings names it
     return cls(**d)
 
 
@@ -295,10 +330,9 @@ class EvalConfig:
                                  choices=lambda: sorted(EVAL_PRESETS))
 
     def __post_init__(self):
-        object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
+        check_settings(self)  # text and lists of alphas as tuples of numbers first
         if not self.alphas or any(not 0 < a <= 1 for a in self.alphas):
             raise Sd4MatchError(f"alphas {', '.join(f'{a:g}' for a in self.alphas) or '(none)'}: each must lie in (0, 1]")
-        check_settings(self)
 
     @property
     def match(self) -> MatchConfig:
@@ -402,9 +436,9 @@ class TrainConfig:
     cudnn_benchmark: Switch = setting("auto", KERNEL_HELP["cudnn_benchmark"])
 
     def __post_init__(self):
+        check_settings(self)  # text of names ("cat,dog") and lists as tuples first
         for name in ("categories", "exclude_categories", "lora_targets", "finetune_blocks"):
             object.__setattr__(self, name, tuple(getattr(self, name) or ()))
-        check_settings(self)
         if self.window % 2 == 0:
             raise Sd4MatchError(f"window {self.window}: must be odd (the target window is centred on the ground-truth cell)")
         if self.batch_size % self.micro_batch:
@@ -437,7 +471,11 @@ def load_train_config(preset: str | None = None, yaml_file: str | Path | None = 
 
         try:
             y = yaml.safe_load(Path(yaml_file).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
+        except yaml.YAMLError as e:  # its text spans lines and draws a caret: one line, with the place
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise Sd4MatchError(f"{yaml_file}: not valid YAML{where} ({getattr(e, 'problem', None) or first_line(e)})") from None
+        except (OSError, UnicodeDecodeError) as e:
             raise Sd4MatchError(f"{yaml_file}: cannot read settings ({e})") from None
         if not isinstance(y, dict):
             raise Sd4MatchError(f"{yaml_file}: expected a mapping of settings")
