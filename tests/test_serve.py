@@ -294,3 +294,15 @@ def test_a_taken_port_or_a_foreign_host_is_one_line_before_the_model_loads(tmp_p
     with pytest.raises(SystemExit):
         main(["serve", *missing, "--port", "70000"])
     assert "argument --port: 70000 must be at most 65535" in capsys.readouterr().err
+
+
+def test_an_images_folder_without_pictures_is_named_before_the_model_loads(tmp_path, capsys):
+    """--images naming a folder with no pictures (a typo'd subfolder) is refused at once;
+    before, the model loaded and the page opened with nothing to show."""
+    from sd4match.cli import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no pictures here")
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--images", str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err.strip() == (f"sd4match: error: --images {tmp_path / 'empty'}: no images found "
+                                               "(looked for .jpg, .jpeg, .png, .bmp, .webp, .tif)")

@@ -690,10 +690,13 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from sd4match.data.images import list_images
     from sd4match.serve import check_serve, serve
 
     if args.images is not None and not args.images.is_dir():
         raise Sd4MatchError(f"--images {args.images}: no such folder")
+    if args.images is not None and not list_images(args.images):  # a page that would open with nothing to show
+        raise Sd4MatchError(f"--images {args.images}: no images found (looked for .jpg, .jpeg, .png, .bmp, .webp, .tif)")
     check_serve(args.host, args.port)
     _check_common(args)
     serve(load_matcher(args), host=args.host, port=args.port, images=args.images, max_upload_bytes=int(args.max_upload_mb * 1e6),
