@@ -305,3 +305,27 @@ def test_settings_files_hold_lists_as_text_and_switches_as_words(tmp_path):
     assert EvalConfig("pfwillow", "x", alphas=[0.1]).alphas == (0.1,)
     with pytest.raises(Sd4MatchError, match=r"^alphas 'a,b': 'a,b' is not a comma-separated list of numbers$"):
         EvalConfig("pfwillow", "x", alphas="a,b")
+
+
+def test_an_output_file_that_is_a_folder_is_named(tmp_path, willow_root, capsys):
+    """score --out/--plot and pairs --out naming a folder, or a path under a file, and compare
+    --out naming a file: one line naming the flag (before: errno text about a hidden
+    temporary file, '/x/.e1.1234.5678.tmp: Is a directory', or 'File exists')."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    rows = "\n".join(json.dumps({"id": str(i), "kps": [[0.0, 0.0]] * 10}) for i in range(450))
+    (tmp_path / "p.jsonl").write_text(rows + "\n")
+    data = ["--dataset", "pfwillow", "--root", str(willow_root), "--split", "test"]
+    folder, under_file = tmp_path / "folder", tmp_path / "file" / "x.json"
+    for argv, line in (
+        (["score", *data, "--predictions", str(tmp_path / "p.jsonl"), "--out", str(folder)],
+         f"--out {folder}: is a folder; name a file in it (e.g. {folder / 'score.json'})"),
+        (["score", *data, "--predictions", str(tmp_path / "p.jsonl"), "--plot", str(folder)],
+         f"--plot {folder}: is a folder; name a file in it (e.g. {folder / 'bars.png'})"),
+        (["score", *data, "--predictions", str(tmp_path / "p.jsonl"), "--out", str(under_file)], f"--out {under_file}: {tmp_path / 'file'} is a file, not a folder"),
+        (["pairs", *data, "--out", str(folder)], f"--out {folder}: is a folder; name a file in it (e.g. {folder / 'pairs.jsonl'})"),
+        (["compare", str(folder), "--out", str(tmp_path / "file")], f"--out {tmp_path / 'file'}: exists and is not a folder"),
+    ):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip() == f"sd4match: error: {line}"
+    assert list(folder.iterdir()) == [] and (tmp_path / "file").read_text() == "x"

@@ -18,7 +18,7 @@ from sd4match.features.registry import resolve
 from sd4match.prompts import check_prompt  # ``empty``, ``text:...`` or a readable prompt folder -> its PromptSpec
 from sd4match.runtime import pick_device
 
-__all__ = ["check_device", "check_model", "check_output_folder", "check_picture", "check_picture_headers", "check_pictures", "check_prompt", "check_splits"]
+__all__ = ["check_device", "check_model", "check_output_file", "check_output_folder", "check_picture", "check_picture_headers", "check_pictures", "check_prompt", "check_splits"]
 
 
 def check_device(name: str):
@@ -54,6 +54,19 @@ def check_model(model: str) -> None:
     ``SD+DINOv2``)."""
     for part in split_fused(model) or (model,):
         resolve(part)
+
+
+def check_output_file(path: str | Path, flag: str = "--out", example: str = "out.json") -> Path:
+    """``path`` can be written as a file: not a folder, its folder writable (or makeable)."""
+    path = Path(path)
+    if path.is_dir():
+        raise Sd4MatchError(f"{flag} {path}: is a folder; name a file in it (e.g. {path / example})")
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise Sd4MatchError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise Sd4MatchError(f"{flag} {path}: {parent} is not writable")
+    return path
 
 
 def check_output_folder(out: str | Path) -> Path:

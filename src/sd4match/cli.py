@@ -479,8 +479,11 @@ def _open(args):
 
 
 def cmd_pairs(args) -> int:
+    from sd4match.checks import check_output_file
     from sd4match.data import write_jsonl
 
+    if args.out is not None:
+        check_output_file(args.out, "--out", "pairs.jsonl")
     recs = _open(args).pairs(args.split, apply_flip=args.apply_flip)
     if args.out is None:
         write_jsonl(recs, sys.stdout)
@@ -491,8 +494,12 @@ def cmd_pairs(args) -> int:
 
 
 def cmd_score(args) -> int:
+    from sd4match.checks import check_output_file
     from sd4match.metrics import format_table, load_predictions, plot_categories, score, seen_unseen
 
+    for flag, path, example in (("--out", args.out, "score.json"), ("--plot", args.plot, "bars.png")):
+        if path is not None:
+            check_output_file(path, flag, example)
     recs = _open(args).pairs(args.split)
     preds = load_predictions(args.predictions)
     result = score(recs, preds, protocol=args.protocol, alphas=args.alphas, allow_missing=args.allow_missing, where=str(args.predictions))
@@ -705,8 +712,11 @@ def cmd_serve(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from sd4match.checks import check_output_folder
     from sd4match.compare import compare
 
+    if args.out is not None:
+        check_output_folder(args.out)
     res = compare(args.runs, args.out)
     print(res["markdown"], end="")
     return 0
