@@ -132,3 +132,23 @@ def test_category_mean_counts_each_category_once():
     assert res["per_point"]["category_mean"]["0.1"] == pytest.approx((4 / 5 + 1 / 3) / 2)
     table = format_table(res)
     assert "mean of the 2 categories" in table
+
+
+def test_pf_willow_sub_classes_are_seen_by_the_pf_pascal_class_they_show():
+    """The paper scores PF-Willow with prompts trained on PF-Pascal: car(G) is a car and
+    duck(S) a bird to such a prompt (the official mapping a category prompt reads them by),
+    so they are seen; a category of neither name is unseen (before: all five PF-Willow
+    sub-classes were reported unseen). By hand: car(G) 1 of 1 right, duck(S) 0 of 1,
+    winebottle(wC) 1 of 1 against a prompt that saw car and bird only."""
+    from sd4match.config import category_names
+    from sd4match.metrics import seen_unseen
+
+    assert category_names("duck(S)") == ("duck(S)", "duck", "bird") and category_names("car(G)") == ("car(G)", "car")
+    assert category_names("cat") == ("cat",)
+    recs = [rec("g", "car(G)", (100, 100), [[50, 50]]), rec("d", "duck(S)", (100, 100), [[50, 50]]), rec("w", "winebottle(wC)", (100, 100), [[50, 50]])]
+    preds = {"g": np.array([[50.0, 50]]), "d": np.array([[90.0, 90]]), "w": np.array([[50.0, 50]])}
+    res = score(recs, preds, alphas=[0.1])
+    su = seen_unseen(res, ["car", "bird", "aeroplane"])
+    assert su["seen"] == ["car(G)", "duck(S)"] and su["unseen"] == ["winebottle(wC)"]
+    assert su["per_image"]["seen"] == pytest.approx({"0.1": 0.5}) and su["per_image"]["unseen"] == pytest.approx({"0.1": 1.0})
+    assert seen_unseen(res, ["car(G)"])["seen"] == ["car(G)"]  # its own name still counts

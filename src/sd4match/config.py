@@ -164,6 +164,23 @@ LearnedKind = Literal["single", "category", "cpm", "cpm-image", "hidden", "hidde
 ImportKind = Literal["single", "category", "cpm", "hidden"]
 #: Dataset readers (``sd4match.data.DATASETS``; a test checks the two agree).
 DatasetName = Literal["spair", "spair-u", "pfpascal", "pfwillow", "ap10k", "cub", "mp100", "synthetic"]
+#: PF-Willow's sub-classes by the PF-Pascal (VOC) class each shows, as the official code maps
+#: them: a category prompt, or a training set, that knows the class knows the sub-class.
+CATEGORY_ALIASES = {"car": "car", "duck": "bird", "motorbike": "motorbike", "winebottle": "bottle"}
+
+
+def base_category(name: str) -> str:
+    """PF-Willow sub-class names as the official code words them: ``car(G)`` -> ``car``."""
+    return name.split("(", 1)[0] if "(" in name else name
+
+
+def category_names(name: str) -> tuple[str, ...]:
+    """The names a category goes by, most specific first: itself, its base name
+    (``duck(S)`` -> ``duck``) and the PF-Pascal class that shows (``bird``)."""
+    base = base_category(name)
+    return tuple(dict.fromkeys(n for n in (name, base, CATEGORY_ALIASES.get(base)) if n))
+
+
 IMAGES_HELP = "spair-u: the SPair-71k folder holding JPEGImages/, when --root holds SPair-U's annotations alone"
 ALL_PAIRS_HELP = "cub: every within-class pair of the split, not DistillDIFT's 1,000 (seed 42)"
 SPLIT_HELP = ("trn, val or test (SPair-71k, PF-Pascal); ap10k also test_cross_species, test_cross_family, val_cross_*; cub: train, test; "

@@ -18,7 +18,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from sd4match.config import DEFAULT_ALPHAS
+from sd4match.config import DEFAULT_ALPHAS, category_names
 from sd4match.data.records import CLAMP_EPS, SD4MATCH_RESOLUTION, PairRecord, check_protocol
 from sd4match.data.spair import DIFFICULTY_KEYS
 from sd4match.errors import PredictionError
@@ -231,13 +231,17 @@ def category_mean(by_category: Mapping[str, Mapping[str, float]], categories: Se
 def seen_unseen(result: dict, seen: Sequence[str]) -> dict:
     """The mean over the categories a prompt was trained on (seen) and over the others
     (unseen) of their per-category PCK, per image and per point: each category counts once.
+    A category is seen when one of its names is (``config.category_names``: PF-Willow's
+    ``duck(S)`` is seen by a prompt trained on PF-Pascal's ``bird``).
 
     Returns:
         ``{"seen": [...], "unseen": [...], "per_image": {"seen": {alpha: v} | None, "unseen":
         ...}, "per_point": {...}}`` (None where a group has no category).
     """
-    cats = list(result["per_image"]["by_category"])
-    groups = {"seen": [c for c in cats if c in set(seen)], "unseen": [c for c in cats if c not in set(seen)]}
+    cats, known = list(result["per_image"]["by_category"]), set(seen)
+    # PF-Willow's car(G) or duck(S) is seen by a prompt trained on PF-Pascal's car or bird (as a category prompt reads it)
+    is_seen = {c: any(n in known for n in category_names(c)) for c in cats}
+    groups = {"seen": [c for c in cats if is_seen[c]], "unseen": [c for c in cats if not is_seen[c]]}
     out: dict = {"seen": groups["seen"], "unseen": groups["unseen"]}
     for agg in ("per_image", "per_point"):
         by = result[agg]["by_category"]

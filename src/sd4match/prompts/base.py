@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from sd4match.config import PromptKind
+from sd4match.config import PromptKind, base_category  # noqa: F401  (base_category: the prompts' public name too)
 from sd4match.errors import Sd4MatchError, first_line
 from sd4match.features.text import TextEncoderBridge
 from sd4match.fileio import atomic_path, atomic_write_text
@@ -56,11 +56,6 @@ def prompt_class(kind: str) -> type["Prompt"]:
         return PROMPT_CLASSES[kind]
     except KeyError:
         raise Sd4MatchError(f"unknown prompt kind {kind!r}; expected one of {', '.join(PROMPT_CLASSES)}") from None
-
-
-def base_category(name: str) -> str:
-    """PF-Willow sub-class names as the official code words them: ``car(G)`` -> ``car``."""
-    return name.split("(", 1)[0] if "(" in name else name
 
 
 def learned_kinds() -> tuple[str, ...]:

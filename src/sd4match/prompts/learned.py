@@ -16,13 +16,11 @@ from torch import nn
 
 from sd4match.errors import Sd4MatchError
 from sd4match.features.text import TextEncoderBridge
-from sd4match.prompts.base import N_TOKENS, Prompt, PromptConfig, base_category, register
+from sd4match.config import category_names
+from sd4match.prompts.base import N_TOKENS, Prompt, PromptConfig, register
 
 #: PF-Willow sub-classes (after their "(...)" suffix is dropped) -> the PF-Pascal class whose
 #: prompt they use when a Class prompt trained on PF-Pascal is evaluated on PF-Willow.
-CATEGORY_ALIASES = {"car": "car", "duck": "bird", "motorbike": "motorbike", "winebottle": "bottle"}
-
-
 @register
 class SinglePrompt(Prompt):
     """75 learnable embedding-layer rows, one prompt for every pair.
@@ -50,7 +48,7 @@ class CategoryPrompt(Prompt):
     """One 75-row prompt per category; a pair uses its category's prompt.
 
     Categories unknown to the prompt are looked up by their base name (``car(G)`` ->
-    ``car``) and then through ``CATEGORY_ALIASES`` (PF-Willow -> PF-Pascal classes).
+    ``car``) and then through ``config.CATEGORY_ALIASES`` (PF-Willow -> PF-Pascal classes).
 
     Shape:
         returns (B, 77, D) for the B categories of the batch.
@@ -79,7 +77,7 @@ class CategoryPrompt(Prompt):
 
     def lookup(self, category: str) -> int:
         """The row of ``category``: itself, its base name, or its alias."""
-        for name in (category, base_category(category), CATEGORY_ALIASES.get(base_category(category), "")):
+        for name in category_names(category):
             if name in self.index:
                 return self.index[name]
         raise Sd4MatchError(f"category {category!r} has no learned prompt; this prompt knows {', '.join(self.index)}")
