@@ -104,3 +104,12 @@ def test_push_writes_a_model_card_and_uploads(feat, tmp_path, monkeypatch, capsy
     assert model_card(folder, "me/x").count("## Score") == 0
     assert main(["prompts", "push", str(folder), "not-a-repo"]) == 2
     assert "expected a repository id owner/name" in capsys.readouterr().err
+    # the evaluation's folder stands for its score.json; a training run's folder is named as such, with its prompts
+    card_before = sent["files"]["README.md"]
+    assert main(["prompts", "push", str(folder), "me/my-prompt", "--score", str(tmp_path), "--private", "--token", "t0k"]) == 0
+    assert sent["files"]["README.md"] == card_before
+    run = tmp_path / "run"
+    prompt.save(run / "best")
+    capsys.readouterr()
+    assert main(["prompts", "push", str(run), "me/my-prompt"]) == 2
+    assert capsys.readouterr().err.strip() == f"sd4match: error: {run}: a training run's folder, not a prompt folder: its prompts are {run / 'best'}"

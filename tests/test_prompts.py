@@ -599,3 +599,24 @@ def test_plain_cpm_is_the_projection_alone(feat):
         dummy = emb_layer(feat)(input_ids=torch.tensor([[tok.bos_token_id] + [7] * 40 + [tok.eos_token_id] + [0] * 35]))
         want = clip_by_hand(feat.text_encoder, torch.cat([dummy[:, :1].expand(2, -1, -1), rows, dummy[:, 41:].expand(2, -1, -1)], dim=1))
         torch.testing.assert_close(p({"dino_src": s, "dino_trg": t}), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_run_or_evaluation_folder_given_as_a_prompt_is_named_for_what_it_is(feat, tmp_path):
+    """--prompt runs/x (the training run) instead of runs/x/best gave "config.json: not a valid
+    prompt config (PromptConfig.__init__() got an unexpected keyword argument 'dataset')";
+    it now names the run's prompt folders. An evaluation's folder is named as such."""
+    from sd4match.prompts import check_prompt
+
+    run = tmp_path / "run"
+    make_prompt("single", feat).save(run / "best")
+    make_prompt("single", feat).save(run / "last")
+    (run / "config.json").write_text('{"dataset": "spair", "lr": 0.01}')  # a training run's own settings
+    with pytest.raises(Sd4MatchError) as e:
+        check_prompt(str(run))
+    assert str(e.value) == f"{run}: a training run's folder, not a prompt folder: its prompts are {run / 'best'} and {run / 'last'}"
+    assert check_prompt(str(run / "best")).kind == "single"
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    (ev / "score.json").write_text("{}")
+    with pytest.raises(Sd4MatchError, match=r"ev: an evaluation's folder, not a prompt folder \(its score.json names the prompt it evaluated\)$"):
+        check_prompt(str(ev))

@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = psub.add_parser("push", help="upload a prompt folder to the Hugging Face hub with a model card", formatter_class=_Help)
     c.add_argument("folder", type=Path, help="the prompt folder (prompt.safetensors + config.json)")
     c.add_argument("repo", help="hub repository id, owner/name (created when missing)")
-    c.add_argument("--score", type=Path, help="a score.json of sd4match evaluate: its numbers go into the model card")
+    c.add_argument("--score", type=Path, help="a score.json of sd4match evaluate (or its folder): its numbers go into the model card")
     c.add_argument("--private", action="store_true", help="create the repository private")
     c.add_argument("--revision", help="branch to push to (default: main)")
     c.add_argument("--token", help="hub token (default: the one `hf auth login` stored, or HF_TOKEN)")

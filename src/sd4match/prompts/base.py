@@ -160,9 +160,23 @@ class Prompt(nn.Module):
         return folder
 
 
+def not_a_prompt_folder(folder: Path) -> str | None:
+    """What ``folder`` is instead, when it is the run or evaluation folder a prompt is
+    often mistaken for (``runs/cpm-spair`` for ``runs/cpm-spair/best``)."""
+    inner = [n for n in ("best", "last") if (folder / n / "config.json").is_file()]
+    if inner:
+        return f"{folder}: a training run's folder, not a prompt folder: its prompts are {' and '.join(str(folder / n) for n in inner)}"
+    if (folder / "score.json").is_file():
+        return f"{folder}: an evaluation's folder, not a prompt folder (its score.json names the prompt it evaluated)"
+    return None
+
+
 def read_prompt_config(folder: str | Path) -> PromptConfig:
     folder = Path(folder)
     cfg_path = folder / "config.json"
+    other = not_a_prompt_folder(folder)
+    if other:
+        raise Sd4MatchError(other)
     if not cfg_path.is_file():
         raise Sd4MatchError(f"{folder}: not a prompt folder (config.json is missing)")
     try:
@@ -181,7 +195,7 @@ def read_prompt_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
 
     path = Path(folder) / "prompt.safetensors"
     if not path.is_file():
-        raise Sd4MatchError(f"{path}: prompt weights are missing")
+        raise Sd4MatchError(not_a_prompt_folder(Path(folder)) or f"{path}: prompt weights are missing")
     try:
         return load(path.read_bytes())
     except Exception as e:

@@ -135,6 +135,8 @@ def push_prompt(folder: str | Path, repo_id: str, *, score: str | Path | None = 
         raise Sd4MatchError(f"{repo_id}: expected a repository id owner/name")
     doc = None
     if score is not None:
+        if Path(score).is_dir():  # an evaluation's folder: its score.json
+            score = Path(score) / "score.json"
         try:
             doc = json.loads(Path(score).read_text())
         except (OSError, json.JSONDecodeError) as e:
