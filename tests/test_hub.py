@@ -107,7 +107,7 @@ def test_push_writes_a_model_card_and_uploads(feat, tmp_path, monkeypatch, capsy
     # the evaluation's folder stands for its score.json; a training run's folder is named as such, with its prompts
     card_before = sent["files"]["README.md"]
     assert main(["prompts", "push", str(folder), "me/my-prompt", "--score", str(tmp_path), "--private", "--token", "t0k"]) == 0
-    assert sent["files"]["README.md"] == card_before
+    assert sent["files"]["README.md"] == card_before  # the same card, byte for byte (its tensors listed in name order: safetensors reads them in no fixed order)
     run = tmp_path / "run"
     prompt.save(run / "best")
     capsys.readouterr()

@@ -94,7 +94,7 @@ def model_card(folder: str | Path, repo_id: str, score: dict | None = None) -> s
                      f"- **Model**: `{cfg.model or 'not recorded'}` ({cfg.text_dim}-d text encoder)",
                      f"- **Feature settings**: timestep {cfg.timestep if cfg.timestep is not None else 'not recorded'}, "
                      f"`unet.up_blocks[{cfg.up_block if cfg.up_block is not None else '?'}]`",
-                     f"- **Size**: {n_values:,} values ({', '.join(f'{k} {tuple(v.shape)}' for k, v in tensors.items())})"]
+                     f"- **Size**: {n_values:,} values ({', '.join(f'{k} {tuple(v.shape)}' for k, v in sorted(tensors.items()))})"]
     if cfg.categories:
         lines.append(f"- **Categories** ({len(cfg.categories)}): {', '.join(cfg.categories)}")
     if cfg.n_cond is not None:

@@ -277,5 +277,5 @@ def describe_prompt(folder: str | Path) -> str:
     if (Path(folder) / "prompt.safetensors").is_file():
         tensors = read_prompt_tensors(folder)
         total = sum(t.numel() for t in tensors.values())
-        lines.append(f"  tensors ({total:,} values): " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
+        lines.append(f"  tensors ({total:,} values): " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(tensors.items())))
     return "\n".join(lines)
