@@ -178,7 +178,10 @@ def plot_sweep(rows: Sequence[dict], out: Path, key: str) -> dict[str, list[tupl
     import numpy as np
 
     combos = list(dict.fromkeys((r["ensemble"], r["noise_schedule"]) for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    n_lines = len(combos) * len({r["up_block"] for r in rows})
+    ncol = min(4, n_lines)
+    legend_rows = -(-n_lines // ncol)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2 + 0.25 * legend_rows), sharey=True)
     for ax, agg, label in ((axes[0], "per_image", "per image"), (axes[1], "per_point", "per point")):
         for (e, s), k in itertools.product(combos, sorted({r["up_block"] for r in rows})):
             pts = sorted((r["timestep"], 100 * r[agg][key]) for r in rows if (r["ensemble"], r["noise_schedule"], r["up_block"]) == (e, s, k))
@@ -189,8 +192,9 @@ def plot_sweep(rows: Sequence[dict], out: Path, key: str) -> dict[str, list[tupl
         ax.set_title(f"PCK@{key}, {label}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"PCK@{key} (%)")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
+    # below both panels: a legend inside one would hide its points
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, (0.25 * legend_rows + 0.15) / (4.2 + 0.25 * legend_rows), 1, 1))
     fig.savefig(out / "pck_vs_t.png", dpi=120)
     labels["pck_vs_t.png"] = [(a.get_xlabel(), a.get_ylabel()) for a in axes]
     plt.close(fig)
