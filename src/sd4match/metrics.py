@@ -299,8 +299,9 @@ def plot_categories(result: dict, path: str | Path, title: str = "") -> Path:
     ax.set_xticks(x, cats, rotation=45, ha="right")
     ax.set_ylabel("PCK per image (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{title} | protocol: {result['protocol']}".strip(" |"))
-    ax.legend()
+    ax.set_title(f"{title} | protocol: {result['protocol']}".strip(" |"), pad=24)
+    # above the bars, outside the axes: inside, it hid the bars of a model near 100 %
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(keys), frameon=False, fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
