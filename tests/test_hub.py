@@ -113,3 +113,52 @@ def test_push_writes_a_model_card_and_uploads(feat, tmp_path, monkeypatch, capsy
     capsys.readouterr()
     assert main(["prompts", "push", str(run), "me/my-prompt"]) == 2
     assert capsys.readouterr().err.strip() == f"sd4match: error: {run}: a training run's folder, not a prompt folder: its prompts are {run / 'best'}"
+
+
+def test_a_prompt_with_its_adapter_travels_whole(feat, tmp_path, monkeypatch, capsys):
+    """A prompt trained with --adapt lora is its prompt and its adapter: push sends both (before:
+    only prompt.safetensors and config.json, so hf:// gave the base UNet's features, silently),
+    the card and `prompts show` name the adapter, and a download asks for its files too."""
+    import huggingface_hub
+
+    from sd4match.features.adapters import Adapter, AdapterConfig
+
+    prompt = make_prompt("single", feat, seed=2)
+    folder = prompt.save(tmp_path / "p")
+    Adapter(feat.unet, AdapterConfig("lora", up_block=1, rank=2, alpha=2.0, targets=["to_q"])).save(folder)
+    sent = {}
+
+    class StubApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            pass
+
+        def upload_folder(self, *, repo_id, folder_path, revision=None, commit_message=None):
+            sent.update({p.name: p.read_bytes() for p in folder_path.iterdir()})
+            return "https://huggingface.co/me/lora/commit/x"
+
+    monkeypatch.setattr("huggingface_hub.HfApi", StubApi)
+    assert main(["prompts", "push", str(folder), "me/lora"]) == 0
+    assert set(sent) == {"prompt.safetensors", "config.json", "adapter.safetensors", "adapter.json", "README.md"}
+    assert sent["adapter.safetensors"] == (folder / "adapter.safetensors").read_bytes()
+    n_lora = sum(m.weight.numel() // m.weight.shape[1] * 2 + m.weight.shape[1] * 2 for n, m in feat.unet.named_modules()
+                 if n.endswith(".to_q") and (n.startswith(("down_blocks", "mid_block", "up_blocks.0", "up_blocks.1"))))  # (out + in) x rank 2
+    line = f"lora adapter (LoRA rank 2, alpha 2, on to_q; blocks up to up_blocks[1]): {n_lora:,} values in"
+    assert f"- **Adapter**: {line}" in sent["README.md"].decode()
+    capsys.readouterr()
+    assert main(["prompts", "show", str(folder)]) == 0
+    assert line in capsys.readouterr().out
+    asked = {}
+
+    def stub_download(repo, local_files_only=False, **kw):
+        if local_files_only:
+            raise FileNotFoundError("not cached")
+        asked.update(kw)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", stub_download)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    assert fetch_hub_prompt("hf://me/lora") == folder
+    assert set(asked["allow_patterns"]) == {"prompt.safetensors", "config.json", "adapter.safetensors", "adapter.json"}

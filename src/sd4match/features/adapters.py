@@ -147,9 +147,9 @@ def has_adapter(folder: str | Path) -> bool:
     return (Path(folder) / ADAPTER_CONFIG).is_file()
 
 
-def load_adapter(folder: str | Path, unet) -> Adapter:
-    """The adapter saved in ``folder`` for ``unet``, bit-exact; one-line errors for a
-    missing, corrupt or mismatched file."""
+def read_adapter(folder: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The adapter files of ``folder`` as they are (no UNet needed); one-line errors for a
+    missing or corrupt file."""
     from safetensors.torch import load
 
     folder = Path(folder)
@@ -161,6 +161,25 @@ def load_adapter(folder: str | Path, unet) -> Adapter:
         tensors = load((folder / ADAPTER_FILE).read_bytes())
     except Exception as e:
         raise Sd4MatchError(f"{folder / ADAPTER_FILE}: cannot read adapter weights (truncated or corrupt: {first_line(e)})") from None
+    return cfg, tensors
+
+
+def describe_adapter(folder: str | Path) -> str | None:
+    """One line on the adapter a prompt folder carries (None without one)."""
+    if not has_adapter(folder):
+        return None
+    cfg, tensors = read_adapter(folder)
+    n = sum(t.numel() for t in tensors.values())
+    what = (f"LoRA rank {cfg.rank}, alpha {cfg.alpha:g}, on {', '.join(cfg.targets)}" if cfg.kind == "lora"
+            else f"fine-tuned weights of {', '.join(cfg.blocks) or 'every block the early exit runs'}")
+    return f"{cfg.kind} adapter ({what}; blocks up to up_blocks[{cfg.up_block}]): {n:,} values in {len(tensors)} tensors"
+
+
+def load_adapter(folder: str | Path, unet) -> Adapter:
+    """The adapter saved in ``folder`` for ``unet``, bit-exact; one-line errors for a
+    missing, corrupt or mismatched file."""
+    folder = Path(folder)
+    cfg, tensors = read_adapter(folder)
     ad = Adapter(unet, cfg)
     with torch.no_grad():
         try:

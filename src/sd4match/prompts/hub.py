@@ -15,11 +15,13 @@ import tempfile
 from pathlib import Path
 
 from sd4match.errors import Sd4MatchError, first_line
+from sd4match.features.adapters import ADAPTER_CONFIG, ADAPTER_FILE, describe_adapter, has_adapter
 from sd4match.features.registry import offline_mode
 from sd4match.prompts.base import PROMPT_CLASSES, read_prompt_config, read_prompt_tensors
 
 HUB_PREFIX = "hf://"
 PROMPT_FILES = ("prompt.safetensors", "config.json")
+ADAPTER_FILES = (ADAPTER_FILE, ADAPTER_CONFIG)  # present when the prompt was trained with an adapter (--adapt lora, finetune)
 
 
 def is_hub_uri(text: str) -> bool:
@@ -49,7 +51,8 @@ def fetch_hub_prompt(uri: str, *, cache_dir: str | Path | None = None, local_fil
     from huggingface_hub import constants, snapshot_download
 
     repo, revision, sub = parse_hub_uri(uri)
-    patterns = [f"{sub}/{f}" for f in PROMPT_FILES] if sub else list(PROMPT_FILES)
+    files = PROMPT_FILES + ADAPTER_FILES  # the adapter's when the repository has them
+    patterns = [f"{sub}/{f}" for f in files] if sub else list(files)
     kw = {"revision": revision, "allow_patterns": patterns, "cache_dir": cache_dir}
     try:
         path = Path(snapshot_download(repo, local_files_only=True, **kw))
@@ -99,6 +102,9 @@ def model_card(folder: str | Path, repo_id: str, score: dict | None = None) -> s
         lines.append(f"- **Categories** ({len(cfg.categories)}): {', '.join(cfg.categories)}")
     if cfg.n_cond is not None:
         lines.append(f"- **CPM**: {cfg.n_global} global + {cfg.n_cond} conditional rows from DINOv2 `{cfg.dino_model}` tokens")
+    adapter = describe_adapter(folder)
+    if adapter:
+        lines.append(f"- **Adapter**: {adapter} (`adapter.safetensors`, applied to the UNet by sd4match per call)")
     training = dict(cfg.training)
     if training.get("imported_from"):
         src = training["imported_from"]
@@ -131,6 +137,8 @@ def push_prompt(folder: str | Path, repo_id: str, *, score: str | Path | None = 
 
     folder = Path(folder)
     read_prompt_tensors(folder)  # a damaged folder is named before anything is sent
+    files = PROMPT_FILES + (ADAPTER_FILES if has_adapter(folder) else ())
+    describe_adapter(folder)  # ... its adapter too
     if "/" not in repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise Sd4MatchError(f"{repo_id}: expected a repository id owner/name")
     doc = None
@@ -146,7 +154,7 @@ def push_prompt(folder: str | Path, repo_id: str, *, score: str | Path | None = 
     api = api or HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="sd4match-push-") as tmp:
         stage = Path(tmp)
-        for f in PROMPT_FILES:
+        for f in files:
             shutil.copy2(folder / f, stage / f)
         (stage / "README.md").write_text(model_card(folder, repo_id, doc), encoding="utf-8")
         try:

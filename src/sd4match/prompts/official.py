@@ -36,6 +36,7 @@ import torch
 
 from sd4match.config import ImportKind
 from sd4match.errors import Sd4MatchError, torch_load_problem
+from sd4match.features.adapters import describe_adapter
 from sd4match.fileio import file_sha256
 from sd4match.prompts.base import PROMPT_CLASSES, read_prompt_config, read_prompt_tensors
 from sd4match.prompts.build import bridge_for, make_prompt
@@ -277,5 +278,8 @@ def describe_prompt(folder: str | Path) -> str:
     if (Path(folder) / "prompt.safetensors").is_file():
         tensors = read_prompt_tensors(folder)
         total = sum(t.numel() for t in tensors.values())
-        lines.append(f"  tensors ({total:,} values): " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(tensors.items())))
+        lines.append(f"  tensors ({total:,} values): " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(tensors.items())) if tensors else "  tensors: none")
+    adapter = describe_adapter(folder)
+    if adapter:
+        lines.append(f"  {adapter}")
     return "\n".join(lines)
