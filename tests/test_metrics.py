@@ -152,3 +152,25 @@ def test_pf_willow_sub_classes_are_seen_by_the_pf_pascal_class_they_show():
     assert su["seen"] == ["car(G)", "duck(S)"] and su["unseen"] == ["winebottle(wC)"]
     assert su["per_image"]["seen"] == pytest.approx({"0.1": 0.5}) and su["per_image"]["unseen"] == pytest.approx({"0.1": 1.0})
     assert seen_unseen(res, ["car(G)"])["seen"] == ["car(G)"]  # its own name still counts
+
+
+def test_score_takes_predictions_in_the_forms_python_holds_them():
+    """From Python, predictions may be lists of [x, y], tensors, arrays keyed by string or
+    number ids, or one per record in order: all score alike (before: AttributeError 'list'
+    object has no attribute 'shape', unhashable ndarray, or unknown ids for 0 vs "0");
+    a NaN point is named as in a predictions file (before: silently a miss)."""
+    import torch
+
+    recs = [rec("0", "cat", (100, 100), [[50, 50], [10, 10]]), rec("1", "dog", (100, 100), [[20, 20]])]
+    good = {"0": np.array([[50.0, 50], [90, 90]]), "1": np.array([[20.0, 25]])}
+    want = score(recs, good, alphas=[0.1])
+    assert want["per_point"]["all"] == pytest.approx({"0.1": 2 / 3})  # by hand: 2 of the 3 points within 10 px
+    for form in ({k: v.tolist() for k, v in good.items()}, {int(k): v for k, v in good.items()}, {k: torch.tensor(v) for k, v in good.items()},
+                 [good["0"], good["1"]]):
+        assert score(recs, form, alphas=[0.1]) == want
+    for bad, msg in (({"0": [[float("nan"), 1.0], [1, 1]], "1": good["1"]}, r"pair '0': point 0 is \[nan, 1.0\], not a finite coordinate"),
+                     ([good["0"]], r"1 predictions for 2 pairs \(a list is read in the pairs' order: one each\)"),
+                     ({0: good["0"], "0": good["0"], "1": good["1"]}, r"pair '0' is predicted twice"),
+                     ({"0": [[1, 2, 3]], "1": good["1"]}, r"pair '0': kps has shape \[1, 3\], expected \[N, 2\]")):
+        with pytest.raises(PredictionError, match=msg):
+            score(recs, bad, alphas=[0.1])

@@ -63,6 +63,44 @@ def pck_correct(pred: np.ndarray, gt: np.ndarray, base: float, alphas: Sequence[
     return dist[:, None] <= np.asarray(alphas, dtype=np.float64)[None, :] * base
 
 
+def prediction_array(kps, pid: str, where: str) -> np.ndarray:
+    """One pair's predicted points as an (N, 2) float64 array of finite numbers (a list of
+    [x, y], an array or a tensor), or a ``PredictionError`` naming the pair and the point."""
+    if hasattr(kps, "detach"):  # a torch tensor, on any device
+        kps = kps.detach().cpu().numpy()
+    try:
+        arr = np.asarray(kps, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PredictionError(where, f"pair {pid!r}: kps is not a list of [x, y] numbers") from None
+    if arr.size == 0:
+        arr = arr.reshape(0, 2)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise PredictionError(where, f"pair {pid!r}: kps has shape {list(arr.shape)}, expected [N, 2]")
+    if not np.isfinite(arr).all():
+        i = int(np.nonzero(~np.isfinite(arr).all(axis=1))[0][0])
+        shown = kps[i] if isinstance(kps, list) else arr[i].tolist()
+        raise PredictionError(where, f"pair {pid!r}: point {i} is {shown}, not a finite coordinate")
+    return arr
+
+
+def _predictions(records: Sequence[PairRecord], predictions, where: str) -> dict[str, np.ndarray]:
+    """``score``'s predictions as {pair id: (N, 2) array}: a mapping (ids as the records
+    write them, so 7 and "7" are one pair) or a sequence with one entry per record, in order."""
+    if isinstance(predictions, Mapping):
+        items = [(str(k), v) for k, v in predictions.items()]
+        if len({k for k, _ in items}) != len(items):
+            seen: set[str] = set()
+            twice = next(k for k, _ in items if k in seen or seen.add(k))
+            raise PredictionError(where, f"pair {twice!r} is predicted twice (under two keys that name the same id)")
+    elif isinstance(predictions, (list, tuple)):
+        if len(predictions) != len(records):
+            raise PredictionError(where, f"{len(predictions)} predictions for {len(records)} pairs (a list is read in the pairs' order: one each)")
+        items = [(r.id, v) for r, v in zip(records, predictions)]
+    else:
+        raise PredictionError(where, f"expected a mapping of pair id to points, or a list in the pairs' order, not a {type(predictions).__name__}")
+    return {pid: v if v is None else prediction_array(v, pid, where) for pid, v in items}
+
+
 def load_predictions(path: str | Path) -> dict[str, np.ndarray]:
     """Read a predictions file: JSON Lines ``{"id": ..., "kps": [[x, y], ...]}``."""
     path = Path(path)
@@ -83,17 +121,7 @@ def load_predictions(path: str | Path) -> dict[str, np.ndarray]:
             pid = str(d["id"])
             if pid in out:
                 raise PredictionError(where, f"pair {pid!r} is predicted twice")
-            try:
-                kps = np.asarray(d["kps"], dtype=np.float64)
-            except (TypeError, ValueError):
-                raise PredictionError(where, f"pair {pid!r}: kps is not a list of [x, y] numbers") from None
-            if kps.size == 0:
-                kps = kps.reshape(0, 2)
-            if kps.ndim != 2 or kps.shape[1] != 2:
-                raise PredictionError(where, f"pair {pid!r}: kps has shape {list(kps.shape)}, expected [N, 2]")
-            if not np.isfinite(kps).all():
-                i = int(np.nonzero(~np.isfinite(kps).all(axis=1))[0][0])
-                raise PredictionError(where, f"pair {pid!r}: point {i} is {d['kps'][i]}, not a finite coordinate")
+            kps = prediction_array(d["kps"], pid, where)
             out[pid] = kps
     return out
 
@@ -133,7 +161,7 @@ class _Tally:
 
 def score(
     records: Sequence[PairRecord],
-    predictions: Mapping[str, np.ndarray],
+    predictions: Mapping[str, np.ndarray] | Sequence[np.ndarray],
     *,
     protocol: str = "standard",
     alphas: Sequence[float] = DEFAULT_ALPHAS,
@@ -146,7 +174,8 @@ def score(
     Args:
         records: the pairs of one split.
         predictions: pair id -> (N, 2) predicted target points in original pixels, one per
-            source keypoint, in annotation order.
+            source keypoint, in annotation order (arrays, tensors or lists of [x, y]; ids as
+            strings or numbers); or a list of them, one per record in order.
         protocol: ``standard`` or ``sd4match``.
         alphas: thresholds.
         allow_missing: score a pair without a prediction as 0 instead of failing.
@@ -162,6 +191,7 @@ def score(
         ``n_pairs`` but not in the PCK means.
     """
     check_protocol(protocol)
+    predictions = _predictions(records, predictions, where)
     alphas = [float(a) for a in alphas]
     keys = [alpha_key(a) for a in alphas]
     ids = {r.id for r in records}
