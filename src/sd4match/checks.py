@@ -8,17 +8,19 @@ model load or a download attempt.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from sd4match.data import open_dataset
 from sd4match.data.images import image_size, load_image
-from sd4match.errors import Sd4MatchError
+from sd4match.errors import Sd4MatchError, Sd4MatchWarning
 from sd4match.features import split_fused
-from sd4match.features.registry import resolve
-from sd4match.prompts import check_prompt  # ``empty``, ``text:...`` or a readable prompt folder -> its PromptSpec
+from sd4match.features.registry import feature_width, resolve
+from sd4match.prompts import PromptSpec, check_prompt  # ``empty``, ``text:...`` or a readable prompt folder -> its PromptSpec
+from sd4match.prompts.base import read_prompt_config
 from sd4match.runtime import pick_device
 
-__all__ = ["check_device", "check_model", "check_output_file", "check_output_folder", "check_picture", "check_picture_headers", "check_pictures", "check_prompt", "check_splits"]
+__all__ = ["check_device", "check_dino", "check_model", "check_output_file", "check_output_folder", "check_picture", "check_picture_headers", "check_pictures", "check_prompt", "check_splits"]
 
 
 def check_device(name: str):
@@ -102,3 +104,39 @@ def check_pictures(root: str | Path, records) -> None:
         more = f" ({len(missing)} of the {len(rels)} pictures these pairs read are missing; `sd4match datasets check` lists them)" if len(missing) > 1 else ""
         raise Sd4MatchError(f"{root / missing[0]}: image file is missing{more}")
 
+
+DEFAULT_DINO = "dinov2-b"
+
+
+def check_dino(spec: PromptSpec, given: str | None) -> str:
+    """``--dino``: as given (with a warning when the prompt folder records another DINOv2),
+    else the DINOv2 the CPM prompt was trained with (its ``dino_model``), else dinov2-b.
+    A recorded one that is not on this machine is named before any model loads."""
+    if spec.folder is None or not spec.needs_dino:
+        return given or DEFAULT_DINO
+    cfg = read_prompt_config(spec.folder)
+    width = feature_width(given) if given is not None else None
+    if width is not None and cfg.dino_dim and width != cfg.dino_dim:
+        raise Sd4MatchError(f"--dino {given}: gives {width}-d tokens, and the prompt {spec.folder} takes {cfg.dino_dim}-d ones"
+                            + (f" (it was trained with DINOv2 {cfg.dino_model})" if cfg.dino_model else ""))
+    recorded = cfg.dino_model
+    if recorded in (None, "", "unknown"):
+        return given or DEFAULT_DINO
+
+    def same(a: str, b: str) -> bool:  # a registry name and its hub id name the same weights
+        try:
+            return a == b or resolve(a).model_id == resolve(b).model_id
+        except Sd4MatchError:
+            return False
+
+    if given is not None:
+        if not same(given, recorded):
+            warnings.warn(f"--dino {given}: the prompt {spec.folder} was trained with DINOv2 {recorded}; its tokens may differ", Sd4MatchWarning, stacklevel=2)
+        return given
+    if same(recorded, DEFAULT_DINO):
+        return DEFAULT_DINO
+    try:
+        resolve(recorded)
+    except Sd4MatchError as e:
+        raise Sd4MatchError(f"--prompt {spec.folder}: trained with DINOv2 {recorded}, which is not here ({e}); pass --dino") from None
+    return recorded

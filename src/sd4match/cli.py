@@ -231,57 +231,19 @@ def load_matcher(args):
 def _check_common(args, *, prompt: bool = True) -> None:
     """The model source, device, prompt and output folder: named before any model loads
     (and ``--dino`` resolved, when the command takes it)."""
-    from sd4match.checks import check_device, check_model, check_output_folder, check_prompt
+    from sd4match.checks import check_device, check_dino, check_model, check_output_folder, check_prompt
 
     check_device(args.device)
     check_model(args.model)
     if prompt and getattr(args, "prompt", None):
         spec = check_prompt(args.prompt)
         if hasattr(args, "dino"):
-            args.dino = _dino_source(spec, args.dino)
+            args.dino = check_dino(spec, args.dino)
     if getattr(args, "out", None) is not None:
         check_output_folder(args.out)
 
 
-DEFAULT_DINO = "dinov2-b"
 DINO_HELP = "DINOv2 model for prompts that take its tokens (cpm) (default: the one the prompt folder records, else dinov2-b)"
-
-
-def _dino_source(spec, given: str | None) -> str:
-    """``--dino``: as given (with a warning when the prompt folder records another DINOv2),
-    else the DINOv2 the CPM prompt was trained with (its ``dino_model``), else dinov2-b.
-    A recorded one that is not on this machine is named before any model loads."""
-    from sd4match.features.registry import feature_width, resolve
-    from sd4match.prompts.base import read_prompt_config
-
-    if spec.folder is None or not spec.needs_dino:
-        return given or DEFAULT_DINO
-    cfg = read_prompt_config(spec.folder)
-    width = feature_width(given) if given is not None else None
-    if width is not None and cfg.dino_dim and width != cfg.dino_dim:
-        raise Sd4MatchError(f"--dino {given}: gives {width}-d tokens, and the prompt {spec.folder} takes {cfg.dino_dim}-d ones"
-                            + (f" (it was trained with DINOv2 {cfg.dino_model})" if cfg.dino_model else ""))
-    recorded = cfg.dino_model
-    if recorded in (None, "", "unknown"):
-        return given or DEFAULT_DINO
-
-    def same(a: str, b: str) -> bool:  # a registry name and its hub id name the same weights
-        try:
-            return a == b or resolve(a).model_id == resolve(b).model_id
-        except Sd4MatchError:
-            return False
-
-    if given is not None:
-        if not same(given, recorded):
-            warnings.warn(f"--dino {given}: the prompt {spec.folder} was trained with DINOv2 {recorded}; its tokens may differ", Sd4MatchWarning, stacklevel=2)
-        return given
-    if same(recorded, DEFAULT_DINO):
-        return DEFAULT_DINO
-    try:
-        resolve(recorded)
-    except Sd4MatchError as e:
-        raise Sd4MatchError(f"--prompt {spec.folder}: trained with DINOv2 {recorded}, which is not here ({e}); pass --dino") from None
-    return recorded
 
 
 def build_parser() -> argparse.ArgumentParser:
