@@ -174,6 +174,7 @@ def _check_finished(out: Path, now: dict) -> None:
     path = out / "score.json"
     if not path.is_file():
         return
+    now = json.loads(json.dumps(now, default=str))  # as score.json holds them: tuples as lists, dtypes as text
     try:
         run = json.loads(path.read_text(encoding="utf-8"))["run"]
         earlier = {"config": _finished_config(run["config"]), "request": run.get("request"), "featurizer": run["config"].get("settings")}
