@@ -192,7 +192,7 @@ def test_compare_names_what_is_not_an_evaluation_and_writes_nothing(tmp_path, ca
 def _score_doc(pck: float, n_pairs: int = 450, limit: int = 0, alphas=("0.05", "0.1", "0.15")) -> str:
     by = {a: pck for a in alphas}
     return json.dumps({"dataset": "pfwillow", "split": "test", "protocol": "sd4match", "n_pairs": n_pairs, "per_image": {"all": by},
-                       "per_point": {"all": by}, "run": {"config": {"prompt": "p", "limit": limit}}})
+                       "per_point": {"all": by}, "run": {"config": {"prompt": "p", "limit": limit, **({"limit_pairs": "category-share"} if limit else {})}}})
 
 
 def test_compare_names_runs_apart_and_refuses_different_pairs(tmp_path, capsys):

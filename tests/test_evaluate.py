@@ -163,3 +163,32 @@ def test_a_finished_evaluation_is_replaced_only_when_asked(tmp_path, willow_root
     assert (out / "score.json").read_bytes() == before and not (out / "predictions.partial.jsonl").exists()
     run = sd4match.evaluate(load_featurizer("effnet-lite0", resolution=160), cfg, out, progress=False, overwrite=True)
     assert run.score["run"]["config"]["settings"]["resolution"] == 160
+
+
+def test_a_limited_evaluation_covers_every_category(tmp_path, willow_root):
+    """--limit N takes each category's share of N from its first pairs (PF-Willow's and
+    SPair-71k's splits are sorted by category: the first N pairs were one category, so a
+    quick look, or a sweep with --limit, measured that category alone). By hand on 10 pairs
+    A A A A A A B B B C: 5 -> one each, then 2 more shared 5 : 2 : 0 -> A .. B by largest
+    remainder (10/7 and 4/7): A A B B C; 2 -> shared 6 : 3 : 1 -> A and B."""
+    import numpy as np
+
+    from sd4match.cli import main
+    from sd4match.data.records import PairRecord, limit_pairs
+
+    def rec(i, cat):
+        return PairRecord(id=str(i), category=cat, src="a.jpg", trg="b.jpg", src_size=(10, 10), trg_size=(10, 10),
+                          src_kps=np.zeros((1, 2)), trg_kps=np.zeros((1, 2)), src_bbox=None, trg_bbox=None, pck_base={})
+
+    recs = [rec(i, c) for i, c in enumerate("AAAAAABBBC")]
+    assert [r.id for r in limit_pairs(recs, 5)] == ["0", "1", "6", "7", "9"]
+    assert [r.id for r in limit_pairs(recs, 2)] == ["0", "6"]
+    assert limit_pairs(recs, 0) == recs and limit_pairs(recs, 10) == recs and limit_pairs(recs, 99) == recs
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--model", "effnet-lite0", "--resolution", "128",
+                 "--match", "nn", "--limit", "10", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    doc = json.loads((out / "score.json").read_text())
+    assert doc["n_pairs"] == 10 and set(doc["per_image"]["by_category"]) == {"car(G)", "car(S)", "duck(S)", "motorbike(M)", "winebottle(wC)"}
+    assert doc["run"]["config"]["limit_pairs"] == "category-share"
+    ids = [json.loads(line)["id"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert ids == ["0", "1", "90", "91", "180", "181", "270", "271", "360", "361"]  # each sub-class's first two, in the split's order

@@ -84,7 +84,9 @@ def test_sweep_cells_equal_separate_evaluations_and_a_rerun_computes_nothing(sd_
     from sd4match.data import open_dataset
     from sd4match.sweep import sweep
 
-    recs = open_dataset("pfwillow", willow_root).pairs("test")[:10]
+    from sd4match.data.records import limit_pairs
+
+    recs = limit_pairs(open_dataset("pfwillow", willow_root).pairs("test"), 10)  # what --limit 10 evaluates
     n_pics = len({p for r in recs for p in (r.src, r.trg)})
     feat = SDFeaturizer.from_pretrained(sd_path, resolution=64, ensemble=2)
     cfg = EvalConfig("pfwillow", str(willow_root), prompt="text", rule="nn", limit=10)

@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timesteps", type=_parser_type(_grid), default=(50, 261), help="timesteps of each row, a list or start:stop:step (default: "
                                                                                    "50,261: the official test script's and the training one)")
     p.add_argument("--ensemble", type=_number(int, at_least=1), default=8, help="noisy copies averaged per picture")
-    p.add_argument("--limit", type=_number(int, at_least=0), default=0, help="only the first N pairs of each test split (a quick look)")
+    p.add_argument("--limit", type=_number(int, at_least=0), default=0, help="only N pairs of each test split, each category its share (a quick look)")
     p.add_argument("--dino", default="dinov2-b", help="DINOv2 model of the CPM prompts")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _model_args(p, only=("model", "model_config", "device", "dtype", "resolution", "max_batch", "vae_batch", "compile", "dino_pos", "channels_last",
@@ -563,14 +563,13 @@ def _apply_preset(args) -> None:
 
 
 def _eval_records(cfg: EvalConfig) -> list:
-    """The pairs an evaluation reads (``--limit`` applied), and every picture they read there
+    """The pairs an evaluation reads (``--limit`` applied: ``limit_pairs``), and every picture they read there
     (unless ``--skip-bad`` goes past missing ones): checked before any model loads."""
     from sd4match.checks import check_pictures, check_splits
     from sd4match.data import dataset_options
+    from sd4match.data.records import limit_pairs
 
-    recs = check_splits(cfg.dataset, cfg.root, [cfg.split], options=dataset_options(cfg))[cfg.split]
-    if cfg.limit:
-        recs = recs[: cfg.limit]
+    recs = limit_pairs(check_splits(cfg.dataset, cfg.root, [cfg.split], options=dataset_options(cfg))[cfg.split], cfg.limit)
     if not cfg.skip_bad:
         check_pictures(cfg.root, recs)
     return recs

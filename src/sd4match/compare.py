@@ -33,7 +33,7 @@ def read_run(folder: str | Path) -> dict:
         run = doc.get("run", {})
         return {"run": folder.name, "path": str(folder), "prompt": run.get("config", {}).get("prompt"), "rule": run.get("config", {}).get("rule"),
                 "dataset": f"{doc['dataset']}/{doc['split']}", "protocol": doc["protocol"], "n_pairs": doc["n_pairs"],
-                "limit": run.get("config", {}).get("limit") or 0,
+                "limit": run.get("config", {}).get("limit") or 0, "limit_pairs": run.get("config", {}).get("limit_pairs"),
                 "cost": run.get("training_cost") or {}, "per_image": doc["per_image"]["all"], "per_point": doc["per_point"]["all"]}
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise Sd4MatchError(f"{f}: not the score.json of an evaluation ({first_line(e)})") from None
@@ -47,9 +47,10 @@ def compare(folders: Sequence[str | Path], out: str | Path | None = None) -> dic
     if len({(r["dataset"], r["protocol"]) for r in rows}) > 1:
         raise Sd4MatchError("the runs were scored on different splits or protocols: "
                             + "; ".join(f"{r['run']}: {r['dataset']} ({r['protocol']})" for r in rows))
-    if len({(r["n_pairs"], r["limit"]) for r in rows}) > 1:  # a --limit run beside a full one: not the same pairs
+    if len({(r["n_pairs"], r["limit"], r["limit_pairs"] if r["limit"] else None) for r in rows}) > 1:  # a --limit run beside a full one
         raise Sd4MatchError("the runs were scored on different pairs: "
-                            + "; ".join(f"{r['run']}: {r['n_pairs']} pairs" + (f" (--limit {r['limit']})" if r["limit"] else "") for r in rows)
+                            + "; ".join(f"{r['run']}: {r['n_pairs']} pairs" + (f" (--limit {r['limit']}" + ("" if r["limit_pairs"] else ", the first pairs: an earlier sd4match's")
+                                                                               + ")" if r["limit"] else "") for r in rows)
                             + "; compare evaluations of the same pairs")
     alphas = [a for a in rows[0]["per_image"] if all(a in r["per_image"] for r in rows)]
     if not alphas:

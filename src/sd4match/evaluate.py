@@ -37,7 +37,7 @@ from tqdm import tqdm
 from sd4match.batching import Batcher
 from sd4match.config import EVAL_PRESETS, EvalConfig, MatchConfig, as_dict
 from sd4match.data import dataset_options, open_dataset
-from sd4match.data.records import PairRecord
+from sd4match.data.records import LIMIT_RULE, LIMIT_RULE_CHANGED, PairRecord, limit_pairs
 from sd4match.errors import DataError, Sd4MatchError, first_line
 from sd4match.features.sd import SDLayerStack
 from sd4match.fileio import atomic_write_text
@@ -98,7 +98,7 @@ def _records(cfg: EvalConfig, records):
     if records is not None:
         return records
     records = open_dataset(cfg.dataset, cfg.root, **dataset_options(cfg)).pairs(cfg.split)
-    return records[: cfg.limit] if cfg.limit else records
+    return limit_pairs(records, cfg.limit)
 
 
 def _stream(batcher: Batcher, prompt, records, root, consume, *, workers: int, chunk: int, pending: int, progress: bool):
@@ -124,7 +124,13 @@ def _stream(batcher: Batcher, prompt, records, root, consume, *, workers: int, c
 # ------------------------------------------------------------------------------ the run folder
 def run_settings(cfg: EvalConfig) -> dict:
     """The settings a run (or a resumption of it, or a sweep's cell) must share."""
-    return {k: v for k, v in as_dict(cfg).items() if k not in _VOLATILE}
+    return {k: v for k, v in recorded_config(cfg).items() if k not in _VOLATILE}
+
+
+def recorded_config(cfg: EvalConfig) -> dict:
+    """``cfg`` as a run records it: a limited run also names how its pairs were picked
+    (``limit_pairs``), so a run or sweep whose pairs another rule picked is not mixed in."""
+    return {**as_dict(cfg), **({"limit_pairs": LIMIT_RULE} if cfg.limit else {})}
 
 
 def read_partial(out: Path) -> dict[str, list]:
@@ -160,7 +166,7 @@ def check_evaluation_folder(out: str | Path, *, resume: bool, cfg: EvalConfig | 
     if resume and cfg is not None:
         _compare(out / RUN, {"config": run_settings(cfg), **({"request": request} if request is not None else {})})
     if not resume and not overwrite and cfg is not None:
-        _check_finished(out, {"config": _finished_config(as_dict(cfg)), **({"request": request} if request is not None else {})})
+        _check_finished(out, {"config": _finished_config(recorded_config(cfg)), **({"request": request} if request is not None else {})})
 
 
 def _finished_config(config: dict) -> dict:
@@ -183,7 +189,8 @@ def _check_finished(out: Path, now: dict) -> None:
     diff = sorted(f"{part}.{k}" for part, d in now.items() if earlier.get(part) is not None
                   for k in set(d) | set(earlier[part]) if earlier[part].get(k) != d.get(k))
     if diff:
-        raise Sd4MatchError(f"{out}: holds a finished evaluation made with other settings ({', '.join(diff)}); "
+        why = f": {LIMIT_RULE_CHANGED}" if "config.limit_pairs" in diff else ""
+        raise Sd4MatchError(f"{out}: holds a finished evaluation made with other settings ({', '.join(diff)}{why}); "
                             "choose another --out, or pass --overwrite to replace it")
 
 
@@ -194,7 +201,8 @@ def _compare(run: Path, now: dict) -> None:
         raise Sd4MatchError(f"{run}: unreadable ({e})") from None
     diff = sorted(f"{part}.{k}" for part, d in now.items() for k in set(d) | set(earlier.get(part, {})) if earlier.get(part, {}).get(k) != d.get(k))
     if diff:
-        raise Sd4MatchError(f"{run}: the earlier run used other settings ({', '.join(diff)}); resume with the same ones or choose another --out")
+        why = f": {LIMIT_RULE_CHANGED}" if "config.limit_pairs" in diff else ""
+        raise Sd4MatchError(f"{run}: the earlier run used other settings ({', '.join(diff)}{why}); resume with the same ones or choose another --out")
 
 
 @dataclass(frozen=True)
@@ -316,7 +324,7 @@ def _finish(out: Path, cfg: EvalConfig, records, done: dict, mine: dict, bad: di
         result["skipped"] = [{"id": pid, "problem": msg} for pid, msg in sorted(bad.items(), key=lambda kv: order[kv[0]])]
     # the result holds what makes the numbers; how and where this run went is in run-info.json, so a
     # resumed, sharded or moved run writes the same score.json, byte for byte
-    meta = {"config": {**{k: v for k, v in as_dict(cfg).items() if k not in _WHERE}, "settings": settings}, "git_sha": git_sha(),
+    meta = {"config": {**{k: v for k, v in recorded_config(cfg).items() if k not in _WHERE}, "settings": settings}, "git_sha": git_sha(),
             "protocol_note": f"protocol {cfg.protocol} (evaluate's default: sd4match, the official code's frame; sd4match score defaults to standard)"}
     meta.update(extra or {})
     doc = {**result, "run": meta}

@@ -267,3 +267,36 @@ def read_jsonl(path: str | Path) -> list[PairRecord]:
                 raise DataError(f"{path}:{i}", f"not valid JSON ({e.msg})") from None
             out.append(PairRecord.from_json(d, f"{path}:{i}"))
     return out
+
+
+#: how ``--limit N`` picks its pairs (recorded with every limited run, so runs of another rule never mix)
+LIMIT_RULE = "category-share"
+#: why a limited run of an earlier sd4match (no ``limit_pairs`` recorded) is not continued or mixed in
+LIMIT_RULE_CHANGED = "an earlier sd4match's --limit took the first N pairs, this one takes each category's share"
+
+
+def limit_pairs(records: Sequence[PairRecord], n: int) -> list[PairRecord]:
+    """``n`` of ``records`` for a quick look that covers every category: each category gets its
+    share of the ``n`` (at least one when ``n`` allows every category one; the rest in
+    proportion to its pairs, largest remainders first), taken from its first pairs (which
+    share pictures, so few features are extracted), kept in the split's order.
+
+    The first ``n`` pairs of a split sorted by category (SPair-71k, PF-Willow) would hold one
+    or two categories only. ``n`` of 0, or at least the split's size, keeps every pair.
+    """
+    if not n or n >= len(records):
+        return list(records)
+    by_cat: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_cat.setdefault(r.category, []).append(i)
+    cats = list(by_cat)
+    floor_each = 1 if n >= len(cats) else 0
+    weights = [len(by_cat[c]) - floor_each for c in cats]
+    left, total = n - floor_each * len(cats), sum(weights)
+    quotas = [left * w / total if total else 0.0 for w in weights]
+    take = [floor_each + math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(cats)), key=lambda j: (-(quotas[j] - math.floor(quotas[j])), j))
+    for j in by_remainder[: n - sum(take)]:
+        take[j] += 1
+    chosen = sorted(i for c, k in zip(cats, take) for i in by_cat[c][:k])
+    return [records[i] for i in chosen]
