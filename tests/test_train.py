@@ -309,3 +309,33 @@ def test_excluded_categories_are_never_drawn_and_scores_split_seen_from_unseen(t
     assert main(["score", "--dataset", "spair", "--root", str(spair_with_images), "--split", "test", "--predictions", str(ev / "predictions.jsonl"),
                  "--protocol", "sd4match", "--seen", str(out / "last"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["seen_unseen"] == su
+
+
+def test_validation_on_part_of_the_split_covers_every_category_and_is_recorded(tiny, willow_root, tmp_path):
+    """--val-pairs N validates on each category's share of N (as evaluate --limit; the first
+    N pairs of a category-sorted split were one category, so the best prompt was chosen on
+    it alone). The rule is recorded: a checkpoint of an earlier version, which took the
+    first N, is not resumed, and the line says why."""
+    import json
+
+    from sd4match.data import open_dataset
+    from sd4match.data.records import limit_pairs
+
+    feat = SDFeaturizer.from_pretrained(tiny, resolution=64, ensemble=1)
+    cfg = TrainConfig(dataset="synthetic", root=str(willow_root), prompt="single", model=str(tiny), resolution=64, steps=1, batch_size=2,
+                      micro_batch=2, val_every=0, ckpt_every=1, device="cpu", val_split="test", val_pairs=5)
+    t = Trainer(cfg, tmp_path / "run", featurizer=feat, progress=False)
+    split = open_dataset("synthetic", willow_root).pairs("test")
+    cats = list(dict.fromkeys(r.category for r in split))
+    assert len(cats) >= 2 and len({r.category for r in split[:5]}) < len(cats)  # the first 5 would not cover them
+    assert [r.id for r in t.val_pairs] == [r.id for r in limit_pairs(split, 5)]
+    assert {r.category for r in t.val_pairs} == set(cats[:5])
+    t.run()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["val_pairs_rule"] == "category-share"
+    state = next((tmp_path / "run" / "checkpoints").iterdir()) / "state.json"
+    doc = json.loads(state.read_text())
+    del doc["config"]["val_pairs_rule"]  # as an earlier sd4match wrote it
+    state.write_text(json.dumps(doc))
+    with pytest.raises(Sd4MatchError, match=r"other settings \(val_pairs_rule: an earlier sd4match's --val-pairs took the first N pairs, "
+                                            r"this one takes each category's share\)"):
+        Trainer(dataclasses.replace(cfg, steps=2), tmp_path / "run", featurizer=feat, progress=False).run(resume=True)

@@ -429,7 +429,7 @@ class TrainConfig:
     epochs: float = setting(0, "> 0: passes over the training pairs instead of --steps (the presets: SPair-71k 5, PF-Pascal 90)", at_least=0)
     val_every: int = setting(-1, "validate every N steps; -1: once per epoch (the official schedule); 0: never", at_least=-1)
     val_rule: MatchRule = setting("nn", "match rule of validation (nn: the official model selection)")
-    val_pairs: int = setting(0, "validate on the first N val pairs (0: all)", at_least=0)
+    val_pairs: int = setting(0, "validate on N val pairs, each category its share (as evaluate --limit; 0: all)", at_least=0)
     val_ensemble: int = setting(1, "noisy copies in validation", at_least=1)
     ckpt_every: int = setting(500, "steps between checkpoints", at_least=1)
     keep_checkpoints: int = setting(2, "checkpoints kept (the newest)", at_least=1)

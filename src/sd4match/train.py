@@ -31,6 +31,7 @@ from sd4match.batching import Batcher, Picture, dino_part, prefetch
 from sd4match.checkpoint import CKPT_DIR, list_checkpoints, load_checkpoint, prune_checkpoints, read_checkpoint_meta, save_checkpoint
 from sd4match.config import TRAIN_PRESETS, MatchConfig, TrainConfig, compile_choice, kernel_choice, load_train_config
 from sd4match.data import dataset_options, open_dataset
+from sd4match.data.records import LIMIT_RULE, LIMIT_RULE_CHANGED, limit_pairs
 from sd4match.errors import Sd4MatchError, Sd4MatchWarning
 from sd4match.evaluate import predict_pairs
 from sd4match.features import DinoFeaturizer, load_featurizer
@@ -312,7 +313,7 @@ class Trainer:
     def val_pairs(self) -> list:
         if self._val_pairs is None:
             recs = select_categories(self._ds.pairs(self.cfg.val_split), self.cfg, self.cfg.val_split)
-            self._val_pairs = recs[: self.cfg.val_pairs] if self.cfg.val_pairs else recs
+            self._val_pairs = limit_pairs(recs, self.cfg.val_pairs)  # each category its share, as evaluate --limit
         return self._val_pairs
 
     @property
@@ -363,7 +364,7 @@ class Trainer:
 
     # .................................................................... the run
     def state(self) -> dict:
-        return {"best": self.best, "config": asdict(self.cfg), "grad_scaler": self.scaler.state_dict()}
+        return {"best": self.best, "config": recorded_config(self.cfg), "grad_scaler": self.scaler.state_dict()}
 
     def checkpoint(self) -> Path:
         """Write a checkpoint of this step; keep the newest ``keep_checkpoints``."""
@@ -383,10 +384,11 @@ class Trainer:
             except Sd4MatchError as e:
                 warnings.warn(f"{e}; falling back to the checkpoint before it", Sd4MatchWarning, stacklevel=2)
                 continue
-            mine, theirs = _resumable(asdict(self.cfg)), _resumable(meta["config"])
+            mine, theirs = _resumable(recorded_config(self.cfg)), _resumable(meta["config"])
             if mine != theirs:
                 diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-                raise Sd4MatchError(f"{ckpt}: was written with other settings ({', '.join(diff)}); use another --out or the same settings")
+                why = f": {LIMIT_RULE_CHANGED.replace('--limit', '--val-pairs')}" if "val_pairs_rule" in diff else ""
+                raise Sd4MatchError(f"{ckpt}: was written with other settings ({', '.join(diff)}{why}); use another --out or the same settings")
             if int(meta["step"]) > self.total_steps:
                 raise Sd4MatchError(f"{ckpt}: the run is already at step {meta['step']}, past the {self.total_steps} asked for")
             try:
@@ -418,7 +420,7 @@ class Trainer:
     def write_config(self) -> None:
         """``config.json``: the settings, the code, and what the run costs (trainable
         parameters; after the run, seconds per step and peak memory)."""
-        atomic_write_text(self.out / "config.json", json.dumps({**asdict(self.cfg), "git_sha": git_sha(), "processes": self.world, "cost": self.cost},
+        atomic_write_text(self.out / "config.json", json.dumps({**recorded_config(self.cfg), "git_sha": git_sha(), "processes": self.world, "cost": self.cost},
                                                                indent=2))
 
     def run(self, *, resume: bool = False) -> Path:
@@ -476,6 +478,12 @@ class Trainer:
 _VOLATILE = ("steps", "epochs", "workers", "cache_dir", "store_gb", "compile", "channels_last", "attention", "cudnn_benchmark", "ckpt_every",
              "keep_checkpoints", "device")
 RUN_FILES = ("config.json", "scalars.jsonl", CKPT_DIR, "best", "last", "tb")
+
+
+def recorded_config(cfg: TrainConfig) -> dict:
+    """``cfg`` as a run records it: validating on part of the val split also names how those
+    pairs were picked (``val_pairs_rule``), so a run of another rule is not resumed."""
+    return {**asdict(cfg), **({"val_pairs_rule": LIMIT_RULE} if cfg.val_pairs else {})}
 
 
 def _resumable(cfg: dict) -> dict:
