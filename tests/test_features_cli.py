@@ -128,3 +128,10 @@ def test_bad_pictures_are_all_named_before_the_model_loads(tmp_path, small_image
 def test_features_no_progress(tmp_path, small_images, capsys):
     assert run_features(small_images, tmp_path / "out", "--no-progress") == 0
     assert "img/s" not in capsys.readouterr().err
+
+
+def test_text_for_a_model_without_prompts_is_refused(tmp_path, small_images, capsys):
+    """--text with effnet-lite0 was ignored while index.json recorded it as a setting."""
+    assert run_features(small_images, tmp_path / "out", "--text", "a cat") == 2
+    assert capsys.readouterr().err.strip().endswith("effnet-lite0 takes no prompt: --text would change nothing; leave it out")
+    assert not (tmp_path / "out" / "index.json").exists()

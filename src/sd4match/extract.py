@@ -44,6 +44,8 @@ def extract_folder(
         file SHA-256, image size and feature grid.
     """
     images, out = Path(images), Path(out)
+    if text is not None and not featurizer.takes_prompt:
+        raise Sd4MatchError(f"{featurizer.model_id} takes no prompt: --text would change nothing; leave it out")
     files = list_images(images)
     if not files:
         raise Sd4MatchError(f"{images}: no images found (looked for .jpg, .jpeg, .png, .bmp, .webp, .tif)")
