@@ -329,3 +329,32 @@ def test_an_output_file_that_is_a_folder_is_named(tmp_path, willow_root, capsys)
         assert main(argv) == 2
         assert capsys.readouterr().err.strip() == f"sd4match: error: {line}"
     assert list(folder.iterdir()) == [] and (tmp_path / "file").read_text() == "x"
+
+
+def test_training_on_a_test_split_or_validating_on_the_training_one_is_warned(tmp_path, willow_root, fixture_images, monkeypatch, capsys):
+    """A prompt trained on a benchmark's test split scores that split without holding it
+    out; validating on the training split chooses best/ on learned pairs: each is one
+    warning line before training (synthetic warps of one's own pictures are not warned)."""
+    import sd4match.train
+    from sd4match.testing import tiny_sd
+
+    class NoTraining:
+        def __init__(self, cfg, out, progress=True):
+            self.out = out
+
+        def run(self, resume=False):
+            return self.out
+
+    monkeypatch.setattr(sd4match.train, "Trainer", NoTraining)
+    model = tiny_sd(tmp_path / "sd")
+    base = ["train", "--model", str(model), "--steps", "1", "--no-progress"]
+    cases = ((["--dataset", "pfwillow", "--root", str(willow_root), "--train-split", "test", "--val-split", "test"],
+              "sd4match: warning: training on pfwillow's test split: its scores on that split are no longer held out, "
+              "and not comparable with published numbers"),
+             (["--dataset", "synthetic", "--root", str(fixture_images), "--train-split", "trn", "--val-split", "trn"],
+              "sd4match: warning: validating on the training split (trn): best/ is chosen on pairs it learned from"),
+             (["--dataset", "synthetic", "--root", str(fixture_images), "--train-split", "test", "--val-split", "val"], None))
+    for i, (argv, line) in enumerate(cases):
+        assert main(base + argv + ["--out", str(tmp_path / f"run{i}")]) == 0
+        warned = [w for w in capsys.readouterr().err.splitlines() if w.startswith("sd4match: warning:")]
+        assert warned == ([line] if line else [])

@@ -545,6 +545,11 @@ def cmd_train(args) -> int:
     check_device(cfg.device)
     check_model(cfg.model)
     check_splits(cfg.dataset, cfg.root, [cfg.train_split] + ([cfg.val_split] if cfg.val_every else []), pictures=True, options=dataset_options(cfg))
+    if cfg.train_split == "test" and cfg.dataset != "synthetic":  # synthetic pairs are warps of your own pictures: no benchmark to spoil
+        warnings.warn(f"training on {cfg.dataset}'s test split: its scores on that split are no longer held out, "
+                      "and not comparable with published numbers", Sd4MatchWarning, stacklevel=2)
+    elif cfg.val_every and cfg.val_split == cfg.train_split:
+        warnings.warn(f"validating on the training split ({cfg.train_split}): best/ is chosen on pairs it learned from", Sd4MatchWarning, stacklevel=2)
     check_output_folder(args.out)
     resume = check_run_folder(args.out, resume=args.resume, resume_or_start=args.resume_or_start)
     out = Trainer(cfg, args.out, progress=not args.no_progress).run(resume=resume)
