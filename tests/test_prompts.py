@@ -620,3 +620,26 @@ def test_a_run_or_evaluation_folder_given_as_a_prompt_is_named_for_what_it_is(fe
     (ev / "score.json").write_text("{}")
     with pytest.raises(Sd4MatchError, match=r"ev: an evaluation's folder, not a prompt folder \(its score.json names the prompt it evaluated\)$"):
         check_prompt(str(ev))
+
+
+def test_a_text_template_holds_category_only(feat, capsys, fixture_images, tmp_path):
+    """'text:a {cat}' or an unclosed brace ended in KeyError / ValueError tracebacks at the
+    first encoded batch, after the model had loaded (and, matching one pair, a wrong field
+    was kept as literal text); now one line before anything loads. Doubled braces are
+    literal braces with categories and without."""
+    from sd4match.cli import main
+    from sd4match.prompts import parse_prompt
+
+    for text, msg in (("a {cat}", r"\{cat\} is not a field; a template may hold \{category\} only"),
+                      ("{category", r"expected '\}' before end of string"), ("{0} of a {category}", r"\{0\} is not a field")):
+        with pytest.raises(Sd4MatchError, match=msg):
+            parse_prompt(f"text:{text}")
+        with pytest.raises(Sd4MatchError, match=msg):
+            make_prompt("text", feat, template=text)
+    assert main(["match", str(fixture_images / "cat.jpg"), str(fixture_images / "pets.jpg"), "--prompt", "text:a {cat}", "--model", "effnet-lite0",
+                 "--device", "cpu", "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == ("sd4match: error: --prompt text:a {cat}: {cat} is not a field; a template may hold {category} only "
+                                               "(write {{ and }} for a literal brace)")
+    p = make_prompt("text", feat, template="a {{b}} photo")
+    want = bridge_for(feat).encode_text(["a {b} photo"])
+    assert torch.equal(p({}), want) and torch.equal(p({"categories": ["cat", "dog"]}), want.expand(2, -1, -1))

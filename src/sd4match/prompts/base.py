@@ -160,6 +160,23 @@ class Prompt(nn.Module):
         return folder
 
 
+def check_template(template: str, where: str = "text prompt template ") -> str:
+    """A text template holds no replacement field but ``{category}`` (literal braces doubled:
+    ``{{`` and ``}}``); else one line naming it (before: KeyError or ValueError when the
+    first batch was encoded, after the model had loaded)."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise Sd4MatchError(f"{where}{template}: {e} (write {{{{ and }}}} for a literal brace)") from None
+    bad = [f for f in fields if f != "category"]
+    if bad:
+        raise Sd4MatchError(f"{where}{template}: {{{bad[0]}}} is not a field; a template may hold {{category}} only "
+                            "(write {{ and }} for a literal brace)")
+    return template
+
+
 def not_a_prompt_folder(folder: Path) -> str | None:
     """What ``folder`` is instead, when it is the run or evaluation folder a prompt is
     often mistaken for (``runs/cpm-spair`` for ``runs/cpm-spair/best``)."""

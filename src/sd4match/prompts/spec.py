@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd4match.errors import Sd4MatchError
-from sd4match.prompts.base import PROMPT_CLASSES, Prompt, read_prompt_config, read_prompt_tensors
+from sd4match.prompts.base import PROMPT_CLASSES, Prompt, check_template, read_prompt_config, read_prompt_tensors
 from sd4match.prompts.hub import fetch_hub_prompt, is_hub_uri
 
 #: ``--prompt text``: the official text baseline's template.
@@ -62,7 +62,7 @@ def parse_prompt(spec: str | PromptSpec) -> PromptSpec:
     if spec == "text":
         return PromptSpec("text", template=DEFAULT_TEMPLATE)
     if spec.startswith("text:"):
-        return PromptSpec("text", template=spec[len("text:"):])
+        return PromptSpec("text", template=check_template(spec[len("text:"):], "--prompt text:"))
     if is_hub_uri(spec):  # downloaded once into the hub cache; a cached copy is used offline
         folder = fetch_hub_prompt(spec)
         return PromptSpec(read_prompt_config(folder).kind, folder=folder)

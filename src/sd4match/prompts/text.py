@@ -6,7 +6,7 @@ import torch
 
 from sd4match.errors import Sd4MatchError
 from sd4match.features.text import TextEncoderBridge
-from sd4match.prompts.base import Prompt, PromptConfig, base_category, register
+from sd4match.prompts.base import Prompt, PromptConfig, base_category, check_template, register
 
 
 @register
@@ -21,7 +21,7 @@ class TextPrompt(Prompt):
     uses_category = True
 
     def __init__(self, bridge: TextEncoderBridge, template: str = "a photo of a {category}", config: PromptConfig | None = None):
-        super().__init__(bridge, config or PromptConfig(kind=self.kind, text_dim=bridge.dim, template=template, n_tokens=0))
+        super().__init__(bridge, config or PromptConfig(kind=self.kind, text_dim=bridge.dim, template=check_template(template), n_tokens=0))
         self.template = self.config.template
         self._cache: dict[str, torch.Tensor] = {}
 
@@ -37,7 +37,8 @@ class TextPrompt(Prompt):
         cats = list((batch or {}).get("categories") or [])
         if "{category}" in self.template and not cats:
             raise Sd4MatchError(f"text prompt {self.template!r} needs the categories of the batch")
-        texts = [self.template.format(category=base_category(c)) for c in cats] if cats else [self.template]
+        # formatted with or without categories, so {{ and }} read as braces either way
+        texts = [self.template.format(category=base_category(c)) for c in cats] if cats else [self.template.format(category="")]
         missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
         if missing:
             for t, e in zip(missing, self.bridge.encode_text(missing)):
