@@ -303,6 +303,7 @@ def test_settings_files_hold_lists_as_text_and_switches_as_words(tmp_path):
             load_train_config(yaml_file=tmp_path / "t.yaml", root="x")
     assert EvalConfig("pfwillow", "x", alphas="0.05,0.1").alphas == (0.05, 0.1)  # as --alphas reads it (before: ValueError on '.')
     assert EvalConfig("pfwillow", "x", alphas=[0.1]).alphas == (0.1,)
+    assert EvalConfig("pfwillow", "x", alphas="0.1,0.10,0.05").alphas == EvalConfig("pfwillow", "x", alphas=[0.1, 0.1, 0.05]).alphas == (0.1, 0.05)
     with pytest.raises(Sd4MatchError, match=r"^alphas 'a,b': 'a,b' is not a comma-separated list of numbers$"):
         EvalConfig("pfwillow", "x", alphas="a,b")
 

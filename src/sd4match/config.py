@@ -118,10 +118,10 @@ def _as_tuple(value, name: str, f: dataclasses.Field, item: type) -> tuple:
     if item is float:
         if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in value):
             raise Sd4MatchError(f"{name} {list(value)!r}: expected finite numbers")
-        return tuple(float(v) for v in value)
+        return tuple(dict.fromkeys(float(v) for v in value))  # each once, in the order given
     if not all(isinstance(v, str) for v in value):
         raise Sd4MatchError(f"{name} {list(value)!r}: expected names")
-    return tuple(value)
+    return tuple(dict.fromkeys(value))
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -260,7 +260,7 @@ def parse_names(text: str) -> tuple[str, ...]:
 def parse_alphas(text: str) -> tuple[float, ...]:
     """``"0.05,0.1"`` -> (0.05, 0.1); each in (0, 1]."""
     try:
-        vals = tuple(float(v) for v in text.split(",") if v.strip())
+        vals = tuple(dict.fromkeys(float(v) for v in text.split(",") if v.strip()))  # 0.1,0.10 is one threshold
     except ValueError:
         raise ValueError(f"{text!r} is not a comma-separated list of numbers") from None
     if not vals or any(not 0 < v <= 1 for v in vals):
