@@ -339,3 +339,20 @@ def test_validation_on_part_of_the_split_covers_every_category_and_is_recorded(t
     with pytest.raises(Sd4MatchError, match=r"other settings \(val_pairs_rule: an earlier sd4match's --val-pairs took the first N pairs, "
                                             r"this one takes each category's share\)"):
         Trainer(dataclasses.replace(cfg, steps=2), tmp_path / "run", featurizer=feat, progress=False).run(resume=True)
+
+
+def test_a_category_that_is_not_there_is_named_before_any_model_loads(tiny, willow_root, tmp_path, monkeypatch):
+    """--categories naming no category of the split, or --exclude-categories leaving none, is
+    one line before Stable Diffusion loads (the data was read after the models)."""
+    import sd4match.train
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(sd4match.train, "load_featurizer", no_load)
+    base = dict(dataset="synthetic", root=str(willow_root), prompt="single", model=str(tiny), resolution=64, steps=1, batch_size=1, micro_batch=1,
+                device="cpu")
+    with pytest.raises(Sd4MatchError, match=r"category 'horse' is not in synthetic trn; its categories: PF-dataset/car\(G\)"):
+        Trainer(TrainConfig(**base, categories=("horse",)), tmp_path / "a", progress=False)
+    with pytest.raises(Sd4MatchError, match=r"no training pairs with keypoints in split 'trn' after --categories / --exclude-categories$"):
+        Trainer(TrainConfig(**base, categories=("PF-dataset/car(G)",), exclude_categories=("PF-dataset/car(G)",)), tmp_path / "b", progress=False)

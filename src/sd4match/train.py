@@ -159,7 +159,15 @@ class Trainer:
         kind = prompt_class(cfg.prompt) if self.learns_prompt else parse_prompt(cfg.fixed_prompt).prompt_class
         if self.learns_prompt and not kind.learned:
             raise Sd4MatchError(f"prompt {cfg.prompt!r} is not learned; train one of the learned kinds")
-        # 1. the frozen models
+        # 1. the data, first: a category that is not there, or none left, is named before any model loads
+        self._ds = open_dataset(cfg.dataset, cfg.root, **dataset_options(cfg))
+        every = [r for r in self._ds.pairs(cfg.train_split, apply_flip=cfg.apply_flip) if r.n_points > 0]
+        self.train_pairs = select_categories(every, cfg, cfg.train_split)
+        if not self.train_pairs:
+            left = " after --categories / --exclude-categories" if cfg.categories or cfg.exclude_categories else ""
+            raise Sd4MatchError(f"{cfg.root}: no training pairs with keypoints in split {cfg.train_split!r}{left}")
+        self._val_pairs: list | None = None
+        # 2. the frozen models
         dev = pick_device(cfg.device)
         wdt = pick_dtype(cfg.dtype, dev) if cfg.amp_dtype is None else torch.float32
         self.feat = featurizer or load_featurizer(cfg.model, timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, noise_schedule=cfg.noise_schedule,
@@ -171,13 +179,6 @@ class Trainer:
                               noise_schedule=cfg.noise_schedule,
                               compile=compiled, compile_mode=compile_mode, **kernel_choice(cfg, torch.device(dev).type))
         self.dino = (dino or DinoFeaturizer.from_pretrained(cfg.dino, pos=cfg.dino_pos).to(dev, wdt)) if kind.needs_dino else None
-        # 2. the data
-        self._ds = open_dataset(cfg.dataset, cfg.root, **dataset_options(cfg))
-        every = [r for r in self._ds.pairs(cfg.train_split, apply_flip=cfg.apply_flip) if r.n_points > 0]
-        self.train_pairs = select_categories(every, cfg, cfg.train_split)
-        if not self.train_pairs:
-            raise Sd4MatchError(f"{cfg.root}: no training pairs with keypoints in split {cfg.train_split!r}")
-        self._val_pairs: list | None = None
         # 3. the prompt and its optimiser
         kw: dict[str, Any] = {}
         if self.dino is not None:
