@@ -6,7 +6,7 @@ The tree is SPair-71k's own layout: the real pair annotations of the fixtures
 boxes rescaled to the pictures' size. Pairs are grouped by category as in the real test
 split, each category drawing its pairs from its own pool of pictures (seeded), so that
 pairs of new pictures interleave with pairs of pictures already seen. The smaller split is
-the first pairs of the larger one, as ``--limit`` would take them.
+the first pairs of the larger one.
 
 Each command runs in its own process (the CLI, as a user runs it); peak memory is that
 process's maximum resident set size. ``evaluate`` uses a tiny random SD (built from config,

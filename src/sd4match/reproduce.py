@@ -170,7 +170,7 @@ def reproduce(source: str | Path, roots: dict[str, str | Path | None], out: str 
         load_dino: makes the DINOv2 featurizer for CPM prompts (likewise).
         model_settings: what identifies the model (its name, dtype, ...): part of each run
             folder's name, so other settings never reuse a row.
-        limit: only the first N pairs of each test split (a quick look).
+        limit: only N pairs of each test split, each category its share (``limit_pairs``; a quick look).
 
     Returns:
         ``{"rows": [...], "ran": evaluations run now, "reused": rows read from earlier runs,
