@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from sd4match.data import open_dataset
-from sd4match.data.images import image_size, load_image
+from sd4match.data.images import NO_IMAGES, image_size, list_images, load_image
 from sd4match.errors import Sd4MatchError, Sd4MatchWarning
 from sd4match.features import split_fused
 from sd4match.features.registry import feature_width, resolve
@@ -20,7 +20,7 @@ from sd4match.prompts import PromptSpec, check_prompt  # ``empty``, ``text:...``
 from sd4match.prompts.base import read_prompt_config
 from sd4match.runtime import pick_device
 
-__all__ = ["check_device", "check_dino", "check_model", "check_output_file", "check_output_folder", "check_picture", "check_picture_headers", "check_pictures", "check_prompt", "check_splits"]
+__all__ = ["check_device", "check_dino", "check_image_folder", "check_model", "check_output_file", "check_output_folder", "check_picture", "check_picture_headers", "check_pictures", "check_prompt", "check_splits"]
 
 
 def check_device(name: str):
@@ -34,6 +34,18 @@ def check_picture(path: str | Path, *, decode: bool = True) -> tuple[int, int]:
     if decode:
         return load_image(path).size
     return image_size(path)
+
+
+def check_image_folder(folder: str | Path, flag: str = "--images") -> list[Path]:
+    """The pictures under ``folder`` (``list_images``); a missing folder, or one without
+    pictures, named with its flag."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise Sd4MatchError(f"{flag} {folder}: no such folder")
+    files = list_images(folder)
+    if not files:
+        raise Sd4MatchError(f"{flag} {folder}: {NO_IMAGES}")
+    return files
 
 
 def check_picture_headers(files) -> None:

@@ -512,17 +512,11 @@ def cmd_datasets_prepare(args) -> int:
 
 
 def cmd_features(args) -> int:
-    from sd4match.checks import check_output_folder, check_picture_headers
-    from sd4match.data.images import list_images
+    from sd4match.checks import check_image_folder, check_output_folder, check_picture_headers
     from sd4match.extract import extract_folder
 
     _check_common(args, prompt=False)
-    if not args.images.is_dir():
-        raise Sd4MatchError(f"--images {args.images}: no such folder")
-    files = list_images(args.images)
-    if not files:
-        raise Sd4MatchError(f"{args.images}: no images found (looked for .jpg, .jpeg, .png, .bmp, .webp, .tif)")
-    check_picture_headers(files)  # a bad file is named before the model loads, not after hours of extraction
+    check_picture_headers(check_image_folder(args.images))  # a bad file is named before the model loads, not after hours of extraction
     check_output_folder(args.out)
     feat = load_model(config_from_args(ModelConfig, args))
     path = extract_folder(feat, args.images, args.out, text=args.text, seed=args.seed, batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
@@ -663,13 +657,11 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from sd4match.data.images import list_images
+    from sd4match.checks import check_image_folder
     from sd4match.serve import check_serve, serve
 
-    if args.images is not None and not args.images.is_dir():
-        raise Sd4MatchError(f"--images {args.images}: no such folder")
-    if args.images is not None and not list_images(args.images):  # a page that would open with nothing to show
-        raise Sd4MatchError(f"--images {args.images}: no images found (looked for .jpg, .jpeg, .png, .bmp, .webp, .tif)")
+    if args.images is not None:
+        check_image_folder(args.images)  # a page that would open with nothing to show is refused
     check_serve(args.host, args.port)
     _check_common(args)
     serve(load_matcher(args), host=args.host, port=args.port, images=args.images, max_upload_bytes=int(args.max_upload_mb * 1e6),

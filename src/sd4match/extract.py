@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from sd4match.batching import Batcher, Picture, prefetch
-from sd4match.data.images import list_images, load_image
+from sd4match.data.images import NO_IMAGES, list_images, load_image
 from sd4match.errors import Sd4MatchError
 from sd4match.features.base import Featurizer
 from sd4match.fileio import atomic_write_text, file_sha256
@@ -48,7 +48,7 @@ def extract_folder(
         raise Sd4MatchError(f"{featurizer.model_id} takes no prompt: --text would change nothing; leave it out")
     files = list_images(images)
     if not files:
-        raise Sd4MatchError(f"{images}: no images found (looked for .jpg, .jpeg, .png, .bmp, .webp, .tif)")
+        raise Sd4MatchError(f"{images}: {NO_IMAGES}")
     store = Store(max_bytes=int(store_gb * (1 << 30)), folder=out)
     batcher = Batcher(featurizer, store=store, seed=seed, fixed_batches=False)
     prompt = resolve_prompt(PromptSpec("empty") if text is None else PromptSpec("text", template=text), featurizer) if featurizer.takes_prompt else None

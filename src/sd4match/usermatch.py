@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from sd4match.batching import Batcher, Picture, per_pair
 from sd4match.config import MatchConfig
-from sd4match.data.images import list_images, load_image, oriented_size
+from sd4match.data.images import fit_within, list_images, load_image, oriented_size
 from sd4match.errors import Sd4MatchError
 from sd4match.features.base import rgb_image
 from sd4match.fileio import staged_dir
@@ -79,9 +79,7 @@ def as_user_image(image, *, max_side: int = MAX_SIDE) -> UserImage:
     if img.width < 2 or img.height < 2:
         raise Sd4MatchError(f"image is {img.width}x{img.height} pixels, too small to match")
     size = img.size
-    if max(size) > max_side:
-        f = max_side / max(size)
-        img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.LANCZOS)
+    img = fit_within(img, max_side)
     return UserImage(img, size, str(getattr(image, "filename", "") or "image"), image_key(img))
 
 

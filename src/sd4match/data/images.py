@@ -11,6 +11,8 @@ from sd4match.errors import DataError
 from sd4match.pixels import to_rgb  # noqa: F401  (also imported from here)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+#: what a folder without pictures is told
+NO_IMAGES = "no images found (looked for .jpg, .jpeg, .png, .bmp, .webp, .tif)"
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -31,6 +33,15 @@ def image_size(path: str | Path) -> tuple[int, int]:
     if w < 2 or h < 2:
         raise DataError(path, f"image is {w}x{h} pixels, too small to match")
     return int(w), int(h)
+
+
+def fit_within(img: Image.Image, max_side: int | None) -> Image.Image:
+    """``img`` downscaled (aspect kept, Lanczos) so that neither side exceeds ``max_side``;
+    as it is when it fits (or without ``max_side``)."""
+    if not max_side or max(img.size) <= max_side:
+        return img
+    f = max_side / max(img.size)
+    return img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.LANCZOS)
 
 
 def load_image(path: str | Path, *, exif_transpose: bool = False, max_side: int | None = None) -> Image.Image:
@@ -60,10 +71,7 @@ def load_image(path: str | Path, *, exif_transpose: bool = False, max_side: int 
                 im.load()
                 if exif_transpose:
                     im = ImageOps.exif_transpose(im)
-                img = to_rgb(im)
-                if max_side and max(img.size) > max_side:
-                    f = max_side / max(img.size)
-                    img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.LANCZOS)
+                img = fit_within(to_rgb(im), max_side)
     except UnidentifiedImageError:
         raise DataError(path, "not a readable image (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
