@@ -37,7 +37,7 @@ from tqdm import tqdm
 from sd4match.batching import Batcher
 from sd4match.config import EVAL_PRESETS, EvalConfig, MatchConfig, as_dict
 from sd4match.data import dataset_options, open_dataset
-from sd4match.data.records import LIMIT_RULE, LIMIT_RULE_CHANGED, PairRecord, limit_pairs
+from sd4match.data.records import PairRecord, limit_pairs, limit_record, limit_rule_changed
 from sd4match.errors import DataError, Sd4MatchError, first_line
 from sd4match.features.sd import SDLayerStack
 from sd4match.fileio import atomic_write_text
@@ -130,7 +130,7 @@ def run_settings(cfg: EvalConfig) -> dict:
 def recorded_config(cfg: EvalConfig) -> dict:
     """``cfg`` as a run records it: a limited run also names how its pairs were picked
     (``limit_pairs``), so a run or sweep whose pairs another rule picked is not mixed in."""
-    return {**as_dict(cfg), **({"limit_pairs": LIMIT_RULE} if cfg.limit else {})}
+    return {**as_dict(cfg), **limit_record(cfg.limit)}
 
 
 def read_partial(out: Path) -> dict[str, list]:
@@ -189,8 +189,7 @@ def _check_finished(out: Path, now: dict) -> None:
     diff = sorted(f"{part}.{k}" for part, d in now.items() if earlier.get(part) is not None
                   for k in set(d) | set(earlier[part]) if earlier[part].get(k) != d.get(k))
     if diff:
-        why = f": {LIMIT_RULE_CHANGED}" if "config.limit_pairs" in diff else ""
-        raise Sd4MatchError(f"{out}: holds a finished evaluation made with other settings ({', '.join(diff)}{why}); "
+        raise Sd4MatchError(f"{out}: holds a finished evaluation made with other settings ({', '.join(diff)}{limit_rule_changed(diff)}); "
                             "choose another --out, or pass --overwrite to replace it")
 
 
@@ -201,8 +200,8 @@ def _compare(run: Path, now: dict) -> None:
         raise Sd4MatchError(f"{run}: unreadable ({e})") from None
     diff = sorted(f"{part}.{k}" for part, d in now.items() for k in set(d) | set(earlier.get(part, {})) if earlier.get(part, {}).get(k) != d.get(k))
     if diff:
-        why = f": {LIMIT_RULE_CHANGED}" if "config.limit_pairs" in diff else ""
-        raise Sd4MatchError(f"{run}: the earlier run used other settings ({', '.join(diff)}{why}); resume with the same ones or choose another --out")
+        raise Sd4MatchError(f"{run}: the earlier run used other settings ({', '.join(diff)}{limit_rule_changed(diff)}); "
+                            "resume with the same ones or choose another --out")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from sd4match.checks import check_splits
 from sd4match.config import MATCH_RULES, EvalConfig
-from sd4match.data.records import LIMIT_RULE, limit_pairs
+from sd4match.data.records import limit_pairs, limit_record
 from sd4match.errors import Sd4MatchError, first_line
 from sd4match.evaluate import RUN, evaluate
 from sd4match.fileio import atomic_path, atomic_write_text, csv_text, file_sha256, markdown_table
@@ -224,7 +224,7 @@ def reproduce(source: str | Path, roots: dict[str, str | Path | None], out: str 
                 continue
             for t in timesteps:
                 settings = {**model_settings, "timestep": t, "ensemble": ensemble, "limit": limit, "dino": dino_name,
-                            "prompt_sha256": file_sha256(p.file), **({"limit_pairs": LIMIT_RULE} if limit else {})}
+                            "prompt_sha256": file_sha256(p.file), **limit_record(limit)}
                 run = out / "runs" / p.name / f"{test}-t{t}-{_settings_tag(settings)}"
                 score_file = run / "score.json"
                 if score_file.is_file():

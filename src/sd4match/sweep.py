@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sd4match.config import EvalConfig, parse_names
-from sd4match.data.records import LIMIT_RULE_CHANGED
+from sd4match.data.records import limit_rule_changed
 from sd4match.errors import Sd4MatchError
 from sd4match.evaluate import RUN, evaluate, evaluate_layers, run_settings
 from sd4match.features.sd import SDFeaturizer, parse_noise_schedule
@@ -149,8 +149,7 @@ def _check_record(out: Path, record: dict) -> None:
         diff += sorted(k for k in set(mine) | set(theirs) if k != "model" and mine.get(k) != theirs.get(k))
     if diff or earlier.get("model") != record["model"]:
         what = ", ".join(diff + ([] if earlier.get("model") == record["model"] else ["model"]))
-        why = f": {LIMIT_RULE_CHANGED}" if "limit_pairs" in diff else ""
-        raise Sd4MatchError(f"{out}: holds a sweep with other settings ({what}{why}); use the same ones or another --out")
+        raise Sd4MatchError(f"{out}: holds a sweep with other settings ({what}{limit_rule_changed(diff)}); use the same ones or another --out")
 
 
 def _row(c: Cell, doc: dict, cfg: EvalConfig) -> dict:

@@ -31,7 +31,7 @@ from sd4match.batching import Batcher, Picture, dino_part, prefetch
 from sd4match.checkpoint import CKPT_DIR, list_checkpoints, load_checkpoint, prune_checkpoints, read_checkpoint_meta, save_checkpoint
 from sd4match.config import TRAIN_PRESETS, MatchConfig, TrainConfig, compile_choice, kernel_choice, load_train_config
 from sd4match.data import dataset_options, open_dataset
-from sd4match.data.records import LIMIT_RULE, LIMIT_RULE_CHANGED, limit_pairs
+from sd4match.data.records import limit_pairs, limit_record, limit_rule_changed
 from sd4match.errors import Sd4MatchError, Sd4MatchWarning
 from sd4match.evaluate import predict_pairs
 from sd4match.features import DinoFeaturizer, load_featurizer
@@ -388,7 +388,7 @@ class Trainer:
             mine, theirs = _resumable(recorded_config(self.cfg)), _resumable(meta["config"])
             if mine != theirs:
                 diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-                why = f": {LIMIT_RULE_CHANGED.replace('--limit', '--val-pairs')}" if "val_pairs_rule" in diff else ""
+                why = limit_rule_changed(diff, "val_pairs_rule", "--val-pairs")
                 raise Sd4MatchError(f"{ckpt}: was written with other settings ({', '.join(diff)}{why}); use another --out or the same settings")
             if int(meta["step"]) > self.total_steps:
                 raise Sd4MatchError(f"{ckpt}: the run is already at step {meta['step']}, past the {self.total_steps} asked for")
@@ -484,7 +484,7 @@ RUN_FILES = ("config.json", "scalars.jsonl", CKPT_DIR, "best", "last", "tb")
 def recorded_config(cfg: TrainConfig) -> dict:
     """``cfg`` as a run records it: validating on part of the val split also names how those
     pairs were picked (``val_pairs_rule``), so a run of another rule is not resumed."""
-    return {**asdict(cfg), **({"val_pairs_rule": LIMIT_RULE} if cfg.val_pairs else {})}
+    return {**asdict(cfg), **limit_record(cfg.val_pairs, "val_pairs_rule")}
 
 
 def _resumable(cfg: dict) -> dict:

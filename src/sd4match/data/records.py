@@ -271,8 +271,20 @@ def read_jsonl(path: str | Path) -> list[PairRecord]:
 
 #: how ``--limit N`` picks its pairs (recorded with every limited run, so runs of another rule never mix)
 LIMIT_RULE = "category-share"
-#: why a limited run of an earlier sd4match (no ``limit_pairs`` recorded) is not continued or mixed in
-LIMIT_RULE_CHANGED = "an earlier sd4match's --limit took the first N pairs, this one takes each category's share"
+
+
+def limit_record(n: int, key: str = "limit_pairs") -> dict:
+    """What a run of ``limit_pairs(..., n)`` records of the rule that picked its pairs, under
+    ``key`` (nothing when it takes every pair)."""
+    return {key: LIMIT_RULE} if n else {}
+
+
+def limit_rule_changed(diff, key: str = "limit_pairs", flag: str = "--limit") -> str:
+    """For a refusal whose differing settings (``diff``: names, dotted or not) include ``key``:
+    why, to add to its line (a limited run of an earlier sd4match records no rule); else ""."""
+    if any(d.rpartition(".")[2] == key for d in diff):
+        return f": an earlier sd4match's {flag} took the first N pairs, this one takes each category's share"
+    return ""
 
 
 def limit_pairs(records: Sequence[PairRecord], n: int) -> list[PairRecord]:
