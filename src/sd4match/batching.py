@@ -44,8 +44,8 @@ import torch
 from PIL import Image
 
 from sd4match.data import pair_sources
-from sd4match.pixels import to_rgb
 from sd4match.data.records import PairRecord
+from sd4match.pixels import to_rgb
 from sd4match.prompts import Prompt, prompt_fingerprint
 from sd4match.store import Store, image_key, owned, seed_for, settings_key
 

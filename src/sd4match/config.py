@@ -106,11 +106,10 @@ def check_settings(cfg) -> None:
 
 def _as_tuple(value, name: str, f: dataclasses.Field, item: type) -> tuple:
     """A sequence setting as a tuple of ``item``: text through the field's ``parse`` (as the
-    flag reads it), a list or tuple item by item."""
+    flag reads it; names by default), a list or tuple item by item."""
     if isinstance(value, str):
-        parse = f.metadata.get("parse")
         try:
-            return tuple(parse(value)) if parse else tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple((f.metadata.get("parse") or parse_names)(value))
         except ValueError as e:
             raise Sd4MatchError(f"{name} {value!r}: {e}") from None
     if not isinstance(value, (list, tuple)):

@@ -88,10 +88,11 @@ def _predictions(records: Sequence[PairRecord], predictions, where: str) -> dict
     write them, so 7 and "7" are one pair) or a sequence with one entry per record, in order."""
     if isinstance(predictions, Mapping):
         items = [(str(k), v) for k, v in predictions.items()]
-        if len({k for k, _ in items}) != len(items):
-            seen: set[str] = set()
-            twice = next(k for k, _ in items if k in seen or seen.add(k))
-            raise PredictionError(where, f"pair {twice!r} is predicted twice (under two keys that name the same id)")
+        named: set[str] = set()
+        for pid, _ in items:
+            if pid in named:
+                raise PredictionError(where, f"pair {pid!r} is predicted twice (under two keys that name the same id)")
+            named.add(pid)
     elif isinstance(predictions, (list, tuple)):
         if len(predictions) != len(records):
             raise PredictionError(where, f"{len(predictions)} predictions for {len(records)} pairs (a list is read in the pairs' order: one each)")

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sd4match.pixels import to_rgb
 from sd4match.errors import Sd4MatchError
+from sd4match.pixels import to_rgb
 
 ImagesLike = torch.Tensor | Sequence[Image.Image | np.ndarray]
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from sd4match.errors import Sd4MatchError, first_line
-from sd4match.features.adapters import ADAPTER_CONFIG, ADAPTER_FILE, describe_adapter, has_adapter
+from sd4match.features.adapters import ADAPTER_CONFIG, ADAPTER_FILE, describe_adapter, has_adapter, read_adapter
 from sd4match.features.registry import offline_mode
 from sd4match.prompts.base import PROMPT_CLASSES, read_prompt_config, read_prompt_tensors
 
@@ -137,8 +137,10 @@ def push_prompt(folder: str | Path, repo_id: str, *, score: str | Path | None = 
 
     folder = Path(folder)
     read_prompt_tensors(folder)  # a damaged folder is named before anything is sent
-    files = PROMPT_FILES + (ADAPTER_FILES if has_adapter(folder) else ())
-    describe_adapter(folder)  # ... its adapter too
+    files = PROMPT_FILES
+    if has_adapter(folder):
+        read_adapter(folder)  # ... its adapter too
+        files += ADAPTER_FILES
     if "/" not in repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise Sd4MatchError(f"{repo_id}: expected a repository id owner/name")
     doc = None

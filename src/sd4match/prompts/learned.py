@@ -14,13 +14,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from sd4match.config import category_names
 from sd4match.errors import Sd4MatchError
 from sd4match.features.text import TextEncoderBridge
-from sd4match.config import category_names
 from sd4match.prompts.base import N_TOKENS, Prompt, PromptConfig, register
 
-#: PF-Willow sub-classes (after their "(...)" suffix is dropped) -> the PF-Pascal class whose
-#: prompt they use when a Class prompt trained on PF-Pascal is evaluated on PF-Willow.
 @register
 class SinglePrompt(Prompt):
     """75 learnable embedding-layer rows, one prompt for every pair.
