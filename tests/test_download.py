@@ -183,6 +183,40 @@ def test_cli_download_from_mirror(tmp_path, willow_root):
     assert "450 pairs" in p.stdout
 
 
+def _zip(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("wrong, says", [
+    (_zip({"x.txt": b"hello"}), r"not the expected archive: it has no PF-dataset \(it holds x\.txt\)"),
+    (b"<html>moved</html>", r"cannot extract \(File is not a zip file\)"),
+])
+def test_wrong_archive_is_removed_not_recorded(tmp_path, willow_root, wrong, says):
+    """A mirror that serves another file under PF-dataset.zip: nothing of it is placed or
+    recorded as done, so the run with the right file fetches it again and completes."""
+    pairs = (willow_root / "test_pairs.csv").read_bytes()
+    root = tmp_path / "pf-willow"
+    srv = Server({"PF-dataset.zip": wrong, "test_pairs.csv": pairs})
+    try:
+        with pytest.raises(DownloadError, match=r"PF-dataset\.zip \(from http://127.*\): " + says + "; the file was removed, run again"):
+            download("pfwillow", root, mirror=srv.url, progress=False)  # the published sources' expectations
+    finally:
+        srv.close()
+    assert sorted(p.name for p in root.iterdir()) == [".sd4match-downloads"]  # no x.txt, no extraction folder
+    assert list((root / ".sd4match-downloads").iterdir()) == []  # archive removed, nothing recorded as done
+    right = {p.relative_to(willow_root).as_posix(): p.read_bytes() for p in (willow_root / "PF-dataset").rglob("*") if p.is_file()}
+    srv = Server({"PF-dataset.zip": _zip(right), "test_pairs.csv": pairs})
+    try:
+        download("pfwillow", root, mirror=srv.url, progress=False)
+    finally:
+        srv.close()
+    assert check_dataset("pfwillow", root).ok
+
+
 def test_unreachable_server_is_one_line(tmp_path):
     p = subprocess.run(
         [sys.executable, "-m", "sd4match", "download", "pfwillow", "--root", str(tmp_path / "r"), "--mirror", "http://127.0.0.1:9", "--no-progress"],

@@ -3,8 +3,10 @@
 Each dataset is a list of ``Source`` items. A source is downloaded to
 ``<root>/.sd4match-downloads/<name>.part`` (resumed with an HTTP Range request when a
 partial file exists), its size and SHA-256 are verified, and it is renamed to its final
-name. Archives are extracted into a fresh ``<root>/.sd4match-extract-*`` folder, then
-their entries are moved into place; the extraction folder is removed last. A crash
+name. Archives are extracted into a fresh ``<root>/.sd4match-extract-*`` folder and
+checked for the entries their source expects (an archive that cannot be read or holds
+something else is removed, nothing of it placed or recorded), then their entries are moved
+into place; the extraction folder is removed last. A crash
 therefore leaves that folder behind, and ``sd4match datasets check`` refuses a root that
 has one, so a half-extracted tree never passes. A finished source is recorded in
 ``<root>/.sd4match-downloads/done.json``; a second run skips it (idempotent).
@@ -48,6 +50,9 @@ class Source:
         pick: for archives, only entries whose name (after ``strip``) matches one of
             these glob patterns are kept; empty keeps all.
         flatten: keep only the file name of each picked entry.
+        expect: paths (under ``dest``) the archive must provide; an archive without them
+            (another file served under the same name) is removed before anything of it
+            is put in place or recorded as done.
         size, sha256: expected values; None where they are not pinned, in which case
             the size is checked against the server's Content-Length and the computed
             SHA-256 is recorded in ``done.json``.
@@ -60,6 +65,7 @@ class Source:
     strip: str = ""
     pick: tuple[str, ...] = ()
     flatten: bool = False
+    expect: tuple[str, ...] = ()
     size: int | None = None
     sha256: str | None = None
 
@@ -68,34 +74,43 @@ class Source:
 #: pinned yet: nothing here could reach these servers when this table was written.
 SOURCES: dict[str, tuple[Source, ...]] = {
     "spair": (
-        Source("https://cvlab.postech.ac.kr/research/SPair-71k/data/SPair-71k.tar.gz", "SPair-71k.tar.gz", "tar", strip="SPair-71k"),
+        Source("https://cvlab.postech.ac.kr/research/SPair-71k/data/SPair-71k.tar.gz", "SPair-71k.tar.gz", "tar", strip="SPair-71k",
+               expect=("JPEGImages", "PairAnnotation", "Layout")),
     ),
     "pfpascal": (
-        Source("https://www.di.ens.fr/willow/research/proposalflow/dataset/PF-dataset-PASCAL.zip", "PF-dataset-PASCAL.zip", "zip"),
+        Source("https://www.di.ens.fr/willow/research/proposalflow/dataset/PF-dataset-PASCAL.zip", "PF-dataset-PASCAL.zip", "zip",
+               expect=("PF-dataset-PASCAL/JPEGImages", "PF-dataset-PASCAL/Annotations")),
         Source(
             "https://www.robots.ox.ac.uk/~xinghui/sd4match/pf-pascal_image_pairs.zip",
             "pf-pascal_image_pairs.zip",
             "zip",
             pick=("*_pairs.csv",),
             flatten=True,
+            expect=("test_pairs.csv",),
         ),
     ),
     "pfwillow": (
-        Source("https://www.di.ens.fr/willow/research/proposalflow/dataset/PF-dataset.zip", "PF-dataset.zip", "zip"),
+        Source("https://www.di.ens.fr/willow/research/proposalflow/dataset/PF-dataset.zip", "PF-dataset.zip", "zip", expect=("PF-dataset",)),
         Source("https://www.robots.ox.ac.uk/~xinghui/sd4match/test_pairs.csv", "test_pairs.csv", "file", dest="test_pairs.csv"),
     ),
     # the SPair-U annotations alone (Jamais Vu's README); the pictures are SPair-71k's (--images, or link JPEGImages/ in)
     "spair-u": (
-        Source("https://groups.inf.ed.ac.uk/hbilen-data/data/JamaisVuData/SPair-U.zip", "SPair-U.zip", "zip", strip="datasets/SPair-U"),
+        Source("https://groups.inf.ed.ac.uk/hbilen-data/data/JamaisVuData/SPair-U.zip", "SPair-U.zip", "zip", strip="datasets/SPair-U",
+               expect=("PairAnnotation/test",)),
     ),
     "cub": (
-        Source("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz", "CUB_200_2011.tgz", "tar", strip="CUB_200_2011"),
+        Source("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz", "CUB_200_2011.tgz", "tar", strip="CUB_200_2011",
+               expect=("images.txt", "parts", "images")),
     ),
 }
 
 
 class DownloadError(Sd4MatchError):
     pass
+
+
+class WrongArchive(DownloadError):
+    """The fetched file is not the archive its source expects (unreadable, or other content)."""
 
 
 def download(
@@ -140,7 +155,11 @@ def download(
         if src.sha256 and digest != src.sha256:
             archive.unlink()
             raise DownloadError(f"{archive}: SHA-256 {digest} does not match the expected {src.sha256}; the file was removed, run again")
-        install(src, archive, root)
+        try:
+            install(src, archive, root)
+        except WrongArchive as e:
+            archive.unlink()
+            raise DownloadError(f"{archive} (from {src.url}): {e}; the file was removed, run again") from None
         done[src.filename] = {"url": src.url, "size": archive.stat().st_size, "sha256": digest, "pinned": bool(src.sha256)}
         atomic_write_text(done_path, json.dumps(done, indent=1))
         if src.kind != "file":
@@ -223,25 +242,40 @@ def install(src: Source, archive: Path, root: Path) -> None:
         return
     work = Path(tempfile.mkdtemp(prefix=EXTRACT_PREFIX, dir=root))
     try:
-        extract(archive, src.kind, work)
+        try:
+            extract(archive, src.kind, work)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError) as e:
+            raise WrongArchive(f"cannot extract ({e})") from None
         base = work / src.strip if src.strip else work
         if not base.is_dir():
-            raise DownloadError(f"{archive}: archive has no top folder {src.strip!r}")
+            raise WrongArchive(f"archive has no top folder {src.strip!r}")
         entries = _picked(base, src) if src.pick else [(p, p.name) for p in base.iterdir() if p.name != "__MACOSX"]
         if not entries:
-            raise DownloadError(f"{archive}: archive holds nothing matching {', '.join(src.pick) or 'anything'}")
-        dest.mkdir(parents=True, exist_ok=True)
-        for path, rel in entries:
-            target = dest / rel
-            if target.exists():
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                else:
-                    target.unlink()
-            path.replace(target)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as e:
-        raise DownloadError(f"{archive}: cannot extract ({e}); delete it and run again") from None
+            raise WrongArchive(f"archive holds nothing matching {', '.join(src.pick) or 'anything'}")
+        placed = dict((rel, path) for path, rel in entries)
+        missing = [e for e in src.expect if not _provides(placed, e)]
+        if missing:
+            top = ", ".join(sorted(placed)[:5]) + (", …" if len(placed) > 5 else "")
+            raise WrongArchive(f"not the expected archive: it has no {', '.join(missing)} (it holds {top})")
+    except Exception:
+        shutil.rmtree(work, ignore_errors=True)  # a crash (KeyboardInterrupt, a kill) leaves it for `datasets check` to refuse
+        raise
+    dest.mkdir(parents=True, exist_ok=True)
+    for path, rel in entries:
+        target = dest / rel
+        if target.exists():
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+        path.replace(target)
     shutil.rmtree(work)
+
+
+def _provides(placed: dict[str, Path], expected: str) -> bool:
+    """Whether the entries to be placed (destination name -> extracted path) hold ``expected``."""
+    first, _, rest = expected.partition("/")
+    return first in placed and (placed[first] / rest).exists()
 
 
 def _picked(base: Path, src: Source) -> list[tuple[Path, str]]:
