@@ -268,6 +268,11 @@ def test_every_number_in_the_settings_has_a_range_and_files_read_numbers_written
     (tmp_path / "t.yaml").write_text("lr: 1e-2\nsteps: '40'\nepochs: 0\n")
     cfg = load_train_config(yaml_file=tmp_path / "t.yaml", root="x")
     assert (cfg.lr, cfg.steps, cfg.epochs) == (0.01, 40, 0.0) and type(cfg.epochs) is float
+    (tmp_path / "bom.yaml").write_bytes(b"\xef\xbb\xbflr: 1e-2\r\nsteps: 40\r\n")  # saved by a Windows editor
+    assert load_train_config(yaml_file=tmp_path / "bom.yaml", root="x").steps == 40
+    (tmp_path / "bom.yaml").write_bytes("steps: 40\n".encode("utf-16"))
+    with pytest.raises(Sd4MatchError, match=r"bom\.yaml: UTF-16 text"):
+        load_train_config(yaml_file=tmp_path / "bom.yaml", root="x")
     (tmp_path / "bad.yaml").write_text("lr: fast\n")
     with pytest.raises(Sd4MatchError, match=r"^lr 'fast': expected a finite number$"):
         load_train_config(yaml_file=tmp_path / "bad.yaml", root="x")

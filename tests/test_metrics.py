@@ -97,13 +97,28 @@ def test_missing_unknown_and_wrong_count():
         ('{"id": "0", "kps": [[1, 2]]}\n{"id": "0", "kps": [[1, 2]]}\n', r"pred\.jsonl:2: pair '0' is predicted twice"),
         ('{"id": "0", "kps": [[1, 2, 3]]}\n', r"shape \[1, 3\]"),
         ('{"id": "0", "kps": [[1, 2]]\n', r"pred\.jsonl:1: not valid JSON"),
+        ('[{"id": "0", "kps": [[1, 2]]}]\n', r"pred\.jsonl:1: a JSON array, not JSON Lines: write one object a line"),
+        ('[\n {"id": "0", "kps": [[1, 2]]}\n]\n', r"pred\.jsonl:1: a JSON array, not JSON Lines"),
+        ('{"id": "0", "kps": [[1, 2]]}\n'.encode("utf-16"), r"pred\.jsonl: UTF-16 text \(as Windows PowerShell's > writes it\), not UTF-8"),
+        (b'{"id": "caf\xe9", "kps": [[1, 2]]}\n', r"pred\.jsonl: not UTF-8 text \(at byte offset 11: 0xe9\)"),
     ],
 )
 def test_prediction_file_errors(tmp_path, text, message):
     p = tmp_path / "pred.jsonl"
-    p.write_text(text)
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(PredictionError, match=message):
         load_predictions(p)
+
+
+def test_predictions_saved_by_windows_tools_read_as_written(tmp_path):
+    """A UTF-8 byte-order mark, CRLF line ends and blank lines change nothing."""
+    lines = ['{"id": "0", "kps": [[1.5, 2]]}', '{"id": "b\u2028c", "kps": [[3, 4]]}']  # U+2028 inside a string is not a line end
+    plain, windows = tmp_path / "plain.jsonl", tmp_path / "windows.jsonl"
+    plain.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    windows.write_bytes(b"\xef\xbb\xbf" + "\r\n\r\n".join(lines).encode() + b"\r\n")
+    a, b = load_predictions(plain), load_predictions(windows)
+    assert list(a) == list(b) == ["0", "b\u2028c"]
+    assert all(np.array_equal(a[k], b[k]) for k in a) and a["0"].tolist() == [[1.5, 2.0]]
 
 
 def test_category_mean_counts_each_category_once():

@@ -78,3 +78,29 @@ def test_missing_and_corrupt_image(tmp_path, willow_root):
 def test_wrong_layout(tmp_path):
     with pytest.raises(DataError, match="not a PF-Willow root"):
         open_dataset("pfwillow", tmp_path)
+
+
+def test_pair_list_saved_by_a_spreadsheet_reads_as_the_original(tmp_path, willow_root):
+    """Excel's "CSV UTF-8": a byte-order mark before the header and CRLF line ends."""
+    root = _copy(tmp_path, willow_root)
+    text = (willow_root / "test_pairs.csv").read_text(encoding="utf-8")
+    (root / "test_pairs.csv").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    got, want = open_dataset("pfwillow", root).pairs("test"), open_dataset("pfwillow", willow_root).pairs("test")
+    assert [r.to_json() for r in got] == [r.to_json() for r in want]
+    (root / "test_pairs.csv").write_bytes(text.encode("utf-16"))
+    with pytest.raises(DataError, match=r"test_pairs\.csv: UTF-16 text .*save it as UTF-8"):
+        open_dataset("pfwillow", root).pairs("test")
+
+
+def test_pair_records_round_trip_through_json_lines(tmp_path, willow_root):
+    from sd4match.data import read_jsonl, write_jsonl
+
+    recs = open_dataset("pfwillow", willow_root).pairs("test")[:20]
+    path = tmp_path / "pairs.jsonl"
+    with open(path, "w", encoding="utf-8") as fh:
+        assert write_jsonl(recs, fh) == 20
+    back = read_jsonl(path)
+    assert [r.to_json() for r in back] == [r.to_json() for r in recs]
+    path.write_text(path.read_text().replace("\n", "\n[1, 2]\n", 1))
+    with pytest.raises(DataError, match=r"pairs\.jsonl:2: expected a pair record \(a JSON object\), not a list"):
+        read_jsonl(path)

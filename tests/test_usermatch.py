@@ -212,6 +212,11 @@ def test_parse_points_forms(tmp_path):
     f.write_text(json.dumps({"eye": [1]}))
     with pytest.raises(Sd4MatchError, match="point 'eye' is \\[1\\], not \\[x, y\\]"):
         parse_points(str(f))
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps({"nose": [1, 2]}).encode())  # saved by Notepad: a byte-order mark
+    assert parse_points(str(f)) == [("nose", (1.0, 2.0))]
+    f.write_bytes(json.dumps({"nose": [1, 2]}).encode("utf-16"))
+    with pytest.raises(Sd4MatchError, match=r"p\.json: UTF-16 text"):
+        parse_points(str(f))
 
 
 def test_point_outside_the_image_is_rejected_and_nothing_written(tmp_path, tiny, willow_pair, capsys):

@@ -486,13 +486,15 @@ def load_train_config(preset: str | None = None, yaml_file: str | Path | None = 
     if yaml_file:
         import yaml  # only for a YAML file: keeps `sd4match --help` fast
 
+        from sd4match.fileio import read_user_text
+
         try:
-            y = yaml.safe_load(Path(yaml_file).read_text()) or {}
+            y = yaml.safe_load(read_user_text(yaml_file)) or {}
         except yaml.YAMLError as e:  # its text spans lines and draws a caret: one line, with the place
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             raise Sd4MatchError(f"{yaml_file}: not valid YAML{where} ({getattr(e, 'problem', None) or first_line(e)})") from None
-        except (OSError, UnicodeDecodeError) as e:
+        except OSError as e:
             raise Sd4MatchError(f"{yaml_file}: cannot read settings ({e})") from None
         if not isinstance(y, dict):
             raise Sd4MatchError(f"{yaml_file}: expected a mapping of settings")

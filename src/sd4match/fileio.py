@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+from sd4match.errors import Sd4MatchError
 
 
 def file_sha256(path: str | Path) -> str:
@@ -17,6 +20,54 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def text_problem(data: bytes) -> str | None:
+    """Why ``data`` is not UTF-8 text (a UTF-8 byte-order mark is fine), in a few words; None when it is."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "UTF-16 text (as Windows PowerShell's > writes it), not UTF-8: save it as UTF-8"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 text (at byte offset {e.start}: {data[e.start]:#04x})"
+    return None
+
+
+def _plain_error(where: str | Path, problem: str) -> Exception:
+    return Sd4MatchError(f"{where}: {problem}")
+
+
+def read_user_text(path: str | Path, error: Callable[[str | Path, str], Exception] = _plain_error) -> str:
+    """The text of a file people write by hand or with other tools (predictions, pair lists,
+    points, settings): UTF-8, with or without a byte-order mark. Other bytes raise
+    ``error(path, problem)``."""
+    path = Path(path)
+    data = path.read_bytes()
+    problem = text_problem(data)
+    if problem:
+        raise error(path, problem)
+    return data.decode("utf-8-sig")
+
+
+def json_lines(path: str | Path, error: Callable[[str | Path, str], Exception]) -> Iterator[tuple[str, object]]:
+    """``("<path>:<line>", value)`` for each non-blank line of a JSON Lines file (read as
+    ``read_user_text`` reads); a line that is not JSON raises ``error(where, problem)``, and a
+    file that is one JSON array is named as such."""
+    path = Path(path)
+    text = read_user_text(path, error)
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            if line.lstrip().startswith("["):
+                raise error(where, "a JSON array, not JSON Lines: write one object a line") from None
+            raise error(where, f"not valid JSON ({e.msg})") from None
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            raise error(where, "a JSON array, not JSON Lines: write one object a line") from None
+        yield where, value
 
 
 def _umask() -> int:

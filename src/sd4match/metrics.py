@@ -22,7 +22,7 @@ from sd4match.config import DEFAULT_ALPHAS, category_names
 from sd4match.data.records import CLAMP_EPS, SD4MATCH_RESOLUTION, PairRecord, check_protocol
 from sd4match.data.spair import DIFFICULTY_KEYS
 from sd4match.errors import PredictionError
-from sd4match.fileio import atomic_path
+from sd4match.fileio import atomic_path, json_lines
 from sd4match.viz import pyplot
 
 
@@ -108,22 +108,13 @@ def load_predictions(path: str | Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise PredictionError(path, "predictions file is missing")
     out: dict[str, np.ndarray] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PredictionError(where, f"not valid JSON ({e.msg})") from None
-            if not isinstance(d, dict) or "id" not in d or "kps" not in d:
-                raise PredictionError(where, 'expected an object with "id" and "kps"')
-            pid = str(d["id"])
-            if pid in out:
-                raise PredictionError(where, f"pair {pid!r} is predicted twice")
-            kps = prediction_array(d["kps"], pid, where)
-            out[pid] = kps
+    for where, d in json_lines(path, PredictionError):
+        if not isinstance(d, dict) or "id" not in d or "kps" not in d:
+            raise PredictionError(where, 'expected an object with "id" and "kps"')
+        pid = str(d["id"])
+        if pid in out:
+            raise PredictionError(where, f"pair {pid!r} is predicted twice")
+        out[pid] = prediction_array(d["kps"], pid, where)
     return out
 
 

@@ -28,7 +28,7 @@ from sd4match.config import MatchConfig
 from sd4match.data.images import fit_within, list_images, load_image, oriented_size
 from sd4match.errors import Sd4MatchError
 from sd4match.features.base import rgb_image
-from sd4match.fileio import staged_dir
+from sd4match.fileio import read_user_text, staged_dir
 from sd4match.matching import MATCH_RULES, border_contrast, dense_match, match_pixels, point_correlation
 from sd4match.prompts import prompt_fingerprint, resolve_prompt
 from sd4match.store import Store, image_key
@@ -112,8 +112,8 @@ def _points_from_json(path: Path) -> list[tuple[str, tuple[float, float]]]:
     if not path.is_file():
         raise Sd4MatchError(f"{path}: points file is missing")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(read_user_text(path))
+    except json.JSONDecodeError as e:
         raise Sd4MatchError(f"{path}: not valid JSON ({e})") from None
     if isinstance(data, dict) and isinstance(data.get("points"), (list, dict)):  # a transfer JSON, or {"points": ...}
         data = data["points"]

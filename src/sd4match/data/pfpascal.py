@@ -13,6 +13,7 @@ Pair lists are ``source_image,target_image,class,flip`` (keypoints from the .mat
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import numpy as np
 from sd4match.data.base import PairDataset
 from sd4match.data.records import PairRecord, pck_bases
 from sd4match.errors import DataError
+from sd4match.fileio import read_user_text
 
 CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -145,26 +147,23 @@ def read_mat_annotation(path: Path) -> tuple[np.ndarray, tuple[float, float, flo
 
 
 def read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
-    """Rows of a pair list as (line number, {column: value}); one-line errors for bad rows."""
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            if header is None:
-                raise DataError(path, "pair list is empty (no header row)")
-            header = [h.strip() for h in header]
-            for col in required:
-                if col not in header:
-                    raise DataError(path, f"header has no column {col!r} (found: {','.join(header)})")
-            rows = []
-            for lineno, row in enumerate(reader, 2):
-                if not row or all(not c.strip() for c in row):
-                    continue
-                if len(row) != len(header):
-                    raise DataError(f"{path}:{lineno}", f"expected {len(header)} columns, got {len(row)}")
-                rows.append((lineno, dict(zip(header, row))))
-    except UnicodeDecodeError:
-        raise DataError(path, "pair list is not UTF-8 text") from None
+    """Rows of a pair list as (line number, {column: value}); one-line errors for bad rows.
+    A list saved by a spreadsheet (a UTF-8 byte-order mark, CRLF lines) reads as the original."""
+    reader = csv.reader(io.StringIO(read_user_text(path, DataError), newline=""))
+    header = next(reader, None)
+    if header is None:
+        raise DataError(path, "pair list is empty (no header row)")
+    header = [h.strip() for h in header]
+    for col in required:
+        if col not in header:
+            raise DataError(path, f"header has no column {col!r} (found: {','.join(header)})")
+    rows = []
+    for lineno, row in enumerate(reader, 2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{path}:{lineno}", f"expected {len(header)} columns, got {len(row)}")
+        rows.append((lineno, dict(zip(header, row))))
     return rows
 
 

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 
 from sd4match.errors import DataError
+from sd4match.fileio import json_lines
 
 Protocol = Literal["standard", "sd4match"]
 PROTOCOLS: tuple[str, ...] = ("standard", "sd4match")
@@ -184,6 +185,8 @@ class PairRecord:
 
     @classmethod
     def from_json(cls, d: dict[str, Any], where: str = "<record>") -> "PairRecord":
+        if not isinstance(d, dict):
+            raise DataError(where, f"expected a pair record (a JSON object), not a {type(d).__name__}")
         missing = [k for k in ("id", "category", "src", "trg", "src_size", "trg_size", "src_kps", "trg_kps", "pck_base") if k not in d]
         if missing:
             raise DataError(where, f"missing key {missing[0]!r}")
@@ -255,18 +258,7 @@ def write_jsonl(records: Iterable[PairRecord], fh) -> int:
 
 
 def read_jsonl(path: str | Path) -> list[PairRecord]:
-    path = Path(path)
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}", f"not valid JSON ({e.msg})") from None
-            out.append(PairRecord.from_json(d, f"{path}:{i}"))
-    return out
+    return [PairRecord.from_json(d, where) for where, d in json_lines(path, DataError)]
 
 
 #: how ``--limit N`` picks its pairs (recorded with every limited run, so runs of another rule never mix)
