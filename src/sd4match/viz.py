@@ -1,11 +1,13 @@
 """Pictures of matches: side-by-side lines, similarity heat maps, contact sheets.
 
 Points are given in original pixels of each picture together with its original size;
-pictures are drawn at a display size of at most ``height`` pixels tall.
+pictures are drawn at a display size of at most ``height`` pixels tall and
+``MAX_ASPECT`` times that wide.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -79,9 +81,16 @@ def caption(img: Image.Image, text: str) -> Image.Image:
     return out
 
 
+#: the widest a picture is drawn, in multiples of the drawing's height: a panorama or a strip
+#: is shrunk to fit, never drawn tens of thousands of pixels wide
+MAX_ASPECT = 3.0
+
+
 def _fit(img: Image.Image, height: int) -> Image.Image:
-    w = max(1, round(img.width * height / img.height))
-    return img.convert("RGB").resize((w, height), Image.Resampling.BICUBIC)
+    """``img`` scaled to ``height`` rows, or further down (aspect kept) where it would be wider
+    than ``MAX_ASPECT * height``."""
+    f = min(height / img.height, MAX_ASPECT * height / img.width)
+    return img.convert("RGB").resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.BICUBIC)
 
 
 def _font(size: int):
@@ -151,11 +160,11 @@ def draw_matches(src: Image.Image, trg: Image.Image, src_size: Sequence[int], tr
     ``matches`` are ``{"name", "source": [x, y], "target": [x, y], "score"}`` in original pixels.
     """
     a, b = _fit(src, height), _fit(trg, height)
-    canvas = Image.new("RGB", (a.width + gap + b.width, height), (255, 255, 255))
+    canvas = Image.new("RGB", (a.width + gap + b.width, max(a.height, b.height)), (255, 255, 255))
     canvas.paste(a, (0, 0))
     canvas.paste(b, (a.width + gap, 0))
     draw = ImageDraw.Draw(canvas)
-    sa, sb = (a.width / src_size[0], height / src_size[1]), (b.width / trg_size[0], height / trg_size[1])
+    sa, sb = (a.width / src_size[0], a.height / src_size[1]), (b.width / trg_size[0], b.height / trg_size[1])
     r = max(3, height // 120)
     font = _font(max(10, height // 40))
     scores = [float(m.get("score", 1.0)) for m in matches]
@@ -173,7 +182,7 @@ def draw_matches(src: Image.Image, trg: Image.Image, src_size: Sequence[int], tr
         ends.append((p, q, colour(sc), str(m.get("name") or "")))
     placer = _Labels(draw, font)
     for p, q, col, name in ends:
-        for (x, y), panel in ((p, (0, 0, a.width, height)), (q, (a.width + gap, 0, a.width + gap + b.width, height))):
+        for (x, y), panel in ((p, (0, 0, a.width, a.height)), (q, (a.width + gap, 0, a.width + gap + b.width, b.height))):
             _mark(draw, x, y, r, col, None, font)
             if labels and name:
                 placer.place(x, y, r, name, panel)
@@ -209,22 +218,25 @@ def overlay_heat(photo: Image.Image, values: np.ndarray, *, title: str, alpha: f
 
 def contact_sheet(tiles: Sequence[tuple[str, Image.Image]], *, tile_height: int = 320, columns: int = 4, pad: int = 8) -> Image.Image:
     """Captioned pictures on a grid, ``columns`` per row."""
-    tiles = [(c, _fit(im, tile_height)) for c, im in tiles]
     font = _font(max(10, tile_height // 16))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    # each cell as wide as its picture or its caption, each row as tall as its tallest picture (a strip is drawn short)
+    cells = [(c, t, max(t.width, math.ceil(measure.textlength(c, font=font)))) for c, t in ((c, _fit(im, tile_height)) for c, im in tiles)]
     cap = max(12, tile_height // 12) + 4
-    cols = max(1, min(columns, len(tiles)))
-    rows = [tiles[i:i + cols] for i in range(0, len(tiles), cols)]
-    width = max(sum(t.width for _, t in row) + pad * (len(row) + 1) for row in rows)
-    sheet = Image.new("RGB", (width, len(rows) * (tile_height + cap + pad) + pad), (255, 255, 255))
+    cols = max(1, min(columns, len(cells)))
+    rows = [cells[i:i + cols] for i in range(0, len(cells), cols)]
+    heights = [max(t.height for _, t, _ in row) for row in rows]
+    width = max(sum(w for _, _, w in row) + pad * (len(row) + 1) for row in rows)
+    sheet = Image.new("RGB", (width, sum(h + cap + pad for h in heights) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     y = pad
-    for row in rows:
+    for row, h in zip(rows, heights):
         x = pad
-        for caption, t in row:
+        for caption, t, w in row:
             sheet.paste(t, (x, y))
-            draw.text((x, y + tile_height + 2), caption, fill=(0, 0, 0), font=font)
-            x += t.width + pad
-        y += tile_height + cap + pad
+            draw.text((x, y + h + 2), caption, fill=(0, 0, 0), font=font)
+            x += w + pad
+        y += h + cap + pad
     return sheet
 
 
@@ -234,7 +246,7 @@ def draw_points(img: Image.Image, size: Sequence[int], points: Sequence[dict], *
     score on the [lo, hi] scale; labels never overlap each other or leave the picture."""
     out = _fit(img, height)
     draw = ImageDraw.Draw(out)
-    s = (out.width / size[0], height / size[1])
+    s = (out.width / size[0], out.height / size[1])
     r = max(4, height // 60)
     font = _font(max(11, height // 22))
     placer = _Labels(draw, font)
@@ -243,7 +255,7 @@ def draw_points(img: Image.Image, size: Sequence[int], points: Sequence[dict], *
         _mark(draw, x, y, r, col, None, font)
     for x, y, _, name in marks:
         if name:
-            placer.place(x, y, r, name, (0, 0, out.width, height))
+            placer.place(x, y, r, name, (0, 0, out.width, out.height))
     return out
 
 

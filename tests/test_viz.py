@@ -1,0 +1,38 @@
+"""Pictures of matches: the drawing's geometry (where a point is drawn) and its size."""
+
+from PIL import Image
+
+from sd4match.viz import MAX_ASPECT, contact_sheet, draw_matches, draw_points
+
+GREY = (128, 128, 128)
+
+
+def test_a_strip_is_drawn_within_the_aspect_cap_and_points_land_where_they_are():
+    """A 4000 x 20 source beside a 400 x 300 target: drawn at most MAX_ASPECT heights wide
+    (before, the side-by-side picture was 98,884 pixels wide), the marks at their places."""
+    src, trg = Image.new("RGB", (4000, 20), GREY), Image.new("RGB", (400, 300), GREY)
+    m = [{"name": "", "source": [2000.0, 10.0], "target": [200.0, 150.0], "score": 0.5}]
+    out = draw_matches(src, trg, src.size, trg.size, m, height=480, gap=8)
+    a_w, a_h = round(MAX_ASPECT * 480), round(20 * MAX_ASPECT * 480 / 4000)  # 1440 x 7
+    b_w = 640  # 400 x 300 at height 480
+    assert out.width == a_w + 8 + b_w and out.height >= 480  # the legend adds rows below
+    assert out.getpixel((a_w // 2, a_h // 2)) != GREY  # the source mark at (2000, 10) -> (720, 3.5)
+    assert out.getpixel((a_w + 8 + b_w // 2, 240)) != GREY  # the target mark at (200, 150) -> (320, 240) in its panel
+    assert out.getpixel((a_w // 2, 300)) == (255, 255, 255)  # below the short strip: background, nothing stretched into it
+
+
+def test_a_tall_picture_keeps_its_height_and_points_scale_by_their_own_axis():
+    img = Image.new("RGB", (60, 900), GREY)
+    out = draw_points(img, img.size, [{"name": "", "target": [30.0, 450.0], "score": 1.0}], height=300)
+    assert out.size == (20, 300)
+    assert out.getpixel((10, 150)) != GREY and out.getpixel((10, 20)) == GREY
+
+
+def test_contact_sheet_rows_as_tall_as_their_pictures_and_captions_inside():
+    caption = "a caption far wider than its narrow picture, " * 2
+    tiles = [("a strip", Image.new("RGB", (4000, 20), GREY)), (caption, Image.new("RGB", (10, 300), GREY))]
+    sheet = contact_sheet(tiles, tile_height=100, columns=1, pad=8)
+    # the strip is drawn 300 wide (not 20,000); the caption, wider than that, widens the sheet to fit it
+    assert 300 + 2 * 8 < sheet.width < 1000
+    assert sheet.getpixel((sheet.width - 9, 3)) == (255, 255, 255)  # beside the strip, inside the sheet: background
+    assert sheet.height < 2 * (100 + 12 + 4 + 8) + 8  # the strip's row is as tall as the strip (2 pixels), not 100
