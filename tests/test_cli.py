@@ -276,6 +276,8 @@ def test_every_number_in_the_settings_has_a_range_and_files_read_numbers_written
     (tmp_path / "bad.yaml").write_text("lr: fast\n")
     with pytest.raises(Sd4MatchError, match=r"^lr 'fast': expected a finite number$"):
         load_train_config(yaml_file=tmp_path / "bad.yaml", root="x")
+    with pytest.raises(Sd4MatchError, match=r"^batch_size 9 is not a multiple of micro_batch 4: --micro-batch 1, 3 or 9 divides it$"):
+        TrainConfig("pfwillow", "x", micro_batch=4)
     with pytest.raises(Sd4MatchError, match=r"^limit 2.5: expected a whole number$"):
         EvalConfig("pfwillow", "x", limit=2.5)
     got = ModelConfig(timestep=np.int64(50), ensemble=np.arange(3)[2])  # numpy's numbers are numbers: kept as Python's

@@ -459,7 +459,9 @@ class TrainConfig:
         if self.window % 2 == 0:
             raise Sd4MatchError(f"window {self.window}: must be odd (the target window is centred on the ground-truth cell)")
         if self.batch_size % self.micro_batch:
-            raise Sd4MatchError(f"batch_size {self.batch_size} is not a multiple of micro_batch {self.micro_batch}")
+            fits = [str(d) for d in range(1, self.batch_size + 1) if self.batch_size % d == 0]
+            fits = f"{', '.join(fits[:-1])} or {fits[-1]}" if len(fits) > 1 else fits[0]
+            raise Sd4MatchError(f"batch_size {self.batch_size} is not a multiple of micro_batch {self.micro_batch}: --micro-batch {fits} divides it")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
