@@ -130,7 +130,8 @@ def test_lora_resume_is_bit_exact(sd_path, willow_root, tmp_path):
 
 def test_compare_three_runs_gives_their_own_numbers(sd_path, willow_root, tmp_path, capsys):
     """Three tiny runs (prompt, LoRA, both), each evaluated: `compare`'s table holds the numbers
-    of each run's score.json and its training cost."""
+    of each run's score.json and its training cost, time and memory included (best/ is
+    written when validated, before the run's time is known)."""
     import csv
 
     from sd4match.cli import main
@@ -139,7 +140,7 @@ def test_compare_three_runs_gives_their_own_numbers(sd_path, willow_root, tmp_pa
     for adapt in ("prompt", "lora", "prompt+lora"):
         feat = SDFeaturizer.from_pretrained(sd_path, resolution=64, ensemble=1)
         cfg = TrainConfig(dataset="synthetic", root=str(willow_root), prompt="single", model=str(sd_path), resolution=64, steps=2, batch_size=2,
-                          micro_batch=2, val_every=0, ckpt_every=1000, device="cpu", adapt=adapt)
+                          micro_batch=2, val_every=2, val_pairs=2, ckpt_every=1000, device="cpu", adapt=adapt)
         out = Trainer(cfg, tmp_path / adapt, featurizer=feat, progress=False).run()
         ev = tmp_path / f"ev-{adapt.replace('+', '-')}"
         assert main(["evaluate", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--prompt", str(out / "best"), "--model",
@@ -154,6 +155,7 @@ def test_compare_three_runs_gives_their_own_numbers(sd_path, willow_root, tmp_pa
         assert float(r["per image @0.1"]) == pytest.approx(100 * doc["per_image"]["all"]["0.1"], abs=0.006)
         assert float(r["per point @0.05"]) == pytest.approx(100 * doc["per_point"]["all"]["0.05"], abs=0.006)
         assert int(r["trainable params"]) == doc["run"]["training_cost"]["trainable_params"] and r["adapt"] == doc["run"]["training_cost"]["adapt"]
+        assert float(r["s/step"]) > 0 and float(r["peak MB"]) > 0
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 5_000 and "| run | prompt | adapt |" in capsys.readouterr().out
 
 

@@ -41,6 +41,7 @@ from sd4match.matching import point_correlation
 from sd4match.metrics import score
 from sd4match.features.adapters import Adapter, AdapterConfig
 from sd4match.prompts import Prompt, make_prompt, parse_prompt, prompt_class, resolve_prompt
+from sd4match.prompts.base import update_training_record
 from sd4match.runtime import distributed_rank_world, gather_dicts, git_sha, hang_for_tests, peak_memory_mb, pick_device, pick_dtype
 from sd4match.store import Store
 
@@ -462,6 +463,8 @@ class Trainer:
             self.save_result(out / "last")
             if self.best["step"] < 0:  # never validated: the last prompt is the one to use
                 self.save_result(out / "best")
+            else:  # best/ was written at its step, before the run's time and memory were known
+                update_training_record(out / "best", cost=dict(self.cost))
             self.write_config()
         return out
 

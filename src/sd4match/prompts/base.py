@@ -207,6 +207,13 @@ def read_prompt_config(folder: str | Path) -> PromptConfig:
     return cfg
 
 
+def update_training_record(folder: str | Path, **training) -> None:
+    """Add to the training record of the prompt folder's ``config.json`` (its weights untouched)."""
+    cfg = read_prompt_config(folder)
+    cfg.training = {**cfg.training, **training}
+    atomic_write_text(Path(folder) / "config.json", json.dumps(asdict(cfg), indent=2))
+
+
 def read_prompt_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
