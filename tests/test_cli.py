@@ -81,6 +81,29 @@ def test_score_table_and_plot(tmp_path, willow_root):
     assert np.asarray(im.convert("L")).std() > 5  # not blank
 
 
+def test_score_rescores_a_limited_evaluation_on_its_pairs(tmp_path, willow_root):
+    """The predictions of `evaluate --limit 12`: `score --limit 12` scores those 12 pairs (the
+    same pairs: 2 or 3 of each sub-class, not the first 12 of car(G)); without it, the error
+    says so rather than suggesting --allow-missing alone."""
+    from sd4match.data.records import limit_pairs
+
+    recs, full = _willow_predictions(tmp_path, willow_root, noise_px=6.0)
+    kept = {r.id for r in limit_pairs(recs, 12)}
+    part = tmp_path / "limited.jsonl"
+    part.write_text("".join(l + "\n" for l in full.read_text().splitlines() if json.loads(l)["id"] in kept))
+    base = ["score", "--dataset", "pfwillow", "--root", willow_root, "--split", "test", "--json", "--predictions"]
+    rc, out, err = run(*base, part, "--limit", "12")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["n_pairs"] == 12 and len(res["per_image"]["by_category"]) == 5
+    by_hand = [r for r in recs if r.id in kept]
+    preds = {json.loads(l)["id"]: np.array(json.loads(l)["kps"]) for l in part.read_text().splitlines()}
+    hits = [np.linalg.norm(preds[r.id] - r.trg_kps, axis=1) <= 0.1 * max(r.trg_kps.max(0) - r.trg_kps.min(0)) for r in by_hand]
+    assert res["per_image"]["all"]["0.1"] == pytest.approx(np.mean([h.mean() for h in hits]))
+    assert_one_line_error(*run(*base, part)[::2], "limited.jsonl: holds 12 of the split's 450 pairs, those `evaluate --limit 12` takes: pass --limit 12")
+    assert_one_line_error(*run(*base, full, "--limit", "12")[::2], "is not in the pair list")  # the full predictions hold pairs beyond the 12
+
+
 def test_score_errors(tmp_path, willow_root):
     recs, path = _willow_predictions(tmp_path, willow_root, noise_px=1.0)
     lines = path.read_text().splitlines()

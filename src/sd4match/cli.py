@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="standard", choices=typing.get_args(Protocol), help=PROTOCOL_HELP)
     p.add_argument("--alphas", type=_parser_type(parse_alphas), default=DEFAULT_ALPHAS, help="comma-separated PCK thresholds (default: 0.05,0.1,0.15)")
     p.add_argument("--allow-missing", action="store_true", help="score pairs without a prediction as 0")
+    p.add_argument("--limit", type=_number(int, at_least=0), default=0,
+                   help="score the N pairs `evaluate --limit N` takes (each category its share), e.g. to rescore such a run under another protocol")
     p.add_argument("--json", action="store_true", help="print the score as JSON")
     p.add_argument("--out", type=Path, help="also write the score JSON here")
     p.add_argument("--plot", type=Path, help="write a per-category bar chart (PNG)")
@@ -462,8 +464,15 @@ def cmd_score(args) -> int:
     for flag, path, example in (("--out", args.out, "score.json"), ("--plot", args.plot, "bars.png")):
         if path is not None:
             check_output_file(path, flag, example)
-    recs = _open(args).pairs(args.split)
+    from sd4match.data.records import limit_pairs
+
+    recs = limit_pairs(_open(args).pairs(args.split), args.limit)
     preds = load_predictions(args.predictions)
+    if not args.limit and not args.allow_missing and 0 < len(preds) < len(recs):
+        n = len(preds)
+        if set(preds) == {r.id for r in limit_pairs(recs, n)}:  # an `evaluate --limit n` run's predictions: say how to score them
+            raise Sd4MatchError(f"{args.predictions}: holds {n} of the split's {len(recs)} pairs, those `evaluate --limit {n}` takes: "
+                                f"pass --limit {n} to score them (--allow-missing would score the others as 0)")
     result = score(recs, preds, protocol=args.protocol, alphas=args.alphas, allow_missing=args.allow_missing, where=str(args.predictions))
     if args.seen:
         result["seen_unseen"] = seen_unseen(result, _seen_categories(args.seen))
