@@ -191,10 +191,25 @@ def test_compare_names_what_is_not_an_evaluation_and_writes_nothing(tmp_path, ca
     assert not out.exists()
 
 
-def _score_doc(pck: float, n_pairs: int = 450, limit: int = 0, alphas=("0.05", "0.1", "0.15")) -> str:
+def _score_doc(pck: float, n_pairs: int = 450, limit: int = 0, alphas=("0.05", "0.1", "0.15"), prompt: str = "p") -> str:
     by = {a: pck for a in alphas}
     return json.dumps({"dataset": "pfwillow", "split": "test", "protocol": "sd4match", "n_pairs": n_pairs, "per_image": {"all": by},
-                       "per_point": {"all": by}, "run": {"config": {"prompt": "p", "limit": limit, **({"limit_pairs": "category-share"} if limit else {})}}})
+                       "per_point": {"all": by}, "run": {"config": {"prompt": prompt, "limit": limit, **({"limit_pairs": "category-share"} if limit else {})}}})
+
+
+def test_compare_counts_a_zero_shot_run_as_nothing_learned(tmp_path, capsys):
+    """An evaluation with the empty or a text prompt learned nothing: 0 parameters (before:
+    '-' in the table and '? params' in the picture, as for a run whose cost is unknown)."""
+    import csv
+
+    from sd4match.cli import main
+
+    for name, prompt in (("empty", "empty"), ("text", "text:a photo of a {category}"), ("old", "runs/old/best")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "score.json").write_text(_score_doc(0.5, prompt=prompt))
+    assert main(["compare", *(str(tmp_path / n) for n in ("empty", "text", "old")), "--out", str(tmp_path / "cmp")]) == 0
+    rows = list(csv.DictReader((tmp_path / "cmp" / "compare.csv").open()))
+    assert [(r["adapt"], r["trainable params"]) for r in rows] == [("none (zero-shot)", "0"), ("none (zero-shot)", "0"), ("-", "-")]
 
 
 def test_compare_names_runs_apart_and_refuses_different_pairs(tmp_path, capsys):

@@ -31,12 +31,22 @@ def read_run(folder: str | Path) -> dict:
     try:
         doc = json.loads(f.read_text())
         run = doc.get("run", {})
-        return {"run": folder.name, "path": str(folder), "prompt": run.get("config", {}).get("prompt"), "rule": run.get("config", {}).get("rule"),
+        prompt = run.get("config", {}).get("prompt")
+        return {"run": folder.name, "path": str(folder), "prompt": prompt, "rule": run.get("config", {}).get("rule"),
                 "dataset": f"{doc['dataset']}/{doc['split']}", "protocol": doc["protocol"], "n_pairs": doc["n_pairs"],
                 "limit": run.get("config", {}).get("limit") or 0, "limit_pairs": run.get("config", {}).get("limit_pairs"),
-                "cost": run.get("training_cost") or {}, "per_image": doc["per_image"]["all"], "per_point": doc["per_point"]["all"]}
+                "cost": run.get("training_cost") or (ZERO_SHOT if _untrained(prompt) else {}),
+                "per_image": doc["per_image"]["all"], "per_point": doc["per_point"]["all"]}
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise Sd4MatchError(f"{f}: not the score.json of an evaluation ({first_line(e)})") from None
+
+
+#: the cost of a run whose prompt was never trained (empty, text): nothing learned
+ZERO_SHOT = {"adapt": "none (zero-shot)", "trainable_params": 0}
+
+
+def _untrained(prompt) -> bool:
+    return isinstance(prompt, str) and (prompt in ("empty", "none", "text") or prompt.startswith("text:"))
 
 
 def compare(folders: Sequence[str | Path], out: str | Path | None = None) -> dict:
@@ -101,7 +111,7 @@ def plot_compare(rows: Sequence[dict], path: Path) -> Path:
                                       else f"{r['run']}\n? params" for r in order], fontsize=8)
     ax.set_xlabel("run (trainable parameters, fewest first)")
     ax.set_ylabel(f"PCK@{key} per image (%)")
-    ax.set_title(f"Accuracy against trainable parameters: {rows[0]['dataset']}, {rows[0]['protocol']} protocol", fontsize=10)
+    ax.set_title(f"Accuracy against trainable parameters\n{rows[0]['dataset']} ({rows[0]['n_pairs']:,} pairs), {rows[0]['protocol']} protocol", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
