@@ -15,6 +15,7 @@ from typing import Sequence
 
 from sd4match.errors import Sd4MatchError, first_line
 from sd4match.fileio import atomic_write_text, csv_text, markdown_table
+from sd4match.prompts.spec import is_keyword_prompt
 from sd4match.viz import pyplot
 
 __all__ = ["compare", "read_run"]
@@ -35,7 +36,7 @@ def read_run(folder: str | Path) -> dict:
         return {"run": folder.name, "path": str(folder), "prompt": prompt, "rule": run.get("config", {}).get("rule"),
                 "dataset": f"{doc['dataset']}/{doc['split']}", "protocol": doc["protocol"], "n_pairs": doc["n_pairs"],
                 "limit": run.get("config", {}).get("limit") or 0, "limit_pairs": run.get("config", {}).get("limit_pairs"),
-                "cost": run.get("training_cost") or (ZERO_SHOT if _untrained(prompt) else {}),
+                "cost": run.get("training_cost") or (ZERO_SHOT if isinstance(prompt, str) and is_keyword_prompt(prompt) else {}),
                 "per_image": doc["per_image"]["all"], "per_point": doc["per_point"]["all"]}
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise Sd4MatchError(f"{f}: not the score.json of an evaluation ({first_line(e)})") from None
@@ -43,10 +44,6 @@ def read_run(folder: str | Path) -> dict:
 
 #: the cost of a run whose prompt was never trained (empty, text): nothing learned
 ZERO_SHOT = {"adapt": "none (zero-shot)", "trainable_params": 0}
-
-
-def _untrained(prompt) -> bool:
-    return isinstance(prompt, str) and (prompt in ("empty", "none", "text") or prompt.startswith("text:"))
 
 
 def compare(folders: Sequence[str | Path], out: str | Path | None = None) -> dict:

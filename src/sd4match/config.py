@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, TypeVar
 
 from sd4match.errors import Sd4MatchError, first_line
+from sd4match.fileio import read_user_text
 
 C = TypeVar("C")
 
@@ -487,8 +488,6 @@ def load_train_config(preset: str | None = None, yaml_file: str | Path | None = 
         d.update(TRAIN_PRESETS[preset])
     if yaml_file:
         import yaml  # only for a YAML file: keeps `sd4match --help` fast
-
-        from sd4match.fileio import read_user_text
 
         try:
             y = yaml.safe_load(read_user_text(yaml_file)) or {}

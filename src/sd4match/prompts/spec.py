@@ -48,6 +48,12 @@ class PromptSpec:
         return self.prompt_class.needs_dino
 
 
+def is_keyword_prompt(spec: str) -> bool:
+    """Whether ``spec`` is ``empty``, ``none``, ``text`` or ``text:<template>`` (nothing learned)
+    rather than a prompt folder or hub address; told from the text alone."""
+    return spec in ("empty", "none", "text") or spec.startswith("text:")
+
+
 def parse_prompt(spec: str | PromptSpec) -> PromptSpec:
     """``empty`` (or ``none``), ``text``, ``text:<template>``, a prompt folder or ``hf://...`` -> its spec.
 
