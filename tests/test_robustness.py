@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from sd4match.cli import main
 from sd4match.testing import tiny_sd
@@ -226,3 +227,48 @@ def test_training_run_folders_resume_and_extend(tmp_path, willow_root, tiny):
     assert rc == 0, err
     assert "step-0000009" in err and "falling back" in err
     assert _steps(out) == list(range(1, 13))
+
+
+def test_training_stopped_by_sigterm_keeps_its_step_and_resumes_exactly(tmp_path, willow_root, tiny):
+    """A scheduler's SIGTERM mid-run (a first Ctrl-C alike): the step in progress is finished,
+    checkpointed and written to last/, and the process exits 143 naming --resume; resumed, the
+    run equals one never stopped. Before, SIGTERM ended the process at once and every step
+    since the last checkpoint (up to --ckpt-every 500) was lost."""
+    from safetensors.torch import load_file
+
+    clean = tmp_path / "clean"
+    assert _train(tiny, willow_root, clean, "--steps", "4", "--ckpt-every", "100")[0] == 0
+    out = tmp_path / "stopped"
+    args = ["train", "--dataset", "synthetic", "--root", willow_root, "--prompt", "single", "--model", tiny, "--resolution", "64", "--steps", "4",
+            "--batch-size", "2", "--micro-batch", "1", "--val-every", "0", "--ckpt-every", "100", "--device", "cpu", "--no-progress", "--out", out]
+    p = subprocess.Popen([sys.executable, "-m", "sd4match", *map(str, args)], env={**os.environ, "SD4MATCH_TEST_HANG": "step:2"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not (out / ".test-hang").exists():
+        assert p.poll() is None, p.stderr.read().decode()
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=300)[1].decode()
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert "sd4match: stopped: SIGTERM at step 2 of 4" in err and "--resume" in err and "Traceback" not in err
+    assert [c.name for c in (out / "checkpoints").iterdir()] == ["step-0000002"] and _steps(out) == [1, 2]
+    assert (out / "last" / "prompt.safetensors").is_file()
+    assert _train(tiny, willow_root, out, "--steps", "4", "--ckpt-every", "100", "--resume")[0] == 0
+    assert _steps(out) == [1, 2, 3, 4]
+    a, b = load_file(str(clean / "last" / "prompt.safetensors")), load_file(str(out / "last" / "prompt.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stop_request_takes_the_first_signal_and_gives_the_handlers_back():
+    from sd4match.runtime import StopRequest
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs in the main thread between bytecodes
+        assert stop.signal == "SIGTERM" and stop.agreed(1, "cpu")
+        os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM changes nothing
+        time.sleep(0.05)
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import typing
 import warnings
@@ -26,7 +27,7 @@ from typing import Any, Sequence
 from sd4match.config import (ALL_PAIRS_HELP, compile_choice, kernel_choice, DEFAULT_ALPHAS, EVAL_PRESETS, IMAGES_HELP, MATCH_RULES, PROTOCOL_HELP, SPLIT_HELP, TRAIN_PRESETS, DatasetName,
                              EvalConfig, ImportKind, MatchConfig,
                              ModelConfig, Protocol, TrainConfig, field_base_type, field_choices, parse_alphas, parse_names)
-from sd4match.errors import Sd4MatchError, Sd4MatchWarning
+from sd4match.errors import RunStopped, Sd4MatchError, Sd4MatchWarning
 
 __all__ = ["EVAL_PRESETS", "MATCH_RULES", "build_parser", "main"]
 
@@ -555,7 +556,11 @@ def cmd_train(args) -> int:
         warnings.warn(f"validating on the training split ({cfg.train_split}): best/ is chosen on pairs it learned from", Sd4MatchWarning, stacklevel=2)
     check_output_folder(args.out)
     resume = check_run_folder(args.out, resume=args.resume, resume_or_start=args.resume_or_start)
-    out = Trainer(cfg, args.out, progress=not args.no_progress).run(resume=resume)
+    try:
+        out = Trainer(cfg, args.out, progress=not args.no_progress).run(resume=resume)
+    except RunStopped:
+        finish_distributed()  # every process stopped at the same step
+        raise
     rank = distributed_rank_world()[0]
     finish_distributed()
     if rank == 0:
@@ -840,6 +845,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"sd4match: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"sd4match: stopped: {e}", file=sys.stderr)
+        return 128 + signal.Signals[e.signal_name].value
     except KeyboardInterrupt:
         print("sd4match: interrupted", file=sys.stderr)
         return 130

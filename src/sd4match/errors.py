@@ -43,6 +43,16 @@ def torch_load_problem(exc: BaseException, *, known_only: bool = False) -> str |
     return "content torch's safe loader (weights_only) does not read" if line.startswith("Weights only load failed") else line
 
 
+class RunStopped(Exception):
+    """A long run stopped early on request (SIGTERM, a first Ctrl-C) after keeping what it did;
+    the message says where it stopped and how to continue. The command line prints it on one
+    line and exits with 128 + the signal's number, as a process ended by that signal does."""
+
+    def __init__(self, message: str, signal_name: str):
+        self.signal_name = signal_name
+        super().__init__(message)
+
+
 class Sd4MatchWarning(UserWarning):
     """Something the user should know that does not stop the run; the command line prints it
     as one line, ``sd4match: warning: ...``."""

@@ -6,9 +6,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import subprocess
+import sys
+import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -101,15 +104,62 @@ def git_sha() -> str | None:
         return None
 
 
-def hang_for_tests(folder, where: str) -> None:
+def hang_for_tests(folder, where: str, until: Callable[[], bool] | None = None) -> None:
     """Fault injection for the kill-and-resume tests: with ``SD4MATCH_TEST_HANG=<where>``
     (e.g. ``step:7``, ``ckpt:4``, ``pair:120``), write ``<folder>/.test-hang`` and wait to be
-    killed, so a test kills a run at a point it reached, never on a clock."""
+    killed (or until ``until()`` holds: a stop was asked for), so a test stops a run at a
+    point it reached, never on a clock."""
     if os.environ.get("SD4MATCH_TEST_HANG") == where:
         import time
 
         (Path(folder) / ".test-hang").write_text(where)
-        time.sleep(3600)
+        for _ in range(36_000):
+            if until is not None and until():
+                return
+            time.sleep(0.1)
+
+
+class StopRequest:
+    """Within the block, SIGTERM (a scheduler's notice before it kills a job) and a first
+    Ctrl-C ask a long run to stop at its next safe point instead of ending the process at
+    once: ``signal`` names the first such signal. A second Ctrl-C ends the run at once
+    (KeyboardInterrupt). The handlers are installed from the main thread only, and the
+    ones before are put back on leaving."""
+
+    def __init__(self, what: str = "the run stops after the step in progress, keeping what it did"):
+        self.what = what
+        self.signal: str | None = None
+        self._before: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._before[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._before.items():
+            signal.signal(sig, handler)
+        self._before.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signal = signal.Signals(signum).name
+        print(f"sd4match: {self.signal}: {self.what} (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+
+    def agreed(self, world: int, device) -> bool:
+        """Whether any process of the run was asked to stop; with several processes a
+        collective (each calls it at the same step), so that all stop at the same one."""
+        if world <= 1:
+            return self.signal is not None
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.signal else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def peak_memory_mb(device) -> float:

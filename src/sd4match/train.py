@@ -32,7 +32,7 @@ from sd4match.checkpoint import CKPT_DIR, list_checkpoints, load_checkpoint, pru
 from sd4match.config import TRAIN_PRESETS, MatchConfig, TrainConfig, compile_choice, kernel_choice, load_train_config
 from sd4match.data import dataset_options, open_dataset
 from sd4match.data.records import limit_pairs, limit_record, limit_rule_changed
-from sd4match.errors import Sd4MatchError, Sd4MatchWarning
+from sd4match.errors import RunStopped, Sd4MatchError, Sd4MatchWarning
 from sd4match.evaluate import predict_pairs
 from sd4match.features import DinoFeaturizer, load_featurizer
 from sd4match.fileio import atomic_write_text
@@ -42,7 +42,7 @@ from sd4match.metrics import score
 from sd4match.features.adapters import Adapter, AdapterConfig
 from sd4match.prompts import Prompt, make_prompt, parse_prompt, prompt_class, resolve_prompt
 from sd4match.prompts.base import update_training_record
-from sd4match.runtime import distributed_rank_world, gather_dicts, git_sha, hang_for_tests, peak_memory_mb, pick_device, pick_dtype
+from sd4match.runtime import StopRequest, distributed_rank_world, gather_dicts, git_sha, hang_for_tests, peak_memory_mb, pick_device, pick_dtype
 from sd4match.store import Store
 
 __all__ = ["PRESETS", "TrainConfig", "Trainer", "batch_indices", "build_optimizer", "check_run_folder", "load_config"]
@@ -434,25 +434,30 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, unit="step", desc="train", disable=not (self.progress and lead))
         t0, n0 = time.perf_counter(), self.step
         try:
-            while self.step < total:
-                # one optimiser step
-                loss = self.train_step()
-                rate = (self.step - n0) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{rate:.2f}")
-                bar.update(1)
-                rec = {"step": self.step, "loss": loss, "pairs_per_s": rate}
-                # validate (every process takes its share) and keep the best prompt
-                if self.validates_after(self.step) and self.val_pairs:
-                    rec["val_pck@0.1"] = pck = self.validate()
-                    self.keep_if_best(pck)
-                if not lead:
-                    continue
-                # log
-                log.write(rec)
-                hang_for_tests(out, f"step:{self.step}")
-                # checkpoint
-                if self.step % cfg.ckpt_every == 0 or self.step == total:
-                    self.checkpoint()
+            with StopRequest() as stop:
+                while self.step < total:
+                    # one optimiser step
+                    loss = self.train_step()
+                    rate = (self.step - n0) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{rate:.2f}")
+                    bar.update(1)
+                    rec = {"step": self.step, "loss": loss, "pairs_per_s": rate}
+                    # validate (every process takes its share) and keep the best prompt
+                    if self.validates_after(self.step) and self.val_pairs:
+                        rec["val_pck@0.1"] = pck = self.validate()
+                        self.keep_if_best(pck)
+                    if lead:
+                        log.write(rec)
+                        hang_for_tests(out, f"step:{self.step}", until=lambda: stop.signal is not None)
+                    # SIGTERM or Ctrl-C: every process stops after this step, the first keeps it
+                    stopping = stop.agreed(self.world, self.feat.device) and self.step < total
+                    if lead and (self.step % cfg.ckpt_every == 0 or self.step == total or stopping):
+                        self.checkpoint()
+                    if stopping:
+                        if lead:
+                            self.save_result(out / "last")
+                        raise RunStopped(f"{stop.signal} at step {self.step} of {total}: its checkpoint and last/ are in {out}; "
+                                         "continue the run with --resume", stop.signal)
         finally:
             bar.close()
             self.close_loader()
