@@ -34,6 +34,16 @@ def test_resolve_kinds(tmp_path, tiny):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(Sd4MatchError, match="not a checkpoint file"):
         resolve(str(tmp_path / "notes.txt"))
+    for empty in ("", " "):  # before: the working folder, named as 'not a Stable Diffusion folder'
+        with pytest.raises(Sd4MatchError, match=f"^model name '{empty}' is empty: name a model \\(sd-2-1, "):
+            resolve(empty)
+
+
+def test_fused_model_without_its_sd_part_is_named():
+    from sd4match.checks import check_model
+
+    with pytest.raises(Sd4MatchError, match=r"^\+dinov2-b: no Stable Diffusion model before '\+' \(e\.g\. sd-2-1\+dinov2-b\)$"):
+        check_model("+dinov2-b")
 
 
 def test_folder_loads_same_weights(tiny):
@@ -48,10 +58,12 @@ def test_folder_loads_same_weights(tiny):
     assert feat.model_id == str(tiny.resolve())
 
 
-def test_folder_of_wrong_layout(tmp_path):
+def test_folder_of_wrong_layout(tmp_path, tiny):
     (tmp_path / "unet").mkdir()
-    with pytest.raises(Sd4MatchError, match=r"not a Stable Diffusion folder in the diffusers layout \(vae/ is missing\)"):
+    with pytest.raises(Sd4MatchError, match=r"not a Stable Diffusion folder in the diffusers layout \(vae/ is missing\)$"):
         SDFeaturizer.from_pretrained(tmp_path)
+    with pytest.raises(Sd4MatchError, match=f"unet/ is missing\\); it is the unet/ of the diffusers folder {tiny.resolve()}: pass that$"):
+        SDFeaturizer.from_pretrained(tiny / "unet")  # a component folder given for the model's own
 
 
 @pytest.mark.parametrize("name", ["sd-2-1", "someone/missing-model"])

@@ -28,6 +28,8 @@ def split_fused(model: str | Path) -> tuple[str, str] | None:
             return None
     except Sd4MatchError:
         return None
+    if not sd.strip():
+        raise Sd4MatchError(f"{text}: no Stable Diffusion model before '+' (e.g. sd-2-1+{dino})")
     return sd, dino
 
 

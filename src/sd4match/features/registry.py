@@ -72,6 +72,8 @@ def resolve(model: str | os.PathLike) -> ResolvedModel:
             name, a hub id nor a path.
     """
     text = os.fspath(model)
+    if not text.strip():
+        raise Sd4MatchError(f"model name {text!r} is empty: name a model ({', '.join(REGISTRY)}), a hub id, a folder or a file")
     if text in REGISTRY:
         e = REGISTRY[text]
         if e.family == "effnet":

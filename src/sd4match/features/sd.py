@@ -644,7 +644,8 @@ def load_sd_components(res: ResolvedModel, *, config=None, local_files_only: boo
         root = Path(res.location)
         missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (root / s).is_dir()]
         if missing:
-            raise Sd4MatchError(f"{root}: not a Stable Diffusion folder in the diffusers layout ({missing[0]}/ is missing)")
+            inside = f"; it is the {root.name}/ of the diffusers folder {root.parent}: pass that" if (root.parent / "model_index.json").is_file() else ""
+            raise Sd4MatchError(f"{root}: not a Stable Diffusion folder in the diffusers layout ({missing[0]}/ is missing){inside}")
         return _load_parts(str(root), None, local_files_only=True)
     if res.kind == "hub":
         return load_from_hub(lambda local: _load_parts(res.location, res.revision, local_files_only=local), "Stable Diffusion", res, offline)
