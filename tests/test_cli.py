@@ -296,6 +296,14 @@ def test_every_number_in_the_settings_has_a_range_and_files_read_numbers_written
     (tmp_path / "bom.yaml").write_bytes("steps: 40\n".encode("utf-16"))
     with pytest.raises(Sd4MatchError, match=r"bom\.yaml: UTF-16 text"):
         load_train_config(yaml_file=tmp_path / "bom.yaml", root="x")
+    (tmp_path / "flags.yaml").write_text("micro-batch: 3\nval_every: 0\n")  # keys spelt as the flags, or as the fields
+    assert (load_train_config(yaml_file=tmp_path / "flags.yaml", root="x").micro_batch, load_train_config(yaml_file=tmp_path / "flags.yaml", root="x").val_every) == (3, 0)
+    (tmp_path / "typo.yaml").write_text("1: 2\nlrr: 0.1\n")  # keys of two types: named, not a TypeError from sorting them
+    with pytest.raises(Sd4MatchError, match=r"^unknown training setting 1; known: "):
+        load_train_config(yaml_file=tmp_path / "typo.yaml", root="x")
+    (tmp_path / "typo.yaml").write_text("lrr: 0.1\n")
+    with pytest.raises(Sd4MatchError, match=r"^unknown training setting 'lrr' \(did you mean 'lr'\?\); known: "):
+        load_train_config(yaml_file=tmp_path / "typo.yaml", root="x")
     (tmp_path / "bad.yaml").write_text("lr: fast\n")
     with pytest.raises(Sd4MatchError, match=r"^lr 'fast': expected a finite number$"):
         load_train_config(yaml_file=tmp_path / "bad.yaml", root="x")

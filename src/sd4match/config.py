@@ -131,9 +131,13 @@ def from_dict(cls: type[C], d: dict, what: str = "setting") -> C:
     """``cls(**d)``, naming an unknown key in one line. Numbers written as text (YAML reads
     ``1e-2`` as a string: YAML 1.1 floats need a dot) become numbers where the field is one."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
+    unknown = sorted(set(d) - set(fields), key=str)
     if unknown:
-        raise Sd4MatchError(f"unknown {what} {unknown[0]!r}; known: {', '.join(sorted(fields))}")
+        import difflib
+
+        close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise Sd4MatchError(f"unknown {what} {unknown[0]!r}{hint}; known: {', '.join(sorted(fields))}")
     d = dict(d)
     for k, v in d.items():
         base = field_base_type(cls, fields[k])
@@ -499,7 +503,7 @@ def load_train_config(preset: str | None = None, yaml_file: str | Path | None = 
             raise Sd4MatchError(f"{yaml_file}: cannot read settings ({e})") from None
         if not isinstance(y, dict):
             raise Sd4MatchError(f"{yaml_file}: expected a mapping of settings")
-        d.update(y)
+        d.update({k.replace("-", "_") if isinstance(k, str) else k: v for k, v in y.items()})  # micro-batch, as the flag spells it
     given = {k: v for k, v in overrides.items() if v is not None}
     if "steps" in given and "epochs" not in given:  # an explicit step count replaces a preset's epochs
         d["epochs"] = 0
