@@ -9,6 +9,7 @@ no merges.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Literal
@@ -133,10 +134,10 @@ def tiny_sd(path: str | Path, *, seed: int = 0, style: SdStyle = "sd2") -> Path:
     """
     import tempfile
 
-    from diffusers import StableDiffusionPipeline
-
     path = Path(path)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _quiet_writing():
+        from diffusers import StableDiffusionPipeline
+
         unet, vae, text_encoder, tokenizer, scheduler = tiny_sd_components(seed=seed, style=style, tokenizer_dir=tmp)
         pipe = StableDiffusionPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -144,6 +145,24 @@ def tiny_sd(path: str | Path, *, seed: int = 0, style: SdStyle = "sd2") -> Path:
         )
         pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+@contextlib.contextmanager
+def _quiet_writing():
+    """transformers' notices (the pipeline's import names optional packages such as
+    torchvision) and its "Writing model shards" bars unsaid while a tiny model is written;
+    both as they were afterwards."""
+    from transformers.utils import logging as tlog
+
+    from sd4match.features.registry import quiet_loading
+
+    verbosity = tlog.get_verbosity()
+    tlog.set_verbosity_error()
+    try:
+        with quiet_loading():
+            yield
+    finally:
+        tlog.set_verbosity(verbosity)
 
 
 def tiny_dinov2(path: str | Path, *, seed: int = 0, image_size: int = 518) -> Path:
