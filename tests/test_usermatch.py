@@ -197,6 +197,16 @@ def test_transfer_extracts_each_image_once(tmp_path, featurizer, willow_pair, wi
     assert calls == [1, 1, 1, 1]  # the source once, each target once
 
 
+def test_transfer_into_a_folder_inside_its_targets_never_reads_its_own_output(tmp_path, featurizer, willow_pair, willow_root, extractions):
+    """--out inside --targets: a second run transfers onto the same 3 pictures, not onto the
+    first run's sheet.png (before: a fourth target, and an out__sheet.json)."""
+    targets = _targets(tmp_path / "targets", willow_root, 3)
+    for _ in range(2):
+        run_transfer(Matcher(featurizer), willow_pair[0], [("a", (10.0, 10.0))], targets, targets / "out", progress=False)
+        assert sorted(p.name for p in (targets / "out").iterdir() if not p.name.startswith(".")) == sorted(
+            [f"{p.stem}.json" for p in targets.glob("*.png")] + ["sheet.png"])
+
+
 # -- points ----------------------------------------------------------------------------------
 
 

@@ -653,16 +653,13 @@ def cmd_match(args) -> int:
 
 def cmd_transfer(args) -> int:
     from sd4match.checks import check_picture, check_picture_headers
-    from sd4match.data.images import list_images
-    from sd4match.usermatch import run_transfer
+    from sd4match.usermatch import run_transfer, transfer_targets
 
     check_picture(args.source)
     points = _check_points(args)
     if not args.targets.is_dir():
         raise Sd4MatchError(f"--targets {args.targets}: no such folder")
-    files = [p for p in list_images(args.targets) if p.resolve() != args.source.resolve()]
-    if not files:
-        raise Sd4MatchError(f"{args.targets}: no images to transfer onto")
+    files = transfer_targets(args.targets, args.source, args.out)
     check_picture_headers(files)  # a target that fails later leaves --out as it was
     _check_common(args)
     written = run_transfer(load_matcher(args), args.source, points, args.targets, args.out, max_side=args.max_side, progress=not args.no_progress)

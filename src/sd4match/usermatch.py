@@ -407,6 +407,16 @@ def _target_names(targets: Sequence[Path], root: Path) -> list[str]:
     return [(s + "_" + t.suffix.lstrip(".").lower()) if s in dup else s for s, t in zip(stems, targets)]
 
 
+def transfer_targets(targets: str | Path, source: str | Path, out: str | Path) -> list[Path]:
+    """The pictures under ``targets`` a transfer places points on: not the source, and nothing
+    under ``out`` (an earlier transfer's ``sheet.png`` when ``--out`` lies inside ``--targets``)."""
+    src, dest = Path(source).resolve(), Path(out).resolve()
+    files = [p for p in list_images(targets) if (r := p.resolve()) != src and dest not in r.parents]
+    if not files:
+        raise Sd4MatchError(f"{targets}: no images to transfer onto")
+    return files
+
+
 def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets: str | Path, out: str | Path, *, max_side: int = MAX_SIDE,
                  progress: bool = True, sheet_columns: int = 4) -> list[Path]:
     """``sd4match transfer``: place the named ``points`` of ``source`` on every image under
@@ -419,9 +429,7 @@ def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets
     a = open_image(source, max_side=max_side)
     check_points(points, a)
     root = Path(targets)
-    files = [p for p in list_images(root) if p.resolve() != Path(source).resolve()]
-    if not files:
-        raise Sd4MatchError(f"{root}: no images to transfer onto")
+    files = transfer_targets(root, source, out)
     out = Path(out)
     views: list[tuple[str, Image.Image, tuple, list]] = []  # small copies: the points are drawn once every score is known
     docs: dict[str, str] = {}
