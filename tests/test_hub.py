@@ -68,8 +68,8 @@ def test_hub_prompt_from_the_cache_offline(feat, tmp_path, monkeypatch, capsys):
 def test_push_writes_a_model_card_and_uploads(feat, tmp_path, monkeypatch, capsys):
     prompt = make_prompt("single", feat, seed=1)
     prompt.config.model, prompt.config.timestep, prompt.config.up_block = "stabilityai/stable-diffusion-2-1@abc", 261, 1
-    prompt.config.training = {"dataset": "spair", "split": "trn", "step": 29600}
-    folder = prompt.save(tmp_path / "p")
+    folder = prompt.save(tmp_path / "p", dataset="spair", split="trn", step=29600, adapt="prompt",  # as the trainer records it
+                         cost={"adapt": "prompt", "trainable_params": 76800, "seconds_per_step": 0.19, "peak_memory_mb": 23456.7}, val_pck=0.7142)
     score = {"dataset": "spair", "split": "test", "protocol": "sd4match", "n_pairs": 12234, "n_points": 88328,
              "per_image": {"all": {"0.05": 0.595, "0.1": 0.755}}, "per_point": {"all": {"0.05": 0.55, "0.1": 0.7}},
              "run": {"config": {"rule": "kernel-softargmax", "seed": 0, "settings": {"timestep": 50}}}}
@@ -98,7 +98,13 @@ def test_push_writes_a_model_card_and_uploads(feat, tmp_path, monkeypatch, capsy
     assert set(sent["files"]) == {"prompt.safetensors", "config.json", "README.md"}
     assert sent["files"]["prompt.safetensors"] == (folder / "prompt.safetensors").read_bytes()
     card = sent["files"]["README.md"].decode()
-    assert "base_model: stabilityai/stable-diffusion-2-1" in card and "timestep 261" in card and "dataset spair, split trn, step 29600" in card
+    assert "base_model: stabilityai/stable-diffusion-2-1" in card and "timestep 261" in card
+    # before: only "dataset spair, split trn, step 29600" (the keys it looked for were not those the trainer writes)
+    training = "spair/trn, step 29,600; validation PCK@0.1 71.42 %; 76,800 trainable parameters (prompt), 0.19 s/step, peak 23,457 MB"
+    assert f"- **Training**: {training}\n" in card
+    capsys.readouterr()
+    assert main(["prompts", "show", str(folder)]) == 0
+    assert f"  training: {training}\n" in capsys.readouterr().out
     assert "| per image | 59.50 | 75.50 |" in card and "| per point | 55.00 | 70.00 |" in card and "--prompt hf://me/my-prompt" in card
     assert not (folder / "README.md").exists()  # the user's folder is left as it was
     assert model_card(folder, "me/x").count("## Score") == 0

@@ -207,6 +207,31 @@ def read_prompt_config(folder: str | Path) -> PromptConfig:
     return cfg
 
 
+def describe_training(training: dict) -> str:
+    """A prompt folder's training record in words (``prompts show``, the hub model card):
+    where it came from or what it was trained on, its validation score and what it cost."""
+    if training.get("imported_from"):
+        src = training["imported_from"]
+        return f"imported from the authors' released {src.get('file')} (sha256 {src.get('sha256')})"
+    if not training:
+        return "not recorded"
+    parts = [f"{training.get('dataset', '?')}/{training.get('split', '?')}" + (f", step {training['step']:,}" if "step" in training else "")]
+    cats = training.get("categories") or []
+    if cats:
+        parts.append(f"categories ({len(cats)}): {', '.join(cats)}")
+    if training.get("val_pck") is not None:
+        parts.append(f"validation PCK@0.1 {100 * training['val_pck']:.2f} %")
+    cost = training.get("cost") or {}
+    spent = [f"{cost['trainable_params']:,} trainable parameters ({cost.get('adapt', training.get('adapt', 'prompt'))})" if "trainable_params" in cost else "",
+             f"{cost['seconds_per_step']:.3g} s/step" if "seconds_per_step" in cost else "",
+             f"peak {cost['peak_memory_mb']:,.0f} MB" if "peak_memory_mb" in cost else ""]
+    if any(spent):
+        parts.append(", ".join(s for s in spent if s))
+    known = {"dataset", "split", "step", "categories", "val_pck", "cost", "adapt"}
+    parts += [f"{k} {training[k]}" for k in sorted(training) if k not in known]
+    return "; ".join(parts)
+
+
 def update_training_record(folder: str | Path, **training) -> None:
     """Add to the training record of the prompt folder's ``config.json`` (its weights untouched)."""
     cfg = read_prompt_config(folder)

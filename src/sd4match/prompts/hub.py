@@ -17,7 +17,7 @@ from pathlib import Path
 from sd4match.errors import Sd4MatchError, first_line
 from sd4match.features.adapters import ADAPTER_CONFIG, ADAPTER_FILE, describe_adapter, has_adapter, read_adapter
 from sd4match.features.registry import offline_mode
-from sd4match.prompts.base import PROMPT_CLASSES, read_prompt_config, read_prompt_tensors
+from sd4match.prompts.base import PROMPT_CLASSES, describe_training, read_prompt_config, read_prompt_tensors
 
 HUB_PREFIX = "hf://"
 PROMPT_FILES = ("prompt.safetensors", "config.json")
@@ -105,14 +105,7 @@ def model_card(folder: str | Path, repo_id: str, score: dict | None = None) -> s
     adapter = describe_adapter(folder)
     if adapter:
         lines.append(f"- **Adapter**: {adapter} (`adapter.safetensors`, applied to the UNet by sd4match per call)")
-    training = dict(cfg.training)
-    if training.get("imported_from"):
-        src = training["imported_from"]
-        lines.append(f"- **Origin**: imported from the authors' released `{src.get('file')}` (sha256 `{src.get('sha256')}`)")
-    else:
-        keys = ("dataset", "split", "step", "steps", "epoch", "best_pck", "lr", "batch_size")
-        facts = ", ".join(f"{k} {training[k]}" for k in keys if k in training)
-        lines.append(f"- **Training**: {facts or 'not recorded'}")
+    lines.append(f"- **{'Origin' if cfg.training.get('imported_from') else 'Training'}**: {describe_training(cfg.training)}")
     lines += ["", "## Use", "", "```bash", "pip install sd4match",
               f"sd4match match a.jpg b.jpg --prompt hf://{repo_id} --model {cfg.model.split('@')[0] if base else 'sd-2-1'} --out matches",
               f"sd4match evaluate --prompt hf://{repo_id} --dataset spair --root SPair-71k --split test --out runs/eval", "```"]

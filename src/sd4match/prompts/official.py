@@ -26,7 +26,6 @@ against the text encoder (and the DINOv2 width for CPM) before anything is writt
 
 from __future__ import annotations
 
-import json
 import re
 import typing
 from pathlib import Path
@@ -38,7 +37,7 @@ from sd4match.config import ImportKind
 from sd4match.errors import Sd4MatchError, torch_load_problem
 from sd4match.features.adapters import describe_adapter
 from sd4match.fileio import file_sha256
-from sd4match.prompts.base import PROMPT_CLASSES, read_prompt_config, read_prompt_tensors
+from sd4match.prompts.base import PROMPT_CLASSES, describe_training, read_prompt_config, read_prompt_tensors
 from sd4match.prompts.build import bridge_for, make_prompt
 
 CPM_KEYS = ("global_embeds", "positional_embedding", "alpha_cond", "linear_C.weight", "linear_C.bias", "linear_N.weight", "linear_N.bias")
@@ -274,7 +273,7 @@ def describe_prompt(folder: str | Path) -> str:
     if cfg.timestep is not None or cfg.up_block is not None:
         lines.append(f"  trained at timestep {cfg.timestep}, up_blocks[{cfg.up_block}]")
     if cfg.training:
-        lines.append(f"  training: {json.dumps(cfg.training, default=str)}")
+        lines.append(f"  training: {describe_training(cfg.training)}")
     if (Path(folder) / "prompt.safetensors").is_file():
         tensors = read_prompt_tensors(folder)
         total = sum(t.numel() for t in tensors.values())
