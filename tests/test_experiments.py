@@ -116,8 +116,10 @@ def test_sweep_cells_equal_separate_evaluations_and_a_rerun_computes_nothing(sd_
     assert (tmp_path / "s" / "table.csv").read_text().count("\n") == 7
     for png in ("pck_vs_t.png", "heatmap.png"):
         assert (tmp_path / "s" / png).stat().st_size > 10_000
-    assert res["plots"]["pck_vs_t.png"] == [("timestep t", "PCK@0.1 (%)"), ("timestep t", "")]  # the panels share the y axis
-    assert res["plots"]["heatmap.png"] == [("timestep t", "layer")]
+    assert res["plots"]["pck_vs_t.png"]["labels"] == [("timestep t", "PCK@0.1 (%)"), ("timestep t", "")]  # the panels share the y axis
+    assert res["plots"]["heatmap.png"]["labels"] == [("timestep t", "layer")]
+    assert res["plots"]["pck_vs_t.png"]["legend"] == ["up_blocks[0]", "up_blocks[1]"]  # one ensemble, one schedule: nothing more to tell apart
+    assert res["plots"]["heatmap.png"]["title"] == "pfwillow/test, 10 pairs, prompt text, nn, sd4match protocol"
     capsys.readouterr()
 
     # the rerun, through the command line: every cell is done, so no model runs
@@ -135,6 +137,26 @@ def test_sweep_cells_equal_separate_evaluations_and_a_rerun_computes_nothing(sd_
     # the same folder with other settings is refused
     assert main([*argv[:-1], str(tmp_path / "s"), "--protocol", "standard"]) == 2
     assert "holds a sweep with other settings (protocol)" in capsys.readouterr().err
+
+
+def test_sweep_pictures_share_one_colour_scale_and_name_what_differs(tmp_path):
+    """Two noise schedules, one ensemble: the heat maps share one colour scale (before, each
+    panel stretched its own range, so equal colours meant different PCK), lines and panels
+    name the schedule (before: 'ensemble 1' on every line, the model's schedule unnamed),
+    and both pictures say what they were computed on."""
+    from sd4match.sweep import plot_sweep
+
+    def row(t, k, s, pck):
+        return {"timestep": t, "up_block": k, "ensemble": 1, "noise_schedule": s, "n_pairs": 10, "per_image": {"0.1": pck}, "per_point": {"0.1": pck}}
+
+    rows = [row(t, k, "model", 0.1 + 0.01 * t / 100 + 0.1 * k) for t in (0, 500) for k in (0, 1)]
+    rows += [row(t, k, "model:linear", 0.02 * (k + 1)) for t in (0, 500) for k in (0, 1)]
+    drawn = plot_sweep(rows, tmp_path, "0.1", "pfwillow/test, 10 pairs")
+    lo, hi = 100 * min(r["per_image"]["0.1"] for r in rows), 100 * max(r["per_image"]["0.1"] for r in rows)
+    assert drawn["heatmap.png"]["colour_ranges"] == [pytest.approx((lo, hi))] * 2
+    assert [t.splitlines()[0] for t in drawn["heatmap.png"]["panels"]] == ["PCK@0.1 per image (%), ensemble 1, model", "PCK@0.1 per image (%), ensemble 1, model:linear"]
+    assert drawn["pck_vs_t.png"]["legend"] == ["up_blocks[0], model", "up_blocks[1], model", "up_blocks[0], model:linear", "up_blocks[1], model:linear"]
+    assert drawn["pck_vs_t.png"]["title"] == drawn["heatmap.png"]["title"] == "pfwillow/test, 10 pairs"
 
 
 def test_grid_grammar():

@@ -130,7 +130,8 @@ def sweep(featurizer, cfg: EvalConfig, out: str | Path, *, timesteps: Sequence[i
         summary["alpha"] = key
         atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2))
         write_tables(rows, out, cfg, key)
-        summary["plots"] = plot_sweep(rows, out, key)
+        what = f"{cfg.dataset}/{cfg.split}, {rows[0]['n_pairs']:,} pairs, prompt {cfg.prompt}, {cfg.rule}, {cfg.protocol} protocol" if rows else ""
+        summary["plots"] = plot_sweep(rows, out, key, what)
     return summary
 
 
@@ -170,24 +171,34 @@ def write_tables(rows: Sequence[dict], out: Path, cfg: EvalConfig, key: str) -> 
     atomic_write_text(out / "table.csv", csv_text(head, table))
 
 
-def plot_sweep(rows: Sequence[dict], out: Path, key: str) -> dict[str, list[tuple[str, str]]]:
-    """``pck_vs_t.png``: PCK@key against t, one line per layer (and ensemble / schedule), per
-    image and per point; ``heatmap.png``: t x layer per (ensemble, schedule), best cell marked.
-    Returns each file's (x label, y label) per panel."""
-    labels: dict[str, list[tuple[str, str]]] = {}
+def plot_sweep(rows: Sequence[dict], out: Path, key: str, what: str = "") -> dict[str, dict]:
+    """``pck_vs_t.png``: PCK@key against t, one line per layer (and ensemble / schedule where
+    those differ), per image and per point; ``heatmap.png``: t x layer per (ensemble,
+    schedule), on one colour scale, each panel's best cell marked. ``what`` (the data, pairs,
+    prompt, rule and protocol) heads both pictures. Returns what each file shows: its title,
+    (x label, y label) per panel, the legend (pck_vs_t) or each panel's title and colour range
+    (heatmap)."""
+    drawn: dict[str, dict] = {}
     plt = pyplot()
     import numpy as np
 
     combos = list(dict.fromkeys((r["ensemble"], r["noise_schedule"]) for r in rows))
+    several_e, several_s = len({e for e, _ in combos}) > 1, len({s for _, s in combos}) > 1
+
+    def setting(e, s, first: str = ", ") -> str:  # what tells the lines / panels apart, and only that
+        said = ([f"ensemble {e}"] if several_e else []) + ([s] if several_s else [])
+        return first + ", ".join(said) if said else ""
     n_lines = len(combos) * len({r["up_block"] for r in rows})
     ncol = min(4, n_lines)
     legend_rows = -(-n_lines // ncol)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2 + 0.25 * legend_rows), sharey=True)
+    height = 4.2 + 0.25 * legend_rows + 0.3
+    fig, axes = plt.subplots(1, 2, figsize=(11, height), sharey=True)
+    fig.suptitle(what, fontsize=9)
     for ax, agg, label in ((axes[0], "per_image", "per image"), (axes[1], "per_point", "per point")):
         for (e, s), k in itertools.product(combos, sorted({r["up_block"] for r in rows})):
             pts = sorted((r["timestep"], 100 * r[agg][key]) for r in rows if (r["ensemble"], r["noise_schedule"], r["up_block"]) == (e, s, k))
             if pts:
-                tag = f"up_blocks[{k}]" + (f", ensemble {e}" if len(combos) > 1 else "") + (f", {s}" if s != "model" and len(combos) > 1 else "")
+                tag = f"up_blocks[{k}]" + setting(e, s)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=tag)
         ax.set_xlabel("timestep t")
         ax.set_title(f"PCK@{key}, {label}")
@@ -195,19 +206,24 @@ def plot_sweep(rows: Sequence[dict], out: Path, key: str) -> dict[str, list[tupl
     axes[0].set_ylabel(f"PCK@{key} (%)")
     # below both panels: a legend inside one would hide its points
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, (0.25 * legend_rows + 0.15) / (4.2 + 0.25 * legend_rows), 1, 1))
+    fig.tight_layout(rect=(0, (0.25 * legend_rows + 0.15) / height, 1, 1))
     fig.savefig(out / "pck_vs_t.png", dpi=120)
-    labels["pck_vs_t.png"] = [(a.get_xlabel(), a.get_ylabel()) for a in axes]
+    drawn["pck_vs_t.png"] = {"title": what, "labels": [(a.get_xlabel(), a.get_ylabel()) for a in axes], "legend": axes[0].get_legend_handles_labels()[1]}
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(combos), figsize=(max(5, 4.5 * len(combos)), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(combos), figsize=(max(5, 4.5 * len(combos)), 4.3), squeeze=False)
+    fig.suptitle(what, fontsize=9)
+    values = [100 * r["per_image"][key] for r in rows]
+    lo, hi = min(values), max(values)  # one colour scale for every panel: equal colours are equal PCK
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
     for ax, (e, s) in zip(axes[0], combos):
         sub = [r for r in rows if (r["ensemble"], r["noise_schedule"]) == (e, s)]
         ts, ks = sorted({r["timestep"] for r in sub}), sorted({r["up_block"] for r in sub})
         grid = np.full((len(ks), len(ts)), np.nan)
         for r in sub:
             grid[ks.index(r["up_block"]), ts.index(r["timestep"])] = 100 * r["per_image"][key]
-        im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+        im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower", vmin=lo, vmax=hi)
         ax.set_xticks(range(len(ts)), [str(t) for t in ts], rotation=45 if len(ts) > 8 else 0)
         ax.set_yticks(range(len(ks)), [f"up_blocks[{k}]" for k in ks])
         ax.set_xlabel("timestep t")
@@ -215,14 +231,15 @@ def plot_sweep(rows: Sequence[dict], out: Path, key: str) -> dict[str, list[tupl
         for i in range(len(ks)):
             for j in range(len(ts)):
                 if not np.isnan(grid[i, j]):
-                    bright = grid[i, j] > np.nanmin(grid) + 0.6 * (np.nanmax(grid) - np.nanmin(grid))
+                    bright = grid[i, j] > lo + 0.6 * (hi - lo)
                     ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=7, color="black" if bright else "white")
         bi, bj = np.unravel_index(np.nanargmax(grid), grid.shape)
         ax.add_patch(plt.Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
-        ax.set_title(f"PCK@{key} per image (%), ensemble {e}" + (f", {s}" if s != "model" else "") + "\nred: the best cell", fontsize=9)
+        ax.set_title(f"PCK@{key} per image (%), ensemble {e}, {s}\nred: the best cell" + (" of this panel" if len(combos) > 1 else ""), fontsize=9)
         fig.colorbar(im, ax=ax, label=f"PCK@{key} (%)")
     fig.tight_layout()
     fig.savefig(out / "heatmap.png", dpi=120)
-    labels["heatmap.png"] = [(a.get_xlabel(), a.get_ylabel()) for a in axes[0]]
+    drawn["heatmap.png"] = {"title": what, "labels": [(a.get_xlabel(), a.get_ylabel()) for a in axes[0]], "panels": [a.get_title() for a in axes[0]],
+                            "colour_ranges": [a.images[0].get_clim() for a in axes[0]]}
     plt.close(fig)
-    return labels
+    return drawn
