@@ -67,6 +67,7 @@ def test_score_cli_matches_library_and_hand_count(tmp_path, willow_root):
     assert res["per_point"]["all"]["0.1"] == pytest.approx(np.concatenate(hits).mean())
     assert res["per_image"]["all"]["0.1"] == pytest.approx(np.mean([h.mean() for h in hits]))
     assert set(res["per_image"]["by_category"]) == {"car(G)", "car(S)", "duck(S)", "motorbike(M)", "winebottle(wC)"}
+    assert res["n_pairs_by_category"] == {c: sum(r.category == c for r in recs) for c in res["per_image"]["by_category"]} == dict.fromkeys(res["per_image"]["by_category"], 90)
 
 
 def test_score_table_and_plot(tmp_path, willow_root):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -175,8 +175,9 @@ def score(
         where: name of the predictions source, for error messages.
 
     Returns:
-        ``{"protocol", "alphas", "n_pairs", "n_points", "n_categories", "per_image": {"all",
-        "by_category", "category_mean" [, "by_difficulty"]}, "per_point": {...}}``; alpha keys
+        ``{"protocol", "alphas", "n_pairs", "n_points", "n_categories", "n_pairs_by_category",
+        "per_image": {"all", "by_category", "category_mean" [, "by_difficulty"]}, "per_point":
+        {...}}``; alpha keys
         as strings (``"0.1"``). ``category_mean`` is the mean over the ``n_categories``
         categories with a scored pair of their PCK, each category counting once (the
         aggregation of tables that average per category). Pairs without keypoints count in
@@ -225,6 +226,7 @@ def score(
     }
     scored = [c for c, t in sorted(by_cat.items()) if t.n_img]  # categories with at least one scored pair
     out["n_categories"] = len(scored)
+    out["n_pairs_by_category"] = {c: n for c, n in sorted(Counter(r.category for r in records).items())}
     for agg in ("per_image", "per_point"):
         out[agg]["category_mean"] = category_mean(out[agg]["by_category"], scored, keys)
     if allow_missing:
@@ -318,10 +320,12 @@ def plot_categories(result: dict, path: str | Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(cats) + 2), 4))
     for i, k in enumerate(keys):
         ax.bar(x + (i - (len(keys) - 1) / 2) * width, [100 * v[k] for v in vals], width, label=f"α={k}")
-    ax.set_xticks(x, cats, rotation=45, ha="right")
+    counts = {**result.get("n_pairs_by_category", {}), "all": result["n_pairs"]}
+    ax.set_xticks(x, [f"{c} ({counts[c]:,})" if c in counts else c for c in cats], rotation=45, ha="right")
+    ax.set_xlabel("category (pairs)")
     ax.set_ylabel("PCK per image (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{title} | protocol: {result['protocol']}".strip(" |"), pad=24)
+    ax.set_title(f"{title}, {result['n_pairs']:,} pairs | protocol: {result['protocol']}".strip(" |,"), pad=24)
     # above the bars, outside the axes: inside, it hid the bars of a model near 100 %
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(keys), frameon=False, fontsize=9)
     fig.tight_layout()
