@@ -16,6 +16,8 @@ from typing import Literal
 
 import torch
 
+from sd4match.features.registry import quiet_loading
+
 SdStyle = Literal["sd1", "sd2"]
 
 #: Channel widths of the tiny UNet: 3 levels, like SD's 4 but smaller. up_blocks[1] is a
@@ -153,8 +155,6 @@ def _quiet_writing():
     torchvision) and its "Writing model shards" bars unsaid while a tiny model is written;
     both as they were afterwards."""
     from transformers.utils import logging as tlog
-
-    from sd4match.features.registry import quiet_loading
 
     verbosity = tlog.get_verbosity()
     tlog.set_verbosity_error()
