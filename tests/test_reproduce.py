@@ -78,7 +78,7 @@ def test_reproduce_end_to_end_then_nothing_left_to_do(tmp_path, willow_root, cap
         *((m, "PF-Pascal", "dataset missing") for m in ("Single", "Class", "CPM", "Single-HiddenState")),
         *((m, "SPair-71k", "prompt not found in pretrained_prompts.zip") for m in ("Single", "Class", "CPM"))}
     md = (out / "table.md").read_text()
-    assert "PF-Pascal: no root given (--pfpascal)" in md and "SPair-71k: no root given (--spair)" in md and "Only the first 6 pairs" in md
+    assert "PF-Pascal: no root given (--pfpascal)" in md and "SPair-71k: no root given (--spair)" in md and "Only 6 pairs of each test split (`--limit`: each category its share" in md
     cpm = next(r for r in ok if r["method"] == "CPM" and r["rule"] == "kernel-softargmax")
     assert cpm["published @0.1"] == "81.3" and "per image" in cpm["source of the published number"]
     assert float(cpm["difference @0.1"]) == pytest.approx(float(cpm["PCK@0.1"]) - 81.3, abs=0.06)
