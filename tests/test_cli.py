@@ -365,6 +365,10 @@ def test_an_output_file_that_is_a_folder_is_named(tmp_path, willow_root, capsys)
         (["score", *data, "--predictions", str(tmp_path / "p.jsonl"), "--out", str(under_file)], f"--out {under_file}: {tmp_path / 'file'} is a file, not a folder"),
         (["pairs", *data, "--out", str(folder)], f"--out {folder}: is a folder; name a file in it (e.g. {folder / 'pairs.jsonl'})"),
         (["compare", str(folder), "--out", str(tmp_path / "file")], f"--out {tmp_path / 'file'}: exists and is not a folder"),
+        (["compare", str(folder), "--out", str(under_file)], f"--out {under_file}: {tmp_path / 'file'} is a file, not a folder"),
+        (["download", "pfwillow", "--root", str(tmp_path / "file"), "--no-progress"], f"--root {tmp_path / 'file'}: exists and is not a folder"),
+        (["download", "pfwillow", "--root", str(under_file), "--no-progress"], f"--root {under_file}: {tmp_path / 'file'} is a file, not a folder"),
+        (["datasets", "prepare", "ap10k", "--from", str(folder), "--root", str(tmp_path / "file")], f"--root {tmp_path / 'file'}: exists and is not a folder"),
     ):
         assert main(argv) == 2
         assert capsys.readouterr().err.strip() == f"sd4match: error: {line}"

@@ -75,23 +75,26 @@ def check_output_file(path: str | Path, flag: str = "--out", example: str = "out
     path = Path(path)
     if path.is_dir():
         raise Sd4MatchError(f"{flag} {path}: is a folder; name a file in it (e.g. {path / example})")
-    parent = next((p for p in path.parents if p.exists()), Path("."))
-    if not parent.is_dir():
-        raise Sd4MatchError(f"{flag} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK):
-        raise Sd4MatchError(f"{flag} {path}: {parent} is not writable")
+    _check_writable_folder(next((p for p in path.parents if p.exists()), Path(".")), path, flag)
     return path
 
 
-def check_output_folder(out: str | Path) -> Path:
-    """``out`` is a folder (or can be made): not an existing file, its parent writable."""
+def check_output_folder(out: str | Path, flag: str = "--out") -> Path:
+    """``out`` is a folder (or can be made): not an existing file, nor under one, its nearest
+    existing folder writable."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise Sd4MatchError(f"--out {out}: exists and is not a folder")
-    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise Sd4MatchError(f"--out {out}: {parent} is not writable")
+        raise Sd4MatchError(f"{flag} {out}: exists and is not a folder")
+    _check_writable_folder(out if out.exists() else next((p for p in out.parents if p.exists()), Path(".")), out, flag)
     return out
+
+
+def _check_writable_folder(folder: Path, asked: Path, flag: str) -> None:
+    """``folder``, the nearest existing one of ``asked`` (what ``flag`` names), can hold new files."""
+    if not folder.is_dir():
+        raise Sd4MatchError(f"{flag} {asked}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK):
+        raise Sd4MatchError(f"{flag} {asked}: {folder} is not writable")
 
 
 def check_splits(name: str, root: str | Path, splits, *, pictures: bool = False, options: dict | None = None) -> dict:

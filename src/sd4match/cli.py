@@ -513,8 +513,10 @@ def cmd_datasets_check(args) -> int:
 
 
 def cmd_datasets_prepare(args) -> int:
+    from sd4match.checks import check_output_folder
     from sd4match.data import prepare_ap10k
 
+    check_output_folder(args.root, "--root")
     counts = prepare_ap10k(args.source, args.root, crowd=args.crowd, link=not args.copy)
     print(f"{args.name} at {args.root}: " + ", ".join(f"{split} {n} pairs" for split, n in counts.items()), file=sys.stderr)
     print(f"read it with --dataset {args.name} --root {args.root}", file=sys.stderr)
@@ -791,8 +793,10 @@ def cmd_prompts_show(args) -> int:
 
 
 def cmd_download(args) -> int:
+    from sd4match.checks import check_output_folder
     from sd4match.data.download import download
 
+    check_output_folder(args.root, "--root")
     root = download(args.dataset, args.root, mirror=args.mirror, progress=not args.no_progress)
     print(f"{args.dataset} is in {root}; check it with: sd4match datasets check --dataset {args.dataset} --root {root}", file=sys.stderr)
     return 0
