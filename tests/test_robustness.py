@@ -154,6 +154,27 @@ def test_evaluate_killed_at_a_pair_then_resumed_equals_a_clean_run(tmp_path, wil
     assert json.loads((out / "run-info.json").read_text())["seconds_this_session"] >= 0
 
 
+@pytest.mark.long
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_evaluate_stopped_by_a_signal_says_how_to_continue(tmp_path, willow_root, tiny, sig):
+    """A scheduler's SIGTERM or a Ctrl-C mid-evaluation: the pairs done stay in the partial file
+    and the one line says where and how to continue (before: SIGTERM ended the process without
+    a word, Ctrl-C said 'interrupted')."""
+    out = tmp_path / "stopped"
+    p = subprocess.Popen([sys.executable, "-m", "sd4match", *_eval_args(tiny, willow_root, out, "--limit", "20")],
+                         env={**os.environ, "SD4MATCH_TEST_HANG": "pair:5"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not (out / ".test-hang").exists():
+        assert p.poll() is None, p.stderr.read().decode()
+        time.sleep(0.02)
+    p.send_signal(sig)
+    err = p.communicate(timeout=120)[1].decode()
+    assert p.returncode == 128 + sig
+    what = "stopped by SIGTERM" if sig == signal.SIGTERM else "interrupted"
+    assert one_error_line(err.replace("sd4match: ", "sd4match: error: ", 1)) == (
+        f"sd4match: error: {what}; what was done is kept in {out}: the same command with --resume continues it")
+    assert len((out / "predictions.partial.jsonl").read_text().splitlines()) == 5
+
+
 # ------------------------------------------------------------------------------ failures damage nothing
 def test_failed_transfer_leaves_an_earlier_output_folder_byte_identical(tmp_path, willow_root, tiny):
     src = willow_root / "PF-dataset" / "car(G)" / "Cars_006a.png"
@@ -229,6 +250,7 @@ def test_training_run_folders_resume_and_extend(tmp_path, willow_root, tiny):
     assert _steps(out) == list(range(1, 13))
 
 
+@pytest.mark.long
 def test_training_stopped_by_sigterm_keeps_its_step_and_resumes_exactly(tmp_path, willow_root, tiny):
     """A scheduler's SIGTERM mid-run (a first Ctrl-C alike): the step in progress is finished,
     checkpointed and written to last/, and the process exits 143 naming --resume; resumed, the

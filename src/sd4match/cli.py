@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import typing
 import warnings
 from pathlib import Path
@@ -825,6 +826,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None  # a scheduler's SIGTERM ends a command as Ctrl-C does
     try:
         with warnings.catch_warnings():  # sd4match's own warnings as one line each, for this command only
             warnings.showwarning = _show_warning
@@ -849,6 +852,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunStopped as e:
         print(f"sd4match: stopped: {e}", file=sys.stderr)
         return 128 + signal.Signals[e.signal_name].value
+    except _Terminated:
+        print(_stopped_line(args, "stopped by SIGTERM"), file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print("sd4match: interrupted", file=sys.stderr)
+        print(_stopped_line(args, "interrupted"), file=sys.stderr)
         return 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, before)
+
+
+class _Terminated(BaseException):
+    """SIGTERM while a command runs (outside a training loop, which stops at its next step)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated
+
+
+#: how a command that keeps its work as it goes is continued after it was stopped
+CONTINUE = {
+    "evaluate": "the same command with --resume continues it",
+    "train": "the same command with --resume-or-start continues it from its last checkpoint",
+    "sweep": "the same command continues it (done cells are kept, a cut one resumes)",
+    "reproduce": "the same command continues it (done rows are kept, a cut one resumes)",
+    "features": "the same command continues it (stored maps are kept)",
+}
+
+
+def _stopped_line(args, what: str) -> str:
+    hint, out = CONTINUE.get(args.command), getattr(args, "out", None)
+    return f"sd4match: {what}" + (f"; what was done is kept in {out}: {hint}" if hint and out is not None else "")
