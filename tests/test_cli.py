@@ -402,3 +402,24 @@ def test_training_on_a_test_split_or_validating_on_the_training_one_is_warned(tm
         assert main(base + argv + ["--out", str(tmp_path / f"run{i}")]) == 0
         warned = [w for w in capsys.readouterr().err.splitlines() if w.startswith("sd4match: warning:")]
         assert warned == ([line] if line else [])
+
+
+def test_a_category_is_asked_for_before_the_model_loads_and_an_unused_one_is_named(tmp_path, fixture_images, monkeypatch, capsys):
+    """match / transfer / serve take one --category: a prompt that needs one and lacks it is
+    named before the model loads (before: after it), and a --category the prompt never reads
+    is a warning (before: silently ignored)."""
+    from sd4match.prompts import parse_prompt
+
+    assert [parse_prompt(p).requires_category for p in ("empty", "text", "text:a photo of a cat", "text:a {{category}} photo", "text:{category}")] == [
+        False, True, False, False, True]
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("sd4match.cli.load_model", no_model)
+    a, b = str(fixture_images / "cat.jpg"), str(fixture_images / "pets.jpg")
+    assert main(["match", a, b, "--prompt", "text:a photo of a {category}", "--out", str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err.strip() == "sd4match: error: --prompt text:a photo of a {category}: this prompt needs --category"
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        main(["match", a, b, "--prompt", "text:a photo of a cat", "--category", "dog", "--out", str(tmp_path / "m")])
+    assert "sd4match: warning: --category dog changes nothing with --prompt text:a photo of a cat" in capsys.readouterr().err

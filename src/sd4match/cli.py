@@ -241,6 +241,11 @@ def _check_common(args, *, prompt: bool = True) -> None:
         spec = check_prompt(args.prompt)
         if hasattr(args, "dino"):
             args.dino = check_dino(spec, args.dino)
+        if hasattr(args, "category"):  # match, transfer, serve: one category for every picture
+            if spec.requires_category and not args.category:
+                raise Sd4MatchError(f"--prompt {args.prompt}: this prompt needs --category")
+            if args.category and not spec.requires_category:
+                warnings.warn(f"--category {args.category} changes nothing with --prompt {args.prompt}", Sd4MatchWarning, stacklevel=2)
     if getattr(args, "out", None) is not None:
         check_output_folder(args.out)
 

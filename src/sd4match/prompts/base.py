@@ -177,6 +177,13 @@ def check_template(template: str, where: str = "text prompt template ") -> str:
     return template
 
 
+def template_uses_category(template: str) -> bool:
+    """Whether a (checked) text template holds the field ``{category}`` (``{{category}}`` is literal text)."""
+    import string
+
+    return any(f == "category" for _, f, _, _ in string.Formatter().parse(template))
+
+
 def not_a_prompt_folder(folder: Path) -> str | None:
     """What ``folder`` is instead, when it is the run or evaluation folder a prompt is
     often mistaken for (``runs/cpm-spair`` for ``runs/cpm-spair/best``)."""

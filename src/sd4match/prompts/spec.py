@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd4match.errors import Sd4MatchError
-from sd4match.prompts.base import PROMPT_CLASSES, Prompt, check_template, read_prompt_config, read_prompt_tensors
+from sd4match.prompts.base import PROMPT_CLASSES, Prompt, check_template, read_prompt_config, read_prompt_tensors, template_uses_category
 from sd4match.prompts.hub import fetch_hub_prompt, is_hub_uri
 
 #: ``--prompt text``: the official text baseline's template.
@@ -46,6 +46,12 @@ class PromptSpec:
     @property
     def needs_dino(self) -> bool:
         return self.prompt_class.needs_dino
+
+    @property
+    def requires_category(self) -> bool:
+        """Whether using it needs a category: a per-category prompt, or a text template with
+        ``{category}`` (told without a model, as ``Prompt.requires_category`` is after one)."""
+        return template_uses_category(self.template) if self.template is not None else self.prompt_class.uses_category
 
 
 def is_keyword_prompt(spec: str) -> bool:

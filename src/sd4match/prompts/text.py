@@ -6,7 +6,7 @@ import torch
 
 from sd4match.errors import Sd4MatchError
 from sd4match.features.text import TextEncoderBridge
-from sd4match.prompts.base import Prompt, PromptConfig, base_category, check_template, register
+from sd4match.prompts.base import Prompt, PromptConfig, base_category, check_template, register, template_uses_category
 
 
 @register
@@ -31,11 +31,11 @@ class TextPrompt(Prompt):
 
     @property
     def requires_category(self) -> bool:
-        return "{category}" in self.template
+        return template_uses_category(self.template)
 
     def forward(self, batch: dict | None = None) -> torch.Tensor:
         cats = list((batch or {}).get("categories") or [])
-        if "{category}" in self.template and not cats:
+        if self.requires_category and not cats:
             raise Sd4MatchError(f"text prompt {self.template!r} needs the categories of the batch")
         # formatted with or without categories, so {{ and }} read as braces either way
         texts = [self.template.format(category=base_category(c)) for c in cats] if cats else [self.template.format(category="")]
