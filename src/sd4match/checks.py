@@ -11,6 +11,7 @@ import os
 import warnings
 from pathlib import Path
 
+from sd4match.config import category_names
 from sd4match.data import open_dataset
 from sd4match.data.images import NO_IMAGES, image_size, list_images, load_image
 from sd4match.errors import Sd4MatchError, Sd4MatchWarning
@@ -20,7 +21,20 @@ from sd4match.prompts import PromptSpec, check_prompt  # ``empty``, ``text:...``
 from sd4match.prompts.base import read_prompt_config
 from sd4match.runtime import pick_device
 
-__all__ = ["check_device", "check_dino", "check_image_folder", "check_model", "check_output_file", "check_output_folder", "check_picture", "check_picture_headers", "check_pictures", "check_prompt", "check_splits"]
+__all__ = ["check_device", "check_dino", "check_prompt_categories", "check_image_folder", "check_model", "check_output_file", "check_output_folder", "check_picture", "check_picture_headers", "check_pictures", "check_prompt", "check_splits"]
+
+
+def check_prompt_categories(prompt: str, categories) -> None:
+    """A per-category prompt folder knows every category it will be asked for (as its lookup
+    finds them: the name, its base name, PF-Willow's sub-classes by their PF-Pascal class);
+    else one line naming those it lacks, before the model loads (not at the first pair)."""
+    spec = check_prompt(prompt)
+    if spec.folder is None or not spec.requires_category:
+        return
+    known = set(read_prompt_config(spec.folder).categories)
+    missing = sorted({c for c in categories if not any(n in known for n in category_names(c))})
+    if missing:
+        raise Sd4MatchError(f"--prompt {prompt}: has no learned prompt for {', '.join(missing)} (it knows {', '.join(sorted(known))})")
 
 
 def check_device(name: str):

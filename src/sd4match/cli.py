@@ -233,7 +233,7 @@ def load_matcher(args):
 def _check_common(args, *, prompt: bool = True) -> None:
     """The model source, device, prompt and output folder: named before any model loads
     (and ``--dino`` resolved, when the command takes it)."""
-    from sd4match.checks import check_device, check_dino, check_model, check_output_folder, check_prompt
+    from sd4match.checks import check_device, check_dino, check_model, check_output_folder, check_prompt, check_prompt_categories
 
     check_device(args.device)
     check_model(args.model)
@@ -246,6 +246,8 @@ def _check_common(args, *, prompt: bool = True) -> None:
                 raise Sd4MatchError(f"--prompt {args.prompt}: this prompt needs --category")
             if args.category and not spec.requires_category:
                 warnings.warn(f"--category {args.category} changes nothing with --prompt {args.prompt}", Sd4MatchWarning, stacklevel=2)
+            elif args.category:
+                check_prompt_categories(args.prompt, [args.category])
     if getattr(args, "out", None) is not None:
         check_output_folder(args.out)
 
@@ -586,11 +588,12 @@ def _apply_preset(args) -> None:
 def _eval_records(cfg: EvalConfig) -> list:
     """The pairs an evaluation reads (``--limit`` applied: ``limit_pairs``), and every picture they read there
     (unless ``--skip-bad`` goes past missing ones): checked before any model loads."""
-    from sd4match.checks import check_pictures, check_splits
+    from sd4match.checks import check_pictures, check_prompt_categories, check_splits
     from sd4match.data import dataset_options
     from sd4match.data.records import limit_pairs
 
     recs = limit_pairs(check_splits(cfg.dataset, cfg.root, [cfg.split], options=dataset_options(cfg))[cfg.split], cfg.limit)
+    check_prompt_categories(cfg.prompt, {r.category for r in recs})
     if not cfg.skip_bad:
         check_pictures(cfg.root, recs)
     return recs
