@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,3 +221,32 @@ def test_writing_a_tiny_model_says_nothing(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"})
     assert p.returncode == 0 and p.stdout.strip() == "written", p.stderr
     assert p.stderr == ""
+
+
+def test_diffusion_settings_are_checked_against_the_model_s_configs_before_it_loads(tmp_path, tiny, monkeypatch, capsys):
+    """A timestep, up block, noise schedule or working size that does not fit the model is
+    named from its configs before it loads (before: after the load, or after a download:
+    the weights-missing line hid the typo), for a folder (the tiny UNet has 3 up blocks) and
+    the registry's SD 2.1 (4 and 1000, not cached here); effnet-lite0 takes none of them."""
+    from huggingface_hub import constants
+
+    from sd4match.checks import check_diffusion_settings
+    from sd4match.cli import main
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    check_diffusion_settings(str(tiny), timesteps=[0, 999], up_blocks=[0, 2], noise_schedules=["model", "DDIM:linear"], resolution=64)
+    cases = [({"up_blocks": [3]}, f"--up-block 3: {tiny}'s UNet has up_blocks 0..2"), ({"timesteps": [1000]}, f"--timestep 1000: {tiny} is noised at t in 0..999"),
+             ({"noise_schedules": ["DDMI"]}, "--noise-schedule DDMI: unknown scheduler 'DDMI'"),
+             ({"resolution": 60}, "--resolution 60: Stable Diffusion's working size must be a multiple of 8")]
+    for kw, words in cases:
+        with pytest.raises(Sd4MatchError, match="^" + words.replace("(", r"\(").replace(".", r"\.")):
+            check_diffusion_settings(str(tiny), **kw)
+    check_diffusion_settings("sd-2-1", up_blocks=[3], timesteps=[999])
+    with pytest.raises(Sd4MatchError, match=r"^--up-block 4: sd-2-1\+dinov2-b's UNet has up_blocks 0\.\.3$"):
+        check_diffusion_settings("sd-2-1+dinov2-b", up_blocks=[4])
+    check_diffusion_settings("effnet-lite0", up_blocks=[9], timesteps=[5000], resolution=13)  # not a diffusion model: nothing to check
+    ex = Path(__file__).resolve().parents[1] / "examples"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(["match", str(ex / "cat.jpg"), str(ex / "pets.jpg"), "--up-block", "7", "--out", str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err.strip() == "sd4match: error: --up-block 7: sd-2-1's UNet has up_blocks 0..3"

@@ -15,13 +15,14 @@ from sd4match.config import category_names
 from sd4match.data import open_dataset
 from sd4match.data.images import NO_IMAGES, image_size, list_images, load_image
 from sd4match.errors import Sd4MatchError, Sd4MatchWarning
-from sd4match.features import split_fused
+from sd4match.features import sd_limits, sd_source, split_fused
+from sd4match.features.sd import parse_noise_schedule
 from sd4match.features.registry import feature_width, resolve
 from sd4match.prompts import PromptSpec, check_prompt  # ``empty``, ``text:...`` or a readable prompt folder -> its PromptSpec
 from sd4match.prompts.base import read_prompt_config
 from sd4match.runtime import pick_device
 
-__all__ = ["check_device", "check_dino", "check_prompt_categories", "check_image_folder", "check_model", "check_output_file", "check_output_folder", "check_picture", "check_picture_headers", "check_pictures", "check_prompt", "check_splits"]
+__all__ = ["check_device", "check_diffusion_settings", "check_dino", "check_prompt_categories", "check_image_folder", "check_model", "check_output_file", "check_output_folder", "check_picture", "check_picture_headers", "check_pictures", "check_prompt", "check_splits"]
 
 
 def check_prompt_categories(prompt: str, categories) -> None:
@@ -35,6 +36,31 @@ def check_prompt_categories(prompt: str, categories) -> None:
     missing = sorted({c for c in categories if not any(n in known for n in category_names(c))})
     if missing:
         raise Sd4MatchError(f"--prompt {prompt}: has no learned prompt for {', '.join(missing)} (it knows {', '.join(sorted(known))})")
+
+
+def check_diffusion_settings(model: str, *, timesteps=(), up_blocks=(), noise_schedules=(), resolution: int | None = None) -> None:
+    """The diffusion settings fit the Stable Diffusion model they are for, told from its
+    configs before it loads (a typo costs seconds, not a load or a 5 GB download): the noise
+    schedule's names, the working size a multiple of the VAE's 8, each timestep and up block
+    within the UNet's (where its configs can be read). Nothing is checked for effnet-lite0
+    and DINOv2, which take none of them."""
+    source = sd_source(model)
+    if source is None:
+        return
+    for s in noise_schedules:
+        parse_noise_schedule(s)
+    if resolution and resolution % 8:
+        raise Sd4MatchError(f"--resolution {resolution}: Stable Diffusion's working size must be a multiple of 8 (the VAE's factor)")
+    limits = sd_limits(source)
+    if limits is None:
+        return
+    n_up, n_t = limits
+    bad_t = [t for t in timesteps if not 0 <= t < n_t]
+    if bad_t:
+        raise Sd4MatchError(f"--timestep {bad_t[0]}: {model} is noised at t in 0..{n_t - 1}")
+    bad_k = [k for k in up_blocks if not 0 <= k < n_up]
+    if bad_k:
+        raise Sd4MatchError(f"--up-block {bad_k[0]}: {model}'s UNet has up_blocks 0..{n_up - 1}")
 
 
 def check_device(name: str):

@@ -178,9 +178,12 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
 
 def load_model(model: ModelConfig):
     """The featurizer ``model`` describes, on its device, in its dtype."""
+    from sd4match.checks import check_diffusion_settings
     from sd4match.features import load_featurizer
     from sd4match.runtime import pick_device, pick_dtype
 
+    check_diffusion_settings(model.model, timesteps=[model.timestep], up_blocks=[model.up_block], noise_schedules=[model.noise_schedule],
+                             resolution=model.resolution)
     dev = pick_device(model.device)
     compiled, compile_mode = compile_choice(model.compile, dev.type)
     kw = {"timestep": model.timestep, "up_block": model.up_block, "ensemble": model.ensemble, **({"max_batch": model.max_batch} if model.max_batch else {}),
@@ -546,7 +549,7 @@ def cmd_features(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from sd4match.checks import check_device, check_model, check_output_folder, check_splits
+    from sd4match.checks import check_device, check_diffusion_settings, check_model, check_output_folder, check_splits
     from sd4match.config import load_train_config
     from sd4match.data import dataset_options
     from sd4match.runtime import distributed_rank_world, finish_distributed
@@ -558,6 +561,7 @@ def cmd_train(args) -> int:
     # inputs first, in seconds: device, model source, data, run folder
     check_device(cfg.device)
     check_model(cfg.model)
+    check_diffusion_settings(cfg.model, timesteps=[cfg.timestep], up_blocks=[cfg.up_block], noise_schedules=[cfg.noise_schedule], resolution=cfg.resolution)
     check_splits(cfg.dataset, cfg.root, [cfg.train_split] + ([cfg.val_split] if cfg.val_every else []), pictures=True, options=dataset_options(cfg))
     if cfg.train_split == "test" and cfg.dataset != "synthetic":  # synthetic pairs are warps of your own pictures: no benchmark to spoil
         warnings.warn(f"training on {cfg.dataset}'s test split: its scores on that split are no longer held out, "
@@ -715,6 +719,7 @@ def _schedules(text: str) -> tuple[str, ...]:
 
 
 def cmd_sweep(args) -> int:
+    from sd4match.checks import check_diffusion_settings
     from sd4match.sweep import sweep
 
     if args.preset:
@@ -724,6 +729,7 @@ def cmd_sweep(args) -> int:
     cfg = config_from_args(EvalConfig, args)
     _check_common(args)
     recs = _eval_records(cfg)
+    check_diffusion_settings(model.model, timesteps=args.timesteps, up_blocks=args.up_blocks, noise_schedules=args.noise_schedules, resolution=model.resolution)
     feat = load_model(model)
     dino = _dino_for(cfg.prompt, args.dino, feat, model.dino_pos)
     res = sweep(feat, cfg, args.out, timesteps=args.timesteps, up_blocks=args.up_blocks, ensembles=args.ensembles, noise_schedules=args.noise_schedules,
@@ -738,6 +744,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
+    from sd4match.checks import check_diffusion_settings
     from sd4match.features.registry import feature_width
     from sd4match.reproduce import reproduce
     from sd4match.runtime import distributed_rank_world, finish_distributed
@@ -746,6 +753,7 @@ def cmd_reproduce(args) -> int:
     if not args.prompts.exists():
         raise Sd4MatchError(f"--prompts {args.prompts}: no such zip or folder (download pretrained_prompts.zip; see the README)")
     model = config_from_args(ModelConfig, args, ensemble=args.ensemble)
+    check_diffusion_settings(model.model, timesteps=args.timesteps, noise_schedules=[model.noise_schedule], resolution=model.resolution)
 
     made: dict = {}
 

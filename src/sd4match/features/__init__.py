@@ -55,6 +55,44 @@ def load_featurizer(model: str | Path, *, dino_input: str = "official", dino_pos
     return SDFeaturizer.from_pretrained(model, **kwargs)
 
 
+def sd_source(model: str | Path) -> str | None:
+    """The Stable Diffusion source ``load_featurizer(model)`` would load (the SD part of a
+    fused ``SD+DINOv2``); None for effnet-lite0 and DINOv2. Nothing is loaded."""
+    fused = split_fused(model)
+    if fused is not None:
+        return fused[0]
+    res = resolve(model)
+    return None if res.kind == "builtin" or _is_dinov2(res) else str(model)
+
+
+def sd_limits(source: str) -> tuple[int, int] | None:
+    """(number of UNet up blocks, training timesteps) of a Stable Diffusion source, read from
+    its configs without loading it: a diffusers folder's own, or a hub model's in the local
+    hub cache (the registry's SD 2.1 and 1.5: 4 and 1000 when not cached); None when they
+    cannot be told (a single checkpoint file, an uncached hub model)."""
+    res = resolve(source)
+
+    def read(part: str) -> dict | None:
+        if res.kind == "folder":
+            path = Path(res.location) / part
+        elif res.kind == "hub":
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(res.location, part, revision=res.revision)
+            path = Path(found) if isinstance(found, str) else None
+        else:
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else None
+        except (OSError, ValueError):
+            return None
+
+    unet, sched = read("unet/config.json"), read("scheduler/scheduler_config.json")
+    if unet is not None and sched is not None:
+        return len(unet.get("up_block_types") or ()), int(sched.get("num_train_timesteps", 1000))
+    return (4, 1000) if res.name is not None and REGISTRY[res.name].family == "sd" else None
+
+
 def _is_dinov2(res) -> bool:
     if res.name is not None:
         return REGISTRY[res.name].family == "dinov2"
@@ -68,4 +106,4 @@ def _is_dinov2(res) -> bool:
 
 
 __all__ = ["CellMap", "DinoFeaturizer", "EffNetFeaturizer", "Featurizer", "FusedFeaturizer", "REGISTRY", "SDFeaturizer", "SDFeaturizerConfig",
-           "TextEncoderBridge", "images_to_tensor", "load_featurizer", "resolve", "split_fused"]
+           "TextEncoderBridge", "images_to_tensor", "load_featurizer", "resolve", "sd_limits", "sd_source", "split_fused"]
