@@ -154,6 +154,11 @@ def test_evaluate_killed_at_a_pair_then_resumed_equals_a_clean_run(tmp_path, wil
     assert json.loads((out / "run-info.json").read_text())["seconds_this_session"] >= 0
 
 
+def _default_signals():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @pytest.mark.long
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_evaluate_stopped_by_a_signal_says_how_to_continue(tmp_path, willow_root, tiny, sig):
@@ -162,7 +167,8 @@ def test_evaluate_stopped_by_a_signal_says_how_to_continue(tmp_path, willow_root
     a word, Ctrl-C said 'interrupted')."""
     out = tmp_path / "stopped"
     p = subprocess.Popen([sys.executable, "-m", "sd4match", *_eval_args(tiny, willow_root, out, "--limit", "20")],
-                         env={**os.environ, "SD4MATCH_TEST_HANG": "pair:5"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                         env={**os.environ, "SD4MATCH_TEST_HANG": "pair:5"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         preexec_fn=_default_signals)  # as a terminal starts it: a background job's runner may ignore Ctrl-C
     while not (out / ".test-hang").exists():
         assert p.poll() is None, p.stderr.read().decode()
         time.sleep(0.02)
@@ -264,7 +270,7 @@ def test_training_stopped_by_sigterm_keeps_its_step_and_resumes_exactly(tmp_path
     args = ["train", "--dataset", "synthetic", "--root", willow_root, "--prompt", "single", "--model", tiny, "--resolution", "64", "--steps", "4",
             "--batch-size", "2", "--micro-batch", "1", "--val-every", "0", "--ckpt-every", "100", "--device", "cpu", "--no-progress", "--out", out]
     p = subprocess.Popen([sys.executable, "-m", "sd4match", *map(str, args)], env={**os.environ, "SD4MATCH_TEST_HANG": "step:2"},
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_default_signals)
     while not (out / ".test-hang").exists():
         assert p.poll() is None, p.stderr.read().decode()
         time.sleep(0.02)
@@ -281,16 +287,30 @@ def test_training_stopped_by_sigterm_keeps_its_step_and_resumes_exactly(tmp_path
 
 
 def test_stop_request_takes_the_first_signal_and_gives_the_handlers_back():
+    """SIGTERM, then Ctrl-C: the first asks for a stop, the second Ctrl-C stops at once; the
+    handlers found are put back; a signal the process ignores stays ignored."""
     from sd4match.runtime import StopRequest
 
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with StopRequest() as stop:
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)  # the handler runs in the main thread between bytecodes
-        assert stop.signal == "SIGTERM" and stop.agreed(1, "cpu")
-        os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM changes nothing
-        time.sleep(0.05)
-        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a terminal
+    try:
+        before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        with StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs in the main thread between bytecodes
+            assert stop.signal == "SIGTERM" and stop.agreed(1, "cpu")
+            os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM changes nothing
+            time.sleep(0.05)
+            with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's Ctrl-C
+        with StopRequest() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+            assert stop.signal is None
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer[0])
+        signal.signal(signal.SIGTERM, outer[1])

@@ -842,8 +842,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
-    in_main = threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None  # a scheduler's SIGTERM ends a command as Ctrl-C does
+    # a scheduler's SIGTERM ends a command as Ctrl-C does (unless this process was told to ignore it)
+    in_main = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
+    before = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
         with warnings.catch_warnings():  # sd4match's own warnings as one line each, for this command only
             warnings.showwarning = _show_warning

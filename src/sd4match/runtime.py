@@ -123,8 +123,9 @@ class StopRequest:
     """Within the block, SIGTERM (a scheduler's notice before it kills a job) and a first
     Ctrl-C ask a long run to stop at its next safe point instead of ending the process at
     once: ``signal`` names the first such signal. A second Ctrl-C ends the run at once
-    (KeyboardInterrupt). The handlers are installed from the main thread only, and the
-    ones before are put back on leaving."""
+    (KeyboardInterrupt). The handlers are installed from the main thread only, never over a
+    signal the process ignores (a shell's background job ignores Ctrl-C), and the ones
+    before are put back on leaving."""
 
     def __init__(self, what: str = "the run stops after the step in progress, keeping what it did"):
         self.what = what
@@ -134,7 +135,8 @@ class StopRequest:
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                self._before[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._before[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
