@@ -22,7 +22,7 @@ from sd4match.prompts import PromptSpec, check_prompt  # ``empty``, ``text:...``
 from sd4match.prompts.base import read_prompt_config
 from sd4match.runtime import pick_device
 
-__all__ = ["check_device", "check_diffusion_settings", "check_dino", "check_prompt_categories", "check_image_folder", "check_model", "check_output_file", "check_output_folder", "check_picture", "check_picture_headers", "check_pictures", "check_prompt", "check_splits"]
+__all__ = ["check_device", "check_diffusion_settings", "check_dino", "check_image_folder", "check_model", "check_output_file", "check_output_folder", "check_picture", "check_picture_headers", "check_pictures", "check_prompt", "check_prompt_categories", "check_splits"]
 
 
 def check_prompt_categories(prompt: str, categories) -> None:

@@ -471,13 +471,12 @@ def cmd_pairs(args) -> int:
 
 def cmd_score(args) -> int:
     from sd4match.checks import check_output_file
+    from sd4match.data.records import limit_pairs
     from sd4match.metrics import format_table, load_predictions, plot_categories, score, seen_unseen
 
     for flag, path, example in (("--out", args.out, "score.json"), ("--plot", args.plot, "bars.png")):
         if path is not None:
             check_output_file(path, flag, example)
-    from sd4match.data.records import limit_pairs
-
     recs = limit_pairs(_open(args).pairs(args.split), args.limit)
     preds = load_predictions(args.predictions)
     if not args.limit and not args.allow_missing and 0 < len(preds) < len(recs):
