@@ -19,6 +19,18 @@ def run(*args):
     return p.returncode, p.stdout, p.stderr
 
 
+def here(*args):
+    """``sd4match ARGS`` in this process (a second or two faster than a fresh one, for the
+    commands whose messages do not depend on a fresh interpreter): exit code, stdout, stderr."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
 def assert_one_line_error(rc, err, *fragments):
     assert rc != 0
     lines = err.strip().splitlines()
@@ -56,7 +68,7 @@ def _willow_predictions(tmp_path, willow_root, noise_px, seed=0):
 
 def test_score_cli_matches_library_and_hand_count(tmp_path, willow_root):
     recs, path = _willow_predictions(tmp_path, willow_root, noise_px=8.0)
-    rc, out, err = run("score", "--dataset", "pfwillow", "--root", willow_root, "--split", "test", "--predictions", path, "--json")
+    rc, out, err = here("score", "--dataset", "pfwillow", "--root", willow_root, "--split", "test", "--predictions", path, "--json")
     assert rc == 0, err
     res = json.loads(out)
     assert res["protocol"] == "standard" and res["n_pairs"] == 450 and res["n_points"] == 4500
@@ -73,7 +85,7 @@ def test_score_cli_matches_library_and_hand_count(tmp_path, willow_root):
 def test_score_table_and_plot(tmp_path, willow_root):
     _, path = _willow_predictions(tmp_path, willow_root, noise_px=8.0)
     png = tmp_path / "bars.png"
-    rc, out, err = run("score", "--dataset", "pfwillow", "--root", willow_root, "--split", "test", "--predictions", path, "--protocol", "sd4match", "--plot", png)
+    rc, out, err = here("score", "--dataset", "pfwillow", "--root", willow_root, "--split", "test", "--predictions", path, "--protocol", "sd4match", "--plot", png)
     assert rc == 0, err
     assert "protocol: sd4match" in out.splitlines()[0]
     assert "[per image (mean of pair PCK)]" in out and "[per point (all points pooled)]" in out
@@ -93,7 +105,7 @@ def test_score_rescores_a_limited_evaluation_on_its_pairs(tmp_path, willow_root)
     part = tmp_path / "limited.jsonl"
     part.write_text("".join(l + "\n" for l in full.read_text().splitlines() if json.loads(l)["id"] in kept))
     base = ["score", "--dataset", "pfwillow", "--root", willow_root, "--split", "test", "--json", "--predictions"]
-    rc, out, err = run(*base, part, "--limit", "12")
+    rc, out, err = here(*base, part, "--limit", "12")
     assert rc == 0, err
     res = json.loads(out)
     assert res["n_pairs"] == 12 and len(res["per_image"]["by_category"]) == 5
@@ -101,8 +113,8 @@ def test_score_rescores_a_limited_evaluation_on_its_pairs(tmp_path, willow_root)
     preds = {json.loads(l)["id"]: np.array(json.loads(l)["kps"]) for l in part.read_text().splitlines()}
     hits = [np.linalg.norm(preds[r.id] - r.trg_kps, axis=1) <= 0.1 * max(r.trg_kps.max(0) - r.trg_kps.min(0)) for r in by_hand]
     assert res["per_image"]["all"]["0.1"] == pytest.approx(np.mean([h.mean() for h in hits]))
-    assert_one_line_error(*run(*base, part)[::2], "limited.jsonl: holds 12 of the split's 450 pairs, those `evaluate --limit 12` takes: pass --limit 12")
-    assert_one_line_error(*run(*base, full, "--limit", "12")[::2], "is not in the pair list")  # the full predictions hold pairs beyond the 12
+    assert_one_line_error(*here(*base, part)[::2], "limited.jsonl: holds 12 of the split's 450 pairs, those `evaluate --limit 12` takes: pass --limit 12")
+    assert_one_line_error(*here(*base, full, "--limit", "12")[::2], "is not in the pair list")  # the full predictions hold pairs beyond the 12
 
 
 def test_score_errors(tmp_path, willow_root):
@@ -112,14 +124,14 @@ def test_score_errors(tmp_path, willow_root):
     bad = tmp_path / "bad.jsonl"
     d = json.loads(lines[5]); d["kps"] = d["kps"][:9]
     bad.write_text("\n".join(lines[:5] + [json.dumps(d)] + lines[6:]) + "\n")
-    assert_one_line_error(*run(*base, bad)[::2], "pair '5': 9 predicted points for 10 source keypoints")
+    assert_one_line_error(*here(*base, bad)[::2], "pair '5': 9 predicted points for 10 source keypoints")
     bad.write_text("\n".join(lines + [json.dumps({"id": "9999", "kps": d["kps"]})]) + "\n")
-    assert_one_line_error(*run(*base, bad)[::2], "pair '9999' is not in the pair list")
+    assert_one_line_error(*here(*base, bad)[::2], "pair '9999' is not in the pair list")
     bad.write_text("\n".join(lines[1:]) + "\n")
-    assert_one_line_error(*run(*base, bad)[::2], "no prediction for pair '0'", "--allow-missing")
+    assert_one_line_error(*here(*base, bad)[::2], "no prediction for pair '0'", "--allow-missing")
     d = json.loads(lines[0]); d["kps"][3][1] = float("nan")
     bad.write_text("\n".join([json.dumps(d)] + lines[1:]) + "\n")
-    assert_one_line_error(*run(*base, bad)[::2], "bad.jsonl:1", "pair '0': point 3", "not a finite coordinate")
+    assert_one_line_error(*here(*base, bad)[::2], "bad.jsonl:1", "pair '0': point 3", "not a finite coordinate")
     rc, _, err = run("--debug", *base, bad)
     assert rc != 0 and "Traceback" in err
 
@@ -128,18 +140,18 @@ def test_dataset_errors_are_one_line(tmp_path, willow_root, spair_root):
     root = tmp_path / "pf-willow"
     shutil.copytree(willow_root, root)
     (root / "PF-dataset/duck(S)/060_0002.png").unlink()
-    assert_one_line_error(*run("pairs", "--dataset", "pfwillow", "--root", root, "--split", "test")[::2], "060_0002.png", "image file is missing")
+    assert_one_line_error(*here("pairs", "--dataset", "pfwillow", "--root", root, "--split", "test")[::2], "060_0002.png", "image file is missing")
     (root / "PF-dataset/duck(S)/060_0002.png").write_bytes(b"GIF89a garbage")
-    assert_one_line_error(*run("pairs", "--dataset", "pfwillow", "--root", root, "--split", "test")[::2], "060_0002.png", "not a readable image")
-    assert_one_line_error(*run("pairs", "--dataset", "spair", "--root", tmp_path, "--split", "test")[::2], str(tmp_path), "not a SPair-71k root")
+    assert_one_line_error(*here("pairs", "--dataset", "pfwillow", "--root", root, "--split", "test")[::2], "060_0002.png", "not a readable image")
+    assert_one_line_error(*here("pairs", "--dataset", "spair", "--root", tmp_path, "--split", "test")[::2], str(tmp_path), "not a SPair-71k root")
     lines = (root / "test_pairs.csv").read_text().splitlines()
     (root / "test_pairs.csv").write_text("\n".join(lines[:7] + [lines[7] + ",3.5"] + lines[8:]) + "\n")
-    assert_one_line_error(*run("pairs", "--dataset", "pfwillow", "--root", root, "--split", "test")[::2], "test_pairs.csv:8", "expected 42 columns, got 43")
+    assert_one_line_error(*here("pairs", "--dataset", "pfwillow", "--root", root, "--split", "test")[::2], "test_pairs.csv:8", "expected 42 columns, got 43")
     sp = tmp_path / "sp"
     shutil.copytree(spair_root, sp)
     f = next((sp / "PairAnnotation/test").glob("000001-*.json"))
     ann = json.loads(f.read_text()); del ann["src_bndbox"]; f.write_text(json.dumps(ann))
-    assert_one_line_error(*run("pairs", "--dataset", "spair", "--root", sp, "--split", "test")[::2], f.name, "missing key 'src_bndbox'")
+    assert_one_line_error(*here("pairs", "--dataset", "spair", "--root", sp, "--split", "test")[::2], f.name, "missing key 'src_bndbox'")
 
 
 def test_pairs_out_failure_keeps_existing_file(tmp_path, willow_root):
@@ -153,19 +165,19 @@ def test_pairs_out_failure_keeps_existing_file(tmp_path, willow_root):
 
 
 def test_datasets_check(tmp_path, willow_root, spair_root, spair_with_images):
-    rc, out, err = run("datasets", "check", "--dataset", "pfwillow", "--root", willow_root)
+    rc, out, err = here("datasets", "check", "--dataset", "pfwillow", "--root", willow_root)
     assert rc == 0, err
     assert "test  450 pairs" in out and "duck(S) 90" in out and "complete" in out
-    rc, out, err = run("datasets", "check", "--dataset", "spair", "--root", spair_with_images)
+    rc, out, err = here("datasets", "check", "--dataset", "spair", "--root", spair_with_images)
     assert rc == 0, err
     assert "test  27 pairs" in out and "trn   2 pairs" in out
     # the annotation-only fixture lacks JPEGImages/: non-zero exit naming it
-    rc, out, err = run("datasets", "check", "--dataset", "spair", "--root", spair_root)
+    rc, out, err = here("datasets", "check", "--dataset", "spair", "--root", spair_root)
     assert_one_line_error(rc, err, "JPEGImages: missing")
     # one image unreadable: named
     victim = next((spair_with_images / "JPEGImages/bird").glob("*.jpg"))
     victim.write_bytes(victim.read_bytes()[:20])
-    rc, out, err = run("datasets", "check", "--dataset", "spair", "--root", spair_with_images)
+    rc, out, err = here("datasets", "check", "--dataset", "spair", "--root", spair_with_images)
     assert_one_line_error(rc, err, victim.name)
 
 
@@ -177,9 +189,9 @@ def test_datasets_check_decodes_every_image_and_lists_every_bad_one(tmp_path, wi
     for victim in (pngs[3], pngs[17]):
         data = victim.read_bytes()
         victim.write_bytes(data[: len(data) // 2])  # header intact, pixel data cut
-    rc, out, err = run("datasets", "check", "--dataset", "pfwillow", "--root", root, "--quick")
+    rc, out, err = here("datasets", "check", "--dataset", "pfwillow", "--root", root, "--quick")
     assert rc == 0 and "headers read (--quick)" in out  # headers alone cannot tell
-    rc, out, err = run("datasets", "check", "--dataset", "pfwillow", "--root", root)
+    rc, out, err = here("datasets", "check", "--dataset", "pfwillow", "--root", root)
     assert_one_line_error(rc, err, pngs[3].name, "and 1 more problem(s)")
     assert "2 problem(s):" in out and pngs[3].name in out and pngs[17].name in out
 

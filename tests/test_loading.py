@@ -211,6 +211,7 @@ def test_loading_prints_no_progress_bars_and_leaves_the_libraries_as_they_were(t
     assert tlog.is_progress_bar_enabled()
 
 
+@pytest.mark.long
 def test_writing_a_tiny_model_says_nothing(tmp_path):
     """The README's Python example starts with `tiny_sd`: in a fresh interpreter it prints no
     transformers notice (torchvision) and no "Writing model shards" bar, and leaves
