@@ -177,8 +177,7 @@ def score(
     Returns:
         ``{"protocol", "alphas", "n_pairs", "n_points", "n_categories", "n_pairs_by_category",
         "per_image": {"all", "by_category", "category_mean" [, "by_difficulty"]}, "per_point":
-        {...}}``; alpha keys
-        as strings (``"0.1"``). ``category_mean`` is the mean over the ``n_categories``
+        {...}}``; alpha keys as strings (``"0.1"``). ``category_mean`` is the mean over the ``n_categories``
         categories with a scored pair of their PCK, each category counting once (the
         aggregation of tables that average per category). Pairs without keypoints count in
         ``n_pairs`` but not in the PCK means.
