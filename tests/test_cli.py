@@ -435,3 +435,10 @@ def test_a_category_is_asked_for_before_the_model_loads_and_an_unused_one_is_nam
     with pytest.raises(AssertionError, match="the model was loaded"):
         main(["match", a, b, "--prompt", "text:a photo of a cat", "--category", "dog", "--out", str(tmp_path / "m")])
     assert "sd4match: warning: --category dog changes nothing with --prompt text:a photo of a cat" in capsys.readouterr().err
+
+
+def test_apply_flip_where_no_pair_is_marked_is_a_warning(tmp_path, willow_root):
+    rc, _, err = here("pairs", "--dataset", "pfwillow", "--root", willow_root, "--split", "test", "--apply-flip", "--out", tmp_path / "p.jsonl")
+    assert rc == 0 and "sd4match: warning: --apply-flip changes nothing: no pair of pfwillow/test is marked to be mirrored" in err
+    rc, _, err = here("pairs", "--dataset", "pfwillow", "--root", willow_root, "--split", "test", "--out", tmp_path / "q.jsonl")
+    assert rc == 0 and "warning" not in err and (tmp_path / "p.jsonl").read_bytes() == (tmp_path / "q.jsonl").read_bytes()

@@ -461,6 +461,9 @@ def cmd_pairs(args) -> int:
     if args.out is not None:
         check_output_file(args.out, "--out", "pairs.jsonl")
     recs = _open(args).pairs(args.split, apply_flip=args.apply_flip)
+    if args.apply_flip and not any(r.meta.get("flip") for r in recs):
+        warnings.warn(f"--apply-flip changes nothing: no pair of {args.dataset}/{args.split} is marked to be mirrored "
+                      "(only PF-Pascal's trn list marks pairs)", Sd4MatchWarning, stacklevel=2)
     if args.out is None:
         write_jsonl(recs, sys.stdout)
     else:
