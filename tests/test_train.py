@@ -356,3 +356,22 @@ def test_a_category_that_is_not_there_is_named_before_any_model_loads(tiny, will
         Trainer(TrainConfig(**base, categories=("horse",)), tmp_path / "a", progress=False)
     with pytest.raises(Sd4MatchError, match=r"no training pairs with keypoints in split 'trn' after --categories / --exclude-categories$"):
         Trainer(TrainConfig(**base, categories=("PF-dataset/car(G)",), exclude_categories=("PF-dataset/car(G)",)), tmp_path / "b", progress=False)
+
+
+def test_settings_a_run_never_reads_are_named():
+    """--lora-rank without --adapt lora, CPM settings for a single prompt, --fixed-prompt when
+    the prompt is trained, the prompt's kind and lr when only an adapter is: each named
+    (the command warns with them), as the presets' own values never are."""
+    from sd4match.config import TRAIN_PRESETS, load_train_config
+    from sd4match.train import unused_settings
+
+    def unused(**kw):
+        return unused_settings(TrainConfig(dataset="pfwillow", root="x", **kw))
+
+    assert unused() == [] and unused(prompt="cpm", cpm_input="cls", global_tokens=0, lr_linear=0.1, dino="dinov2-s") == []
+    assert unused(lora_rank=8, finetune_blocks=("up_blocks.1",), lr_adapter=1e-3) == ["--lora-rank", "--finetune-blocks", "--lr-adapter"]
+    assert unused(prompt="single", cpm_input="cls", global_tokens=0, lr_linear=0.1) == ["--lr-linear", "--cpm-input", "--global-tokens"]
+    assert unused(fixed_prompt="text") == ["--fixed-prompt"]
+    assert unused(adapt="lora", prompt="cpm", lr=0.5, lora_rank=8, fixed_prompt="text") == ["--prompt", "--lr"]
+    assert unused(adapt="prompt+finetune", finetune_blocks=("up_blocks.1",), lr_adapter=1e-5, lora_alpha=2.0) == ["--lora-alpha"]
+    assert all(unused_settings(load_train_config(p, root="x")) == [] for p in TRAIN_PRESETS)

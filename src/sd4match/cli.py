@@ -555,7 +555,7 @@ def cmd_train(args) -> int:
     from sd4match.config import load_train_config
     from sd4match.data import dataset_options
     from sd4match.runtime import distributed_rank_world, finish_distributed
-    from sd4match.train import Trainer, check_run_folder
+    from sd4match.train import Trainer, check_run_folder, unused_settings
 
     over = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     over["root"] = str(args.root)
@@ -564,6 +564,10 @@ def cmd_train(args) -> int:
     check_device(cfg.device)
     check_model(cfg.model)
     check_diffusion_settings(cfg.model, timesteps=[cfg.timestep], up_blocks=[cfg.up_block], noise_schedules=[cfg.noise_schedule], resolution=cfg.resolution)
+    unused = unused_settings(cfg)
+    if unused:
+        what = f"--adapt {cfg.adapt}" + (f" --prompt {cfg.prompt}" if cfg.adapt.startswith("prompt") else "")
+        warnings.warn(f"{', '.join(unused)} {'changes' if len(unused) == 1 else 'change'} nothing in a {what} run", Sd4MatchWarning, stacklevel=2)
     check_splits(cfg.dataset, cfg.root, [cfg.train_split] + ([cfg.val_split] if cfg.val_every else []), pictures=True, options=dataset_options(cfg))
     if cfg.train_split == "test" and cfg.dataset != "synthetic":  # synthetic pairs are warps of your own pictures: no benchmark to spoil
         warnings.warn(f"training on {cfg.dataset}'s test split: its scores on that split are no longer held out, "

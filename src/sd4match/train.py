@@ -110,6 +110,20 @@ def build_optimizer(prompt: Prompt, cfg: TrainConfig, adapter=None) -> torch.opt
     return torch.optim.Adam(groups)
 
 
+def unused_settings(cfg: TrainConfig) -> list[str]:
+    """The settings given another value than their default that this run never reads, as
+    flags (``--lora-rank 8`` without ``--adapt lora``; ``--cpm-input cls`` for a single
+    prompt): a run that silently trained something else than was meant costs hours."""
+    parts = set(cfg.adapt.split("+"))
+    learns_prompt = "prompt" in parts
+    cpm = learns_prompt and prompt_class(cfg.prompt).needs_dino
+    used = {"prompt": learns_prompt, "lora_rank": "lora" in parts, "lora_alpha": "lora" in parts, "lora_targets": "lora" in parts, "finetune_blocks": "finetune" in parts,
+            "lr_adapter": parts != {"prompt"}, "fixed_prompt": not learns_prompt, "lr": learns_prompt, "lr_linear": cpm,
+            "cpm_input": cpm, "global_tokens": cpm, "cond_tokens": cpm, "cpm_plain": cpm, "dino": cpm or parse_prompt(cfg.fixed_prompt).needs_dino}
+    default = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in used}
+    return [f"--{k.replace('_', '-')}" for k, reads in used.items() if not reads and getattr(cfg, k) != default[k]]
+
+
 def trainable_count(prompt: Prompt, adapter=None) -> int:
     """Parameters a run trains: the prompt's (when learned) and the adapter's."""
     return sum(p.numel() for p in prompt.parameters() if p.requires_grad) + (adapter.trainable_count() if adapter is not None else 0)
