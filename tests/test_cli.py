@@ -442,3 +442,24 @@ def test_apply_flip_where_no_pair_is_marked_is_a_warning(tmp_path, willow_root):
     assert rc == 0 and "sd4match: warning: --apply-flip changes nothing: no pair of pfwillow/test is marked to be mirrored" in err
     rc, _, err = here("pairs", "--dataset", "pfwillow", "--root", willow_root, "--split", "test", "--out", tmp_path / "q.jsonl")
     assert rc == 0 and "warning" not in err and (tmp_path / "p.jsonl").read_bytes() == (tmp_path / "q.jsonl").read_bytes()
+
+
+def test_rule_settings_the_rule_never_reads_are_named(tmp_path, fixture_images, willow_root, monkeypatch, capsys):
+    """--temperature with --match nn, --sigma with softargmax: one warning before the model
+    loads (they changed nothing, silently); --match all reads both."""
+    from sd4match.config import unused_rule_settings
+
+    assert unused_rule_settings("nn", 0.01, 3.0) == ["--temperature", "--sigma"] and unused_rule_settings("softargmax", 0.01, 3.0) == ["--sigma"]
+    assert unused_rule_settings("kernel-softargmax", 0.01, 3.0) == unused_rule_settings("all", 0.01, 3.0) == unused_rule_settings("nn", 0.04, 7.0) == []
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("sd4match.cli.load_model", no_model)
+    with pytest.raises(AssertionError):
+        main(["match", str(fixture_images / "cat.jpg"), str(fixture_images / "pets.jpg"), "--match", "nn", "--temperature", "0.01", "--out", str(tmp_path / "m")])
+    assert "sd4match: warning: --temperature changes nothing with --match nn" in capsys.readouterr().err
+    with pytest.raises(AssertionError):
+        main(["evaluate", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--match", "softargmax", "--sigma", "3",
+              "--model", "effnet-lite0", "--out", str(tmp_path / "e")])
+    assert "sd4match: warning: --sigma changes nothing with --match softargmax" in capsys.readouterr().err

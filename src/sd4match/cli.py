@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 from sd4match.config import (ALL_PAIRS_HELP, compile_choice, kernel_choice, DEFAULT_ALPHAS, EVAL_PRESETS, IMAGES_HELP, MATCH_RULES, PROTOCOL_HELP, SPLIT_HELP, TRAIN_PRESETS, DatasetName,
                              EvalConfig, ImportKind, MatchConfig,
-                             ModelConfig, Protocol, TrainConfig, field_base_type, field_choices, parse_alphas, parse_names)
+                             ModelConfig, Protocol, TrainConfig, field_base_type, field_choices, parse_alphas, parse_names, unused_rule_settings)
 from sd4match.errors import RunStopped, Sd4MatchError, Sd4MatchWarning
 
 __all__ = ["EVAL_PRESETS", "MATCH_RULES", "build_parser", "main"]
@@ -251,6 +251,10 @@ def _check_common(args, *, prompt: bool = True) -> None:
                 warnings.warn(f"--category {args.category} changes nothing with --prompt {args.prompt}", Sd4MatchWarning, stacklevel=2)
             elif args.category:
                 check_prompt_categories(args.prompt, [args.category])
+    if all(hasattr(args, k) for k in ("rule", "temperature", "sigma")):
+        unused = unused_rule_settings(args.rule, args.temperature, args.sigma)
+        if unused:
+            warnings.warn(f"{', '.join(unused)} {'changes' if len(unused) == 1 else 'change'} nothing with --match {args.rule}", Sd4MatchWarning, stacklevel=2)
     if getattr(args, "out", None) is not None:
         check_output_folder(args.out)
 

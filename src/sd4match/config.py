@@ -290,6 +290,18 @@ class MatchConfig:
         return {"temperature": self.temperature, "sigma": self.sigma, "similarity": self.similarity}
 
 
+#: what each match rule reads besides the correlation (``sd4match.matching``'s rules)
+RULE_SETTINGS: dict[str, tuple[str, ...]] = {"nn": (), "bilinear": (), "softargmax": ("temperature",), "kernel-softargmax": ("temperature", "sigma")}
+
+
+def unused_rule_settings(rule: str, temperature: float, sigma: float) -> list[str]:
+    """The flags given another value than their default that ``rule`` never reads
+    (``--temperature`` with ``--match nn``); ``all`` reads every one."""
+    reads = RULE_SETTINGS.get(rule, ("temperature", "sigma"))
+    given = {"temperature": temperature, "sigma": sigma}
+    return [f"--{k}" for k, v in given.items() if k not in reads and v != getattr(MatchConfig, k)]
+
+
 # ------------------------------------------------------------------------------ models
 @dataclass(frozen=True)
 class ModelConfig:
