@@ -381,6 +381,10 @@ def test_an_output_file_that_is_a_folder_is_named(tmp_path, willow_root, capsys)
         (["download", "pfwillow", "--root", str(tmp_path / "file"), "--no-progress"], f"--root {tmp_path / 'file'}: exists and is not a folder"),
         (["download", "pfwillow", "--root", str(under_file), "--no-progress"], f"--root {under_file}: {tmp_path / 'file'} is a file, not a folder"),
         (["datasets", "prepare", "ap10k", "--from", str(folder), "--root", str(tmp_path / "file")], f"--root {tmp_path / 'file'}: exists and is not a folder"),
+        (["evaluate", *data, "--model", "effnet-lite0", "--out", str(tmp_path / "ev"), "--cache-dir", str(tmp_path / "file")],
+         f"--cache-dir {tmp_path / 'file'}: exists and is not a folder"),  # before: errno text, after the model loaded
+        (["train", "--dataset", "synthetic", "--root", str(willow_root), "--val-every", "0", "--model", "effnet-lite0",
+          "--out", str(tmp_path / "tr"), "--cache-dir", str(under_file)], f"--cache-dir {under_file}: {tmp_path / 'file'} is a file, not a folder"),
     ):
         assert main(argv) == 2
         assert capsys.readouterr().err.strip() == f"sd4match: error: {line}"

@@ -257,6 +257,9 @@ def _check_common(args, *, prompt: bool = True) -> None:
             warnings.warn(f"{', '.join(unused)} {'changes' if len(unused) == 1 else 'change'} nothing with --match {args.rule}", Sd4MatchWarning, stacklevel=2)
     if getattr(args, "out", None) is not None:
         check_output_folder(args.out)
+    for flag, store in (("--cache-dir", getattr(args, "cache_dir", None)), ("--cache", getattr(args, "cache", None))):
+        if store:
+            check_output_folder(store, flag)
 
 
 DINO_HELP = "DINOv2 model for prompts that take its tokens (cpm) (default: the one the prompt folder records, else dinov2-b)"
@@ -579,6 +582,8 @@ def cmd_train(args) -> int:
     elif cfg.val_every and cfg.val_split == cfg.train_split:
         warnings.warn(f"validating on the training split ({cfg.train_split}): best/ is chosen on pairs it learned from", Sd4MatchWarning, stacklevel=2)
     check_output_folder(args.out)
+    if cfg.cache_dir:
+        check_output_folder(cfg.cache_dir, "--cache-dir")
     resume = check_run_folder(args.out, resume=args.resume, resume_or_start=args.resume_or_start)
     try:
         out = Trainer(cfg, args.out, progress=not args.no_progress).run(resume=resume)
