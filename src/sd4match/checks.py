@@ -18,7 +18,7 @@ from sd4match.errors import Sd4MatchError, Sd4MatchWarning
 from sd4match.features import sd_limits, sd_source, split_fused
 from sd4match.features.sd import parse_noise_schedule
 from sd4match.features.registry import feature_width, resolve
-from sd4match.prompts import PromptSpec, check_prompt  # ``empty``, ``text:...`` or a readable prompt folder -> its PromptSpec
+from sd4match.prompts import PromptSpec, check_prompt, parse_prompt  # ``empty``, ``text:...`` or a readable prompt folder -> its PromptSpec
 from sd4match.prompts.base import read_prompt_config
 from sd4match.runtime import pick_device
 
@@ -28,8 +28,9 @@ __all__ = ["check_device", "check_diffusion_settings", "check_dino", "check_imag
 def check_prompt_categories(prompt: str, categories) -> None:
     """A per-category prompt folder knows every category it will be asked for (as its lookup
     finds them: the name, its base name, PF-Willow's sub-classes by their PF-Pascal class);
-    else one line naming those it lacks, before the model loads (not at the first pair)."""
-    spec = check_prompt(prompt)
+    else one line naming those it lacks, before the model loads (not at the first pair). The
+    prompt itself was checked by ``check_prompt`` already: its spec is only read here."""
+    spec = parse_prompt(prompt)
     if spec.folder is None or not spec.requires_category:
         return
     known = set(read_prompt_config(spec.folder).categories)

@@ -185,9 +185,8 @@ def plot_sweep(rows: Sequence[dict], out: Path, key: str, what: str = "") -> dic
     combos = list(dict.fromkeys((r["ensemble"], r["noise_schedule"]) for r in rows))
     several_e, several_s = len({e for e, _ in combos}) > 1, len({s for _, s in combos}) > 1
 
-    def setting(e, s, first: str = ", ") -> str:  # what tells the lines / panels apart, and only that
-        said = ([f"ensemble {e}"] if several_e else []) + ([s] if several_s else [])
-        return first + ", ".join(said) if said else ""
+    def setting(e, s) -> str:  # what tells the lines apart, and only that
+        return "".join(([f", ensemble {e}"] if several_e else []) + ([f", {s}"] if several_s else []))
     n_lines = len(combos) * len({r["up_block"] for r in rows})
     ncol = min(4, n_lines)
     legend_rows = -(-n_lines // ncol)

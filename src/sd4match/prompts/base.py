@@ -164,10 +164,8 @@ def check_template(template: str, where: str = "text prompt template ") -> str:
     """A text template holds no replacement field but ``{category}`` (literal braces doubled:
     ``{{`` and ``}}``); else one line naming it (before: KeyError or ValueError when the
     first batch was encoded, after the model had loaded)."""
-    import string
-
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        fields = _template_fields(template)
     except ValueError as e:
         raise Sd4MatchError(f"{where}{template}: {e} (write {{{{ and }}}} for a literal brace)") from None
     bad = [f for f in fields if f != "category"]
@@ -179,9 +177,14 @@ def check_template(template: str, where: str = "text prompt template ") -> str:
 
 def template_uses_category(template: str) -> bool:
     """Whether a (checked) text template holds the field ``{category}`` (``{{category}}`` is literal text)."""
+    return "category" in _template_fields(template)
+
+
+def _template_fields(template: str) -> list[str]:
+    """The replacement fields of a text template, as ``str.format`` reads it (ValueError on an unclosed brace)."""
     import string
 
-    return any(f == "category" for _, f, _, _ in string.Formatter().parse(template))
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
 
 
 def not_a_prompt_folder(folder: Path) -> str | None:
