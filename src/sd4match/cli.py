@@ -206,9 +206,13 @@ def _warn_unused_diffusion_settings(model: ModelConfig, feat) -> None:
     default = ModelConfig()
     given = [f"--{k.replace('_', '-')} {getattr(model, k)}" for k in ("timestep", "up_block", "ensemble", "noise_schedule")
              if getattr(model, k) != getattr(default, k)]
-    if given:
-        warnings.warn(f"{feat.model_id} is not a diffusion model: {', '.join(given)} {'changes' if len(given) == 1 else 'change'} nothing",
-                      Sd4MatchWarning, stacklevel=2)
+    _warn_changes_nothing(given, head=f"{feat.model_id} is not a diffusion model: ")
+
+
+def _warn_changes_nothing(flags: Sequence[str], *, head: str = "", tail: str = "") -> None:
+    """One warning line: ``flags`` (as given) change nothing in this run."""
+    if flags:
+        warnings.warn(f"{head}{', '.join(flags)} {'changes' if len(flags) == 1 else 'change'} nothing{tail}", Sd4MatchWarning, stacklevel=3)
 
 
 def _dino_for(prompt: str, dino: str, feat, pos: str = "official"):
@@ -248,13 +252,11 @@ def _check_common(args, *, prompt: bool = True) -> None:
             if spec.requires_category and not args.category:
                 raise Sd4MatchError(f"--prompt {args.prompt}: this prompt needs --category")
             if args.category and not spec.requires_category:
-                warnings.warn(f"--category {args.category} changes nothing with --prompt {args.prompt}", Sd4MatchWarning, stacklevel=2)
+                _warn_changes_nothing([f"--category {args.category}"], tail=f" with --prompt {args.prompt}")
             elif args.category:
                 check_prompt_categories(args.prompt, [args.category])
     if all(hasattr(args, k) for k in ("rule", "temperature", "sigma")):
-        unused = unused_rule_settings(args.rule, args.temperature, args.sigma)
-        if unused:
-            warnings.warn(f"{', '.join(unused)} {'changes' if len(unused) == 1 else 'change'} nothing with --match {args.rule}", Sd4MatchWarning, stacklevel=2)
+        _warn_changes_nothing(unused_rule_settings(args.rule, args.temperature, args.sigma), tail=f" with --match {args.rule}")
     if getattr(args, "out", None) is not None:
         check_output_folder(args.out)
     for flag, store in (("--cache-dir", getattr(args, "cache_dir", None)), ("--cache", getattr(args, "cache", None))):
@@ -571,10 +573,7 @@ def cmd_train(args) -> int:
     check_device(cfg.device)
     check_model(cfg.model)
     check_diffusion_settings(cfg.model, timesteps=[cfg.timestep], up_blocks=[cfg.up_block], noise_schedules=[cfg.noise_schedule], resolution=cfg.resolution)
-    unused = unused_settings(cfg)
-    if unused:
-        what = f"--adapt {cfg.adapt}" + (f" --prompt {cfg.prompt}" if cfg.adapt.startswith("prompt") else "")
-        warnings.warn(f"{', '.join(unused)} {'changes' if len(unused) == 1 else 'change'} nothing in a {what} run", Sd4MatchWarning, stacklevel=2)
+    _warn_changes_nothing(unused_settings(cfg), tail=f" in a --adapt {cfg.adapt}" + (f" --prompt {cfg.prompt}" if cfg.adapt.startswith("prompt") else "") + " run")
     check_splits(cfg.dataset, cfg.root, [cfg.train_split] + ([cfg.val_split] if cfg.val_every else []), pictures=True, options=dataset_options(cfg))
     if cfg.train_split == "test" and cfg.dataset != "synthetic":  # synthetic pairs are warps of your own pictures: no benchmark to spoil
         warnings.warn(f"training on {cfg.dataset}'s test split: its scores on that split are no longer held out, "
