@@ -22,17 +22,6 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def text_problem(data: bytes) -> str | None:
-    """Why ``data`` is not UTF-8 text (a UTF-8 byte-order mark is fine), in a few words; None when it is."""
-    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        return "UTF-16 text (as Windows PowerShell's > writes it), not UTF-8: save it as UTF-8"
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return f"not UTF-8 text (at byte offset {e.start}: {data[e.start]:#04x})"
-    return None
-
-
 def _plain_error(where: str | Path, problem: str) -> Exception:
     return Sd4MatchError(f"{where}: {problem}")
 
@@ -43,10 +32,12 @@ def read_user_text(path: str | Path, error: Callable[[str | Path, str], Exceptio
     ``error(path, problem)``."""
     path = Path(path)
     data = path.read_bytes()
-    problem = text_problem(data)
-    if problem:
-        raise error(path, problem)
-    return data.decode("utf-8-sig")
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise error(path, "UTF-16 text (as Windows PowerShell's > writes it), not UTF-8: save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise error(path, f"not UTF-8 text (at byte offset {e.start}: {data[e.start]:#04x})") from None
 
 
 def json_lines(path: str | Path, error: Callable[[str | Path, str], Exception]) -> Iterator[tuple[str, object]]:
@@ -61,13 +52,14 @@ def json_lines(path: str | Path, error: Callable[[str | Path, str], Exception]) 
         where = f"{path}:{lineno}"
         try:
             value = json.loads(line)
-        except json.JSONDecodeError as e:
-            if line.lstrip().startswith("["):
-                raise error(where, "a JSON array, not JSON Lines: write one object a line") from None
-            raise error(where, f"not valid JSON ({e.msg})") from None
+        except json.JSONDecodeError as e:  # a line opening an array that spans lines is one too
+            raise error(where, ARRAY_NOT_LINES if line.lstrip().startswith("[") else f"not valid JSON ({e.msg})") from None
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            raise error(where, "a JSON array, not JSON Lines: write one object a line") from None
+            raise error(where, ARRAY_NOT_LINES)
         yield where, value
+
+
+ARRAY_NOT_LINES = "a JSON array, not JSON Lines: write one object a line"
 
 
 def _umask() -> int:
