@@ -27,6 +27,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Literal, Sequence
 
+from sd4match.data.cub import CUB200
+from sd4match.data.pfpascal import PFPascal
+from sd4match.data.pfwillow import PFWillow
+from sd4match.data.spair import SPair71k
 from sd4match.errors import Sd4MatchError
 from sd4match.fileio import atomic_path, atomic_write_text, file_sha256
 
@@ -75,11 +79,11 @@ class Source:
 SOURCES: dict[str, tuple[Source, ...]] = {
     "spair": (
         Source("https://cvlab.postech.ac.kr/research/SPair-71k/data/SPair-71k.tar.gz", "SPair-71k.tar.gz", "tar", strip="SPair-71k",
-               expect=("JPEGImages", "PairAnnotation", "Layout")),
+               expect=SPair71k.required),
     ),
     "pfpascal": (
         Source("https://www.di.ens.fr/willow/research/proposalflow/dataset/PF-dataset-PASCAL.zip", "PF-dataset-PASCAL.zip", "zip",
-               expect=("PF-dataset-PASCAL/JPEGImages", "PF-dataset-PASCAL/Annotations")),
+               expect=PFPascal.required),
         Source(
             "https://www.robots.ox.ac.uk/~xinghui/sd4match/pf-pascal_image_pairs.zip",
             "pf-pascal_image_pairs.zip",
@@ -90,7 +94,7 @@ SOURCES: dict[str, tuple[Source, ...]] = {
         ),
     ),
     "pfwillow": (
-        Source("https://www.di.ens.fr/willow/research/proposalflow/dataset/PF-dataset.zip", "PF-dataset.zip", "zip", expect=("PF-dataset",)),
+        Source("https://www.di.ens.fr/willow/research/proposalflow/dataset/PF-dataset.zip", "PF-dataset.zip", "zip", expect=PFWillow.required),
         Source("https://www.robots.ox.ac.uk/~xinghui/sd4match/test_pairs.csv", "test_pairs.csv", "file", dest="test_pairs.csv"),
     ),
     # the SPair-U annotations alone (Jamais Vu's README); the pictures are SPair-71k's (--images, or link JPEGImages/ in)
@@ -100,7 +104,7 @@ SOURCES: dict[str, tuple[Source, ...]] = {
     ),
     "cub": (
         Source("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz", "CUB_200_2011.tgz", "tar", strip="CUB_200_2011",
-               expect=("images.txt", "parts", "images")),
+               expect=CUB200.required),
     ),
 }
 
