@@ -63,6 +63,16 @@ def spair_with_images(tmp_path, spair_root) -> Path:
 
 
 @pytest.fixture
+def no_model_load(monkeypatch):
+    """The command line's model loading fails the test: what a test checks happens before any model loads."""
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("sd4match.cli.load_model", no_model)
+
+
+@pytest.fixture
 def fixture_images() -> Path:
     return fixture_dir("images")
 

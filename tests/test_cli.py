@@ -420,7 +420,7 @@ def test_training_on_a_test_split_or_validating_on_the_training_one_is_warned(tm
         assert warned == ([line] if line else [])
 
 
-def test_a_category_is_asked_for_before_the_model_loads_and_an_unused_one_is_named(tmp_path, fixture_images, monkeypatch, capsys):
+def test_a_category_is_asked_for_before_the_model_loads_and_an_unused_one_is_named(tmp_path, fixture_images, no_model_load, capsys):
     """match / transfer / serve take one --category: a prompt that needs one and lacks it is
     named before the model loads (before: after it), and a --category the prompt never reads
     is a warning (before: silently ignored)."""
@@ -428,11 +428,6 @@ def test_a_category_is_asked_for_before_the_model_loads_and_an_unused_one_is_nam
 
     assert [parse_prompt(p).requires_category for p in ("empty", "text", "text:a photo of a cat", "text:a {{category}} photo", "text:{category}")] == [
         False, True, False, False, True]
-
-    def no_model(*a, **k):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr("sd4match.cli.load_model", no_model)
     a, b = str(fixture_images / "cat.jpg"), str(fixture_images / "pets.jpg")
     assert main(["match", a, b, "--prompt", "text:a photo of a {category}", "--out", str(tmp_path / "m")]) == 2
     assert capsys.readouterr().err.strip() == "sd4match: error: --prompt text:a photo of a {category}: this prompt needs --category"
@@ -448,18 +443,13 @@ def test_apply_flip_where_no_pair_is_marked_is_a_warning(tmp_path, willow_root):
     assert rc == 0 and "warning" not in err and (tmp_path / "p.jsonl").read_bytes() == (tmp_path / "q.jsonl").read_bytes()
 
 
-def test_rule_settings_the_rule_never_reads_are_named(tmp_path, fixture_images, willow_root, monkeypatch, capsys):
+def test_rule_settings_the_rule_never_reads_are_named(tmp_path, fixture_images, willow_root, no_model_load, capsys):
     """--temperature with --match nn, --sigma with softargmax: one warning before the model
     loads (they changed nothing, silently); --match all reads both."""
     from sd4match.config import unused_rule_settings
 
     assert unused_rule_settings("nn", 0.01, 3.0) == ["--temperature", "--sigma"] and unused_rule_settings("softargmax", 0.01, 3.0) == ["--sigma"]
     assert unused_rule_settings("kernel-softargmax", 0.01, 3.0) == unused_rule_settings("all", 0.01, 3.0) == unused_rule_settings("nn", 0.04, 7.0) == []
-
-    def no_model(*a, **k):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr("sd4match.cli.load_model", no_model)
     with pytest.raises(AssertionError):
         main(["match", str(fixture_images / "cat.jpg"), str(fixture_images / "pets.jpg"), "--match", "nn", "--temperature", "0.01", "--out", str(tmp_path / "m")])
     assert "sd4match: warning: --temperature changes nothing with --match nn" in capsys.readouterr().err

@@ -646,18 +646,13 @@ def test_a_text_template_holds_category_only(feat, capsys, fixture_images, tmp_p
 
 
 def test_a_category_prompt_without_the_split_s_categories_is_named_before_the_model_loads(feat, models, tmp_path, willow_root, fixture_images,
-                                                                                          monkeypatch, capsys):
+                                                                                          no_model_load, capsys):
     """A per-category prompt asked for categories it never learned: one line naming them
     before the model loads (before: at the first pair, after the load). PF-Willow's car(G)
     and car(S) are found under car, as the prompt looks them up."""
     from sd4match.cli import main
 
     folder = make_prompt("category", feat, categories=["car", "motorbike"]).save(tmp_path / "cats")
-
-    def no_model(*a, **k):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr("sd4match.cli.load_model", no_model)
     assert main(["evaluate", "--prompt", str(folder), "--model", str(models["sd2"]), "--dataset", "pfwillow", "--root", str(willow_root),
                  "--split", "test", "--out", str(tmp_path / "ev"), "--no-progress"]) == 2
     assert capsys.readouterr().err.strip() == (f"sd4match: error: --prompt {folder}: has no learned prompt for duck(S), winebottle(wC) "
