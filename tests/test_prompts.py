@@ -10,7 +10,7 @@ from sd4match.features import SDFeaturizer
 from sd4match.features.dino import DinoFeaturizer
 from sd4match.loss import gaussian_window_ce
 from sd4match.matching import point_correlation
-from sd4match.prompts import ConditionalPrompt, TextEncoderBridge, bridge_for, load_prompt, make_prompt
+from sd4match.prompts import ConditionalPrompt, TextEncoderBridge, bridge_for, load_prompt, make_prompt, prompt_fingerprint
 from sd4match.prompts.official import CPM_KEYS
 from sd4match.testing import tiny_clip_tokenizer, tiny_dinov2, tiny_sd
 
@@ -144,6 +144,34 @@ def test_text_prompt_words_pfwillow_subclasses_as_the_official_code(feat):
     t = TextPrompt(bridge_for(feat))
     for sub, word in (("car(G)", "car"), ("duck(S)", "duck"), ("motorbike(M)", "motorbike"), ("winebottle(wC)", "winebottle"), ("cat", "cat")):
         torch.testing.assert_close(t({"categories": [sub]}), feat.encode_text([f"a photo of a {word}"]), rtol=0, atol=0)
+
+
+def test_text_prompt_words_underscored_names_with_spaces_and_stores_maps_by_that_text(feat):
+    """CUB's and MP-100's names are underscored (``Black_footed_Albatross``, ``giraffe_body``):
+    CLIP read the underscores. They are spaces now, and a text prompt's stored maps are named
+    by the text written, so maps of another wording (an earlier release's) are never handed
+    back, and sub-classes worded alike share one map."""
+    from sd4match.batching import Batcher
+    from sd4match.prompts import TextPrompt
+    from sd4match.store import Store
+
+    t = TextPrompt(bridge_for(feat))
+    for name, words in (("Black_footed_Albatross", "Black footed Albatross"), ("giraffe_body", "giraffe body"), ("human_face", "human face")):
+        torch.testing.assert_close(t({"categories": [name]}), feat.encode_text([f"a photo of a {words}"]), rtol=0, atol=0)
+    b = Batcher(feat, store=Store())
+    assert b.prompt_id(t, "car(G)") == b.prompt_id(t, "car(S)") != b.prompt_id(t, "duck(S)")
+    assert b.prompt_id(t, "giraffe_body") == b.prompt_id(t, "giraffe body")
+
+    class Underscored(TextPrompt):  # the wording before: the name as it is
+        def text_for(self, category):
+            return self.template.format(category=category or "")
+
+    old = Underscored(bridge_for(feat))
+    assert prompt_fingerprint(old) == prompt_fingerprint(t) and b.prompt_id(old, "giraffe_body") != b.prompt_id(t, "giraffe_body")
+    assert b.prompt_id(old, "cat") == b.prompt_id(t, "cat")  # a name without underscores is the same text: the same map
+    # a template without {category} writes one text for every category: one map
+    fixed = TextPrompt(bridge_for(feat), "a photo")
+    assert b.prompt_id(fixed, "cat") == b.prompt_id(fixed, "dog")
 
 
 def test_category_prompt_from_pfpascal_serves_pfwillow_subclasses(feat):

@@ -240,9 +240,9 @@ class Batcher:
     # ---------------------------------------------------------------- store keys (the only recipe)
     def prompt_id(self, prompt: Prompt | None, category: str | None = None, *, fingerprint: str | None = None) -> str:
         """The name of a prompt's output in store keys: its content (``prompt_fingerprint``,
-        passed in when the caller has it: hashing a prompt's tensors is not free), and the
-        category when the prompt's output may depend on it."""
-        tag = category if prompt is not None and prompt.uses_category and category is not None else "-"
+        passed in when the caller has it: hashing a prompt's tensors is not free), and what of
+        the category its output depends on (``Prompt.store_tag``), when it may depend on one."""
+        tag = prompt.store_tag(category) if prompt is not None and prompt.uses_category and category is not None else "-"
         dino_call = self.fixed_call("dino") if dino_part(prompt) else None
         return f"{fingerprint or prompt_fingerprint(prompt)}:{tag}" + (f":dino-call-{dino_call}" if dino_call else "")
 

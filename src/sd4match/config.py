@@ -178,6 +178,12 @@ def base_category(name: str) -> str:
     return name.split("(", 1)[0] if "(" in name else name
 
 
+def category_words(name: str) -> str:
+    """A category's name as a text prompt words it: its base name (``car(G)`` -> ``car``) with
+    underscores read as spaces (CUB's ``Black_footed_Albatross``, MP-100's ``giraffe_body``)."""
+    return " ".join(base_category(name).replace("_", " ").split())
+
+
 def category_names(name: str) -> tuple[str, ...]:
     """The names a category goes by, most specific first: itself, its base name
     (``duck(S)`` -> ``duck``) and the PF-Pascal class that shows (``bird``)."""

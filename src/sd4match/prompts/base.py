@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from sd4match.config import PromptKind, base_category  # noqa: F401  (base_category: the prompts' public name too)
+from sd4match.config import PromptKind, base_category, category_words  # noqa: F401  (the prompts' public names too)
 from sd4match.errors import Sd4MatchError, first_line
 from sd4match.features.text import TextEncoderBridge
 from sd4match.fileio import atomic_path, atomic_write_text
@@ -129,6 +129,11 @@ class Prompt(nn.Module):
     def requires_category(self) -> bool:
         """Whether a call must be given the categories of its batch."""
         return self.uses_category
+
+    def store_tag(self, category: str) -> str:
+        """What of ``category`` its output depends on (stored maps are named by it): the name
+        itself; a text prompt, the text it writes for it."""
+        return category
 
     @classmethod
     def create(cls, bridge: TextEncoderBridge, *, categories=(), template: str = "", seed: int = 0, **kw) -> "Prompt":

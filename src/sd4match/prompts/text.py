@@ -6,7 +6,7 @@ import torch
 
 from sd4match.errors import Sd4MatchError
 from sd4match.features.text import TextEncoderBridge
-from sd4match.prompts.base import Prompt, PromptConfig, base_category, check_template, register, template_uses_category
+from sd4match.prompts.base import Prompt, PromptConfig, category_words, check_template, register, template_uses_category
 
 
 @register
@@ -14,7 +14,8 @@ class TextPrompt(Prompt):
     """``template.format(category=...)`` per pair, through the model's tokenizer and encoder.
 
     Category names are worded as the official code words them: PF-Willow's sub-classes lose
-    their suffix (``car(G)`` -> "a photo of a car").
+    their suffix (``car(G)`` -> "a photo of a car"); underscores are spaces (CUB's
+    ``Black_footed_Albatross`` -> "a photo of a Black footed Albatross").
     """
 
     kind = "text"
@@ -33,12 +34,19 @@ class TextPrompt(Prompt):
     def requires_category(self) -> bool:
         return template_uses_category(self.template)
 
+    def text_for(self, category: str | None) -> str:
+        """The text this prompt encodes for ``category`` (formatted with or without one, so
+        ``{{`` and ``}}`` read as braces either way)."""
+        return self.template.format(category=category_words(category) if category else "")
+
+    def store_tag(self, category: str) -> str:
+        return self.text_for(category)
+
     def forward(self, batch: dict | None = None) -> torch.Tensor:
         cats = list((batch or {}).get("categories") or [])
         if self.requires_category and not cats:
             raise Sd4MatchError(f"text prompt {self.template!r} needs the categories of the batch")
-        # formatted with or without categories, so {{ and }} read as braces either way
-        texts = [self.template.format(category=base_category(c)) for c in cats] if cats else [self.template.format(category="")]
+        texts = [self.text_for(c) for c in cats] if cats else [self.text_for(None)]
         missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
         if missing:
             for t, e in zip(missing, self.bridge.encode_text(missing)):
