@@ -40,11 +40,20 @@ def test_resolve_kinds(tmp_path, tiny):
             resolve(empty)
 
 
-def test_fused_model_without_its_sd_part_is_named():
+def test_fused_model_without_its_sd_part_is_named(tiny):
+    """A fusion is SD+DINOv2: ``effnet-lite0+dinov2-b`` was "effnet-lite0: not a Stable
+    Diffusion model (use sd4match.features.load_featurizer)", a Python hint to a CLI user,
+    and ``dinov2-s+dinov2-b`` went looking for a UNet in DINOv2's files."""
     from sd4match.checks import check_model
+    from sd4match.features import split_fused
 
     with pytest.raises(Sd4MatchError, match=r"^\+dinov2-b: no Stable Diffusion model before '\+' \(e\.g\. sd-2-1\+dinov2-b\)$"):
         check_model("+dinov2-b")
+    for first in ("effnet-lite0", "dinov2-s"):
+        with pytest.raises(Sd4MatchError, match=rf"^{first}\+dinov2-b: {first} is not a Stable Diffusion model; a fusion is SD\+DINOv2 "
+                                                rf"\(e\.g\. sd-2-1\+dinov2-b\), or give {first} alone$"):
+            check_model(f"{first}+dinov2-b")
+    assert split_fused(f"{tiny}+dinov2-b") == (str(tiny), "dinov2-b") and split_fused("sd-2-1+dinov2-b") == ("sd-2-1", "dinov2-b")
 
 
 def test_folder_loads_same_weights(tiny):

@@ -30,6 +30,9 @@ def split_fused(model: str | Path) -> tuple[str, str] | None:
         return None
     if not sd.strip():
         raise Sd4MatchError(f"{text}: no Stable Diffusion model before '+' (e.g. sd-2-1+{dino})")
+    first = resolve(sd)
+    if first.kind == "builtin" or _is_dinov2(first):
+        raise Sd4MatchError(f"{text}: {sd} is not a Stable Diffusion model; a fusion is SD+DINOv2 (e.g. sd-2-1+{dino}), or give {sd} alone")
     return sd, dino
 
 
