@@ -126,6 +126,19 @@ def test_dinov2_alone_end_to_end_and_its_cell_mapping(models, willow_root, tmp_p
     assert cfg["settings"]["resolution"] == 112 and cfg["settings"]["featurizer"] == "dinov2"  # an explicit flag overrides the preset
 
 
+def test_an_sd_preset_with_a_model_that_is_not_sd_names_the_preset(willow_root, tmp_path, capsys, no_model_load):
+    """``--preset dift --model effnet-lite0`` said "effnet-lite0 takes no prompt; use --prompt
+    empty" of a prompt the user never gave (the preset's). An SD model of another source
+    (a local folder of SD 2.1) keeps the recipe."""
+    common = ["--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--limit", "2", "--no-progress"]
+    for cmd, grid in (("evaluate", []), ("sweep", ["--timesteps", "261", "--up-blocks", "1"])):
+        assert main([cmd, *common, *grid, "--preset", "dift", "--model", "effnet-lite0", "--out", str(tmp_path / cmd)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            "sd4match: error: --preset dift is a Stable Diffusion recipe (model sd-2-1, prompt text, timestep 261, up block 1); "
+            "--model effnet-lite0 is not Stable Diffusion: leave out the preset, or give an SD model")
+        assert not (tmp_path / cmd).exists()
+
+
 def test_presets_are_the_published_settings():
     from sd4match.cli import EVAL_PRESETS
 

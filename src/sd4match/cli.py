@@ -597,8 +597,18 @@ def cmd_train(args) -> int:
 
 
 def _apply_preset(args) -> None:
-    """Set the preset's values on every setting still at its default."""
-    for k, v in EVAL_PRESETS[args.preset].items():
+    """Set the preset's values on every setting still at its default. A Stable Diffusion
+    recipe (its text prompt, timestep and layer) given a ``--model`` that is not SD is named
+    here: its prompt was refused as if given ("effnet-lite0 takes no prompt")."""
+    from sd4match.features import sd_source
+
+    preset = EVAL_PRESETS[args.preset]
+    given = args.model if args.model != args.command_parser.get_default("model") else None
+    if given is not None and sd_source(preset["model"]) is not None and sd_source(given) is None:
+        raise Sd4MatchError(f"--preset {args.preset} is a Stable Diffusion recipe (model {preset['model']}, prompt {preset['prompt']}, timestep "
+                            f"{preset['timestep']}, up block {preset['up_block']}); --model {given} is not Stable Diffusion: leave out the preset, "
+                            "or give an SD model")
+    for k, v in preset.items():
         if getattr(args, k) == args.command_parser.get_default(k):
             setattr(args, k, v)
 
