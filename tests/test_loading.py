@@ -224,10 +224,11 @@ def test_loading_prints_no_progress_bars_and_leaves_the_libraries_as_they_were(t
 def test_writing_a_tiny_model_says_nothing(tmp_path):
     """The README's Python example starts with `tiny_sd`: in a fresh interpreter it prints no
     transformers notice (torchvision) and no "Writing model shards" bar, and leaves
-    transformers' verbosity and bars as it found them."""
+    transformers' verbosity and bars as it found them; `tiny_dinov2` neither (it printed the bar)."""
     code = ("from transformers.utils import logging as tlog; before = (tlog.get_verbosity(), tlog.is_progress_bar_enabled()); "
-            "from sd4match.testing import tiny_sd; tiny_sd(r'%s'); assert (tlog.get_verbosity(), tlog.is_progress_bar_enabled()) == before, before; "
-            "print('written')" % (tmp_path / "tiny"))
+            "from sd4match.testing import tiny_dinov2, tiny_sd; tiny_sd(r'%s'); tiny_dinov2(r'%s'); "
+            "assert (tlog.get_verbosity(), tlog.is_progress_bar_enabled()) == before, before; "
+            "print('written')" % (tmp_path / "tiny", tmp_path / "dino"))
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"})
     assert p.returncode == 0 and p.stdout.strip() == "written", p.stderr
     assert p.stderr == ""

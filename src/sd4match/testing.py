@@ -175,7 +175,8 @@ def tiny_dinov2(path: str | Path, *, seed: int = 0, image_size: int = 518) -> Pa
     model = Dinov2Model(
         Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=14, image_size=image_size)
     )
-    model.save_pretrained(Path(path), safe_serialization=True)
+    with _quiet_writing():
+        model.save_pretrained(Path(path), safe_serialization=True)
     return Path(path)
 
 
