@@ -110,6 +110,32 @@ def test_a_second_evaluation_into_a_running_ones_folder_is_refused(willow_root, 
     assert main(args) == 0 and (out / "score.json").is_file()
 
 
+def test_a_second_training_run_into_a_running_ones_folder_is_refused(willow_root, tmp_path, capsys, no_model_load):
+    """`train` held no lock: a job submitted twice (or requeued beside the first) trained into
+    the same folder, and with --resume-or-start before the first checkpoint it deleted the
+    running one's scalars.jsonl and config.json. Now one line, before any model loads, and
+    nothing of the running one is touched."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "scalars.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    (out / "config.json").write_text("{}")
+    holder = open(out / ".sd4match.lock", "a+")
+    holder.write("pid 4242")
+    holder.flush()
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        for flag in ("--resume-or-start", "--resume"):
+            assert main(["train", "--dataset", "synthetic", "--root", str(willow_root), "--prompt", "single", "--model", "effnet-lite0", "--steps", "1",
+                         "--val-every", "0", "--device", "cpu", "--no-progress", "--out", str(out), flag]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err == f"sd4match: error: {out}: another training run is writing here (pid 4242); wait for it to end or choose another --out"
+            assert (out / "scalars.jsonl").read_text() == '{"step": 1, "loss": 5.0}\n' and (out / "config.json").read_text() == "{}"
+    finally:
+        holder.close()
+
+
 def test_output_folders_hold_one_run(tmp_path, capsys):
     """match without --dense into an earlier --dense run's folder, and transfer onto other
     targets into an earlier transfer's folder: only this run's files remain (a file the user

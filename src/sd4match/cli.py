@@ -563,7 +563,7 @@ def cmd_train(args) -> int:
     from sd4match.checks import check_device, check_diffusion_settings, check_model, check_output_folder, check_splits
     from sd4match.config import load_train_config
     from sd4match.data import dataset_options
-    from sd4match.runtime import distributed_rank_world, finish_distributed
+    from sd4match.runtime import distributed_rank_world, finish_distributed, run_lock
     from sd4match.train import Trainer, check_run_folder, unused_settings
 
     over = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
@@ -583,9 +583,12 @@ def cmd_train(args) -> int:
     check_output_folder(args.out)
     if cfg.cache_dir:
         check_output_folder(cfg.cache_dir, "--cache-dir")
-    resume = check_run_folder(args.out, resume=args.resume, resume_or_start=args.resume_or_start)
     try:
-        out = Trainer(cfg, args.out, progress=not args.no_progress).run(resume=resume)
+        # held from before the run folder is read to the end: a second run into it (a job
+        # submitted twice, a requeued one beside the first) is refused before it deletes or writes anything
+        with run_lock(args.out, "training run"):
+            resume = check_run_folder(args.out, resume=args.resume, resume_or_start=args.resume_or_start)
+            out = Trainer(cfg, args.out, progress=not args.no_progress).run(resume=resume)
     except RunStopped:
         finish_distributed()  # every process stopped at the same step
         raise

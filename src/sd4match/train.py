@@ -42,7 +42,7 @@ from sd4match.metrics import score
 from sd4match.features.adapters import Adapter, AdapterConfig
 from sd4match.prompts import Prompt, make_prompt, parse_prompt, prompt_class, resolve_prompt
 from sd4match.prompts.base import update_training_record
-from sd4match.runtime import StopRequest, distributed_rank_world, gather_dicts, git_sha, hang_for_tests, peak_memory_mb, pick_device, pick_dtype
+from sd4match.runtime import StopRequest, distributed_rank_world, gather_dicts, git_sha, hang_for_tests, peak_memory_mb, pick_device, pick_dtype, run_lock
 from sd4match.store import Store
 
 __all__ = ["PRESETS", "TrainConfig", "Trainer", "batch_indices", "build_optimizer", "check_run_folder", "load_config"]
@@ -440,7 +440,12 @@ class Trainer:
                                                                indent=2))
 
     def run(self, *, resume: bool = False) -> Path:
-        """Train to ``total_steps``; return the run folder (``best/`` and ``last/`` prompts in it)."""
+        """Train to ``total_steps``; return the run folder (``best/`` and ``last/`` prompts in it).
+        The folder is locked while it runs: a second run into it is refused in one line."""
+        with run_lock(self.out, "training run"):
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> Path:
         cfg, out, lead = self.cfg, self.out, self.rank == 0  # only the first process writes; all of them train
         self.open_run(resume)
         log = RunLog(out, write=lead)
