@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from sd4match.cli import main
+from sd4match.errors import Sd4MatchError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -110,21 +111,28 @@ def test_a_second_evaluation_into_a_running_ones_folder_is_refused(willow_root, 
     assert main(args) == 0 and (out / "score.json").is_file()
 
 
+def _hold_lock(folder):
+    """The folder's run lock held through another open file description, as a second process would see it."""
+    import fcntl
+
+    folder.mkdir(exist_ok=True)
+    holder = open(folder / ".sd4match.lock", "a+")
+    holder.write("pid 4242")
+    holder.flush()
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return holder
+
+
 def test_a_second_training_run_into_a_running_ones_folder_is_refused(willow_root, tmp_path, capsys, no_model_load):
     """`train` held no lock: a job submitted twice (or requeued beside the first) trained into
     the same folder, and with --resume-or-start before the first checkpoint it deleted the
     running one's scalars.jsonl and config.json. Now one line, before any model loads, and
     nothing of the running one is touched."""
-    import fcntl
-
     out = tmp_path / "run"
     out.mkdir()
     (out / "scalars.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
     (out / "config.json").write_text("{}")
-    holder = open(out / ".sd4match.lock", "a+")
-    holder.write("pid 4242")
-    holder.flush()
-    fcntl.flock(holder.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    holder = _hold_lock(out)
     try:
         for flag in ("--resume-or-start", "--resume"):
             assert main(["train", "--dataset", "synthetic", "--root", str(willow_root), "--prompt", "single", "--model", "effnet-lite0", "--steps", "1",
@@ -134,6 +142,34 @@ def test_a_second_training_run_into_a_running_ones_folder_is_refused(willow_root
             assert (out / "scalars.jsonl").read_text() == '{"step": 1, "loss": 5.0}\n' and (out / "config.json").read_text() == "{}"
     finally:
         holder.close()
+
+
+def test_a_second_sweep_or_reproduction_into_a_running_ones_folder_is_refused(willow_root, tmp_path, capsys, no_model_load):
+    """Two sweeps (or reproductions) into one folder both evaluated the whole grid, each
+    writing the same files; now the second is refused in one line before any model loads
+    (the Python functions too)."""
+    from sd4match.config import EvalConfig
+    from sd4match.reproduce import reproduce
+    from sd4match.sweep import sweep
+
+    data = ["--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--limit", "2", "--no-progress"]
+    zipped = tmp_path / "pretrained_prompts.zip"
+    zipped.write_bytes(b"")
+    for what, argv in (("sweep", ["sweep", *data, "--timesteps", "50", "--up-blocks", "1", "--prompt", "empty"]),
+                       ("reproduction", ["reproduce", "--prompts", str(zipped), "--pfwillow", str(willow_root), "--no-progress"])):
+        out = tmp_path / what
+        holder = _hold_lock(out)
+        try:
+            assert main([*argv, "--out", str(out)]) == 2
+            assert capsys.readouterr().err.strip() == f"sd4match: error: {out}: another {what} is writing here (pid 4242); wait for it to end or choose another --out"
+            with pytest.raises(Sd4MatchError, match=f"another {what} is writing here"):
+                if what == "sweep":
+                    sweep(object(), EvalConfig("pfwillow", str(willow_root)), out, timesteps=[50], up_blocks=[1])
+                else:
+                    reproduce(zipped, {}, out, load_model=None, load_dino=None, model_settings={})
+        finally:
+            holder.close()
+        assert [p.name for p in out.iterdir()] == [".sd4match.lock"]
 
 
 def test_output_folders_hold_one_run(tmp_path, capsys):

@@ -747,6 +747,7 @@ def _schedules(text: str) -> tuple[str, ...]:
 
 def cmd_sweep(args) -> int:
     from sd4match.checks import check_diffusion_settings
+    from sd4match.runtime import run_lock
     from sd4match.sweep import sweep
 
     if args.preset:
@@ -757,10 +758,11 @@ def cmd_sweep(args) -> int:
     _check_common(args)
     recs = _eval_records(cfg)
     check_diffusion_settings(model.model, timesteps=args.timesteps, up_blocks=args.up_blocks, noise_schedules=args.noise_schedules, resolution=model.resolution)
-    feat = load_model(model)
-    dino = _dino_for(cfg.prompt, args.dino, feat, model.dino_pos)
-    res = sweep(feat, cfg, args.out, timesteps=args.timesteps, up_blocks=args.up_blocks, ensembles=args.ensembles, noise_schedules=args.noise_schedules,
-                dino=dino, records=recs, progress=not args.no_progress, store_gb=args.store_gb, cache_dir=args.cache_dir)
+    with run_lock(args.out, "sweep"):  # from before the model loads: a second sweep into this folder is refused at once
+        feat = load_model(model)
+        dino = _dino_for(cfg.prompt, args.dino, feat, model.dino_pos)
+        res = sweep(feat, cfg, args.out, timesteps=args.timesteps, up_blocks=args.up_blocks, ensembles=args.ensembles, noise_schedules=args.noise_schedules,
+                    dino=dino, records=recs, progress=not args.no_progress, store_gb=args.store_gb, cache_dir=args.cache_dir)
     if res.get("best"):
         print((args.out / "table.md").read_text(), end="")
         b = res["best"]

@@ -38,7 +38,7 @@ from sd4match.evaluate import RUN, evaluate
 from sd4match.fileio import atomic_path, atomic_write_text, csv_text, file_sha256, markdown_table
 from sd4match.prompts import parse_prompt, read_prompt_config
 from sd4match.prompts.official import OfficialName, import_official, official_file, parse_official_name
-from sd4match.runtime import distributed_rank_world
+from sd4match.runtime import distributed_rank_world, locks_out
 from sd4match.viz import pyplot
 
 __all__ = ["OfficialPrompt", "PUBLISHED", "TABLE1_TESTS", "find_official_prompts", "parse_official_name", "reproduce"]
@@ -158,6 +158,7 @@ def _settings_tag(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 
+@locks_out("reproduction")
 def reproduce(source: str | Path, roots: dict[str, str | Path | None], out: str | Path, *, load_model: Callable[[], object],
               load_dino: Callable[[], object], model_settings: dict, timesteps: Sequence[int] = (50, 261), ensemble: int = 8, limit: int = 0,
               dino_name: str = "dinov2-b", dino_dim: int | None = None, progress: bool = True) -> dict:

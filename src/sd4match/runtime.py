@@ -183,6 +183,25 @@ def run_lock(folder: str | Path, what: str = "run"):
     return contextlib.nullcontext() if distributed_rank_world()[1] > 1 else folder_lock(folder, what)
 
 
+def locks_out(what: str):
+    """A function whose ``out`` argument is a run folder holds that folder's ``run_lock``
+    while it runs: a second run into it is refused in one line, naming ``what`` runs there."""
+    import functools
+    import inspect
+
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def locked(*args, **kwargs):
+            with run_lock(signature.bind_partial(*args, **kwargs).arguments["out"], what):
+                return fn(*args, **kwargs)
+
+        return locked
+
+    return decorate
+
+
 LOCK_NAME = ".sd4match.lock"
 _held: set[str] = set()  # the folders whose lock this process holds (re-entrant)
 

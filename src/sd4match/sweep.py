@@ -25,7 +25,7 @@ from sd4match.evaluate import RUN, evaluate, evaluate_layers, run_settings
 from sd4match.features.sd import SDFeaturizer, parse_noise_schedule
 from sd4match.fileio import atomic_write_text, csv_text, markdown_table
 from sd4match.metrics import alpha_key
-from sd4match.runtime import distributed_rank_world
+from sd4match.runtime import distributed_rank_world, locks_out
 from sd4match.store import Store
 from sd4match.viz import pyplot
 
@@ -77,6 +77,7 @@ class Cell:
         return f"t{self.timestep:04d}-b{self.up_block}-e{self.ensemble}{sched}"
 
 
+@locks_out("sweep")
 def sweep(featurizer, cfg: EvalConfig, out: str | Path, *, timesteps: Sequence[int], up_blocks: Sequence[int], ensembles: Sequence[int] = (8,),
           noise_schedules: Sequence[str] = ("model",), dino=None, records=None, progress: bool = True, store_gb: float = 4.0,
           cache_dir: str | Path | None = None) -> dict:
