@@ -341,6 +341,51 @@ def test_validation_on_part_of_the_split_covers_every_category_and_is_recorded(t
         Trainer(dataclasses.replace(cfg, steps=2), tmp_path / "run", featurizer=feat, progress=False).run(resume=True)
 
 
+@pytest.mark.parametrize("stop_at", [2, 4])
+def test_a_stop_during_validation_keeps_the_step_and_resumes_exactly(stop_at, tiny, willow_root, tmp_path, monkeypatch):
+    """SIGTERM while a validation runs (a scheduler's grace period may be shorter than one) was
+    acted on after it: a job killed there lost every step since the last checkpoint. Now the
+    validation stops, the step is checkpointed with its log line pending, and the resumed run
+    validates that step first: its log, best/ and last/ equal a run never stopped's; an
+    extended run logs no step twice. At the last step too (which never stopped before)."""
+    import json
+
+    import sd4match.train as train_mod
+    from safetensors.torch import load_file
+
+    feat = SDFeaturizer.from_pretrained(tiny, resolution=64, ensemble=1)
+    cfg = TrainConfig(dataset="synthetic", root=str(willow_root), prompt="single", model=str(tiny), resolution=64, steps=4, batch_size=2,
+                      micro_batch=2, val_every=2, val_ensemble=1, ckpt_every=100, device="cpu", val_split="test", val_pairs=3, workers=0)
+
+    def log(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "pairs_per_s"} for line in (run / "scalars.jsonl").read_text().splitlines()]
+
+    Trainer(cfg, tmp_path / "clean", featurizer=feat, progress=False).run()
+    real, validations = train_mod.predict_pairs, []
+
+    def sigterm_inside(*a, **k):
+        validations.append(1)
+        for i, got in enumerate(real(*a, **k)):
+            if len(validations) == stop_at // 2 and i == 0:
+                signal.raise_signal(signal.SIGTERM)
+            yield got
+
+    monkeypatch.setattr(train_mod, "predict_pairs", sigterm_inside)
+    run = tmp_path / "stopped"
+    with pytest.raises(train_mod.RunStopped, match=rf"SIGTERM at step {stop_at} of 4 \(its validation was cut short: it runs first when resumed\)"):
+        Trainer(cfg, run, featurizer=feat, progress=False).run()
+    assert [c.name for c in (run / "checkpoints").iterdir()] == [f"step-{stop_at:07d}"] and (run / "last" / "prompt.safetensors").is_file()
+    assert [r["step"] for r in log(run)] == list(range(1, stop_at))  # the step's line waits for its validation
+    monkeypatch.setattr(train_mod, "predict_pairs", real)
+    Trainer(cfg, run, featurizer=feat, progress=False).run(resume=True)
+    assert log(run) == log(tmp_path / "clean")
+    for folder in ("best", "last"):
+        a, b = load_file(str(tmp_path / "clean" / folder / "prompt.safetensors")), load_file(str(run / folder / "prompt.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    Trainer(dataclasses.replace(cfg, steps=6), run, featurizer=feat, progress=False).run(resume=True)
+    assert [r["step"] for r in log(run)] == [1, 2, 3, 4, 5, 6]
+
+
 def test_a_category_that_is_not_there_is_named_before_any_model_loads(tiny, willow_root, tmp_path, monkeypatch):
     """--categories naming no category of the split, or --exclude-categories leaving none, is
     one line before Stable Diffusion loads (the data was read after the models)."""

@@ -13,6 +13,7 @@ written into a temporary folder, fsynced and renamed; the last two are kept.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -222,6 +223,8 @@ class Trainer:
         dev_type = torch.device(dev).type
         self.scaler = torch.amp.GradScaler(dev_type, enabled=cfg.amp_dtype == "fp16" and dev_type == "cuda")
         self.step, self.best = 0, {"pck": -1.0, "step": -1}
+        #: the log record of a step whose validation a stop cut short: validated first when resumed
+        self.pending: dict | None = None
         self.cost: dict[str, Any] = {"adapt": cfg.adapt, "trainable_params": trainable_count(self.prompt, self.adapter)}
         # 4. VAE posteriors and DINOv2 tokens of every training picture, computed once
         self.store = Store(int(cfg.store_gb * (1 << 30)), cfg.cache_dir or None)
@@ -349,8 +352,10 @@ class Trainer:
         n, b = len(self.train_pairs), self.cfg.batch_size  # once per epoch: when this step used an epoch's last pair
         return (step * b) // n > ((step - 1) * b) // n or step == self.total_steps
 
-    def validate(self) -> float:
-        """PCK@0.1 per image, sd4match protocol, with ``val_rule`` (official: nn), on the validation pairs."""
+    def validate(self, stop: StopRequest | None = None) -> float | None:
+        """PCK@0.1 per image, sd4match protocol, with ``val_rule`` (official: nn), on the validation
+        pairs; None when ``stop`` is asked for before it ends (one process: a scheduler's grace
+        period may be shorter than a validation)."""
         cfg = self.cfg
         self.prompt.eval()
         ens = self.feat.config.ensemble
@@ -359,17 +364,32 @@ class Trainer:
             mine = self.val_pairs[self.rank :: self.world]
             batcher = Batcher(self.feat, dino=self.dino, store=self.store, seed=cfg.seed)  # posteriors and tokens shared with training
             preds = {}
-            for pid, kps in predict_pairs(self.feat, self.prompt, mine, cfg.root, match=MatchConfig(cfg.val_rule, similarity=cfg.similarity), workers=cfg.workers,
-                                          batcher=batcher, progress=False):
-                if isinstance(kps, BaseException):
-                    raise kps
-                preds[pid] = kps
+            with contextlib.closing(predict_pairs(self.feat, self.prompt, mine, cfg.root, match=MatchConfig(cfg.val_rule, similarity=cfg.similarity),
+                                                  workers=cfg.workers, batcher=batcher, progress=False)) as pairs:
+                for pid, kps in pairs:
+                    if isinstance(kps, BaseException):
+                        raise kps
+                    preds[pid] = kps
+                    if stop is not None and stop.signal is not None:
+                        return None
             if self.world > 1:
                 preds = gather_dicts(preds)
         finally:
             self.feat.reconfigure(ensemble=ens)
             self.store.drop("features")  # this prompt's validation maps will not be asked for again
         return score(self.val_pairs, preds, protocol="sd4match", alphas=[0.1])["per_image"]["all"]["0.1"]
+
+    def _validate_into(self, rec: dict, stop: StopRequest | None, log, lead: bool) -> None:
+        """Validate after ``rec``'s step, keep the best prompt and log ``rec`` with the score;
+        a validation ``stop`` cuts short leaves ``rec`` pending (checkpointed, validated on resume)."""
+        pck = self.validate(stop)
+        if pck is None:
+            self.pending = rec
+            return
+        rec["val_pck@0.1"] = pck
+        self.keep_if_best(pck)
+        if lead:
+            log.write(rec)
 
     def keep_if_best(self, pck: float) -> None:
         """Remember ``pck`` as the best so far if it is, and (first process) save the prompt as ``best/``."""
@@ -380,7 +400,8 @@ class Trainer:
 
     # .................................................................... the run
     def state(self) -> dict:
-        return {"best": self.best, "config": recorded_config(self.cfg), "grad_scaler": self.scaler.state_dict()}
+        return {"best": self.best, "config": recorded_config(self.cfg), "grad_scaler": self.scaler.state_dict(),
+                **({"pending": self.pending} if self.pending else {})}
 
     def checkpoint(self) -> Path:
         """Write a checkpoint of this step; keep the newest ``keep_checkpoints``."""
@@ -412,7 +433,7 @@ class Trainer:
             except Sd4MatchError as e:
                 warnings.warn(f"{e}; falling back to the checkpoint before it", Sd4MatchWarning, stacklevel=2)
                 continue
-            self.step, self.best = int(meta["step"]), meta["best"]
+            self.step, self.best, self.pending = int(meta["step"]), meta["best"], meta.get("pending")
             if meta.get("grad_scaler"):
                 self.scaler.load_state_dict(meta["grad_scaler"])
             return True
@@ -429,7 +450,9 @@ class Trainer:
             raise Sd4MatchError(f"{self.out}: no readable checkpoint to resume from; start the run again with --resume-or-start")
         if self.rank == 0:
             if resume:
-                _cut_log(self.out / "scalars.jsonl", self.step)  # the steps after the checkpoint are done again: logged once
+                # the steps after the checkpoint are done again: logged once (and its own step's line when its
+                # validation was cut short: an extended run that resumes there again validates and logs it again)
+                _cut_log(self.out / "scalars.jsonl", self.step - (self.pending is not None))
             self.out.mkdir(parents=True, exist_ok=True)
             self.write_config()
 
@@ -454,6 +477,9 @@ class Trainer:
         t0, n0 = time.perf_counter(), self.step
         try:
             with StopRequest() as stop:
+                if self.pending:  # resumed at a step whose validation a stop cut short: that validation first
+                    rec, self.pending = self.pending, None
+                    self._validate_into(rec, None, log, lead)
                 while self.step < total:
                     # one optimiser step
                     loss = self.train_step()
@@ -461,21 +487,23 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{rate:.2f}")
                     bar.update(1)
                     rec = {"step": self.step, "loss": loss, "pairs_per_s": rate}
-                    # validate (every process takes its share) and keep the best prompt
+                    # validate (every process takes its share), keep the best prompt, log the step
                     if self.validates_after(self.step) and self.val_pairs:
-                        rec["val_pck@0.1"] = pck = self.validate()
-                        self.keep_if_best(pck)
-                    if lead:
+                        self._validate_into(rec, stop if self.world == 1 else None, log, lead)
+                    elif lead:
                         log.write(rec)
+                    if lead:
                         hang_for_tests(out, f"step:{self.step}", until=lambda: stop.signal is not None)
                     # SIGTERM or Ctrl-C: every process stops after this step, the first keeps it
-                    stopping = stop.agreed(self.world, self.feat.device) and self.step < total
+                    # (a validation it cut short is done when the run resumes, even after the last step)
+                    stopping = stop.agreed(self.world, self.feat.device) and (self.step < total or self.pending is not None)
                     if lead and (self.step % cfg.ckpt_every == 0 or self.step == total or stopping):
                         self.checkpoint()
                     if stopping:
                         if lead:
                             self.save_result(out / "last")
-                        raise RunStopped(f"{stop.signal} at step {self.step} of {total}: its checkpoint and last/ are in {out}; "
+                        cut = " (its validation was cut short: it runs first when resumed)" if self.pending is not None else ""
+                        raise RunStopped(f"{stop.signal} at step {self.step} of {total}{cut}: its checkpoint and last/ are in {out}; "
                                          "continue the run with --resume", stop.signal)
         finally:
             bar.close()
