@@ -405,6 +405,29 @@ def test_import_single_class_and_cpm_through_the_cli(feat, models, tmp_path, cap
     assert "categories (3): bird, bottle, car" in capsys.readouterr().out
 
 
+def test_what_a_prompt_is_is_said_whole_and_without_markup(feat, tmp_path, capsys):
+    """`prompts show` and the hub model card said what a prompt is by its class docstring's
+    first line: "... (the official ``Img`` mode): every" and "... (looked up as", cut off
+    mid-sentence, with reST's backquotes in a terminal."""
+    from sd4match.cli import main
+    from sd4match.prompts import PROMPT_CLASSES
+    from sd4match.prompts.base import kind_summary
+    from sd4match.prompts.hub import model_card
+
+    for kind in PROMPT_CLASSES:
+        plain, md = kind_summary(kind), kind_summary(kind, markdown=True)
+        assert plain.endswith(".") and "\n" not in plain and "`" not in plain and "``" not in md, (kind, plain, md)
+    assert kind_summary("cpm-image") == ("CPM conditioned on each picture's own tokens (the official Img mode): every picture gets its own prompt, "
+                                         "so its features are made once per picture.")
+    p = make_prompt("hidden-category", feat, categories=["cat", "dog"])
+    p.save(tmp_path / "hc")
+    assert main(["prompts", "show", str(tmp_path / "hc")]) == 0
+    assert ("  what it is: 77 learned rows of CLIP output per category; a pair uses its category's (looked up as a category prompt looks it up: "
+            "base name, then the PF-Willow aliases).\n") in capsys.readouterr().out
+    assert "- **What it is**: `hidden-category`: 77 learned rows of CLIP output per category; a pair uses its category's (looked up as a `category` " \
+           "prompt looks it up: base name, then the PF-Willow aliases).\n" in model_card(tmp_path / "hc", "me/hc")
+
+
 class _Note:  # a Python object pickled beside the tensors
     pass
 

@@ -58,6 +58,14 @@ def prompt_class(kind: str) -> type["Prompt"]:
         raise Sd4MatchError(f"unknown prompt kind {kind!r}; expected one of {', '.join(PROMPT_CLASSES)}") from None
 
 
+def kind_summary(kind: str, *, markdown: bool = False) -> str:
+    """What a prompt kind is, in one line: its class docstring's first paragraph, whole (its
+    first line alone cut sentences short), with reST's double backquotes as plain text or,
+    for ``markdown``, as code spans."""
+    doc = (PROMPT_CLASSES[kind].__doc__ or kind).strip().split("\n\n", 1)[0]
+    return " ".join(doc.split()).replace("``", "`" if markdown else "")
+
+
 def learned_kinds() -> tuple[str, ...]:
     """The kinds ``sd4match train`` can learn."""
     return tuple(k for k, c in PROMPT_CLASSES.items() if c.learned)

@@ -139,7 +139,7 @@ class _Conditional(Prompt):
 
 @register
 class ConditionalPrompt(_Conditional):
-    """CPM conditioned on both pictures of a pair (the paper's; the official ``Pair``).
+    """CPM conditioned on both pictures of a pair (the paper's; the official ``Pair`` mode).
 
     Shape:
         batch["dino_src"], batch["dino_trg"]: (B, P, C) patch tokens (``cls``: (B, 1, C))

@@ -17,7 +17,7 @@ from pathlib import Path
 from sd4match.errors import Sd4MatchError, first_line
 from sd4match.features.adapters import ADAPTER_CONFIG, ADAPTER_FILE, describe_adapter, has_adapter, read_adapter
 from sd4match.features.registry import offline_mode
-from sd4match.prompts.base import PROMPT_CLASSES, describe_training, read_prompt_config, read_prompt_tensors
+from sd4match.prompts.base import describe_training, kind_summary, read_prompt_config, read_prompt_tensors
 
 HUB_PREFIX = "hf://"
 PROMPT_FILES = ("prompt.safetensors", "config.json")
@@ -82,7 +82,7 @@ def model_card(folder: str | Path, repo_id: str, score: dict | None = None) -> s
     """A model card (README.md) for a prompt folder: what it is, its model and settings, its
     training data and step, and the score's numbers when given."""
     cfg = read_prompt_config(folder)
-    what = (PROMPT_CLASSES[cfg.kind].__doc__ or cfg.kind).strip().splitlines()[0]
+    what = kind_summary(cfg.kind, markdown=True)
     tensors = read_prompt_tensors(folder)
     n_values = sum(t.numel() for t in tensors.values())
     base = cfg.model.split("@")[0] if cfg.model and "/" in cfg.model and not cfg.model.startswith(("/", ".")) else None

@@ -37,7 +37,7 @@ from sd4match.config import ImportKind
 from sd4match.errors import Sd4MatchError, torch_load_problem
 from sd4match.features.adapters import describe_adapter
 from sd4match.fileio import file_sha256
-from sd4match.prompts.base import PROMPT_CLASSES, describe_training, read_prompt_config, read_prompt_tensors
+from sd4match.prompts.base import PROMPT_CLASSES, describe_training, kind_summary, read_prompt_config, read_prompt_tensors
 from sd4match.prompts.build import bridge_for, make_prompt
 
 CPM_KEYS = ("global_embeds", "positional_embedding", "alpha_cond", "linear_C.weight", "linear_C.bias", "linear_N.weight", "linear_N.bias")
@@ -262,7 +262,7 @@ def describe_prompt(folder: str | Path) -> str:
     """What a prompt folder holds, as a few lines of text (``sd4match prompts show``)."""
     cfg = read_prompt_config(folder)
     lines = [f"{folder}: {cfg.kind} prompt ({cfg.format}) for a {cfg.text_dim}-d text encoder, model {cfg.model or '(not recorded)'}",
-             f"  what it is: {(PROMPT_CLASSES[cfg.kind].__doc__ or '').strip().splitlines()[0]}"]
+             f"  what it is: {kind_summary(cfg.kind)}"]
     if cfg.template:
         lines.append(f"  template: {cfg.template!r}")
     if cfg.categories:

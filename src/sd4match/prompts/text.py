@@ -11,7 +11,8 @@ from sd4match.prompts.base import Prompt, PromptConfig, category_words, check_te
 
 @register
 class TextPrompt(Prompt):
-    """``template.format(category=...)`` per pair, through the model's tokenizer and encoder.
+    """Hand-written text: its template with the pair's category (``a photo of a {category}``),
+    through the model's tokenizer and text encoder.
 
     Category names are worded as the official code words them: PF-Willow's sub-classes lose
     their suffix (``car(G)`` -> "a photo of a car"); underscores are spaces (CUB's
