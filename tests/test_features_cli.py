@@ -135,3 +135,60 @@ def test_text_for_a_model_without_prompts_is_refused(tmp_path, small_images, cap
     assert run_features(small_images, tmp_path / "out", "--text", "a cat") == 2
     assert capsys.readouterr().err.strip().endswith("effnet-lite0 takes no prompt: --text would change nothing; leave it out")
     assert not (tmp_path / "out" / "index.json").exists()
+
+
+def test_features_of_a_trained_prompt_equal_what_match_computes(tmp_path, small_images, capsys, monkeypatch):
+    """`features` took only --text: a trained prompt's maps, the ones a user wants for their
+    own downstream use, could not be extracted. --prompt takes any prompt that gives a
+    picture a map of its own (single, category with --category, cpm-image with DINOv2), and
+    its maps equal those `match` computes for the picture with that prompt; a per-pair CPM
+    prompt, a missing --category, a prompt for a model without prompts and --text beside
+    --prompt are each one line before any model loads."""
+    from sd4match.features import DinoFeaturizer, SDFeaturizer
+    from sd4match.prompts import make_prompt
+    from sd4match.testing import tiny_dinov2, tiny_sd
+    from sd4match.usermatch import Matcher, open_image
+
+    sd, dino_dir = tiny_sd(tmp_path / "sd"), tiny_dinov2(tmp_path / "dino")
+    feat = SDFeaturizer.from_pretrained(sd, resolution=64, ensemble=1)
+    dino = DinoFeaturizer.from_pretrained(dino_dir)
+    shape = {"dino_dim": dino.feature_dim, "n_patches": dino.grid_size[0] * dino.grid_size[1], "dino_model": str(dino_dir)}
+    make_prompt("single", feat, seed=3).save(tmp_path / "single")
+    make_prompt("category", feat, categories=["cat", "owl"], seed=4).save(tmp_path / "category")
+    make_prompt("cpm-image", feat, seed=5, **shape).save(tmp_path / "cpm-image")
+    make_prompt("cpm", feat, **shape).save(tmp_path / "cpm")
+    common = ["features", "--model", str(sd), "--resolution", "64", "--ensemble", "1", "--device", "cpu", "--no-progress", "--images", str(small_images)]
+    a, b = open_image(small_images / "cat.jpg"), open_image(small_images / "owl.jpg")
+    maps = {}
+    for kind, extra in (("single", []), ("category", ["--category", "cat"]), ("cpm-image", [])):
+        out = tmp_path / f"f-{kind}"
+        assert main([*common, "--prompt", str(tmp_path / kind), *extra, "--out", str(out)]) == 0
+        m = Matcher(feat, str(tmp_path / kind), category="cat" if extra else None, dino=dino if kind == "cpm-image" else None)
+        want_a, want_b = m.features(a, b)
+        torch.testing.assert_close(load_cached(out / "index.json", "cat.jpg")[None], want_a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(load_cached(out / "index.json", "owl.jpg")[None], want_b, rtol=1e-5, atol=1e-5)
+        settings = json.loads((out / "index.json").read_text())["settings"]
+        assert settings["prompt"] == str(tmp_path / kind) and settings["category"] == ("cat" if extra else None)
+        maps[kind] = want_a
+    assert main([*common, "--out", str(tmp_path / "f-empty")]) == 0
+    empty = load_cached(tmp_path / "f-empty" / "index.json", "cat.jpg")[None]
+    assert all(not torch.allclose(m, empty) for m in maps.values())  # each prompt changed the maps
+    capsys.readouterr()
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("sd4match.cli.load_model", no_model)
+    for argv, err in (
+        ([*common, "--prompt", str(tmp_path / "cpm")],
+         f"--prompt {tmp_path / 'cpm'}: a cpm prompt makes a picture's map from both pictures of a pair, so a picture alone has none; "
+         "use `sd4match match` or `transfer` with it, or a prompt of one picture (e.g. cpm-image)"),
+        ([*common, "--prompt", str(tmp_path / "category")], f"--prompt {tmp_path / 'category'}: this prompt needs --category"),
+        ([*common, "--text", "a photo of a {category}"], "--prompt text:a photo of a {category}: this prompt needs --category"),
+        ([*common, "--text", "a cat", "--prompt", "empty"], "give a text prompt as --text or as --prompt text:..., not both"),
+        (["features", "--model", "effnet-lite0", "--images", str(small_images), "--prompt", str(tmp_path / "single")],
+         f"effnet-lite0 takes no prompt: --prompt {tmp_path / 'single'} would change nothing; leave it out"),
+    ):
+        assert main([*argv, "--out", str(tmp_path / "refused")]) == 2, argv
+        assert capsys.readouterr().err.strip() == f"sd4match: error: {err}"
+    assert not (tmp_path / "refused").exists()

@@ -111,6 +111,13 @@ def check_model(model: str) -> None:
         resolve(part)
 
 
+def check_prompt_fits_model(model: str, spec: PromptSpec, flag: str) -> None:
+    """effnet-lite0 and DINOv2 take no prompt: any but the empty one is named before the
+    model loads (it was refused after the load: a DINOv2 download first)."""
+    if not spec.is_empty and sd_source(model) is None:
+        raise Sd4MatchError(f"{model} takes no prompt: {flag} would change nothing; leave it out")
+
+
 def check_output_file(path: str | Path, flag: str = "--out", example: str = "out.json") -> Path:
     """``path`` can be written as a file: not a folder, its folder writable (or makeable)."""
     path = Path(path)

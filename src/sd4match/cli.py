@@ -240,12 +240,13 @@ def load_matcher(args):
 def _check_common(args, *, prompt: bool = True) -> None:
     """The model source, device, prompt and output folder: named before any model loads
     (and ``--dino`` resolved, when the command takes it)."""
-    from sd4match.checks import check_device, check_dino, check_model, check_output_folder, check_prompt, check_prompt_categories
+    from sd4match.checks import check_device, check_dino, check_model, check_output_folder, check_prompt, check_prompt_categories, check_prompt_fits_model
 
     check_device(args.device)
     check_model(args.model)
     if prompt and getattr(args, "prompt", None):
         spec = check_prompt(args.prompt)
+        check_prompt_fits_model(args.model, spec, f"--prompt {args.prompt}")
         if hasattr(args, "dino"):
             args.dino = check_dino(spec, args.dino)
         if hasattr(args, "category"):  # match, transfer, serve: one category for every picture
@@ -318,7 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("features", "extract and keep the feature maps of a folder of images")
     p.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
     p.add_argument("--out", required=True, type=Path, help="store folder (features/<key>.safetensors + index.json)")
-    p.add_argument("--text", help="text prompt (default: the empty prompt)")
+    p.add_argument("--prompt", help="'empty' (the default), 'text:<words>', or a trained prompt folder whose maps need no partner picture "
+                                    "(single, category, hidden, cpm-image; not cpm)")
+    p.add_argument("--text", help="a text prompt: the same as --prompt text:<words>")
+    p.add_argument("--category", help="category of every picture, for per-category prompts and text templates with {category}")
+    p.add_argument("--dino", help=DINO_HELP)
     p.add_argument("--batch-size", type=_number(int, at_least=1), default=8, help="pictures handed to the featurizer at once: their VAE posteriors in calls of up to "
                                                                "--vae-batch, the UNet in calls of up to --max-batch samples")
     p.add_argument("--store-gb", type=_number(float, at_least=0), default=0.5, help="memory for maps and VAE posteriors while extracting, GB (the folder keeps them all)")
@@ -546,15 +551,21 @@ def cmd_datasets_prepare(args) -> int:
 
 
 def cmd_features(args) -> int:
-    from sd4match.checks import check_image_folder, check_output_folder, check_picture_headers
-    from sd4match.extract import extract_folder
+    from sd4match.checks import check_image_folder, check_picture_headers, check_prompt_fits_model
+    from sd4match.extract import check_picture_prompt, extract_folder, picture_prompt_name
 
-    _check_common(args, prompt=False)
+    name = picture_prompt_name(args.prompt, args.text)
+    _check_common(args)
+    if name:
+        spec = check_picture_prompt(name, args.category)
+        if args.text is not None:  # (a --prompt was checked with the others)
+            check_prompt_fits_model(args.model, spec, "--text")
     check_picture_headers(check_image_folder(args.images))  # a bad file is named before the model loads, not after hours of extraction
-    check_output_folder(args.out)
-    feat = load_model(config_from_args(ModelConfig, args))
-    path = extract_folder(feat, args.images, args.out, text=args.text, seed=args.seed, batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
-                          store_gb=args.store_gb)
+    model = config_from_args(ModelConfig, args)
+    feat = load_model(model)
+    dino = _dino_for(name, args.dino, feat, model.dino_pos) if name else None
+    path = extract_folder(feat, args.images, args.out, text=args.text, prompt=args.prompt, category=args.category, dino=dino, seed=args.seed,
+                          batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress, store_gb=args.store_gb)
     print(f"features of {args.images} under {args.model} are in {path.parent} (index: {path})", file=sys.stderr)
     return 0
 

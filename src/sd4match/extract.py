@@ -17,8 +17,28 @@ from sd4match.data.images import NO_IMAGES, list_images, load_image
 from sd4match.errors import Sd4MatchError
 from sd4match.features.base import Featurizer
 from sd4match.fileio import atomic_write_text, file_sha256
-from sd4match.prompts import PromptSpec, resolve_prompt
+from sd4match.prompts import PromptSpec, parse_prompt, prompt_fingerprint, resolve_prompt
 from sd4match.store import Store
+
+
+def picture_prompt_name(prompt: str | None, text: str | None) -> str | None:
+    """The ``--prompt`` that ``--prompt`` or ``--text`` names (``text:<text>``); not both."""
+    if text is not None and prompt is not None:
+        raise Sd4MatchError("give a text prompt as --text or as --prompt text:..., not both")
+    return f"text:{text}" if text is not None else prompt
+
+
+def check_picture_prompt(prompt: str | PromptSpec, category: str | None) -> PromptSpec:
+    """A prompt that gives a picture a map of its own (not a per-pair one, whose maps are made
+    from both pictures of a pair), with the category it needs; else one line, before any
+    model loads."""
+    spec = parse_prompt(prompt)
+    if spec.per_pair:
+        raise Sd4MatchError(f"--prompt {prompt}: a {spec.kind} prompt makes a picture's map from both pictures of a pair, so a picture alone has none; "
+                            "use `sd4match match` or `transfer` with it, or a prompt of one picture (e.g. cpm-image)")
+    if spec.requires_category and not category:
+        raise Sd4MatchError(f"--prompt {prompt}: this prompt needs --category")
+    return spec
 
 
 def extract_folder(
@@ -27,6 +47,9 @@ def extract_folder(
     out: str | Path,
     *,
     text: str | None = None,
+    prompt: str | PromptSpec | None = None,
+    category: str | None = None,
+    dino=None,
     seed: int = 0,
     batch_size: int = 8,
     workers: int = 4,
@@ -39,28 +62,46 @@ def extract_folder(
     are the same whatever it is batched with. Pictures already stored under the same
     settings are skipped; unreadable store files are recomputed.
 
+    Args:
+        text: a text prompt (``prompt="text:<text>"``).
+        prompt: a prompt whose maps do not depend on a partner picture: ``empty`` (the
+            default), ``text:...``, or a trained prompt folder (``single``, ``category`` with
+            ``category``, ``hidden``, ``cpm-image`` with ``dino``, ...). A ``cpm`` prompt makes
+            a picture's map from both pictures of a pair, so it has no map of one picture.
+        category: the category of every picture, for per-category prompts and ``{category}``.
+        dino: the DINOv2 featurizer of a prompt conditioned on each picture's tokens.
+
     Returns:
         the path of ``out/index.json``: image path (relative to ``images``) -> store entry,
         file SHA-256, image size and feature grid.
     """
     images, out = Path(images), Path(out)
+    name = picture_prompt_name(prompt, text) or "empty"
     if text is not None and not featurizer.takes_prompt:
         raise Sd4MatchError(f"{featurizer.model_id} takes no prompt: --text would change nothing; leave it out")
+    spec = check_picture_prompt(name, category)
     files = list_images(images)
     if not files:
         raise Sd4MatchError(f"{images}: {NO_IMAGES}")
     store = Store(max_bytes=int(store_gb * (1 << 30)), folder=out)
-    batcher = Batcher(featurizer, store=store, seed=seed, fixed_batches=False)
-    prompt = resolve_prompt(PromptSpec("empty") if text is None else PromptSpec("text", template=text), featurizer) if featurizer.takes_prompt else None
-    emb, prompt_id = batcher.embeds(prompt), batcher.prompt_id(prompt)
-    settings = {**featurizer.settings(), "text": text, "seed": seed}
+    batcher = Batcher(featurizer, dino=dino, store=store, seed=seed, fixed_batches=False)
+    resolved = resolve_prompt(spec, featurizer, dino=dino)  # None for a featurizer without prompts
+    category = category if resolved is not None and resolved.uses_category else None
+    prompt_id = batcher.prompt_id(resolved, category)
+    emb = None if resolved is not None and resolved.per_picture_condition else batcher.embeds(resolved, category)
+    settings = {**featurizer.settings(), "prompt": name, "text": text,
+                "prompt_fingerprint": prompt_fingerprint(resolved), "category": category, "seed": seed}
     index: dict[str, dict] = {}
     res = batcher.picture_resolution
     bar = tqdm(total=len(files), unit="img", desc="features", disable=not progress)
     pending: list[tuple[str, Path, Picture]] = []
 
     def flush():
-        batcher.features([p for _, _, p in pending], emb, prompt_id)
+        if emb is None and resolved is not None:  # each picture under its own prompt (made from its DINOv2 tokens)
+            for _, _, p in pending:
+                batcher.features([p], batcher.picture_embeds(resolved, p, category), prompt_id)
+        else:
+            batcher.features([p for _, _, p in pending], emb, prompt_id)
         for rel, path, pic in pending:
             index[rel] = {"file": f"features/{batcher.feature_key(pic, prompt_id)}.safetensors", "sha256": file_sha256(path),
                           "image_size": list(pic.image.size), "grid_size": list(featurizer.grid_size)}

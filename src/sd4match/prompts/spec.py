@@ -44,6 +44,11 @@ class PromptSpec:
         return self.prompt_class.per_pair
 
     @property
+    def is_empty(self) -> bool:
+        """The empty prompt: what a featurizer without prompts takes (it changes nothing)."""
+        return self.kind == "empty"
+
+    @property
     def needs_dino(self) -> bool:
         return self.prompt_class.needs_dino
 
