@@ -271,6 +271,31 @@ def test_uncached_weights_without_a_network_fail_after_one_probe(tmp_path, monke
     assert any(a[0] == ("huggingface.co", 443) for a in probes)
 
 
+def test_a_download_is_announced_before_it_starts(monkeypatch, capsys):
+    """A first run downloads gigabytes before it writes anything: it said nothing (the
+    libraries' bars are off while weights load), so it looked hung. One line now, before the
+    download, naming the weights and where they go; none when they are cached."""
+    from huggingface_hub import constants
+
+    from sd4match.features import registry
+
+    res = registry.resolve("sd-2-1")
+    monkeypatch.setattr(registry, "hub_reachable", lambda *a, **k: True)
+    calls = []
+
+    def load(local):
+        calls.append(local)
+        if local:
+            raise OSError("not in the cache")
+        assert capsys.readouterr().err == (f"sd4match: Stable Diffusion weights {res.model_id} are not cached here: downloading them into "
+                                           f"{constants.HF_HUB_CACHE} (once; later runs read them there)\n")
+        return "weights"
+
+    assert registry.load_from_hub(load, "Stable Diffusion", res, offline=False) == "weights" and calls == [True, False]
+    assert registry.load_from_hub(lambda local: "cached", "Stable Diffusion", res, offline=False) == "cached"
+    assert capsys.readouterr().err == ""
+
+
 def test_pictures_explain_themselves():
     """Close scores get one colour on a readable scale; serve opens on a pair of the same kind."""
     from sd4match.serve import opening_pair

@@ -7,6 +7,7 @@ diffusers folder, or a single ``.safetensors`` / ``.ckpt`` checkpoint file.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -152,6 +153,11 @@ def load_from_hub(load, what: str, res: ResolvedModel, offline: bool):
             raise weights_missing(what, res, True, e) from None
     if not hub_reachable():
         raise weights_missing(what, res, False, ConnectionError("the hub is unreachable")) from None
+    from huggingface_hub import constants
+
+    # a first run downloads gigabytes before its first output: said, so that it does not look hung
+    print(f"sd4match: {what} weights {res.model_id} are not cached here: downloading them into {constants.HF_HUB_CACHE} "
+          "(once; later runs read them there)", file=sys.stderr, flush=True)
     try:
         return load(False)
     except Sd4MatchError:
