@@ -199,6 +199,10 @@ def test_loading_prints_no_progress_bars_and_leaves_the_libraries_as_they_were(t
     from sd4match.features.dino import DinoFeaturizer
     from sd4match.testing import tiny_dinov2
 
+    from huggingface_hub import utils as hub_utils
+
+    from sd4match.features.registry import quiet_loading
+
     dino = tiny_dinov2(tmp_path / "dino")
     tlog.enable_progress_bar()
     filters = list(warnings.filters)
@@ -207,6 +211,18 @@ def test_loading_prints_no_progress_bars_and_leaves_the_libraries_as_they_were(t
     DinoFeaturizer.from_pretrained(dino)
     assert "Loading weights" not in capfd.readouterr().err
     assert tlog.is_progress_bar_enabled() and warnings.filters == filters
+    # the hub's download bars stay on while weights load (transformers turned them off with
+    # its own: a first run's 5 GB download showed no progress), and as they were afterwards
+    with quiet_loading():
+        assert not tlog.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()
+    assert tlog.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()
+    hub_utils.disable_progress_bars()
+    try:
+        with quiet_loading():
+            assert hub_utils.are_progress_bars_disabled()
+        assert hub_utils.are_progress_bars_disabled() and tlog.is_progress_bar_enabled()
+    finally:
+        hub_utils.enable_progress_bars()
     tlog.disable_progress_bar()  # a caller who turned them off keeps them off
     try:
         DinoFeaturizer.from_pretrained(dino)

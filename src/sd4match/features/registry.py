@@ -126,11 +126,16 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def quiet_loading():
     """While weights load: transformers' "Loading weights" progress bars off (one per
     component, on stderr) and huggingface_hub's ``local_dir_use_symlinks`` notice unsaid;
-    both as they were afterwards (also when loading fails)."""
+    the hub's download bars stay as they were (transformers turns them off with its own: a
+    first run's gigabytes would show no progress). All as they were afterwards (also when
+    loading fails)."""
+    from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as tlog
 
-    bars = tlog.is_progress_bar_enabled()
+    bars, hub_bars = tlog.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
     tlog.disable_progress_bar()
+    if hub_bars:
+        hub_utils.enable_progress_bars()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
@@ -138,6 +143,10 @@ def quiet_loading():
     finally:
         if bars:
             tlog.enable_progress_bar()
+        if hub_bars:
+            hub_utils.enable_progress_bars()
+        else:
+            hub_utils.disable_progress_bars()
 
 
 def load_from_hub(load, what: str, res: ResolvedModel, offline: bool):
