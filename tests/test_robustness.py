@@ -314,3 +314,45 @@ def test_stop_request_takes_the_first_signal_and_gives_the_handlers_back():
     finally:
         signal.signal(signal.SIGINT, outer[0])
         signal.signal(signal.SIGTERM, outer[1])
+
+
+def test_out_of_memory_is_one_line_naming_the_flags_that_lower_it_and_the_run_resumes(willow_root, tmp_path, capsys, monkeypatch):
+    """A GPU's out-of-memory error (the most common failure on a smaller card) was a
+    traceback. Now one line: torch's own first words (what it tried to allocate, of how
+    much), the command's flags that lower its peak memory, and how to continue; the pairs done
+    are kept, and --resume finishes with the predictions of a run never stopped."""
+    import json
+
+    import torch
+
+    from sd4match.cli import main
+    from sd4match.features.effnet import EffNetFeaturizer
+
+    argv = ["evaluate", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--model", "effnet-lite0", "--resolution", "128",
+            "--limit", "12", "--match", "nn", "--device", "cpu", "--no-progress", "--max-batch", "2"]
+    assert main([*argv, "--out", str(tmp_path / "clean")]) == 0
+    real, calls = EffNetFeaturizer.forward, []
+
+    def runs_out(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 11.75 GiB of which 1.20 GiB "
+                                         "is free. Including non-PyTorch memory, this process has 10.50 GiB memory in use. Of the allocated memory ...")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(EffNetFeaturizer, "forward", runs_out)
+    out = tmp_path / "oom"
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "sd4match: error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 11.75 GiB of which 1.20 GiB "
+        f"is free): lower --max-batch or --store-gb (stored maps stay on the device); --vae-batch too, in a new --out; what was done is kept in {out}: "
+        "the same command with --resume continues it")
+    assert (out / "predictions.partial.jsonl").read_text().count("\n") >= 1  # the pairs done before it
+    monkeypatch.setattr(EffNetFeaturizer, "forward", real)
+    assert main([*argv, "--out", str(out), "--resume", "--max-batch", "1"]) == 0
+    assert (out / "predictions.jsonl").read_text() == (tmp_path / "clean" / "predictions.jsonl").read_text()
+    # other errors are not dressed up as memory: a RuntimeError of another kind stays a traceback
+    monkeypatch.setattr(EffNetFeaturizer, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main([*argv, "--out", str(tmp_path / "other")])

@@ -906,6 +906,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"sd4match: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        said = _out_of_memory(e)
+        if said is None or args.debug:
+            raise
+        print(_stopped_line(args, f"error: out of memory ({said}): {_memory_hint(args)}"), file=sys.stderr)
+        return 2
     except RunStopped as e:
         print(f"sd4match: stopped: {e}", file=sys.stderr)
         return 128 + signal.Signals[e.signal_name].value
@@ -918,6 +924,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, before)
+
+
+def _out_of_memory(e: RuntimeError) -> str | None:
+    """torch's own first words for an out-of-memory error (a GPU's, MPS's or the CPU
+    allocator's: the model, the batch and what it tried to allocate), else None."""
+    text = str(e)
+    if type(e).__name__ != "OutOfMemoryError" and not any(s in text for s in ("out of memory", "can't allocate memory", "not enough memory")):
+        return None
+    return text.split("\n")[0].split(" Including non-PyTorch")[0].split(" If reserved")[0].strip().rstrip(".")
+
+
+def _memory_hint(args) -> str:
+    """What of this command's own flags lowers its peak memory (out of memory is the most
+    common failure on a smaller GPU). A resumed evaluation keeps its VAE batch (its bits are
+    part of the run's settings): that one only in a new --out."""
+    has = {f: hasattr(args, f.lstrip("-").replace("-", "_")) for f in ("--micro-batch", "--max-batch", "--vae-batch", "--store-gb")}
+    resumed = args.command in ("evaluate", "sweep", "reproduce")
+    flags = [f for f in ("--micro-batch", "--max-batch", "--vae-batch") if has[f] and not (resumed and f == "--vae-batch")]
+    if has["--store-gb"]:
+        flags.append("--store-gb (stored maps stay on the device)")
+    hint = ("lower " + " or ".join([", ".join(flags[:-1]), flags[-1]] if len(flags) > 1 else flags)) if flags else "use a device with more memory"
+    if resumed and has["--vae-batch"]:
+        hint += "; --vae-batch too, in a new --out"
+    if getattr(args, "dtype", None) == "fp32":
+        hint += "; or use --dtype bf16 (fp16 on older GPUs)"
+    return hint
 
 
 class _Terminated(BaseException):
