@@ -167,7 +167,7 @@ LearnedKind = Literal["single", "category", "cpm", "cpm-image", "hidden", "hidde
 #: takes a Single or a Class HiddenState file).
 ImportKind = Literal["single", "category", "cpm", "hidden"]
 #: Dataset readers (``sd4match.data.DATASETS``; a test checks the two agree).
-DatasetName = Literal["spair", "spair-u", "pfpascal", "pfwillow", "ap10k", "cub", "mp100", "synthetic"]
+DatasetName = Literal["spair", "spair-u", "pfpascal", "pfwillow", "ap10k", "cub", "mp100", "synthetic", "custom"]
 #: PF-Willow's sub-classes by the PF-Pascal (VOC) class each shows, as the official code maps
 #: them: a category prompt, or a training set, that knows the class knows the sub-class.
 CATEGORY_ALIASES = {"car": "car", "duck": "bird", "motorbike": "motorbike", "winebottle": "bottle"}
@@ -193,7 +193,7 @@ def category_names(name: str) -> tuple[str, ...]:
 
 IMAGES_HELP = "spair-u: the SPair-71k folder holding JPEGImages/, when --root holds SPair-U's annotations alone"
 ALL_PAIRS_HELP = "cub: every within-class pair of the split, not DistillDIFT's 1,000 (seed 42)"
-SPLIT_HELP = ("trn, val or test (SPair-71k, PF-Pascal); ap10k also test_cross_species, test_cross_family, val_cross_*; cub: train, test; "
+SPLIT_HELP = ("trn, val or test (SPair-71k, PF-Pascal; custom: its trn.jsonl, val.jsonl, test.jsonl); ap10k also test_cross_species, test_cross_family, val_cross_*; cub: train, test; "
               "mp100: animal_body_unseen, animal_face, clothing, furniture, human_face")
 #: The four match rules, the paper's first (``sd4match.matching``).
 MatchRule = Literal["kernel-softargmax", "softargmax", "nn", "bilinear"]

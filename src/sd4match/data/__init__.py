@@ -1,4 +1,4 @@
-"""Pair records from SPair-71k, SPair-U, PF-Pascal, PF-Willow, AP-10K, CUB-200-2011, MP-100 and synthetic warps."""
+"""Pair records from SPair-71k, SPair-U, PF-Pascal, PF-Willow, AP-10K, CUB-200-2011, MP-100, synthetic warps and your own pair lists."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 from sd4match.data.ap10k import AP10K, prepare_ap10k
 from sd4match.data.base import PairDataset
 from sd4match.data.cub import CUB200
+from sd4match.data.custom import CustomPairs
 from sd4match.data.images import image_size, load_image
 from sd4match.data.pfpascal import PFPascal
 from sd4match.data.mp100 import MP100
@@ -32,6 +33,7 @@ DATASETS: dict[str, type[PairDataset]] = {
     "cub": CUB200,
     "mp100": MP100,
     "synthetic": SyntheticPairs,
+    "custom": CustomPairs,
 }
 #: reader options and their command-line flags (``PairDataset.options`` says which reader takes which)
 OPTION_FLAGS = {"images": "--images", "all_pairs": "--all-pairs"}
@@ -125,7 +127,7 @@ def load_pair_images(root: str | Path, record: PairRecord) -> tuple[Image.Image,
 
 
 __all__ = [
-    "AP10K", "CUB200", "DATASETS", "MP100", "OPTION_FLAGS", "PROTOCOLS", "PFPascal", "PFWillow", "PairDataset", "PairRecord", "PictureSource", "SPair71k", "SPairU",
+    "AP10K", "CUB200", "CustomPairs", "DATASETS", "MP100", "OPTION_FLAGS", "PROTOCOLS", "PFPascal", "PFWillow", "PairDataset", "PairRecord", "PictureSource", "SPair71k", "SPairU",
     "SyntheticPairs", "WarpConfig", "image_size", "load_image", "load_pair_images", "make_pair",
     "dataset_options", "open_dataset", "pair_sources", "prepare_ap10k", "pck_bases", "read_jsonl", "write_jsonl",
 ]

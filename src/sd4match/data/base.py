@@ -23,6 +23,9 @@ class PairDataset(abc.ABC):
     base_rule: ClassVar[BaseRule]
     #: top-level entries the official layout has (for ``datasets check`` and ``download``).
     required: ClassVar[tuple[str, ...]] = ()
+    #: whether the layout has a pair list for every split (``datasets check`` names a missing one);
+    #: a custom root holds the splits its owner wrote
+    every_split: ClassVar[bool] = True
     #: the reader's own options (``open_dataset(name, root, **options)``; the CLI's ``--images``, ``--all-pairs``)
     options: ClassVar[tuple[str, ...]] = ()
     #: groupings of the pairs besides their category (``meta["groups"]``), reported by ``score``

@@ -35,6 +35,15 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return int(w), int(h)
 
 
+def exif_orientation(path: str | Path) -> int | None:
+    """The EXIF orientation tag of a picture (1: as stored; 2 to 8: mirrored or turned when
+    shown), None without one; read from the header (a missing or unreadable file: ``image_size``'s error)."""
+    image_size(path)
+    with Image.open(path) as im:
+        value = im.getexif().get(0x0112)
+    return int(value) if isinstance(value, int) else None
+
+
 def fit_within(img: Image.Image, max_side: int | None) -> Image.Image:
     """``img`` downscaled (aspect kept, Lanczos) so that neither side exceeds ``max_side``;
     as it is when it fits (or without ``max_side``)."""

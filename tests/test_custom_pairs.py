@@ -1,0 +1,98 @@
+"""`--dataset custom`: your own annotated pairs as JSON Lines (the `pairs` export format)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sd4match.cli import main
+from sd4match.data import open_dataset
+
+from conftest import stand_in_image
+
+
+def _export(argv, path: Path) -> None:
+    assert main(["pairs", *argv, "--out", str(path)]) == 0
+
+
+def test_an_exported_split_reads_back_and_evaluates_as_the_benchmark_does(willow_root, tmp_path, capsys):
+    """PF-Willow's test split written by `sd4match pairs` into a custom root (its pictures
+    linked in) reads back as the same records, and `evaluate` on it gives the very
+    predictions and score of `--dataset pfwillow`: the custom reader adds nothing and
+    loses nothing."""
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "PF-dataset").symlink_to(willow_root / "PF-dataset", target_is_directory=True)
+    _export(["--dataset", "pfwillow", "--root", str(willow_root), "--split", "test"], root / "test.jsonl")
+    _export(["--dataset", "custom", "--root", str(root), "--split", "test"], tmp_path / "again.jsonl")
+    assert (tmp_path / "again.jsonl").read_bytes() == (root / "test.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main(["datasets", "check", "--dataset", "custom", "--root", str(root)]) == 0  # the splits it holds; trn and val are not missing
+    out = capsys.readouterr().out
+    assert "test  450 pairs" in out and "trn" not in out and "problem" not in out
+    common = ["--split", "test", "--model", "effnet-lite0", "--resolution", "128", "--limit", "10", "--match", "nn", "--device", "cpu", "--no-progress"]
+    assert main(["evaluate", "--dataset", "pfwillow", "--root", str(willow_root), *common, "--out", str(tmp_path / "willow")]) == 0
+    assert main(["evaluate", "--dataset", "custom", "--root", str(root), *common, "--out", str(tmp_path / "custom")]) == 0
+    assert (tmp_path / "custom" / "predictions.jsonl").read_bytes() == (tmp_path / "willow" / "predictions.jsonl").read_bytes()
+    a, b = (json.loads((tmp_path / d / "score.json").read_text()) for d in ("willow", "custom"))
+    assert a["per_image"] == b["per_image"] and a["per_point"] == b["per_point"] and a["n_pairs"] == b["n_pairs"] == 10
+
+
+def test_the_least_a_pair_needs_and_what_is_made_for_the_rest(tmp_path, capsys):
+    """src, trg and the points are enough: the id is the pair's index, the category the
+    source's folder, the sizes the pictures' own, and the PCK base max(w, h) of the target
+    box when given, else max(W, H) of the target picture; by hand below. Scored against its
+    own ground truth, every point is correct."""
+    root = tmp_path / "mine"
+    stand_in_image(root / "cats" / "a.jpg", (300, 200))
+    stand_in_image(root / "cats" / "b.jpg", (250, 400))
+    lines = [{"src": "cats/a.jpg", "trg": "cats/b.jpg", "src_kps": [[10, 20], [30, 40]], "trg_kps": [[5, 6], [7, 8]]},
+             {"id": "x", "category": "dog", "src": "cats/b.jpg", "trg": "cats/a.jpg", "src_kps": [[1, 2]], "trg_kps": [[3, 4]],
+              "trg_bbox": [10, 20, 110, 70]}]
+    (root / "test.jsonl").write_text("".join(json.dumps(d) + "\n" for d in lines))
+    r0, r1 = open_dataset("custom", root).pairs("test")
+    assert (r0.id, r0.category, r0.src_size, r0.trg_size) == ("0", "cats", (300, 200), (250, 400))
+    assert r0.pck_base == {"standard": 400.0, "sd4match": 768.0}  # max(W, H) of the target; the frame's side
+    assert (r1.id, r1.category, r1.trg_bbox) == ("x", "dog", (10.0, 20.0, 110.0, 70.0))
+    assert r1.pck_base == {"standard": 100.0, "sd4match": 256.0}  # max(100, 50); max(100 * 768 / 300, 50 * 768 / 200)
+    (tmp_path / "preds.jsonl").write_text("".join(json.dumps({"id": r.id, "kps": r.trg_kps.tolist()}) + "\n" for r in (r0, r1)))
+    assert main(["score", "--dataset", "custom", "--root", str(root), "--split", "test", "--predictions", str(tmp_path / "preds.jsonl"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n_pairs"] == 2 and res["per_image"]["all"]["0.1"] == 1.0
+
+
+def test_mistakes_in_a_pair_list_are_one_line_naming_the_line(tmp_path, capsys):
+    root = tmp_path / "mine"
+    stand_in_image(root / "a.jpg", (300, 200))
+    stand_in_image(root / "b.jpg", (250, 400))
+    good = {"src": "a.jpg", "trg": "b.jpg", "src_kps": [[10, 20]], "trg_kps": [[5, 6]]}
+    list_file = root / "test.jsonl"
+    for bad, problem in (
+        ({"src": "a.jpg", "trg": "b.jpg", "src_kps": [[10, 20]]}, "missing key 'trg_kps' (a pair needs src, trg, src_kps, trg_kps)"),
+        ({**good, "trg_kps": [[5, 6], [7, 8]]}, "src_kps has 1 points but trg_kps 2: row i of one is the match of row i of the other"),
+        ({**good, "trg_kps": [[400, 5]]}, "trg_kps[0] = [400.0, 5.0] lies outside the 250x400 picture b.jpg (points are [x, y] in its stored pixels)"),
+        ({**good, "trg_bbox": [10, 20, 5, 70]}, "trg_bbox is [10, 20, 5, 70], expected [x1, y1, x2, y2] with x2 > x1 and y2 > y1"),
+        ({**good, "id": "0"}, "pair id '0' is given twice (first at {list_file}:1); predictions are matched to pairs by id"),
+    ):
+        list_file.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        assert main(["pairs", "--dataset", "custom", "--root", str(root), "--split", "test"]) == 2
+        assert capsys.readouterr().err.strip() == f"sd4match: error: {list_file}:2: {problem.format(list_file=list_file)}"
+    assert main(["pairs", "--dataset", "custom", "--root", str(tmp_path), "--split", "test"]) == 2
+    assert capsys.readouterr().err.strip() == (f"sd4match: error: {tmp_path}: not a custom pair root: expected trn.jsonl, val.jsonl or test.jsonl "
+                                               "in it (`sd4match pairs --out` writes one)")
+    # a phone picture turned by its EXIF tag: the points would be read in pixels other than those shown
+    turned = Image.open(root / "b.jpg")
+    exif = turned.getexif()
+    exif[0x0112] = 6
+    turned.save(root / "phone.jpg", exif=exif)
+    list_file.write_text(json.dumps({**good, "trg": "phone.jpg"}) + "\n")
+    assert main(["pairs", "--dataset", "custom", "--root", str(root), "--split", "test"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"sd4match: error: {root / 'phone.jpg'}: its EXIF orientation (6) turns it when shown, but points are read in its stored pixels: "
+        "save it upright (e.g. PIL's ImageOps.exif_transpose) and give the points there")
+    # with its size given, the pair says which pixels it means: read as given
+    list_file.write_text(json.dumps({**good, "trg": "phone.jpg", "trg_size": [250, 400]}) + "\n")
+    assert main(["pairs", "--dataset", "custom", "--root", str(root), "--split", "test"]) == 0
+    with pytest.raises(Exception, match="no split 'train'"):
+        open_dataset("custom", root).pairs("train")
