@@ -321,8 +321,6 @@ def test_out_of_memory_is_one_line_naming_the_flags_that_lower_it_and_the_run_re
     traceback. Now one line: torch's own first words (what it tried to allocate, of how
     much), the command's flags that lower its peak memory, and how to continue; the pairs done
     are kept, and --resume finishes with the predictions of a run never stopped."""
-    import json
-
     import torch
 
     from sd4match.cli import main
