@@ -235,3 +235,71 @@ def test_compare_names_runs_apart_and_refuses_different_pairs(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == ("sd4match: error: the runs were scored on different pairs: prompt/test: 450 pairs; "
                                                "quick/test: 20 pairs (--limit 20); compare evaluations of the same pairs")
     assert not (tmp_path / "cmp2").exists()
+
+
+def test_compare_with_the_root_gives_bootstrap_intervals_and_paired_differences(willow_root, tmp_path, capsys):
+    """With --root, each run's predictions are scored again pair by pair: the intervals are
+    a bootstrap over the pairs (2,000 resamples, seed 0) computed by hand below from the
+    per-pair PCK (PF-Willow's base: the target keypoints' extent in the 768 frame), the
+    differences paired on the same resamples; a run beside itself differs by exactly 0. A
+    root of other pairs, whose scores would not be the run's, is refused."""
+    import csv
+
+    import numpy as np
+
+    from sd4match.cli import main
+    from sd4match.data import open_dataset
+    from sd4match.data.records import limit_pairs
+    from sd4match.metrics import load_predictions
+
+    common = ["evaluate", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--model", "effnet-lite0", "--limit", "30",
+              "--match", "nn", "--device", "cpu", "--no-progress"]
+    for name, res in (("small", "128"), ("large", "192")):
+        assert main([*common, "--resolution", res, "--out", str(tmp_path / name)]) == 0
+    runs = [str(tmp_path / "small"), str(tmp_path / "large")]
+    assert main(["compare", *runs, "--root", str(willow_root), "--out", str(tmp_path / "cmp")]) == 0
+    rows = list(csv.DictReader((tmp_path / "cmp" / "compare.csv").open()))
+    # by hand: PCK@0.1 of each pair in the sd4match frame, then the bootstrap
+    recs = limit_pairs(open_dataset("pfwillow", willow_root).pairs("test"), 30)
+    v = []
+    for name in ("small", "large"):
+        preds = load_predictions(tmp_path / name / "predictions.jsonl")
+        per = []
+        for r in recs:
+            s = np.array([768 / r.trg_size[0], 768 / r.trg_size[1]])
+            gt = np.clip(r.trg_kps * s, 1e-4, 767 - 1e-4)
+            ext = (r.trg_kps * s).max(axis=0) - (r.trg_kps * s).min(axis=0)
+            per.append(np.mean(np.linalg.norm(preds[r.id] * s - gt, axis=1) <= 0.1 * ext.max()))
+        v.append(per)
+    v = np.array(v)
+    rng = np.random.default_rng(0)
+    means = np.concatenate([v[:, rng.integers(0, 30, size=(100, 30))].mean(axis=2) for _ in range(20)], axis=1)
+    ci = [np.percentile(m, [2.5, 97.5]) for m in means]
+    d = np.percentile(means[1] - means[0], [2.5, 97.5])
+    assert [r["per image @0.1"] for r in rows] == [f"{100 * x:.2f}" for x in v.mean(axis=1)]
+    assert [r["per image @0.1 95% CI"] for r in rows] == [f"[{100 * lo:.2f}, {100 * hi:.2f}]" for lo, hi in ci]
+    assert rows[0]["difference from small @0.1 (95% CI)"] == "(reference)"
+    assert rows[1]["difference from small @0.1 (95% CI)"] == f"{100 * (v[1].mean() - v[0].mean()):+.2f} [{100 * d[0]:+.2f}, {100 * d[1]:+.2f}]"
+    assert ci[0][0] < ci[0][1] and "paired for the differences" in (tmp_path / "cmp" / "compare.md").read_text()
+    # the same predictions under another name: no difference at all
+    import shutil
+
+    shutil.copytree(tmp_path / "small", tmp_path / "again")
+    assert main(["compare", runs[0], str(tmp_path / "again"), "--root", str(willow_root)]) == 0
+    assert "| +0.00 [+0.00, +0.00] |" in capsys.readouterr().out
+    # a root whose pairs are not the run's: its scores would not be the run's
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "PF-dataset").symlink_to(willow_root / "PF-dataset", target_is_directory=True)
+    (other / "test_pairs.csv").write_text("\n".join((willow_root / "test_pairs.csv").read_text().splitlines()[:1]
+                                                   + (willow_root / "test_pairs.csv").read_text().splitlines()[200:]) + "\n")
+    assert main(["compare", *runs, "--root", str(other)]) == 2
+    assert capsys.readouterr().err.strip().endswith("give --root the dataset the run was evaluated on (or predictions.jsonl was changed)")
+    (other / "test_pairs.csv").write_text((willow_root / "test_pairs.csv").read_text())
+    (tmp_path / "small" / "predictions.jsonl").write_text((tmp_path / "large" / "predictions.jsonl").read_text())  # another run's predictions
+    assert main(["compare", *runs, "--root", str(other)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"sd4match: error: {tmp_path / 'small' / 'predictions.jsonl'}: scored on {other} it gives PCK@0.1 {rows[1]['per image @0.1']}, its score.json "
+        f"{rows[0]['per image @0.1']}: give --root the dataset the run was evaluated on (or predictions.jsonl was changed)")
+    assert main(["compare", runs[0], runs[1], runs[0] + "/"]) == 2
+    assert capsys.readouterr().err.strip() == f"sd4match: error: {runs[0]}: given twice (as {runs[0]}); name each evaluation once"

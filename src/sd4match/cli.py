@@ -411,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("compare", "accuracy beside training cost for several evaluations: compare.md, compare.csv, compare.png")
     p.add_argument("runs", nargs="+", type=Path, help="evaluate output folders (each with its score.json)")
     p.add_argument("--out", type=Path, help="also write compare.md, compare.csv and compare.png here")
+    p.add_argument("--root", type=Path, help="the dataset's root: each run's pairs scored again one by one for 95%% confidence intervals "
+                                             "and paired differences from the first run")
+    p.add_argument("--images", type=Path, help=IMAGES_HELP)
     p.set_defaults(func=cmd_compare)
 
     p = command("reproduce", "the paper's Table 1 from the authors' released prompts: import, evaluate every row, write table.md/csv/png")
@@ -739,7 +742,7 @@ def cmd_compare(args) -> int:
 
     if args.out is not None:
         check_output_folder(args.out)
-    res = compare(args.runs, args.out)
+    res = compare(args.runs, args.out, root=args.root, images=args.images)
     print(res["markdown"], end="")
     return 0
 

@@ -160,6 +160,7 @@ def score(
     allow_missing: bool = False,
     resolution: int = SD4MATCH_RESOLUTION,
     where: str = "predictions",
+    per_pair: bool = False,
 ) -> dict:
     """PCK of ``predictions`` on ``records``, per image and per point.
 
@@ -173,6 +174,8 @@ def score(
         allow_missing: score a pair without a prediction as 0 instead of failing.
         resolution: side of the sd4match frame.
         where: name of the predictions source, for error messages.
+        per_pair: also ``"per_pair"``: pair id -> its PCK at each alpha (the fraction of its
+            points correct), for each pair with keypoints (confidence intervals, paired tests).
 
     Returns:
         ``{"protocol", "alphas", "n_pairs", "n_points", "n_categories", "n_pairs_by_category",
@@ -195,6 +198,7 @@ def score(
     by_diff: dict[str, dict[str, _Tally]] = defaultdict(lambda: defaultdict(lambda: _Tally(len(alphas))))
     by_group: dict[str, dict[str, _Tally]] = defaultdict(lambda: defaultdict(lambda: _Tally(len(alphas))))
     n_points = n_missing = 0
+    pairs: dict[str, list[float]] = {}
     for r in records:
         pred = predictions.get(r.id)
         if pred is None:
@@ -208,6 +212,8 @@ def score(
             p, g, b = protocol_frame(r, pred, protocol, resolution)
             correct = pck_correct(p, g, b, alphas)
         n_points += r.n_points
+        if per_pair and r.n_points:
+            pairs[r.id] = correct.mean(axis=0).tolist()
         total.add(correct)
         by_cat[r.category].add(correct)
         for k in DIFFICULTY_KEYS:
@@ -230,6 +236,8 @@ def score(
         out[agg]["category_mean"] = category_mean(out[agg]["by_category"], scored, keys)
     if allow_missing:
         out["n_missing"] = n_missing  # pairs without a prediction, scored 0
+    if per_pair:
+        out["per_pair"] = pairs
     if protocol == "sd4match" and resolution != SD4MATCH_RESOLUTION:
         out["resolution"] = resolution
     for g, values in by_group.items():
