@@ -23,6 +23,7 @@ import numpy as np
 from sd4match.data import open_dataset
 from sd4match.data.records import limit_pairs
 from sd4match.errors import Sd4MatchError, first_line
+from sd4match.evaluate import predictions_file
 from sd4match.fileio import atomic_write_text, csv_text, markdown_table
 from sd4match.metrics import load_predictions, score
 from sd4match.prompts.spec import is_keyword_prompt
@@ -125,8 +126,6 @@ def pair_intervals(rows: Sequence[dict], key: str, root: str | Path, images: str
 
     Returns ``{"n_pairs", "pck": [per run], "ci": [(lo, hi)], "difference": [...], "difference_ci": [(lo, hi)]}``
     (fractions, not %)."""
-    from sd4match.evaluate import predictions_file
-
     cfg = rows[0]["config"]
     options = {"images": images, "all_pairs": cfg.get("all_pairs")}
     records = limit_pairs(open_dataset(cfg["dataset"], root, **options).pairs(cfg["split"]), int(cfg.get("limit") or 0))
