@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from sd4match.config import MATCH_RULES
 from sd4match.data import open_dataset
 from sd4match.data.records import limit_pairs
 from sd4match.errors import Sd4MatchError, first_line
@@ -131,9 +132,8 @@ def pair_intervals(rows: Sequence[dict], key: str, root: str | Path, images: str
     records = limit_pairs(open_dataset(cfg["dataset"], root, **options).pairs(cfg["split"]), int(cfg.get("limit") or 0))
     per_run = []
     for r in rows:
-        f = Path(r["path"]) / predictions_file(r["rule"] or "", r["rule"] == "all")
-        if r["rule"] == "all":  # the table's numbers are kernel-softargmax's (score.json's top level)
-            f = Path(r["path"]) / "predictions.kernel-softargmax.jsonl"
+        several = r["rule"] == "all"  # then the table's numbers are the first rule's (score.json's top level)
+        f = Path(r["path"]) / predictions_file(MATCH_RULES[0] if several else r["rule"], several)
         if not f.is_file():
             raise Sd4MatchError(f"{r['path']}: holds no {f.name}, so its pairs cannot be scored one by one for the intervals")
         again = f"give --root the dataset the run was evaluated on (or {f.name} was changed)"
