@@ -192,3 +192,34 @@ def test_a_limited_evaluation_covers_every_category(tmp_path, willow_root):
     assert doc["run"]["config"]["limit_pairs"] == "category-share"
     ids = [json.loads(line)["id"] for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert ids == ["0", "1", "90", "91", "180", "181", "270", "271", "360", "361"]  # each sub-class's first two, in the split's order
+
+
+def test_a_run_names_the_hub_snapshot_its_weights_came_from(tmp_path, willow_root, monkeypatch):
+    """The registry's SD 2.1 is not pinned to a commit: a number must name the weights that
+    made it. A model loaded from the hub cache (laid out as huggingface_hub lays it out:
+    refs/main -> snapshots/<commit>) is recorded with that commit in score.json and in a
+    training run's config.json; a local folder has none to record."""
+    from huggingface_hub import constants
+
+    from sd4match.config import EvalConfig
+    from sd4match.evaluate import evaluate, weights_record
+    from sd4match.features import SDFeaturizer
+    from sd4match.train import Trainer, TrainConfig
+
+    commit = "c" * 40
+    base = tmp_path / "hub" / "models--me--tiny-sd"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    tiny_sd(base / "snapshots" / commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    feat = SDFeaturizer.from_pretrained(base / "snapshots" / commit, resolution=64, ensemble=1)
+    assert weights_record(feat) == {}  # a folder: nothing to name
+    feat.model_id = "me/tiny-sd"  # as loaded from the hub
+    assert weights_record(feat) == {"weights": {"me/tiny-sd": commit}}
+    cfg = EvalConfig("pfwillow", str(willow_root), prompt="empty", rule="nn", limit=2)
+    evaluate(feat, cfg, tmp_path / "ev", progress=False)
+    assert json.loads((tmp_path / "ev" / "score.json").read_text())["run"]["weights"] == {"me/tiny-sd": commit}
+    tcfg = TrainConfig(dataset="synthetic", root=str(willow_root), prompt="single", model="me/tiny-sd", resolution=64, steps=1, batch_size=1,
+                       val_every=0, device="cpu")
+    Trainer(tcfg, tmp_path / "run", featurizer=feat, progress=False).run()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["weights"] == {"me/tiny-sd": commit}

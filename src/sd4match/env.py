@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import platform
 from importlib import metadata
-from pathlib import Path
-
 import torch
 
-from sd4match.features.registry import REGISTRY
+from sd4match.features.registry import REGISTRY, snapshot_of
 from sd4match.runtime import available_devices, git_sha
 from sd4match.version import __version__
 
@@ -46,15 +44,9 @@ def weights_status(name: str) -> dict:
     for group in NEEDED[e.family]:
         hits = [p for p in (try_to_load_from_cache(e.repo_id, f, revision=e.revision) for f in group) if isinstance(p, str)]
         (found if hits else missing).append(hits[0] if hits else group[0])
-    revisions = sorted({_snapshot(p) for p in found} - {None})
+    revisions = sorted({snapshot_of(p) for p in found} - {None})
     status = "cached" if not missing else ("partly cached (missing " + ", ".join(missing) + ")" if found else "not cached")
     return {"source": e.repo_id + (f"@{e.revision}" if e.revision else ""), "status": status, **({"revision": ", ".join(revisions)} if revisions else {})}
-
-
-def _snapshot(path: str) -> str | None:
-    """The revision (commit) of a hub-cache file: ``.../snapshots/<commit>/<file>``."""
-    parts = Path(path).parts
-    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
 
 
 def environment() -> dict:

@@ -39,6 +39,7 @@ from sd4match.config import EVAL_PRESETS, EvalConfig, MatchConfig, as_dict
 from sd4match.data import dataset_options, open_dataset
 from sd4match.data.records import PairRecord, limit_pairs, limit_record, limit_rule_changed
 from sd4match.errors import DataError, Sd4MatchError, first_line
+from sd4match.features.registry import weights_revision
 from sd4match.features.sd import SDLayerStack
 from sd4match.fileio import atomic_write_text
 from sd4match.matching import match_pixels
@@ -279,7 +280,8 @@ def _evaluate(featurizer, cfg: EvalConfig, out: Path, *, dino, progress, records
         if rank != 0:
             return Evaluation(out, settings, None)
     # the model as asked for, too: a later run into this folder is checked against it before its model loads
-    doc = _finish(out, cfg, records, done, mine, bad, settings, world, time.perf_counter() - t0, {**_training_cost(prompt), **({"request": request} if request else {})},
+    doc = _finish(out, cfg, records, done, mine, bad, settings, world, time.perf_counter() - t0,
+                  {**_training_cost(prompt), **weights_record(featurizer, dino), **({"request": request} if request else {})},
                   stream={**batcher.stream_peak, "work": batcher.work_counts()})
     return Evaluation(out, settings, doc)
 
@@ -288,6 +290,15 @@ def _prompt_categories(prompt: Prompt | None) -> dict:
     """A trained prompt's training categories (``score.json`` then reports seen and unseen apart)."""
     cats = prompt.config.training.get("categories") if prompt is not None else None
     return {"prompt_categories": list(cats)} if cats else {}
+
+
+def weights_record(*models) -> dict:
+    """``{"weights": {model id: commit}}``: the hub-cache snapshot each model's hub weights
+    loaded from (a fused ``SD+DINOv2`` names both), so a number names the exact weights;
+    nothing for folders, files and builtin weights."""
+    ids = [part for m in models if m is not None for part in m.model_id.rsplit("+", 1)]  # a fusion's id is SD's + DINOv2's
+    revs = {i: rev for i in dict.fromkeys(ids) if (rev := weights_revision(i))}
+    return {"weights": revs} if revs else {}
 
 
 def _training_cost(prompt: Prompt | None) -> dict:
@@ -377,7 +388,8 @@ def evaluate_layers(featurizer, cfg: EvalConfig, outs: dict[int, str | Path], *,
         settings = {**featurizer.settings(), "up_block": k, **batcher.call_settings(prompt), **_prompt_categories(prompt)}
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-        doc = _finish(out, cfg, records, {}, mine[k], bad, settings, world, seconds / len(outs), _training_cost(prompt)) if rank == 0 else None
+        doc = _finish(out, cfg, records, {}, mine[k], bad, settings, world, seconds / len(outs), {**_training_cost(prompt), **weights_record(featurizer, dino)}
+                      ) if rank == 0 else None
         result[k] = Evaluation(out, settings, doc)
     return result
 

@@ -34,7 +34,7 @@ from sd4match.config import TRAIN_PRESETS, MatchConfig, TrainConfig, compile_cho
 from sd4match.data import dataset_options, open_dataset
 from sd4match.data.records import limit_pairs, limit_record, limit_rule_changed
 from sd4match.errors import RunStopped, Sd4MatchError, Sd4MatchWarning
-from sd4match.evaluate import predict_pairs
+from sd4match.evaluate import predict_pairs, weights_record
 from sd4match.features import DinoFeaturizer, load_featurizer
 from sd4match.fileio import atomic_write_text
 from sd4match.loss import gaussian_window_ce
@@ -457,10 +457,10 @@ class Trainer:
             self.write_config()
 
     def write_config(self) -> None:
-        """``config.json``: the settings, the code, and what the run costs (trainable
-        parameters; after the run, seconds per step and peak memory)."""
-        atomic_write_text(self.out / "config.json", json.dumps({**recorded_config(self.cfg), "git_sha": git_sha(), "processes": self.world, "cost": self.cost},
-                                                               indent=2))
+        """``config.json``: the settings, the code, the hub weights' snapshots, and what the run
+        costs (trainable parameters; after the run, seconds per step and peak memory)."""
+        atomic_write_text(self.out / "config.json", json.dumps({**recorded_config(self.cfg), "git_sha": git_sha(), **weights_record(self.feat, self.dino),
+                                                                "processes": self.world, "cost": self.cost}, indent=2))
 
     def run(self, *, resume: bool = False) -> Path:
         """Train to ``total_steps``; return the run folder (``best/`` and ``last/`` prompts in it).

@@ -97,6 +97,31 @@ def resolve(model: str | os.PathLike) -> ResolvedModel:
     raise Sd4MatchError(f"{text}: unknown model; use one of {names}, a hub id (owner/name), a diffusers folder or a .safetensors/.ckpt file")
 
 
+def snapshot_of(path: str | os.PathLike) -> str | None:
+    """The revision (commit) of a file in the hub cache: ``.../snapshots/<commit>/<file>``."""
+    parts = Path(path).parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+
+
+def weights_revision(model_id: str) -> str | None:
+    """The commit of the hub-cache snapshot that hub weights ``model_id`` load from (what a
+    run records, so that a number names the exact weights); None for folders, files,
+    builtin weights and what is not cached. Nothing contacts the hub."""
+    try:
+        res = resolve(model_id)
+    except Sd4MatchError:
+        return None
+    if res.kind != "hub":
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    for f in ("unet/config.json", "config.json"):  # Stable Diffusion's, then a transformers model's
+        found = try_to_load_from_cache(res.location, f, revision=res.revision)
+        if isinstance(found, str):
+            return snapshot_of(found)
+    return None
+
+
 def offline_mode(local_files_only: bool | None) -> bool:
     """``local_files_only`` when given, else the ``HF_HUB_OFFLINE`` setting."""
     from huggingface_hub import constants
