@@ -96,3 +96,14 @@ def test_mistakes_in_a_pair_list_are_one_line_naming_the_line(tmp_path, capsys):
     assert main(["pairs", "--dataset", "custom", "--root", str(root), "--split", "test"]) == 0
     with pytest.raises(Exception, match="no split 'train'"):
         open_dataset("custom", root).pairs("train")
+
+
+def test_training_on_your_own_pairs_without_a_validation_list_names_the_two_ways_on(willow_root, tmp_path, capsys, no_model_load):
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "PF-dataset").symlink_to(willow_root / "PF-dataset", target_is_directory=True)
+    _export(["--dataset", "pfwillow", "--root", str(willow_root), "--split", "test"], root / "trn.jsonl")
+    capsys.readouterr()
+    assert main(["train", "--dataset", "custom", "--root", str(root), "--prompt", "single", "--model", "effnet-lite0", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == (f"sd4match: error: {root}: no pair list for the validation split 'val' (val.jsonl is missing): "
+                                               "validate on another split with --val-split, or not at all with --val-every 0")

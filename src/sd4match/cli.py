@@ -580,7 +580,7 @@ def cmd_features(args) -> int:
 def cmd_train(args) -> int:
     from sd4match.checks import check_device, check_diffusion_settings, check_model, check_output_folder, check_splits
     from sd4match.config import load_train_config
-    from sd4match.data import dataset_options
+    from sd4match.data import dataset_options, open_dataset
     from sd4match.runtime import distributed_rank_world, finish_distributed, run_lock
     from sd4match.train import Trainer, check_run_folder, unused_settings
 
@@ -592,6 +592,11 @@ def cmd_train(args) -> int:
     check_model(cfg.model)
     check_diffusion_settings(cfg.model, timesteps=[cfg.timestep], up_blocks=[cfg.up_block], noise_schedules=[cfg.noise_schedule], resolution=cfg.resolution)
     _warn_changes_nothing(unused_settings(cfg), tail=f" in a --adapt {cfg.adapt}" + (f" --prompt {cfg.prompt}" if cfg.adapt.startswith("prompt") else "") + " run")
+    if cfg.val_every:  # a root without a validation list (PF-Willow, your own pairs): the two ways on, named
+        ds = open_dataset(cfg.dataset, cfg.root, **dataset_options(cfg))
+        if cfg.val_split in ds.splits and ds.split_file(cfg.val_split) is None:
+            raise Sd4MatchError(f"{cfg.root}: no pair list for the validation split {cfg.val_split!r} ({ds.expected_split_file(cfg.val_split)} is missing): "
+                                "validate on another split with --val-split, or not at all with --val-every 0")
     check_splits(cfg.dataset, cfg.root, [cfg.train_split] + ([cfg.val_split] if cfg.val_every else []), pictures=True, options=dataset_options(cfg))
     if cfg.train_split == "test" and cfg.dataset != "synthetic":  # synthetic pairs are warps of your own pictures: no benchmark to spoil
         warnings.warn(f"training on {cfg.dataset}'s test split: its scores on that split are no longer held out, "
