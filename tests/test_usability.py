@@ -325,3 +325,25 @@ def test_store_entries_hold_only_their_own_bytes():
     whole = torch.zeros(8, 8)
     s.put("features", "w", {"features": whole})
     assert s.get("features", "w")["features"].data_ptr() == whole.data_ptr()  # a tensor that owns its storage is kept as it is
+
+
+def test_the_recorded_git_commit_is_sd4match_s_own_not_a_surrounding_project_s(tmp_path, monkeypatch):
+    """score.json and config.json record git_sha(): an installed copy inside a user's project
+    (its .venv in the project's repository) recorded the project's commit as sd4match's."""
+    import subprocess
+
+    from sd4match import runtime
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "tracked.py").write_text("")
+    git("add", "tracked.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project")
+    (tmp_path / ".venv" / "sd4match").mkdir(parents=True)
+    (tmp_path / ".venv" / "sd4match" / "runtime.py").write_text("")
+    monkeypatch.setattr(runtime, "__file__", str(tmp_path / ".venv" / "sd4match" / "runtime.py"))
+    assert runtime.git_sha() is None  # not tracked there: not the project's commit
+    monkeypatch.setattr(runtime, "__file__", str(tmp_path / "tracked.py"))
+    assert runtime.git_sha() == git("rev-parse", "HEAD")  # a checkout: its commit

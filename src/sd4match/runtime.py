@@ -97,8 +97,14 @@ def finish_distributed() -> None:
 
 
 def git_sha() -> str | None:
+    """The commit of the sd4match checkout this code runs from; None for an installed copy,
+    also one inside some other repository (a project's .venv): its files are not tracked there."""
+    here = Path(__file__).parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", Path(__file__).name], cwd=here, capture_output=True, text=True, timeout=5)
+        if tracked.returncode != 0:
+            return None
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
