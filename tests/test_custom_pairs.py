@@ -81,6 +81,9 @@ def test_mistakes_in_a_pair_list_are_one_line_naming_the_line(tmp_path, capsys):
     assert main(["pairs", "--dataset", "custom", "--root", str(tmp_path), "--split", "test"]) == 2
     assert capsys.readouterr().err.strip() == (f"sd4match: error: {tmp_path}: not a custom pair root: expected trn.jsonl, val.jsonl or test.jsonl "
                                                "in it (`sd4match pairs --out` writes one)")
+    assert main(["pairs", "--dataset", "custom", "--root", str(list_file), "--split", "test"]) == 2
+    assert capsys.readouterr().err.strip() == (f"sd4match: error: {list_file}: a file: --root is the folder that holds the pair lists, named "
+                                               "trn.jsonl, val.jsonl or test.jsonl (picture paths relative to it)")
     # a phone picture turned by its EXIF tag: the points would be read in pixels other than those shown
     turned = Image.open(root / "b.jpg")
     exif = turned.getexif()

@@ -41,6 +41,8 @@ class CustomPairs(PairDataset):
     convention = "your own pairs: max(w, h) of the target box when given, else max(W, H) of the target picture"
 
     def layout_problem(self) -> str | None:
+        if self.root.is_file():
+            return "a file: --root is the folder that holds the pair lists, named trn.jsonl, val.jsonl or test.jsonl (picture paths relative to it)"
         if not self.root.is_dir():
             return "dataset root does not exist"
         if not self.available_splits():
