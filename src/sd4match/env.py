@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import platform
 from importlib import metadata
+
 import torch
 
 from sd4match.features.registry import REGISTRY, snapshot_of
