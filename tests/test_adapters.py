@@ -303,3 +303,25 @@ def test_compare_with_the_root_gives_bootstrap_intervals_and_paired_differences(
         f"{rows[0]['per image @0.1']}: give --root the dataset the run was evaluated on (or predictions.jsonl was changed)")
     assert main(["compare", runs[0], runs[1], runs[0] + "/"]) == 2
     assert capsys.readouterr().err.strip() == f"sd4match: error: {runs[0]}: given twice (as {runs[0]}); name each evaluation once"
+
+
+def test_compare_scores_an_earlier_limited_run_on_its_own_first_pairs(willow_root, tmp_path, capsys):
+    """An earlier sd4match's `--limit N` took the split's first N pairs (its score.json names
+    no rule): compare --root scores it on those, not on each category's share."""
+    import json
+
+    from sd4match.cli import main
+    from sd4match.config import EvalConfig
+    from sd4match.data import open_dataset
+    from sd4match.evaluate import evaluate
+    from sd4match.features import load_featurizer
+
+    feat = load_featurizer("effnet-lite0", resolution=128)
+    first = open_dataset("pfwillow", willow_root).pairs("test")[:12]
+    for name in ("a", "b"):
+        evaluate(feat, EvalConfig("pfwillow", str(willow_root), rule="nn", limit=12, seed=0), tmp_path / name, records=first, progress=False)
+        doc = json.loads((tmp_path / name / "score.json").read_text())
+        del doc["run"]["config"]["limit_pairs"]  # as an earlier sd4match wrote it
+        (tmp_path / name / "score.json").write_text(json.dumps(doc))
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--root", str(willow_root)]) == 0
+    assert "| +0.00 [+0.00, +0.00] |" in capsys.readouterr().out

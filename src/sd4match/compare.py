@@ -129,7 +129,8 @@ def pair_intervals(rows: Sequence[dict], key: str, root: str | Path, images: str
     (fractions, not %)."""
     cfg = rows[0]["config"]
     options = {"images": images, "all_pairs": cfg.get("all_pairs")}
-    records = limit_pairs(open_dataset(cfg["dataset"], root, **options).pairs(cfg["split"]), int(cfg.get("limit") or 0))
+    every, limit = open_dataset(cfg["dataset"], root, **options).pairs(cfg["split"]), int(cfg.get("limit") or 0)
+    records = limit_pairs(every, limit) if cfg.get("limit_pairs") or not limit else every[:limit]  # an earlier sd4match's --limit: the first N
     per_run = []
     for r in rows:
         several = r["rule"] == "all"  # then the table's numbers are the first rule's (score.json's top level)
