@@ -223,3 +223,8 @@ def test_a_run_names_the_hub_snapshot_its_weights_came_from(tmp_path, willow_roo
                        val_every=0, device="cpu")
     Trainer(tcfg, tmp_path / "run", featurizer=feat, progress=False).run()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["weights"] == {"me/tiny-sd": commit}
+    # the prompt it hands on says so too (prompts show, the hub model card)
+    from sd4match.prompts.base import describe_training, read_prompt_config
+
+    training = read_prompt_config(tmp_path / "run" / "best").training
+    assert training["weights"] == {"me/tiny-sd": commit} and describe_training(training).endswith(f"; weights me/tiny-sd@{'c' * 12}")

@@ -523,7 +523,8 @@ class Trainer:
     def save_result(self, folder: Path, **extra) -> Path:
         """The prompt folder a run hands on: the prompt, the adapter (if any), what it cost."""
         cfg = self.cfg
-        self.prompt.save(folder, dataset=cfg.dataset, split=cfg.train_split, step=self.step, adapt=cfg.adapt, cost=dict(self.cost), **extra)
+        self.prompt.save(folder, dataset=cfg.dataset, split=cfg.train_split, step=self.step, adapt=cfg.adapt, cost=dict(self.cost),
+                         **weights_record(self.feat, self.dino), **extra)
         if self.adapter is not None:
             self.adapter.save(folder)
         return folder

@@ -250,7 +250,9 @@ def describe_training(training: dict) -> str:
              f"peak {cost['peak_memory_mb']:,.0f} MB" if "peak_memory_mb" in cost else ""]
     if any(spent):
         parts.append(", ".join(s for s in spent if s))
-    known = {"dataset", "split", "step", "categories", "val_pck", "cost", "adapt"}
+    if training.get("weights"):  # the hub snapshots of the frozen models it was trained with
+        parts.append("weights " + ", ".join(f"{m}@{c[:12]}" for m, c in sorted(training["weights"].items())))
+    known = {"dataset", "split", "step", "categories", "val_pck", "cost", "adapt", "weights"}
     parts += [f"{k} {training[k]}" for k in sorted(training) if k not in known]
     return "; ".join(parts)
 
