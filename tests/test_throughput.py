@@ -333,7 +333,9 @@ def test_the_training_profile_splits_its_time_into_forward_backward_and_optimise
     """benchmarks/pipeline.py --profile-train: the time of what runs inside the autograd
     engine's backward nodes counts as backward, inside an optimiser's step as optimiser, the
     rest as forward. Checked on a step whose work is known to lie in one phase: matmuls that
-    only a custom backward runs, or only the forward."""
+    only a custom backward runs, or only the forward. The shares are wall times: on a busy
+    machine a descheduled moment lands in whatever operator runs, so the heavy phase is made
+    long beside such moments (about 0.1 s) and the best of three profiles is read."""
     import sys
     from pathlib import Path
 
@@ -342,8 +344,8 @@ def test_the_training_profile_splits_its_time_into_forward_backward_and_optimise
 
     a = torch.randn(512, 512)
 
-    def heavy():  # about 2 GFLOP: milliseconds, where the rest of the step takes microseconds
-        return sum(float((a @ a).sum()) for _ in range(8))
+    def heavy():  # about 8 GFLOP: a tenth of a second, where the rest of the step takes microseconds
+        return sum(float((a @ a).sum()) for _ in range(32))
 
     class HeavyBackward(torch.autograd.Function):
         @staticmethod
@@ -367,11 +369,13 @@ def test_the_training_profile_splits_its_time_into_forward_backward_and_optimise
 
     step(True, True)  # warm-up: Adam's state, first-call costs
     cpu = torch.device("cpu")
-    back = profile_shares(lambda: step(False, True), cpu)["phases"]
-    fwd = profile_shares(lambda: step(True, False), cpu)["phases"]
-    for ph in (back, fwd):
+    backs = [profile_shares(lambda: step(False, True), cpu)["phases"] for _ in range(3)]
+    fwds = [profile_shares(lambda: step(True, False), cpu)["phases"] for _ in range(3)]
+    for ph in backs + fwds:
         assert set(ph) == {"forward and the rest", "backward", "optimiser"} and abs(sum(ph.values()) - 1) < 1e-9
         assert ph["optimiser"] > 0
+    back = max(backs, key=lambda ph: ph["backward"])
+    fwd = max(fwds, key=lambda ph: ph["forward and the rest"])
     assert back["backward"] > 0.7 and back["forward and the rest"] < 0.3
     assert fwd["forward and the rest"] > 0.7 and fwd["backward"] < 0.3
 
