@@ -45,7 +45,7 @@ from sd4match.fileio import atomic_write_text
 from sd4match.matching import match_pixels
 from sd4match.metrics import format_table, score, seen_unseen, write_predictions
 from sd4match.prompts import Prompt, resolve_prompt
-from sd4match.runtime import distributed_rank_world, gather_dicts, git_sha, hang_for_tests, run_lock
+from sd4match.runtime import distributed_rank_world, gather_dicts, git_sha, hang_for_tests, locks_out
 from sd4match.store import Store
 
 __all__ = ["EVAL_PRESETS", "EvalConfig", "Evaluation", "check_evaluation_folder", "evaluate", "predict_pairs", "print_score", "read_partial",
@@ -218,6 +218,7 @@ class Evaluation:
         return str(self.out)
 
 
+@locks_out("evaluation")
 def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progress: bool = True, records=None, store: Store | None = None,
              resume: bool = False, request: dict | None = None, overwrite: bool = False) -> Evaluation:
     """Predict, score and write ``predictions.jsonl`` + ``score.json`` into ``out``.
@@ -225,15 +226,10 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
     ``score.json`` equals ``sd4match score`` on ``predictions.jsonl`` under the same
     protocol and alphas, plus the settings that produced it (and the pairs skipped). A
     finished evaluation in ``out`` made with other settings is replaced only with
-    ``overwrite``; an unfinished one is continued with ``resume``.
+    ``overwrite``; an unfinished one is continued with ``resume``. ``out`` is locked while
+    it runs: a second evaluation into it is refused in one line.
     """
     out = Path(out)
-    with run_lock(out, "evaluation"):
-        return _evaluate(featurizer, cfg, out, dino=dino, progress=progress, records=records, store=store, resume=resume, request=request,
-                         overwrite=overwrite)
-
-
-def _evaluate(featurizer, cfg: EvalConfig, out: Path, *, dino, progress, records, store, resume, request, overwrite) -> Evaluation:
     records = _records(cfg, records)
     prompt = resolve_prompt(cfg.prompt, featurizer, dino=dino)
     batcher = Batcher(featurizer, dino=dino, store=store, seed=cfg.seed)
