@@ -111,11 +111,13 @@ class CustomPairs(PairDataset):
             if w < 2 or h < 2:
                 raise DataError(where, f"{side}_size is {given!r}: too small to match")
             return w, h
-        turned = exif_orientation(self.root / d[side])
+        first = d[side] not in self._sizes  # a picture of many pairs: its header read once
+        size = self.image_size(d[side])  # a missing or unreadable picture named first
+        turned = exif_orientation(self.root / d[side]) if first else None
         if turned not in (None, 1):
             raise DataError(self.root / d[side], f"its EXIF orientation ({turned}) turns it when shown, but points are read in its stored pixels: "
                                                  "save it upright (e.g. PIL's ImageOps.exif_transpose) and give the points there")
-        return self.image_size(d[side])
+        return size
 
 
 def _box(value, where: str, what: str) -> tuple[float, float, float, float] | None:

@@ -36,9 +36,9 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 
 def exif_orientation(path: str | Path) -> int | None:
-    """The EXIF orientation tag of a picture (1: as stored; 2 to 8: mirrored or turned when
-    shown), None without one; read from the header (a missing or unreadable file: ``image_size``'s error)."""
-    image_size(path)
+    """The EXIF orientation tag of a readable picture (1: as stored; 2 to 8: mirrored or
+    turned when shown), None without one; read from the header (``image_size`` names a
+    missing or unreadable file first)."""
     with Image.open(path) as im:
         value = im.getexif().get(0x0112)
     return int(value) if isinstance(value, int) else None
