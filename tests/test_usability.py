@@ -92,14 +92,8 @@ def test_a_second_evaluation_into_a_running_ones_folder_is_refused(willow_root, 
     """While a run holds the folder's lock (here another open file description holds it, as a
     second process would see it), `evaluate` is refused in one line, before any model loads;
     once the holder is gone the folder is free again."""
-    import fcntl
-
     out = tmp_path / "eval"
-    out.mkdir()
-    holder = open(out / ".sd4match.lock", "a+")
-    holder.write("pid 4242")
-    holder.flush()
-    fcntl.flock(holder.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    holder = _hold_lock(out)
     args = ["evaluate", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--model", "effnet-lite0", "--limit", "3",
             "--match", "nn", "--no-progress", "--out", str(out)]
     try:
