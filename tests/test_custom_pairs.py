@@ -74,6 +74,8 @@ def test_mistakes_in_a_pair_list_are_one_line_naming_the_line(tmp_path, capsys):
         ({**good, "trg_kps": [[400, 5]]}, "trg_kps[0] = [400.0, 5.0] lies outside the 250x400 picture b.jpg (points are [x, y] in its stored pixels)"),
         ({**good, "trg_bbox": [10, 20, 5, 70]}, "trg_bbox is [10, 20, 5, 70], expected [x1, y1, x2, y2] with x2 > x1 and y2 > y1"),
         ({**good, "id": "0"}, "pair id '0' is given twice (first at {list_file}:1); predictions are matched to pairs by id"),
+        ({**good, "meta": [1]}, "meta must be a JSON object, not a list"),
+        ({**good, "meta": {"geo_aware": [True, False]}}, "pair '1': meta.geo_aware must be a list of 1 true/false values, one per keypoint"),
     ):
         list_file.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
         assert main(["pairs", "--dataset", "custom", "--root", str(root), "--split", "test"]) == 2
@@ -110,3 +112,27 @@ def test_training_on_your_own_pairs_without_a_validation_list_names_the_two_ways
     assert main(["train", "--dataset", "custom", "--root", str(root), "--prompt", "single", "--model", "effnet-lite0", "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err.strip() == (f"sd4match: error: {root}: no pair list for the validation split 'val' (val.jsonl is missing): "
                                                "validate on another split with --val-split, or not at all with --val-every 0")
+
+
+
+def test_spair_pairs_exported_keep_their_geometry_aware_points(spair_root, tmp_path, capsys):
+    """`sd4match pairs` writes each pair's geometry-aware points (meta.geo_aware); read back
+    as a custom root, `score` gives the same subset, to the digit."""
+    from sd4match.metrics import score
+
+    _export(["--dataset", "spair", "--root", str(spair_root), "--split", "test"], tmp_path / "all.jsonl")
+    lines = [line for line in (tmp_path / "all.jsonl").read_text().splitlines() if "geo_aware" in line]
+    assert len(lines) == 7  # the pairs whose target's image annotation is in the fixtures
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "test.jsonl").write_text("".join(line + "\n" for line in lines))
+    recs = [r for r in open_dataset("spair", spair_root).pairs("test") if "geo_aware" in r.meta]
+    preds = {r.id: r.trg_kps + [[0.07 * r.pck_base["standard"] * (i % 3), 0] for i in range(r.n_points)] for r in recs}
+    (tmp_path / "preds.jsonl").write_text("".join(json.dumps({"id": k, "kps": v.tolist()}) + "\n" for k, v in preds.items()))
+    assert main(["score", "--dataset", "custom", "--root", str(root), "--split", "test", "--predictions", str(tmp_path / "preds.jsonl"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = json.loads(json.dumps(score(recs, preds)))
+    assert got["geo_aware"] == want["geo_aware"] == {"n_pairs": 5, "n_points": 26}
+    for agg in ("per_image", "per_point"):
+        assert got[agg]["geo_aware"] == want[agg]["geo_aware"]
+        assert 0 < got[agg]["geo_aware"]["all"]["0.1"] < 1  # the test can tell a subset from all or nothing

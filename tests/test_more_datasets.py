@@ -78,6 +78,11 @@ def test_ap10k_prepared_from_the_official_fixture_by_hand(ap10k_download, tmp_pa
     assert jaguar.trg_bbox == (x, y, x + w, y + h) and jaguar.pck_base["standard"] == max(w, h) == 1092
     assert jaguar.trg_size == (1200, 867) and jaguar.src.startswith("JPEGImages/Felidae/jaguar/")
     assert jaguar.meta["groups"] == {"family": "Felidae", "species": "jaguar"}
+    # geometry-aware points (GeoAware-SC's AP10K_GEO_AWARE: shoulders 5/8, elbows and knees
+    # 6/9/12/15, paws 7/10/13/16, hips 11/14): every group is shown in the target, so its
+    # 12 members are; the left eye, nose, neck and tail root (0, 2, 3, 4) have no twin there
+    assert jaguar.meta["kps_ids"] == [0] + list(range(2, 17))  # the right eye (index 1) unlabelled
+    assert jaguar.meta["geo_aware"] == [False] * 4 + [True] * 12
     # PCK by hand: 4 of 16 points moved past 0.1 x 1092 -> 12/16 of that pair
     preds = {r.id: r.trg_kps.copy() for r in test}
     preds[jaguar.id] = moved(jaguar, 4)
@@ -298,6 +303,7 @@ def test_spair_u_in_its_own_folder_with_the_pictures_of_spair71k(spair_with_imag
 def test_spair_u_laid_into_the_spair71k_tree(spair_with_images):
     ids = _as_spair_u(spair_with_images, spair_with_images, "ExtraPairAnnotation")  # Jamais Vu's layout
     recs = open_dataset("spair-u", spair_with_images).pairs("test")
+    assert not any("geo_aware" in r.meta for r in recs)  # SPair-U's keypoints are new: SPair-71k's twins do not apply
     assert sorted(r.id for r in recs) == ids and all(r.src.startswith("JPEGImages/") for r in recs)
     preds = {r.id: r.trg_kps.copy() for r in recs}
     preds[recs[0].id] = moved(recs[0], 1)

@@ -76,3 +76,74 @@ def test_wrong_layout_names_root(tmp_path):
 def test_unknown_split(spair_root):
     with pytest.raises(DataError, match="no split 'train'"):
         open_dataset("spair", spair_root).pairs("train")
+
+
+# Geometry-aware points (GeoAware-SC, "Telling Left from Right"): a pair's point whose group
+# of mirrored keypoints has at least two members visible in the target picture. The masks
+# below are worked out by hand from the pair files (kps_ids), the target pictures' image
+# annotations (the slots that are not null) and GeoAware-SC's SPAIR_GEO_AWARE groups.
+GEO_BY_HAND = {
+    # target shows slots 0 1 2 7 11; 0 has no twin, 7's twin 6 and 11's twin 10 are not shown
+    "000001-2008_002719-2008_004100:aeroplane": [False, False, False],
+    # target shows 3 4 5 8 9 15-21 23 24; 3 has no twin; 5 and its twin 4 are both shown
+    "000715-2011_002552-2011_002222:aeroplane": [False, True],
+    # slots 1 (a wheel) and 13 have no twin in the bicycle's groups
+    "000718-2008_002515-2008_003395:bicycle": [False, False],
+    # 0 3 4 6 7 have no twin; 10/11, 12/13, 14/15 are twins all shown
+    "002120-2010_004953-2010_004521:bird": [False, False, False, False, False, True, True, True, True, True, True],
+    # target shows 0 10-16 18: 0's twin 1 missing; {10,13}, {11,14}, {12,15} shown; 16's group
+    # (16 17 26 27) and 18's (18 19 28 29) have one member shown
+    "004420-2011_002687-2011_002079:bus": [False, True, True, True, True, True, True, False, False],
+    # target shows 0 6 10-16 18 26 28: 6's group (2 3 6 7) has one; {11,14}, {16,26}, {18,28}
+    "004423-2008_000052-2008_005638:car": [False, True, True, True, True],
+    # target shows 0-6 8 9: {0,1}, {2,3}, {4,5,6}, {8,9}
+    "005637-2008_000089-2008_001467:chair": [True] * 9,
+}
+
+
+def test_geometry_aware_points_by_hand(spair_root):
+    recs = open_dataset("spair", spair_root).pairs("test")
+    got = {r.id: r.meta["geo_aware"] for r in recs if "geo_aware" in r.meta}
+    # only the pairs whose target picture's image annotation is in the fixtures
+    assert got == GEO_BY_HAND
+
+
+def test_geometry_aware_pck_by_hand(spair_root):
+    from sd4match.metrics import format_table, score
+
+    recs = [r for r in open_dataset("spair", spair_root).pairs("test") if r.id in GEO_BY_HAND]
+    preds = {r.id: r.trg_kps.copy() for r in recs}
+    far = lambda r, i: preds[r.id].__setitem__((i, 0), r.trg_kps[i, 0] + 0.2 * r.pck_base["standard"])  # noqa: E731
+    by_id = {r.id: r for r in recs}
+    chair, bus = by_id["005637-2008_000089-2008_001467:chair"], by_id["004420-2011_002687-2011_002079:bus"]
+    for i in (0, 4, 8):
+        far(chair, i)  # three geometry-aware points wrong
+    far(bus, 0)  # not geometry-aware
+    far(bus, 1)  # geometry-aware
+    got = score(recs, preds, alphas=(0.1,))
+    # 26 geometry-aware points in 5 pairs (1 + 6 + 6 + 4 + 9); 4 of them wrong
+    assert got["geo_aware"] == {"n_pairs": 5, "n_points": 26}
+    assert got["per_point"]["geo_aware"]["all"]["0.1"] == pytest.approx(22 / 26)
+    # per image: the mean over the 5 pairs of the share of their geometry-aware points correct
+    assert got["per_image"]["geo_aware"]["all"]["0.1"] == pytest.approx((1 + 1 + 5 / 6 + 1 + 6 / 9) / 5)
+    assert got["per_image"]["geo_aware"]["by_category"] == {
+        "aeroplane": {"0.1": 1.0}, "bird": {"0.1": 1.0}, "bus": {"0.1": pytest.approx(5 / 6)}, "car": {"0.1": 1.0},
+        "chair": {"0.1": pytest.approx(6 / 9)}}  # the bicycle pair has none
+    # the whole set is unchanged: 41 points, 5 wrong
+    assert got["per_point"]["all"]["0.1"] == pytest.approx(36 / 41)
+    table = format_table(got)
+    assert "geo-aware subset (5 pairs, 26 points)" in table and f"{100 * 22 / 26:7.2f}" in table
+    # a pair set where some pairs cannot tell their geometry-aware points has no such subset
+    everything = open_dataset("spair", spair_root).pairs("test")
+    assert "geo_aware" not in score(everything, {r.id: r.trg_kps for r in everything})
+
+
+def test_a_broken_image_annotation_is_one_line(tmp_path, spair_root):
+    import shutil
+
+    root = tmp_path / "SPair-71k"
+    shutil.copytree(spair_root, root)
+    f = root / "ImageAnnotation/bus/2011_002079.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "kps": [[1, 2]]}))
+    with pytest.raises(DataError, match=r"2011_002079\.json: kps is not a mapping of keypoint slot"):
+        open_dataset("spair", root).pairs("test")

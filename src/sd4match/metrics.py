@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from sd4match.config import DEFAULT_ALPHAS, category_names
-from sd4match.data.records import CLAMP_EPS, SD4MATCH_RESOLUTION, PairRecord, check_protocol
+from sd4match.data.records import CLAMP_EPS, SD4MATCH_RESOLUTION, PairRecord, check_protocol, geo_aware_mask
 from sd4match.data.spair import DIFFICULTY_KEYS
 from sd4match.errors import PredictionError
 from sd4match.fileio import atomic_path, json_lines
@@ -197,7 +197,8 @@ def score(
     by_cat: dict[str, _Tally] = defaultdict(lambda: _Tally(len(alphas)))
     by_diff: dict[str, dict[str, _Tally]] = defaultdict(lambda: defaultdict(lambda: _Tally(len(alphas))))
     by_group: dict[str, dict[str, _Tally]] = defaultdict(lambda: defaultdict(lambda: _Tally(len(alphas))))
-    n_points = n_missing = 0
+    geo, geo_by_cat = _Tally(len(alphas)), defaultdict(lambda: _Tally(len(alphas)))
+    n_points = n_missing = n_geo_known = 0
     pairs: dict[str, list[float]] = {}
     for r in records:
         pred = predictions.get(r.id)
@@ -221,6 +222,11 @@ def score(
                 by_diff[k][str(r.meta[k])].add(correct)
         for g, value in (r.meta.get("groups") or {}).items():  # AP-10K: species, family; MP-100: domain
             by_group[g][str(value)].add(correct)
+        if "geo_aware" in r.meta:  # SPair-71k, AP-10K: the points a mirrored twin could take
+            twinned = geo_aware_mask(r)
+            geo.add(correct[twinned])
+            geo_by_cat[r.category].add(correct[twinned])
+            n_geo_known += 1
     out = {
         "protocol": protocol,
         "alphas": alphas,
@@ -243,6 +249,10 @@ def score(
     for g, values in by_group.items():
         for agg, fn in (("per_image", _Tally.per_image), ("per_point", _Tally.per_point)):
             out[agg][f"by_{g}"] = {v: fn(t, keys) for v, t in sorted(values.items())}
+    if records and n_geo_known == len(records):  # a subset only where every pair names its points
+        out["geo_aware"] = {"n_pairs": geo.n_img, "n_points": geo.n_pt}
+        for agg, fn in (("per_image", _Tally.per_image), ("per_point", _Tally.per_point)):
+            out[agg]["geo_aware"] = {"all": fn(geo, keys), "by_category": {c: fn(t, keys) for c, t in sorted(geo_by_cat.items()) if t.n_img}}
     if by_diff:
         for agg, fn in (("per_image", _Tally.per_image), ("per_point", _Tally.per_point)):
             out[agg]["by_difficulty"] = {
@@ -295,6 +305,9 @@ def format_table(result: dict, title: str = "") -> str:
         rows = [("all", block["all"])]
         if block.get("category_mean") is not None and len(block["by_category"]) > 1:
             rows.append((f"mean of the {result['n_categories']} categories", block["category_mean"]))
+        if "geo_aware" in block:
+            geo = result["geo_aware"]
+            rows.append((f"geo-aware subset ({geo['n_pairs']} pairs, {geo['n_points']} points)", block["geo_aware"]["all"]))
         rows += list(block["by_category"].items())
         for k, levels in block.get("by_difficulty", {}).items():
             rows += [(f"{k}={lvl}", v) for lvl, v in levels.items()]

@@ -30,12 +30,15 @@ from pathlib import Path
 import numpy as np
 
 from sd4match.data.base import PairDataset
-from sd4match.data.records import PairRecord, coco_keypoints, pck_bases, read_json, xywh_box
+from sd4match.data.records import PairRecord, coco_keypoints, geo_aware_points, pck_bases, read_json, xywh_box
 from sd4match.errors import DataError
 
 SPLITS = ("trn", "val", "test", "test_cross_species", "val_cross_species", "test_cross_family", "val_cross_family")
 CROWD_FILE = "ap-10k_is_crowd.txt"
 CROWD_SOURCE = "https://raw.githubusercontent.com/Junyi42/GeoAware-SC/master/data/ap-10k_is_crowd.txt"
+#: the 17 keypoints' groups that mirror one another (GeoAware-SC's ``AP10K_GEO_AWARE``):
+#: shoulders; elbows and knees; front and back paws; hips
+GEO_GROUPS = ((5, 8), (6, 9, 12, 15), (7, 10, 13, 16), (11, 14))
 
 
 class AP10K(PairDataset):
@@ -103,6 +106,7 @@ class AP10K(PairDataset):
             trg_size = (int(t["width"]), int(t["height"]))
             trg_box = xywh_box(t["bbox"], str(pt))
             trg_kps = kt[both, :2]
+            ids = np.nonzero(both)[0].tolist()
             groups = {"family": t["supercategory"] if s["supercategory"] == t["supercategory"] else "cross-family"}
             if s["name"] == t["name"]:
                 groups["species"] = t["name"]
@@ -118,8 +122,8 @@ class AP10K(PairDataset):
                 src_bbox=xywh_box(s["bbox"], str(ps)),
                 trg_bbox=trg_box,
                 pck_base=pck_bases("bbox", trg_size, trg_kps, trg_box),
-                meta={"groups": groups, "kps_ids": [int(k) for k in np.nonzero(both)[0]], "src_species": s["name"], "trg_species": t["name"],
-                      "src_family": s["supercategory"], "trg_family": t["supercategory"]},
+                meta={"groups": groups, "kps_ids": ids, "geo_aware": geo_aware_points(GEO_GROUPS, ids, np.nonzero(kt[:, 2] > 0)[0].tolist()),
+                      "src_species": s["name"], "trg_species": t["name"], "src_family": s["supercategory"], "trg_family": t["supercategory"]},
             ))
         return out
 

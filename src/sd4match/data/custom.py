@@ -23,7 +23,7 @@ import numpy as np
 
 from sd4match.data.base import PairDataset
 from sd4match.data.images import exif_orientation
-from sd4match.data.records import PairRecord, as_points, pck_bases
+from sd4match.data.records import PairRecord, as_points, geo_aware_mask, pck_bases
 from sd4match.errors import DataError
 from sd4match.fileio import json_lines
 
@@ -96,9 +96,15 @@ class CustomPairs(PairDataset):
         if category is None:
             parent = Path(src).parent.name
             category = parent or "all"
-        return PairRecord(id=str(d.get("id", index)), category=str(category), src=src, trg=trg, src_size=src_size, trg_size=trg_size,
-                          src_kps=src_kps, trg_kps=trg_kps, src_bbox=boxes["src"], trg_bbox=boxes["trg"],
-                          pck_base={k: float(base[k]) for k in ("standard", "sd4match")}, meta=dict(d.get("meta") or {}))
+        meta = d.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise DataError(where, f"meta must be a JSON object, not a {type(meta).__name__}")
+        rec = PairRecord(id=str(d.get("id", index)), category=str(category), src=src, trg=trg, src_size=src_size, trg_size=trg_size,
+                         src_kps=src_kps, trg_kps=trg_kps, src_bbox=boxes["src"], trg_bbox=boxes["trg"],
+                         pck_base={k: float(base[k]) for k in ("standard", "sd4match")}, meta=dict(meta))
+        if "geo_aware" in meta:
+            geo_aware_mask(rec, where)
+        return rec
 
     def _size(self, d: dict, side: str, where: str) -> tuple[int, int]:
         """The (W, H) the pair gives (checked against the pixels when they are decoded), else the header's."""

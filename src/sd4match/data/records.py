@@ -63,6 +63,31 @@ def read_json(path: Path, keys: Sequence[str] = (), expected: str = "") -> Any:
     return d
 
 
+def geo_aware_points(groups: Sequence[Sequence[int]], pair_slots: Sequence[int], trg_visible: Iterable[int]) -> list[bool]:
+    """Which keypoints of a pair are *geometry-aware* (Zhang et al., "Telling Left from
+    Right", CVPR 2024; GeoAware-SC's ``eval_spair.py``): those in a group of keypoints that
+    mirror one another (``groups``: left and right eye, the four wheels) of which at least
+    two are visible in the target picture, so that a match can land on the wrong twin.
+
+    Args:
+        groups: the dataset's groups of keypoint ids (slots) that mirror one another.
+        pair_slots: the keypoint id of each of the pair's points, in order.
+        trg_visible: the keypoint ids visible in the target picture (the pair's and any
+            other the target's annotation holds).
+    """
+    visible = set(trg_visible)
+    twinned = {s for g in groups if sum(s in visible for s in g) >= 2 for s in g}
+    return [s in twinned for s in pair_slots]
+
+
+def geo_aware_mask(record: PairRecord, where: str = "<record>") -> np.ndarray:
+    """A pair's ``meta["geo_aware"]`` as a bool array, one per keypoint (``records.geo_aware_points``)."""
+    mask = record.meta["geo_aware"]
+    if not isinstance(mask, list) or len(mask) != record.n_points or not all(isinstance(v, bool) for v in mask):
+        raise DataError(where, f"pair {record.id!r}: meta.geo_aware must be a list of {record.n_points} true/false values, one per keypoint")
+    return np.asarray(mask, dtype=bool)
+
+
 def coco_keypoints(values, where: str) -> np.ndarray:
     """COCO ``keypoints`` [x1, y1, v1, x2, ...] as an (N, 3) float64 array."""
     try:

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sd4match.data.base import PairDataset
-from sd4match.data.records import PairRecord, as_points, pck_bases, read_json
+from sd4match.data.records import PairRecord, as_points, geo_aware_points, pck_bases, read_json
 from sd4match.errors import DataError
 
 PAIR_KEYS = (
@@ -26,6 +26,28 @@ CATEGORIES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor",
 )
+#: keypoint ids (slots) that mirror one another, per category: GeoAware-SC's
+#: ``SPAIR_GEO_AWARE`` (its groups of more than one; a bicycle's slots 11 and 12 are unused)
+GEO_GROUPS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "aeroplane": ((4, 5), (6, 7), (8, 9), (10, 11), (12, 13), (14, 15), (16, 17), (18, 19), (20, 21)),
+    "bicycle": ((2, 3), (6, 7), (9, 10)),
+    "bird": ((1, 2), (10, 11), (12, 13), (14, 15)),
+    "boat": ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12)),
+    "bottle": ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9)),
+    "bus": ((0, 1), (2, 3, 5, 6), (4, 7), (10, 13, 20, 23), (11, 14, 21, 24), (12, 15, 22, 25), (16, 17, 26, 27), (18, 19, 28, 29)),
+    "car": ((0, 1), (2, 3, 6, 7), (4, 8), (5, 9), (10, 13, 20, 23), (11, 14, 21, 24), (12, 15, 22, 25), (16, 17, 26, 27), (18, 19, 28, 29)),
+    "cat": ((2, 3), (9, 10, 11, 12)),
+    "chair": ((0, 1), (2, 3), (4, 5, 6, 7), (8, 9), (10, 11), (12, 13)),
+    "cow": ((2, 3), (9, 10, 11, 12), (15, 16, 17, 18), (19, 20)),
+    "dog": ((2, 3), (9, 10, 11, 12)),
+    "horse": ((2, 3), (10, 11, 12, 13), (16, 17, 18, 19)),
+    "motorbike": ((0, 1), (2, 3)),
+    "person": ((8, 9), (10, 11), (12, 13), (14, 15), (16, 17), (18, 19)),
+    "pottedplant": ((0, 1, 2, 3), (4, 5), (6, 8)),
+    "sheep": ((2, 3), (9, 10, 11, 12), (15, 16, 17, 18), (19, 20)),
+    "train": ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11), (12, 13), (14, 15), (16, 17)),
+    "tvmonitor": ((0, 2, 4, 6), (1, 3, 5, 7), (8, 10, 12, 14), (9, 11, 13, 15)),
+}
 
 
 class SPair71k(PairDataset):
@@ -33,6 +55,10 @@ class SPair71k(PairDataset):
     splits = ("trn", "val", "test")
     base_rule = "bbox"
     required = ("JPEGImages", "PairAnnotation", "Layout")
+
+    def __init__(self, root: str | Path):
+        super().__init__(root)
+        self._visible: dict[str, frozenset[int] | None] = {}
 
     def layout_problem(self) -> str | None:
         if not self.root.is_dir():
@@ -54,7 +80,27 @@ class SPair71k(PairDataset):
         return [self.read_pair(split, pid) for pid in ids]
 
     def read_pair(self, split: str, pair_id: str) -> PairRecord:
-        return _read_pair_file(self.root / "PairAnnotation" / split / f"{pair_id}.json", pair_id, f"Layout/large/{split}.txt")
+        rec = _read_pair_file(self.root / "PairAnnotation" / split / f"{pair_id}.json", pair_id, f"Layout/large/{split}.txt")
+        slots = [int(k) for k in rec.meta["kps_ids"] if k.isdigit()]
+        visible = self._visible_slots(rec.trg) if rec.category in GEO_GROUPS and len(slots) == rec.n_points else None
+        if visible is None:
+            return rec
+        return replace(rec, meta={**rec.meta, "geo_aware": geo_aware_points(GEO_GROUPS[rec.category], slots, visible)})
+
+    def _visible_slots(self, picture: str) -> frozenset[int] | None:
+        """The keypoint slots a picture's image annotation (``ImageAnnotation/<category>/
+        <name>.json``) marks visible; None where the file is absent. Each file is read once."""
+        if picture not in self._visible:
+            path = self.root / "ImageAnnotation" / Path(picture).relative_to("JPEGImages").with_suffix(".json")
+            self._visible[picture] = _visible_slots(path) if path.is_file() else None
+        return self._visible[picture]
+
+
+def _visible_slots(path: Path) -> frozenset[int]:
+    kps = read_json(path, ("kps",), "the image's 30 keypoint slots").get("kps")
+    if not isinstance(kps, dict) or not all(str(k).isdigit() for k in kps):
+        raise DataError(path, "kps is not a mapping of keypoint slot to [x, y] or null")
+    return frozenset(int(k) for k, v in kps.items() if v is not None)
 
 
 def _read_pair_file(path: Path, pair_id: str, listed_in: str) -> PairRecord:
