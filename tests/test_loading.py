@@ -315,3 +315,31 @@ def test_env_names_the_versions_and_which_weights_are_cached_at_which_revision(t
     assert main(["env"]) == 0
     text = capsys.readouterr().out
     assert f"  dinov2-b      facebook/dinov2-base: cached (revision {'a' * 40})\n" in text and text.startswith(f"sd4match {env['sd4match']}")
+
+
+def test_dinov2_named_by_its_hub_id(tmp_path, tiny, monkeypatch):
+    """``--model facebook/dinov2-base`` and ``sd-2-1+facebook/dinov2-base`` were read as
+    Stable Diffusion hub ids (a fusion as one repository named ``sd-2-1+facebook/...``):
+    DINOv2 was known by registry name or folder only. A hub id is DINOv2 when its cached
+    config says so, or, not cached, when its name holds ``dinov2``."""
+    from huggingface_hub import constants
+
+    from conftest import hub_snapshot
+    from sd4match.features import DinoFeaturizer, FusedFeaturizer, load_featurizer, sd_source, split_fused
+    from sd4match.testing import tiny_dinov2
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert split_fused("sd-2-1+facebook/dinov2-base") == ("sd-2-1", "facebook/dinov2-base")
+    assert split_fused("stabilityai/stable-diffusion-2-1+facebook/dinov2-large") == ("stabilityai/stable-diffusion-2-1", "facebook/dinov2-large")
+    assert sd_source("facebook/dinov2-base") is None and sd_source("sd-2-1+facebook/dinov2-base") == "sd-2-1"
+    assert sd_source("stabilityai/stable-diffusion-2-1") == "stabilityai/stable-diffusion-2-1"
+    # cached: the config decides, whatever the name
+    tiny_dinov2(hub_snapshot(tmp_path / "hub", "me/backbone", "c" * 40))
+    lookalike = hub_snapshot(tmp_path / "hub", "me/dinov2-lookalike", "d" * 40)
+    lookalike.mkdir(parents=True)
+    (lookalike / "config.json").write_text('{"model_type": "clip_vision_model"}')
+    assert sd_source("me/backbone") is None and sd_source("me/dinov2-lookalike") == "me/dinov2-lookalike"
+    feat = load_featurizer("me/backbone", local_files_only=True, resolution=56)
+    assert isinstance(feat, DinoFeaturizer) and feat.model_id == "me/backbone"
+    fused = load_featurizer(f"{tiny}+me/backbone", local_files_only=True)
+    assert isinstance(fused, FusedFeaturizer) and fused.model_id == f"{tiny.resolve()}+me/backbone"

@@ -97,15 +97,27 @@ def sd_limits(source: str) -> tuple[int, int] | None:
 
 
 def _is_dinov2(res) -> bool:
+    """Whether ``res`` names DINOv2 weights: a registry DINOv2, a transformers folder whose
+    config says so, or a hub id whose cached config says so (uncached: whose name holds
+    ``dinov2``, as ``facebook/dinov2-base`` does)."""
     if res.name is not None:
         return REGISTRY[res.name].family == "dinov2"
-    cfg = Path(res.location) / "config.json"
-    if res.kind == "folder" and cfg.is_file():
-        try:
-            return json.loads(cfg.read_text()).get("model_type") == "dinov2"
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return False
-    return False
+    cfg = None
+    if res.kind == "folder":
+        cfg = Path(res.location) / "config.json"
+    elif res.kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(res.location, "config.json", revision=res.revision)
+        if not isinstance(found, str):
+            return "dinov2" in res.location.rsplit("/", 1)[-1].lower()
+        cfg = Path(found)
+    if cfg is None or not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("model_type") == "dinov2"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
 
 
 __all__ = ["CellMap", "DinoFeaturizer", "EffNetFeaturizer", "Featurizer", "FusedFeaturizer", "REGISTRY", "SDFeaturizer", "SDFeaturizerConfig",
