@@ -226,3 +226,40 @@ def test_a_run_names_the_hub_snapshot_its_weights_came_from(tmp_path, willow_roo
 
     training = read_prompt_config(tmp_path / "run" / "best").training
     assert training["weights"] == {"me/tiny-sd": commit} and describe_training(training).endswith(f"; weights me/tiny-sd@{'c' * 12}")
+
+    # a run continued after the hub cache moved to another snapshot would mix two sets of
+    # weights: refused before the model loads (and again after, in case the load fetched it)
+    import shutil
+
+    import sd4match.evaluate as ev
+    from sd4match.errors import Sd4MatchError
+    from sd4match.evaluate import RUN, check_evaluation_folder
+    from sd4match.train import check_run_folder
+
+    def stop_at_second_pair(folder, where, until=None):
+        if where == "pair:1":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "hang_for_tests", stop_at_second_pair)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(feat, cfg, tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert json.loads((tmp_path / "cut" / RUN).read_text())["weights"] == {"me/tiny-sd": commit}
+    newer = "d" * 40
+    shutil.copytree(snapshot, snapshot.parent / newer)
+    refs = tmp_path / "hub" / "models--me--tiny-sd" / "refs" / "main"
+    refs.write_text(newer)  # `hf download` after the repository moved on
+    moved = rf"the run began with me/tiny-sd at snapshot {commit}, but the hub cache now holds {newer}: .*hf download me/tiny-sd --revision {commit}"
+    with pytest.raises(Sd4MatchError, match=moved):
+        check_evaluation_folder(tmp_path / "cut", resume=True, cfg=cfg)
+    with pytest.raises(Sd4MatchError, match=moved):
+        evaluate(feat, cfg, tmp_path / "cut", progress=False, resume=True)
+    with pytest.raises(Sd4MatchError, match=moved):
+        check_run_folder(tmp_path / "run", resume=True, resume_or_start=False)
+    with pytest.raises(Sd4MatchError, match=moved):
+        check_run_folder(tmp_path / "run", resume=False, resume_or_start=True)
+    refs.write_text(commit)  # the snapshot it began with: it continues
+    evaluate(feat, cfg, tmp_path / "cut", progress=False, resume=True)
+    assert (tmp_path / "cut" / "predictions.jsonl").read_bytes() == (tmp_path / "ev" / "predictions.jsonl").read_bytes()
+    assert check_run_folder(tmp_path / "run", resume=True, resume_or_start=False)

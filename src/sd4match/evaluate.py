@@ -150,6 +150,24 @@ def read_partial(out: Path) -> dict[str, list]:
 
 def _check_resume(out: Path, cfg: EvalConfig, featurizer_settings: dict) -> None:
     _compare(out / RUN, {"config": run_settings(cfg), "featurizer": featurizer_settings})
+    check_same_weights(out / RUN)
+
+
+def check_same_weights(record: Path) -> None:
+    """A run continued (``--resume``) loads the hub weights it began with: each model its
+    ``record`` (a JSON file) names under ``weights`` must be at the same snapshot commit in
+    the hub cache (a model not cached is not compared; a record of a release that did not
+    name its weights neither)."""
+    try:
+        earlier = json.loads(record.read_text(encoding="utf-8")).get("weights") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    for model, commit in earlier.items():
+        now = weights_revision(model)
+        if now is not None and now != commit:
+            raise Sd4MatchError(f"{record}: the run began with {model} at snapshot {commit}, but the hub cache now holds {now}: its two halves "
+                                f"would come from other weights; continue where that snapshot is cached (hf download {model} --revision {commit}) "
+                                "or start again in another --out")
 
 
 def check_evaluation_folder(out: str | Path, *, resume: bool, cfg: EvalConfig | None = None, request: dict | None = None,
@@ -166,6 +184,7 @@ def check_evaluation_folder(out: str | Path, *, resume: bool, cfg: EvalConfig | 
         raise Sd4MatchError(f"{out}: holds an unfinished evaluation ({PARTIAL}); pass --resume to continue it or choose another --out")
     if resume and cfg is not None:
         _compare(out / RUN, {"config": run_settings(cfg), **({"request": request} if request is not None else {})})
+        check_same_weights(out / RUN)
     if not resume and not overwrite and cfg is not None:
         _check_finished(out, {"config": _finished_config(recorded_config(cfg)), **({"request": request} if request is not None else {})})
 
@@ -239,6 +258,7 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
     check_evaluation_folder(out, resume=resume, cfg=cfg, request=request, overwrite=overwrite)
     if not resume and not overwrite:
         _check_finished(out, {"featurizer": settings})
+    weights = weights_record(featurizer, dino)
     if resume:
         _check_resume(out, cfg, settings)
         done = read_partial(out)
@@ -246,7 +266,8 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
         dist.barrier()
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not resume:
-        atomic_write_text(out / RUN, json.dumps({"config": run_settings(cfg), "featurizer": settings, "request": request or {}}, indent=2, default=str))
+        atomic_write_text(out / RUN, json.dumps({"config": run_settings(cfg), "featurizer": settings, "request": request or {}, **weights}, indent=2,
+                                                default=str))
     t0 = time.perf_counter()
     # sharded: process k predicts pairs k, k + world, ...; every picture's draws are seeded by
     # its content and every call has a fixed size, so the merged predictions equal one process
@@ -277,7 +298,7 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
             return Evaluation(out, settings, None)
     # the model as asked for, too: a later run into this folder is checked against it before its model loads
     doc = _finish(out, cfg, records, done, mine, bad, settings, world, time.perf_counter() - t0,
-                  {**_training_cost(prompt), **weights_record(featurizer, dino), **({"request": request} if request else {})},
+                  {**_training_cost(prompt), **weights, **({"request": request} if request else {})},
                   stream={**batcher.stream_peak, "work": batcher.work_counts()})
     return Evaluation(out, settings, doc)
 

@@ -34,7 +34,7 @@ from sd4match.config import TRAIN_PRESETS, MatchConfig, TrainConfig, compile_cho
 from sd4match.data import dataset_options, open_dataset
 from sd4match.data.records import limit_pairs, limit_record, limit_rule_changed
 from sd4match.errors import RunStopped, Sd4MatchError, Sd4MatchWarning
-from sd4match.evaluate import predict_pairs, weights_record
+from sd4match.evaluate import check_same_weights, predict_pairs, weights_record
 from sd4match.features import DinoFeaturizer, load_featurizer
 from sd4match.fileio import atomic_write_text
 from sd4match.loss import gaussian_window_ce
@@ -448,6 +448,8 @@ class Trainer:
             raise Sd4MatchError(f"{self.out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another --out")
         if resume and not self.resume():
             raise Sd4MatchError(f"{self.out}: no readable checkpoint to resume from; start the run again with --resume-or-start")
+        if resume:
+            check_same_weights(self.out / "config.json")  # a download since the check before loading
         if self.rank == 0:
             if resume:
                 # the steps after the checkpoint are done again: logged once (and its own step's line when its
@@ -563,11 +565,14 @@ def check_run_folder(out: str | Path, *, resume: bool, resume_or_start: bool) ->
     if resume:
         if not has_ckpt:
             raise Sd4MatchError(f"{out}: no checkpoint to resume from (the run stopped before its first one); use --resume-or-start to start it again")
+        check_same_weights(out / "config.json")
         return True
     if resume_or_start:
         if not has_ckpt:
             for name in ("scalars.jsonl", "config.json"):
                 (out / name).unlink(missing_ok=True)
+        else:
+            check_same_weights(out / "config.json")
         return has_ckpt
     earlier = [n for n in RUN_FILES if (out / n).exists()]
     log = out / "scalars.jsonl"
