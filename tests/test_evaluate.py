@@ -214,6 +214,9 @@ def test_a_run_names_the_hub_snapshot_its_weights_came_from(tmp_path, willow_roo
     assert weights_record(feat) == {}  # a folder: nothing to name
     feat.model_id = "me/tiny-sd"  # as loaded from the hub
     assert weights_record(feat) == {"weights": {"me/tiny-sd": commit}}
+    from sd4match.features.registry import weights_identity
+
+    assert weights_identity("me/tiny-sd") == commit and weights_identity("effnet-lite0") is None and weights_identity("me/not-cached") is None
     cfg = EvalConfig("pfwillow", str(willow_root), prompt="empty", rule="nn", limit=2)
     evaluate(feat, cfg, tmp_path / "ev", progress=False)
     assert json.loads((tmp_path / "ev" / "score.json").read_text())["run"]["weights"] == {"me/tiny-sd": commit}
@@ -263,3 +266,46 @@ def test_a_run_names_the_hub_snapshot_its_weights_came_from(tmp_path, willow_roo
     evaluate(feat, cfg, tmp_path / "cut", progress=False, resume=True)
     assert (tmp_path / "cut" / "predictions.jsonl").read_bytes() == (tmp_path / "ev" / "predictions.jsonl").read_bytes()
     assert check_run_folder(tmp_path / "run", resume=True, resume_or_start=False)
+
+
+def test_stored_maps_of_weights_written_over_are_not_handed_back(tmp_path, willow_root):
+    """``--cache-dir`` keeps maps and posteriors across runs under keys made of the picture
+    and the settings, the model among them by its name (a folder's path): weights written
+    over in place (a fine-tuned model saved to the same folder) were handed the first
+    weights' maps. Entries now name their weights (``registry.weights_identity``): others
+    are recomputed; entries that name none (an earlier release's) are found as before."""
+    import torch
+
+    from sd4match.config import EvalConfig
+    from sd4match.evaluate import evaluate
+    from sd4match.features import SDFeaturizer
+    from sd4match.features.registry import weights_identity
+    from sd4match.store import Store
+
+    model = tiny_sd(tmp_path / "model")
+    cfg = EvalConfig("pfwillow", str(willow_root), prompt="empty", limit=2)
+
+    def run(out: str, store: Store) -> bytes:
+        feat = SDFeaturizer.from_pretrained(model, resolution=64, ensemble=1)
+        evaluate(feat, cfg, tmp_path / out, progress=False, store=store)
+        return (tmp_path / out / "predictions.jsonl").read_bytes()
+
+    first_id = weights_identity(str(model))
+    first = run("first", Store(folder=tmp_path / "cache"))
+    again = Store(folder=tmp_path / "cache")
+    assert run("again", again) == first and again.stats["features.disk"] == 4 and not again.stats["features.miss"]
+    tiny_sd(model, seed=1)  # other weights, the same folder
+    assert weights_identity(str(model)) not in (None, first_id)
+    over = Store(folder=tmp_path / "cache")
+    written_over = run("over", over)
+    assert over.stats["posterior.stale"] == 4 and not over.stats["features.disk"]  # maps and posteriors made again
+    assert written_over == run("fresh", Store()) != first
+    # an entry that names no weights (as an earlier release wrote it) is found by its key
+    old = Store(folder=tmp_path / "old")
+    old.put("features", "k", {"features": torch.ones(1, 2)})
+    later = Store(folder=tmp_path / "old")
+    assert later.contains("features", "k", made_by={"weights": "x"}) and later.get("features", "k", made_by={"weights": "x"}) is not None
+    later.put("features", "k2", {"features": torch.ones(1, 2)}, meta={"weights": "x"})
+    fresh = Store(folder=tmp_path / "old")
+    assert not fresh.contains("features", "k2", made_by={"weights": "y"}) and fresh.get("features", "k2", made_by={"weights": "y"}) is None
+    assert fresh.contains("features", "k2", made_by={"weights": "x"})

@@ -45,6 +45,7 @@ from PIL import Image
 
 from sd4match.data import pair_sources
 from sd4match.data.records import PairRecord
+from sd4match.features.registry import weights_identity
 from sd4match.pixels import to_rgb
 from sd4match.prompts import Prompt, prompt_fingerprint
 from sd4match.store import Store, image_key, owned, seed_for, settings_key
@@ -164,6 +165,7 @@ class Batcher:
         self._live: weakref.WeakValueDictionary[str, Picture] = weakref.WeakValueDictionary()  # decoded pictures someone still holds
         self._live_lock = threading.Lock()
         self._dino_name = json.dumps(dino.settings(), sort_keys=True) if dino is not None else ""
+        self._made_by: dict[str, dict[str, str]] = {}
 
     @property
     def device(self):
@@ -267,8 +269,29 @@ class Batcher:
         return self._stored(self.feature_key(pic, prompt_id))
 
     def _stored(self, key: str) -> torch.Tensor | None:
-        hit = self.store.get("features", key, self.device)
+        hit = self.store.get("features", key, self.device, made_by=self.made_by("features"))
         return None if hit is None else hit["features"]
+
+    def has_stored(self, kind: str, key: str) -> bool:
+        """Whether the store holds ``kind`` entry ``key`` made by this batcher's weights."""
+        return self.store.contains(kind, key, made_by=self.made_by(kind))
+
+    def made_by(self, kind: str) -> dict[str, str]:
+        """What made the store's ``kind`` entries (``features``, ``posterior``, ``dino``) beyond
+        their keys: ``{"weights": ...}``, what tells the weights of the model that makes them
+        from others under the same name (``registry.weights_identity``; a fusion: each part),
+        so that entries on disk made with weights since written over are not handed back;
+        empty where nothing tells it. Store keys stay as they were: entries an earlier
+        release wrote name no weights and are found as before."""
+        if kind not in self._made_by:
+            model = {"features": lambda: self.featurizer.model_id, "posterior": lambda: self.featurizer.posterior_settings()["model"],
+                     "dino": lambda: self.dino.model_id}[kind]()
+            ident = weights_identity(model)
+            if ident is None and "+" in model:
+                parts = [weights_identity(p) for p in model.rsplit("+", 1)]
+                ident = "+".join(p or "-" for p in parts) if any(parts) else None
+            self._made_by[kind] = {"weights": ident} if ident else {}
+        return self._made_by[kind]
 
     # ---------------------------------------------------------------- work done once per picture
     def call_size(self, kind: str) -> int:
@@ -311,7 +334,7 @@ class Batcher:
 
     def has_work(self, pic: Picture, work: Sequence[tuple[str, str]]) -> bool:
         """Whether the store holds all of ``work`` (``work_for``) for ``pic``."""
-        return all(self.store.contains(kind, settings_key(pic.key, self._work_settings(kind, part))) for kind, part in work)
+        return all(self.has_stored(kind, settings_key(pic.key, self._work_settings(kind, part))) for kind, part in work)
 
     def prepare(self, pics: Sequence[Picture], work: Sequence[tuple[str, str]]) -> None:
         """Compute and store ``work`` (``work_for``) of the pictures that lack it, in calls of
@@ -328,7 +351,7 @@ class Batcher:
         (with ``fixed_batches``, a call with fewer padded to it); returns
         ``{name: (len(pics), ...)}`` in the order of ``pics``."""
         keys = [settings_key(p.key, settings) for p in pics]
-        got = {k: self.store.get(kind, k, self.device) for k in dict.fromkeys(keys)}
+        got = {k: self.store.get(kind, k, self.device, made_by=self.made_by(kind)) for k in dict.fromkeys(keys)}
         todo = [(k, p) for k, p in dict(zip(keys, pics)).items() if got[k] is None]
         step = self.call_size(kind)
         for i in range(0, len(todo), step):
@@ -338,7 +361,7 @@ class Batcher:
             self.calls[kind].append(len(batch))
             for j, (k, _) in enumerate(chunk):
                 got[k] = {name: t[j : j + 1] for name, t in out.items()}
-                self.store.put(kind, k, got[k])
+                self.store.put(kind, k, got[k], meta=self.made_by(kind))
         return {name: torch.cat([got[k][name] for k in keys]) for name in got[keys[0]]}
 
     def posteriors(self, pics: Sequence[Picture]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -428,7 +451,7 @@ class Batcher:
         out = []
         for j, (p, pid) in enumerate(zip(pics, prompt_ids)):
             out.append(owned(maps[j : j + 1]))  # the tensor the store keeps, not a view holding the whole call's output
-            self.store.put("features", self.feature_key(p, pid), {"features": out[-1]})
+            self.store.put("features", self.feature_key(p, pid), {"features": out[-1]}, meta=self.made_by("features"))
         return out
 
     def features(self, pics: Sequence[Picture], embeds: torch.Tensor | None, prompt_id: str) -> list[torch.Tensor]:
@@ -472,8 +495,8 @@ class Batcher:
         with torch.no_grad():
             emb = prompt(self.prompt_batch(prompt, [a], [b]))
         fa, fb = self.pair_features([a], [b], emb)
-        self.store.put("features", ka, {"features": fa})
-        self.store.put("features", kb, {"features": fb})
+        self.store.put("features", ka, {"features": fa}, meta=self.made_by("features"))
+        self.store.put("features", kb, {"features": fb}, meta=self.made_by("features"))
         return fa, fb
 
     def stream(self, prompt: Prompt | None, records: Iterable[PairRecord], root: str | Path, consume: Callable[[Any, torch.Tensor, torch.Tensor], R],
@@ -594,7 +617,7 @@ class PairStream:
         """Which of a pair's pictures have no stored map (asked by loader threads, so that only
         those are decoded ahead)."""
         keys = self.b.map_keys(self.prompt, self.prompt_id(record), src, trg)
-        missing = tuple(not self.b.store.contains("features", k) for k in keys)
+        missing = tuple(not self.b.has_stored("features", k) for k in keys)
         return (any(missing),) * 2 if self.per_pair else missing
 
     def done(self, entry: PendingPair, result) -> None:
@@ -659,7 +682,7 @@ class PairStream:
         """Queue the entry's pictures that are neither stored nor queued yet."""
         pid, emb = self.embedded(entry.record)
         for p in entry.pictures:
-            if (p.key, pid) not in self.todo and (p.key, pid) not in self.maps and not self.b.store.contains("features", self.b.feature_key(p, pid)):
+            if (p.key, pid) not in self.todo and (p.key, pid) not in self.maps and not self.b.has_stored("features", self.b.feature_key(p, pid)):
                 self.todo[(p.key, pid)] = (p, emb)
                 self.need_work([p])
 

@@ -53,6 +53,11 @@ def owned(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
 
 
+def _made_by(meta: dict, made_by: dict) -> bool:
+    """Whether an entry's metadata agrees with ``made_by`` (what it does not name, it agrees with)."""
+    return all(meta.get(k, str(v)) == str(v) for k, v in made_by.items())
+
+
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -65,8 +70,13 @@ class Store:
         folder: also keep entries here, as ``<folder>/<kind>/<key>.safetensors``.
         pinned: kinds whose entries leave memory only when no entry of another kind is left.
 
-    ``stats`` counts, per kind, ``hit`` (memory), ``disk`` (loaded from disk) and ``miss``.
-    Thread-safe.
+    ``stats`` counts, per kind, ``hit`` (memory), ``disk`` (loaded from disk), ``stale`` (on
+    disk, made by other weights) and ``miss``. Thread-safe.
+
+    ``made_by`` (``get``, ``contains``; ``put`` writes it as ``meta``) names what made an
+    entry beyond its key, such as the weights' identity (``{"weights": ...}``): an entry on
+    disk that names another value is absent (recomputed and written over); one that names
+    none (written by an earlier release) is taken, so that its key finds it as before.
     """
 
     def __init__(self, max_bytes: int = 2 << 30, folder: str | Path | None = None, pinned: tuple[str, ...] = ()):
@@ -92,14 +102,24 @@ class Store:
     def __len__(self) -> int:
         return len(self._mem)
 
-    def contains(self, kind: str, key: str) -> bool:
-        """In memory or on disk (the disk file is not read)."""
+    def contains(self, kind: str, key: str, made_by: dict | None = None) -> bool:
+        """In memory or on disk (of the disk file only its header is read, with ``made_by``)."""
         with self._lock:
             if (kind, key) in self._mem:
                 return True
-        return self.folder is not None and self.path(kind, key).is_file()
+        if self.folder is None or not self.path(kind, key).is_file():
+            return False
+        if not made_by:
+            return True
+        try:
+            with open(self.path(kind, key), "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                meta = json.loads(fh.read(n)).get("__metadata__") or {}
+        except (OSError, ValueError, AttributeError):
+            return False
+        return _made_by(meta, made_by)
 
-    def get(self, kind: str, key: str, device=None) -> dict[str, torch.Tensor] | None:
+    def get(self, kind: str, key: str, device=None, made_by: dict | None = None) -> dict[str, torch.Tensor] | None:
         """The entry's tensors (on ``device`` when given), or None."""
         with self._lock:
             got = self._mem.get((kind, key))
@@ -107,7 +127,7 @@ class Store:
                 self._mem.move_to_end((kind, key))
                 self.stats[f"{kind}.hit"] += 1
         if got is None and self.folder is not None:
-            got = self._read(kind, key)
+            got = self._read(kind, key, made_by)
             if got is not None:
                 self.stats[f"{kind}.disk"] += 1
                 if device is not None:
@@ -164,7 +184,7 @@ class Store:
                 dropped = self._mem.pop(victim) if victim is not None else self._mem.popitem(last=False)[1]
                 self._bytes -= _nbytes(dropped)
 
-    def _read(self, kind: str, key: str) -> dict[str, torch.Tensor] | None:
+    def _read(self, kind: str, key: str, made_by: dict | None = None) -> dict[str, torch.Tensor] | None:
         from safetensors.torch import load
 
         p = self.path(kind, key)
@@ -175,6 +195,9 @@ class Store:
             n = int.from_bytes(data[:8], "little")
             meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
             if meta.get("key") != key or meta.get("format") != FORMAT:
+                return None
+            if made_by and not _made_by(meta, made_by):
+                self.stats[f"{kind}.stale"] += 1
                 return None
             return load(data)
         except Exception:  # truncated or corrupt: recompute it

@@ -239,7 +239,7 @@ class Matcher:
     def is_cached(self, a: UserImage, b: UserImage | None = None) -> bool:
         """Whether the maps ``features(a, b)`` returns are stored (in memory or on disk)."""
         a, b = as_user_image(a), None if b is None else as_user_image(b)
-        return all(self.store.contains("features", k) for k in self.store_keys(a, b))
+        return all(self.batcher.has_stored("features", k) for k in self.store_keys(a, b))
 
     def features(self, a: UserImage, b: UserImage) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, C, h, w) maps of ``a`` and ``b``; a per-pair prompt (CPM) is built from both images."""

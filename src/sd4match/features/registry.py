@@ -122,6 +122,35 @@ def weights_revision(model_id: str) -> str | None:
     return None
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def weights_identity(model_id: str) -> str | None:
+    """What tells the weights under ``model_id`` from other weights under the same name, for
+    the keys of stored work (so that maps made with earlier weights are never handed back):
+    the hub-cache snapshot commit of hub weights; for a folder or a single file, a hash of
+    each weight file's path, size and modification time (weights written over in place get
+    new keys; a copy elsewhere has another id anyway). None for builtin weights, hub weights
+    not cached and what is not a model name. Nothing is read but file metadata."""
+    import hashlib
+
+    try:
+        res = resolve(model_id)
+    except Sd4MatchError:
+        return None
+    if res.kind == "hub":
+        return weights_revision(model_id)
+    if res.kind not in ("folder", "single_file"):
+        return None
+    base = Path(res.location)
+    files = [base] if res.kind == "single_file" else sorted(p for p in base.rglob("*") if p.suffix.lower() in WEIGHT_SUFFIXES and p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(base).as_posix() if f != base else f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def offline_mode(local_files_only: bool | None) -> bool:
     """``local_files_only`` when given, else the ``HF_HUB_OFFLINE`` setting."""
     from huggingface_hub import constants
