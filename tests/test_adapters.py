@@ -325,3 +325,28 @@ def test_compare_scores_an_earlier_limited_run_on_its_own_first_pairs(willow_roo
         (tmp_path / name / "score.json").write_text(json.dumps(doc))
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--root", str(willow_root)]) == 0
     assert "| +0.00 [+0.00, +0.00] |" in capsys.readouterr().out
+
+
+def test_compare_adds_the_geometry_aware_subset_when_every_run_has_it(tmp_path):
+    """SPair-71k's and AP-10K's evaluations score the geometry-aware points apart
+    (``geo_aware``); compare puts them beside the rest, when every run has them."""
+    import csv
+
+    from sd4match.cli import main
+
+    def doc(pck, geo=None):
+        d = json.loads(_score_doc(pck))
+        if geo is not None:
+            for agg in ("per_image", "per_point"):
+                d[agg]["geo_aware"] = {"all": {"0.05": geo / 2, "0.1": geo, "0.15": geo}, "by_category": {}}
+            d["per_point"]["geo_aware"]["all"]["0.1"] = geo - 0.05
+        return json.dumps(d)
+
+    for name, text in (("a", doc(0.5, 0.4)), ("b", doc(0.6, 0.3)), ("old", doc(0.7))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "score.json").write_text(text)
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")]) == 0
+    rows = list(csv.DictReader((tmp_path / "cmp" / "compare.csv").open()))
+    assert [(r["geo-aware per image @0.1"], r["geo-aware per point @0.1"]) for r in rows] == [("40.00", "35.00"), ("30.00", "25.00")]
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "old"), "--out", str(tmp_path / "cmp2")]) == 0  # not every run has them
+    assert not any(k.startswith("geo-aware") for k in next(csv.DictReader((tmp_path / "cmp2" / "compare.csv").open())))
