@@ -350,6 +350,15 @@ def test_out_of_memory_is_one_line_naming_the_flags_that_lower_it_and_the_run_re
     monkeypatch.setattr(EffNetFeaturizer, "forward", real)
     assert main([*argv, "--out", str(out), "--resume", "--max-batch", "1"]) == 0
     assert (out / "predictions.jsonl").read_text() == (tmp_path / "clean" / "predictions.jsonl").read_text()
+    # a flag already at 1 is not named as one to lower
+    from argparse import Namespace
+
+    from sd4match.cli import _memory_hint
+
+    assert _memory_hint(Namespace(command="train", micro_batch=1, max_batch=None, vae_batch=None, dtype="bf16")) == "lower --max-batch or --vae-batch"
+    assert _memory_hint(Namespace(command="train", micro_batch=3, max_batch=None, vae_batch=1, dtype="fp32")) == (
+        "lower --micro-batch or --max-batch; or use --dtype bf16 (fp16 on older GPUs)")
+    assert _memory_hint(Namespace(command="evaluate", max_batch=1, vae_batch=1, store_gb=2.0, dtype=None)) == "lower --store-gb (stored maps stay on the device)"
     # other errors are not dressed up as memory: a RuntimeError of another kind stays a traceback
     monkeypatch.setattr(EffNetFeaturizer, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):

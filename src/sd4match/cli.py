@@ -956,11 +956,12 @@ def _memory_hint(args) -> str:
     part of the run's settings): that one only in a new --out."""
     has = {f: hasattr(args, f.lstrip("-").replace("-", "_")) for f in ("--micro-batch", "--max-batch", "--vae-batch", "--store-gb")}
     resumed = args.command in ("evaluate", "sweep", "reproduce")
-    flags = [f for f in ("--micro-batch", "--max-batch", "--vae-batch") if has[f] and not (resumed and f == "--vae-batch")]
+    at_least = {f: getattr(args, f.lstrip("-").replace("-", "_"), None) == 1 for f in has}  # already 1: nothing to lower
+    flags = [f for f in ("--micro-batch", "--max-batch", "--vae-batch") if has[f] and not at_least[f] and not (resumed and f == "--vae-batch")]
     if has["--store-gb"]:
         flags.append("--store-gb (stored maps stay on the device)")
     hint = ("lower " + " or ".join([", ".join(flags[:-1]), flags[-1]] if len(flags) > 1 else flags)) if flags else "use a device with more memory"
-    if resumed and has["--vae-batch"]:
+    if resumed and has["--vae-batch"] and not at_least["--vae-batch"]:
         hint += "; --vae-batch too, in a new --out"
     if getattr(args, "dtype", None) == "fp32":
         hint += "; or use --dtype bf16 (fp16 on older GPUs)"
