@@ -228,3 +228,26 @@ def test_an_interrupted_sweep_refuses_other_settings_for_its_cells(sd_path, will
     res = sweep_mod.sweep(feat, cfg, tmp_path / "s", **grid)
     assert res["ran"] == 1 and [r["cell"] for r in res["cells"]] == ["t0050-b1-e1", "t0261-b1-e1"]
     assert json.loads((tmp_path / "s" / "sweep.json").read_text())["ran"] == 1
+
+
+def test_sweep_tables_add_the_geometry_aware_subset_when_every_cell_has_it(tmp_path):
+    """On SPair-71k and AP-10K each cell's score has the geometry-aware subset: the sweep's
+    table puts its PCK beside the rest (which timestep and layer tell mirrored twins apart)."""
+    import csv
+
+    from sd4match.config import EvalConfig
+    from sd4match.sweep import write_tables
+
+    def row(t, pck, geo=None):
+        r = {"timestep": t, "up_block": 1, "ensemble": 1, "noise_schedule": "model", "n_pairs": 7,
+             "per_image": {"0.1": pck}, "per_point": {"0.1": pck}}
+        if geo is not None:
+            r["geo_aware"] = {"per_image": {"0.1": geo}, "per_point": {"0.1": geo / 2}}
+        return r
+
+    cfg = EvalConfig("spair", str(tmp_path))
+    write_tables([row(50, 0.5, 0.25), row(261, 0.6, 0.5)], tmp_path, cfg, "0.1")
+    rows = list(csv.DictReader((tmp_path / "table.csv").open()))
+    assert [(r["timestep"], r["geo-aware per image @0.1"], r["geo-aware per point @0.1"]) for r in rows] == [("50", "25.00", "12.50"), ("261", "50.00", "25.00")]
+    write_tables([row(50, 0.5, 0.25), row(261, 0.6)], tmp_path, cfg, "0.1")  # a cell of an earlier release: no such column
+    assert "geo-aware per image @0.1" not in next(csv.DictReader((tmp_path / "table.csv").open()))

@@ -26,7 +26,7 @@ from sd4match.data.records import limit_pairs
 from sd4match.errors import Sd4MatchError, first_line
 from sd4match.evaluate import predictions_file
 from sd4match.fileio import atomic_write_text, csv_text, markdown_table
-from sd4match.metrics import load_predictions, score
+from sd4match.metrics import geo_aware_all, geo_aware_columns, load_predictions, score
 from sd4match.prompts.spec import is_keyword_prompt
 from sd4match.viz import pyplot
 
@@ -51,7 +51,7 @@ def read_run(folder: str | Path) -> dict:
                 "limit": run.get("config", {}).get("limit") or 0, "limit_pairs": run.get("config", {}).get("limit_pairs"),
                 "cost": run.get("training_cost") or (ZERO_SHOT if isinstance(prompt, str) and is_keyword_prompt(prompt) else {}),
                 "per_image": doc["per_image"]["all"], "per_point": doc["per_point"]["all"],
-                "geo_aware": {agg: doc[agg]["geo_aware"]["all"] for agg in ("per_image", "per_point") if "geo_aware" in doc[agg]}}
+                "geo_aware": geo_aware_all(doc)}
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise Sd4MatchError(f"{f}: not the score.json of an evaluation ({first_line(e)})") from None
 
@@ -88,9 +88,8 @@ def compare(folders: Sequence[str | Path], out: str | Path | None = None, *, roo
         raise Sd4MatchError("the runs share no PCK threshold: " + "; ".join(f"{r['run']}: {', '.join(r['per_image'])}" for r in rows))
     head = ["run", "prompt", "adapt", "trainable params", "s/step", "peak MB"] + [f"per image @{a}" for a in alphas] + [f"per point @{a}" for a in alphas]
     key = "0.1" if "0.1" in alphas else alphas[0]
-    geo = all(key in r["geo_aware"].get("per_image", {}) for r in rows)  # SPair-71k, AP-10K: the points a mirrored twin could take
-    if geo:
-        head += [f"geo-aware per image @{key}", f"geo-aware per point @{key}"]
+    geo_head, geo_cells = geo_aware_columns(rows, key)  # SPair-71k, AP-10K: the points a mirrored twin could take
+    head += geo_head
     intervals = pair_intervals(rows, key, root, images) if root is not None else None
     if intervals is not None:
         head += [f"per image @{key} 95% CI", f"difference from {rows[0]['run']} @{key} (95% CI)"]
@@ -100,8 +99,7 @@ def compare(folders: Sequence[str | Path], out: str | Path | None = None, *, roo
         row = [r["run"], r["prompt"], c.get("adapt", "-"), c.get("trainable_params", "-"),
                f"{c['seconds_per_step']:.3f}" if "seconds_per_step" in c else "-", f"{c['peak_memory_mb']:.0f}" if "peak_memory_mb" in c else "-",
                *(f"{100 * r['per_image'][a]:.2f}" for a in alphas), *(f"{100 * r['per_point'][a]:.2f}" for a in alphas)]
-        if geo:
-            row += [f"{100 * r['geo_aware'][agg][key]:.2f}" for agg in ("per_image", "per_point")]
+        row += geo_cells[i]
         if intervals is not None:
             lo, hi = intervals["ci"][i]
             d, (dlo, dhi) = intervals["difference"][i], intervals["difference_ci"][i]

@@ -261,6 +261,22 @@ def score(
     return out
 
 
+def geo_aware_all(doc: dict) -> dict[str, dict[str, float]]:
+    """A score's geometry-aware PCK over all its pairs, ``{"per_image": ..., "per_point": ...}``
+    (empty where the score has no such subset)."""
+    return {agg: doc[agg]["geo_aware"]["all"] for agg in ("per_image", "per_point") if "geo_aware" in doc[agg]}
+
+
+def geo_aware_columns(rows: Sequence[dict], key: str) -> tuple[list[str], list[list[str]]]:
+    """Table columns of the geometry-aware PCK@``key`` per image and per point of ``rows``
+    (each holding ``geo_aware_all`` under ``"geo_aware"``): headers and each row's cells;
+    none unless every row has them."""
+    if not rows or not all(key in r.get("geo_aware", {}).get("per_image", {}) for r in rows):
+        return [], [[] for _ in rows]
+    aggs = ("per_image", "per_point")
+    return [f"geo-aware {agg.replace('_', ' ')} @{key}" for agg in aggs], [[f"{100 * r['geo_aware'][agg][key]:.2f}" for agg in aggs] for r in rows]
+
+
 def category_mean(by_category: Mapping[str, Mapping[str, float]], categories: Sequence[str], keys: Sequence[str]) -> dict[str, float] | None:
     """The mean over ``categories`` of their per-category PCK (each category counts once);
     None when ``categories`` is empty."""

@@ -24,7 +24,7 @@ from sd4match.errors import Sd4MatchError
 from sd4match.evaluate import RUN, evaluate, evaluate_layers, run_settings
 from sd4match.features.sd import SDFeaturizer, parse_noise_schedule
 from sd4match.fileio import atomic_write_text, csv_text, markdown_table
-from sd4match.metrics import alpha_key
+from sd4match.metrics import alpha_key, geo_aware_all, geo_aware_columns
 from sd4match.runtime import distributed_rank_world, locks_out
 from sd4match.store import Store
 from sd4match.viz import pyplot
@@ -156,15 +156,18 @@ def _check_record(out: Path, record: dict) -> None:
 
 def _row(c: Cell, doc: dict, cfg: EvalConfig) -> dict:
     return {"cell": c.name, "timestep": c.timestep, "up_block": c.up_block, "ensemble": c.ensemble, "noise_schedule": c.noise_schedule,
-            "n_pairs": doc["n_pairs"], "per_image": doc["per_image"]["all"], "per_point": doc["per_point"]["all"]}
+            "n_pairs": doc["n_pairs"], "per_image": doc["per_image"]["all"], "per_point": doc["per_point"]["all"], "geo_aware": geo_aware_all(doc)}
 
 
 def write_tables(rows: Sequence[dict], out: Path, cfg: EvalConfig, key: str) -> None:
     alphas = list(rows[0]["per_image"]) if rows else []
     head = ["timestep", "up_block", "ensemble", "noise_schedule", "pairs"] + [f"per image @{a}" for a in alphas] + [f"per point @{a}" for a in alphas]
     best = max(rows, key=lambda r: r["per_image"][key]) if rows else None
+    geo_head, geo_cells = geo_aware_columns(rows, key)  # SPair-71k, AP-10K: the points a mirrored twin could take
+    head += geo_head
     table = [[r["timestep"], r["up_block"], r["ensemble"], r["noise_schedule"], r["n_pairs"],
-              *(f"{100 * r['per_image'][a]:.2f}" for a in alphas), *(f"{100 * r['per_point'][a]:.2f}" for a in alphas)] for r in rows]
+              *(f"{100 * r['per_image'][a]:.2f}" for a in alphas), *(f"{100 * r['per_point'][a]:.2f}" for a in alphas), *geo]
+             for r, geo in zip(rows, geo_cells)]
     shown = [[f"**{v}**" for v in vals] if r is best else vals for r, vals in zip(rows, table)]
     lines = [f"# Sweep: {cfg.dataset}/{cfg.split}, prompt {cfg.prompt}, match {cfg.rule}, protocol {cfg.protocol}", "",
              f"PCK in %; the best cell by per-image PCK@{key} is in bold.", "", *markdown_table(head, shown)]
