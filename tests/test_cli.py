@@ -171,6 +171,15 @@ def test_datasets_check(tmp_path, willow_root, spair_root, spair_with_images):
     rc, out, err = here("datasets", "check", "--dataset", "spair", "--root", spair_with_images)
     assert rc == 0, err
     assert "test  27 pairs" in out and "trn   2 pairs" in out
+    # the fixtures hold the image annotations of 7 test pairs' targets (test_spair: GEO_BY_HAND)
+    assert ("        geometry-aware subset: left out of scores (7 of the 27 pairs have it, the others lack the target's "
+            "ImageAnnotation/<category>/<name>.json)\n") in out
+    kept = tmp_path / "seven"
+    shutil.copytree(spair_with_images, kept)
+    listed = (kept / "Layout/large/test.txt").read_text().split()
+    (kept / "Layout/large/test.txt").write_text("".join(p + "\n" for p in listed if p.startswith(("000001", "000715", "000718", "002120", "004420", "004423", "005637"))))
+    rc, out, err = here("datasets", "check", "--dataset", "spair", "--root", kept)
+    assert "test  7 pairs" in out and "        geometry-aware subset: 26 points in its 7 pairs\n" in out
     # the annotation-only fixture lacks JPEGImages/: non-zero exit naming it
     rc, out, err = here("datasets", "check", "--dataset", "spair", "--root", spair_root)
     assert_one_line_error(rc, err, "JPEGImages: missing")

@@ -47,6 +47,7 @@ class AP10K(PairDataset):
     base_rule = "bbox"
     required = ("ImageAnnotation", "JPEGImages", "PairAnnotation")
     groups = ("species", "family")
+    geo_source = "the target's keypoint visibility"
     convention = ("GeoAware-SC: intra-species, cross-species, cross-family pairs; PCK per image and per point, "
                   "α × max side of the target box")
 

@@ -30,6 +30,9 @@ class PairDataset(abc.ABC):
     options: ClassVar[tuple[str, ...]] = ()
     #: groupings of the pairs besides their category (``meta["groups"]``), reported by ``score``
     groups: ClassVar[tuple[str, ...]] = ()
+    #: where the geometry-aware points of a pair come from (``meta["geo_aware"]``), for
+    #: ``datasets check``; empty where the dataset has no groups of mirrored keypoints
+    geo_source: ClassVar[str] = ""
     #: how the papers that report on this dataset aggregate and threshold (README's dataset table)
     convention: ClassVar[str] = ""
 

@@ -43,6 +43,8 @@ class CheckReport:
             lines.append(f"  {split:<5} {info['pairs']} pairs ({cats})")
             for g, counts in info.get("groups", {}).items():
                 lines.append(f"  {'':<5} by {g}: " + ", ".join(f"{v} {n}" for v, n in sorted(counts.items())))
+            if "geo_aware" in info:
+                lines.append(f"  {'':<5} {_geo_line(info['pairs'], info['geo_aware'])}")
         if self.mode == "none":
             lines.append(f"  images: {self.n_images} referenced, not looked at")
         else:
@@ -56,6 +58,14 @@ class CheckReport:
         else:
             lines.append("  complete")
         return "\n".join(lines)
+
+
+def _geo_line(n_pairs: int, geo: dict) -> str:
+    """Whether ``score`` can report the split's geometry-aware subset, and if not, why."""
+    if geo["pairs"] == n_pairs:
+        return f"geometry-aware subset: {geo['points']} points in its {n_pairs} pairs"
+    lack = geo["source"] or "meta.geo_aware"
+    return f"geometry-aware subset: left out of scores ({geo['pairs']} of the {n_pairs} pairs have it, the others lack {lack})"
 
 
 def check_dataset(name: str, root: str | Path, *, images: bool | str = "decode", progress: bool = False, options: dict | None = None) -> CheckReport:
@@ -103,6 +113,9 @@ def check_dataset(name: str, root: str | Path, *, images: bool | str = "decode",
         groups = {g: dict(Counter(r.meta["groups"][g] for r in recs if g in r.meta.get("groups", {}))) for g in ds.groups}
         if any(groups.values()):
             rep.splits[split]["groups"] = {g: c for g, c in groups.items() if c}
+        known = [r for r in recs if "geo_aware" in r.meta]
+        if ds.geo_source or known:
+            rep.splits[split]["geo_aware"] = {"pairs": len(known), "points": sum(sum(r.meta["geo_aware"]) for r in known), "source": ds.geo_source}
         for r in recs:
             for rel, size in zip(r.files, (r.src_size, r.trg_size)):
                 seen.setdefault(rel, tuple(size))

@@ -55,6 +55,7 @@ class SPair71k(PairDataset):
     splits = ("trn", "val", "test")
     base_rule = "bbox"
     required = ("JPEGImages", "PairAnnotation", "Layout")
+    geo_source = "the target's ImageAnnotation/<category>/<name>.json"
 
     def __init__(self, root: str | Path):
         super().__init__(root)
@@ -181,6 +182,7 @@ class SPairU(SPair71k):
 
     name = "spair-u"
     splits = ("test",)
+    geo_source = ""  # new keypoints: SPair-71k's mirrored groups do not apply
     required = ("JPEGImages",)
     options = ("images",)
 
