@@ -189,3 +189,53 @@ def test_score_takes_predictions_in_the_forms_python_holds_them():
                      ({"0": [[1, 2, 3]], "1": good["1"]}, r"pair '0': kps has shape \[1, 3\], expected \[N, 2\]")):
         with pytest.raises(PredictionError, match=msg):
             score(recs, bad, alphas=[0.1])
+
+
+def test_each_pair_with_its_points_errors_by_hand():
+    """``pair_details``: each pair's PCK and each point's error / b in the protocol's frame
+    (correct at α when ≤ α), in the records' order; pairs without a prediction left out."""
+    from sd4match.metrics import pair_details
+
+    a = rec("a", "cat", (100, 100), [[50, 50], [10, 10]])  # image rule: b = 100
+    b = rec("b", "dog", (200, 100), [[20, 20]], geo_aware=[True])  # b = 200
+    c = rec("c", "dog", (100, 100), [[5, 5]])
+    preds = {"a": np.array([[53.0, 54.0], [10.0, 30.0]]), "b": np.array([[20.0, 40.0]])}
+    rows = pair_details([a, b, c], preds, protocol="standard", alphas=(0.05, 0.1))
+    assert rows == [
+        {"id": "a", "category": "cat", "n_points": 2, "pck": {"0.05": 0.5, "0.1": 0.5}, "error": [0.05, 0.2]},  # 5 px and 20 px of 100
+        {"id": "b", "category": "dog", "n_points": 1, "pck": {"0.05": 0.0, "0.1": 1.0}, "error": [0.1], "geo_aware": [True]},  # 20 px of 200
+    ]
+    with pytest.raises(PredictionError, match="pair 'a': 1 predicted points for 2 source keypoints"):
+        pair_details([a], {"a": np.array([[1.0, 2.0]])})
+
+
+def test_score_writes_each_pair_and_draws_the_worst(willow_root, tmp_path, capsys):
+    """``score --per-pair`` writes what ``pair_details`` gives; ``--worst`` draws the pairs of
+    lowest PCK@0.1, more points first where equal, and names a missing picture in one line."""
+    import json
+    import shutil
+
+    from sd4match.cli import main
+    from sd4match.data import open_dataset
+    from sd4match.metrics import draw_worst, pair_details
+
+    recs = open_dataset("pfwillow", willow_root).pairs("test")[:6]
+    preds = {r.id: r.trg_kps.copy() for r in recs}
+    for r, wrong in zip(recs, (3, 0, 7, 3, 1, 0)):  # pairs 0 and 3 tie at 3 wrong of 10
+        preds[r.id][:wrong, 0] += 0.3 * r.pck_base["standard"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"id": k, "kps": v.tolist()}) + "\n" for k, v in preds.items()))
+    argv = ["score", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--predictions", str(tmp_path / "p.jsonl"),
+            "--allow-missing", "--per-pair", str(tmp_path / "pairs.jsonl"), "--worst", str(tmp_path / "worst.png"), "--worst-count", "3"]
+    assert main(argv) == 0
+    assert capsys.readouterr().err.strip() == f"the 3 pairs of lowest PCK@0.1 drawn in {tmp_path / 'worst.png'}"
+    rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert rows == json.loads(json.dumps(pair_details(recs, preds))) and [r["pck"]["0.1"] for r in rows] == [0.7, 1.0, 0.3, 0.7, 0.9, 1.0]
+    assert draw_worst(recs, preds, willow_root, tmp_path / "again.png", count=3) == [recs[2].id, recs[0].id, recs[3].id]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "worst.png").width > 640
+    root = tmp_path / "willow"
+    shutil.copytree(willow_root, root)
+    (root / recs[2].trg).unlink()
+    assert main([*argv[:4], str(root), *argv[5:]]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{root / recs[2].trg}: image file is missing")

@@ -36,3 +36,19 @@ def test_contact_sheet_rows_as_tall_as_their_pictures_and_captions_inside():
     assert 300 + 2 * 8 < sheet.width < 1000
     assert sheet.getpixel((sheet.width - 9, 3)) == (255, 255, 255)  # beside the strip, inside the sheet: background
     assert sheet.height < 2 * (100 + 12 + 4 + 8) + 8  # the strip's row is as tall as the strip (2 pixels), not 100
+
+
+def test_errors_are_drawn_where_the_points_are_coloured_by_their_verdict():
+    """``draw_errors``: the prediction judged correct is a green dot where it was predicted,
+    the wrong one red, each joined to its ground truth; the source's points on the left."""
+    from sd4match.viz import RIGHT, WRONG, draw_errors
+
+    src, trg = Image.new("RGB", (200, 100), (0, 0, 0)), Image.new("RGB", (100, 50), (0, 0, 0))
+    out = draw_errors(src, trg, (200, 100), (100, 50), [[20, 20], [180, 80]], [[30, 20], [40, 30]], [[32, 21], [80, 40]], [True, False],
+                      height=100, gap=8)
+    assert out.size == (200 + 8 + 200, 100)  # the target drawn at twice its pixels
+    x0 = 208
+    assert out.getpixel((x0 + 64, 42)) == RIGHT and out.getpixel((x0 + 160, 80)) == WRONG  # the dots, at 2x
+    assert out.getpixel((x0 + 120, 70)) == WRONG  # on the line from (80, 60) to (160, 80): the error
+    assert out.getpixel((20, 20)) == (255, 255, 255)  # the source's point 0, a white dot
+    assert out.getpixel((x0 + 100, 20)) == (0, 0, 0)  # away from every mark: the picture

@@ -292,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, help="write a per-category bar chart (PNG)")
     p.add_argument("--seen", help="the categories a prompt was trained on (its folder, or a comma-separated list): also report the mean "
                                   "over seen and over unseen categories")
+    p.add_argument("--per-pair", type=Path, metavar="FILE", help="also write each pair's PCK and each point's error / b (JSON Lines)")
+    p.add_argument("--worst", type=Path, metavar="PNG", help="draw the pairs of lowest PCK@0.1 (ground truth, prediction and the error "
+                                                             "between them) on one sheet; needs the pictures under --root")
+    p.add_argument("--worst-count", type=_number(int, at_least=1), default=12, help="how many pairs --worst draws")
     p.set_defaults(func=cmd_score)
 
     p = command("datasets", "inspect datasets")
@@ -491,12 +495,14 @@ def cmd_pairs(args) -> int:
 def cmd_score(args) -> int:
     from sd4match.checks import check_output_file
     from sd4match.data.records import limit_pairs
-    from sd4match.metrics import format_table, load_predictions, plot_categories, score, seen_unseen
+    from sd4match.metrics import draw_worst, format_table, load_predictions, pair_details, plot_categories, score, seen_unseen
 
-    for flag, path, example in (("--out", args.out, "score.json"), ("--plot", args.plot, "bars.png")):
+    for flag, path, example in (("--out", args.out, "score.json"), ("--plot", args.plot, "bars.png"), ("--per-pair", args.per_pair, "pairs.jsonl"),
+                                ("--worst", args.worst, "worst.png")):
         if path is not None:
             check_output_file(path, flag, example)
-    recs = limit_pairs(_open(args).pairs(args.split), args.limit)
+    ds = _open(args)
+    recs = limit_pairs(ds.pairs(args.split), args.limit)
     preds = load_predictions(args.predictions)
     if not args.limit and not args.allow_missing and 0 < len(preds) < len(recs):
         n = len(preds)
@@ -512,7 +518,14 @@ def cmd_score(args) -> int:
         _write_atomic(args.out, lambda fh: fh.write(text + "\n"))
     if args.plot:
         plot_categories(result, args.plot, title=f"{args.dataset}/{args.split}")
+    if args.per_pair:
+        rows = pair_details(recs, preds, protocol=args.protocol, alphas=args.alphas)
+        _write_atomic(args.per_pair, lambda fh: fh.writelines(json.dumps(row) + "\n" for row in rows))
     print(text if args.json else format_table(result, f"{args.dataset}/{args.split}"))
+    if args.worst:
+        alpha = 0.1 if 0.1 in args.alphas else args.alphas[len(args.alphas) // 2]
+        ids = draw_worst(recs, preds, ds.root, args.worst, protocol=args.protocol, alpha=alpha, count=args.worst_count)
+        print(f"the {len(ids)} pairs of lowest PCK@{alpha:g} drawn in {args.worst}", file=sys.stderr)
     return 0
 
 

@@ -19,11 +19,12 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from sd4match.config import DEFAULT_ALPHAS, category_names
+from sd4match.data import load_pair_images
 from sd4match.data.records import CLAMP_EPS, SD4MATCH_RESOLUTION, PairRecord, check_protocol, geo_aware_mask
 from sd4match.data.spair import DIFFICULTY_KEYS
 from sd4match.errors import PredictionError
 from sd4match.fileio import atomic_path, json_lines
-from sd4match.viz import pyplot
+from sd4match.viz import caption, contact_sheet, draw_errors, pyplot
 
 
 def alpha_key(alpha: float) -> str:
@@ -275,6 +276,60 @@ def geo_aware_columns(rows: Sequence[dict], key: str) -> tuple[list[str], list[l
         return [], [[] for _ in rows]
     aggs = ("per_image", "per_point")
     return [f"geo-aware {agg.replace('_', ' ')} @{key}" for agg in aggs], [[f"{100 * r['geo_aware'][agg][key]:.2f}" for agg in aggs] for r in rows]
+
+
+def pair_details(records: Sequence[PairRecord], predictions: Mapping[str, np.ndarray], *, protocol: str = "standard",
+                 alphas: Sequence[float] = DEFAULT_ALPHAS, resolution: int = SD4MATCH_RESOLUTION) -> list[dict]:
+    """Each predicted pair with keypoints, as ``score`` scores it: ``{"id", "category",
+    "n_points", "pck": {alpha: share correct}, "error": [‖p − q‖ / b per point, in the
+    protocol's frame (a point is correct at α when its error ≤ α)], "geo_aware" (where the
+    pair has it)}``, in the records' order."""
+    keys = [alpha_key(a) for a in alphas]
+    predictions = _predictions(records, predictions, "predictions")
+    out = []
+    for r in records:
+        pred = predictions.get(r.id)
+        if pred is None or not r.n_points:
+            continue
+        if pred.shape != r.trg_kps.shape:
+            raise PredictionError("predictions", f"pair {r.id!r}: {len(pred)} predicted points for {r.n_points} source keypoints")
+        p, g, b = protocol_frame(r, pred, protocol, resolution)
+        correct = pck_correct(p, g, b, alphas)
+        row = {"id": r.id, "category": r.category, "n_points": r.n_points, "pck": dict(zip(keys, correct.mean(axis=0).tolist())),
+               "error": np.round(np.linalg.norm(p - g, axis=-1) / b, 6).tolist()}
+        if "geo_aware" in r.meta:
+            row["geo_aware"] = r.meta["geo_aware"]
+        out.append(row)
+    return out
+
+
+def draw_worst(records: Sequence[PairRecord], predictions: Mapping[str, np.ndarray], root: str | Path, path: str | Path, *, protocol: str = "standard",
+               alpha: float = 0.1, count: int = 12, resolution: int = SD4MATCH_RESOLUTION) -> list[str]:
+    """``path``: the ``count`` pairs of lowest PCK@``alpha`` (more points first where equal,
+    then the list's order), each as ``viz.draw_errors`` draws it, on one sheet. Returns their
+    ids, worst first."""
+    by_id = {r.id: r for r in records}
+    predictions = _predictions(records, predictions, str(path))
+    rows = pair_details(records, predictions, protocol=protocol, alphas=(alpha,), resolution=resolution)
+    key = alpha_key(alpha)
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["pck"][key], -rows[i]["n_points"], i))[:count]
+    tiles = []
+    for i in order:
+        r = by_id[rows[i]["id"]]
+        src, trg = load_pair_images(root, r)
+        correct = pck_correct(*protocol_frame(r, predictions[r.id], protocol, resolution), [alpha])[:, 0]
+        tiles.append((f"{r.id} ({r.category}): {int(correct.sum())}/{r.n_points} within {key}·b",
+                      draw_errors(src, trg, r.src_size, r.trg_size, r.src_kps, r.trg_kps, predictions[r.id], correct.tolist())))
+    if not tiles:
+        raise PredictionError(str(path), "no predicted pair with keypoints to draw")
+    sheet = caption(contact_sheet(tiles, tile_height=320, columns=2),
+                    f"The {len(tiles)} pairs of lowest PCK@{key} (protocol: {protocol}; b: the pair's threshold base). Left: the source's "
+                    "keypoints, numbered in annotation order. Right: each ground-truth point (white ring, its number) joined to its "
+                    f"prediction: green within {key}·b, red beyond.")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+    return [rows[i]["id"] for i in order]
 
 
 def category_mean(by_category: Mapping[str, Mapping[str, float]], categories: Sequence[str], keys: Sequence[str]) -> dict[str, float] | None:

@@ -189,6 +189,38 @@ def draw_matches(src: Image.Image, trg: Image.Image, src_size: Sequence[int], tr
     return _legend(canvas, lo, hi, "match score (cosine):", colour) if matches else canvas
 
 
+RIGHT, WRONG = (40, 190, 70), (230, 40, 40)
+
+
+def draw_errors(src: Image.Image, trg: Image.Image, src_size: Sequence[int], trg_size: Sequence[int], src_kps, gt, pred, correct: Sequence[bool], *,
+                height: int = 320, gap: int = 8) -> Image.Image:
+    """A pair as scored: ``src`` with its keypoints numbered (0, 1, ... in annotation order),
+    ``trg`` with each ground-truth point (white ring, the same number) and its prediction
+    (a dot, green where ``correct``, red where not) joined by a line: the error drawn.
+    Points are (x, y) in original pixels of ``src_size`` / ``trg_size``."""
+    a, b = _fit(src, height), _fit(trg, height)
+    canvas = Image.new("RGB", (a.width + gap + b.width, max(a.height, b.height)), (255, 255, 255))
+    canvas.paste(a, (0, 0))
+    canvas.paste(b, (a.width + gap, 0))
+    draw = ImageDraw.Draw(canvas)
+    sa, sb = (a.width / src_size[0], a.height / src_size[1]), (b.width / trg_size[0], b.height / trg_size[1])
+    r = max(3, height // 80)
+    font = _font(max(10, height // 28))
+    placer = _Labels(draw, font)
+    x0 = a.width + gap
+    ends = [((xs * sa[0], ys * sa[1]), (x0 + xg * sb[0], yg * sb[1]), (x0 + xp * sb[0], yp * sb[1]), RIGHT if ok else WRONG)
+            for (xs, ys), (xg, yg), (xp, yp), ok in zip(src_kps, gt, pred, correct)]
+    for _, g, q, col in ends:
+        draw.line([g, q], fill=col, width=max(1, r // 2))
+    for i, (p, g, q, col) in enumerate(ends):
+        _mark(draw, *p, r, (255, 255, 255), None, font)
+        draw.ellipse([g[0] - r - 1, g[1] - r - 1, g[0] + r + 1, g[1] + r + 1], outline=(255, 255, 255), width=2)
+        _mark(draw, *q, r, col, None, font)
+        placer.place(*p, r, str(i), (0, 0, a.width, a.height))
+        placer.place(*g, r + 1, str(i), (x0, 0, x0 + b.width, b.height))
+    return canvas
+
+
 def heat_image(values: np.ndarray, size: Sequence[int], lo: float | None = None, hi: float | None = None, *, colorbar: str | None = None) -> Image.Image:
     """``values`` (h, w) coloured (turbo), stretched to ``size`` = (W, H); with ``colorbar``
     (its title), a colour bar from ``lo`` to ``hi`` below the picture."""
