@@ -239,3 +239,36 @@ def test_score_writes_each_pair_and_draws_the_worst(willow_root, tmp_path, capsy
     (root / recs[2].trg).unlink()
     assert main([*argv[:4], str(root), *argv[5:]]) == 2
     assert capsys.readouterr().err.strip().endswith(f"{root / recs[2].trg}: image file is missing")
+
+
+def test_score_with_another_threshold_base(willow_root, spair_root, tmp_path, capsys):
+    """``--pck-base``: a table that thresholds on the image where the dataset uses the
+    keypoints (or the box) is matched; the header names b; a base the pairs lack is one line."""
+    import json
+
+    from sd4match.cli import main
+    from sd4match.data import open_dataset
+
+    recs = open_dataset("pfwillow", willow_root).pairs("test")
+    preds = {}
+    right = []
+    for r in recs:  # every point 0.09 x max(W, H) off: within 0.1 of the image's side; of the keypoints' extent only where it is large
+        preds[r.id] = r.trg_kps + [[0.09 * max(r.trg_size), 0]]
+        right.append(0.09 * max(r.trg_size) <= 0.1 * np.ptp(r.trg_kps, axis=0).max())
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"id": k, "kps": v.tolist()}) + "\n" for k, v in preds.items()))
+    argv = ["score", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--predictions", str(tmp_path / "p.jsonl"),
+            "--alphas", "0.1"]
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["per_point"]["all"]["0.1"] == pytest.approx(np.mean(right)) and 0 < np.mean(right) < 0.5
+    assert main([*argv, "--json", "--pck-base", "image"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["pck_base"] == "image" and got["per_point"]["all"]["0.1"] == 1.0
+    assert main([*argv, "--pck-base", "image"]) == 0
+    assert capsys.readouterr().out.startswith("PCK on pfwillow/test | protocol: standard | b: max side of the target image (--pck-base image)")
+    assert main([*argv, "--pck-base", "bbox"]) == 2
+    assert capsys.readouterr().err.strip() == "sd4match: error: pair 0: has no target box, so PCK cannot be based on one on pfwillow (use image or kps)"
+    # SPair-71k on the image's side: b = max(W, H) of the target picture (500 for the first pair, 500 x 332)
+    from sd4match.data.records import rebased
+
+    first = rebased(open_dataset("spair", spair_root).pairs("test")[:1], "image")[0]
+    assert first.pck_base == {"standard": 500.0, "sd4match": 768.0}

@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, help="write a per-category bar chart (PNG)")
     p.add_argument("--seen", help="the categories a prompt was trained on (its folder, or a comma-separated list): also report the mean "
                                   "over seen and over unseen categories")
+    p.add_argument("--pck-base", choices=("bbox", "image", "kps"), help="the threshold base b, to compare with a table that uses another "
+                                                                        "than the dataset's own: max side of the target box, of the target "
+                                                                        "image, or max extent of the target keypoints")
     p.add_argument("--per-pair", type=Path, metavar="FILE", help="also write each pair's PCK and each point's error / b (JSON Lines)")
     p.add_argument("--worst", type=Path, metavar="PNG", help="draw the pairs of lowest PCK@0.1 (ground truth, prediction and the error "
                                                              "between them) on one sheet; needs the pictures under --root")
@@ -494,7 +497,7 @@ def cmd_pairs(args) -> int:
 
 def cmd_score(args) -> int:
     from sd4match.checks import check_output_file
-    from sd4match.data.records import limit_pairs
+    from sd4match.data.records import limit_pairs, rebased
     from sd4match.metrics import draw_worst, format_table, load_predictions, pair_details, plot_categories, score, seen_unseen
 
     for flag, path, example in (("--out", args.out, "score.json"), ("--plot", args.plot, "bars.png"), ("--per-pair", args.per_pair, "pairs.jsonl"),
@@ -503,6 +506,8 @@ def cmd_score(args) -> int:
             check_output_file(path, flag, example)
     ds = _open(args)
     recs = limit_pairs(ds.pairs(args.split), args.limit)
+    if args.pck_base:
+        recs = rebased(recs, args.pck_base, args.dataset)
     preds = load_predictions(args.predictions)
     if not args.limit and not args.allow_missing and 0 < len(preds) < len(recs):
         n = len(preds)
@@ -513,6 +518,8 @@ def cmd_score(args) -> int:
     if args.seen:
         result["seen_unseen"] = seen_unseen(result, _seen_categories(args.seen))
     result["dataset"], result["split"] = args.dataset, args.split
+    if args.pck_base:
+        result["pck_base"] = args.pck_base
     text = json.dumps(result, indent=2)
     if args.out:
         _write_atomic(args.out, lambda fh: fh.write(text + "\n"))

@@ -20,7 +20,7 @@ import numpy as np
 
 from sd4match.config import DEFAULT_ALPHAS, category_names
 from sd4match.data import load_pair_images
-from sd4match.data.records import CLAMP_EPS, SD4MATCH_RESOLUTION, PairRecord, check_protocol, geo_aware_mask
+from sd4match.data.records import BASE_WORDS, CLAMP_EPS, SD4MATCH_RESOLUTION, PairRecord, check_protocol, geo_aware_mask
 from sd4match.data.spair import DIFFICULTY_KEYS
 from sd4match.errors import PredictionError
 from sd4match.fileio import atomic_path, json_lines
@@ -367,6 +367,8 @@ def format_table(result: dict, title: str = "") -> str:
     head = f"PCK{(' on ' + title) if title else ''} | protocol: {result['protocol']}"
     if "resolution" in result:
         head += f" ({result['resolution']} px frame)"
+    if "pck_base" in result:
+        head += f" | b: {BASE_WORDS[result['pck_base']]} (--pck-base {result['pck_base']})"
     head += f" | {result['n_pairs']} pairs, {result['n_points']} points"
     lines = [head]
     if result.get("n_missing"):

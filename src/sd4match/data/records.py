@@ -152,6 +152,24 @@ def pck_bases(
     raise ValueError(f"unknown PCK base rule {rule!r}; expected bbox, image or kps")
 
 
+#: what each PCK base rule measures, as tables name it
+BASE_WORDS = {"bbox": "max side of the target box", "image": "max side of the target image", "kps": "max extent of the target keypoints"}
+
+
+def rebased(records: Sequence["PairRecord"], rule: BaseRule, dataset: str = "this dataset") -> list["PairRecord"]:
+    """``records`` with the PCK threshold base of ``rule`` (``pck_bases``) instead of their
+    dataset's own, to compare with a table that thresholds another way; a pair without a
+    target box under ``bbox`` is a ``DataError`` naming it."""
+    if rule not in BASE_WORDS:
+        raise ValueError(f"unknown PCK base rule {rule!r}; expected {', '.join(BASE_WORDS)}")
+    out = []
+    for r in records:
+        if rule == "bbox" and r.trg_bbox is None:
+            raise DataError(f"pair {r.id}", f"has no target box, so PCK cannot be based on one on {dataset} (use image or kps)")
+        out.append(replace(r, pck_base=pck_bases(rule, r.trg_size, r.trg_kps, r.trg_bbox)))
+    return out
+
+
 @dataclass(frozen=True)
 class PairRecord:
     """One annotated image pair.
