@@ -17,11 +17,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: a bash block that runs offline as a whole (evaluate on effnet-lite0, then score what it wrote)
+WHOLE_BLOCK = "--out runs/willow-look"
 #: a distinctive piece of each README block that must run offline, as pasted: a README edit
 #: that drops or renames one of them fails here, rather than leaving it untested
 OFFLINE_BLOCKS = {
     "bash": ("--model effnet-lite0 --out runs/demo", "sd4match features --model effnet-lite0", "--out runs/cat-dog  # offline",
-             "sd4match transfer --source examples/cat.jpg"),
+             "sd4match transfer --source examples/cat.jpg", WHOLE_BLOCK),
     "python": ('sd4match.Matcher(sd4match.load_featurizer("effnet-lite0"))', 'tiny_sd("runs/tiny-sd")', 'sd4match.EvalConfig("pfwillow", "data/pf-willow"'),
 }
 
@@ -61,17 +63,20 @@ def test_the_readmes_offline_examples_run_as_pasted(clone_folder):
     assert found == {lang: list(keys) for lang, keys in OFFLINE_BLOCKS.items()}, "an offline README example is gone or renamed"
     ran = 0
     for line, lang, text in blocks:
-        if lang == "bash":
+        if lang == "bash" and WHOLE_BLOCK in text:
+            _run(["bash", "-euo", "pipefail", "-c", text], clone_folder, f"block at line {line}")
+            ran += 1
+        elif lang == "bash":
             for cmd in offline_lines(text):
                 _run(["bash", "-euo", "pipefail", "-c", cmd], clone_folder, f"line {line}: {cmd}")
                 ran += 1
         elif lang == "python" and any(key in text for key in OFFLINE_BLOCKS["python"]):
             _run([sys.executable, "-c", text], clone_folder, f"Python block at line {line}")
             ran += 1
-    assert ran == 6 + len(OFFLINE_BLOCKS["python"])  # match x 3 (demo, demo-birds, cat-dog), features, mkdir + echo, transfer
+    assert ran == 7 + len(OFFLINE_BLOCKS["python"])  # match x 3 (demo, demo-birds, cat-dog), features, mkdir + echo, transfer, evaluate + score
     # what the commands say they write is there
     runs = clone_folder / "runs"
     for f in ("demo/matches.json", "demo/matches.png", "demo-birds/warped.png", "demo-birds/confidence.png", "demo-birds/dense.npz",
               "features/index.json", "cat-dog/matches.json", "transfer/sheet.png", "my-prompt/prompt.safetensors", "my-prompt/config.json",
-              "willow-effnet/score.json"):
+              "willow-effnet/score.json", "willow-look/pairs.jsonl", "willow-look/worst.png"):
         assert (runs / f).is_file(), f
