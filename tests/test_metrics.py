@@ -231,6 +231,8 @@ def test_score_writes_each_pair_and_draws_the_worst(willow_root, tmp_path, capsy
     rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert rows == json.loads(json.dumps(pair_details(recs, preds))) and [r["pck"]["0.1"] for r in rows] == [0.7, 1.0, 0.3, 0.7, 0.9, 1.0]
     assert draw_worst(recs, preds, willow_root, tmp_path / "again.png", count=3) == [recs[2].id, recs[0].id, recs[3].id]
+    assert main([*argv, "--alphas", "0.05,0.15"]) == 0  # no 0.1 asked for: the middle of those
+    assert capsys.readouterr().err.strip() == f"the 3 pairs of lowest PCK@0.15 drawn in {tmp_path / 'worst.png'}"
     from PIL import Image
 
     assert Image.open(tmp_path / "worst.png").width > 640

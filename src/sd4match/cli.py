@@ -296,8 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                         "than the dataset's own: max side of the target box, of the target "
                                                                         "image, or max extent of the target keypoints")
     p.add_argument("--per-pair", type=Path, metavar="FILE", help="also write each pair's PCK and each point's error / b (JSON Lines)")
-    p.add_argument("--worst", type=Path, metavar="PNG", help="draw the pairs of lowest PCK@0.1 (ground truth, prediction and the error "
-                                                             "between them) on one sheet; needs the pictures under --root")
+    p.add_argument("--worst", type=Path, metavar="PNG", help="draw the pairs of lowest PCK@0.1 (the middle of --alphas when they lack 0.1): "
+                                                             "ground truth, prediction and the error between them, on one sheet; needs the "
+                                                             "pictures under --root")
     p.add_argument("--worst-count", type=_number(int, at_least=1), default=12, help="how many pairs --worst draws")
     p.set_defaults(func=cmd_score)
 
