@@ -151,6 +151,17 @@ def _legend(canvas: Image.Image, lo: float, hi: float, title: str, colour_of, he
     return out
 
 
+def _side_by_side(src: Image.Image, trg: Image.Image, src_size: Sequence[int], trg_size: Sequence[int], height: int, gap: int):
+    """(canvas, src drawn, trg drawn, src scale (x, y), trg scale): the two pictures at
+    ``height`` side by side, ``gap`` apart; a point (x, y) of ``src_size`` pixels lands at
+    (x·sx, y·sy), one of ``trg_size`` at (src drawn width + gap + x·tx, y·ty)."""
+    a, b = _fit(src, height), _fit(trg, height)
+    canvas = Image.new("RGB", (a.width + gap + b.width, max(a.height, b.height)), (255, 255, 255))
+    canvas.paste(a, (0, 0))
+    canvas.paste(b, (a.width + gap, 0))
+    return canvas, a, b, (a.width / src_size[0], a.height / src_size[1]), (b.width / trg_size[0], b.height / trg_size[1])
+
+
 def draw_matches(src: Image.Image, trg: Image.Image, src_size: Sequence[int], trg_size: Sequence[int], matches: Sequence[dict], *,
                  height: int = 480, labels: bool = True, gap: int = 8) -> Image.Image:
     """``src`` and ``trg`` side by side with a line per match, coloured by its score (red
@@ -159,12 +170,8 @@ def draw_matches(src: Image.Image, trg: Image.Image, src_size: Sequence[int], tr
 
     ``matches`` are ``{"name", "source": [x, y], "target": [x, y], "score"}`` in original pixels.
     """
-    a, b = _fit(src, height), _fit(trg, height)
-    canvas = Image.new("RGB", (a.width + gap + b.width, max(a.height, b.height)), (255, 255, 255))
-    canvas.paste(a, (0, 0))
-    canvas.paste(b, (a.width + gap, 0))
+    canvas, a, b, sa, sb = _side_by_side(src, trg, src_size, trg_size, height, gap)
     draw = ImageDraw.Draw(canvas)
-    sa, sb = (a.width / src_size[0], a.height / src_size[1]), (b.width / trg_size[0], b.height / trg_size[1])
     r = max(3, height // 120)
     font = _font(max(10, height // 40))
     scores = [float(m.get("score", 1.0)) for m in matches]
@@ -198,12 +205,8 @@ def draw_errors(src: Image.Image, trg: Image.Image, src_size: Sequence[int], trg
     ``trg`` with each ground-truth point (white ring, the same number) and its prediction
     (a dot, green where ``correct``, red where not) joined by a line: the error drawn.
     Points are (x, y) in original pixels of ``src_size`` / ``trg_size``."""
-    a, b = _fit(src, height), _fit(trg, height)
-    canvas = Image.new("RGB", (a.width + gap + b.width, max(a.height, b.height)), (255, 255, 255))
-    canvas.paste(a, (0, 0))
-    canvas.paste(b, (a.width + gap, 0))
+    canvas, a, b, sa, sb = _side_by_side(src, trg, src_size, trg_size, height, gap)
     draw = ImageDraw.Draw(canvas)
-    sa, sb = (a.width / src_size[0], a.height / src_size[1]), (b.width / trg_size[0], b.height / trg_size[1])
     r = max(3, height // 80)
     font = _font(max(10, height // 28))
     placer = _Labels(draw, font)
