@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from sd4match.data.records import PairRecord, pck_bases
-from sd4match.errors import PredictionError
+from sd4match.errors import DataError, PredictionError
 from sd4match.metrics import alpha_key, format_table, load_predictions, score
 
 
@@ -274,3 +274,6 @@ def test_score_with_another_threshold_base(willow_root, spair_root, tmp_path, ca
 
     first = rebased(open_dataset("spair", spair_root).pairs("test")[:1], "image")[0]
     assert first.pck_base == {"standard": 500.0, "sd4match": 768.0}
+    one = rec("one", "cat", (100, 100), [[5, 5]])  # a single keypoint: its extent is 0
+    with pytest.raises(DataError, match=r"^pair one: its target keypoints span nothing \(1 at one place\), so no threshold"):
+        rebased([one], "kps")

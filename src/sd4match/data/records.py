@@ -166,7 +166,11 @@ def rebased(records: Sequence["PairRecord"], rule: BaseRule, dataset: str = "thi
     for r in records:
         if rule == "bbox" and r.trg_bbox is None:
             raise DataError(f"pair {r.id}", f"has no target box, so PCK cannot be based on one on {dataset} (use image or kps)")
-        out.append(replace(r, pck_base=pck_bases(rule, r.trg_size, r.trg_kps, r.trg_bbox)))
+        base = pck_bases(rule, r.trg_size, r.trg_kps, r.trg_bbox)
+        if r.n_points and not base["standard"] > 0:
+            raise DataError(f"pair {r.id}", f"its target keypoints span nothing ({r.n_points} at one place), so no threshold can be based on "
+                                            "their extent (use bbox or image)")
+        out.append(replace(r, pck_base=base))
     return out
 
 
