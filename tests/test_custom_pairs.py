@@ -76,6 +76,7 @@ def test_mistakes_in_a_pair_list_are_one_line_naming_the_line(tmp_path, capsys):
         ({**good, "id": "0"}, "pair id '0' is given twice (first at {list_file}:1); predictions are matched to pairs by id"),
         ({**good, "meta": [1]}, "meta must be a JSON object, not a list"),
         ({**good, "meta": {"geo_aware": [True, False]}}, "pair '1': meta.geo_aware must be a list of 1 true/false values, one per keypoint"),
+        ({**good, "meta": {"geo_twins": []}}, "pair '1': meta.geo_twins must be a list of 1 lists of [x, y], one per keypoint"),
     ):
         list_file.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
         assert main(["pairs", "--dataset", "custom", "--root", str(root), "--split", "test"]) == 2

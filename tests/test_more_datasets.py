@@ -83,6 +83,9 @@ def test_ap10k_prepared_from_the_official_fixture_by_hand(ap10k_download, tmp_pa
     # 12 members are; the left eye, nose, neck and tail root (0, 2, 3, 4) have no twin there
     assert jaguar.meta["kps_ids"] == [0] + list(range(2, 17))  # the right eye (index 1) unlabelled
     assert jaguar.meta["geo_aware"] == [False] * 4 + [True] * 12
+    # where a point's twins are in the target: the left shoulder's (5) is the right shoulder (8); a knee's (12) the others of 6/9/12/15
+    assert jaguar.meta["geo_twins"][4] == [kps[8, :2].tolist()] and jaguar.meta["geo_twins"][11] == kps[[6, 9, 15], :2].tolist()
+    assert jaguar.meta["geo_twins"][:4] == [[]] * 4
     # PCK by hand: 4 of 16 points moved past 0.1 x 1092 -> 12/16 of that pair
     preds = {r.id: r.trg_kps.copy() for r in test}
     preds[jaguar.id] = moved(jaguar, 4)

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from sd4match.data import open_dataset
@@ -147,3 +148,27 @@ def test_a_broken_image_annotation_is_one_line(tmp_path, spair_root):
     f.write_text(json.dumps({**json.loads(f.read_text()), "kps": [[1, 2]]}))
     with pytest.raises(DataError, match=r"2011_002079\.json: kps is not a mapping of keypoint slot"):
         open_dataset("spair", root).pairs("test")
+
+
+def test_a_prediction_on_a_mirrored_twin_is_counted_as_one(spair_root):
+    """``twin_swaps``: the share of geometry-aware points predicted wrong *on one of their
+    twins* (within α·b of where a mirrored keypoint is in the target): the left-right
+    confusion itself. Twins come from the target's image annotation."""
+    from sd4match.metrics import format_table, score
+
+    recs = [r for r in open_dataset("spair", spair_root).pairs("test") if r.id in GEO_BY_HAND]
+    by_id = {r.id: r for r in recs}
+    chair, bus = by_id["005637-2008_000089-2008_001467:chair"], by_id["004420-2011_002687-2011_002079:bus"]
+    # the target's image annotation: the chair's slot 0 has its twin, slot 1, at (102, 188)
+    assert chair.meta["geo_twins"][0] == [[102.0, 188.0]] and chair.meta["geo_twins"][4] == [[102.0, 258.0], [115.0, 242.0]]
+    assert all(bool(t) == g for r in recs for t, g in zip(r.meta["geo_twins"], r.meta["geo_aware"]))  # twins exactly where geometry-aware
+    preds = {r.id: r.trg_kps.copy() for r in recs}
+    preds[chair.id][0] = [102.0, 188.0]  # on its twin
+    assert np.linalg.norm(chair.trg_kps[0] - [102, 188]) > 0.1 * chair.pck_base["standard"]  # and so wrong
+    preds[bus.id][1] = bus.trg_kps[1] + [0, 0.5 * bus.pck_base["standard"]]  # wrong, on no twin
+    for protocol in ("standard", "sd4match"):
+        got = score(recs, preds, protocol=protocol, alphas=(0.1,))
+        assert got["per_point"]["geo_aware"]["all"]["0.1"] == pytest.approx(24 / 26)
+        assert got["per_point"]["geo_aware"]["twin_swaps"]["0.1"] == pytest.approx(1 / 26)
+        assert got["per_image"]["geo_aware"]["twin_swaps"]["0.1"] == pytest.approx((1 / 9) / 5)  # the chair's 1 of 9, over 5 pairs
+    assert "  of them on a mirrored twin" in format_table(got)

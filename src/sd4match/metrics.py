@@ -20,7 +20,7 @@ import numpy as np
 
 from sd4match.config import DEFAULT_ALPHAS, category_names
 from sd4match.data import load_pair_images
-from sd4match.data.records import BASE_WORDS, CLAMP_EPS, SD4MATCH_RESOLUTION, PairRecord, check_protocol, geo_aware_mask
+from sd4match.data.records import BASE_WORDS, CLAMP_EPS, SD4MATCH_RESOLUTION, PairRecord, check_protocol, geo_aware_mask, geo_twins_points
 from sd4match.data.spair import DIFFICULTY_KEYS
 from sd4match.errors import PredictionError
 from sd4match.fileio import atomic_path, json_lines
@@ -44,14 +44,36 @@ def protocol_frame(
         pred: (N, 2) in original target pixels. Returns (N, 2), (N, 2), scalar.
     """
     check_protocol(protocol)
-    gt = record.trg_kps
     if protocol == "standard":
-        return np.asarray(pred, dtype=np.float64), gt, record.pck_base["standard"]
-    w, h = record.trg_size
-    scale = np.array([resolution / w, resolution / h])
-    gt_f = np.clip(gt * scale, CLAMP_EPS, resolution - 1 - CLAMP_EPS)
+        return np.asarray(pred, dtype=np.float64), record.trg_kps, record.pck_base["standard"]
     base = record.pck_base["sd4match"] * resolution / SD4MATCH_RESOLUTION
-    return np.asarray(pred, dtype=np.float64) * scale, gt_f, base
+    return np.asarray(pred, dtype=np.float64) * _frame_scale(record, resolution), truth_in_frame(record.trg_kps, record, protocol, resolution), base
+
+
+def _frame_scale(record: PairRecord, resolution: int) -> np.ndarray:
+    w, h = record.trg_size
+    return np.array([resolution / w, resolution / h])
+
+
+def truth_in_frame(points: np.ndarray, record: PairRecord, protocol: str, resolution: int = SD4MATCH_RESOLUTION) -> np.ndarray:
+    """Annotated target points (original pixels) in the protocol's frame, as ground truth is
+    (``sd4match``: squashed to the square frame and clamped into it)."""
+    if protocol == "standard":
+        return np.asarray(points, dtype=np.float64)
+    return np.clip(np.asarray(points, dtype=np.float64) * _frame_scale(record, resolution), CLAMP_EPS, resolution - 1 - CLAMP_EPS)
+
+
+def twin_swaps(record: PairRecord, pred_f: np.ndarray, base: float, correct: np.ndarray, alphas: Sequence[float], protocol: str,
+               resolution: int = SD4MATCH_RESOLUTION) -> np.ndarray:
+    """(N, A): which predictions took a twin for the point, at each alpha: wrong, but within
+    α·b of one of the point's mirrored twins in the target (``meta["geo_twins"]``), all in the
+    protocol's frame (``pred_f``, ``base``, ``correct`` as ``protocol_frame`` and
+    ``pck_correct`` give them)."""
+    near = np.full(len(pred_f), np.inf)
+    for i, twins in enumerate(geo_twins_points(record)):
+        if len(twins):
+            near[i] = np.linalg.norm(truth_in_frame(twins, record, protocol, resolution) - pred_f[i], axis=-1).min()
+    return ~correct & (near[:, None] <= np.asarray(alphas, dtype=np.float64)[None, :] * base)
 
 
 def pck_correct(pred: np.ndarray, gt: np.ndarray, base: float, alphas: Sequence[float]) -> np.ndarray:
@@ -198,8 +220,8 @@ def score(
     by_cat: dict[str, _Tally] = defaultdict(lambda: _Tally(len(alphas)))
     by_diff: dict[str, dict[str, _Tally]] = defaultdict(lambda: defaultdict(lambda: _Tally(len(alphas))))
     by_group: dict[str, dict[str, _Tally]] = defaultdict(lambda: defaultdict(lambda: _Tally(len(alphas))))
-    geo, geo_by_cat = _Tally(len(alphas)), defaultdict(lambda: _Tally(len(alphas)))
-    n_points = n_missing = n_geo_known = 0
+    geo, geo_by_cat, swaps = _Tally(len(alphas)), defaultdict(lambda: _Tally(len(alphas))), _Tally(len(alphas))
+    n_points = n_missing = n_geo_known = n_twins_known = 0
     pairs: dict[str, list[float]] = {}
     for r in records:
         pred = predictions.get(r.id)
@@ -207,12 +229,14 @@ def score(
             if not allow_missing:
                 raise PredictionError(where, f"no prediction for pair {r.id!r} (use --allow-missing to score it as 0)")
             correct = np.zeros((r.n_points, len(alphas)), dtype=bool)
+            swapped = correct
             n_missing += 1
         else:
             if pred.shape != r.trg_kps.shape:
                 raise PredictionError(where, f"pair {r.id!r}: {len(pred)} predicted points for {r.n_points} source keypoints")
             p, g, b = protocol_frame(r, pred, protocol, resolution)
             correct = pck_correct(p, g, b, alphas)
+            swapped = twin_swaps(r, p, b, correct, alphas, protocol, resolution) if "geo_twins" in r.meta else None
         n_points += r.n_points
         if per_pair and r.n_points:
             pairs[r.id] = correct.mean(axis=0).tolist()
@@ -228,6 +252,9 @@ def score(
             geo.add(correct[twinned])
             geo_by_cat[r.category].add(correct[twinned])
             n_geo_known += 1
+            if "geo_twins" in r.meta:
+                swaps.add(swapped[twinned])
+                n_twins_known += 1
     out = {
         "protocol": protocol,
         "alphas": alphas,
@@ -254,6 +281,8 @@ def score(
         out["geo_aware"] = {"n_pairs": geo.n_img, "n_points": geo.n_pt}
         for agg, fn in (("per_image", _Tally.per_image), ("per_point", _Tally.per_point)):
             out[agg]["geo_aware"] = {"all": fn(geo, keys), "by_category": {c: fn(t, keys) for c, t in sorted(geo_by_cat.items()) if t.n_img}}
+            if n_twins_known == len(records):  # wrong, but on a mirrored twin: the left-right confusion itself
+                out[agg]["geo_aware"]["twin_swaps"] = fn(swaps, keys)
     if by_diff:
         for agg, fn in (("per_image", _Tally.per_image), ("per_point", _Tally.per_point)):
             out[agg]["by_difficulty"] = {
@@ -381,6 +410,8 @@ def format_table(result: dict, title: str = "") -> str:
         if "geo_aware" in block:
             geo = result["geo_aware"]
             rows.append((f"geo-aware subset ({geo['n_pairs']} pairs, {geo['n_points']} points)", block["geo_aware"]["all"]))
+            if "twin_swaps" in block["geo_aware"]:
+                rows.append(("  of them on a mirrored twin", block["geo_aware"]["twin_swaps"]))
         rows += list(block["by_category"].items())
         for k, levels in block.get("by_difficulty", {}).items():
             rows += [(f"{k}={lvl}", v) for lvl, v in levels.items()]

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from sd4match.data.base import PairDataset
-from sd4match.data.records import PairRecord, coco_keypoints, geo_aware_points, pck_bases, read_json, xywh_box
+from sd4match.data.records import PairRecord, coco_keypoints, geo_aware_points, geo_twins, pck_bases, read_json, xywh_box
 from sd4match.errors import DataError
 
 SPLITS = ("trn", "val", "test", "test_cross_species", "val_cross_species", "test_cross_family", "val_cross_family")
@@ -108,6 +108,7 @@ class AP10K(PairDataset):
             trg_box = xywh_box(t["bbox"], str(pt))
             trg_kps = kt[both, :2]
             ids = np.nonzero(both)[0].tolist()
+            shown = {i: kt[i, :2].tolist() for i in np.nonzero(kt[:, 2] > 0)[0].tolist()}  # every keypoint the target shows
             groups = {"family": t["supercategory"] if s["supercategory"] == t["supercategory"] else "cross-family"}
             if s["name"] == t["name"]:
                 groups["species"] = t["name"]
@@ -123,7 +124,7 @@ class AP10K(PairDataset):
                 src_bbox=xywh_box(s["bbox"], str(ps)),
                 trg_bbox=trg_box,
                 pck_base=pck_bases("bbox", trg_size, trg_kps, trg_box),
-                meta={"groups": groups, "kps_ids": ids, "geo_aware": geo_aware_points(GEO_GROUPS, ids, np.nonzero(kt[:, 2] > 0)[0].tolist()),
+                meta={"groups": groups, "kps_ids": ids, "geo_aware": geo_aware_points(GEO_GROUPS, ids, shown), "geo_twins": geo_twins(GEO_GROUPS, ids, shown),
                       "src_species": s["name"], "trg_species": t["name"], "src_family": s["supercategory"], "trg_family": t["supercategory"]},
             ))
         return out

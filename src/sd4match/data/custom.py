@@ -23,7 +23,7 @@ import numpy as np
 
 from sd4match.data.base import PairDataset
 from sd4match.data.images import exif_orientation
-from sd4match.data.records import PairRecord, as_points, geo_aware_mask, pck_bases
+from sd4match.data.records import PairRecord, as_points, geo_aware_mask, geo_twins_points, pck_bases
 from sd4match.errors import DataError
 from sd4match.fileio import json_lines
 
@@ -104,6 +104,8 @@ class CustomPairs(PairDataset):
                          pck_base={k: float(base[k]) for k in ("standard", "sd4match")}, meta=dict(meta))
         if "geo_aware" in meta:
             geo_aware_mask(rec, where)
+        if "geo_twins" in meta:
+            geo_twins_points(rec, where)
         return rec
 
     def _size(self, d: dict, side: str, where: str) -> tuple[int, int]:

@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -80,12 +80,29 @@ def geo_aware_points(groups: Sequence[Sequence[int]], pair_slots: Sequence[int],
     return [s in twinned for s in pair_slots]
 
 
+def geo_twins(groups: Sequence[Sequence[int]], pair_slots: Sequence[int], trg_points: Mapping[int, Sequence[float]]) -> list[list[list[float]]]:
+    """For each of a pair's points, where its twins are in the target picture: the [x, y] of
+    the other members of its group of mirrored keypoints that ``trg_points`` (keypoint id ->
+    [x, y], every keypoint the target shows) holds; empty for a point with none (exactly the
+    points that are not geometry-aware)."""
+    group_of = {s: g for g in groups for s in g}
+    return [[list(map(float, trg_points[t])) for t in group_of.get(s, ()) if t != s and t in trg_points] for s in pair_slots]
+
+
 def geo_aware_mask(record: PairRecord, where: str = "<record>") -> np.ndarray:
     """A pair's ``meta["geo_aware"]`` as a bool array, one per keypoint (``records.geo_aware_points``)."""
     mask = record.meta["geo_aware"]
     if not isinstance(mask, list) or len(mask) != record.n_points or not all(isinstance(v, bool) for v in mask):
         raise DataError(where, f"pair {record.id!r}: meta.geo_aware must be a list of {record.n_points} true/false values, one per keypoint")
     return np.asarray(mask, dtype=bool)
+
+
+def geo_twins_points(record: PairRecord, where: str = "<record>") -> list[np.ndarray]:
+    """A pair's ``meta["geo_twins"]`` as one (K, 2) array per keypoint (``records.geo_twins``)."""
+    twins = record.meta["geo_twins"]
+    if not isinstance(twins, list) or len(twins) != record.n_points or not all(isinstance(t, list) for t in twins):
+        raise DataError(where, f"pair {record.id!r}: meta.geo_twins must be a list of {record.n_points} lists of [x, y], one per keypoint")
+    return [as_points(t, where, f"meta.geo_twins[{i}]") if t else np.zeros((0, 2)) for i, t in enumerate(twins)]
 
 
 def coco_keypoints(values, where: str) -> np.ndarray:

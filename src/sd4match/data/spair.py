@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sd4match.data.base import PairDataset
-from sd4match.data.records import PairRecord, as_points, geo_aware_points, pck_bases, read_json
+from sd4match.data.records import PairRecord, as_points, geo_aware_points, geo_twins, pck_bases, read_json
 from sd4match.errors import DataError
 
 PAIR_KEYS = (
@@ -59,7 +59,7 @@ class SPair71k(PairDataset):
 
     def __init__(self, root: str | Path):
         super().__init__(root)
-        self._visible: dict[str, frozenset[int] | None] = {}
+        self._visible: dict[str, dict[int, list[float]] | None] = {}
 
     def layout_problem(self) -> str | None:
         if not self.root.is_dir():
@@ -83,25 +83,26 @@ class SPair71k(PairDataset):
     def read_pair(self, split: str, pair_id: str) -> PairRecord:
         rec = _read_pair_file(self.root / "PairAnnotation" / split / f"{pair_id}.json", pair_id, f"Layout/large/{split}.txt")
         slots = [int(k) for k in rec.meta["kps_ids"] if k.isdigit()]
-        visible = self._visible_slots(rec.trg) if rec.category in GEO_GROUPS and len(slots) == rec.n_points else None
-        if visible is None:
+        shown = self._shown(rec.trg) if rec.category in GEO_GROUPS and len(slots) == rec.n_points else None
+        if shown is None:
             return rec
-        return replace(rec, meta={**rec.meta, "geo_aware": geo_aware_points(GEO_GROUPS[rec.category], slots, visible)})
+        groups = GEO_GROUPS[rec.category]
+        return replace(rec, meta={**rec.meta, "geo_aware": geo_aware_points(groups, slots, shown), "geo_twins": geo_twins(groups, slots, shown)})
 
-    def _visible_slots(self, picture: str) -> frozenset[int] | None:
-        """The keypoint slots a picture's image annotation (``ImageAnnotation/<category>/
-        <name>.json``) marks visible; None where the file is absent. Each file is read once."""
+    def _shown(self, picture: str) -> dict[int, list[float]] | None:
+        """The keypoints a picture's image annotation (``ImageAnnotation/<category>/<name>.json``)
+        shows, slot -> [x, y]; None where the file is absent. Each file is read once."""
         if picture not in self._visible:
             path = self.root / "ImageAnnotation" / Path(picture).relative_to("JPEGImages").with_suffix(".json")
-            self._visible[picture] = _visible_slots(path) if path.is_file() else None
+            self._visible[picture] = _shown_points(path) if path.is_file() else None
         return self._visible[picture]
 
 
-def _visible_slots(path: Path) -> frozenset[int]:
+def _shown_points(path: Path) -> dict[int, list[float]]:
     kps = read_json(path, ("kps",), "the image's 30 keypoint slots").get("kps")
     if not isinstance(kps, dict) or not all(str(k).isdigit() for k in kps):
         raise DataError(path, "kps is not a mapping of keypoint slot to [x, y] or null")
-    return frozenset(int(k) for k, v in kps.items() if v is not None)
+    return {int(k): as_points([v], str(path), f"kps[{k}]")[0].tolist() for k, v in kps.items() if v is not None}
 
 
 def _read_pair_file(path: Path, pair_id: str, listed_in: str) -> PairRecord:
