@@ -340,6 +340,7 @@ def test_compare_adds_the_geometry_aware_subset_when_every_run_has_it(tmp_path):
             for agg in ("per_image", "per_point"):
                 d[agg]["geo_aware"] = {"all": {"0.05": geo / 2, "0.1": geo, "0.15": geo}, "by_category": {}}
             d["per_point"]["geo_aware"]["all"]["0.1"] = geo - 0.05
+            d["per_point"]["geo_aware"]["twin_swaps"] = {"0.05": 0.0, "0.1": geo / 4, "0.15": 0.0}
         return json.dumps(d)
 
     for name, text in (("a", doc(0.5, 0.4)), ("b", doc(0.6, 0.3)), ("old", doc(0.7))):
@@ -347,6 +348,7 @@ def test_compare_adds_the_geometry_aware_subset_when_every_run_has_it(tmp_path):
         (tmp_path / name / "score.json").write_text(text)
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")]) == 0
     rows = list(csv.DictReader((tmp_path / "cmp" / "compare.csv").open()))
-    assert [(r["geo-aware per image @0.1"], r["geo-aware per point @0.1"]) for r in rows] == [("40.00", "35.00"), ("30.00", "25.00")]
+    assert [(r["geo-aware per image @0.1"], r["geo-aware per point @0.1"], r["geo-aware on a twin @0.1"]) for r in rows] == [
+        ("40.00", "35.00", "10.00"), ("30.00", "25.00", "7.50")]
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "old"), "--out", str(tmp_path / "cmp2")]) == 0  # not every run has them
     assert not any(k.startswith("geo-aware") for k in next(csv.DictReader((tmp_path / "cmp2" / "compare.csv").open())))

@@ -242,12 +242,13 @@ def test_sweep_tables_add_the_geometry_aware_subset_when_every_cell_has_it(tmp_p
         r = {"timestep": t, "up_block": 1, "ensemble": 1, "noise_schedule": "model", "n_pairs": 7,
              "per_image": {"0.1": pck}, "per_point": {"0.1": pck}}
         if geo is not None:
-            r["geo_aware"] = {"per_image": {"0.1": geo}, "per_point": {"0.1": geo / 2}}
+            r["geo_aware"] = {"per_image": {"0.1": geo}, "per_point": {"0.1": geo / 2}, "twin_swaps": {"0.1": geo / 5}}
         return r
 
     cfg = EvalConfig("spair", str(tmp_path))
     write_tables([row(50, 0.5, 0.25), row(261, 0.6, 0.5)], tmp_path, cfg, "0.1")
     rows = list(csv.DictReader((tmp_path / "table.csv").open()))
-    assert [(r["timestep"], r["geo-aware per image @0.1"], r["geo-aware per point @0.1"]) for r in rows] == [("50", "25.00", "12.50"), ("261", "50.00", "25.00")]
+    assert [(r["timestep"], r["geo-aware per image @0.1"], r["geo-aware per point @0.1"], r["geo-aware on a twin @0.1"]) for r in rows] == [
+        ("50", "25.00", "12.50", "5.00"), ("261", "50.00", "25.00", "10.00")]
     write_tables([row(50, 0.5, 0.25), row(261, 0.6)], tmp_path, cfg, "0.1")  # a cell of an earlier release: no such column
     assert "geo-aware per image @0.1" not in next(csv.DictReader((tmp_path / "table.csv").open()))

@@ -292,19 +292,24 @@ def score(
 
 
 def geo_aware_all(doc: dict) -> dict[str, dict[str, float]]:
-    """A score's geometry-aware PCK over all its pairs, ``{"per_image": ..., "per_point": ...}``
-    (empty where the score has no such subset)."""
-    return {agg: doc[agg]["geo_aware"]["all"] for agg in ("per_image", "per_point") if "geo_aware" in doc[agg]}
+    """A score's geometry-aware PCK over all its pairs, ``{"per_image": ..., "per_point": ...}``,
+    and the share of those points taken for a twin per point (``"twin_swaps"``, where the
+    score has it); empty where the score has no such subset."""
+    out = {agg: doc[agg]["geo_aware"]["all"] for agg in ("per_image", "per_point") if "geo_aware" in doc[agg]}
+    if "twin_swaps" in doc["per_point"].get("geo_aware", {}):
+        out["twin_swaps"] = doc["per_point"]["geo_aware"]["twin_swaps"]
+    return out
 
 
 def geo_aware_columns(rows: Sequence[dict], key: str) -> tuple[list[str], list[list[str]]]:
     """Table columns of the geometry-aware PCK@``key`` per image and per point of ``rows``
-    (each holding ``geo_aware_all`` under ``"geo_aware"``): headers and each row's cells;
-    none unless every row has them."""
-    if not rows or not all(key in r.get("geo_aware", {}).get("per_image", {}) for r in rows):
+    (each holding ``geo_aware_all`` under ``"geo_aware"``), and the share on a twin: headers
+    and each row's cells; each column only where every row has it."""
+    parts = [(f"geo-aware {agg.replace('_', ' ')} @{key}", agg) for agg in ("per_image", "per_point")] + [(f"geo-aware on a twin @{key}", "twin_swaps")]
+    shown = [(head, part) for head, part in parts if rows and all(key in r.get("geo_aware", {}).get(part, {}) for r in rows)]
+    if not any(part == "per_image" for _, part in shown):
         return [], [[] for _ in rows]
-    aggs = ("per_image", "per_point")
-    return [f"geo-aware {agg.replace('_', ' ')} @{key}" for agg in aggs], [[f"{100 * r['geo_aware'][agg][key]:.2f}" for agg in aggs] for r in rows]
+    return [head for head, _ in shown], [[f"{100 * r['geo_aware'][part][key]:.2f}" for _, part in shown] for r in rows]
 
 
 def pair_details(records: Sequence[PairRecord], predictions: Mapping[str, np.ndarray], *, protocol: str = "standard",
