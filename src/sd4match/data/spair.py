@@ -59,7 +59,7 @@ class SPair71k(PairDataset):
 
     def __init__(self, root: str | Path):
         super().__init__(root)
-        self._visible: dict[str, dict[int, list[float]] | None] = {}
+        self._shown_by_picture: dict[str, dict[int, list[float]] | None] = {}
 
     def layout_problem(self) -> str | None:
         if not self.root.is_dir():
@@ -92,10 +92,10 @@ class SPair71k(PairDataset):
     def _shown(self, picture: str) -> dict[int, list[float]] | None:
         """The keypoints a picture's image annotation (``ImageAnnotation/<category>/<name>.json``)
         shows, slot -> [x, y]; None where the file is absent. Each file is read once."""
-        if picture not in self._visible:
+        if picture not in self._shown_by_picture:
             path = self.root / "ImageAnnotation" / Path(picture).relative_to("JPEGImages").with_suffix(".json")
-            self._visible[picture] = _shown_points(path) if path.is_file() else None
-        return self._visible[picture]
+            self._shown_by_picture[picture] = _shown_points(path) if path.is_file() else None
+        return self._shown_by_picture[picture]
 
 
 def _shown_points(path: Path) -> dict[int, list[float]]:
