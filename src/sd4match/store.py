@@ -21,6 +21,7 @@ stored key differs, counts as absent and is recomputed.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import threading
 from collections import Counter, OrderedDict
@@ -51,6 +52,12 @@ def settings_key(image_hash: str, settings: dict) -> str:
 def owned(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a copy of it when it is a view into a larger storage."""
     return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
+
+def _header_meta(fh) -> dict:
+    """The ``__metadata__`` of a safetensors file open at its start (its header only is read)."""
+    n = int.from_bytes(fh.read(8), "little")
+    return json.loads(fh.read(n)).get("__metadata__") or {}
 
 
 def _made_by(meta: dict, made_by: dict) -> bool:
@@ -113,8 +120,7 @@ class Store:
             return True
         try:
             with open(self.path(kind, key), "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                meta = json.loads(fh.read(n)).get("__metadata__") or {}
+                meta = _header_meta(fh)
         except (OSError, ValueError, AttributeError):
             return False
         return _made_by(meta, made_by)
@@ -192,8 +198,7 @@ class Store:
             return None
         try:
             data = p.read_bytes()  # read into memory: a file replaced later never affects what was returned
-            n = int.from_bytes(data[:8], "little")
-            meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+            meta = _header_meta(io.BytesIO(data))
             if meta.get("key") != key or meta.get("format") != FORMAT:
                 return None
             if made_by and not _made_by(meta, made_by):
