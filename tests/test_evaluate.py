@@ -291,6 +291,7 @@ def test_stored_maps_of_weights_written_over_are_not_handed_back(tmp_path, willo
         return (tmp_path / out / "predictions.jsonl").read_bytes()
 
     first_id = weights_identity(str(model))
+    assert weights_identity(f"{model}+dinov2-b") == f"{first_id}+-"  # a fusion: both parts (uncached DINOv2: none)
     first = run("first", Store(folder=tmp_path / "cache"))
     again = Store(folder=tmp_path / "cache")
     assert run("again", again) == first and again.stats["features.disk"] == 4 and not again.stats["features.miss"]

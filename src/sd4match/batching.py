@@ -279,7 +279,7 @@ class Batcher:
     def made_by(self, kind: str) -> dict[str, str]:
         """What made the store's ``kind`` entries (``features``, ``posterior``, ``dino``) beyond
         their keys: ``{"weights": ...}``, what tells the weights of the model that makes them
-        from others under the same name (``registry.weights_identity``; a fusion: each part),
+        from others under the same name (``registry.weights_identity``; a fusion: both parts),
         so that entries on disk made with weights since written over are not handed back;
         empty where nothing tells it. Store keys stay as they were: entries an earlier
         release wrote name no weights and are found as before."""
@@ -287,9 +287,6 @@ class Batcher:
             model = {"features": lambda: self.featurizer.model_id, "posterior": lambda: self.featurizer.posterior_settings()["model"],
                      "dino": lambda: self.dino.model_id}[kind]()
             ident = weights_identity(model)
-            if ident is None and "+" in model:
-                parts = [weights_identity(p) for p in model.rsplit("+", 1)]
-                ident = "+".join(p or "-" for p in parts) if any(parts) else None
             self._made_by[kind] = {"weights": ident} if ident else {}
         return self._made_by[kind]
 

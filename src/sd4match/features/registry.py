@@ -130,14 +130,18 @@ def weights_identity(model_id: str) -> str | None:
     the keys of stored work (so that maps made with earlier weights are never handed back):
     the hub-cache snapshot commit of hub weights; for a folder or a single file, a hash of
     each weight file's path, size and modification time (weights written over in place get
-    new keys; a copy elsewhere has another id anyway). None for builtin weights, hub weights
+    new keys; a copy elsewhere has another id anyway). A fusion's id (``SD+DINOv2``) gives
+    both parts' (``a+b``, ``-`` for a part without one). None for builtin weights, hub weights
     not cached and what is not a model name. Nothing is read but file metadata."""
     import hashlib
 
     try:
         res = resolve(model_id)
     except Sd4MatchError:
-        return None
+        if "+" not in model_id:
+            return None
+        parts = [weights_identity(p) for p in model_id.rsplit("+", 1)]
+        return "+".join(p or "-" for p in parts) if any(parts) else None
     if res.kind == "hub":
         return weights_revision(model_id)
     if res.kind not in ("folder", "single_file"):
