@@ -74,23 +74,7 @@ def sd_limits(source: str) -> tuple[int, int] | None:
     hub cache (the registry's SD 2.1 and 1.5: 4 and 1000 when not cached); None when they
     cannot be told (a single checkpoint file, an uncached hub model)."""
     res = resolve(source)
-
-    def read(part: str) -> dict | None:
-        if res.kind == "folder":
-            path = Path(res.location) / part
-        elif res.kind == "hub":
-            from huggingface_hub import try_to_load_from_cache
-
-            found = try_to_load_from_cache(res.location, part, revision=res.revision)
-            path = Path(found) if isinstance(found, str) else None
-        else:
-            return None
-        try:
-            return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else None
-        except (OSError, ValueError):
-            return None
-
-    unet, sched = read("unet/config.json"), read("scheduler/scheduler_config.json")
+    unet, sched = (_read_json(_local_file(res, part)) for part in ("unet/config.json", "scheduler/scheduler_config.json"))
     if unet is not None and sched is not None:
         return len(unet.get("up_block_types") or ()), int(sched.get("num_train_timesteps", 1000))
     return (4, 1000) if res.name is not None and REGISTRY[res.name].family == "sd" else None
@@ -102,22 +86,33 @@ def _is_dinov2(res) -> bool:
     ``dinov2``, as ``facebook/dinov2-base`` does)."""
     if res.name is not None:
         return REGISTRY[res.name].family == "dinov2"
-    cfg = None
+    cfg = _local_file(res, "config.json")
+    if cfg is None:
+        return res.kind == "hub" and "dinov2" in res.location.rsplit("/", 1)[-1].lower()
+    return (_read_json(cfg) or {}).get("model_type") == "dinov2"
+
+
+def _local_file(res, part: str) -> Path | None:
+    """The file ``part`` of a folder's or a hub model's weights, as this machine has it (the
+    folder's own, or the hub cache's), without contacting the hub; None where it is not here."""
     if res.kind == "folder":
-        cfg = Path(res.location) / "config.json"
+        path = Path(res.location) / part
     elif res.kind == "hub":
         from huggingface_hub import try_to_load_from_cache
 
-        found = try_to_load_from_cache(res.location, "config.json", revision=res.revision)
-        if not isinstance(found, str):
-            return "dinov2" in res.location.rsplit("/", 1)[-1].lower()
-        cfg = Path(found)
-    if cfg is None or not cfg.is_file():
-        return False
+        found = try_to_load_from_cache(res.location, part, revision=res.revision)
+        path = Path(found) if isinstance(found, str) else None
+    else:
+        return None
+    return path if path is not None and path.is_file() else None
+
+
+def _read_json(path: Path | None) -> dict | None:
+    """A config file's JSON object, or None (no file, or not readable JSON)."""
     try:
-        return json.loads(cfg.read_text()).get("model_type") == "dinov2"
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+        return json.loads(path.read_text(encoding="utf-8")) if path is not None else None
+    except (OSError, ValueError):
+        return None
 
 
 __all__ = ["CellMap", "DinoFeaturizer", "EffNetFeaturizer", "Featurizer", "FusedFeaturizer", "REGISTRY", "SDFeaturizer", "SDFeaturizerConfig",
