@@ -5,6 +5,7 @@ revision). Nothing is downloaded and the hub is not contacted."""
 from __future__ import annotations
 
 import platform
+
 import torch
 
 from sd4match.features.registry import REGISTRY, snapshot_of
