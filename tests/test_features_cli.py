@@ -192,3 +192,73 @@ def test_features_of_a_trained_prompt_equal_what_match_computes(tmp_path, small_
         assert main([*argv, "--out", str(tmp_path / "refused")]) == 2, argv
         assert capsys.readouterr().err.strip() == f"sd4match: error: {err}"
     assert not (tmp_path / "refused").exists()
+
+
+def test_feature_pca_finds_the_axes_of_known_variance():
+    import numpy as np
+
+    from sd4match.viz import feature_pca
+
+    # 24 cells: every sign pattern of (a, b, c) three times, features 3a q1 + 2b q2 + c q3 in a
+    # rotated basis: mean 0, variances 9, 4, 1 along q1, q2, q3 exactly, nothing along q4
+    q = np.linalg.qr(np.random.default_rng(1).normal(size=(4, 4)))[0]
+    coef = np.array([(3 * a, 2 * b, c) for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)] * 3, dtype=float)
+    cells = coef @ q[:, :3].T
+    maps = [cells[:16].T.reshape(4, 4, 4), cells[16:].T.reshape(4, 2, 4)]  # two pictures' (C, h, w) maps
+    proj, share = feature_pca(maps, normalise=False)
+    np.testing.assert_allclose(share, [9 / 14, 4 / 14, 1 / 14], atol=1e-12)
+    signs = np.sign(q[np.abs(q[:, :3]).argmax(axis=0), [0, 1, 2]])  # each axis's largest loading made positive
+    want = coef * signs
+    got = np.concatenate([proj[0].reshape(-1, 3), proj[1].reshape(-1, 3)])
+    assert proj[0].shape == (4, 4, 3) and proj[1].shape == (2, 4, 3)
+    np.testing.assert_allclose(got, want, atol=1e-9)
+    # drawn from every cell or from a sample of them (seeded): the same sample gives the same axes
+    again = feature_pca(maps, normalise=False, max_cells=20, seed=3)[0]
+    np.testing.assert_array_equal(again[1], feature_pca(maps, normalise=False, max_cells=20, seed=3)[0][1])
+
+
+def test_feature_pca_sees_the_cosine_and_colours_alike_across_pictures():
+    import numpy as np
+
+    from sd4match.viz import feature_pca, pca_colours
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(6, 3, 5)), rng.normal(size=(6, 4, 2))
+    b[:, 0, 0] = a[:, 1, 2]  # one descriptor in both pictures ...
+    scaled = b.copy()
+    scaled[:, 0, 0] *= 7.0  # ... and 7 times longer: the same for the cosine
+    pa, pb = feature_pca([a, b])[0], feature_pca([a, scaled])[0]
+    np.testing.assert_allclose(pb[1], pa[1], atol=1e-6)
+    ca, cb = pca_colours(pa)
+    assert ca.dtype == np.uint8 and ca.shape == (3, 5, 3)
+    np.testing.assert_array_equal(ca[1, 2], cb[0, 0])
+    # one scale for all pictures: percentiles 1 and 99 of every cell, hand-checked for axis 1
+    every = np.concatenate([pa[0].reshape(-1, 3), pa[1].reshape(-1, 3)])
+    lo, hi = np.percentile(every[:, 0], 1), np.percentile(every[:, 0], 99)
+    want = np.round(np.clip((pa[0][..., 0] - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(ca[..., 0], want)
+
+
+def test_features_pca_sheet_shows_each_cell_in_its_colour(tmp_path, small_images, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from sd4match.viz import feature_pca, pca_colours
+
+    out = tmp_path / "f"
+    assert run_features(small_images, out, "--pca", "2") == 0
+    assert "pca.png" in capsys.readouterr().err
+    idx = json.loads((out / "index.json").read_text())
+    first = list(idx["images"])[:2]  # the index's order: the folder's sorted order
+    assert first == ["cat.jpg", "owl.jpg"]
+    colours = pca_colours(feature_pca([load_cached(out / "index.json", n) for n in first])[0])
+    sheet = np.asarray(Image.open(out / "pca.png").convert("RGB"))
+    x0 = 8  # the row's left pad
+    for k, name in enumerate(first):
+        w, h = Image.open(small_images / name).size
+        tw, th = round(w * 256 / h), 256  # each picture drawn 256 rows tall, its PCA beside it at the same size
+        x0 += tw + 8  # past the picture and a pad: its PCA
+        for i, j in ((0, 0), (3, 5), (7, 7)):  # the centre pixel of cell (row i, column j) of the 8 x 8 grid
+            x, y = x0 + int((j + 0.5) * tw / 8), 8 + int((i + 0.5) * th / 8)
+            assert tuple(sheet[y, x]) == tuple(colours[k][i, j]), (name, i, j)
+        x0 += tw + 8  # past the PCA and a pad: the next picture

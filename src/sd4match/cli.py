@@ -331,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "--vae-batch, the UNet in calls of up to --max-batch samples")
     p.add_argument("--store-gb", type=_number(float, at_least=0), default=0.5, help="memory for maps and VAE posteriors while extracting, GB (the folder keeps them all)")
     p.add_argument("--workers", type=_number(int, at_least=0), default=4, help="loader threads decoding ahead (0: decode in the main thread)")
+    p.add_argument("--pca", type=_number(int, at_least=0), default=0, metavar="N",
+                   help="also write pca.png: the first N pictures beside the joint PCA of their maps (0: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _seed_arg(p)
     _model_args(p)
@@ -428,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timesteps", type=_parser_type(_grid), default=(50, 261), help="timesteps of each row, a list or start:stop:step (default: "
                                                                                    "50,261: the official test script's and the training one)")
     p.add_argument("--ensemble", type=_number(int, at_least=1), default=8, help="noisy copies averaged per picture")
-    p.add_argument("--limit", type=_number(int, at_least=0), default=0, help="only N pairs of each test split, each category its share (a quick look)")
+    p.add_argument("--limit", type=_number(int, at_least=0), default=0, help="only N pairs of each test split, each category its share (a quick look; 0: every pair)")
     p.add_argument("--dino", default="dinov2-b", help="DINOv2 model of the CPM prompts")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _model_args(p, only=("model", "model_config", "device", "dtype", "resolution", "max_batch", "vae_batch", "compile", "dino_pos", "channels_last",
@@ -575,7 +577,7 @@ def cmd_datasets_prepare(args) -> int:
 
 def cmd_features(args) -> int:
     from sd4match.checks import check_image_folder, check_picture_headers, check_prompt_fits_model
-    from sd4match.extract import check_picture_prompt, extract_folder, picture_prompt_name
+    from sd4match.extract import check_picture_prompt, extract_folder, pca_sheet, picture_prompt_name
 
     name = picture_prompt_name(args.prompt, args.text)
     _check_common(args)
@@ -590,6 +592,9 @@ def cmd_features(args) -> int:
     path = extract_folder(feat, args.images, args.out, text=args.text, prompt=args.prompt, category=args.category, dino=dino, seed=args.seed,
                           batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress, store_gb=args.store_gb)
     print(f"features of {args.images} under {args.model} are in {path.parent} (index: {path})", file=sys.stderr)
+    if args.pca:
+        print(f"joint PCA of the maps of the first {args.pca} pictures (or all, where fewer): {pca_sheet(path, args.images, path.parent / 'pca.png', count=args.pca, seed=args.seed)}",
+              file=sys.stderr)
     return 0
 
 
@@ -728,7 +733,8 @@ def cmd_match(args) -> int:
                     min_score=args.min_score, max_points=args.max_points, max_side=args.max_side)
     for m in res["matches"]:
         print(f"{m['name']}\t{m['source'][0]:.2f},{m['source'][1]:.2f}\t->\t{m['target'][0]:.2f},{m['target'][1]:.2f}\tscore {m['score']:.4f}")
-    print(f"{len(res['matches'])} matches in {args.out / 'matches.json'} and {args.out / 'matches.png'}", file=sys.stderr)
+    n = len(res["matches"])
+    print(f"{n} match{'es' if n != 1 else ''} in {args.out / 'matches.json'} and {args.out / 'matches.png'}", file=sys.stderr)
     return 0
 
 

@@ -16,9 +16,10 @@ from sd4match.batching import Batcher, Picture, prefetch
 from sd4match.data.images import NO_IMAGES, list_images, load_image
 from sd4match.errors import Sd4MatchError
 from sd4match.features.base import Featurizer
-from sd4match.fileio import atomic_write_text, file_sha256
+from sd4match.fileio import atomic_save_image, atomic_write_text, file_sha256
 from sd4match.prompts import PromptSpec, parse_prompt, prompt_fingerprint, resolve_prompt
 from sd4match.store import Store
+from sd4match.viz import draw_pca
 
 
 def picture_prompt_name(prompt: str | None, text: str | None) -> str | None:
@@ -133,3 +134,20 @@ def load_cached(index_path: str | Path, image: str) -> torch.Tensor:
     if got is None:
         raise Sd4MatchError(f"{index_path.parent / entry['file']}: stored features missing or unreadable; run `sd4match features` again")
     return got["features"][0]
+
+
+def pca_sheet(index_path: str | Path, images: str | Path, out: str | Path, *, count: int = 8, seed: int = 0) -> Path:
+    """``out`` (PNG): the first ``count`` pictures of an ``extract_folder`` index (in its
+    order) beside the joint PCA of their stored maps (``viz.draw_pca``)."""
+    index_path = Path(index_path)
+    idx = json.loads(index_path.read_text())
+    names = list(idx["images"])[:count]
+    if not names:
+        raise Sd4MatchError(f"{index_path}: lists no pictures")
+    pictures = [(name, load_image(Path(images) / name, exif_transpose=True)) for name in names]
+    maps = [load_cached(index_path, name) for name in names]
+    settings = idx["settings"]
+    title = str(settings.get("model"))
+    if settings.get("prompt_fingerprint") != "none":  # a model that takes a prompt: which one
+        title += f", prompt {settings.get('prompt')}" + (f" ({settings['category']})" if settings.get("category") else "")
+    return atomic_save_image(out, draw_pca(pictures, maps, seed=seed, title=title))

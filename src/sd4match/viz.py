@@ -297,3 +297,74 @@ def draw_points(img: Image.Image, size: Sequence[int], points: Sequence[dict], *
 def score_legend(img: Image.Image, lo: float, hi: float, title: str = "match score (cosine):") -> Image.Image:
     """``img`` with the colour bar of ``confidence_colour`` on [lo, hi] below it."""
     return _legend(img, lo, hi, title, lambda v: confidence_colour(v, lo, hi))
+
+
+def feature_pca(maps: Sequence, components: int = 3, *, normalise: bool = True, max_cells: int = 100_000,
+                seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+    """A joint PCA of several (C, h, w) feature maps (arrays or tensors; grids may differ).
+
+    Every cell of every map is one sample (L2-normalised first when ``normalise``, as the
+    cosine the matchers use sees it); the axes are fitted to all maps' cells together
+    (centred on their mean; at most ``max_cells`` cells drawn with ``seed`` when there are
+    more), so a direction in feature space is the same axis in every picture. Each axis
+    points so that its largest loading is positive (a fixed sign, as scikit-learn's
+    ``svd_flip``).
+
+    Returns:
+        each map's cells projected on the first ``components`` axes, (h, w, components),
+        and the share of the fitted cells' variance each axis explains.
+    """
+    flat = []
+    for m in maps:
+        a = m.detach().float().cpu().numpy() if hasattr(m, "detach") else np.asarray(m, dtype=np.float32)
+        if a.ndim != 3:
+            raise ValueError(f"a feature map is (C, h, w), got shape {tuple(a.shape)}")
+        f = a.reshape(a.shape[0], -1).T.astype(np.float64)
+        if normalise:
+            f = f / (np.linalg.norm(f, axis=1, keepdims=True) + 1e-6)
+        flat.append((f, a.shape[1:]))
+    if not flat or len({f.shape[1] for f, _ in flat}) != 1:
+        raise ValueError("feature_pca needs one or more maps of the same channel count")
+    every = np.concatenate([f for f, _ in flat])
+    fit = every
+    if len(every) > max_cells:
+        fit = every[np.sort(np.random.default_rng(seed).choice(len(every), max_cells, replace=False))]
+    mean = fit.mean(axis=0)
+    values, vectors = np.linalg.eigh(np.cov(fit - mean, rowvar=False, bias=True).reshape(every.shape[1], every.shape[1]))
+    order = np.argsort(values)[::-1][:components]
+    axes = vectors[:, order]
+    axes = axes * np.where(axes[np.abs(axes).argmax(axis=0), np.arange(axes.shape[1])] < 0, -1.0, 1.0)
+    share = np.clip(values[order], 0, None) / max(float(np.clip(values, 0, None).sum()), 1e-30)
+    return [((f - mean) @ axes).reshape(*hw, -1) for f, hw in flat], share
+
+
+def pca_colours(projections: Sequence[np.ndarray], *, low: float = 1.0, high: float = 99.0) -> list[np.ndarray]:
+    """``feature_pca``'s projections as (h, w, 3) uint8 pictures: axis 1, 2, 3 as red, green,
+    blue, each stretched over the ``low``-th to ``high``-th percentile of all maps' cells
+    together (one scale for every picture: the same colour is the same feature), clipped."""
+    every = np.concatenate([p.reshape(-1, p.shape[-1]) for p in projections])[:, :3]
+    lo, hi = np.percentile(every, low, axis=0), np.percentile(every, high, axis=0)
+    out = []
+    for p in projections:
+        rgb = np.full(p.shape[:2] + (3,), 0.5)
+        k = min(3, p.shape[-1])
+        rgb[..., :k] = np.clip((p[..., :k] - lo[:k]) / np.maximum(hi[:k] - lo[:k], 1e-12), 0.0, 1.0)
+        out.append((rgb * 255 + 0.5).astype(np.uint8))
+    return out
+
+
+def draw_pca(pictures: Sequence[tuple[str, Image.Image]], maps: Sequence, *, columns: int = 2, tile_height: int = 256,
+             seed: int = 0, title: str = "") -> Image.Image:
+    """A sheet of each picture beside its feature map's joint PCA (``feature_pca``,
+    ``pca_colours``): the map's cells stretched over the picture as drawn (nearest, so each
+    cell is one block of one colour), ``columns`` pictures a row, and a caption naming the
+    axes' shares of the variance."""
+    projections, share = feature_pca(maps, seed=seed)
+    tiles = []
+    for (name, img), rgb in zip(pictures, pca_colours(projections)):
+        shown = _fit(img, tile_height)
+        tiles += [(name, shown), (f"{name}: PCA", Image.fromarray(rgb).resize(shown.size, Image.Resampling.NEAREST))]
+    shares = ", ".join(f"{100 * s:.1f}%" for s in share)
+    text = (f"{title + ': ' if title else ''}joint PCA of the feature maps of {len(pictures)} pictures (each cell's descriptor L2-normalised): "
+            f"axes 1-3 as red, green, blue ({shares} of the variance), one scale for all, so the same colour is the same feature in every picture")
+    return caption(contact_sheet(tiles, tile_height=tile_height, columns=2 * columns), text)
