@@ -136,6 +136,34 @@ def test_score_errors(tmp_path, willow_root):
     assert rc != 0 and "Traceback" in err
 
 
+def test_outputs_never_replace_what_the_command_reads(tmp_path, willow_root):
+    """``score``'s and ``pairs``' output files may not be the predictions or a pair list they
+    read (under any name: a symlink, a path with ``..``) nor each other: one line, every file
+    byte for byte as it was; a picture's suffix picks its format."""
+    root = tmp_path / "w"
+    shutil.copytree(willow_root, root)
+    recs, path = _willow_predictions(tmp_path, root, noise_px=1.0)
+    before, pairs_csv = path.read_bytes(), (root / "test_pairs.csv").read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(path)
+    base = ["score", "--dataset", "pfwillow", "--root", root, "--split", "test", "--predictions", path]
+    for flag, name in (("--per-pair", path), ("--out", tmp_path / "sub" / ".." / path.name), ("--per-pair", tmp_path / "link.jsonl"),
+                       ("--out", root / "test_pairs.csv")):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        assert_one_line_error(*here(*base, flag, name)[::2], f"{flag} {name}: is the file", "writing it would replace what it reads")
+    assert_one_line_error(*here(*base, "--out", tmp_path / "a.json", "--per-pair", tmp_path / "a.json")[::2],
+                          "--per-pair", "is the file --out writes")
+    assert not (tmp_path / "a.json").exists()
+    assert_one_line_error(*here("pairs", "--dataset", "pfwillow", "--root", root, "--split", "test", "--out", root / "test_pairs.csv")[::2],
+                          "is the file --root (test) reads")
+    assert path.read_bytes() == before and (root / "test_pairs.csv").read_bytes() == pairs_csv
+    # pictures in the format their name asks for; a name no writer knows is refused before any scoring
+    assert_one_line_error(*here(*base, "--worst", tmp_path / "w.txt")[::2], "--worst", "cannot write a .txt picture")
+    assert_one_line_error(*here(*base, "--plot", tmp_path / "bars.docx")[::2], "--plot", "cannot write a .docx picture")
+    rc, _, err = run(*base, "--worst", tmp_path / "w.jpg", "--worst-count", "2", "--plot", tmp_path / "bars.pdf")
+    assert rc == 0, err
+    assert (tmp_path / "w.jpg").read_bytes()[:3] == b"\xff\xd8\xff" and (tmp_path / "bars.pdf").read_bytes()[:5] == b"%PDF-"
+
+
 def test_dataset_errors_are_one_line(tmp_path, willow_root, spair_root):
     root = tmp_path / "pf-willow"
     shutil.copytree(willow_root, root)

@@ -22,7 +22,7 @@ from sd4match.prompts import PromptSpec, check_prompt, parse_prompt  # ``empty``
 from sd4match.prompts.base import read_prompt_config
 from sd4match.runtime import pick_device
 
-__all__ = ["check_device", "check_diffusion_settings", "check_dino", "check_image_folder", "check_model", "check_output_file", "check_output_folder", "check_picture", "check_picture_headers", "check_pictures", "check_prompt", "check_prompt_categories", "check_splits"]
+__all__ = ["check_device", "check_diffusion_settings", "check_dino", "check_distinct_files", "check_image_folder", "check_model", "check_output_file", "check_output_folder", "check_picture", "check_picture_headers", "check_picture_name", "check_pictures", "check_prompt", "check_prompt_categories", "check_splits"]
 
 
 def check_prompt_categories(prompt: str, categories) -> None:
@@ -125,6 +125,56 @@ def check_output_file(path: str | Path, flag: str = "--out", example: str = "out
         raise Sd4MatchError(f"{flag} {path}: is a folder; name a file in it (e.g. {path / example})")
     _check_writable_folder(next((p for p in path.parents if p.exists()), Path(".")), path, flag)
     return path
+
+
+def _file_key(path: Path):
+    """What tells two names of one file apart from names of two: the inode where the file
+    exists (links, symlinks and ``..`` alike), else the resolved path."""
+    try:
+        st = path.stat()
+        return st.st_dev, st.st_ino
+    except OSError:
+        return os.path.realpath(path)
+
+
+def check_distinct_files(outputs, inputs=()) -> None:
+    """No output file (``(flag, path)``, path None when not given) is a file the command
+    reads (``inputs``, the same shape), which writing it would replace, nor the file of
+    another output; else one line, before anything is read or written."""
+    seen: dict = {}
+    for flag, path in inputs:
+        if path is not None:
+            seen.setdefault(_file_key(Path(path)), (flag, True))
+    for flag, path in outputs:
+        if path is None:
+            continue
+        key = _file_key(Path(path))
+        if key in seen:
+            other, read = seen[key]
+            raise Sd4MatchError(f"{flag} {path}: is the file {other} {'reads' if read else 'writes'}; writing it would replace "
+                                f"{'what it reads' if read else other + chr(39) + 's output'}: name another file")
+        seen[key] = (flag, False)
+
+
+def picture_suffixes(kind: str = "pillow") -> set[str]:
+    """The file name suffixes a picture can be written as: Pillow's formats (``pillow``) or
+    matplotlib's (``plot``: also .pdf, .svg, .eps)."""
+    if kind == "plot":
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        return {f".{k}" for k in FigureCanvasBase.get_supported_filetypes()}
+    from PIL import Image
+
+    Image.init()
+    return {s for s, f in Image.registered_extensions().items() if f in Image.SAVE}
+
+
+def check_picture_name(path: str | Path, flag: str, kind: str = "pillow") -> None:
+    """``path``'s suffix names a format the picture can be written in (none: PNG)."""
+    suffix = Path(path).suffix.lower()
+    if suffix and suffix not in picture_suffixes(kind):
+        common = ".png, .pdf, .svg" if kind == "plot" else ".png, .jpg, .webp"
+        raise Sd4MatchError(f"{flag} {path}: cannot write a {suffix} picture; name a {common} file")
 
 
 def check_output_folder(out: str | Path, flag: str = "--out") -> Path:

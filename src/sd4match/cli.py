@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the N pairs `evaluate --limit N` takes (each category its share), e.g. to rescore such a run under another protocol")
     p.add_argument("--json", action="store_true", help="print the score as JSON")
     p.add_argument("--out", type=Path, help="also write the score JSON here")
-    p.add_argument("--plot", type=Path, help="write a per-category bar chart (PNG)")
+    p.add_argument("--plot", type=Path, help="write a per-category bar chart (.png, or .pdf, .svg, ...: the suffix decides)")
     p.add_argument("--seen", help="the categories a prompt was trained on (its folder, or a comma-separated list): also report the mean "
                                   "over seen and over unseen categories")
     p.add_argument("--pck-base", choices=("bbox", "image", "kps"), help="the threshold base b, to compare with a table that uses another "
@@ -480,13 +480,20 @@ def _open(args):
     return open_dataset(args.dataset, args.root, **dataset_options(args))
 
 
+def _pair_lists(ds) -> list[tuple[str, Path]]:
+    """The files that list a dataset's pairs (``--root``'s own), as ``check_distinct_files`` inputs."""
+    return [(f"--root ({split})", path) for split in ds.splits if (path := ds.split_file(split)) is not None and path.is_file()]
+
+
 def cmd_pairs(args) -> int:
-    from sd4match.checks import check_output_file
+    from sd4match.checks import check_distinct_files, check_output_file
     from sd4match.data import write_jsonl
 
     if args.out is not None:
         check_output_file(args.out, "--out", "pairs.jsonl")
-    recs = _open(args).pairs(args.split, apply_flip=args.apply_flip)
+    ds = _open(args)
+    check_distinct_files([("--out", args.out)], _pair_lists(ds))
+    recs = ds.pairs(args.split, apply_flip=args.apply_flip)
     if args.apply_flip and not any(r.meta.get("flip") for r in recs):
         warnings.warn(f"--apply-flip changes nothing: no pair of {args.dataset}/{args.split} is marked to be mirrored "
                       "(only PF-Pascal's trn list marks pairs)", Sd4MatchWarning, stacklevel=2)
@@ -499,15 +506,20 @@ def cmd_pairs(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from sd4match.checks import check_output_file
+    from sd4match.checks import check_distinct_files, check_output_file, check_picture_name
     from sd4match.data.records import limit_pairs, rebased
     from sd4match.metrics import draw_worst, format_table, load_predictions, pair_details, plot_categories, score, seen_unseen
 
-    for flag, path, example in (("--out", args.out, "score.json"), ("--plot", args.plot, "bars.png"), ("--per-pair", args.per_pair, "pairs.jsonl"),
-                                ("--worst", args.worst, "worst.png")):
+    outputs = (("--out", args.out, "score.json"), ("--plot", args.plot, "bars.png"), ("--per-pair", args.per_pair, "pairs.jsonl"),
+               ("--worst", args.worst, "worst.png"))
+    for flag, path, example in outputs:
         if path is not None:
             check_output_file(path, flag, example)
+    for flag, path, kind in (("--plot", args.plot, "plot"), ("--worst", args.worst, "pillow")):
+        if path is not None:
+            check_picture_name(path, flag, kind)
     ds = _open(args)
+    check_distinct_files([(flag, path) for flag, path, _ in outputs], [("--predictions", args.predictions), *_pair_lists(ds)])
     recs = limit_pairs(ds.pairs(args.split), args.limit)
     if args.pck_base:
         recs = rebased(recs, args.pck_base, args.dataset)

@@ -99,9 +99,13 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_save_image(path: str | Path, image) -> Path:
-    """Save a PIL image as PNG to ``path`` through ``atomic_path``."""
+    """Save a PIL image to ``path`` through ``atomic_path``, in the format its suffix names
+    (``.jpg`` JPEG, ...; PNG without one)."""
+    from PIL import Image
+
+    Image.init()
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
     return Path(path)
 
 

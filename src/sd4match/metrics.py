@@ -23,7 +23,7 @@ from sd4match.data import load_pair_images
 from sd4match.data.records import BASE_WORDS, CLAMP_EPS, SD4MATCH_RESOLUTION, PairRecord, check_protocol, geo_aware_mask, geo_twins_points
 from sd4match.data.spair import DIFFICULTY_KEYS
 from sd4match.errors import PredictionError
-from sd4match.fileio import atomic_path, json_lines
+from sd4match.fileio import atomic_path, atomic_save_image, json_lines
 from sd4match.viz import caption, contact_sheet, draw_errors, pyplot
 
 
@@ -360,9 +360,7 @@ def draw_worst(records: Sequence[PairRecord], predictions: Mapping[str, np.ndarr
                     f"The {len(tiles)} pairs of lowest PCK@{key} (protocol: {protocol}; b: the pair's threshold base). Left: the source's "
                     "keypoints, numbered in annotation order. Right: each ground-truth point (white ring, its number) joined to its "
                     f"prediction: green within {key}·b, red beyond.")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        sheet.save(tmp, format="PNG")
+    atomic_save_image(path, sheet)
     return [rows[i]["id"] for i in order]
 
 
@@ -459,6 +457,6 @@ def plot_categories(result: dict, path: str | Path, title: str = "") -> Path:
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(keys), frameon=False, fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+        fig.savefig(tmp, dpi=100, format=path.suffix[1:].lower() or "png")
     plt.close(fig)
     return path
