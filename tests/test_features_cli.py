@@ -262,3 +262,11 @@ def test_features_pca_sheet_shows_each_cell_in_its_colour(tmp_path, small_images
             x, y = x0 + int((j + 0.5) * tw / 8), 8 + int((i + 0.5) * th / 8)
             assert tuple(sheet[y, x]) == tuple(colours[k][i, j]), (name, i, j)
         x0 += tw + 8  # past the PCA and a pad: the next picture
+
+
+def test_a_store_inside_the_image_folder_is_not_read_as_pictures(tmp_path, small_images):
+    out = small_images / "feat"  # the store (and its pca.png) inside the folder of pictures
+    for _ in range(2):
+        assert run_features(small_images, out, "--pca", "3") == 0
+        assert sorted(json.loads((out / "index.json").read_text())["images"]) == ["cat.jpg", "owl.jpg", "pets.jpg"]
+    assert (out / "pca.png").is_file()

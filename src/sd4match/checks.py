@@ -77,13 +77,13 @@ def check_picture(path: str | Path, *, decode: bool = True) -> tuple[int, int]:
     return image_size(path)
 
 
-def check_image_folder(folder: str | Path, flag: str = "--images") -> list[Path]:
-    """The pictures under ``folder`` (``list_images``); a missing folder, or one without
-    pictures, named with its flag."""
+def check_image_folder(folder: str | Path, flag: str = "--images", *, exclude: str | Path | None = None) -> list[Path]:
+    """The pictures under ``folder`` (``list_images``, none under ``exclude``); a missing
+    folder, or one without pictures, named with its flag."""
     folder = Path(folder)
     if not folder.is_dir():
         raise Sd4MatchError(f"{flag} {folder}: no such folder")
-    files = list_images(folder)
+    files = list_images(folder, exclude=exclude)
     if not files:
         raise Sd4MatchError(f"{flag} {folder}: {NO_IMAGES}")
     return files

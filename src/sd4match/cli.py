@@ -597,7 +597,7 @@ def cmd_features(args) -> int:
         spec = check_picture_prompt(name, args.category)
         if args.text is not None:  # (a --prompt was checked with the others)
             check_prompt_fits_model(args.model, spec, "--text")
-    check_picture_headers(check_image_folder(args.images))  # a bad file is named before the model loads, not after hours of extraction
+    check_picture_headers(check_image_folder(args.images, exclude=args.out))  # a bad file is named before the model loads, not after hours of extraction
     model = config_from_args(ModelConfig, args)
     feat = load_model(model)
     dino = _dino_for(name, args.dino, feat, model.dino_pos) if name else None

@@ -81,7 +81,7 @@ def extract_folder(
     if text is not None and not featurizer.takes_prompt:
         raise Sd4MatchError(f"{featurizer.model_id} takes no prompt: --text would change nothing; leave it out")
     spec = check_picture_prompt(name, category)
-    files = list_images(images)
+    files = list_images(images, exclude=out)  # not pca.png when the store lies inside the folder
     if not files:
         raise Sd4MatchError(f"{images}: {NO_IMAGES}")
     store = Store(max_bytes=int(store_gb * (1 << 30)), folder=out)

@@ -410,8 +410,8 @@ def _target_names(targets: Sequence[Path], root: Path) -> list[str]:
 def transfer_targets(targets: str | Path, source: str | Path, out: str | Path) -> list[Path]:
     """The pictures under ``targets`` a transfer places points on: not the source, and nothing
     under ``out`` (an earlier transfer's ``sheet.png`` when ``--out`` lies inside ``--targets``)."""
-    src, dest = Path(source).resolve(), Path(out).resolve()
-    files = [p for p in list_images(targets) if (r := p.resolve()) != src and dest not in r.parents]
+    src = Path(source).resolve()
+    files = [p for p in list_images(targets, exclude=out) if p.resolve() != src]
     if not files:
         raise Sd4MatchError(f"{targets}: no images to transfer onto")
     return files

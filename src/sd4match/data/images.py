@@ -104,12 +104,16 @@ def oriented_size(path: str | Path, *, exif_transpose: bool = True) -> tuple[int
     return w, h
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files under ``folder`` (recursive), sorted by relative path."""
+def list_images(folder: str | Path, *, exclude: str | Path | None = None) -> list[Path]:
+    """Image files under ``folder`` (recursive), sorted by relative path; none under
+    ``exclude`` (a command's output folder inside ``folder``: the pictures it drew there are
+    not inputs of its next run)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(folder, "image folder is missing")
+    skip = Path(exclude).resolve() if exclude is not None else None
     return sorted(
-        (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
+        (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+         and (skip is None or skip not in p.resolve().parents)),
         key=lambda p: p.relative_to(folder).as_posix(),
     )
