@@ -60,6 +60,16 @@ def test_the_least_a_pair_needs_and_what_is_made_for_the_rest(tmp_path, capsys):
     assert main(["score", "--dataset", "custom", "--root", str(root), "--split", "test", "--predictions", str(tmp_path / "preds.jsonl"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["n_pairs"] == 2 and res["per_image"]["all"]["0.1"] == 1.0
+    assert "by_keypoint" not in res  # the pairs do not number their keypoints: asking is one line
+    assert main(["score", "--dataset", "custom", "--root", str(root), "--split", "test", "--predictions", str(tmp_path / "preds.jsonl"),
+                 "--by-keypoint"]) == 2
+    assert "--by-keypoint: custom's pairs do not number their keypoints" in capsys.readouterr().err
+    lines[0]["meta"], lines[1]["meta"] = {"kps_ids": ["eye", "nose"]}, {"kps_ids": ["eye"]}  # your own ids: pooled per category
+    (root / "test.jsonl").write_text("".join(json.dumps(d) + "\n" for d in lines))
+    assert main(["score", "--dataset", "custom", "--root", str(root), "--split", "test", "--predictions", str(tmp_path / "preds.jsonl"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["by_keypoint"] == {"cats": {"eye": {"n_points": 1, "0.05": 1.0, "0.1": 1.0, "0.15": 1.0},
+                                                                          "nose": {"n_points": 1, "0.05": 1.0, "0.1": 1.0, "0.15": 1.0}},
+                                                                 "dog": {"eye": {"n_points": 1, "0.05": 1.0, "0.1": 1.0, "0.15": 1.0}}}
 
 
 def test_mistakes_in_a_pair_list_are_one_line_naming_the_line(tmp_path, capsys):
@@ -77,6 +87,7 @@ def test_mistakes_in_a_pair_list_are_one_line_naming_the_line(tmp_path, capsys):
         ({**good, "meta": [1]}, "meta must be a JSON object, not a list"),
         ({**good, "meta": {"geo_aware": [True, False]}}, "pair '1': meta.geo_aware must be a list of 1 true/false values, one per keypoint"),
         ({**good, "meta": {"geo_twins": []}}, "pair '1': meta.geo_twins must be a list of 1 lists of [x, y], one per keypoint"),
+        ({**good, "meta": {"kps_ids": [3, 4]}}, "pair '1': meta.kps_ids must be a list of 1 keypoint ids, one per keypoint"),
     ):
         list_file.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
         assert main(["pairs", "--dataset", "custom", "--root", str(root), "--split", "test"]) == 2

@@ -172,3 +172,35 @@ def test_a_prediction_on_a_mirrored_twin_is_counted_as_one(spair_root):
         assert got["per_point"]["geo_aware"]["twin_swaps"]["0.1"] == pytest.approx(1 / 26)
         assert got["per_image"]["geo_aware"]["twin_swaps"]["0.1"] == pytest.approx((1 / 9) / 5)  # the chair's 1 of 9, over 5 pairs
     assert "  of them on a mirrored twin" in format_table(got)
+
+
+def test_pck_per_keypoint_by_hand(spair_root, tmp_path, capsys):
+    """``by_keypoint``: each keypoint id's points pooled over its category's pairs. The three
+    bottle pairs name ids 0-9; 1, 3-6 and 0, 1, 4-7: id 1 is in all three, id 4 too, id 0 in
+    the first and the last, id 2 in the first only."""
+    from sd4match.cli import main
+    from sd4match.metrics import pair_details, score
+
+    recs = open_dataset("spair", spair_root).pairs("test")
+    preds = {r.id: r.trg_kps.copy() for r in recs}
+    bottles = [r for r in recs if r.category == "bottle"]
+    assert [r.meta["kps_ids"] for r in bottles] == [[str(i) for i in range(10)], ["1", "3", "4", "5", "6"], ["0", "1", "4", "5", "6", "7"]]
+    for r, kp in ((bottles[0], "1"), (bottles[2], "1"), (bottles[1], "4")):  # wrong by 0.2 b
+        i = r.meta["kps_ids"].index(kp)
+        preds[r.id][i, 0] += 0.2 * r.pck_base["standard"]
+    got = score(recs, preds, alphas=(0.1,))["by_keypoint"]
+    assert got["bottle"]["1"] == {"n_points": 3, "0.1": pytest.approx(1 / 3)}
+    assert got["bottle"]["4"] == {"n_points": 3, "0.1": pytest.approx(2 / 3)}
+    assert got["bottle"]["0"] == {"n_points": 2, "0.1": 1.0} and got["bottle"]["2"] == {"n_points": 1, "0.1": 1.0}
+    assert list(got["bottle"]) == [str(i) for i in range(10)]  # numeric order
+    assert got["aeroplane"]["11"]["n_points"] == 2 and set(got) == {r.category for r in recs}
+    assert sum(v["n_points"] for kps in got.values() for v in kps.values()) == sum(r.n_points for r in recs)
+    assert pair_details(bottles[1:2], preds)[0]["keypoints"] == ["1", "3", "4", "5", "6"]
+    # on the command line
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"id": k, "kps": v.tolist()}) + "\n" for k, v in preds.items()))
+    assert main(["score", "--dataset", "spair", "--root", str(spair_root), "--split", "test", "--predictions", str(path),
+                 "--alphas", "0.1", "--by-keypoint"]) == 0
+    out = capsys.readouterr().out
+    block = out[out.index("[bottle]"):].split("\n\n")[0].splitlines()
+    assert block[2].split() == ["0", "2", "100.00"] and block[3].split() == ["1", "3", f"{100 / 3:.2f}"]

@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pck-base", choices=("bbox", "image", "kps"), help="the threshold base b, to compare with a table that uses another "
                                                                         "than the dataset's own: max side of the target box, of the target "
                                                                         "image, or max extent of the target keypoints")
+    p.add_argument("--by-keypoint", action="store_true", help="also print PCK per point for each keypoint of each category (SPair-71k, "
+                                                             "SPair-U, AP-10K, CUB, MP-100: the datasets that number their keypoints; "
+                                                             "score.json holds it as by_keypoint either way)")
     p.add_argument("--per-pair", type=Path, metavar="FILE", help="also write each pair's PCK and each point's error / b (JSON Lines)")
     p.add_argument("--worst", type=Path, metavar="PNG", help="draw the pairs of lowest PCK@0.1 (the middle of --alphas when they lack 0.1): "
                                                              "ground truth, prediction and the error between them, on one sheet; needs the "
@@ -508,7 +511,7 @@ def cmd_pairs(args) -> int:
 def cmd_score(args) -> int:
     from sd4match.checks import check_distinct_files, check_output_file, check_picture_name
     from sd4match.data.records import limit_pairs, rebased
-    from sd4match.metrics import draw_worst, format_table, load_predictions, pair_details, plot_categories, score, seen_unseen
+    from sd4match.metrics import draw_worst, format_table, keypoint_table, load_predictions, pair_details, plot_categories, score, seen_unseen
 
     outputs = (("--out", args.out, "score.json"), ("--plot", args.plot, "bars.png"), ("--per-pair", args.per_pair, "pairs.jsonl"),
                ("--worst", args.worst, "worst.png"))
@@ -530,6 +533,9 @@ def cmd_score(args) -> int:
             raise Sd4MatchError(f"{args.predictions}: holds {n} of the split's {len(recs)} pairs, those `evaluate --limit {n}` takes: "
                                 f"pass --limit {n} to score them (--allow-missing would score the others as 0)")
     result = score(recs, preds, protocol=args.protocol, alphas=args.alphas, allow_missing=args.allow_missing, where=str(args.predictions))
+    if args.by_keypoint and "by_keypoint" not in result:
+        raise Sd4MatchError(f"--by-keypoint: {args.dataset}'s pairs do not number their keypoints (only their order in each pair is known; "
+                            "your own pairs can name them in meta.kps_ids)")
     if args.seen:
         result["seen_unseen"] = seen_unseen(result, _seen_categories(args.seen))
     result["dataset"], result["split"] = args.dataset, args.split
@@ -544,6 +550,8 @@ def cmd_score(args) -> int:
         rows = pair_details(recs, preds, protocol=args.protocol, alphas=args.alphas)
         _write_atomic(args.per_pair, lambda fh: fh.writelines(json.dumps(row) + "\n" for row in rows))
     print(text if args.json else format_table(result, f"{args.dataset}/{args.split}"))
+    if args.by_keypoint and not args.json:
+        print("\n" + keypoint_table(result, f"{args.dataset}/{args.split}"))
     if args.worst:
         alpha = 0.1 if 0.1 in args.alphas else args.alphas[len(args.alphas) // 2]
         ids = draw_worst(recs, preds, ds.root, args.worst, protocol=args.protocol, alpha=alpha, count=args.worst_count)

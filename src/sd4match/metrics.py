@@ -20,7 +20,7 @@ import numpy as np
 
 from sd4match.config import DEFAULT_ALPHAS, category_names
 from sd4match.data import load_pair_images
-from sd4match.data.records import BASE_WORDS, CLAMP_EPS, SD4MATCH_RESOLUTION, PairRecord, check_protocol, geo_aware_mask, geo_twins_points
+from sd4match.data.records import BASE_WORDS, CLAMP_EPS, SD4MATCH_RESOLUTION, PairRecord, check_protocol, geo_aware_mask, geo_twins_points, keypoint_ids
 from sd4match.data.spair import DIFFICULTY_KEYS
 from sd4match.errors import PredictionError
 from sd4match.fileio import atomic_path, atomic_save_image, json_lines
@@ -206,7 +206,10 @@ def score(
         {...}}``; alpha keys as strings (``"0.1"``). ``category_mean`` is the mean over the ``n_categories``
         categories with a scored pair of their PCK, each category counting once (the
         aggregation of tables that average per category). Pairs without keypoints count in
-        ``n_pairs`` but not in the PCK means.
+        ``n_pairs`` but not in the PCK means. Where every pair names its keypoints
+        (``records.keypoint_ids``), ``"by_keypoint"``: category -> keypoint id ->
+        ``{"n_points", alpha: PCK per point}`` (that keypoint's points pooled over the
+        category's pairs).
     """
     check_protocol(protocol)
     predictions = _predictions(records, predictions, where)
@@ -221,7 +224,8 @@ def score(
     by_diff: dict[str, dict[str, _Tally]] = defaultdict(lambda: defaultdict(lambda: _Tally(len(alphas))))
     by_group: dict[str, dict[str, _Tally]] = defaultdict(lambda: defaultdict(lambda: _Tally(len(alphas))))
     geo, geo_by_cat, swaps = _Tally(len(alphas)), defaultdict(lambda: _Tally(len(alphas))), _Tally(len(alphas))
-    n_points = n_missing = n_geo_known = n_twins_known = 0
+    by_kp: dict[str, dict[str, _Tally]] = defaultdict(lambda: defaultdict(lambda: _Tally(len(alphas))))
+    n_points = n_missing = n_geo_known = n_twins_known = n_kp_known = 0
     pairs: dict[str, list[float]] = {}
     for r in records:
         pred = predictions.get(r.id)
@@ -245,6 +249,11 @@ def score(
         for k in DIFFICULTY_KEYS:
             if k in r.meta:
                 by_diff[k][str(r.meta[k])].add(correct)
+        kp = keypoint_ids(r)
+        if kp is not None:  # each point pooled with the same keypoint of its category
+            n_kp_known += 1
+            for k, row in zip(kp, correct):
+                by_kp[r.category][k].add(row[None])
         for g, value in (r.meta.get("groups") or {}).items():  # AP-10K: species, family; MP-100: domain
             by_group[g][str(value)].add(correct)
         if "geo_aware" in r.meta:  # SPair-71k, AP-10K: the points a mirrored twin could take
@@ -283,12 +292,33 @@ def score(
             out[agg]["geo_aware"] = {"all": fn(geo, keys), "by_category": {c: fn(t, keys) for c, t in sorted(geo_by_cat.items()) if t.n_img}}
             if n_twins_known == len(records):  # wrong, but on a mirrored twin: the left-right confusion itself
                 out[agg]["geo_aware"]["twin_swaps"] = fn(swaps, keys)
+    if records and n_kp_known == len(records):
+        out["by_keypoint"] = {c: {k: {"n_points": t.n_pt, **t.per_point(keys)} for k, t in sorted(kps.items(), key=lambda kv: _id_order(kv[0])) if t.n_pt}
+                              for c, kps in sorted(by_kp.items())}
     if by_diff:
         for agg, fn in (("per_image", _Tally.per_image), ("per_point", _Tally.per_point)):
             out[agg]["by_difficulty"] = {
                 k: {lvl: fn(t, keys) for lvl, t in sorted(levels.items(), key=lambda kv: int(kv[0]))} for k, levels in by_diff.items()
             }
     return out
+
+
+def _id_order(k: str):
+    """Keypoint ids in their numeric order where they are numbers (2 before 10)."""
+    return (0, int(k), "") if k.isdigit() else (1, 0, k)
+
+
+def keypoint_table(result: dict, title: str = "") -> str:
+    """``score``'s ``by_keypoint`` as text: per category, each keypoint id's points and its
+    PCK per point (its points pooled over the category's pairs)."""
+    keys = [alpha_key(a) for a in result["alphas"]]
+    lines = [f"PCK per keypoint{(' on ' + title) if title else ''} | protocol: {result['protocol']} | each keypoint's points pooled "
+             "over its category's pairs"]
+    for cat, kps in result["by_keypoint"].items():
+        lines += ["", f"[{cat}]", f"{'keypoint':<10}{'points':>8}  " + "  ".join(f"{'a=' + k:>7}" for k in keys)]
+        lines += [f"{k:<10}{v['n_points']:>8}  " + "  ".join(f"{100 * v[a]:7.2f}" for a in keys) for k, v in kps.items()]
+    lines += ["", "values in %"]
+    return "\n".join(lines)
 
 
 def geo_aware_all(doc: dict) -> dict[str, dict[str, float]]:
@@ -316,8 +346,9 @@ def pair_details(records: Sequence[PairRecord], predictions: Mapping[str, np.nda
                  alphas: Sequence[float] = DEFAULT_ALPHAS, resolution: int = SD4MATCH_RESOLUTION) -> list[dict]:
     """Each predicted pair with keypoints, as ``score`` scores it: ``{"id", "category",
     "n_points", "pck": {alpha: share correct}, "error": [‖p − q‖ / b per point, in the
-    protocol's frame (a point is correct at α when its error ≤ α)], "geo_aware" (where the
-    pair has it)}``, in the records' order."""
+    protocol's frame (a point is correct at α when its error ≤ α)], "geo_aware" and
+    "keypoints" (each point's keypoint id, ``records.keypoint_ids``; where the pair has them)}``,
+    in the records' order."""
     keys = [alpha_key(a) for a in alphas]
     predictions = _predictions(records, predictions, "predictions")
     out = []
@@ -333,6 +364,8 @@ def pair_details(records: Sequence[PairRecord], predictions: Mapping[str, np.nda
                "error": np.round(np.linalg.norm(p - g, axis=-1) / b, 6).tolist()}
         if "geo_aware" in r.meta:
             row["geo_aware"] = r.meta["geo_aware"]
+        if (kp := keypoint_ids(r)) is not None:
+            row["keypoints"] = kp
         out.append(row)
     return out
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from sd4match.data.base import PairDataset
 from sd4match.data.images import exif_orientation
-from sd4match.data.records import PairRecord, as_points, geo_aware_mask, geo_twins_points, pck_bases
+from sd4match.data.records import PairRecord, as_points, geo_aware_mask, geo_twins_points, keypoint_ids, pck_bases
 from sd4match.errors import DataError
 from sd4match.fileio import json_lines
 
@@ -106,6 +106,8 @@ class CustomPairs(PairDataset):
             geo_aware_mask(rec, where)
         if "geo_twins" in meta:
             geo_twins_points(rec, where)
+        if "kps_ids" in meta and keypoint_ids(rec) is None:
+            raise DataError(where, f"pair {rec.id!r}: meta.kps_ids must be a list of {rec.n_points} keypoint ids, one per keypoint")
         return rec
 
     def _size(self, d: dict, side: str, where: str) -> tuple[int, int]:

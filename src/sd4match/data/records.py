@@ -89,6 +89,17 @@ def geo_twins(groups: Sequence[Sequence[int]], pair_slots: Sequence[int], trg_po
     return [[list(map(float, trg_points[t])) for t in group_of.get(s, ()) if t != s and t in trg_points] for s in pair_slots]
 
 
+def keypoint_ids(record: PairRecord) -> list[str] | None:
+    """Which keypoint of its category each of a pair's points is, as the dataset numbers them
+    (SPair-71k's and MP-100's ``kps_ids``, AP-10K's index into its 17 keypoints, CUB's part
+    id of ``parts.txt``), as text; None where the records do not say (PF-Pascal and
+    PF-Willow keep annotation order only, your own pairs unless ``meta.kps_ids`` is given)."""
+    ids = record.meta.get("kps_ids", record.meta.get("part_ids"))
+    if not isinstance(ids, list) or len(ids) != record.n_points:
+        return None
+    return [str(i) for i in ids]
+
+
 def geo_aware_mask(record: PairRecord, where: str = "<record>") -> np.ndarray:
     """A pair's ``meta["geo_aware"]`` as a bool array, one per keypoint (``records.geo_aware_points``)."""
     mask = record.meta["geo_aware"]
