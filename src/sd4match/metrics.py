@@ -224,7 +224,7 @@ def score(
     by_diff: dict[str, dict[str, _Tally]] = defaultdict(lambda: defaultdict(lambda: _Tally(len(alphas))))
     by_group: dict[str, dict[str, _Tally]] = defaultdict(lambda: defaultdict(lambda: _Tally(len(alphas))))
     geo, geo_by_cat, swaps = _Tally(len(alphas)), defaultdict(lambda: _Tally(len(alphas))), _Tally(len(alphas))
-    by_kp: dict[str, dict[str, _Tally]] = defaultdict(lambda: defaultdict(lambda: _Tally(len(alphas))))
+    by_kp: dict[str, list[tuple[list[str], np.ndarray]]] = defaultdict(list)
     n_points = n_missing = n_geo_known = n_twins_known = n_kp_known = 0
     pairs: dict[str, list[float]] = {}
     for r in records:
@@ -250,10 +250,9 @@ def score(
             if k in r.meta:
                 by_diff[k][str(r.meta[k])].add(correct)
         kp = keypoint_ids(r)
-        if kp is not None:  # each point pooled with the same keypoint of its category
+        if kp is not None:  # each point pooled with the same keypoint of its category (below)
             n_kp_known += 1
-            for k, row in zip(kp, correct):
-                by_kp[r.category][k].add(row[None])
+            by_kp[r.category].append((kp, correct))
         for g, value in (r.meta.get("groups") or {}).items():  # AP-10K: species, family; MP-100: domain
             by_group[g][str(value)].add(correct)
         if "geo_aware" in r.meta:  # SPair-71k, AP-10K: the points a mirrored twin could take
@@ -293,8 +292,7 @@ def score(
             if n_twins_known == len(records):  # wrong, but on a mirrored twin: the left-right confusion itself
                 out[agg]["geo_aware"]["twin_swaps"] = fn(swaps, keys)
     if records and n_kp_known == len(records):
-        out["by_keypoint"] = {c: {k: {"n_points": t.n_pt, **t.per_point(keys)} for k, t in sorted(kps.items(), key=lambda kv: _id_order(kv[0])) if t.n_pt}
-                              for c, kps in sorted(by_kp.items())}
+        out["by_keypoint"] = {c: _pool_keypoints(rows, keys) for c, rows in sorted(by_kp.items())}
     if by_diff:
         for agg, fn in (("per_image", _Tally.per_image), ("per_point", _Tally.per_point)):
             out[agg]["by_difficulty"] = {
@@ -303,9 +301,18 @@ def score(
     return out
 
 
-def _id_order(k: str):
-    """Keypoint ids in their numeric order where they are numbers (2 before 10)."""
-    return (0, int(k), "") if k.isdigit() else (1, 0, k)
+def _pool_keypoints(rows: Sequence[tuple[list[str], np.ndarray]], keys: list[str]) -> dict[str, dict]:
+    """One category's pairs (each point's keypoint id, its (N, alphas) verdicts) as keypoint
+    id -> ``{"n_points", alpha: share correct}``, ids in numeric order where they are numbers."""
+    ids = [k for kp, _ in rows for k in kp]
+    if not ids:
+        return {}
+    names, which = np.unique(np.asarray(ids, dtype=object).astype(str), return_inverse=True)
+    hits = np.zeros((len(names), len(keys)))
+    np.add.at(hits, which, np.concatenate([c for _, c in rows]).astype(float))
+    counts = np.bincount(which, minlength=len(names))
+    order = sorted(range(len(names)), key=lambda j: (0, int(names[j]), "") if names[j].isdigit() else (1, 0, names[j]))
+    return {str(names[j]): {"n_points": int(counts[j]), **{k: float(hits[j, a] / counts[j]) for a, k in enumerate(keys)}} for j in order}
 
 
 def keypoint_table(result: dict, title: str = "") -> str:
