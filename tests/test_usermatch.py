@@ -145,6 +145,16 @@ def test_auto_points_and_dense_on_self(tmp_path, featurizer, willow_pair):
     assert np.abs(warped[my:-my, mx:-mx] - orig[my:-my, mx:-mx]).mean() < 1.0
     conf = Image.open(tmp_path / "d" / "confidence.png")
     assert conf.size[0] == 300 and conf.size[1] > 200 + 30  # the picture, its colour bar, its caption
+    # the two pictures' maps in one PCA: a picture matched with itself is coloured alike, cell for cell
+    from sd4match.viz import feature_pca, pca_colours
+
+    pca = np.asarray(Image.open(tmp_path / "d" / "pca.png").convert("RGB"))
+    w = round(300 * 256 / 200)  # each picture 256 rows tall, its PCA beside it: A, A's PCA, B, B's PCA
+    tile_a, tile_b = pca[8:8 + 256, 8 + w + 8:8 + 2 * w + 8], pca[8:8 + 256, 8 + 3 * (w + 8):8 + 4 * w + 24]
+    np.testing.assert_array_equal(tile_a, tile_b)
+    want = pca_colours(feature_pca([f[0] for f in m.features(a, a)])[0])[0]
+    assert tuple(tile_a[256 * 5 // 8 + 10, w * 3 // 8 + 10]) == tuple(want[5, 3])  # inside cell (row 5, column 3) of the 8 x 8 grid
+    assert res["dense"]["files"] == ["warped.png", "confidence.png", "pca.png", "dense.npz"]
 
 
 def test_transfer_three_targets(tmp_path, tiny, willow_pair, willow_root):

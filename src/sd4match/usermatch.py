@@ -33,7 +33,7 @@ from sd4match.matching import MATCH_RULES, border_contrast, dense_match, match_p
 from sd4match.prompts import prompt_fingerprint, resolve_prompt
 from sd4match.store import Store, image_key
 from sd4match.version import __version__
-from sd4match.viz import caption, contact_sheet, draw_matches, draw_points, overlay_heat, score_legend, score_range
+from sd4match.viz import caption, contact_sheet, draw_matches, draw_pca, draw_points, overlay_heat, score_legend, score_range
 
 SHEET_TILE = 320  # pixel height of each picture of a transfer's sheet.png
 
@@ -363,7 +363,7 @@ def _describe(img: UserImage, path) -> dict:
 def run_match(matcher: Matcher, src: str | Path, trg: str | Path, out: str | Path, *, points: Sequence | None = None, dense: bool = False,
               min_score: float = 0.0, max_points: int = 20, max_side: int = MAX_SIDE) -> dict:
     """``sd4match match``: write ``matches.json`` and ``matches.png`` (and with ``dense``,
-    ``warped.png``, ``confidence.png`` and ``dense.npz``) into ``out``; return the JSON.
+    ``warped.png``, ``confidence.png``, ``pca.png`` and ``dense.npz``) into ``out``; return the JSON.
 
     Without ``points``, the source points are the mutual nearest neighbours (``auto_points``).
     Everything is computed before anything is written, so a bad input leaves ``out`` as it was.
@@ -388,9 +388,11 @@ def run_match(matcher: Matcher, src: str | Path, trg: str | Path, out: str | Pat
         pictures["confidence.png"] = caption(overlay_heat(b.image, d["score"], title="match score:"),
                                              "How well each cell of B is matched in A: the similarity of its best match (its own range, "
                                              "from the lowest cell to the highest), over B.")
+        pictures["pca.png"] = draw_pca([(f"A: {Path(src).name}", a.image), (f"B: {Path(trg).name}", b.image)], [f[0] for f in matcher.features(a, b)],
+                                       title=matcher.featurizer.model_id)
         arrays = d
         result["dense"] = {"grid": list(d["score"].shape), "mean_score": round(float(d["score"].mean()), 4), "mutual_fraction": round(float(d["mutual"].mean()), 4),
-                           "files": ["warped.png", "confidence.png", "dense.npz"]}
+                           "files": ["warped.png", "confidence.png", "pca.png", "dense.npz"]}
     with staged_dir(out) as stage:  # all files or none: an earlier run's files stay until these are complete
         for name, pic in pictures.items():
             pic.save(stage / name, format="PNG")
