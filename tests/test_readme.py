@@ -76,7 +76,7 @@ def test_the_readmes_offline_examples_run_as_pasted(clone_folder):
     assert ran == 7 + len(OFFLINE_BLOCKS["python"])  # match x 3 (demo, demo-birds, cat-dog), features, mkdir + echo, transfer, evaluate + score
     # what the commands say they write is there
     runs = clone_folder / "runs"
-    for f in ("demo/matches.json", "demo/matches.png", "demo-birds/warped.png", "demo-birds/confidence.png", "demo-birds/dense.npz",
-              "features/index.json", "cat-dog/matches.json", "transfer/sheet.png", "my-prompt/prompt.safetensors", "my-prompt/config.json",
+    for f in ("demo/matches.json", "demo/matches.png", "demo-birds/warped.png", "demo-birds/confidence.png", "demo-birds/dense.npz", "demo-birds/pca.png",
+              "features/index.json", "features/pca.png", "cat-dog/matches.json", "transfer/sheet.png", "my-prompt/prompt.safetensors", "my-prompt/config.json",
               "willow-effnet/score.json", "willow-look/pairs.jsonl", "willow-look/worst.png"):
         assert (runs / f).is_file(), f
