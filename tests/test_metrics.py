@@ -277,3 +277,17 @@ def test_score_with_another_threshold_base(willow_root, spair_root, tmp_path, ca
     one = rec("one", "cat", (100, 100), [[5, 5]])  # a single keypoint: its extent is 0
     with pytest.raises(DataError, match=r"^pair one: its target keypoints span nothing \(1 at one place\), so no threshold"):
         rebased([one], "kps")
+
+
+def test_score_takes_one_threshold_or_several_and_refuses_what_is_no_threshold(willow_root):
+    from sd4match.data import open_dataset
+    from sd4match.metrics import pair_details, score
+
+    recs = open_dataset("pfwillow", willow_root).pairs("test")[:3]
+    preds = {r.id: r.trg_kps + [0.07 * r.pck_base["standard"], 0] for r in recs}  # every point 0.07 b off
+    assert score(recs, preds, alphas=0.1)["per_point"]["all"] == {"0.1": 1.0}
+    assert score(recs, preds, alphas=(0.05, 0.1, 0.1))["per_point"]["all"] == {"0.05": 0.0, "0.1": 1.0}
+    assert pair_details(recs, preds, alphas=0.05)[0]["pck"] == {"0.05": 0.0}
+    for bad in (0, [0.1, 0], 1.5, [], "x", [None]):
+        with pytest.raises(ValueError, match="alphas must"):
+            score(recs, preds, alphas=bad)

@@ -213,7 +213,7 @@ def score(
     """
     check_protocol(protocol)
     predictions = _predictions(records, predictions, where)
-    alphas = [float(a) for a in alphas]
+    alphas = _alphas(alphas)
     keys = [alpha_key(a) for a in alphas]
     ids = {r.id for r in records}
     unknown = [pid for pid in predictions if pid not in ids]
@@ -301,6 +301,18 @@ def score(
     return out
 
 
+def _alphas(alphas: float | Sequence[float]) -> list[float]:
+    """PCK thresholds as floats, each in (0, 1], each once (one number is one threshold)."""
+    vals = [alphas] if isinstance(alphas, (int, float, str)) else list(alphas)
+    try:
+        out = list(dict.fromkeys(float(a) for a in vals))
+    except (TypeError, ValueError):
+        raise ValueError(f"alphas must be numbers in (0, 1], got {alphas!r}") from None
+    if not out or any(not 0 < a <= 1 for a in out):
+        raise ValueError(f"alphas must lie in (0, 1], got {alphas!r}")
+    return out
+
+
 def _pool_keypoints(rows: Sequence[tuple[list[str], np.ndarray]], keys: list[str]) -> dict[str, dict]:
     """One category's pairs (each point's keypoint id, its (N, alphas) verdicts) as keypoint
     id -> ``{"n_points", alpha: share correct}``, ids in numeric order where they are numbers."""
@@ -356,6 +368,7 @@ def pair_details(records: Sequence[PairRecord], predictions: Mapping[str, np.nda
     protocol's frame (a point is correct at α when its error ≤ α)], "geo_aware" and
     "keypoints" (each point's keypoint id, ``records.keypoint_ids``; where the pair has them)}``,
     in the records' order."""
+    alphas = _alphas(alphas)
     keys = [alpha_key(a) for a in alphas]
     predictions = _predictions(records, predictions, "predictions")
     out = []
