@@ -310,3 +310,47 @@ def test_stored_maps_of_weights_written_over_are_not_handed_back(tmp_path, willo
     fresh = Store(folder=tmp_path / "old")
     assert not fresh.contains("features", "k2", made_by={"weights": "y"}) and fresh.get("features", "k2", made_by={"weights": "y"}) is None
     assert fresh.contains("features", "k2", made_by={"weights": "x"})
+
+
+def test_an_evaluation_of_some_categories_scores_them_as_a_full_run_does(tmp_path, willow_root, capsys):
+    """--categories: only those categories' pairs (--limit then takes each one's share of
+    them). car(G)'s first 4 pairs are what `--limit 20` takes of it too (450 pairs, 5
+    sub-classes of 90: 4 each), so their predictions and car(G)'s score are the same; the
+    run records its categories, `score` and `compare` keep such a run apart."""
+    import numpy as np
+
+    from sd4match.data import open_dataset
+    from sd4match.data.records import select_pairs
+    from sd4match.errors import DataError
+
+    recs = open_dataset("pfwillow", willow_root).pairs("test")
+    assert [r.id for r in select_pairs(recs, categories=["duck(S)", "car(G)"], limit=4)] == ["0", "1", "180", "181"]
+    with pytest.raises(DataError, match=r"category 'duck' has no pair here; the categories are car\(G\), car\(S\), duck\(S\)"):
+        select_pairs(recs, categories=["duck"])
+    common = ["evaluate", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--model", "effnet-lite0", "--resolution", "128",
+              "--match", "nn", "--no-progress", "--device", "cpu"]
+    some, every = tmp_path / "some", tmp_path / "every"
+    assert main([*common, "--categories", "car(G)", "--limit", "4", "--out", str(some)]) == 0
+    assert "| categories: car(G) | 4 pairs, 40 points" in capsys.readouterr().out
+    assert main([*common, "--limit", "20", "--out", str(every)]) == 0
+    capsys.readouterr()
+    mine = {json.loads(line)["id"]: json.loads(line)["kps"] for line in (some / "predictions.jsonl").read_text().splitlines()}
+    full = {json.loads(line)["id"]: json.loads(line)["kps"] for line in (every / "predictions.jsonl").read_text().splitlines()}
+    assert list(mine) == ["0", "1", "2", "3"] and all(np.array_equal(mine[k], full[k]) for k in mine)
+    a, b = (json.loads((d / "score.json").read_text()) for d in (some, every))
+    assert a["per_image"]["by_category"] == {"car(G)": b["per_image"]["by_category"]["car(G)"]} and a["per_image"]["all"] == a["per_image"]["by_category"]["car(G)"]
+    assert a["categories"] == ["car(G)"] and a["run"]["config"]["categories"] == ["car(G)"] and "categories" not in b["run"]["config"]
+    # another selection into the same folder is refused; compare keeps the two runs apart
+    assert main([*common, "--categories", "duck(S)", "--limit", "4", "--out", str(some)]) == 2
+    assert "other settings (config.categories)" in capsys.readouterr().err
+    assert main(["compare", str(some), str(every), "--out", str(tmp_path / "cmp")]) == 2
+    assert "scored on different pairs" in capsys.readouterr().err
+    # score: a file of one category's predictions is told how to score them
+    preds = tmp_path / "car.jsonl"
+    preds.write_text("".join(json.dumps({"id": r.id, "kps": r.trg_kps.tolist()}) + "\n" for r in recs if r.category == "car(G)"))
+    base = ["score", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--predictions", str(preds)]
+    assert main(base) == 2
+    assert "holds the pairs of 1 of the split's categories, those `evaluate --categories car(G)` takes: pass --categories car(G)" in capsys.readouterr().err
+    assert main([*base, "--categories", "car(G)", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["n_pairs"] == 90 and got["categories"] == ["car(G)"] and got["per_image"]["all"]["0.1"] == 1.0

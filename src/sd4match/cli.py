@@ -295,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pck-base", choices=("bbox", "image", "kps"), help="the threshold base b, to compare with a table that uses another "
                                                                         "than the dataset's own: max side of the target box, of the target "
                                                                         "image, or max extent of the target keypoints")
+    p.add_argument("--categories", type=_parser_type(parse_names), help="only the pairs of these categories, comma-separated (as evaluate --categories)")
     p.add_argument("--by-keypoint", action="store_true", help="also print PCK per point for each keypoint of each category (SPair-71k, "
                                                              "SPair-U, AP-10K, CUB, MP-100: the datasets that number their keypoints; "
                                                              "score.json holds it as by_keypoint either way)")
@@ -510,7 +511,7 @@ def cmd_pairs(args) -> int:
 
 def cmd_score(args) -> int:
     from sd4match.checks import check_distinct_files, check_output_file, check_picture_name
-    from sd4match.data.records import limit_pairs, rebased
+    from sd4match.data.records import limit_pairs, rebased, select_pairs
     from sd4match.metrics import draw_worst, format_table, keypoint_table, load_predictions, pair_details, plot_categories, score, seen_unseen
 
     outputs = (("--out", args.out, "score.json"), ("--plot", args.plot, "bars.png"), ("--per-pair", args.per_pair, "pairs.jsonl"),
@@ -523,15 +524,20 @@ def cmd_score(args) -> int:
             check_picture_name(path, flag, kind)
     ds = _open(args)
     check_distinct_files([(flag, path) for flag, path, _ in outputs], [("--predictions", args.predictions), *_pair_lists(ds)])
-    recs = limit_pairs(ds.pairs(args.split), args.limit)
+    every = ds.pairs(args.split)
+    recs = select_pairs(every, limit=args.limit, categories=args.categories or ())
     if args.pck_base:
         recs = rebased(recs, args.pck_base, args.dataset)
     preds = load_predictions(args.predictions)
-    if not args.limit and not args.allow_missing and 0 < len(preds) < len(recs):
+    if not args.limit and not args.categories and not args.allow_missing and 0 < len(preds) < len(recs):
         n = len(preds)
         if set(preds) == {r.id for r in limit_pairs(recs, n)}:  # an `evaluate --limit n` run's predictions: say how to score them
             raise Sd4MatchError(f"{args.predictions}: holds {n} of the split's {len(recs)} pairs, those `evaluate --limit {n}` takes: "
                                 f"pass --limit {n} to score them (--allow-missing would score the others as 0)")
+        cats = sorted({r.category for r in recs if r.id in preds})
+        if set(preds) == {r.id for r in recs if r.category in cats}:  # an `evaluate --categories` run's: the same
+            raise Sd4MatchError(f"{args.predictions}: holds the pairs of {len(cats)} of the split's categories, those `evaluate --categories "
+                                f"{','.join(cats)}` takes: pass --categories {','.join(cats)} to score them")
     result = score(recs, preds, protocol=args.protocol, alphas=args.alphas, allow_missing=args.allow_missing, where=str(args.predictions))
     if args.by_keypoint and "by_keypoint" not in result:
         raise Sd4MatchError(f"--by-keypoint: {args.dataset}'s pairs do not number their keypoints (only their order in each pair is known; "
@@ -539,6 +545,8 @@ def cmd_score(args) -> int:
     if args.seen:
         result["seen_unseen"] = seen_unseen(result, _seen_categories(args.seen))
     result["dataset"], result["split"] = args.dataset, args.split
+    if args.categories:
+        result["categories"] = list(args.categories)
     if args.pck_base:
         result["pck_base"] = args.pck_base
     text = json.dumps(result, indent=2)
@@ -681,13 +689,14 @@ def _apply_preset(args) -> None:
 
 
 def _eval_records(cfg: EvalConfig) -> list:
-    """The pairs an evaluation reads (``--limit`` applied: ``limit_pairs``), and every picture they read there
+    """The pairs an evaluation reads (``--categories`` and ``--limit`` applied: ``select_pairs``), and every picture they read there
     (unless ``--skip-bad`` goes past missing ones): checked before any model loads."""
     from sd4match.checks import check_pictures, check_prompt_categories, check_splits
     from sd4match.data import dataset_options
-    from sd4match.data.records import limit_pairs
+    from sd4match.data.records import select_pairs
 
-    recs = limit_pairs(check_splits(cfg.dataset, cfg.root, [cfg.split], options=dataset_options(cfg))[cfg.split], cfg.limit)
+    recs = select_pairs(check_splits(cfg.dataset, cfg.root, [cfg.split], options=dataset_options(cfg))[cfg.split], limit=cfg.limit,
+                        categories=cfg.categories)
     check_prompt_categories(cfg.prompt, {r.category for r in recs})
     if not cfg.skip_bad:
         check_pictures(cfg.root, recs)

@@ -22,7 +22,7 @@ import numpy as np
 
 from sd4match.config import MATCH_RULES
 from sd4match.data import open_dataset
-from sd4match.data.records import limit_pairs
+from sd4match.data.records import select_pairs
 from sd4match.errors import Sd4MatchError, first_line
 from sd4match.evaluate import predictions_file
 from sd4match.fileio import atomic_write_text, csv_text, markdown_table
@@ -49,6 +49,7 @@ def read_run(folder: str | Path) -> dict:
                 "resolution": doc.get("resolution"),
                 "dataset": f"{doc['dataset']}/{doc['split']}", "protocol": doc["protocol"], "n_pairs": doc["n_pairs"],
                 "limit": run.get("config", {}).get("limit") or 0, "limit_pairs": run.get("config", {}).get("limit_pairs"),
+                "categories": run.get("config", {}).get("categories") or [],
                 "cost": run.get("training_cost") or (ZERO_SHOT if isinstance(prompt, str) and is_keyword_prompt(prompt) else {}),
                 "per_image": doc["per_image"]["all"], "per_point": doc["per_point"]["all"],
                 "geo_aware": geo_aware_all(doc)}
@@ -78,10 +79,11 @@ def compare(folders: Sequence[str | Path], out: str | Path | None = None, *, roo
     if len({(r["dataset"], r["protocol"]) for r in rows}) > 1:
         raise Sd4MatchError("the runs were scored on different splits or protocols: "
                             + "; ".join(f"{r['run']}: {r['dataset']} ({r['protocol']})" for r in rows))
-    if len({(r["n_pairs"], r["limit"], r["limit_pairs"] if r["limit"] else None) for r in rows}) > 1:  # a --limit run beside a full one
+    if len({(r["n_pairs"], r["limit"], r["limit_pairs"] if r["limit"] else None, tuple(r["categories"])) for r in rows}) > 1:  # a --limit run beside a full one
         raise Sd4MatchError("the runs were scored on different pairs: "
                             + "; ".join(f"{r['run']}: {r['n_pairs']} pairs" + (f" (--limit {r['limit']}" + ("" if r["limit_pairs"] else ", the first pairs: an earlier sd4match's")
-                                                                               + ")" if r["limit"] else "") for r in rows)
+                                                                               + ")" if r["limit"] else "")
+                                        + (f" (--categories {','.join(r['categories'])})" if r["categories"] else "") for r in rows)
                             + "; compare evaluations of the same pairs")
     alphas = [a for a in rows[0]["per_image"] if all(a in r["per_image"] for r in rows)]
     if not alphas:
@@ -134,7 +136,10 @@ def pair_intervals(rows: Sequence[dict], key: str, root: str | Path, images: str
     cfg = rows[0]["config"]
     options = {"images": images, "all_pairs": cfg.get("all_pairs")}
     every, limit = open_dataset(cfg["dataset"], root, **options).pairs(cfg["split"]), int(cfg.get("limit") or 0)
-    records = limit_pairs(every, limit) if cfg.get("limit_pairs") or not limit else every[:limit]  # an earlier sd4match's --limit: the first N
+    if cfg.get("limit_pairs") or not limit:
+        records = select_pairs(every, limit=limit, categories=cfg.get("categories") or ())
+    else:
+        records = every[:limit]  # an earlier sd4match's --limit: the first N
     per_run = []
     for r in rows:
         several = r["rule"] == "all"  # then the table's numbers are the first rule's (score.json's top level)

@@ -360,6 +360,8 @@ class EvalConfig:
     similarity: Similarity = setting("cosine", SIMILARITY_HELP)
     limit: int = setting(0, "only N pairs, each category its share (its first pairs): a quick look that covers every category; "
                             "the score then covers those N only (0: every pair)", at_least=0)
+    categories: tuple[str, ...] = setting((), "only the pairs of these categories, comma-separated (each category scores as in a full run; "
+                                              "the overall numbers cover these only)", parse=parse_names)
     workers: int = setting(4, "loader threads decoding ahead (0: decode in the main thread)", at_least=0)
     chunk: int = setting(32, "loader threads decode up to 2 x chunk pairs ahead", cli=False, at_least=1)
     pending: int = setting(64, "decoded pictures that pairs waiting for their features may hold (bounds memory; the predictions do not "

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from sd4match.batching import Batcher
 from sd4match.config import EVAL_PRESETS, EvalConfig, MatchConfig, as_dict
 from sd4match.data import dataset_options, open_dataset
-from sd4match.data.records import PairRecord, limit_pairs, limit_record, limit_rule_changed
+from sd4match.data.records import PairRecord, limit_record, limit_rule_changed, select_pairs
 from sd4match.errors import DataError, Sd4MatchError, first_line
 from sd4match.features.registry import weights_revision
 from sd4match.features.sd import SDLayerStack
@@ -99,7 +99,7 @@ def _records(cfg: EvalConfig, records):
     if records is not None:
         return records
     records = open_dataset(cfg.dataset, cfg.root, **dataset_options(cfg)).pairs(cfg.split)
-    return limit_pairs(records, cfg.limit)
+    return select_pairs(records, limit=cfg.limit, categories=cfg.categories)
 
 
 def _stream(batcher: Batcher, prompt, records, root, consume, *, workers: int, chunk: int, pending: int, progress: bool):
@@ -130,8 +130,9 @@ def run_settings(cfg: EvalConfig) -> dict:
 
 def recorded_config(cfg: EvalConfig) -> dict:
     """``cfg`` as a run records it: a limited run also names how its pairs were picked
-    (``limit_pairs``), so a run or sweep whose pairs another rule picked is not mixed in."""
-    return {**as_dict(cfg), **limit_record(cfg.limit)}
+    (``limit_pairs``), so a run or sweep whose pairs another rule picked is not mixed in;
+    ``categories`` only where some were chosen (the runs of earlier versions have none)."""
+    return {**{k: v for k, v in as_dict(cfg).items() if k != "categories" or v}, **limit_record(cfg.limit)}
 
 
 def read_partial(out: Path) -> dict[str, list]:
@@ -346,6 +347,8 @@ def _finish(out: Path, cfg: EvalConfig, records, done: dict, mine: dict, bad: di
         for r in (result, *by_rule.values()) if len(rules) > 1 else (result,):
             r["seen_unseen"] = seen_unseen(r, seen)
     result["dataset"], result["split"] = cfg.dataset, cfg.split
+    if cfg.categories:
+        result["categories"] = list(cfg.categories)
     if bad:
         order = {r.id: i for i, r in enumerate(records)}
         result["skipped"] = [{"id": pid, "problem": msg} for pid, msg in sorted(bad.items(), key=lambda kv: order[kv[0]])]

@@ -454,6 +454,8 @@ def format_table(result: dict, title: str = "") -> str:
         head += f" ({result['resolution']} px frame)"
     if "pck_base" in result:
         head += f" | b: {BASE_WORDS[result['pck_base']]} (--pck-base {result['pck_base']})"
+    if result.get("categories"):
+        head += f" | categories: {', '.join(result['categories'])}"
     head += f" | {result['n_pairs']} pairs, {result['n_points']} points"
     lines = [head]
     if result.get("n_missing"):

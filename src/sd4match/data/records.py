@@ -354,6 +354,19 @@ def limit_rule_changed(diff, key: str = "limit_pairs", flag: str = "--limit") ->
     return ""
 
 
+def select_pairs(records: Sequence[PairRecord], *, limit: int = 0, categories: Sequence[str] = (), where: str | Path = "--categories") -> list[PairRecord]:
+    """The pairs an evaluation reads: those of ``categories`` (every pair when empty; a name
+    the records lack is one line naming those they have), then ``limit_pairs(..., limit)``."""
+    if categories:
+        known = sorted({r.category for r in records})
+        missing = [c for c in categories if c not in known]
+        if missing:
+            raise DataError(where, f"category {missing[0]!r} has no pair here; the categories are {', '.join(known)}")
+        keep = set(categories)
+        records = [r for r in records if r.category in keep]
+    return limit_pairs(records, limit)
+
+
 def limit_pairs(records: Sequence[PairRecord], n: int) -> list[PairRecord]:
     """``n`` of ``records`` for a quick look that covers every category: each category gets its
     share of the ``n`` (at least one when ``n`` allows every category one; the rest in
