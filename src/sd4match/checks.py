@@ -151,8 +151,8 @@ def check_distinct_files(outputs, inputs=()) -> None:
         key = _file_key(Path(path))
         if key in seen:
             other, read = seen[key]
-            raise Sd4MatchError(f"{flag} {path}: is the file {other} {'reads' if read else 'writes'}; writing it would replace "
-                                f"{'what it reads' if read else other + chr(39) + 's output'}: name another file")
+            what = "what it reads" if read else f"{other}'s output"
+            raise Sd4MatchError(f"{flag} {path}: is the file {other} {'reads' if read else 'writes'}; writing it would replace {what}: name another file")
         seen[key] = (flag, False)
 
 

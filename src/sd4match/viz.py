@@ -319,23 +319,32 @@ def feature_pca(maps: Sequence, components: int = 3, *, normalise: bool = True, 
         a = m.detach().float().cpu().numpy() if hasattr(m, "detach") else np.asarray(m, dtype=np.float32)
         if a.ndim != 3:
             raise ValueError(f"a feature map is (C, h, w), got shape {tuple(a.shape)}")
-        f = a.reshape(a.shape[0], -1).T.astype(np.float64)
+        f = a.reshape(a.shape[0], -1).T.astype(np.float32)
         if normalise:
-            f = f / (np.linalg.norm(f, axis=1, keepdims=True) + 1e-6)
+            f = f / (np.linalg.norm(f.astype(np.float64), axis=1, keepdims=True) + 1e-6).astype(np.float32)
         flat.append((f, a.shape[1:]))
     if not flat or len({f.shape[1] for f, _ in flat}) != 1:
         raise ValueError("feature_pca needs one or more maps of the same channel count")
-    every = np.concatenate([f for f, _ in flat])
-    fit = every
-    if len(every) > max_cells:
-        fit = every[np.sort(np.random.default_rng(seed).choice(len(every), max_cells, replace=False))]
-    mean = fit.mean(axis=0)
-    values, vectors = np.linalg.eigh(np.cov(fit - mean, rowvar=False, bias=True).reshape(every.shape[1], every.shape[1]))
+    sizes = np.cumsum([0] + [len(f) for f, _ in flat])
+    chosen = np.arange(sizes[-1])
+    if sizes[-1] > max_cells:
+        chosen = np.sort(np.random.default_rng(seed).choice(sizes[-1], max_cells, replace=False))
+    # the fitted cells' mean and covariance in float64, a block of rows at a time (never all cells in one array)
+    dim = flat[0][0].shape[1]
+    total, outer = np.zeros(dim), np.zeros((dim, dim))
+    for i, (f, _) in enumerate(flat):
+        rows = chosen[(chosen >= sizes[i]) & (chosen < sizes[i + 1])] - sizes[i]
+        for j in range(0, len(rows), 8192):
+            block = f[rows[j:j + 8192]].astype(np.float64)
+            total += block.sum(axis=0)
+            outer += block.T @ block
+    mean = total / len(chosen)
+    values, vectors = np.linalg.eigh(outer / len(chosen) - np.outer(mean, mean))
     order = np.argsort(values)[::-1][:components]
     axes = vectors[:, order]
     axes = axes * np.where(axes[np.abs(axes).argmax(axis=0), np.arange(axes.shape[1])] < 0, -1.0, 1.0)
     share = np.clip(values[order], 0, None) / max(float(np.clip(values, 0, None).sum()), 1e-30)
-    return [((f - mean) @ axes).reshape(*hw, -1) for f, hw in flat], share
+    return [((f.astype(np.float64) - mean) @ axes).reshape(*hw, -1) for f, hw in flat], share
 
 
 def pca_colours(projections: Sequence[np.ndarray], *, low: float = 1.0, high: float = 99.0) -> list[np.ndarray]:
