@@ -252,3 +252,20 @@ def test_sweep_tables_add_the_geometry_aware_subset_when_every_cell_has_it(tmp_p
         ("50", "25.00", "12.50", "5.00"), ("261", "50.00", "25.00", "10.00")]
     write_tables([row(50, 0.5, 0.25), row(261, 0.6)], tmp_path, cfg, "0.1")  # a cell of an earlier release: no such column
     assert "geo-aware per image @0.1" not in next(csv.DictReader((tmp_path / "table.csv").open()))
+
+
+def test_a_sweep_of_some_categories_reads_their_pairs_and_says_so(sd_path, willow_root, tmp_path):
+    import json
+
+    from sd4match.config import EvalConfig
+    from sd4match.sweep import sweep
+
+    feat = SDFeaturizer.from_pretrained(sd_path, resolution=64, ensemble=1)
+    cfg = EvalConfig("pfwillow", str(willow_root), prompt="empty", rule="nn", limit=2, categories=("duck(S)",))
+    sweep(feat, cfg, tmp_path / "s", timesteps=(50,), up_blocks=(1,), ensembles=(1,), progress=False)
+    ids = [json.loads(line)["id"] for line in (tmp_path / "s" / "sweep" / "t0050-b1-e1" / "predictions.jsonl").read_text().splitlines()]
+    assert ids == ["180", "181"]  # duck(S)'s first two pairs
+    assert (tmp_path / "s" / "table.md").read_text().startswith("# Sweep: pfwillow/test (duck(S)), prompt empty")
+    with pytest.raises(Sd4MatchError, match=r"holds a sweep with other settings \(categories\)"):
+        sweep(feat, EvalConfig("pfwillow", str(willow_root), prompt="empty", rule="nn", limit=2), tmp_path / "s", timesteps=(50,), up_blocks=(1,),
+              ensembles=(1,), progress=False)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -131,7 +131,7 @@ def sweep(featurizer, cfg: EvalConfig, out: str | Path, *, timesteps: Sequence[i
         summary["alpha"] = key
         atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2))
         write_tables(rows, out, cfg, key)
-        what = f"{cfg.dataset}/{cfg.split}, {rows[0]['n_pairs']:,} pairs, prompt {cfg.prompt}, {cfg.rule}, {cfg.protocol} protocol" if rows else ""
+        what = f"{_split_words(cfg)}, {rows[0]['n_pairs']:,} pairs, prompt {cfg.prompt}, {cfg.rule}, {cfg.protocol} protocol" if rows else ""
         summary["plots"] = plot_sweep(rows, out, key, what)
     return summary
 
@@ -145,7 +145,10 @@ def _check_record(out: Path, record: dict) -> None:
         earlier = json.loads(f.read_text())["record"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise Sd4MatchError(f"{f}: unreadable; move it away to start the sweep again") from None
-    diff = sorted(k for k in record["config"] if earlier["config"].get(k) != record["config"][k])
+    # the settings this release records (one an earlier release recorded and this one dropped is not compared;
+    # one given then and left out now, as --categories, is)
+    known = set(record["config"]) | ({f.name for f in fields(EvalConfig)} & set(earlier["config"]))
+    diff = sorted(k for k in known if earlier["config"].get(k) != record["config"].get(k))
     if "featurizer" in earlier:  # a sweep.json written before this field existed is checked on its config and model only
         mine, theirs = record["featurizer"], earlier["featurizer"]
         diff += sorted(k for k in set(mine) | set(theirs) if k != "model" and mine.get(k) != theirs.get(k))
@@ -169,10 +172,15 @@ def write_tables(rows: Sequence[dict], out: Path, cfg: EvalConfig, key: str) -> 
               *(f"{100 * r['per_image'][a]:.2f}" for a in alphas), *(f"{100 * r['per_point'][a]:.2f}" for a in alphas), *geo]
              for r, geo in zip(rows, geo_cells)]
     shown = [[f"**{v}**" for v in vals] if r is best else vals for r, vals in zip(rows, table)]
-    lines = [f"# Sweep: {cfg.dataset}/{cfg.split}, prompt {cfg.prompt}, match {cfg.rule}, protocol {cfg.protocol}", "",
+    lines = [f"# Sweep: {_split_words(cfg)}, prompt {cfg.prompt}, match {cfg.rule}, protocol {cfg.protocol}", "",
              f"PCK in %; the best cell by per-image PCK@{key} is in bold.", "", *markdown_table(head, shown)]
     atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "table.csv", csv_text(head, table))
+
+
+def _split_words(cfg: EvalConfig) -> str:
+    """The data a sweep's cells read: ``dataset/split``, and its categories where some were chosen."""
+    return f"{cfg.dataset}/{cfg.split}" + (f" ({', '.join(cfg.categories)})" if cfg.categories else "")
 
 
 def plot_sweep(rows: Sequence[dict], out: Path, key: str, what: str = "") -> dict[str, dict]:
