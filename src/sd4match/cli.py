@@ -621,8 +621,9 @@ def cmd_features(args) -> int:
                           batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress, store_gb=args.store_gb)
     print(f"features of {args.images} under {args.model} are in {path.parent} (index: {path})", file=sys.stderr)
     if args.pca:
-        print(f"joint PCA of the maps of the first {args.pca} pictures (or all, where fewer): {pca_sheet(path, args.images, path.parent / 'pca.png', count=args.pca, seed=args.seed)}",
-              file=sys.stderr)
+        sheet = pca_sheet(path, args.images, path.parent / "pca.png", count=args.pca, seed=args.seed)
+        n = min(args.pca, len(json.loads(path.read_text())["images"]))
+        print(f"joint PCA of the maps of {n} picture{'s' if n != 1 else ''}: {sheet}", file=sys.stderr)
     return 0
 
 
