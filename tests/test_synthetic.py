@@ -115,3 +115,26 @@ def test_pairs_cli_on_synthetic(tmp_path, willow_root):
 def test_warp_settings_out_of_range_are_named(field, value):
     with pytest.raises(ValueError, match=rf"^warp setting {field} = .* is out of range"):
         WarpConfig(**{field: value})
+
+
+def test_pictures_an_sd4match_run_drew_inside_the_root_are_not_pairs(tmp_path, fixture_images):
+    """A sweep into a folder inside the root (its plots), a transfer's sheet, a match's
+    pictures: a folder holding a run's lock or an output's manifest is not read, so the next
+    run's splits are the same pairs (they were drawn from a list that had grown)."""
+    import shutil
+
+    from sd4match.data.images import list_images
+
+    root = tmp_path / "photos"
+    shutil.copytree(fixture_images, root)
+    before = [r.to_json() for r in open_dataset("synthetic", root).pairs("test")]
+    for sub, mark in (("runs/sweep", ".sd4match.lock"), ("m", ".sd4match-files")):
+        (root / sub).mkdir(parents=True)
+        (root / sub / mark).write_text("")
+        shutil.copy(fixture_images / "cat.jpg", root / sub / "heatmap.png")
+    shutil.copy(fixture_images / "cat.jpg", root / "runs" / "own.jpg")  # beside a run folder, not in one: a picture
+    assert [p.relative_to(root).as_posix() for p in list_images(root) if "/" in p.relative_to(root).as_posix()] == ["runs/own.jpg"]
+    (root / "runs" / "own.jpg").unlink()
+    assert [r.to_json() for r in open_dataset("synthetic", root).pairs("test")] == before
+    (root / ".sd4match.lock").write_text("")  # the root itself a run's folder too: its pictures are still read
+    assert len(list_images(root)) == len(list(fixture_images.glob("*.jpg")))

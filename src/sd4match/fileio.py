@@ -110,6 +110,9 @@ def atomic_save_image(path: str | Path, image) -> Path:
 
 
 MANIFEST = ".sd4match-files"  # the files the last run wrote into an output folder (JSON)
+LOCK_NAME = ".sd4match.lock"  # held by a run in its folder (and left there): marks a run folder
+#: files that mark a folder as one sd4match wrote into (a run's, or a match's / transfer's output)
+OUTPUT_MARKS = (LOCK_NAME, MANIFEST)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import torch
 
 from sd4match.errors import Sd4MatchError
+from sd4match.fileio import LOCK_NAME
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
@@ -208,7 +209,6 @@ def locks_out(what: str):
     return decorate
 
 
-LOCK_NAME = ".sd4match.lock"
 _held: set[str] = set()  # the folders whose lock this process holds (re-entrant)
 
 

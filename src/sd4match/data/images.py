@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sd4match.errors import DataError
+from sd4match.fileio import OUTPUT_MARKS
 from sd4match.pixels import to_rgb  # noqa: F401  (also imported from here)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -107,13 +108,18 @@ def oriented_size(path: str | Path, *, exif_transpose: bool = True) -> tuple[int
 def list_images(folder: str | Path, *, exclude: str | Path | None = None) -> list[Path]:
     """Image files under ``folder`` (recursive), sorted by relative path; none under
     ``exclude`` (a command's output folder inside ``folder``: the pictures it drew there are
-    not inputs of its next run)."""
+    not inputs of its next run), nor in a folder below ``folder`` that sd4match wrote into
+    (one holding a run's lock or an output's manifest, ``fileio.OUTPUT_MARKS``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(folder, "image folder is missing")
     skip = Path(exclude).resolve() if exclude is not None else None
-    return sorted(
-        (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-         and (skip is None or skip not in p.resolve().parents)),
-        key=lambda p: p.relative_to(folder).as_posix(),
-    )
+    found, runs = [], set()
+    for p in folder.rglob("*"):
+        if p.name in OUTPUT_MARKS and p.parent != folder:
+            runs.add(p.parent.relative_to(folder).parts)
+        elif p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(folder).parts):
+            found.append(p)
+    # nothing from a folder sd4match wrote into below this one (a sweep's plots, a transfer's sheet): its pictures are not inputs
+    return sorted((p for p in found if not any(p.relative_to(folder).parts[:len(r)] == r for r in runs) and (skip is None or skip not in p.resolve().parents)),
+                  key=lambda p: p.relative_to(folder).as_posix())
