@@ -149,3 +149,15 @@ def two_and_one_process():
         return runs
 
     return run
+
+
+def hold_lock(folder):
+    """The folder's run lock held through another open file description, as a second process would see it."""
+    import fcntl
+
+    folder.mkdir(exist_ok=True)
+    holder = open(folder / ".sd4match.lock", "a+")
+    holder.write("pid 4242")
+    holder.flush()
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return holder

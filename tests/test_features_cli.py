@@ -270,3 +270,21 @@ def test_a_store_inside_the_image_folder_is_not_read_as_pictures(tmp_path, small
         assert run_features(small_images, out, "--pca", "3") == 0
         assert sorted(json.loads((out / "index.json").read_text())["images"]) == ["cat.jpg", "owl.jpg", "pets.jpg"]
     assert (out / "pca.png").is_file()
+
+
+def test_a_second_extraction_into_a_store_in_use_is_refused(tmp_path, small_images, capsys, no_model_load):
+    """Two extractions into one store folder each wrote its index.json (the last one won,
+    listing only its pictures): the second is refused in one line before any model loads."""
+    from conftest import hold_lock
+
+    out = tmp_path / "store"
+    holder = hold_lock(out)
+    try:
+        assert run_features(small_images, out) == 2
+        assert capsys.readouterr().err.strip() == f"sd4match: error: {out}: another feature extraction is writing here (pid 4242); wait for it to end or choose another --out"
+        assert not (out / "index.json").exists()
+    finally:
+        holder.close()
+    (tmp_path / "file").write_text("x")
+    assert run_features(small_images, tmp_path / "file") == 2
+    assert "file" in capsys.readouterr().err

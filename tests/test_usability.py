@@ -10,6 +10,8 @@ import pytest
 from sd4match.cli import main
 from sd4match.errors import Sd4MatchError
 
+from conftest import hold_lock
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -93,7 +95,7 @@ def test_a_second_evaluation_into_a_running_ones_folder_is_refused(willow_root, 
     second process would see it), `evaluate` is refused in one line, before any model loads;
     once the holder is gone the folder is free again."""
     out = tmp_path / "eval"
-    holder = _hold_lock(out)
+    holder = hold_lock(out)
     args = ["evaluate", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--model", "effnet-lite0", "--limit", "3",
             "--match", "nn", "--no-progress", "--out", str(out)]
     try:
@@ -105,18 +107,6 @@ def test_a_second_evaluation_into_a_running_ones_folder_is_refused(willow_root, 
     assert main(args) == 0 and (out / "score.json").is_file()
 
 
-def _hold_lock(folder):
-    """The folder's run lock held through another open file description, as a second process would see it."""
-    import fcntl
-
-    folder.mkdir(exist_ok=True)
-    holder = open(folder / ".sd4match.lock", "a+")
-    holder.write("pid 4242")
-    holder.flush()
-    fcntl.flock(holder.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return holder
-
-
 def test_a_second_training_run_into_a_running_ones_folder_is_refused(willow_root, tmp_path, capsys, no_model_load):
     """`train` held no lock: a job submitted twice (or requeued beside the first) trained into
     the same folder, and with --resume-or-start before the first checkpoint it deleted the
@@ -126,7 +116,7 @@ def test_a_second_training_run_into_a_running_ones_folder_is_refused(willow_root
     out.mkdir()
     (out / "scalars.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
     (out / "config.json").write_text("{}")
-    holder = _hold_lock(out)
+    holder = hold_lock(out)
     try:
         for flag in ("--resume-or-start", "--resume"):
             assert main(["train", "--dataset", "synthetic", "--root", str(willow_root), "--prompt", "single", "--model", "effnet-lite0", "--steps", "1",
@@ -152,7 +142,7 @@ def test_a_second_sweep_or_reproduction_into_a_running_ones_folder_is_refused(wi
     for what, argv in (("sweep", ["sweep", *data, "--timesteps", "50", "--up-blocks", "1", "--prompt", "empty"]),
                        ("reproduction", ["reproduce", "--prompts", str(zipped), "--pfwillow", str(willow_root), "--no-progress"])):
         out = tmp_path / what
-        holder = _hold_lock(out)
+        holder = hold_lock(out)
         try:
             assert main([*argv, "--out", str(out)]) == 2
             assert capsys.readouterr().err.strip() == f"sd4match: error: {out}: another {what} is writing here (pid 4242); wait for it to end or choose another --out"

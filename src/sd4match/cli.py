@@ -606,6 +606,7 @@ def cmd_datasets_prepare(args) -> int:
 def cmd_features(args) -> int:
     from sd4match.checks import check_image_folder, check_picture_headers, check_prompt_fits_model
     from sd4match.extract import check_picture_prompt, extract_folder, pca_sheet, picture_prompt_name
+    from sd4match.runtime import run_lock
 
     name = picture_prompt_name(args.prompt, args.text)
     _check_common(args)
@@ -615,13 +616,14 @@ def cmd_features(args) -> int:
             check_prompt_fits_model(args.model, spec, "--text")
     check_picture_headers(check_image_folder(args.images, exclude=args.out))  # a bad file is named before the model loads, not after hours of extraction
     model = config_from_args(ModelConfig, args)
-    feat = load_model(model)
-    dino = _dino_for(name, args.dino, feat, model.dino_pos) if name else None
-    path = extract_folder(feat, args.images, args.out, text=args.text, prompt=args.prompt, category=args.category, dino=dino, seed=args.seed,
-                          batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress, store_gb=args.store_gb)
+    with run_lock(args.out, "feature extraction"):  # from before the model loads: a second extraction into this store is refused at once
+        feat = load_model(model)
+        dino = _dino_for(name, args.dino, feat, model.dino_pos) if name else None
+        path = extract_folder(feat, args.images, args.out, text=args.text, prompt=args.prompt, category=args.category, dino=dino, seed=args.seed,
+                              batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress, store_gb=args.store_gb)
+        sheet = pca_sheet(path, args.images, path.parent / "pca.png", count=args.pca, seed=args.seed) if args.pca else None
     print(f"features of {args.images} under {args.model} are in {path.parent} (index: {path})", file=sys.stderr)
-    if args.pca:
-        sheet = pca_sheet(path, args.images, path.parent / "pca.png", count=args.pca, seed=args.seed)
+    if sheet is not None:
         n = min(args.pca, len(json.loads(path.read_text())["images"]))
         print(f"joint PCA of the maps of {n} picture{'s' if n != 1 else ''}: {sheet}", file=sys.stderr)
     return 0

@@ -18,6 +18,7 @@ from sd4match.errors import Sd4MatchError
 from sd4match.features.base import Featurizer
 from sd4match.fileio import atomic_save_image, atomic_write_text, file_sha256
 from sd4match.prompts import PromptSpec, parse_prompt, prompt_fingerprint, resolve_prompt
+from sd4match.runtime import locks_out
 from sd4match.store import Store
 from sd4match.viz import draw_pca
 
@@ -42,6 +43,7 @@ def check_picture_prompt(prompt: str | PromptSpec, category: str | None) -> Prom
     return spec
 
 
+@locks_out("feature extraction")  # a second extraction into the same store would overwrite its index.json
 def extract_folder(
     featurizer: Featurizer,
     images: str | Path,
