@@ -248,6 +248,9 @@ def test_point_outside_the_image_is_rejected_and_nothing_written(tmp_path, tiny,
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"sd4match: error: point p1 (300.5, 10) lies outside {willow_pair[0]} (300x200 pixels)"
     assert (out / "matches.json").read_text() == "earlier result" and sorted(p.name for p in out.iterdir()) == ["matches.json"]
+    # a point left of the picture: argparse took "-3,5" for an option ("expected one argument"); now the same line
+    assert main([*args[:4], "-3,5", *args[5:]]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"sd4match: error: point p0 (-3, 5) lies outside {willow_pair[0]} (300x200 pixels)"
     img = open_image(willow_pair[0])
     check_points([("edge", (300.0, 200.0))], img)  # the far edge is still inside
     with pytest.raises(Sd4MatchError, match="point nan"):

@@ -950,12 +950,25 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
+def _joined_points(argv: list[str]) -> list[str]:
+    """``--points "-3,5"`` as ``--points=-3,5``: argparse reads a value that starts with a minus
+    and is no plain number as an option, so a point left of the picture was "expected one
+    argument" instead of the line that names the point."""
+    out = []
+    for i, a in enumerate(argv):
+        if i and argv[i - 1] == "--points" and a.startswith("-") and "," in a:
+            out[-1] = f"--points={a}"
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # transformers' notices about optional packages (torchvision, ...) are not for our users;
     # its warnings that matter still show when TRANSFORMERS_VERBOSITY is set
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_joined_points(sys.argv[1:] if argv is None else list(argv)))
     # a scheduler's SIGTERM ends a command as Ctrl-C does (unless this process was told to ignore it)
     in_main = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
     before = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
