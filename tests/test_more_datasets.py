@@ -93,6 +93,13 @@ def test_ap10k_prepared_from_the_official_fixture_by_hand(ap10k_download, tmp_pa
     assert got["per_point"]["all"]["0.1"] == pytest.approx((6 * 16 - 4) / (6 * 16))
     assert got["per_image"]["by_species"]["jaguar"]["0.1"] == pytest.approx((2 + 12 / 16) / 3)
     assert got["per_image"]["by_family"]["Bovidae"]["0.1"] == 1.0
+    # keypoints by name: AP-10K's own list (its categories' "keypoints"), shown beside each id
+    from sd4match.metrics import keypoint_names, keypoint_table
+
+    assert ds.keypoint_names == {str(i): n for i, n in enumerate(coco["categories"][0]["keypoints"])}
+    names = keypoint_names(got, "ap10k")
+    assert names["7"] == "left_front_paw" and "1" not in names and list(names)[:3] == ["0", "2", "3"]  # the right eye is never labelled here
+    assert "7 left_front_paw" in keypoint_table({**got, "keypoint_names": names}) and keypoint_names(got, "spair") == {}
     cross = ds.pairs("test_cross_family")
     assert {r.category for r in cross} == {"all"} and all(r.meta["groups"] == {"family": "cross-family"} for r in cross)
     assert prepare_ap10k(d, tmp_path / "again") == counts  # deterministic: the same pairs again
@@ -166,6 +173,7 @@ def test_cub_pairs_as_distilldift_makes_them_by_hand(cub_root):
     x, y, w, h = (float(v) for v in next(row for row in rows("bounding_boxes.txt") if row[0] == b)[1:])
     assert r.pck_base["standard"] == max(w, h) and r.trg_bbox == (x, y, x + w, y + h)
     assert r.category == "Black_footed_Albatross"
+    assert open_dataset("cub", cub_root).keypoint_names == dict(row for row in (line.split(" ", 1) for line in (cub_root / "parts/parts.txt").read_text().splitlines()))
     preds = {q.id: q.trg_kps.copy() for q in recs}
     preds[r.id] = moved(r, 2)
     n = sum(q.n_points for q in recs)

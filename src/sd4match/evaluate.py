@@ -43,7 +43,7 @@ from sd4match.features.registry import weights_revision
 from sd4match.features.sd import SDLayerStack
 from sd4match.fileio import atomic_write_text
 from sd4match.matching import match_pixels
-from sd4match.metrics import format_table, score, seen_unseen, write_predictions
+from sd4match.metrics import format_table, keypoint_names, score, seen_unseen, write_predictions
 from sd4match.prompts import Prompt, resolve_prompt
 from sd4match.runtime import distributed_rank_world, gather_dicts, git_sha, hang_for_tests, locks_out
 from sd4match.store import Store
@@ -349,6 +349,8 @@ def _finish(out: Path, cfg: EvalConfig, records, done: dict, mine: dict, bad: di
     result["dataset"], result["split"] = cfg.dataset, cfg.split
     if cfg.categories:
         result["categories"] = list(cfg.categories)
+    if names := keypoint_names(result, cfg.dataset):
+        result["keypoint_names"] = names
     if bad:
         order = {r.id: i for i, r in enumerate(records)}
         result["skipped"] = [{"id": pid, "problem": msg} for pid, msg in sorted(bad.items(), key=lambda kv: order[kv[0]])]

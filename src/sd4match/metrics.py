@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from sd4match.config import DEFAULT_ALPHAS, category_names
-from sd4match.data import load_pair_images
+from sd4match.data import DATASETS, load_pair_images
 from sd4match.data.records import BASE_WORDS, CLAMP_EPS, SD4MATCH_RESOLUTION, PairRecord, check_protocol, geo_aware_mask, geo_twins_points, keypoint_ids
 from sd4match.data.spair import DIFFICULTY_KEYS
 from sd4match.errors import PredictionError
@@ -327,15 +327,27 @@ def _pool_keypoints(rows: Sequence[tuple[list[str], np.ndarray]], keys: list[str
     return {str(names[j]): {"n_points": int(counts[j]), **{k: float(hits[j, a] / counts[j]) for a, k in enumerate(keys)}} for j in order}
 
 
+def keypoint_names(result: dict, dataset: str) -> dict[str, str]:
+    """The names of the keypoint ids ``result["by_keypoint"]`` holds, where ``dataset``
+    names its keypoints (AP-10K, CUB); empty otherwise."""
+    names = DATASETS[dataset].keypoint_names if dataset in DATASETS else {}
+    seen = {k for kps in result.get("by_keypoint", {}).values() for k in kps}
+    return {k: names[k] for k in sorted(seen, key=lambda k: (len(k), k)) if k in names}
+
+
 def keypoint_table(result: dict, title: str = "") -> str:
-    """``score``'s ``by_keypoint`` as text: per category, each keypoint id's points and its
-    PCK per point (its points pooled over the category's pairs)."""
+    """``score``'s ``by_keypoint`` as text: per category, each keypoint id (and its name,
+    ``result["keypoint_names"]``) with its points and its PCK per point (its points pooled
+    over the category's pairs)."""
     keys = [alpha_key(a) for a in result["alphas"]]
     lines = [f"PCK per keypoint{(' on ' + title) if title else ''} | protocol: {result['protocol']} | each keypoint's points pooled "
              "over its category's pairs"]
+    names = result.get("keypoint_names", {})
     for cat, kps in result["by_keypoint"].items():
-        lines += ["", f"[{cat}]", f"{'keypoint':<10}{'points':>8}  " + "  ".join(f"{'a=' + k:>7}" for k in keys)]
-        lines += [f"{k:<10}{v['n_points']:>8}  " + "  ".join(f"{100 * v[a]:7.2f}" for a in keys) for k, v in kps.items()]
+        labels = {k: f"{k} {names[k]}" if k in names else k for k in kps}
+        width = max(10, *(len(v) + 2 for v in labels.values()))
+        lines += ["", f"[{cat}]", f"{'keypoint':<{width}}{'points':>8}  " + "  ".join(f"{'a=' + k:>7}" for k in keys)]
+        lines += [f"{labels[k]:<{width}}{v['n_points']:>8}  " + "  ".join(f"{100 * v[a]:7.2f}" for a in keys) for k, v in kps.items()]
     lines += ["", "values in %"]
     return "\n".join(lines)
 

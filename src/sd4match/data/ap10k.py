@@ -41,9 +41,15 @@ CROWD_SOURCE = "https://raw.githubusercontent.com/Junyi42/GeoAware-SC/master/dat
 GEO_GROUPS = ((5, 8), (6, 9, 12, 15), (7, 10, 13, 16), (11, 14))
 
 
+#: AP-10K's 17 keypoints in their order (its COCO categories' ``keypoints``): the ids of ``meta.kps_ids``
+KEYPOINTS = ("left_eye", "right_eye", "nose", "neck", "root_of_tail", "left_shoulder", "left_elbow", "left_front_paw", "right_shoulder",
+             "right_elbow", "right_front_paw", "left_hip", "left_knee", "left_back_paw", "right_hip", "right_knee", "right_back_paw")
+
+
 class AP10K(PairDataset):
     name = "ap10k"
     splits = SPLITS
+    keypoint_names = {str(i): n for i, n in enumerate(KEYPOINTS)}
     base_rule = "bbox"
     required = ("ImageAnnotation", "JPEGImages", "PairAnnotation")
     groups = ("species", "family")

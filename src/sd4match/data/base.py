@@ -35,6 +35,8 @@ class PairDataset(abc.ABC):
     geo_source: ClassVar[str] = ""
     #: how the papers that report on this dataset aggregate and threshold (README's dataset table)
     convention: ClassVar[str] = ""
+    #: keypoint id (``records.keypoint_ids``) -> its name, where the dataset names its keypoints
+    keypoint_names: ClassVar[dict[str, str]] = {}
 
     def __init__(self, root: str | Path):
         self.root = Path(root)

@@ -58,9 +58,15 @@ def distilldift_order(n: int, seed: int = SEED) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+#: CUB-200-2011's 15 parts, ``parts/parts.txt``: id -> name (the ids of ``meta.part_ids``)
+PARTS = {"1": "back", "2": "beak", "3": "belly", "4": "breast", "5": "crown", "6": "forehead", "7": "left eye", "8": "left leg", "9": "left wing",
+         "10": "nape", "11": "right eye", "12": "right leg", "13": "right wing", "14": "tail", "15": "throat"}
+
+
 class CUB200(PairDataset):
     name = "cub"
     splits = ("train", "test")
+    keypoint_names = PARTS
     base_rule = "bbox"
     required = ("images.txt", "parts", "images")
     options = ("all_pairs",)
