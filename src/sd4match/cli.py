@@ -524,8 +524,7 @@ def cmd_score(args) -> int:
             check_picture_name(path, flag, kind)
     ds = _open(args)
     check_distinct_files([(flag, path) for flag, path, _ in outputs], [("--predictions", args.predictions), *_pair_lists(ds)])
-    every = ds.pairs(args.split)
-    recs = select_pairs(every, limit=args.limit, categories=args.categories or ())
+    recs = select_pairs(ds.pairs(args.split), limit=args.limit, categories=args.categories or ())
     if args.pck_base:
         recs = rebased(recs, args.pck_base, args.dataset)
     preds = load_predictions(args.predictions)

@@ -315,16 +315,21 @@ def _alphas(alphas: float | Sequence[float]) -> list[float]:
 
 def _pool_keypoints(rows: Sequence[tuple[list[str], np.ndarray]], keys: list[str]) -> dict[str, dict]:
     """One category's pairs (each point's keypoint id, its (N, alphas) verdicts) as keypoint
-    id -> ``{"n_points", alpha: share correct}``, ids in numeric order where they are numbers."""
+    id -> ``{"n_points", alpha: share correct}``, ids in ``_id_order``."""
     ids = [k for kp, _ in rows for k in kp]
     if not ids:
         return {}
-    names, which = np.unique(np.asarray(ids, dtype=object).astype(str), return_inverse=True)
+    names, which = np.unique(np.asarray(ids), return_inverse=True)
     hits = np.zeros((len(names), len(keys)))
     np.add.at(hits, which, np.concatenate([c for _, c in rows]).astype(float))
     counts = np.bincount(which, minlength=len(names))
-    order = sorted(range(len(names)), key=lambda j: (0, int(names[j]), "") if names[j].isdigit() else (1, 0, names[j]))
+    order = sorted(range(len(names)), key=lambda j: _id_order(str(names[j])))
     return {str(names[j]): {"n_points": int(counts[j]), **{k: float(hits[j, a] / counts[j]) for a, k in enumerate(keys)}} for j in order}
+
+
+def _id_order(k: str) -> tuple:
+    """Keypoint ids in their numeric order where they are numbers (2 before 10), others after by name."""
+    return (0, int(k), "") if k.isdigit() else (1, 0, k)
 
 
 def keypoint_names(result: dict, dataset: str) -> dict[str, str]:
@@ -332,7 +337,7 @@ def keypoint_names(result: dict, dataset: str) -> dict[str, str]:
     names its keypoints (AP-10K, CUB); empty otherwise."""
     names = DATASETS[dataset].keypoint_names if dataset in DATASETS else {}
     seen = {k for kps in result.get("by_keypoint", {}).values() for k in kps}
-    return {k: names[k] for k in sorted(seen, key=lambda k: (len(k), k)) if k in names}
+    return {k: names[k] for k in sorted(seen, key=_id_order) if k in names}
 
 
 def keypoint_table(result: dict, title: str = "") -> str:
