@@ -270,11 +270,22 @@ def parse_names(text: str) -> tuple[str, ...]:
 def parse_alphas(text: str) -> tuple[float, ...]:
     """``"0.05,0.1"`` -> (0.05, 0.1); each in (0, 1]."""
     try:
-        vals = tuple(dict.fromkeys(float(v) for v in text.split(",") if v.strip()))  # 0.1,0.10 is one threshold
+        vals = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"{text!r} is not a comma-separated list of numbers") from None
+    return alpha_values(vals, text)
+
+
+def alpha_values(values, given=None) -> tuple[float, ...]:
+    """PCK thresholds as floats, each once (0.1 and 0.10 are one), each in (0, 1]; else a
+    ValueError naming what was ``given`` (``values`` by default)."""
+    shown = values if given is None else given
+    try:
+        vals = tuple(dict.fromkeys(float(v) for v in values))
+    except (TypeError, ValueError):
+        raise ValueError(f"alphas must be numbers in (0, 1], got {shown!r}") from None
     if not vals or any(not 0 < v <= 1 for v in vals):
-        raise ValueError(f"alphas must lie in (0, 1], got {text!r}")
+        raise ValueError(f"alphas must lie in (0, 1], got {shown!r}")
     return vals
 
 

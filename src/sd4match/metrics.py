@@ -18,7 +18,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from sd4match.config import DEFAULT_ALPHAS, category_names
+from sd4match.config import DEFAULT_ALPHAS, alpha_values, category_names
 from sd4match.data import DATASETS, load_pair_images
 from sd4match.data.records import BASE_WORDS, CLAMP_EPS, SD4MATCH_RESOLUTION, PairRecord, check_protocol, geo_aware_mask, geo_twins_points, keypoint_ids
 from sd4match.data.spair import DIFFICULTY_KEYS
@@ -302,15 +302,8 @@ def score(
 
 
 def _alphas(alphas: float | Sequence[float]) -> list[float]:
-    """PCK thresholds as floats, each in (0, 1], each once (one number is one threshold)."""
-    vals = [alphas] if isinstance(alphas, (int, float, str)) else list(alphas)
-    try:
-        out = list(dict.fromkeys(float(a) for a in vals))
-    except (TypeError, ValueError):
-        raise ValueError(f"alphas must be numbers in (0, 1], got {alphas!r}") from None
-    if not out or any(not 0 < a <= 1 for a in out):
-        raise ValueError(f"alphas must lie in (0, 1], got {alphas!r}")
-    return out
+    """``config.alpha_values`` of a sequence of thresholds, or of one number."""
+    return list(alpha_values([alphas] if isinstance(alphas, (int, float, str)) else list(alphas), alphas))
 
 
 def _pool_keypoints(rows: Sequence[tuple[list[str], np.ndarray]], keys: list[str]) -> dict[str, dict]:
