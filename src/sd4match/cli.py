@@ -512,7 +512,7 @@ def cmd_pairs(args) -> int:
 def cmd_score(args) -> int:
     from sd4match.checks import check_distinct_files, check_output_file, check_picture_name
     from sd4match.data.records import limit_pairs, rebased, select_pairs
-    from sd4match.metrics import draw_worst, format_table, keypoint_names, keypoint_table, load_predictions, pair_details, plot_categories, score, seen_unseen
+    from sd4match.metrics import draw_worst, format_table, keypoint_table, label_score, load_predictions, pair_details, plot_categories, score, seen_unseen
 
     outputs = (("--out", args.out, "score.json"), ("--plot", args.plot, "bars.png"), ("--per-pair", args.per_pair, "pairs.jsonl"),
                ("--worst", args.worst, "worst.png"))
@@ -543,11 +543,7 @@ def cmd_score(args) -> int:
                             "your own pairs can name them in meta.kps_ids)")
     if args.seen:
         result["seen_unseen"] = seen_unseen(result, _seen_categories(args.seen))
-    result["dataset"], result["split"] = args.dataset, args.split
-    if args.categories:
-        result["categories"] = list(args.categories)
-    if names := keypoint_names(result, args.dataset):
-        result["keypoint_names"] = names
+    label_score(result, args.dataset, args.split, args.categories or ())
     if args.pck_base:
         result["pck_base"] = args.pck_base
     text = json.dumps(result, indent=2)

@@ -43,7 +43,7 @@ from sd4match.features.registry import weights_revision
 from sd4match.features.sd import SDLayerStack
 from sd4match.fileio import atomic_write_text
 from sd4match.matching import match_pixels
-from sd4match.metrics import format_table, keypoint_names, score, seen_unseen, write_predictions
+from sd4match.metrics import format_table, label_score, score, seen_unseen, write_predictions
 from sd4match.prompts import Prompt, resolve_prompt
 from sd4match.runtime import distributed_rank_world, gather_dicts, git_sha, hang_for_tests, locks_out
 from sd4match.store import Store
@@ -346,11 +346,7 @@ def _finish(out: Path, cfg: EvalConfig, records, done: dict, mine: dict, bad: di
     if seen:
         for r in (result, *by_rule.values()) if len(rules) > 1 else (result,):
             r["seen_unseen"] = seen_unseen(r, seen)
-    result["dataset"], result["split"] = cfg.dataset, cfg.split
-    if cfg.categories:
-        result["categories"] = list(cfg.categories)
-    if names := keypoint_names(result, cfg.dataset):
-        result["keypoint_names"] = names
+    label_score(result, cfg.dataset, cfg.split, cfg.categories)
     if bad:
         order = {r.id: i for i, r in enumerate(records)}
         result["skipped"] = [{"id": pid, "problem": msg} for pid, msg in sorted(bad.items(), key=lambda kv: order[kv[0]])]

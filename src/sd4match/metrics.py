@@ -333,6 +333,18 @@ def keypoint_names(result: dict, dataset: str) -> dict[str, str]:
     return {k: names[k] for k in sorted(seen, key=_id_order) if k in names}
 
 
+def label_score(result: dict, dataset: str, split: str, categories: Sequence[str] = ()) -> dict:
+    """``result`` (a ``score``) named with what it scored, as ``score.json`` holds it: the
+    dataset and split, the categories when some were chosen, and the names of its keypoint
+    ids where the dataset has them (``keypoint_names``)."""
+    result["dataset"], result["split"] = dataset, split
+    if categories:
+        result["categories"] = list(categories)
+    if names := keypoint_names(result, dataset):
+        result["keypoint_names"] = names
+    return result
+
+
 def keypoint_table(result: dict, title: str = "") -> str:
     """``score``'s ``by_keypoint`` as text: per category, each keypoint id (and its name,
     ``result["keypoint_names"]``) with its points and its PCK per point (its points pooled
