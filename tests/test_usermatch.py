@@ -12,7 +12,7 @@ from PIL import Image
 from sd4match.cli import main
 from sd4match.errors import Sd4MatchError
 from sd4match.testing import tiny_sd
-from sd4match.usermatch import Matcher, check_points, open_image, parse_points, run_match, run_transfer
+from sd4match.usermatch import Matcher, check_points, named_points, open_image, parse_points, run_match, run_transfer
 
 MODEL_ARGS = ["--resolution", "64", "--ensemble", "1", "--device", "cpu"]
 
@@ -237,6 +237,24 @@ def test_parse_points_forms(tmp_path):
     f.write_bytes(json.dumps({"nose": [1, 2]}).encode("utf-16"))
     with pytest.raises(Sd4MatchError, match=r"p\.json: UTF-16 text"):
         parse_points(str(f))
+    # JSON given as the text itself, as one types it in a shell
+    assert parse_points(' {"left eye": [10, 10], "nose": [50.5, 40]}') == [("left eye", (10.0, 10.0)), ("nose", (50.5, 40.0))]
+    assert parse_points("[[1, 2], [3, 4]]") == [("p0", (1.0, 2.0)), ("p1", (3.0, 4.0))]
+    with pytest.raises(Sd4MatchError, match=r"^--points: not valid JSON"):
+        parse_points('{"eye": [1, 2]')
+    # spaces only around the comma and the semicolons: "1 20,80" was read as (120, 80)
+    assert parse_points(" 1 , 2 ; 3,4 ") == [("p0", (1.0, 2.0)), ("p1", (3.0, 4.0))]
+    with pytest.raises(Sd4MatchError, match="'1 20,80' is not 'x,y'"):
+        parse_points("1 20,80")
+    # one name, one point: json keeps the last of two equal keys, and the outputs tell points apart by name
+    f.write_text('{"eye": [1, 2], "eye": [3, 4]}')
+    with pytest.raises(Sd4MatchError, match=r"p\.json: point 'eye' is given twice"):
+        parse_points(str(f))
+    f.write_text(json.dumps([{"name": "eye", "x": 1, "y": 2}, {"name": "eye", "x": 3, "y": 4}]))
+    with pytest.raises(Sd4MatchError, match=r"p\.json: point 'eye' is given twice"):
+        parse_points(str(f))
+    with pytest.raises(Sd4MatchError, match="point 'eye' is given twice"):
+        named_points([("eye", (1, 2)), ("eye", (3, 4))])
 
 
 def test_point_outside_the_image_is_rejected_and_nothing_written(tmp_path, tiny, willow_pair, capsys):

@@ -89,32 +89,49 @@ _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 
 
 def parse_points(spec: str) -> list[tuple[str, tuple[float, float]]]:
-    """``"x,y;x,y"`` (names ``p0, p1, ...``) or a JSON file of named points -> [(name, (x, y))].
+    """``"x,y;x,y"`` (names ``p0, p1, ...``), JSON text, or a JSON file of named points -> [(name, (x, y))].
 
-    JSON files may hold ``{"name": [x, y], ...}``, ``[[x, y], ...]``, ``[{"name", "x", "y"}, ...]``,
-    either under a ``"points"`` key (a ``transfer`` output: its points on that image), or a
-    ``matches.json`` written by ``sd4match match`` (its source points).
+    JSON (a file, or the text itself when it starts with ``{`` or ``[``) may hold
+    ``{"name": [x, y], ...}``, ``[[x, y], ...]``, ``[{"name", "x", "y"}, ...]``, either under a
+    ``"points"`` key (a ``transfer`` output: its points on that image), or a ``matches.json``
+    written by ``sd4match match`` (its source points). A name given twice is an error.
     """
+    text = spec.strip()
+    if text[:1] in ("{", "["):
+        return _points_from_data(_json_points(text, "--points"), "--points")
     if spec.lower().endswith(".json"):
-        return _points_from_json(Path(spec))
+        path = Path(spec)
+        if not path.is_file():
+            raise Sd4MatchError(f"{path}: points file is missing")
+        return _points_from_data(_json_points(read_user_text(path), str(path)), str(path))
     out = []
-    for i, part in enumerate(p for p in spec.replace(" ", "").split(";") if p):
-        m = re.fullmatch(f"({_NUM}),({_NUM})", part)
+    for i, part in enumerate(p.strip() for p in spec.split(";") if p.strip()):
+        m = re.fullmatch(rf"({_NUM})\s*,\s*({_NUM})", part)
         if not m:
-            raise Sd4MatchError(f"--points: {part!r} is not 'x,y' (points are separated by ';', e.g. \"120,80;300.5,42\")")
+            raise Sd4MatchError(f"--points: {part!r} is not 'x,y' (points are separated by ';', e.g. \"120,80;300.5,42\", "
+                                "or give JSON: a file or '{\"name\": [x, y], ...}')")
         out.append((f"p{i}", (float(m.group(1)), float(m.group(2)))))
     if not out:
         raise Sd4MatchError("--points: no points given")
     return out
 
 
-def _points_from_json(path: Path) -> list[tuple[str, tuple[float, float]]]:
-    if not path.is_file():
-        raise Sd4MatchError(f"{path}: points file is missing")
+def _json_points(text: str, where: str):
+    """JSON text -> its data; a key given twice in one object is an error (``json`` keeps the last)."""
+    def unique(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise Sd4MatchError(f"{where}: point {k!r} is given twice")
+            seen.add(k)
+        return dict(pairs)
     try:
-        data = json.loads(read_user_text(path))
+        return json.loads(text, object_pairs_hook=unique)
     except json.JSONDecodeError as e:
-        raise Sd4MatchError(f"{path}: not valid JSON ({e})") from None
+        raise Sd4MatchError(f"{where}: not valid JSON ({e})") from None
+
+
+def _points_from_data(data, where: str) -> list[tuple[str, tuple[float, float]]]:
     if isinstance(data, dict) and isinstance(data.get("points"), (list, dict)):  # a transfer JSON, or {"points": ...}
         data = data["points"]
     elif isinstance(data, dict) and isinstance(data.get("matches"), list):  # a matches.json: its source points
@@ -133,11 +150,21 @@ def _points_from_json(path: Path) -> list[tuple[str, tuple[float, float]]]:
     out = []
     for name, xy in items:
         if not (isinstance(xy, (list, tuple)) and len(xy) == 2 and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in xy)):
-            raise Sd4MatchError(f"{path}: point {name!r} is {xy!r}, not [x, y]")
+            raise Sd4MatchError(f"{where}: point {name!r} is {xy!r}, not [x, y]")
         out.append((name, (float(xy[0]), float(xy[1]))))
     if not out:
-        raise Sd4MatchError(f"{path}: holds no points")
-    return out
+        raise Sd4MatchError(f"{where}: holds no points")
+    return _unique_names(out, where)
+
+
+def _unique_names(points: list[tuple[str, tuple[float, float]]], where: str) -> list[tuple[str, tuple[float, float]]]:
+    """Points are told apart by name (in the outputs, the sheet and the next --points): one name, one point."""
+    seen = set()
+    for name, _ in points:
+        if name in seen:
+            raise Sd4MatchError(f"{where}: point {name!r} is given twice")
+        seen.add(name)
+    return points
 
 
 def named_points(points) -> list[tuple[str, tuple[float, float]]]:
@@ -157,7 +184,7 @@ def named_points(points) -> list[tuple[str, tuple[float, float]]]:
         except (TypeError, ValueError):
             raise Sd4MatchError(f"point {name!r} is {xy!r}, not (x, y)") from None
         out.append((name, (x, y)))
-    return out
+    return _unique_names(out, "points")
 
 
 def check_points_within(points: Sequence[tuple[str, tuple[float, float]]], name: str, size: Sequence[int]) -> None:
