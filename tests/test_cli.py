@@ -54,6 +54,29 @@ def test_pairs_export_format(tmp_path, spair_root):
     assert first["pck_base"]["standard"] == 464
 
 
+def test_datasets_are_taken_as_their_papers_spell_them(tmp_path, willow_root):
+    from sd4match.cli import build_parser
+    from sd4match.config import EvalConfig, TrainConfig
+    from sd4match.data import PFWillow, open_dataset
+    from sd4match.errors import Sd4MatchError
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert here("pairs", "--dataset", "pfwillow", "--root", willow_root, "--split", "test", "--out", a)[0] == 0
+    assert here("pairs", "--dataset", "PF-Willow", "--root", willow_root, "--split", "test", "--out", b)[0] == 0
+    assert b.read_bytes() == a.read_bytes() and len(a.read_text().splitlines()) == 450
+    parser = build_parser()
+    for text, name in [("SPair-71k", "spair"), ("pf_pascal", "pfpascal"), ("AP-10K", "ap10k"), ("CUB-200-2011", "cub"), ("MP-100", "mp100"),
+                       ("SPair-U", "spair-u"), ("spair", "spair")]:
+        assert parser.parse_args(["evaluate", "--dataset", text, "--root", "r", "--split", "test", "--out", "o"]).dataset == name
+        assert parser.parse_args(["train", "--dataset", text, "--root", "r", "--out", "o"]).dataset == name
+        assert EvalConfig(dataset=text, root="r").dataset == name and TrainConfig(dataset=text, root="r").dataset == name
+    assert isinstance(open_dataset("PF-Willow", willow_root), PFWillow)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["pairs", "--dataset", "willow", "--root", "r", "--split", "test"])
+    with pytest.raises(Sd4MatchError, match="dataset 'willow': expected one of spair, "):
+        EvalConfig(dataset="willow", root="r")
+
+
 def _willow_predictions(tmp_path, willow_root, noise_px, seed=0):
     from sd4match.data import open_dataset
 

@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from sd4match.config import (ALL_PAIRS_HELP, compile_choice, kernel_choice, DEFAULT_ALPHAS, EVAL_PRESETS, IMAGES_HELP, MATCH_RULES, PROTOCOL_HELP, SPLIT_HELP, TRAIN_PRESETS, DatasetName,
+from sd4match.config import (ALL_PAIRS_HELP, compile_choice, kernel_choice, DEFAULT_ALPHAS, EVAL_PRESETS, IMAGES_HELP, MATCH_RULES, PROTOCOL_HELP, SPLIT_HELP, TRAIN_PRESETS, DatasetName, dataset_name,
                              EvalConfig, ImportKind, MatchConfig,
                              ModelConfig, Protocol, TrainConfig, field_base_type, field_choices, parse_alphas, parse_names, unused_rule_settings)
 from sd4match.errors import RunStopped, Sd4MatchError, Sd4MatchWarning
@@ -101,6 +101,8 @@ def add_config_flags(target, cls, *, only: Sequence[str] | None = None, unset: b
                 kw["type"] = _parser_type(m["parse"])
             elif choices is not None:
                 kw["choices"] = choices
+                if m.get("spelling") is not None:
+                    kw["type"] = m["spelling"]
             elif base in (int, float, str):
                 kw["type"] = base
             if required:
@@ -141,7 +143,7 @@ def config_from_args(cls, args, **given):
 
 
 def _dataset_args(p: argparse.ArgumentParser, split: bool = True) -> None:
-    p.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="benchmark name (synthetic: seeded warps of the pictures in --root)")
+    p.add_argument("--dataset", required=True, choices=DATASET_NAMES, type=dataset_name, help="benchmark name (synthetic: seeded warps of the pictures in --root)")
     p.add_argument("--root", required=True, type=Path, help="the dataset's own top folder (see the README's Datasets section)")
     p.add_argument("--images", type=Path, help=IMAGES_HELP)
     p.add_argument("--all-pairs", action="store_true", help=ALL_PAIRS_HELP)
@@ -469,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_env)
 
     p = command("download", "fetch a benchmark from its published address")
-    p.add_argument("dataset", choices=("spair", "pfpascal", "pfwillow", "spair-u", "cub"),
+    p.add_argument("dataset", choices=("spair", "pfpascal", "pfwillow", "spair-u", "cub"), type=dataset_name,
                    help="benchmark name (ap10k and mp100 have no plain public address: the README says where to get them)")
     p.add_argument("--root", required=True, type=Path, help="the dataset root to create or complete")
     p.add_argument("--mirror", help="fetch each file as MIRROR/<file name> instead of its published address")

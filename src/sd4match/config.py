@@ -22,7 +22,8 @@ C = TypeVar("C")
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None, flag: str | None = None,
             cli: bool = True, choices: Sequence[str] | Callable[[], Sequence[str]] | None = None, parse: Callable[[str], Any] | None = None,
-            default_text: str | None = None, required: bool = False, at_least: float | None = None, above: float | None = None) -> Any:
+            default_text: str | None = None, required: bool = False, at_least: float | None = None, above: float | None = None,
+            spelling: Callable[[str], str] | None = None) -> Any:
     """A dataclass field with what the command line needs to know about it.
 
     Args:
@@ -36,9 +37,11 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Call
         default_text: how ``--help`` words the default, when the value alone would mislead.
         required: the command line asks for it although the library has a default.
         at_least, above: a number's bounds (``check_settings``): value >= at_least, value > above.
+        spelling: text -> the choice it names (other spellings of a choice, e.g. ``pf-willow``),
+            on the command line and in Python alike; the choices are checked after it.
     """
     meta = {"help": help, "flag": flag, "cli": cli, "choices": choices, "parse": parse, "default_text": default_text, "required": required,
-            "at_least": at_least, "above": above}
+            "at_least": at_least, "above": above, "spelling": spelling}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -87,6 +90,9 @@ def check_settings(cfg) -> None:
                 raise Sd4MatchError(f"{name} {value!r}: expected true or false")
             object.__setattr__(cfg, f.name, bool(value))
             continue
+        if f.metadata.get("spelling") is not None and isinstance(value, str):
+            value = f.metadata["spelling"](value)
+            object.__setattr__(cfg, f.name, value)
         allowed = field_choices(cls, f)
         if allowed is not None and value not in allowed:
             raise Sd4MatchError(f"{name} {value!r}: expected one of {', '.join(map(str, allowed))}")
@@ -168,6 +174,18 @@ LearnedKind = Literal["single", "category", "cpm", "cpm-image", "hidden", "hidde
 ImportKind = Literal["single", "category", "cpm", "hidden"]
 #: Dataset readers (``sd4match.data.DATASETS``; a test checks the two agree).
 DatasetName = Literal["spair", "spair-u", "pfpascal", "pfwillow", "ap10k", "cub", "mp100", "synthetic", "custom"]
+#: How the benchmarks' own papers and folders spell them (``dataset_name``).
+DATASET_SPELLINGS = {"spair-71k": "spair", "spair71k": "spair", "spairu": "spair-u", "pf-pascal": "pfpascal", "pf-willow": "pfwillow",
+                     "ap-10k": "ap10k", "cub-200-2011": "cub", "cub-200": "cub", "cub200": "cub", "mp-100": "mp100"}
+
+
+def dataset_name(text: str) -> str:
+    """A dataset's name as sd4match spells it, from any case and the benchmarks' own spellings
+    (``SPair-71k``, ``PF-Willow``, ``pf_pascal``, ``AP-10K``, ``CUB-200-2011``, ``MP-100``); other
+    text is returned as it is (the caller refuses it)."""
+    key = text.strip().lower().replace("_", "-")
+    key = DATASET_SPELLINGS.get(key, key)
+    return key if key in typing.get_args(DatasetName) else text
 #: PF-Willow's sub-classes by the PF-Pascal (VOC) class each shows, as the official code maps
 #: them: a category prompt, or a training set, that knows the class knows the sub-class.
 CATEGORY_ALIASES = {"car": "car", "duck": "bird", "motorbike": "motorbike", "winebottle": "bottle"}
@@ -355,7 +373,7 @@ class ModelConfig:
 class EvalConfig:
     """What ``sd4match evaluate`` predicts and how it scores (besides the model)."""
 
-    dataset: DatasetName = setting(help="benchmark name (synthetic: seeded warps of the pictures in --root)")
+    dataset: DatasetName = setting(help="benchmark name (synthetic: seeded warps of the pictures in --root)", spelling=dataset_name)
     root: str = setting(help="the dataset's own top folder (see the README's Datasets section)")
     images: str | None = setting(None, IMAGES_HELP)
     all_pairs: bool = setting(False, ALL_PAIRS_HELP)
@@ -422,7 +440,7 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
 class TrainConfig:
     """Everything a training run depends on (written to ``<out>/config.json``)."""
 
-    dataset: DatasetName = setting("spair", "training data", default_text="the preset's, else spair")
+    dataset: DatasetName = setting("spair", "training data", default_text="the preset's, else spair", spelling=dataset_name)
     root: str = setting("", "the dataset's top folder", required=True)
     images: str | None = setting(None, IMAGES_HELP)
     all_pairs: bool = setting(False, ALL_PAIRS_HELP)

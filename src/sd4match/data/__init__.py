@@ -20,6 +20,7 @@ from sd4match.data.mp100 import MP100
 from sd4match.data.pfwillow import PFWillow
 from sd4match.data.records import PROTOCOLS, PairRecord, pck_bases, read_jsonl, write_jsonl
 from sd4match.data.spair import SPair71k, SPairU
+from sd4match.config import dataset_name
 from sd4match.errors import DataError
 from sd4match.fileio import file_sha256
 from sd4match.data.synthetic import SyntheticPairs, WarpConfig, make_pair, render_target
@@ -49,6 +50,7 @@ def open_dataset(name: str, root: str | Path, **options: Any) -> PairDataset:
     """The reader of dataset ``name`` (a key of ``DATASETS``) at ``root``, with its own
     ``options`` (``images`` for SPair-U, ``all_pairs`` for CUB); an option the reader does not
     take is refused in one line."""
+    name = dataset_name(name)  # "PF-Willow", "SPair-71k" as well
     try:
         cls = DATASETS[name]
     except KeyError:
