@@ -82,6 +82,9 @@ def test_mistakes_in_a_pair_list_are_one_line_naming_the_line(tmp_path, capsys):
         ({"src": "a.jpg", "trg": "b.jpg", "src_kps": [[10, 20]]}, "missing key 'trg_kps' (a pair needs src, trg, src_kps, trg_kps)"),
         ({**good, "trg_kps": [[5, 6], [7, 8]]}, "src_kps has 1 points but trg_kps 2: row i of one is the match of row i of the other"),
         ({**good, "trg_kps": [[400, 5]]}, "trg_kps[0] = [400.0, 5.0] lies outside the 250x400 picture b.jpg (points are [x, y] in its stored pixels)"),
+        # [-1, -1], a hidden point in many annotation files, was within the 1-pixel margin and scored as a position
+        ({**good, "src_kps": [[-1, -1]]}, "src_kps[0] = [-1.0, -1.0] lies outside the 300x200 picture a.jpg (points are [x, y] in its stored "
+                                          "pixels; a hidden point is left out of both lists, not marked -1)"),
         ({**good, "trg_bbox": [10, 20, 5, 70]}, "trg_bbox is [10, 20, 5, 70], expected [x1, y1, x2, y2] with x2 > x1 and y2 > y1"),
         ({**good, "id": "0"}, "pair id '0' is given twice (first at {list_file}:1); predictions are matched to pairs by id"),
         ({**good, "meta": [1]}, "meta must be a JSON object, not a list"),
@@ -92,6 +95,9 @@ def test_mistakes_in_a_pair_list_are_one_line_naming_the_line(tmp_path, capsys):
         list_file.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
         assert main(["pairs", "--dataset", "custom", "--root", str(root), "--split", "test"]) == 2
         assert capsys.readouterr().err.strip() == f"sd4match: error: {list_file}:2: {problem.format(list_file=list_file)}"
+    list_file.write_text(json.dumps({**good, "src_kps": [[-0.5, 200.9]]}) + "\n")  # an annotation's rounding past the edge: kept
+    assert main(["pairs", "--dataset", "custom", "--root", str(root), "--split", "test"]) == 0
+    assert json.loads(capsys.readouterr().out)["src_kps"] == [[-0.5, 200.9]]
     assert main(["pairs", "--dataset", "custom", "--root", str(tmp_path), "--split", "test"]) == 2
     assert capsys.readouterr().err.strip() == (f"sd4match: error: {tmp_path}: not a custom pair root: expected trn.jsonl, val.jsonl or test.jsonl "
                                                "in it (`sd4match pairs --out` writes one)")

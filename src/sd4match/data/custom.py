@@ -29,7 +29,8 @@ from sd4match.fileio import json_lines
 
 #: what a pair of a custom list must give (the rest is made)
 NEEDED = ("src", "trg", "src_kps", "trg_kps")
-#: how far outside its picture a point may lie (pixels) before it is called a mistake (x and y swapped, another picture's)
+#: how far outside its picture a point may lie (pixels, less than this) before it is called a mistake (x and y swapped,
+#: another picture's, -1 for hidden)
 OUTSIDE = 1.0
 
 
@@ -81,11 +82,13 @@ class CustomPairs(PairDataset):
             raise DataError(where, f"src_kps has {len(src_kps)} points but trg_kps {len(trg_kps)}: row i of one is the match of row i of the other")
         src_size, trg_size = self._size(d, "src", where), self._size(d, "trg", where)
         for side, kps, size in (("src", src_kps, src_size), ("trg", trg_kps, trg_size)):
-            outside = np.nonzero(((kps < -OUTSIDE) | (kps > np.asarray(size, dtype=np.float64) + OUTSIDE)).any(axis=1))[0]
+            # -1 itself is outside: many annotation files mark a hidden point [-1, -1], which would be scored as a position
+            outside = np.nonzero(((kps <= -OUTSIDE) | (kps > np.asarray(size, dtype=np.float64) + OUTSIDE)).any(axis=1))[0]
             if len(outside):
                 i = int(outside[0])
+                hint = "; a hidden point is left out of both lists, not marked -1" if (kps[i] < 0).any() else ""
                 raise DataError(where, f"{side}_kps[{i}] = {kps[i].tolist()} lies outside the {size[0]}x{size[1]} picture {d[side]} "
-                                       "(points are [x, y] in its stored pixels)")
+                                       f"(points are [x, y] in its stored pixels{hint})")
         boxes = {side: _box(d.get(f"{side}_bbox"), where, f"{side}_bbox") for side in ("src", "trg")}
         base = d.get("pck_base")
         if base is None:
