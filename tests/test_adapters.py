@@ -352,3 +352,40 @@ def test_compare_adds_the_geometry_aware_subset_when_every_run_has_it(tmp_path):
         ("40.00", "35.00", "10.00"), ("30.00", "25.00", "7.50")]
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "old"), "--out", str(tmp_path / "cmp2")]) == 0  # not every run has them
     assert not any(k.startswith("geo-aware") for k in next(csv.DictReader((tmp_path / "cmp2" / "compare.csv").open())))
+
+
+def test_compare_prints_the_papers_per_category_table_in_markdown_and_latex(tmp_path, capsys):
+    """Runs as rows, categories then their mean and all pairs as columns, PCK@0.1 per image
+    and per point; the best of each column in bold, as printed (50.12 beats 50.08 at two
+    decimals, both are 50.1 at LaTeX's one); LaTeX's special characters escaped; a category
+    a run lacks is '-'; a score.json that names no prompt (`score --out`) shows '-'."""
+    from sd4match.cli import main
+
+    def doc(cats, mean, every, point_all):
+        d = json.loads(_score_doc(every))
+        d.pop("run")
+        for agg, all_ in (("per_image", every), ("per_point", point_all)):
+            d[agg] = {"all": {"0.05": 0.0, "0.1": all_, "0.15": 1.0}, "category_mean": {"0.05": 0.0, "0.1": mean, "0.15": 1.0},
+                      "by_category": {c: {"0.05": 0.0, "0.1": v, "0.15": 1.0} for c, v in cats.items()}}
+        return json.dumps(d)
+
+    (tmp_path / "x_1").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "x_1" / "score.json").write_text(doc({"cat_x": 0.5012, "a&b": 0.70}, 0.6006, 0.61, 0.40))
+    (tmp_path / "b" / "score.json").write_text(doc({"cat_x": 0.5008}, 0.6104, 0.60, 0.45))
+    assert main(["compare", str(tmp_path / "x_1"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| x_1 | - | - |" in md  # no prompt recorded: '-', not 'None'
+    assert ("## PCK@0.1 per image by category (%; the best of each column in bold)\n\n"
+            "| run | cat_x | a&b | mean of categories | all |\n|---|---|---|---|---|\n"
+            "| x_1 | **50.12** | **70.00** | 60.06 | **61.00** |\n"
+            "| b | 50.08 | - | **61.04** | 60.00 |\n") in md
+    assert "| x_1 | **50.12** | **70.00** | 60.06 | 40.00 |\n| b | 50.08 | - | **61.04** | **45.00** |\n" in md.split("per point by category")[1]
+    tex = (tmp_path / "cmp" / "compare.tex").read_text()
+    assert tex.startswith("% sd4match compare: pfwillow/test, protocol sd4match, 450 pairs; PCK@0.1 per image by category (%), "
+                          "the best of each column in bold\n"
+                          "\\begin{tabular}{lcccc}\n\\toprule\n"
+                          "Run & cat\\_x & a\\&b & Mean & All \\\\\n\\midrule\n"
+                          "x\\_1 & \\textbf{50.1} & \\textbf{70.0} & 60.1 & \\textbf{61.0} \\\\\n"
+                          "b & \\textbf{50.1} & - & \\textbf{61.0} & 60.0 \\\\\n"
+                          "\\bottomrule\n\\end{tabular}\n")
+    assert tex.count("\\begin{tabular}") == 2 and "PCK@0.1 per point by category" in tex

@@ -419,9 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "channels_last", "attention", "cudnn_benchmark"), compile_default="auto")
     p.set_defaults(func=cmd_sweep, command_parser=p)
 
-    p = command("compare", "accuracy beside training cost for several evaluations: compare.md, compare.csv, compare.png")
+    p = command("compare", "accuracy beside training cost for several evaluations: compare.md, compare.csv, compare.tex, compare.png")
     p.add_argument("runs", nargs="+", type=Path, help="evaluate output folders (each with its score.json)")
-    p.add_argument("--out", type=Path, help="also write compare.md, compare.csv and compare.png here")
+    p.add_argument("--out", type=Path, help="also write compare.md, compare.csv, compare.tex (the per-category table as LaTeX) and compare.png here")
     p.add_argument("--root", type=Path, help="the dataset's root: each run's pairs scored again one by one for 95%% confidence intervals "
                                              "and paired differences from the first run")
     p.add_argument("--images", type=Path, help=IMAGES_HELP)

@@ -4,7 +4,8 @@ Each argument is an ``evaluate`` output folder (its ``score.json``); what traini
 prompt and adapter cost (trainable parameters, seconds per step, peak memory) comes from
 the prompt folder's record, copied into ``score.json`` (``run.training_cost``). Writes
 ``compare.md``, ``compare.csv`` and ``compare.png`` (PCK@0.1 per image against trainable
-parameters, one bar per run).
+parameters, one bar per run), and ``compare.tex``: the per-category table papers print
+(also in ``compare.md``), as LaTeX.
 
 Given the dataset's ``root``, each run's predictions are scored again pair by pair, and the
 table gets each run's 95% confidence interval and its difference from the first run with a
@@ -52,6 +53,8 @@ def read_run(folder: str | Path) -> dict:
                 "categories": run.get("config", {}).get("categories") or [],
                 "cost": run.get("training_cost") or (ZERO_SHOT if isinstance(prompt, str) and is_keyword_prompt(prompt) else {}),
                 "per_image": doc["per_image"]["all"], "per_point": doc["per_point"]["all"],
+                "by_category": {agg: {"categories": doc[agg].get("by_category") or {}, "mean": doc[agg].get("category_mean")}
+                                for agg in ("per_image", "per_point")},
                 "geo_aware": geo_aware_all(doc)}
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise Sd4MatchError(f"{f}: not the score.json of an evaluation ({first_line(e)})") from None
@@ -98,7 +101,7 @@ def compare(folders: Sequence[str | Path], out: str | Path | None = None, *, roo
 
     def cells(i, r):
         c = r["cost"]
-        row = [r["run"], r["prompt"], c.get("adapt", "-"), c.get("trainable_params", "-"),
+        row = [r["run"], r["prompt"] or "-", c.get("adapt", "-"), c.get("trainable_params", "-"),
                f"{c['seconds_per_step']:.3f}" if "seconds_per_step" in c else "-", f"{c['peak_memory_mb']:.0f}" if "peak_memory_mb" in c else "-",
                *(f"{100 * r['per_image'][a]:.2f}" for a in alphas), *(f"{100 * r['per_point'][a]:.2f}" for a in alphas)]
         row += geo_cells[i]
@@ -116,14 +119,61 @@ def compare(folders: Sequence[str | Path], out: str | Path | None = None, *, roo
                    "A difference whose interval holds 0 is within the noise of this split's pairs."]
     else:
         md += ["", "With the dataset's --root, the table also gives 95% confidence intervals and paired differences."]
-    result = {"rows": rows, "intervals": intervals, "markdown": "\n".join(md) + "\n", "csv": csv_text(head, table)}
+    by_category = category_tables(rows, key)
+    for agg, words in AGGREGATIONS.items():
+        md += ["", f"## PCK@{key} {words} by category (%; the best of each column in bold)", "", *by_category[agg]["markdown"]]
+    title = f"{rows[0]['dataset']}, protocol {rows[0]['protocol']}, {rows[0]['n_pairs']} pairs"
+    latex = "\n".join(f"% sd4match compare: {title}; PCK@{key} {words} by category (%), the best of each column in bold\n"
+                      + by_category[agg]["latex"] for agg, words in AGGREGATIONS.items())
+    result = {"rows": rows, "intervals": intervals, "markdown": "\n".join(md) + "\n", "csv": csv_text(head, table), "latex": latex}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "compare.md", result["markdown"])
         atomic_write_text(out / "compare.csv", result["csv"])
+        atomic_write_text(out / "compare.tex", result["latex"])
         plot_compare(rows, out / "compare.png", intervals)
     return result
+
+
+#: score.json's two aggregations, as the tables name them
+AGGREGATIONS = {"per_image": "per image", "per_point": "per point"}
+
+
+def category_tables(rows: Sequence[dict], key: str) -> dict:
+    """PCK@``key`` of each run (a row) in each category, then the mean of the categories and
+    all pairs (columns), as papers print their per-category tables: per aggregation, the
+    markdown lines and a LaTeX ``tabular`` (booktabs), the best of each column in bold (every
+    run that ties it)."""
+    categories = list(rows[0]["by_category"]["per_image"]["categories"])
+    out = {}
+    for agg in AGGREGATIONS:
+        head = [*categories, "mean of categories", "all"]
+        values = []
+        for r in rows:
+            block = r["by_category"][agg]
+            values.append([(block["categories"].get(c) or {}).get(key) for c in categories]
+                          + [(block["mean"] or {}).get(key), r[agg].get(key)])
+        best = [{d: max((round(100 * v[j], d) for v in values if v[j] is not None), default=None) for d in (1, 2)} for j in range(len(head))]
+
+        def cells(vals, digits: int, bold) -> list[str]:  # the best as printed: values that print alike tie
+            shown = [None if v is None else round(100 * v, digits) for v in vals]
+            return ["-" if v is None else bold(f"{v:.{digits}f}") if v == best[j][digits] else f"{v:.{digits}f}" for j, v in enumerate(shown)]
+
+        md = markdown_table(["run", *head], [[r["run"], *cells(vals, 2, lambda t: f"**{t}**")] for r, vals in zip(rows, values)])
+        tex = ["\\begin{tabular}{l" + "c" * len(head) + "}", "\\toprule",
+               " & ".join(["Run", *(latex_text(h) for h in [*categories, "Mean", "All"])]) + " \\\\", "\\midrule"]
+        tex += [" & ".join([latex_text(r["run"]), *cells(vals, 1, lambda t: f"\\textbf{{{t}}}")]) + " \\\\" for r, vals in zip(rows, values)]
+        tex += ["\\bottomrule", "\\end{tabular}", ""]
+        out[agg] = {"markdown": md, "latex": "\n".join(tex)}
+    return out
+
+
+def latex_text(text: str) -> str:
+    """``text`` as LaTeX prints it (its special characters escaped)."""
+    special = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+               "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+    return "".join(special.get(ch, ch) for ch in str(text))
 
 
 def pair_intervals(rows: Sequence[dict], key: str, root: str | Path, images: str | Path | None = None) -> dict:
