@@ -389,3 +389,28 @@ def test_compare_prints_the_papers_per_category_table_in_markdown_and_latex(tmp_
                           "b & \\textbf{50.1} & - & \\textbf{61.0} & 60.0 \\\\\n"
                           "\\bottomrule\n\\end{tabular}\n")
     assert tex.count("\\begin{tabular}") == 2 and "PCK@0.1 per point by category" in tex
+
+
+def test_a_failed_compare_leaves_its_output_folder_as_it_was(tmp_path, monkeypatch):
+    """compare's four files are written together: a plot that fails leaves an earlier
+    comparison's files byte for byte (before: compare.md and .csv were already replaced)."""
+    from sd4match import compare as compare_module
+    from sd4match.cli import main
+
+    for name, pck in (("a", 0.5), ("b", 0.6)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "score.json").write_text(_score_doc(pck))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert {"compare.md", "compare.csv", "compare.tex", "compare.png"} <= set(before)
+    (tmp_path / "b" / "score.json").write_text(_score_doc(0.9))
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(compare_module, "plot_compare", broken)
+    with pytest.raises(OSError):
+        main(["--debug", "compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)])
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert not [f for f in tmp_path.iterdir() if "staging" in f.name]

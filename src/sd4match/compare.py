@@ -26,7 +26,7 @@ from sd4match.data import open_dataset
 from sd4match.data.records import select_pairs
 from sd4match.errors import Sd4MatchError, first_line
 from sd4match.evaluate import predictions_file
-from sd4match.fileio import atomic_write_text, csv_text, markdown_table
+from sd4match.fileio import atomic_write_text, csv_text, markdown_table, staged_dir
 from sd4match.metrics import geo_aware_all, geo_aware_columns, load_predictions, score
 from sd4match.prompts.spec import is_keyword_prompt
 from sd4match.viz import pyplot
@@ -127,12 +127,11 @@ def compare(folders: Sequence[str | Path], out: str | Path | None = None, *, roo
                       + by_category[agg]["latex"] for agg, words in AGGREGATIONS.items())
     result = {"rows": rows, "intervals": intervals, "markdown": "\n".join(md) + "\n", "csv": csv_text(head, table), "latex": latex}
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "compare.md", result["markdown"])
-        atomic_write_text(out / "compare.csv", result["csv"])
-        atomic_write_text(out / "compare.tex", result["latex"])
-        plot_compare(rows, out / "compare.png", intervals)
+        with staged_dir(out) as tmp:  # the four files together, or the folder as it was
+            atomic_write_text(tmp / "compare.md", result["markdown"])
+            atomic_write_text(tmp / "compare.csv", result["csv"])
+            atomic_write_text(tmp / "compare.tex", result["latex"])
+            plot_compare(rows, tmp / "compare.png", intervals)
     return result
 
 
