@@ -207,6 +207,29 @@ def test_transfer_extracts_each_image_once(tmp_path, featurizer, willow_pair, wi
     assert calls == [1, 1, 1, 1]  # the source once, each target once
 
 
+def test_a_transfer_sheet_is_paged_each_page_with_the_source(tmp_path, featurizer, willow_pair, willow_root):
+    """Over sheet_targets targets the sheet goes on pages (one sheet of a thousand targets
+    was ~90,000 px tall, which no viewer opens): 5 targets at 2 a page are sheet.png,
+    sheet-2.png, sheet-3.png, the last with the source and one target; a second run of 2
+    targets removes the pages the first wrote (one run's files in a folder)."""
+    targets = _targets(tmp_path / "targets", willow_root, 5)
+    out = tmp_path / "o"
+    run_transfer(Matcher(featurizer), willow_pair[0], [("a", (10.0, 10.0))], targets, out, progress=False, sheet_targets=2)
+    assert sorted(p.name for p in out.glob("sheet*.png")) == ["sheet-2.png", "sheet-3.png", "sheet.png"]
+    full, last = Image.open(out / "sheet.png"), Image.open(out / "sheet-3.png")
+    assert last.width < full.width  # two tiles, not three
+    # the source's tile is the same at the top left of every page
+    w = round(300 * 320 / 200)
+    tile = lambda im: np.asarray(im.convert("RGB"))[8:8 + 320, 8:8 + w]
+    np.testing.assert_array_equal(tile(full), tile(last))
+    with pytest.raises(Sd4MatchError, match="at least one target"):
+        run_transfer(Matcher(featurizer), willow_pair[0], [("a", (10.0, 10.0))], targets, out, progress=False, sheet_targets=0)
+    for f in sorted(targets.glob("*.png"))[2:]:
+        f.unlink()
+    run_transfer(Matcher(featurizer), willow_pair[0], [("a", (10.0, 10.0))], targets, out, progress=False, sheet_targets=2)
+    assert sorted(p.name for p in out.glob("sheet*.png")) == ["sheet.png"]
+
+
 def test_transfer_into_a_folder_inside_its_targets_never_reads_its_own_output(tmp_path, featurizer, willow_pair, willow_root, extractions):
     """--out inside --targets: a second run transfers onto the same 3 pictures, not onto the
     first run's sheet.png (before: a fourth target, and an out__sheet.json)."""

@@ -36,6 +36,9 @@ from sd4match.version import __version__
 from sd4match.viz import caption, contact_sheet, draw_matches, draw_pca, draw_points, overlay_heat, score_legend, score_range
 
 SHEET_TILE = 320  # pixel height of each picture of a transfer's sheet.png
+#: targets on one page of a transfer's sheet (with the source: 12 rows of 4); more go on
+#: sheet-2.png, sheet-3.png, ... (one sheet of a thousand targets is ~90,000 px tall: no viewer opens it)
+SHEET_TARGETS = 47
 
 MAX_SIDE = 2048  # larger pictures are downscaled before the model (which works at 768 or less)
 
@@ -447,14 +450,18 @@ def transfer_targets(targets: str | Path, source: str | Path, out: str | Path) -
 
 
 def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets: str | Path, out: str | Path, *, max_side: int = MAX_SIDE,
-                 progress: bool = True, sheet_columns: int = 4) -> list[Path]:
+                 progress: bool = True, sheet_columns: int = 4, sheet_targets: int = SHEET_TARGETS) -> list[Path]:
     """``sd4match transfer``: place the named ``points`` of ``source`` on every image under
     ``targets``; write ``<name>.json`` per target and ``sheet.png``; return the JSON paths.
 
-    The source's features are extracted once; each target's once. Results are written into
-    a staging folder and moved into ``out`` only when every target succeeded, so a failure
-    leaves an earlier run's ``out`` byte for byte as it was.
+    The sheet shows the source, then ``sheet_targets`` targets a page: ``sheet.png``, then
+    ``sheet-2.png``, ``sheet-3.png``, ... (each page with the source first, one colour scale
+    for all). The source's features are extracted once; each target's once. Results are
+    written into a staging folder and moved into ``out`` only when every target succeeded,
+    so a failure leaves an earlier run's ``out`` byte for byte as it was.
     """
+    if sheet_targets < 1:
+        raise Sd4MatchError(f"sheet_targets {sheet_targets}: a sheet shows at least one target")
     a = open_image(source, max_side=max_side)
     check_points(points, a)
     root = Path(targets)
@@ -470,15 +477,23 @@ def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets
                "source_points": [{"name": m["name"], "x": m["source"][0], "y": m["source"][1]} for m in matches],
                "settings": matcher.settings(), "model": matcher.featurizer.model_id, "sd4match": __version__}
         docs[f"{name}.json"] = json.dumps(doc, indent=2)
-        views.append((name, b.image.copy().reduce(max(1, b.image.height // (2 * SHEET_TILE))), b.size, matches))
+        views.append((name, b.image.copy().reduce(max(1, b.image.height // SHEET_TILE)), b.size, matches))  # at least a tile tall
     lo, hi = score_range([m["score"] for *_, ms in views for m in ms])
     src_view = [{"name": n, "source": list(xy), "score": hi} for n, xy in points]  # the source's points in the top colour
-    tiles = [(f"source: {Path(a.name).name}", draw_points(a.image, a.size, src_view, key="source", lo=lo, hi=hi, height=SHEET_TILE))]
-    tiles += [(name, draw_points(im, size, ms, key="target", lo=lo, hi=hi, height=SHEET_TILE)) for name, im, size, ms in views]
-    sheet = score_legend(contact_sheet(tiles, columns=sheet_columns, tile_height=SHEET_TILE), lo, hi,
-                         "score of each transferred point (cosine; the source's points in the top colour):")
+    src_tile = (f"source: {Path(a.name).name}", draw_points(a.image, a.size, src_view, key="source", lo=lo, hi=hi, height=SHEET_TILE))
+    pages = [views[i:i + sheet_targets] for i in range(0, len(views), sheet_targets)]
     with staged_dir(out) as stage:
         for fname, text in docs.items():
             (stage / fname).write_text(text, encoding="utf-8")
-        sheet.save(stage / "sheet.png", format="PNG")
+        for k, page in enumerate(pages, 1):
+            tiles = [src_tile] + [(name, draw_points(im, size, ms, key="target", lo=lo, hi=hi, height=SHEET_TILE)) for name, im, size, ms in page]
+            words = f"page {k} of {len(pages)}: " if len(pages) > 1 else ""
+            sheet = score_legend(contact_sheet(tiles, columns=sheet_columns, tile_height=SHEET_TILE), lo, hi,
+                                 f"{words}score of each transferred point (cosine; the source's points in the top colour):")
+            sheet.save(stage / sheet_name(k), format="PNG")
     return [out / fname for fname in docs]
+
+
+def sheet_name(page: int) -> str:
+    """The file of page ``page`` (from 1) of a transfer's sheet: sheet.png, sheet-2.png, ..."""
+    return "sheet.png" if page == 1 else f"sheet-{page}.png"
