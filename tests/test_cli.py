@@ -329,6 +329,8 @@ def test_prompts_import_shows_only_the_flags_it_uses():
     ("train", "--val-every", "-2", "val-every -2: must be at least -1"),
     ("match", "--max-points", "0", "argument --max-points: 0 must be at least 1"),
     ("reproduce", "--limit", "-5", "argument --limit: -5 must be at least 0"),
+    ("features", "--pca", "500", "argument --pca: 500 must be at most 64"),  # every map held at once: 13 GB of SD maps
+    ("score", "--worst-count", "1000", "argument --worst-count: 1000 must be at most 48"),  # one sheet ~100,000 px tall
 ])
 def test_a_number_out_of_its_range_is_one_line_before_any_model_loads(tmp_path, willow_root, command, flag, value, words, capsys):
     """Every numeric setting has its range; a value outside it is refused in one line naming
@@ -341,12 +343,15 @@ def test_a_number_out_of_its_range_is_one_line_before_any_model_loads(tmp_path, 
         "match": ["match", str(willow_root / "PF-dataset" / "car(G)" / "Cars_006a.png"), str(willow_root / "PF-dataset" / "car(G)" / "Cars_007a.png"),
                   "--out", str(tmp_path / "m"), *model],
         "reproduce": ["reproduce", "--prompts", str(tmp_path), "--out", str(tmp_path / "r")],
+        "features": ["features", "--images", str(willow_root / "PF-dataset"), "--out", str(tmp_path / "f"), *model],
+        "score": ["score", "--dataset", "pfwillow", "--root", str(willow_root), "--split", "test", "--predictions", str(tmp_path / "p.jsonl"),
+                  "--worst", str(tmp_path / "s" / "w.png")],
     }[command]
     with pytest.raises(SystemExit) if words.startswith("argument") else contextlib.nullcontext():
         assert main([*argv, flag, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert words in err and err.startswith(("sd4match: error:", f"sd4match {command}: error:")), err
-    assert not any((tmp_path / d).exists() for d in "etmr")
+    assert not any((tmp_path / d).exists() for d in "etmrfs")
 
 
 def test_every_number_in_the_settings_has_a_range_and_files_read_numbers_written_as_text(tmp_path):

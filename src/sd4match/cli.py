@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worst", type=Path, metavar="PNG", help="draw the pairs of lowest PCK@0.1 (the middle of --alphas when they lack 0.1): "
                                                              "ground truth, prediction and the error between them, on one sheet; needs the "
                                                              "pictures under --root")
-    p.add_argument("--worst-count", type=_number(int, at_least=1), default=12, help="how many pairs --worst draws")
+    p.add_argument("--worst-count", type=_number(int, at_least=1, at_most=48), default=12, help="how many pairs --worst draws (at most 48: "
+                                                                                                  "one sheet a viewer opens)")
     p.set_defaults(func=cmd_score)
 
     p = command("datasets", "inspect datasets")
@@ -337,8 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "--vae-batch, the UNet in calls of up to --max-batch samples")
     p.add_argument("--store-gb", type=_number(float, at_least=0), default=0.5, help="memory for maps and VAE posteriors while extracting, GB (the folder keeps them all)")
     p.add_argument("--workers", type=_number(int, at_least=0), default=4, help="loader threads decoding ahead (0: decode in the main thread)")
-    p.add_argument("--pca", type=_number(int, at_least=0), default=0, metavar="N",
-                   help="also write pca.png: the first N pictures beside the joint PCA of their maps (0: none)")
+    p.add_argument("--pca", type=_number(int, at_least=0, at_most=64), default=0, metavar="N",
+                   help="also write pca.png: the first N pictures beside the joint PCA of their maps (0: none; at most 64: "
+                        "their maps are held in memory, 1.3 GB for 50 SD maps)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _seed_arg(p)
     _model_args(p)
