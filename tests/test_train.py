@@ -376,6 +376,7 @@ def test_a_stop_during_validation_keeps_the_step_and_resumes_exactly(stop_at, ti
         Trainer(cfg, run, featurizer=feat, progress=False).run()
     assert [c.name for c in (run / "checkpoints").iterdir()] == [f"step-{stop_at:07d}"] and (run / "last" / "prompt.safetensors").is_file()
     assert [r["step"] for r in log(run)] == list(range(1, stop_at))  # the step's line waits for its validation
+    assert (run / "curves.png").is_file() and (tmp_path / "clean" / "curves.png").is_file()  # drawn at a stop and at the end
     monkeypatch.setattr(train_mod, "predict_pairs", real)
     Trainer(cfg, run, featurizer=feat, progress=False).run(resume=True)
     assert log(run) == log(tmp_path / "clean")

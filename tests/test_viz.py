@@ -52,3 +52,24 @@ def test_errors_are_drawn_where_the_points_are_coloured_by_their_verdict():
     assert out.getpixel((x0 + 120, 70)) == WRONG  # on the line from (80, 60) to (160, 80): the error
     assert out.getpixel((20, 20)) == (255, 255, 255)  # the source's point 0, a white dot
     assert out.getpixel((x0 + 100, 20)) == (0, 0, 0)  # away from every mark: the picture
+
+
+def test_training_curves_are_the_logged_numbers_with_a_running_mean_and_the_first_best():
+    """What curves.png draws: 120 logged steps give a window of 2 (120 // 50) and the mean
+    of each two neighbours; the best validation is the first of two equal ones (the step
+    best/ holds, as keep_if_best keeps a score only when it is higher); a run that logged
+    no step draws nothing."""
+    import numpy as np
+
+    from sd4match.viz import plot_training, training_curves
+
+    records = [{"step": s, "loss": float(s % 7), "pairs_per_s": 3.0} for s in range(1, 121)]
+    for s, v in ((40, 0.2), (80, 0.5), (120, 0.5)):
+        records[s - 1]["val_pck@0.1"] = v
+    c = training_curves(records)
+    assert c["window"] == 2 and list(c["steps"][:3]) == [1, 2, 3]
+    np.testing.assert_allclose(c["mean"][:6], [1.5, 2.5, 3.5, 4.5, 5.5, 3.0])  # (1+2)/2, (2+3)/2, ..., (6+0)/2
+    assert len(c["mean"]) == 119 and list(c["val_steps"]) == [40, 80, 120] and c["best"] == 1
+    assert training_curves([{"step": 1, "val_pck@0.1": 0.3}]) is None
+    assert training_curves(records[:10])["window"] == 1
+    assert plot_training([], "/nonexistent/never.png") is None

@@ -45,6 +45,7 @@ from sd4match.prompts import Prompt, make_prompt, parse_prompt, prompt_class, re
 from sd4match.prompts.base import update_training_record
 from sd4match.runtime import StopRequest, distributed_rank_world, gather_dicts, git_sha, hang_for_tests, peak_memory_mb, pick_device, pick_dtype, run_lock
 from sd4match.store import Store
+from sd4match.viz import plot_training
 
 __all__ = ["PRESETS", "TrainConfig", "Trainer", "batch_indices", "build_optimizer", "check_run_folder", "load_config"]
 
@@ -153,6 +154,20 @@ class RunLog:
         for h in (self.fh, self.tb):
             if h is not None:
                 h.close()
+
+
+#: a running training redraws curves.png at a validation when it is older than this (seconds);
+#: the end of a run, and a stop, always draw it
+CURVES_EVERY_S = 60.0
+
+
+def draw_curves(out: Path, title: str, validation: str) -> Path | None:
+    """``out/curves.png`` from ``out/scalars.jsonl`` (the whole run, resumed parts included)."""
+    log = out / "scalars.jsonl"
+    if not log.is_file():
+        return None
+    records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return plot_training(records, out / "curves.png", title=title, validation=validation)
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -477,6 +492,7 @@ class Trainer:
         total = self.total_steps
         bar = tqdm(total=total, initial=self.step, unit="step", desc="train", disable=not (self.progress and lead))
         t0, n0 = time.perf_counter(), self.step
+        drawn = t0  # when curves.png was last drawn
         try:
             with StopRequest() as stop:
                 if self.pending:  # resumed at a step whose validation a stop cut short: that validation first
@@ -492,6 +508,9 @@ class Trainer:
                     # validate (every process takes its share), keep the best prompt, log the step
                     if self.validates_after(self.step) and self.val_pairs:
                         self._validate_into(rec, stop if self.world == 1 else None, log, lead)
+                        if lead and time.perf_counter() - drawn > CURVES_EVERY_S:  # a long run's progress, without TensorBoard
+                            self.draw_curves()
+                            drawn = time.perf_counter()
                     elif lead:
                         log.write(rec)
                     if lead:
@@ -504,6 +523,7 @@ class Trainer:
                     if stopping:
                         if lead:
                             self.save_result(out / "last")
+                            self.draw_curves()
                         cut = " (its validation was cut short: it runs first when resumed)" if self.pending is not None else ""
                         raise RunStopped(f"{stop.signal} at step {self.step} of {total}{cut}: its checkpoint and last/ are in {out}; "
                                          "continue the run with --resume", stop.signal)
@@ -520,7 +540,15 @@ class Trainer:
             else:  # best/ was written at its step, before the run's time and memory were known
                 update_training_record(out / "best", cost=dict(self.cost))
             self.write_config()
+            self.draw_curves()
         return out
+
+    def draw_curves(self) -> Path | None:
+        """``curves.png``: the run's loss and validation scores so far, labelled by how they were scored."""
+        cfg = self.cfg
+        pairs = f"{len(self._val_pairs)} {cfg.val_split} pairs" if self._val_pairs is not None else f"{cfg.val_split} split"  # read when validated
+        return draw_curves(self.out, f"{self.out.name}: {cfg.prompt} prompt, {cfg.dataset}/{cfg.train_split}, batch {cfg.batch_size}",
+                           f"validation: {cfg.val_rule}, sd4match frame, {pairs}")
 
     def save_result(self, folder: Path, **extra) -> Path:
         """The prompt folder a run hands on: the prompt, the adapter (if any), what it cost."""
@@ -536,7 +564,7 @@ class Trainer:
 #: settings that may change between a run and its resumption: how long it runs and how it is fed
 _VOLATILE = ("steps", "epochs", "workers", "cache_dir", "store_gb", "compile", "channels_last", "attention", "cudnn_benchmark", "ckpt_every",
              "keep_checkpoints", "device")
-RUN_FILES = ("config.json", "scalars.jsonl", CKPT_DIR, "best", "last", "tb")
+RUN_FILES = ("config.json", "scalars.jsonl", CKPT_DIR, "best", "last", "tb", "curves.png")
 
 
 def recorded_config(cfg: TrainConfig) -> dict:
@@ -569,7 +597,7 @@ def check_run_folder(out: str | Path, *, resume: bool, resume_or_start: bool) ->
         return True
     if resume_or_start:
         if not has_ckpt:
-            for name in ("scalars.jsonl", "config.json"):
+            for name in ("scalars.jsonl", "config.json", "curves.png"):
                 (out / name).unlink(missing_ok=True)
         else:
             check_same_weights(out / "config.json")

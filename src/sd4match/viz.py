@@ -8,10 +8,13 @@ pictures are drawn at a display size of at most ``height`` pixels tall and
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from sd4match.fileio import atomic_path
 
 
 def pyplot():
@@ -377,3 +380,62 @@ def draw_pca(pictures: Sequence[tuple[str, Image.Image]], maps: Sequence, *, col
     text = (f"{title + ': ' if title else ''}joint PCA of the feature maps of {len(pictures)} pictures (each cell's descriptor L2-normalised): "
             f"axes 1-3 as red, green, blue ({shares} of the variance), one scale for all, so the same colour is the same feature in every picture")
     return caption(contact_sheet(tiles, tile_height=tile_height, columns=2 * columns), text)
+
+
+#: the validation score a training run logs with its step (``scalars.jsonl``)
+VAL_KEY = "val_pck@0.1"
+
+
+def training_curves(records: Sequence[dict]) -> dict | None:
+    """What ``plot_training`` draws, from a run's ``scalars.jsonl`` records: ``steps`` and
+    ``loss`` of every logged step; ``window`` (about 2% of the steps, at least 1) and
+    ``mean``, the running mean of the last ``window`` losses at ``steps[window - 1:]``;
+    ``val_steps`` and ``val`` (PCK@0.1, fractions) of each validation and ``best``, the index
+    of the best (the first of equal ones, as ``best/`` keeps it), or None without one. None
+    without a logged step."""
+    logged = [r for r in records if "loss" in r]
+    if not logged:
+        return None
+    loss = np.array([r["loss"] for r in logged], dtype=np.float64)
+    w = max(1, len(loss) // 50)
+    val = [(r["step"], r[VAL_KEY]) for r in records if VAL_KEY in r]
+    return {"steps": np.array([r["step"] for r in logged], dtype=np.int64), "loss": loss, "window": w,
+            "mean": np.convolve(loss, np.ones(w) / w, mode="valid"),
+            "val_steps": np.array([s for s, _ in val], dtype=np.int64), "val": np.array([v for _, v in val], dtype=np.float64),
+            "best": int(np.argmax([v for _, v in val])) if val else None}
+
+
+def plot_training(records: Sequence[dict], path, *, title: str = "", validation: str = "validation") -> Path | None:
+    """``path`` (PNG): a training run's ``scalars.jsonl`` records drawn (``training_curves``):
+    the loss of every step (faint) with its running mean, and, below, the validation PCK@0.1
+    at each validation with the best marked (``validation`` says how it was scored). None
+    (nothing written) without a logged step."""
+    c = training_curves(records)
+    if c is None:
+        return None
+    plt = pyplot()
+    val = c["best"] is not None
+    fig, axes = plt.subplots(2 if val else 1, 1, figsize=(8, 6 if val else 3.4), sharex=True, squeeze=False)
+    ax = axes[0, 0]
+    ax.plot(c["steps"], c["loss"], color="tab:blue", alpha=0.25 if c["window"] > 1 else 0.9, linewidth=0.8, label="loss of each step")
+    if c["window"] > 1:
+        ax.plot(c["steps"][c["window"] - 1:], c["mean"], color="tab:blue", linewidth=1.6, label=f"mean of the last {c['window']} steps")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(alpha=0.3)
+    if val:
+        b, vs, vp = c["best"], c["val_steps"], 100 * c["val"]
+        ax = axes[1, 0]
+        ax.plot(vs, vp, "o-", color="tab:green", markersize=3, label=validation)
+        ax.plot([vs[b]], [vp[b]], "*", color="tab:red", markersize=12, label=f"best: {vp[b]:.2f} at step {vs[b]} (best/)")
+        ax.set_ylabel("validation PCK@0.1 per image (%)")
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)
