@@ -89,6 +89,35 @@ def _willow_predictions(tmp_path, willow_root, noise_px, seed=0):
     return recs, path
 
 
+def test_predictions_in_another_frame_are_named_and_scored_as_given(tmp_path, willow_root):
+    """Predictions in the official 768 frame, as (y, x), as fractions or as grid coordinates
+    scored 0 (or near it) without a word; now a warning names the likely frame and its
+    conversion, the scores staying those of the predictions as given. Right ones, and a
+    poor method's (its points inside the pictures), get no warning."""
+    from sd4match.metrics import frame_hint, load_predictions
+
+    recs, path = _willow_predictions(tmp_path, willow_root, noise_px=3.0)
+    preds = load_predictions(path)
+    wh = {r.id: np.array(r.trg_size, dtype=np.float64) for r in recs}
+    for convert, words in ((lambda p, s: p * 768 / s, "coordinates in the 768 x 768 frame (the official code's)"),
+                           (lambda p, s: p[:, ::-1], "(y, x) pairs"),
+                           (lambda p, s: p / s, "fractions of the picture (0 to 1)"),
+                           (lambda p, s: 2 * p / s - 1, "grid coordinates (-1 to 1)")):
+        moved = tmp_path / "moved.jsonl"
+        moved.write_text("".join(json.dumps({"id": k, "kps": convert(v, wh[k]).tolist()}) + "\n" for k, v in preds.items()))
+        rc, out, err = here("score", "--dataset", "pfwillow", "--root", willow_root, "--split", "test", "--predictions", moved, "--json")
+        assert rc == 0 and f"if they are {words}: sd4match reads (x, y) in the target picture's original pixels" in err, err
+        assert json.loads(out)["per_point"]["all"]["0.1"] < 0.5  # scored as given, not converted
+    rc, out, err = here("score", "--dataset", "pfwillow", "--root", willow_root, "--split", "test", "--predictions", path)
+    assert rc == 0 and "warning" not in err
+    rng = np.random.default_rng(0)
+    poor = {r.id: rng.uniform(0, 1, (r.n_points, 2)) * np.array(r.trg_size) for r in recs}  # chance level, inside the pictures
+    assert frame_hint(recs, poor) is None
+    far = {r.id: np.full((r.n_points, 2), -300.0) for r in recs}
+    assert frame_hint(recs, far) == ("100% of the predicted points lie outside their target pictures: predictions are (x, y) in the target "
+                                     "picture's original pixels")
+
+
 def test_score_cli_matches_library_and_hand_count(tmp_path, willow_root):
     recs, path = _willow_predictions(tmp_path, willow_root, noise_px=8.0)
     rc, out, err = here("score", "--dataset", "pfwillow", "--root", willow_root, "--split", "test", "--predictions", path, "--json")

@@ -516,7 +516,8 @@ def cmd_pairs(args) -> int:
 def cmd_score(args) -> int:
     from sd4match.checks import check_distinct_files, check_output_file, check_picture_name
     from sd4match.data.records import limit_pairs, rebased, select_pairs
-    from sd4match.metrics import draw_worst, format_table, keypoint_table, label_score, load_predictions, pair_details, plot_categories, score, seen_unseen
+    from sd4match.metrics import (draw_worst, format_table, frame_hint, keypoint_table, label_score, load_predictions, pair_details,
+                                  plot_categories, score, seen_unseen)
 
     outputs = (("--out", args.out, "score.json"), ("--plot", args.plot, "bars.png"), ("--per-pair", args.per_pair, "pairs.jsonl"),
                ("--worst", args.worst, "worst.png"))
@@ -542,6 +543,9 @@ def cmd_score(args) -> int:
             raise Sd4MatchError(f"{args.predictions}: holds the pairs of {len(cats)} of the split's categories, those `evaluate --categories "
                                 f"{','.join(cats)}` takes: pass --categories {','.join(cats)} to score them")
     result = score(recs, preds, protocol=args.protocol, alphas=args.alphas, allow_missing=args.allow_missing, where=str(args.predictions))
+    hint = frame_hint(recs, preds)  # predictions in the 768 frame scored 0 without a word
+    if hint:
+        warnings.warn(f"{args.predictions}: {hint}", Sd4MatchWarning, stacklevel=2)
     if args.by_keypoint and "by_keypoint" not in result:
         raise Sd4MatchError(f"--by-keypoint: {args.dataset}'s pairs do not number their keypoints (only their order in each pair is known; "
                             "your own pairs can name them in meta.kps_ids)")

@@ -86,6 +86,47 @@ def pck_correct(pred: np.ndarray, gt: np.ndarray, base: float, alphas: Sequence[
     return dist[:, None] <= np.asarray(alphas, dtype=np.float64)[None, :] * base
 
 
+#: the usual ways predictions end up in other coordinates than the target's original pixels:
+#: (how they read, how to convert them, the conversion) for ``frame_hint``
+FRAME_MISTAKES = (
+    ("coordinates in the 768 x 768 frame (the official code's)", "multiply x by W/768 and y by H/768", lambda p, wh: p * wh / SD4MATCH_RESOLUTION),
+    ("(y, x) pairs", "swap the two coordinates", lambda p, wh: p[:, ::-1]),
+    ("fractions of the picture (0 to 1)", "multiply them by (W, H)", lambda p, wh: p * wh),
+    ("grid coordinates (-1 to 1)", "take (p + 1) / 2 x (W, H)", lambda p, wh: (p + 1) / 2 * wh),
+)
+
+
+def frame_hint(records: Sequence[PairRecord], predictions: Mapping[str, np.ndarray], *, alpha: float = 0.1) -> str | None:
+    """A line when ``predictions`` look as if they were not (x, y) in the target pictures'
+    original pixels: when one of ``FRAME_MISTAKES`` read back gives a PCK@``alpha`` (per point,
+    standard protocol) at least 25 points and twice above the predictions as given, it is
+    named with its conversion; else when a quarter or more of the points lie outside their
+    pictures (by more than a pixel). None when nothing looks wrong. Nothing is converted:
+    the scores stay those of the predictions as given."""
+    pairs = [(r, np.asarray(predictions[r.id], dtype=np.float64)) for r in records if r.n_points and r.id in predictions]
+    pairs = [(r, p) for r, p in pairs if p.shape == (r.n_points, 2)]
+    if not pairs:
+        return None
+    pred = np.concatenate([p for _, p in pairs])
+    gt = np.concatenate([r.trg_kps for r, _ in pairs])
+    wh = np.concatenate([np.repeat([r.trg_size], r.n_points, axis=0) for r, _ in pairs]).astype(np.float64)
+    base = np.concatenate([np.full(r.n_points, r.pck_base["standard"]) for r, _ in pairs])
+
+    def pck(p):
+        return float(np.mean(np.linalg.norm(p - gt, axis=1) <= alpha * base))
+
+    given = pck(pred)
+    read, how, better = max(((read, how, pck(convert(pred, wh))) for read, how, convert in FRAME_MISTAKES), key=lambda t: t[2])
+    if better >= given + 0.25 and better >= 2 * given:
+        return (f"the predictions score PCK@{alpha:g} {100 * given:.1f} as given but {100 * better:.1f} if they are {read}: sd4match reads "
+                f"(x, y) in the target picture's original pixels; if so, {how} (the scores are of the predictions as given)")
+    outside = float(np.mean(((pred < -1) | (pred > wh + 1)).any(axis=1)))
+    if outside >= 0.25:
+        return (f"{100 * outside:.0f}% of the predicted points lie outside their target pictures: predictions are (x, y) in the target "
+                "picture's original pixels")
+    return None
+
+
 def prediction_array(kps, pid: str, where: str) -> np.ndarray:
     """One pair's predicted points as an (N, 2) float64 array of finite numbers (a list of
     [x, y], an array or a tensor), or a ``PredictionError`` naming the pair and the point."""
