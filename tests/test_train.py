@@ -421,3 +421,22 @@ def test_settings_a_run_never_reads_are_named():
     assert unused(adapt="lora", prompt="cpm", lr=0.5, lora_rank=8, fixed_prompt="text") == ["--prompt", "--lr"]
     assert unused(adapt="prompt+finetune", finetune_blocks=("up_blocks.1",), lr_adapter=1e-5, lora_alpha=2.0) == ["--lora-alpha"]
     assert all(unused_settings(load_train_config(p, root="x")) == [] for p in TRAIN_PRESETS)
+
+
+def test_a_curves_picture_that_cannot_be_drawn_never_stops_the_run(tiny, willow_root, tmp_path, monkeypatch):
+    """curves.png is drawn inside the run (at a stop, at the end): a failure there (a full
+    disk) is a warning, and the run's prompts and log are all written."""
+    import sd4match.train as train_mod
+    from sd4match.errors import Sd4MatchWarning
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_mod, "plot_training", full_disk)
+    feat = SDFeaturizer.from_pretrained(tiny, resolution=64, ensemble=1)
+    cfg = TrainConfig(dataset="synthetic", root=str(willow_root), prompt="single", model=str(tiny), resolution=64, steps=2, batch_size=2,
+                      micro_batch=2, val_every=1, val_ensemble=1, ckpt_every=100, device="cpu", val_split="test", val_pairs=2, workers=0)
+    with pytest.warns(Sd4MatchWarning, match=r"curves\.png: not drawn \(\[Errno 28\] No space left on device\); the run goes on"):
+        out = Trainer(cfg, tmp_path / "run", featurizer=feat, progress=False).run()
+    assert (out / "best" / "prompt.safetensors").is_file() and (out / "last" / "prompt.safetensors").is_file()
+    assert len((out / "scalars.jsonl").read_text().splitlines()) == 2 and not (out / "curves.png").exists()

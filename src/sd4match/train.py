@@ -33,7 +33,7 @@ from sd4match.checkpoint import CKPT_DIR, list_checkpoints, load_checkpoint, pru
 from sd4match.config import TRAIN_PRESETS, MatchConfig, TrainConfig, compile_choice, kernel_choice, load_train_config
 from sd4match.data import dataset_options, open_dataset
 from sd4match.data.records import limit_pairs, limit_record, limit_rule_changed
-from sd4match.errors import RunStopped, Sd4MatchError, Sd4MatchWarning
+from sd4match.errors import RunStopped, Sd4MatchError, Sd4MatchWarning, first_line
 from sd4match.evaluate import check_same_weights, predict_pairs, weights_record
 from sd4match.features import DinoFeaturizer, load_featurizer
 from sd4match.fileio import atomic_write_text
@@ -162,12 +162,17 @@ CURVES_EVERY_S = 60.0
 
 
 def draw_curves(out: Path, title: str, validation: str) -> Path | None:
-    """``out/curves.png`` from ``out/scalars.jsonl`` (the whole run, resumed parts included)."""
+    """``out/curves.png`` from ``out/scalars.jsonl`` (the whole run, resumed parts included).
+    A picture that cannot be drawn (a full disk, a broken matplotlib) is a warning: it never
+    stops the training it shows."""
     log = out / "scalars.jsonl"
-    if not log.is_file():
+    try:
+        records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()] if log.is_file() else []
+        return plot_training(records, out / "curves.png", title=title, validation=validation)
+    except Exception as e:  # noqa: BLE001 (a picture of the run is worth less than the run)
+        warnings.warn(f"{out / 'curves.png'}: not drawn ({first_line(e)}); the run goes on, scalars.jsonl holds its numbers", Sd4MatchWarning,
+                      stacklevel=2)
         return None
-    records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return plot_training(records, out / "curves.png", title=title, validation=validation)
 
 
 # ------------------------------------------------------------------------------ the loop
