@@ -15,7 +15,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -121,15 +121,8 @@ def parse_points(spec: str) -> list[tuple[str, tuple[float, float]]]:
 
 def _json_points(text: str, where: str):
     """JSON text -> its data; a key given twice in one object is an error (``json`` keeps the last)."""
-    def unique(pairs):
-        seen = set()
-        for k, _ in pairs:
-            if k in seen:
-                raise Sd4MatchError(f"{where}: point {k!r} is given twice")
-            seen.add(k)
-        return dict(pairs)
     try:
-        return json.loads(text, object_pairs_hook=unique)
+        return json.loads(text, object_pairs_hook=lambda pairs: dict(_unique_names(pairs, where)))
     except json.JSONDecodeError as e:
         raise Sd4MatchError(f"{where}: not valid JSON ({e})") from None
 
@@ -160,7 +153,7 @@ def _points_from_data(data, where: str) -> list[tuple[str, tuple[float, float]]]
     return _unique_names(out, where)
 
 
-def _unique_names(points: list[tuple[str, tuple[float, float]]], where: str) -> list[tuple[str, tuple[float, float]]]:
+def _unique_names(points: list[tuple[str, Any]], where: str) -> list[tuple[str, Any]]:
     """Points are told apart by name (in the outputs, the sheet and the next --points): one name, one point."""
     seen = set()
     for name, _ in points:
