@@ -88,8 +88,8 @@ def fixture_images() -> Path:
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``slow`` (compilation, real weights) or ``long`` (several processes: kill and
-    resume, two-process runs) run only when selected: ``pytest -m slow``, ``pytest -m long``
-    (CI runs ``-m long`` after the default run)."""
+    resume, two-process runs; more variants of a default test's check) run only when selected:
+    ``pytest -m slow``, ``pytest -m long`` (CI runs ``-m long`` after the default run)."""
     selected = config.getoption("-m") or ""
     for mark in ("slow", "long"):
         if mark in selected:

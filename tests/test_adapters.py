@@ -159,8 +159,9 @@ def test_compare_three_runs_gives_their_own_numbers(sd_path, willow_root, tmp_pa
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 5_000 and "| run | prompt | adapt |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("kind,extra", [("cpm", {"cpm_input": "cls"}), ("cpm", {"cpm_input": "mean"}), ("cpm", {"global_tokens": 0}),
-                                        ("cpm", {"cpm_plain": True}), ("cpm-image", {})])
+@pytest.mark.parametrize("kind,extra", [("cpm", {"cpm_input": "cls"}), ("cpm-image", {}),  # the others in the long run (CI runs it)
+                                        *(pytest.param("cpm", e, marks=pytest.mark.long) for e in ({"cpm_input": "mean"}, {"global_tokens": 0},
+                                                                                               {"cpm_plain": True}))])
 def test_conditioning_variants_learn(kind, extra, sd_path, willow_root, tmp_path):
     """Each conditioning variant trains on warps of the fixture photos with a falling loss."""
     from sd4match.features import DinoFeaturizer

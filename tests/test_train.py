@@ -30,7 +30,7 @@ def learn(cfg, out, feat, dino=None):
     return before, t.validate(), sum(losses[:10]) / 10, sum(losses[-10:]) / 10
 
 
-@pytest.mark.parametrize("kind", ["single", "cpm"])
+@pytest.mark.parametrize("kind", ["single", pytest.param("cpm", marks=pytest.mark.long)])  # cpm's loss falls in test_adapters too
 def test_prompt_learns_on_synthetic_warps_of_real_images(kind, tiny, willow_root, tmp_path):
     """Warped PF-Willow photos, tiny random SD at 64 px (8 x 8 cells), 140 steps of 4 pairs.
 
