@@ -354,3 +354,43 @@ def test_an_evaluation_of_some_categories_scores_them_as_a_full_run_does(tmp_pat
     assert main([*base, "--categories", "car(G)", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["n_pairs"] == 90 and got["categories"] == ["car(G)"] and got["per_image"]["all"]["0.1"] == 1.0
+
+
+def test_your_own_featurizer_is_evaluated_as_the_built_in_ones(tmp_path, willow_root):
+    """A subclass of sd4match.Featurizer with only grid_size, settings and forward (no
+    parameters, so no device of its own) runs through evaluate: one-hot cell features make
+    nearest-neighbour matching put each point at the centre of the same cell of the target,
+    computed here by hand from the picture sizes, and its scores equal `score` on them."""
+    import numpy as np
+    import torch
+
+    import sd4match
+    from sd4match.data import open_dataset
+
+    class SamePlace(sd4match.Featurizer):
+        model_id, resolution = "same-place", 64
+
+        @property
+        def grid_size(self):
+            return (8, 6)  # (w, h): not square, so x and y cannot be mixed up unseen
+
+        def settings(self):
+            return {"featurizer": self.model_id}
+
+        def forward(self, images, **unused):
+            x = sd4match.images_to_tensor(images, self.resolution, device=self.device)
+            return torch.eye(48).reshape(48, 6, 8).expand(len(x), -1, -1, -1)
+
+    cfg = sd4match.EvalConfig("pfwillow", str(willow_root), rule="nn", protocol="standard", limit=20)
+    run = sd4match.evaluate(SamePlace(), cfg, tmp_path / "e", progress=False)
+    recs = {r.id: r for r in open_dataset("pfwillow", willow_root).pairs("test")}
+    preds = [json.loads(line) for line in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 20
+    for p in preds:
+        r = recs[p["id"]]
+        (ws, hs), (wt, ht) = r.src_size, r.trg_size
+        col = np.minimum(np.floor(r.src_kps[:, 0] * 8 / ws), 7)
+        row = np.minimum(np.floor(r.src_kps[:, 1] * 6 / hs), 5)
+        np.testing.assert_allclose(p["kps"], np.stack([(col + 0.5) * wt / 8, (row + 0.5) * ht / 6], axis=1), rtol=0, atol=1e-4)  # float32
+    scored = sd4match.score([recs[p["id"]] for p in preds], {p["id"]: p["kps"] for p in preds}, protocol="standard")
+    assert scored["per_image"]["all"] == run.score["per_image"]["all"]

@@ -24,7 +24,8 @@ WHOLE_BLOCK = "--out runs/willow-look"
 OFFLINE_BLOCKS = {
     "bash": ("--model effnet-lite0 --out runs/demo", "sd4match features --model effnet-lite0", "--out runs/cat-dog  # offline",
              "sd4match transfer --source examples/cat.jpg", WHOLE_BLOCK),
-    "python": ('sd4match.Matcher(sd4match.load_featurizer("effnet-lite0"))', 'tiny_sd("runs/tiny-sd")', 'sd4match.EvalConfig("pfwillow", "data/pf-willow"'),
+    "python": ('sd4match.Matcher(sd4match.load_featurizer("effnet-lite0"))', 'tiny_sd("runs/tiny-sd")', 'sd4match.EvalConfig("pfwillow", "data/pf-willow", split',
+               "class SamePlace(sd4match.Featurizer)"),
 }
 
 
@@ -78,5 +79,5 @@ def test_the_readmes_offline_examples_run_as_pasted(clone_folder):
     runs = clone_folder / "runs"
     for f in ("demo/matches.json", "demo/matches.png", "demo-birds/warped.png", "demo-birds/confidence.png", "demo-birds/dense.npz", "demo-birds/pca.png",
               "features/index.json", "features/pca.png", "cat-dog/matches.json", "transfer/sheet.png", "my-prompt/prompt.safetensors", "my-prompt/config.json",
-              "willow-effnet/score.json", "willow-look/pairs.jsonl", "willow-look/worst.png"):
+              "willow-effnet/score.json", "willow-same-place/score.json", "willow-look/pairs.jsonl", "willow-look/worst.png"):
         assert (runs / f).is_file(), f

@@ -24,6 +24,8 @@ _EXPORTS = {
     "SDFeaturizer": "sd4match.features",
     "DinoFeaturizer": "sd4match.features",
     "EffNetFeaturizer": "sd4match.features",
+    "Featurizer": "sd4match.features",
+    "images_to_tensor": "sd4match.features",
     "load_featurizer": "sd4match.features",
     "make_prompt": "sd4match.prompts",
     "load_prompt": "sd4match.prompts",

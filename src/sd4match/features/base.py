@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import ClassVar, Sequence
 
 import numpy as np
@@ -150,7 +151,9 @@ class Featurizer(torch.nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where its parameters (or buffers) are; the CPU for a featurizer that has none."""
+        held = next(itertools.chain(self.parameters(), self.buffers()), None)
+        return held.device if held is not None else torch.device("cpu")
 
     @property
     def max_batch(self) -> int:
