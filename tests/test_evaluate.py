@@ -394,3 +394,27 @@ def test_your_own_featurizer_is_evaluated_as_the_built_in_ones(tmp_path, willow_
         np.testing.assert_allclose(p["kps"], np.stack([(col + 0.5) * wt / 8, (row + 0.5) * ht / 6], axis=1), rtol=0, atol=1e-4)  # float32
     scored = sd4match.score([recs[p["id"]] for p in preds], {p["id"]: p["kps"] for p in preds}, protocol="standard")
     assert scored["per_image"]["all"] == run.score["per_image"]["all"]
+
+
+def test_a_prompt_evaluated_on_the_split_it_learned_from_is_said_to_be_not_held_out(tmp_path, willow_root):
+    """The prompt folder records its training data: evaluating it on that very split of a
+    benchmark warns (its numbers would be read as held out); another split, or your own
+    synthetic data (whose pairs depend on the root), does not."""
+    import warnings
+
+    from sd4match.config import EvalConfig
+    from sd4match.errors import Sd4MatchWarning
+    from sd4match.evaluate import evaluate
+    from sd4match.features import load_featurizer
+    from sd4match.prompts import make_prompt
+
+    feat = load_featurizer(str(tiny_sd(tmp_path / "tiny")), resolution=64, ensemble=1)
+    for name, dataset, split in (("seen", "pfwillow", "test"), ("other", "pfwillow", "trn"), ("own", "synthetic", "test")):
+        make_prompt("single", feat).save(tmp_path / name, dataset=dataset, split=split, step=1)
+    cfg = dict(dataset="pfwillow", root=str(willow_root), split="test", limit=5, rule="nn")
+    with pytest.warns(Sd4MatchWarning, match=r"the prompt was trained on pfwillow/test, the split it is evaluated on: its scores there are not held out"):
+        evaluate(feat, EvalConfig(prompt=str(tmp_path / "seen"), **cfg), tmp_path / "e1", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Sd4MatchWarning)
+        evaluate(feat, EvalConfig(prompt=str(tmp_path / "other"), **cfg), tmp_path / "e2", progress=False)
+        evaluate(feat, EvalConfig(prompt=str(tmp_path / "own"), **{**cfg, "dataset": "synthetic"}), tmp_path / "e3", progress=False)

@@ -26,6 +26,7 @@ import json
 import sys
 import time
 import types
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -38,7 +39,7 @@ from sd4match.batching import Batcher
 from sd4match.config import EVAL_PRESETS, EvalConfig, MatchConfig, as_dict
 from sd4match.data import dataset_options, open_dataset
 from sd4match.data.records import PairRecord, limit_record, limit_rule_changed, select_pairs
-from sd4match.errors import DataError, Sd4MatchError, first_line
+from sd4match.errors import DataError, Sd4MatchError, Sd4MatchWarning, first_line
 from sd4match.features.registry import weights_revision
 from sd4match.features.sd import SDLayerStack
 from sd4match.fileio import atomic_write_text
@@ -252,6 +253,7 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
     out = Path(out)
     records = _records(cfg, records)
     prompt = resolve_prompt(cfg.prompt, featurizer, dino=dino)
+    check_held_out(prompt, cfg)
     batcher = Batcher(featurizer, dino=dino, store=store, seed=cfg.seed)
     settings = {**featurizer.settings(), **batcher.call_settings(prompt), **_prompt_categories(prompt)}
     rank, world = distributed_rank_world()
@@ -302,6 +304,15 @@ def evaluate(featurizer, cfg: EvalConfig, out: str | Path, *, dino=None, progres
                   {**_training_cost(prompt), **weights, **({"request": request} if request else {})},
                   stream={**batcher.stream_peak, "work": batcher.work_counts()})
     return Evaluation(out, settings, doc)
+
+
+def check_held_out(prompt: Prompt | None, cfg: EvalConfig) -> None:
+    """A warning when the prompt's training record says it learned from the split it is
+    evaluated on (a benchmark's: its pairs do not depend on the root; your own data's may)."""
+    t = prompt.config.training if prompt is not None else {}
+    if t.get("dataset") == cfg.dataset and t.get("split") == cfg.split and cfg.dataset not in ("synthetic", "custom"):
+        warnings.warn(f"the prompt was trained on {cfg.dataset}/{cfg.split}, the split it is evaluated on: its scores there are not held out, "
+                      "and not comparable with published numbers", Sd4MatchWarning, stacklevel=3)
 
 
 def _prompt_categories(prompt: Prompt | None) -> dict:
