@@ -176,9 +176,9 @@ def test_output_folders_hold_one_run(tmp_path, capsys):
             shutil.copy(EXAMPLES / n, d / n)
     base = ["transfer", "--source", str(EXAMPLES / "cat.jpg"), "--points", "100,100", "--model", "effnet-lite0", "--no-progress", "--out", str(tout)]
     assert main([*base, "--targets", str(t1)]) == 0
-    assert {p.name for p in tout.iterdir() if not p.name.startswith(".")} == {"pets.json", "owl.json", "sheet.png"}
+    assert {p.name for p in tout.iterdir() if not p.name.startswith(".")} == {"pets.json", "owl.json", "coco.json", "sheet.png"}
     assert main([*base, "--targets", str(t2)]) == 0
-    assert {p.name for p in tout.iterdir() if not p.name.startswith(".")} == {"bird.json", "sheet.png"}
+    assert {p.name for p in tout.iterdir() if not p.name.startswith(".")} == {"bird.json", "coco.json", "sheet.png"}
 
 
 def test_missing_pictures_are_named_before_any_model_loads_and_a_failed_start_blocks_nothing(spair_root, spair_with_images, tmp_path, capsys,

@@ -168,7 +168,7 @@ def test_transfer_three_targets(tmp_path, tiny, willow_pair, willow_root):
     out = tmp_path / "t"
     assert main(["transfer", "--source", str(willow_pair[0]), "--points", str(pts), "--targets", str(targets), "--model", str(tiny), *MODEL_ARGS,
                  "--out", str(out), "--no-progress"]) == 0
-    docs = sorted(out.glob("*.json"))
+    docs = sorted(d for d in out.glob("*.json") if d.name != "coco.json")
     assert [d.stem for d in docs] == [f.stem for f in files]
     for d, f in zip(docs, files):
         doc = json.loads(d.read_text())
@@ -177,6 +177,21 @@ def test_transfer_three_targets(tmp_path, tiny, willow_pair, willow_root):
         assert doc["target"]["size"] == [w, h] and all(0 <= p["x"] <= w and 0 <= p["y"] <= h for p in doc["points"])
     sheet = Image.open(out / "sheet.png")
     assert sheet.width > 3 * 240 and np.asarray(sheet.convert("L")).std() > 20
+    # coco.json: the same points as COCO keypoints, laid out as the AP-10K fixture's COCO file
+    coco = json.loads((out / "coco.json").read_text())
+    ref = json.loads((willow_root.parent / "ap-10k" / "test_ap10k.json").read_text())
+    assert set(coco) >= {"images", "annotations", "categories"}
+    assert set(ref["images"][0]) - {"license", "background"} <= set(coco["images"][0])
+    assert set(ref["annotations"][0]) <= set(coco["annotations"][0]) and set(ref["categories"][0]) <= set(coco["categories"][0])
+    assert coco["categories"] == [{"id": 1, "name": "object", "supercategory": "object", "keypoints": ["front wheel", "roof"], "skeleton": []}]
+    for im, ann, d, f in zip(coco["images"], coco["annotations"], docs, files):
+        doc = json.loads(d.read_text())
+        assert im["file_name"] == f.name and [im["width"], im["height"]] == list(Image.open(f).size) and ann["image_id"] == im["id"]
+        pts = [(p["x"], p["y"]) for p in doc["points"]]
+        assert ann["keypoints"] == [v for x, y in pts for v in (x, y, 2)] and ann["num_keypoints"] == 2
+        xs, ys = [x for x, _ in pts], [y for _, y in pts]
+        assert ann["bbox"] == pytest.approx([min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)])
+        assert ann["sd4match_scores"] == [p["score"] for p in doc["points"]]
 
 
 @pytest.fixture
@@ -205,6 +220,20 @@ def test_transfer_extracts_each_image_once(tmp_path, featurizer, willow_pair, wi
     targets = _targets(tmp_path / "targets", willow_root, 3)
     run_transfer(Matcher(featurizer), willow_pair[0], [("a", (10.0, 10.0)), ("b", (20.0, 30.0))], targets, tmp_path / "o", progress=False)
     assert calls == [1, 1, 1, 1]  # the source once, each target once
+
+
+def test_every_target_gets_its_own_json_whatever_its_name(tmp_path, featurizer, willow_pair, willow_root):
+    """a/x.jpg and a__x.jpg both made a__x_jpg.json, the second replacing the first; a target
+    named coco.jpg would have replaced coco.json. Now each target has its own file."""
+    src = sorted((willow_root / "PF-dataset" / "car(S)").glob("*.png"))
+    targets = tmp_path / "targets"
+    (targets / "a").mkdir(parents=True)
+    for rel, f in zip(("a/x.png", "a__x.png", "coco.png", "x.png"), src):
+        (targets / rel).write_bytes(f.read_bytes())
+    written = run_transfer(Matcher(featurizer), willow_pair[0], [("a", (10.0, 10.0))], targets, tmp_path / "o", progress=False)
+    assert sorted(p.name for p in written) == ["a__x_png.json", "a__x_png_2.json", "coco_png.json", "x.json"]
+    assert sorted(json.loads(p.read_text())["target"]["path"] for p in written) == sorted(str(targets / r) for r in ("a/x.png", "a__x.png", "coco.png", "x.png"))
+    assert len(json.loads((tmp_path / "o" / "coco.json").read_text())["images"]) == 4
 
 
 def test_a_transfer_sheet_is_paged_each_page_with_the_source(tmp_path, featurizer, willow_pair, willow_root):
@@ -237,7 +266,7 @@ def test_transfer_into_a_folder_inside_its_targets_never_reads_its_own_output(tm
     for _ in range(2):
         run_transfer(Matcher(featurizer), willow_pair[0], [("a", (10.0, 10.0))], targets, targets / "out", progress=False)
         assert sorted(p.name for p in (targets / "out").iterdir() if not p.name.startswith(".")) == sorted(
-            [f"{p.stem}.json" for p in targets.glob("*.png")] + ["sheet.png"])
+            [f"{p.stem}.json" for p in targets.glob("*.png")] + ["coco.json", "sheet.png"])
 
 
 # -- points ----------------------------------------------------------------------------------

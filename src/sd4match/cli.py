@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.set_defaults(func=cmd_match)
 
-    p = command("transfer", "place A's named points on every image of a folder; a JSON per image and sheet.png")
+    p = command("transfer", "place A's named points on every image of a folder; a JSON per image, coco.json and sheet.png")
     p.add_argument("--source", required=True, type=Path, help="image A")
     p.add_argument("--points", required=True, help="JSON file of named points in A's pixels (or \"x,y;x,y\")")
     p.add_argument("--targets", required=True, type=Path, help="folder of images (searched recursively)")
@@ -789,7 +789,7 @@ def cmd_transfer(args) -> int:
     written = run_transfer(load_matcher(args), args.source, points, args.targets, args.out, max_side=args.max_side, progress=not args.no_progress)
     pages = -(-len(written) // SHEET_TARGETS)
     sheets = "sheet.png" if pages == 1 else f"sheet.png to {sheet_name(pages)} ({SHEET_TARGETS} images a page)"
-    print(f"{len(written)} images: one JSON each and {sheets} in {args.out}", file=sys.stderr)
+    print(f"{len(written)} images: one JSON each, all of them in coco.json (COCO keypoints), and {sheets} in {args.out}", file=sys.stderr)
     return 0
 
 

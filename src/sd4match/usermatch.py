@@ -426,10 +426,46 @@ def run_match(matcher: Matcher, src: str | Path, trg: str | Path, out: str | Pat
     return result
 
 
+#: the COCO keypoints file of a transfer (``coco.json``): no target's JSON takes its name
+COCO_STEM = "coco"
+
+
 def _target_names(targets: Sequence[Path], root: Path) -> list[str]:
+    """Each target's output name (``<name>.json``): its path under ``root`` with ``__`` for
+    ``/``; with its extension where two share a stem (or a stem is ``coco``), then a number
+    where names still meet (``a/x.jpg`` and ``a__x.jpg``): one file per target, always."""
     stems = [t.relative_to(root).with_suffix("").as_posix().replace("/", "__") for t in targets]
-    dup = {s for s in stems if stems.count(s) > 1}
-    return [(s + "_" + t.suffix.lstrip(".").lower()) if s in dup else s for s, t in zip(stems, targets)]
+    dup = {s for s in stems if stems.count(s) > 1} | {COCO_STEM}
+    names = [(s + "_" + t.suffix.lstrip(".").lower()) if s in dup else s for s, t in zip(stems, targets)]
+    taken: set[str] = set()
+    for i, n in enumerate(names):
+        k, name = 1, n
+        while name in taken or name == COCO_STEM:
+            k += 1
+            name = f"{n}_{k}"
+        names[i] = name
+        taken.add(name)
+    return names
+
+
+def coco_keypoints(found: Sequence[tuple[str, tuple[int, int], list]], names: Sequence[str], category: str | None) -> dict:
+    """A transfer as COCO keypoints (``coco.json``, for annotation tools): one image per target
+    (``file_name`` relative to ``--targets``, its original size), one category whose
+    ``keypoints`` are the point names, one annotation per target with every point as
+    ``[x, y, 2]`` (placed: a transfer has no visibility), its ``bbox`` the points' tight box
+    ``[x, y, w, h]`` and ``area`` that box's (no object outline is known), and each point's
+    match score under ``sd4match_scores``."""
+    images, annotations = [], []
+    for i, (file_name, (w, h), matches) in enumerate(found, 1):
+        xy = np.array([m["target"] for m in matches], dtype=np.float64)
+        x0, y0 = xy.min(axis=0)
+        bw, bh = xy.max(axis=0) - (x0, y0)
+        images.append({"id": i, "file_name": file_name, "width": int(w), "height": int(h)})
+        annotations.append({"id": i, "image_id": i, "category_id": 1, "keypoints": [v for x, y in xy.tolist() for v in (x, y, 2)],
+                            "num_keypoints": len(xy), "bbox": [float(x0), float(y0), float(bw), float(bh)], "area": float(bw * bh), "iscrowd": 0,
+                            "sd4match_scores": [m["score"] for m in matches]})
+    return {"info": {"description": "sd4match transfer", "version": __version__}, "images": images, "annotations": annotations,
+            "categories": [{"id": 1, "name": category or "object", "supercategory": category or "object", "keypoints": list(names), "skeleton": []}]}
 
 
 def transfer_targets(targets: str | Path, source: str | Path, out: str | Path) -> list[Path]:
@@ -445,7 +481,8 @@ def transfer_targets(targets: str | Path, source: str | Path, out: str | Path) -
 def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets: str | Path, out: str | Path, *, max_side: int = MAX_SIDE,
                  progress: bool = True, sheet_columns: int = 4, sheet_targets: int = SHEET_TARGETS) -> list[Path]:
     """``sd4match transfer``: place the named ``points`` of ``source`` on every image under
-    ``targets``; write ``<name>.json`` per target and ``sheet.png``; return the JSON paths.
+    ``targets``; write ``<name>.json`` per target, ``coco.json`` (all of them as COCO
+    keypoints: ``coco_keypoints``) and ``sheet.png``; return the per-target JSON paths.
 
     The sheet shows the source, then ``sheet_targets`` targets a page: ``sheet.png``, then
     ``sheet-2.png``, ``sheet-3.png``, ... (each page with the source first, one colour scale
@@ -462,6 +499,7 @@ def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets
     out = Path(out)
     views: list[tuple[str, Image.Image, tuple, list]] = []  # small copies: the points are drawn once every score is known
     docs: dict[str, str] = {}
+    found: list[tuple[str, tuple[int, int], list]] = []  # for coco.json
     for path, name in tqdm(list(zip(files, _target_names(files, root))), unit="image", desc="transfer", disable=not progress):
         b = open_image(path, max_side=max_side)
         matches = matcher.match_points(a, b, points)
@@ -470,6 +508,7 @@ def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets
                "source_points": [{"name": m["name"], "x": m["source"][0], "y": m["source"][1]} for m in matches],
                "settings": matcher.settings(), "model": matcher.featurizer.model_id, "sd4match": __version__}
         docs[f"{name}.json"] = json.dumps(doc, indent=2)
+        found.append((path.relative_to(root).as_posix(), b.size, matches))
         views.append((name, b.image.copy().reduce(max(1, b.image.height // SHEET_TILE)), b.size, matches))  # at least a tile tall
     lo, hi = score_range([m["score"] for *_, ms in views for m in ms])
     src_view = [{"name": n, "source": list(xy), "score": hi} for n, xy in points]  # the source's points in the top colour
@@ -478,6 +517,8 @@ def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets
     with staged_dir(out) as stage:
         for fname, text in docs.items():
             (stage / fname).write_text(text, encoding="utf-8")
+        coco = coco_keypoints(found, [n for n, _ in points], matcher.category)
+        (stage / f"{COCO_STEM}.json").write_text(json.dumps(coco, indent=1), encoding="utf-8")
         for k, page in enumerate(pages, 1):
             tiles = [src_tile] + [(name, draw_points(im, size, ms, key="target", lo=lo, hi=hi, height=SHEET_TILE)) for name, im, size, ms in page]
             words = f"page {k} of {len(pages)}: " if len(pages) > 1 else ""
