@@ -553,3 +553,38 @@ def test_automatic_points_lie_on_the_salient_objects(fixture_images):
     assert on_cat >= 0.8 * len(pts) and on_dogs >= 0.7 * len(pts), (on_cat, on_dogs, len(pts))
     # spread: no two points on the same cell
     assert len({xy for _, xy in pts}) == len(pts)
+
+
+def test_each_match_is_checked_forward_and_backward(willow_pair):
+    """match_points matches each target back into A: with one-hot cell features and the
+    nearest-neighbour rule a point goes to the same cell of B and comes back to its cell's
+    centre in A, so its cycle is its distance from that centre over A's longer side,
+    computed here by hand."""
+    import torch
+
+    import sd4match
+
+    class SamePlace(sd4match.Featurizer):
+        model_id, resolution = "same-place", 64
+
+        @property
+        def grid_size(self):
+            return (8, 6)
+
+        def settings(self):
+            return {"featurizer": self.model_id}
+
+        def forward(self, images, **unused):
+            n = len(images) if not isinstance(images, torch.Tensor) else images.shape[0]
+            return torch.eye(48).reshape(48, 6, 8).expand(n, -1, -1, -1)
+
+    a, b = open_image(willow_pair[0]), open_image(willow_pair[1])
+    pts = [("p", (20.0, 190.0)), ("q", (151.0, 99.0))]
+    got = Matcher(SamePlace(), rule="nn").match_points(a, b, pts)
+    (wa, ha), (wb, hb) = a.size, b.size
+    for m, (_, (x, y)) in zip(got, pts):
+        col, row = int(x * 8 // wa), int(y * 6 // ha)
+        assert m["target"] == pytest.approx([(col + 0.5) * wb / 8, (row + 0.5) * hb / 6], abs=0.01)
+        back = [(col + 0.5) * wa / 8, (row + 0.5) * ha / 6]
+        assert m["back"] == pytest.approx(back, abs=0.01)
+        assert m["cycle"] == pytest.approx(np.hypot(x - back[0], y - back[1]) / max(wa, ha), abs=1e-4)

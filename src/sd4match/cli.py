@@ -769,7 +769,8 @@ def cmd_match(args) -> int:
     res = run_match(load_matcher(args), args.source, args.target, args.out, points=points, dense=args.dense,
                     min_score=args.min_score, max_points=args.max_points, max_side=args.max_side)
     for m in res["matches"]:
-        print(f"{m['name']}\t{m['source'][0]:.2f},{m['source'][1]:.2f}\t->\t{m['target'][0]:.2f},{m['target'][1]:.2f}\tscore {m['score']:.4f}")
+        print(f"{m['name']}\t{m['source'][0]:.2f},{m['source'][1]:.2f}\t->\t{m['target'][0]:.2f},{m['target'][1]:.2f}\tscore {m['score']:.4f}"
+              f"\tcycle {m['cycle']:.3f}")
     n = len(res["matches"])
     print(f"{n} match{'es' if n != 1 else ''} in {args.out / 'matches.json'} and {args.out / 'matches.png'}", file=sys.stderr)
     return 0

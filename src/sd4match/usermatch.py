@@ -270,19 +270,26 @@ class Matcher:
         return self.batcher.pair_maps(self.prompt, self._picture(a), self._picture(b), prompt_id=self._prompt_id, embeds=self._emb)
 
     def match_points(self, a: UserImage, b: UserImage, points) -> list[dict]:
-        """Each point of ``a`` -> ``{"name", "source": [x, y], "target": [x, y], "score"}`` in
-        original pixels. ``points``: ``[(name, (x, y)), ...]``, ``{name: (x, y)}``, or unnamed
-        ``[(x, y), ...]`` / an (N, 2) array (named ``p0, p1, ...``). ``a`` and ``b``: as
-        ``open_image`` gives them, paths, PIL images or uint8 arrays (``as_user_image``)."""
+        """Each point of ``a`` -> ``{"name", "source": [x, y], "target": [x, y], "score",
+        "back": [x, y], "cycle": c}`` in original pixels: ``back`` is the target matched back
+        into ``a`` (the same maps, the same rule) and ``cycle`` its distance from the source
+        point as a fraction of ``a``'s longer side (the forward-backward check: a reliable
+        match comes back near where it started). ``points``: ``[(name, (x, y)), ...]``,
+        ``{name: (x, y)}``, or unnamed ``[(x, y), ...]`` / an (N, 2) array (named ``p0, p1,
+        ...``). ``a`` and ``b``: as ``open_image`` gives them, paths, PIL images or uint8
+        arrays (``as_user_image``)."""
         a, b = as_user_image(a), as_user_image(b)
         points = named_points(points)
         check_points(points, a)
         fa, fb = self.features(a, b)
         kps = torch.tensor([xy for _, xy in points], dtype=torch.float32)
         out = match_pixels(self.featurizer, fa, fb, kps, a.size, b.size, self.rule, **self.match.kwargs())
-        tk, sc = out["kps"].double().cpu().numpy(), out["scores"].double().cpu().numpy()
-        return [{"name": n, "source": [round(x, 2), round(y, 2)], "target": [round(float(t[0]), 2), round(float(t[1]), 2)], "score": round(float(s), 4)}
-                for (n, (x, y)), t, s in zip(points, tk, sc)]
+        back = match_pixels(self.featurizer, fb, fa, out["kps"].float(), b.size, a.size, self.rule, **self.match.kwargs())["kps"]
+        tk, sc, bk = (t.double().cpu().numpy() for t in (out["kps"], out["scores"], back))
+        cycle = np.linalg.norm(bk - kps.double().numpy(), axis=1) / max(a.size)
+        return [{"name": n, "source": [round(x, 2), round(y, 2)], "target": [round(float(t[0]), 2), round(float(t[1]), 2)], "score": round(float(s), 4),
+                 "back": [round(float(k[0]), 2), round(float(k[1]), 2)], "cycle": round(float(c), 4)}
+                for (n, (x, y)), t, s, k, c in zip(points, tk, sc, bk, cycle)]
 
     def similarity(self, a: UserImage, b: UserImage, point: tuple[float, float]) -> np.ndarray:
         """Cosine similarity of ``point`` (x, y) of ``a`` to every cell of ``b``: (h, w) in [-1, 1]."""
@@ -504,7 +511,7 @@ def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets
         b = open_image(path, max_side=max_side)
         matches = matcher.match_points(a, b, points)
         doc = {"format": "sd4match-transfer-1", "source": _describe(a, source), "target": _describe(b, path),
-               "points": [{"name": m["name"], "x": m["target"][0], "y": m["target"][1], "score": m["score"]} for m in matches],
+               "points": [{"name": m["name"], "x": m["target"][0], "y": m["target"][1], "score": m["score"], "cycle": m["cycle"]} for m in matches],
                "source_points": [{"name": m["name"], "x": m["source"][0], "y": m["source"][1]} for m in matches],
                "settings": matcher.settings(), "model": matcher.featurizer.model_id, "sd4match": __version__}
         docs[f"{name}.json"] = json.dumps(doc, indent=2)
