@@ -191,7 +191,7 @@ def test_transfer_three_targets(tmp_path, tiny, willow_pair, willow_root):
         assert ann["keypoints"] == [v for x, y in pts for v in (x, y, 2)] and ann["num_keypoints"] == 2
         xs, ys = [x for x, _ in pts], [y for _, y in pts]
         assert ann["bbox"] == pytest.approx([min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)])
-        assert ann["sd4match_scores"] == [p["score"] for p in doc["points"]]
+        assert ann["sd4match_scores"] == [p["score"] for p in doc["points"]] and ann["sd4match_cycles"] == [p["cycle"] for p in doc["points"]]
 
 
 @pytest.fixture

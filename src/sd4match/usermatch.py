@@ -461,7 +461,7 @@ def coco_keypoints(found: Sequence[tuple[str, tuple[int, int], list]], names: Se
     ``keypoints`` are the point names, one annotation per target with every point as
     ``[x, y, 2]`` (placed: a transfer has no visibility), its ``bbox`` the points' tight box
     ``[x, y, w, h]`` and ``area`` that box's (no object outline is known), and each point's
-    match score under ``sd4match_scores``."""
+    match score and forward-backward cycle under ``sd4match_scores`` and ``sd4match_cycles``."""
     images, annotations = [], []
     for i, (file_name, (w, h), matches) in enumerate(found, 1):
         xy = np.array([m["target"] for m in matches], dtype=np.float64)
@@ -470,7 +470,7 @@ def coco_keypoints(found: Sequence[tuple[str, tuple[int, int], list]], names: Se
         images.append({"id": i, "file_name": file_name, "width": int(w), "height": int(h)})
         annotations.append({"id": i, "image_id": i, "category_id": 1, "keypoints": [v for x, y in xy.tolist() for v in (x, y, 2)],
                             "num_keypoints": len(xy), "bbox": [float(x0), float(y0), float(bw), float(bh)], "area": float(bw * bh), "iscrowd": 0,
-                            "sd4match_scores": [m["score"] for m in matches]})
+                            "sd4match_scores": [m["score"] for m in matches], "sd4match_cycles": [m["cycle"] for m in matches]})
     return {"info": {"description": "sd4match transfer", "version": __version__}, "images": images, "annotations": annotations,
             "categories": [{"id": 1, "name": category or "object", "supercategory": category or "object", "keypoints": list(names), "skeleton": []}]}
 
