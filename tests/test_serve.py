@@ -227,7 +227,7 @@ def test_page_in_headless_chromium_shows_the_cli_match(server, browser, willow_p
     assert main(["match", str(a), str(b), "--points", f"{sx:.2f},{sy:.2f}", "--model", str(tiny), *MODEL_ARGS, "--out", str(out)]) == 0
     cli = json.loads((out / "matches.json").read_text())["matches"][0]
     assert shown == f"{cli['target'][0]:.2f},{cli['target'][1]:.2f}"
-    assert res.get_attribute("data-score") == f"{cli['score']:.4f}"
+    assert res.get_attribute("data-score") == f"{cli['score']:.4f}" and res.get_attribute("data-cycle") == f"{cli['cycle']:.3f}"
 
     # the heat map is drawn over image B: its canvas is no longer the plain picture
     png = browser.find_element(By.ID, "canvas-b").screenshot_as_png
