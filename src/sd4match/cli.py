@@ -373,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("match", "match points of image A in image B; write matches.json and matches.png")
     p.add_argument("source", type=Path, help="image A")
     p.add_argument("target", type=Path, help="image B")
-    p.add_argument("--points", help='"x,y;x,y" in A\'s pixels, or a JSON file of named points; default: automatic points on the salient object')
+    p.add_argument("--points", help="\"x,y;x,y\" in A's pixels, or JSON of named points (a file, or the text itself: '{\"eye\": [x, y]}'); "
+                                    "default: automatic points on the salient object")
     p.add_argument("--min-score", type=_number(float), default=0.0, help="without --points: keep mutual matches with cosine >= this")
     p.add_argument("--max-points", type=_number(int, at_least=1), default=20, help="without --points: at most this many, spread over the object")
     p.add_argument("--dense", action="store_true", help="also write A warped onto B (warped.png), confidence.png and dense.npz")
@@ -385,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("transfer", "place A's named points on every image of a folder; a JSON per image, coco.json and sheet.png")
     p.add_argument("--source", required=True, type=Path, help="image A")
-    p.add_argument("--points", required=True, help="JSON file of named points in A's pixels (or \"x,y;x,y\")")
+    p.add_argument("--points", required=True, help="JSON of named points in A's pixels, a file or the text itself (or \"x,y;x,y\")")
     p.add_argument("--targets", required=True, type=Path, help="folder of images (searched recursively)")
     _prompt_args(p)
     p.add_argument("--out", required=True, type=Path, help="output folder (files of an earlier run are replaced only when this run succeeds)")
