@@ -113,7 +113,7 @@ def frame_hint(records: Sequence[PairRecord], predictions: Mapping[str, np.ndarr
     base = np.concatenate([np.full(r.n_points, r.pck_base["standard"]) for r, _ in pairs])
 
     def pck(p):
-        return float(np.mean(np.linalg.norm(p - gt, axis=1) <= alpha * base))
+        return float(pck_correct(p, gt, base[:, None], [alpha]).mean())  # each point its own pair's base
 
     given = pck(pred)
     read, how, better = max(((read, how, pck(convert(pred, wh))) for read, how, convert in FRAME_MISTAKES), key=lambda t: t[2])
