@@ -779,7 +779,7 @@ def cmd_match(args) -> int:
 
 def cmd_transfer(args) -> int:
     from sd4match.checks import check_picture, check_picture_headers
-    from sd4match.usermatch import SHEET_TARGETS, run_transfer, sheet_name, transfer_targets
+    from sd4match.usermatch import SHEET_TARGETS, run_transfer, sheet_names, transfer_targets
 
     check_picture(args.source)
     points = _check_points(args)
@@ -789,8 +789,8 @@ def cmd_transfer(args) -> int:
     check_picture_headers(files)  # a target that fails later leaves --out as it was
     _check_common(args)
     written = run_transfer(load_matcher(args), args.source, points, args.targets, args.out, max_side=args.max_side, progress=not args.no_progress)
-    pages = -(-len(written) // SHEET_TARGETS)
-    sheets = "sheet.png" if pages == 1 else f"sheet.png to {sheet_name(pages)} ({SHEET_TARGETS} images a page)"
+    pages = sheet_names(len(written))
+    sheets = pages[0] if len(pages) == 1 else f"{pages[0]} to {pages[-1]} ({SHEET_TARGETS} images a page)"
     print(f"{len(written)} images: one JSON each, all of them in coco.json (COCO keypoints), and {sheets} in {args.out}", file=sys.stderr)
     return 0
 

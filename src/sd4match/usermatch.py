@@ -521,20 +521,22 @@ def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets
     src_view = [{"name": n, "source": list(xy), "score": hi} for n, xy in points]  # the source's points in the top colour
     src_tile = (f"source: {Path(a.name).name}", draw_points(a.image, a.size, src_view, key="source", lo=lo, hi=hi, height=SHEET_TILE))
     pages = [views[i:i + sheet_targets] for i in range(0, len(views), sheet_targets)]
+    names = sheet_names(len(views), sheet_targets)
     with staged_dir(out) as stage:
         for fname, text in docs.items():
             (stage / fname).write_text(text, encoding="utf-8")
         coco = coco_keypoints(found, [n for n, _ in points], matcher.category)
         (stage / f"{COCO_STEM}.json").write_text(json.dumps(coco, indent=1), encoding="utf-8")
-        for k, page in enumerate(pages, 1):
+        for k, (page, fname) in enumerate(zip(pages, names), 1):
             tiles = [src_tile] + [(name, draw_points(im, size, ms, key="target", lo=lo, hi=hi, height=SHEET_TILE)) for name, im, size, ms in page]
             words = f"page {k} of {len(pages)}: " if len(pages) > 1 else ""
             sheet = score_legend(contact_sheet(tiles, columns=sheet_columns, tile_height=SHEET_TILE), lo, hi,
                                  f"{words}score of each transferred point (cosine; the source's points in the top colour):")
-            sheet.save(stage / sheet_name(k), format="PNG")
+            sheet.save(stage / fname, format="PNG")
     return [out / fname for fname in docs]
 
 
-def sheet_name(page: int) -> str:
-    """The file of page ``page`` (from 1) of a transfer's sheet: sheet.png, sheet-2.png, ..."""
-    return "sheet.png" if page == 1 else f"sheet-{page}.png"
+def sheet_names(n_targets: int, per_page: int = SHEET_TARGETS) -> list[str]:
+    """The files of a transfer's sheet for ``n_targets`` targets, ``per_page`` a page:
+    sheet.png, sheet-2.png, ..."""
+    return ["sheet.png" if k == 1 else f"sheet-{k}.png" for k in range(1, -(-n_targets // per_page) + 1)]
