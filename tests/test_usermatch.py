@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,6 +268,55 @@ def test_transfer_into_a_folder_inside_its_targets_never_reads_its_own_output(tm
         run_transfer(Matcher(featurizer), willow_pair[0], [("a", (10.0, 10.0))], targets, targets / "out", progress=False)
         assert sorted(p.name for p in (targets / "out").iterdir() if not p.name.startswith(".")) == sorted(
             [f"{p.stem}.json" for p in targets.glob("*.png")] + ["coco.json", "sheet.png"])
+
+
+
+def test_coco_keypoints_leave_points_that_fail_the_cycle_check_unlabelled():
+    """``max_cycle``: a point whose cycle exceeds it is COCO's "not labelled" [0, 0, 0], outside
+    num_keypoints and the box; its score and cycle stay listed (values by hand)."""
+    from sd4match.usermatch import coco_keypoints
+
+    ms = [{"target": [10.0, 20.0], "score": 0.9, "cycle": 0.01}, {"target": [50.0, 5.0], "score": 0.4, "cycle": 0.3},
+          {"target": [30.0, 60.0], "score": 0.8, "cycle": 0.05}]
+    found = [("a.png", (100, 80), ms), ("b.png", (90, 70), [ms[1]])]
+    every = coco_keypoints(found, ["p", "q", "r"], "cat")["annotations"][0]
+    assert every["keypoints"] == [10.0, 20.0, 2, 50.0, 5.0, 2, 30.0, 60.0, 2] and every["bbox"] == [10.0, 5.0, 40.0, 55.0]
+    a, b = coco_keypoints(found, ["p", "q", "r"], "cat", max_cycle=0.05)["annotations"]
+    assert a["keypoints"] == [10.0, 20.0, 2, 0, 0, 0, 30.0, 60.0, 2] and a["num_keypoints"] == 2  # 0.05 itself passes
+    assert a["bbox"] == [10.0, 20.0, 20.0, 40.0] and a["area"] == 800.0
+    assert a["sd4match_scores"] == [0.9, 0.4, 0.8] and a["sd4match_cycles"] == [0.01, 0.3, 0.05]
+    assert b["keypoints"] == [0, 0, 0] and b["num_keypoints"] == 0 and b["bbox"] == [0.0, 0.0, 0.0, 0.0] and b["area"] == 0.0
+
+
+def test_transfer_marks_points_that_fail_the_cycle_check(tmp_path, tiny, willow_pair, willow_root, capsys):
+    """``transfer --max-cycle``: each point's "reliable" is its cycle <= the threshold, the
+    same points are unlabelled in coco.json, and the command counts them; a threshold of 0
+    is refused in argparse's line."""
+    targets = _targets(tmp_path / "targets", willow_root, 3)
+    pts = '{"front wheel": [70, 150], "roof": [150, 40], "door": [150, 100]}'
+    base = ["transfer", "--source", str(willow_pair[0]), "--points", pts, "--targets", str(targets), "--model", str(tiny), *MODEL_ARGS, "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "all")]) == 0
+    cycles = sorted(p["cycle"] for f in (tmp_path / "all").glob("*.json") if f.name != "coco.json" for p in json.loads(f.read_text())["points"])
+    cut = cycles[len(cycles) // 2]
+    assert cycles[0] <= cut < cycles[-1]  # the tiny random model's cycles differ: some pass, some fail
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "o"), "--max-cycle", str(cut)]) == 0
+    coco = json.loads((tmp_path / "o" / "coco.json").read_text())
+    failed = 0
+    for im, ann in zip(coco["images"], coco["annotations"]):
+        doc = json.loads((tmp_path / "o" / f"{Path(im['file_name']).stem}.json").read_text())
+        plain = json.loads((tmp_path / "all" / f"{Path(im['file_name']).stem}.json").read_text())
+        assert doc["max_cycle"] == cut and "max_cycle" not in plain
+        assert [{k: v for k, v in p.items() if k != "reliable"} for p in doc["points"]] == plain["points"]  # the same matches, marked
+        for k, p in enumerate(doc["points"]):
+            assert p["reliable"] == (p["cycle"] <= cut)
+            assert ann["keypoints"][3 * k:3 * k + 3] == ([p["x"], p["y"], 2] if p["reliable"] else [0, 0, 0])
+            failed += not p["reliable"]
+    assert failed == sum(c > cut for c in cycles) > 0
+    assert f"{failed} of 9 points failed the forward-backward check (cycle above {cut:g})" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--out", str(tmp_path / "z"), "--max-cycle", "0"])
+    assert "must be above 0" in capsys.readouterr().err and not (tmp_path / "z").exists()
 
 
 # -- points ----------------------------------------------------------------------------------

@@ -28,6 +28,20 @@ def test_a_tall_picture_keeps_its_height_and_points_scale_by_their_own_axis():
     assert out.getpixel((10, 150)) != GREY and out.getpixel((10, 20)) == GREY
 
 
+def test_a_point_that_failed_its_check_is_a_ring_the_picture_seen_through_it():
+    """``"reliable": false``: a ring in the point's colour around the picture's own pixels; a
+    reliable point (or one without the key) is a filled dot of that colour."""
+    from sd4match.viz import confidence_colour
+
+    img = Image.new("RGB", (300, 300), GREY)
+    pts = [{"name": "", "target": [75.0, 150.0], "score": 1.0, "reliable": False}, {"name": "", "target": [225.0, 150.0], "score": 1.0}]
+    out = draw_points(img, img.size, pts, height=300)
+    r, green = 300 // 60, confidence_colour(1.0, 0.0, 1.0)
+    assert out.getpixel((75, 150)) == GREY and out.getpixel((225, 150)) == green
+    assert green in [out.getpixel((75 + d, 150)) for d in range(1, r + 1)]  # the ring, in the point's colour
+    assert out.getpixel((75 + r + 6, 150)) == GREY  # nothing beyond it
+
+
 def test_contact_sheet_rows_as_tall_as_their_pictures_and_captions_inside():
     caption = "a caption far wider than its narrow picture, " * 2
     tiles = [("a strip", Image.new("RGB", (4000, 20), GREY)), (caption, Image.new("RGB", (10, 300), GREY))]

@@ -388,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, type=Path, help="image A")
     p.add_argument("--points", required=True, help="JSON of named points in A's pixels, a file or the text itself (or \"x,y;x,y\")")
     p.add_argument("--targets", required=True, type=Path, help="folder of images (searched recursively)")
+    p.add_argument("--max-cycle", type=_number(float, above=0), default=None,
+                   help="a point whose forward-backward cycle (distance back in A over A's longer side) exceeds this, e.g. 0.05, "
+                        "is marked unreliable: \"reliable\": false in its JSON, unlabelled in coco.json, hollow on the sheet "
+                        "(default: every point kept)")
     _prompt_args(p)
     p.add_argument("--out", required=True, type=Path, help="output folder (files of an earlier run are replaced only when this run succeeds)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -788,10 +792,15 @@ def cmd_transfer(args) -> int:
     files = transfer_targets(args.targets, args.source, args.out)
     check_picture_headers(files)  # a target that fails later leaves --out as it was
     _check_common(args)
-    written = run_transfer(load_matcher(args), args.source, points, args.targets, args.out, max_side=args.max_side, progress=not args.no_progress)
+    written = run_transfer(load_matcher(args), args.source, points, args.targets, args.out, max_side=args.max_side, progress=not args.no_progress,
+                           max_cycle=args.max_cycle)
     pages = sheet_names(len(written))
     sheets = pages[0] if len(pages) == 1 else f"{pages[0]} to {pages[-1]} ({SHEET_TARGETS} images a page)"
     print(f"{len(written)} images: one JSON each, all of them in coco.json (COCO keypoints), and {sheets} in {args.out}", file=sys.stderr)
+    if args.max_cycle is not None:
+        kept = [p["reliable"] for f in written for p in json.loads(f.read_text(encoding="utf-8"))["points"]]
+        print(f"{kept.count(False)} of {len(kept)} points failed the forward-backward check (cycle above {args.max_cycle:g}): "
+              "\"reliable\": false in their JSONs, unlabelled in coco.json, hollow on the sheet", file=sys.stderr)
     return 0
 
 

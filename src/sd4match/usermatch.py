@@ -455,24 +455,37 @@ def _target_names(targets: Sequence[Path], root: Path) -> list[str]:
     return names
 
 
-def coco_keypoints(found: Sequence[tuple[str, tuple[int, int], list]], names: Sequence[str], category: str | None) -> dict:
+def coco_keypoints(found: Sequence[tuple[str, tuple[int, int], list]], names: Sequence[str], category: str | None, *,
+                   max_cycle: float | None = None) -> dict:
     """A transfer as COCO keypoints (``coco.json``, for annotation tools): one image per target
     (``file_name`` relative to ``--targets``, its original size), one category whose
     ``keypoints`` are the point names, one annotation per target with every point as
     ``[x, y, 2]`` (placed: a transfer has no visibility), its ``bbox`` the points' tight box
     ``[x, y, w, h]`` and ``area`` that box's (no object outline is known), and each point's
-    match score and forward-backward cycle under ``sd4match_scores`` and ``sd4match_cycles``."""
+    match score and forward-backward cycle under ``sd4match_scores`` and ``sd4match_cycles``.
+
+    With ``max_cycle``, a point whose cycle exceeds it is left for the annotator: ``[0, 0, 0]``
+    (COCO's "not labelled"), outside ``num_keypoints`` and the box (``[0, 0, 0, 0]`` when no
+    point is kept); its score and cycle stay listed."""
     images, annotations = [], []
     for i, (file_name, (w, h), matches) in enumerate(found, 1):
-        xy = np.array([m["target"] for m in matches], dtype=np.float64)
-        x0, y0 = xy.min(axis=0)
-        bw, bh = xy.max(axis=0) - (x0, y0)
+        keep = [reliable(m, max_cycle) for m in matches]
+        xy = np.array([m["target"] for m, k in zip(matches, keep) if k], dtype=np.float64).reshape(-1, 2)
+        x0, y0 = xy.min(axis=0) if len(xy) else (0.0, 0.0)
+        bw, bh = xy.max(axis=0) - (x0, y0) if len(xy) else (0.0, 0.0)
+        points = [(*m["target"], 2) if k else (0, 0, 0) for m, k in zip(matches, keep)]
         images.append({"id": i, "file_name": file_name, "width": int(w), "height": int(h)})
-        annotations.append({"id": i, "image_id": i, "category_id": 1, "keypoints": [v for x, y in xy.tolist() for v in (x, y, 2)],
+        annotations.append({"id": i, "image_id": i, "category_id": 1, "keypoints": [v for p in points for v in p],
                             "num_keypoints": len(xy), "bbox": [float(x0), float(y0), float(bw), float(bh)], "area": float(bw * bh), "iscrowd": 0,
                             "sd4match_scores": [m["score"] for m in matches], "sd4match_cycles": [m["cycle"] for m in matches]})
     return {"info": {"description": "sd4match transfer", "version": __version__}, "images": images, "annotations": annotations,
             "categories": [{"id": 1, "name": category or "object", "supercategory": category or "object", "keypoints": list(names), "skeleton": []}]}
+
+
+def reliable(match: dict, max_cycle: float | None) -> bool:
+    """Whether a match passes the forward-backward check: its ``cycle`` is at most
+    ``max_cycle`` (every match passes without a threshold)."""
+    return max_cycle is None or match["cycle"] <= max_cycle
 
 
 def transfer_targets(targets: str | Path, source: str | Path, out: str | Path) -> list[Path]:
@@ -486,10 +499,14 @@ def transfer_targets(targets: str | Path, source: str | Path, out: str | Path) -
 
 
 def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets: str | Path, out: str | Path, *, max_side: int = MAX_SIDE,
-                 progress: bool = True, sheet_columns: int = 4, sheet_targets: int = SHEET_TARGETS) -> list[Path]:
+                 progress: bool = True, sheet_columns: int = 4, sheet_targets: int = SHEET_TARGETS, max_cycle: float | None = None) -> list[Path]:
     """``sd4match transfer``: place the named ``points`` of ``source`` on every image under
     ``targets``; write ``<name>.json`` per target, ``coco.json`` (all of them as COCO
     keypoints: ``coco_keypoints``) and ``sheet.png``; return the per-target JSON paths.
+
+    With ``max_cycle``, a point whose forward-backward ``cycle`` exceeds it fails the check:
+    ``"reliable": false`` in its target's JSON (which records ``max_cycle``), left unlabelled
+    in ``coco.json`` and drawn hollow on the sheet.
 
     The sheet shows the source, then ``sheet_targets`` targets a page: ``sheet.png``, then
     ``sheet-2.png``, ``sheet-3.png``, ... (each page with the source first, one colour scale
@@ -499,6 +516,8 @@ def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets
     """
     if sheet_targets < 1:
         raise Sd4MatchError(f"sheet_targets {sheet_targets}: a sheet shows at least one target")
+    if max_cycle is not None and not max_cycle > 0:
+        raise Sd4MatchError(f"max_cycle {max_cycle}: a cycle threshold is a fraction of the source's longer side above 0")
     a = open_image(source, max_side=max_side)
     check_points(points, a)
     root = Path(targets)
@@ -510,8 +529,12 @@ def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets
     for path, name in tqdm(list(zip(files, _target_names(files, root))), unit="image", desc="transfer", disable=not progress):
         b = open_image(path, max_side=max_side)
         matches = matcher.match_points(a, b, points)
+        if max_cycle is not None:
+            matches = [{**m, "reliable": reliable(m, max_cycle)} for m in matches]
         doc = {"format": "sd4match-transfer-1", "source": _describe(a, source), "target": _describe(b, path),
-               "points": [{"name": m["name"], "x": m["target"][0], "y": m["target"][1], "score": m["score"], "cycle": m["cycle"]} for m in matches],
+               "points": [{"name": m["name"], "x": m["target"][0], "y": m["target"][1], "score": m["score"], "cycle": m["cycle"],
+                           **({"reliable": m["reliable"]} if max_cycle is not None else {})} for m in matches],
+               **({"max_cycle": max_cycle} if max_cycle is not None else {}),
                "source_points": [{"name": m["name"], "x": m["source"][0], "y": m["source"][1]} for m in matches],
                "settings": matcher.settings(), "model": matcher.featurizer.model_id, "sd4match": __version__}
         docs[f"{name}.json"] = json.dumps(doc, indent=2)
@@ -525,13 +548,14 @@ def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets
     with staged_dir(out) as stage:
         for fname, text in docs.items():
             (stage / fname).write_text(text, encoding="utf-8")
-        coco = coco_keypoints(found, [n for n, _ in points], matcher.category)
+        coco = coco_keypoints(found, [n for n, _ in points], matcher.category, max_cycle=max_cycle)
         (stage / f"{COCO_STEM}.json").write_text(json.dumps(coco, indent=1), encoding="utf-8")
         for k, (page, fname) in enumerate(zip(pages, names), 1):
             tiles = [src_tile] + [(name, draw_points(im, size, ms, key="target", lo=lo, hi=hi, height=SHEET_TILE)) for name, im, size, ms in page]
             words = f"page {k} of {len(pages)}: " if len(pages) > 1 else ""
+            hollow = f"; hollow: cycle above {max_cycle:g}" if max_cycle is not None else ""
             sheet = score_legend(contact_sheet(tiles, columns=sheet_columns, tile_height=SHEET_TILE), lo, hi,
-                                 f"{words}score of each transferred point (cosine; the source's points in the top colour):")
+                                 f"{words}score of each transferred point (cosine; the source's points in the top colour{hollow}):")
             sheet.save(stage / fname, format="PNG")
     return [out / fname for fname in docs]
 

@@ -103,9 +103,14 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _mark(draw: ImageDraw.ImageDraw, x: float, y: float, r: int, colour, name: str | None, font) -> None:
-    """A filled dot of radius ``r`` at (x, y), with ``name`` beside it when given."""
-    draw.ellipse([x - r, y - r, x + r, y + r], fill=colour, outline=(0, 0, 0))
+def _mark(draw: ImageDraw.ImageDraw, x: float, y: float, r: int, colour, name: str | None, font, *, hollow: bool = False) -> None:
+    """A filled dot of radius ``r`` at (x, y) (``hollow``: a ring in ``colour`` between black
+    edges, the picture seen through it), with ``name`` beside it when given."""
+    if hollow:
+        draw.ellipse([x - r - 1, y - r - 1, x + r + 1, y + r + 1], outline=(0, 0, 0), width=max(3, r // 2 + 2))
+        draw.ellipse([x - r, y - r, x + r, y + r], outline=colour, width=max(1, r // 2))
+    else:
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour, outline=(0, 0, 0))
     if name:
         draw.text((x + r + 1, y - r - 1), name, fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
 
@@ -281,17 +286,19 @@ def contact_sheet(tiles: Sequence[tuple[str, Image.Image]], *, tile_height: int 
 def draw_points(img: Image.Image, size: Sequence[int], points: Sequence[dict], *, height: int = 320, key: str = "target",
                 lo: float = 0.0, hi: float = 1.0) -> Image.Image:
     """``img`` at ``height`` with named points (original pixels under ``key``) coloured by
-    score on the [lo, hi] scale; labels never overlap each other or leave the picture."""
+    score on the [lo, hi] scale, hollow where a point's ``reliable`` is false; labels never
+    overlap each other or leave the picture."""
     out = _fit(img, height)
     draw = ImageDraw.Draw(out)
     s = (out.width / size[0], out.height / size[1])
     r = max(4, height // 60)
     font = _font(max(11, height // 22))
     placer = _Labels(draw, font)
-    marks = [(p[key][0] * s[0], p[key][1] * s[1], confidence_colour(p.get("score", 1.0), lo, hi), str(p.get("name", ""))) for p in points]
-    for x, y, col, _ in marks:
-        _mark(draw, x, y, r, col, None, font)
-    for x, y, _, name in marks:
+    marks = [(p[key][0] * s[0], p[key][1] * s[1], confidence_colour(p.get("score", 1.0), lo, hi), str(p.get("name", "")),
+              p.get("reliable", True) is False) for p in points]
+    for x, y, col, _, hollow in marks:
+        _mark(draw, x, y, r, col, None, font, hollow=hollow)
+    for x, y, _, name, _ in marks:
         if name:
             placer.place(x, y, r, name, (0, 0, out.width, out.height))
     return out
