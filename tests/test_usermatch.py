@@ -63,6 +63,25 @@ def test_match_cli_writes_json_and_picture(tmp_path, tiny, willow_pair):
     assert np.median(np.abs(arr[:, :720] - left)) < 1.0
 
 
+def test_match_marks_the_matches_that_fail_the_cycle_check(tmp_path, featurizer, willow_pair, capsys):
+    """``match --max-cycle``: each match's "reliable" is its cycle <= the threshold, with the
+    threshold recorded; the matches themselves are those of a run without it."""
+    a, b = willow_pair
+    pts = [("p0", (10.0, 20.0)), ("p1", (150.5, 100.0)), ("p2", (250.0, 150.0)), ("p3", (60.0, 180.0))]
+    plain = run_match(Matcher(featurizer), a, b, tmp_path / "all", points=pts)
+    cycles = sorted(m["cycle"] for m in plain["matches"])
+    cut = cycles[1]
+    assert cycles[0] <= cut < cycles[-1]
+    res = run_match(Matcher(featurizer), a, b, tmp_path / "m", points=pts, max_cycle=cut)
+    assert res["max_cycle"] == cut and "max_cycle" not in plain
+    assert [{k: v for k, v in m.items() if k != "reliable"} for m in res["matches"]] == plain["matches"]
+    assert [m["reliable"] for m in res["matches"]] == [m["cycle"] <= cut for m in plain["matches"]]
+    assert json.loads((tmp_path / "m" / "matches.json").read_text())["matches"] == res["matches"]
+    with pytest.raises(Sd4MatchError, match="above 0"):
+        run_match(Matcher(featurizer), a, b, tmp_path / "z", points=pts, max_cycle=0.0)
+    assert not (tmp_path / "z").exists()
+
+
 def test_self_match_returns_the_same_points_in_original_pixels(tmp_path, featurizer):
     """Matching an image to itself with nn: each cell-centre point comes back exactly, also when
     a large picture is downscaled before the model (coordinates stay in original pixels)."""

@@ -161,6 +161,13 @@ def _seed_arg(p) -> None:
     add_config_flags(p, EvalConfig, only=("seed",))
 
 
+def _max_cycle_arg(p: argparse.ArgumentParser, where: str) -> None:
+    """``--max-cycle`` of ``match`` and ``transfer``: ``where`` says what a failing point becomes."""
+    p.add_argument("--max-cycle", type=_number(float, above=0), default=None,
+                   help="a point whose forward-backward cycle (its distance back in A over A's longer side) exceeds this, e.g. 0.05, "
+                        f"is marked unreliable: \"reliable\": false in {where} (default: no threshold)")
+
+
 def _prompt_args(p: argparse.ArgumentParser) -> None:
     """What the commands that match users' images take besides the model."""
     g = p.add_argument_group("prompt and matching")
@@ -378,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-score", type=_number(float), default=0.0, help="without --points: keep mutual matches with cosine >= this")
     p.add_argument("--max-points", type=_number(int, at_least=1), default=20, help="without --points: at most this many, spread over the object")
     p.add_argument("--dense", action="store_true", help="also write A warped onto B (warped.png), confidence.png and dense.npz")
+    _max_cycle_arg(p, "matches.json, hollow ends in matches.png")
     _prompt_args(p)
     p.add_argument("--out", required=True, type=Path, help="output folder")
     _seed_arg(p)
@@ -388,10 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, type=Path, help="image A")
     p.add_argument("--points", required=True, help="JSON of named points in A's pixels, a file or the text itself (or \"x,y;x,y\")")
     p.add_argument("--targets", required=True, type=Path, help="folder of images (searched recursively)")
-    p.add_argument("--max-cycle", type=_number(float, above=0), default=None,
-                   help="a point whose forward-backward cycle (distance back in A over A's longer side) exceeds this, e.g. 0.05, "
-                        "is marked unreliable: \"reliable\": false in its JSON, unlabelled in coco.json, hollow on the sheet "
-                        "(default: every point kept)")
+    _max_cycle_arg(p, "its JSON, unlabelled in coco.json, hollow on the sheet")
     _prompt_args(p)
     p.add_argument("--out", required=True, type=Path, help="output folder (files of an earlier run are replaced only when this run succeeds)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -772,10 +777,10 @@ def cmd_match(args) -> int:
     points = _check_points(args)
     _check_common(args)
     res = run_match(load_matcher(args), args.source, args.target, args.out, points=points, dense=args.dense,
-                    min_score=args.min_score, max_points=args.max_points, max_side=args.max_side)
+                    min_score=args.min_score, max_points=args.max_points, max_side=args.max_side, max_cycle=args.max_cycle)
     for m in res["matches"]:
         print(f"{m['name']}\t{m['source'][0]:.2f},{m['source'][1]:.2f}\t->\t{m['target'][0]:.2f},{m['target'][1]:.2f}\tscore {m['score']:.4f}"
-              f"\tcycle {m['cycle']:.3f}")
+              f"\tcycle {m['cycle']:.3f}" + ("\tunreliable" if m.get("reliable", True) is False else ""))
     n = len(res["matches"])
     print(f"{n} match{'es' if n != 1 else ''} in {args.out / 'matches.json'} and {args.out / 'matches.png'}", file=sys.stderr)
     return 0

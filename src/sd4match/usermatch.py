@@ -391,22 +391,25 @@ def _describe(img: UserImage, path) -> dict:
 
 
 def run_match(matcher: Matcher, src: str | Path, trg: str | Path, out: str | Path, *, points: Sequence | None = None, dense: bool = False,
-              min_score: float = 0.0, max_points: int = 20, max_side: int = MAX_SIDE) -> dict:
+              min_score: float = 0.0, max_points: int = 20, max_side: int = MAX_SIDE, max_cycle: float | None = None) -> dict:
     """``sd4match match``: write ``matches.json`` and ``matches.png`` (and with ``dense``,
     ``warped.png``, ``confidence.png``, ``pca.png`` and ``dense.npz``) into ``out``; return the JSON.
 
     Without ``points``, the source points are the mutual nearest neighbours (``auto_points``).
+    With ``max_cycle``, each match has ``"reliable"`` (its cycle at most that; the JSON records
+    ``max_cycle``) and one that fails is drawn hollow at both ends.
     Everything is computed before anything is written, so a bad input leaves ``out`` as it was.
     """
+    check_max_cycle(max_cycle)
     a, b = open_image(src, max_side=max_side), open_image(trg, max_side=max_side)
     if points is not None:
         check_points(points, a)
     mode = "points" if points is not None else "mutual-nn"
     if points is None:
         points = matcher.auto_points(a, b, min_score=min_score, max_points=max_points)
-    matches = matcher.match_points(a, b, points) if points else []
+    matches = mark_reliable(matcher.match_points(a, b, points) if points else [], max_cycle)
     result = {"format": "sd4match-matches-1", "source": _describe(a, src), "target": _describe(b, trg), "points_from": mode,
-              "matches": matches, "settings": matcher.settings(), "model": matcher.featurizer.model_id, "sd4match": __version__,
+              **({"max_cycle": max_cycle} if max_cycle is not None else {}), "matches": matches, "settings": matcher.settings(), "model": matcher.featurizer.model_id, "sd4match": __version__,
               "coordinates": "continuous pixels of the EXIF-oriented original picture; pixel i spans [i, i + 1)"}
     pictures = {"matches.png": draw_matches(a.image, b.image, a.size, b.size, matches, labels=len(matches) <= 20)}
     arrays = None
@@ -488,6 +491,17 @@ def reliable(match: dict, max_cycle: float | None) -> bool:
     return max_cycle is None or match["cycle"] <= max_cycle
 
 
+def check_max_cycle(max_cycle: float | None) -> None:
+    """A cycle threshold is a fraction of the source's longer side above 0 (or None: none)."""
+    if max_cycle is not None and not max_cycle > 0:
+        raise Sd4MatchError(f"max_cycle {max_cycle}: a cycle threshold is a fraction of the source's longer side above 0")
+
+
+def mark_reliable(matches: list[dict], max_cycle: float | None) -> list[dict]:
+    """``matches`` each with ``"reliable"`` (``reliable``) when there is a threshold; as they are without."""
+    return matches if max_cycle is None else [{**m, "reliable": reliable(m, max_cycle)} for m in matches]
+
+
 def transfer_targets(targets: str | Path, source: str | Path, out: str | Path) -> list[Path]:
     """The pictures under ``targets`` a transfer places points on: not the source, and nothing
     under ``out`` (an earlier transfer's ``sheet.png`` when ``--out`` lies inside ``--targets``)."""
@@ -516,8 +530,7 @@ def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets
     """
     if sheet_targets < 1:
         raise Sd4MatchError(f"sheet_targets {sheet_targets}: a sheet shows at least one target")
-    if max_cycle is not None and not max_cycle > 0:
-        raise Sd4MatchError(f"max_cycle {max_cycle}: a cycle threshold is a fraction of the source's longer side above 0")
+    check_max_cycle(max_cycle)
     a = open_image(source, max_side=max_side)
     check_points(points, a)
     root = Path(targets)
@@ -528,9 +541,7 @@ def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets
     found: list[tuple[str, tuple[int, int], list]] = []  # for coco.json
     for path, name in tqdm(list(zip(files, _target_names(files, root))), unit="image", desc="transfer", disable=not progress):
         b = open_image(path, max_side=max_side)
-        matches = matcher.match_points(a, b, points)
-        if max_cycle is not None:
-            matches = [{**m, "reliable": reliable(m, max_cycle)} for m in matches]
+        matches = mark_reliable(matcher.match_points(a, b, points), max_cycle)
         doc = {"format": "sd4match-transfer-1", "source": _describe(a, source), "target": _describe(b, path),
                "points": [{"name": m["name"], "x": m["target"][0], "y": m["target"][1], "score": m["score"], "cycle": m["cycle"],
                            **({"reliable": m["reliable"]} if max_cycle is not None else {})} for m in matches],

@@ -107,8 +107,9 @@ def _mark(draw: ImageDraw.ImageDraw, x: float, y: float, r: int, colour, name: s
     """A filled dot of radius ``r`` at (x, y) (``hollow``: a ring in ``colour`` between black
     edges, the picture seen through it), with ``name`` beside it when given."""
     if hollow:
-        draw.ellipse([x - r - 1, y - r - 1, x + r + 1, y + r + 1], outline=(0, 0, 0), width=max(3, r // 2 + 2))
-        draw.ellipse([x - r, y - r, x + r, y + r], outline=colour, width=max(1, r // 2))
+        w = max(2, r // 2)
+        for rad, col, width in ((r + 2, (0, 0, 0), w + 2), (r + 1, colour, w)):  # black edges, then the colour between them
+            draw.ellipse([x - rad, y - rad, x + rad, y + rad], outline=col, width=width)
     else:
         draw.ellipse([x - r, y - r, x + r, y + r], fill=colour, outline=(0, 0, 0))
     if name:
@@ -176,7 +177,8 @@ def draw_matches(src: Image.Image, trg: Image.Image, src_size: Sequence[int], tr
     lowest to green highest of these matches, with a legend); labels never overlap each
     other or leave their picture.
 
-    ``matches`` are ``{"name", "source": [x, y], "target": [x, y], "score"}`` in original pixels.
+    ``matches`` are ``{"name", "source": [x, y], "target": [x, y], "score"}`` in original pixels;
+    one whose ``reliable`` is false is drawn hollow at both ends.
     """
     canvas, a, b, sa, sb = _side_by_side(src, trg, src_size, trg_size, height, gap)
     draw = ImageDraw.Draw(canvas)
@@ -194,14 +196,15 @@ def draw_matches(src: Image.Image, trg: Image.Image, src_size: Sequence[int], tr
         p = (xs * sa[0], ys * sa[1])
         q = (a.width + gap + xt * sb[0], yt * sb[1])
         draw.line([p, q], fill=colour(sc), width=max(1, r // 2))
-        ends.append((p, q, colour(sc), str(m.get("name") or "")))
+        ends.append((p, q, colour(sc), str(m.get("name") or ""), m.get("reliable", True) is False))
     placer = _Labels(draw, font)
-    for p, q, col, name in ends:
+    for p, q, col, name, hollow in ends:
         for (x, y), panel in ((p, (0, 0, a.width, a.height)), (q, (a.width + gap, 0, a.width + gap + b.width, b.height))):
-            _mark(draw, x, y, r, col, None, font)
+            _mark(draw, x, y, r, col, None, font, hollow=hollow)
             if labels and name:
                 placer.place(x, y, r, name, panel)
-    return _legend(canvas, lo, hi, "match score (cosine):", colour) if matches else canvas
+    hollow = "; hollow: failed the forward-backward check" if any(e[-1] for e in ends) else ""
+    return _legend(canvas, lo, hi, f"match score (cosine{hollow}):", colour) if matches else canvas
 
 
 RIGHT, WRONG = (40, 190, 70), (230, 40, 40)
