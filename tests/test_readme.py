@@ -23,7 +23,7 @@ WHOLE_BLOCK = "--out runs/willow-look"
 #: that drops or renames one of them fails here, rather than leaving it untested
 OFFLINE_BLOCKS = {
     "bash": ("--model effnet-lite0 --out runs/demo", "sd4match features --model effnet-lite0", "--out runs/cat-dog  # offline",
-             "sd4match transfer --source examples/cat.jpg", WHOLE_BLOCK),
+             "sd4match transfer --source examples/cat.jpg", "--source examples/pets.jpg --points", WHOLE_BLOCK),
     "python": ('sd4match.Matcher(sd4match.load_featurizer("effnet-lite0"))', 'tiny_sd("runs/tiny-sd")', 'sd4match.EvalConfig("pfwillow", "data/pf-willow", split',
                "class SamePlace(sd4match.Featurizer)"),
 }
@@ -74,10 +74,10 @@ def test_the_readmes_offline_examples_run_as_pasted(clone_folder):
         elif lang == "python" and any(key in text for key in OFFLINE_BLOCKS["python"]):
             _run([sys.executable, "-c", text], clone_folder, f"Python block at line {line}")
             ran += 1
-    assert ran == 7 + len(OFFLINE_BLOCKS["python"])  # match x 3 (demo, demo-birds, cat-dog), features, mkdir + echo, transfer, evaluate + score
+    assert ran == 8 + len(OFFLINE_BLOCKS["python"])  # match x 3 (demo, demo-birds, cat-dog), features, mkdir + echo, transfer x 2, evaluate + score
     # what the commands say they write is there
     runs = clone_folder / "runs"
     for f in ("demo/matches.json", "demo/matches.png", "demo-birds/warped.png", "demo-birds/confidence.png", "demo-birds/dense.npz", "demo-birds/pca.png",
-              "features/index.json", "features/pca.png", "cat-dog/matches.json", "transfer/sheet.png", "transfer/coco.json", "my-prompt/prompt.safetensors", "my-prompt/config.json",
+              "features/index.json", "features/pca.png", "cat-dog/matches.json", "transfer/sheet.png", "transfer/coco.json", "transfer-2/coco.json", "my-prompt/prompt.safetensors", "my-prompt/config.json",
               "willow-effnet/score.json", "willow-same-place/score.json", "willow-look/pairs.jsonl", "willow-look/worst.png"):
         assert (runs / f).is_file(), f

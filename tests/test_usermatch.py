@@ -338,6 +338,78 @@ def test_transfer_marks_points_that_fail_the_cycle_check(tmp_path, tiny, willow_
     assert "must be above 0" in capsys.readouterr().err and not (tmp_path / "z").exists()
 
 
+
+def test_best_of_sources_takes_the_match_that_comes_back_closest():
+    """Per name, the smallest cycle, then the higher score, then the earlier source (by hand);
+    a name only one source has comes from it."""
+    from sd4match.usermatch import best_of_sources
+
+    s0 = [{"name": "eye", "cycle": 0.20, "score": 0.9}, {"name": "ear", "cycle": 0.05, "score": 0.3}, {"name": "nose", "cycle": 0.1, "score": 0.5}]
+    s1 = [{"name": "eye", "cycle": 0.02, "score": 0.1}, {"name": "ear", "cycle": 0.05, "score": 0.6}, {"name": "nose", "cycle": 0.1, "score": 0.5},
+          {"name": "tail", "cycle": 0.9, "score": 0.0}]
+    got = best_of_sources([s0, s1], ["eye", "ear", "nose", "tail"])
+    assert [(m["name"], m["from"], m["score"]) for m in got] == [("eye", 1, 0.1), ("ear", 1, 0.6), ("nose", 0, 0.5), ("tail", 1, 0.0)]
+
+
+def test_transfer_from_several_sources(tmp_path, featurizer, willow_pair, willow_root, extractions):
+    """Two annotated sources: each target's point of a name is the match, from the source
+    that has the name, that comes back closest, exactly as each source alone matches it;
+    neither source is a target; every picture's features are extracted once."""
+    targets = _targets(tmp_path / "targets", willow_root, 3)
+    src0, src1 = willow_pair[0], sorted(targets.glob("*.png"))[0]  # the second source lies among the targets
+    p0, p1 = {"wheel": (70.0, 150.0), "roof": (150.0, 40.0)}, {"roof": (120.0, 50.0), "light": (40.0, 110.0)}
+    m = Matcher(featurizer)
+    written = run_transfer(m, [src0, src1], [p0, p1], targets, tmp_path / "o", progress=False)
+    assert extractions == [1] * 4  # two sources, the two other pictures
+    assert len(written) == 2 and all(src1.stem not in w.name for w in written)
+    coco = json.loads((tmp_path / "o" / "coco.json").read_text())
+    assert coco["categories"][0]["keypoints"] == ["wheel", "roof", "light"]  # every name once, in the order first given
+    for w in written:
+        doc = json.loads(w.read_text())
+        assert [d["path"] for d in doc["sources"]] == [str(src0), str(src1)] and "source" not in doc
+        alone = [{x["name"]: x for x in m.match_points(src, doc["target"]["path"], ps)} for src, ps in ((src0, p0), (src1, p1))]
+        assert [p["name"] for p in doc["points"]] == ["wheel", "roof", "light"]
+        for p, sp in zip(doc["points"], doc["source_points"]):
+            k = p["from"]
+            want = min((c["cycle"], -c["score"], j) for j, a in enumerate(alone) for c in a.values() if c["name"] == p["name"])[2]
+            assert k == want == sp["from"]
+            assert [p["x"], p["y"]] == alone[k][p["name"]]["target"] and p["cycle"] == alone[k][p["name"]]["cycle"]
+            assert [sp["x"], sp["y"]] == list((p0, p1)[k][p["name"]])
+    with pytest.raises(Sd4MatchError, match="2 sources and 1 point lists"):
+        run_transfer(m, [src0, src1], [p0], targets, tmp_path / "z", progress=False)
+
+
+def test_transfer_cli_pairs_each_source_with_its_points(tmp_path, tiny, willow_pair, willow_root, capsys):
+    """--source/--points given twice: one output per other picture, with both sources; unequal
+    counts, or a point outside its own source, are one line before any model loads."""
+    targets = _targets(tmp_path / "targets", willow_root, 2)
+    b = sorted(targets.glob("*.png"))[0]
+    base = ["transfer", "--targets", str(targets), "--model", str(tiny), *MODEL_ARGS, "--no-progress"]
+    two = ["--source", str(willow_pair[0]), "--points", '{"roof": [150, 40]}', "--source", str(b), "--points", '{"roof": [120, 50], "light": [40, 110]}']
+    assert main([*base, *two, "--out", str(tmp_path / "o")]) == 0
+    doc = json.loads((tmp_path / "o" / f"{sorted(targets.glob('*.png'))[1].stem}.json").read_text())
+    assert len(doc["sources"]) == 2 and [p["name"] for p in doc["points"]] == ["roof", "light"] and doc["points"][1]["from"] == 1
+    capsys.readouterr()
+    assert main([*base, *two[:6], "--out", str(tmp_path / "z")]) == 2
+    assert "2 --source and 1 --points" in capsys.readouterr().err
+    w, h = Image.open(b).size
+    assert main([*base, *two[:6], "--points", f'{{"light": [{w + 5}, 10]}}', "--out", str(tmp_path / "z")]) == 2
+    err = capsys.readouterr().err
+    assert str(b) in err and "outside" in err and not (tmp_path / "z").exists()
+
+
+def test_a_transfer_output_seeds_the_next_without_its_doubtful_points(tmp_path):
+    """Points marked "reliable": false failed their check: they are no seed for another transfer."""
+    doc = {"points": [{"name": "a", "x": 1.0, "y": 2.0, "reliable": True}, {"name": "b", "x": 3.0, "y": 4.0, "reliable": False},
+                      {"name": "c", "x": 5.0, "y": 6.0}]}
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps(doc))
+    assert parse_points(str(f)) == [("a", (1.0, 2.0)), ("c", (5.0, 6.0))]
+    f.write_text(json.dumps({"points": [doc["points"][1]]}))
+    with pytest.raises(Sd4MatchError, match=r'holds no points \(its 1 marked "reliable": false are left out\)'):
+        parse_points(str(f))
+
+
 # -- points ----------------------------------------------------------------------------------
 
 

@@ -393,8 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_match)
 
     p = command("transfer", "place A's named points on every image of a folder; a JSON per image, coco.json and sheet.png")
-    p.add_argument("--source", required=True, type=Path, help="image A")
-    p.add_argument("--points", required=True, help="JSON of named points in A's pixels, a file or the text itself (or \"x,y;x,y\")")
+    p.add_argument("--source", required=True, type=Path, action="append",
+                   help="image A; give --source and --points again for more annotated images: each target's point of a name then "
+                        "comes from the source whose match of it comes back closest (smallest cycle)")
+    p.add_argument("--points", required=True, action="append",
+                   help="JSON of named points in A's pixels, a file or the text itself (or \"x,y;x,y\"); one --points per --source, in order")
     p.add_argument("--targets", required=True, type=Path, help="folder of images (searched recursively)")
     _max_cycle_arg(p, "its JSON, unlabelled in coco.json, hollow on the sheet")
     _prompt_args(p)
@@ -757,14 +760,14 @@ def _run_evaluation(args, model, cfg, recs, request) -> int:
     return 0
 
 
-def _check_points(args) -> list | None:
-    """The points (parsed) lie inside the source picture: checked from its header."""
+def _check_points(spec: str | None, source: Path) -> list | None:
+    """The points of ``--points`` (parsed) lie inside the source picture: checked from its header."""
     from sd4match.data.images import oriented_size
     from sd4match.usermatch import check_points_within, parse_points
 
-    points = parse_points(args.points) if args.points is not None else None  # an empty --points is an error, not "automatic points"
+    points = parse_points(spec) if spec is not None else None  # an empty --points is an error, not "automatic points"
     if points is not None:
-        check_points_within(points, str(args.source), oriented_size(args.source))
+        check_points_within(points, str(source), oriented_size(source))
     return points
 
 
@@ -774,7 +777,7 @@ def cmd_match(args) -> int:
 
     check_picture(args.source)
     check_picture(args.target)
-    points = _check_points(args)
+    points = _check_points(args.points, args.source)
     _check_common(args)
     res = run_match(load_matcher(args), args.source, args.target, args.out, points=points, dense=args.dense,
                     min_score=args.min_score, max_points=args.max_points, max_side=args.max_side, max_cycle=args.max_cycle)
@@ -790,15 +793,20 @@ def cmd_transfer(args) -> int:
     from sd4match.checks import check_picture, check_picture_headers
     from sd4match.usermatch import SHEET_TARGETS, run_transfer, sheet_names, transfer_targets
 
-    check_picture(args.source)
-    points = _check_points(args)
+    if len(args.source) != len(args.points):
+        raise Sd4MatchError(f"{len(args.source)} --source and {len(args.points)} --points: give each source its --points, in the same order")
+    points = []
+    for src, spec in zip(args.source, args.points):
+        check_picture(src)
+        points.append(_check_points(spec, src))
     if not args.targets.is_dir():
         raise Sd4MatchError(f"--targets {args.targets}: no such folder")
     files = transfer_targets(args.targets, args.source, args.out)
     check_picture_headers(files)  # a target that fails later leaves --out as it was
     _check_common(args)
-    written = run_transfer(load_matcher(args), args.source, points, args.targets, args.out, max_side=args.max_side, progress=not args.no_progress,
-                           max_cycle=args.max_cycle)
+    one = len(args.source) == 1
+    written = run_transfer(load_matcher(args), args.source[0] if one else args.source, points[0] if one else points, args.targets, args.out,
+                           max_side=args.max_side, progress=not args.no_progress, max_cycle=args.max_cycle)
     pages = sheet_names(len(written))
     sheets = pages[0] if len(pages) == 1 else f"{pages[0]} to {pages[-1]} ({SHEET_TARGETS} images a page)"
     print(f"{len(written)} images: one JSON each, all of them in coco.json (COCO keypoints), and {sheets} in {args.out}", file=sys.stderr)

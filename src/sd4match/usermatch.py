@@ -96,8 +96,9 @@ def parse_points(spec: str) -> list[tuple[str, tuple[float, float]]]:
 
     JSON (a file, or the text itself when it starts with ``{`` or ``[``) may hold
     ``{"name": [x, y], ...}``, ``[[x, y], ...]``, ``[{"name", "x", "y"}, ...]``, either under a
-    ``"points"`` key (a ``transfer`` output: its points on that image), or a ``matches.json``
-    written by ``sd4match match`` (its source points). A name given twice is an error.
+    ``"points"`` key (a ``transfer`` output: its points on that image, less those marked
+    ``"reliable": false``), or a ``matches.json`` written by ``sd4match match`` (its source
+    points). A name given twice is an error.
     """
     text = spec.strip()
     if text[:1] in ("{", "["):
@@ -133,11 +134,14 @@ def _points_from_data(data, where: str) -> list[tuple[str, tuple[float, float]]]
     elif isinstance(data, dict) and isinstance(data.get("matches"), list):  # a matches.json: its source points
         data = data["matches"]
     items: list = []
+    doubtful = 0
     if isinstance(data, dict):
         items = [(str(k), v) for k, v in data.items()]
     elif isinstance(data, list):
         for i, v in enumerate(data):
-            if isinstance(v, dict) and "source" in v:  # a matches.json point
+            if isinstance(v, dict) and v.get("reliable") is False:  # failed its forward-backward check: no seed for another transfer
+                doubtful += 1
+            elif isinstance(v, dict) and "source" in v:  # a matches.json point
                 items.append((str(v.get("name", f"p{i}")), v["source"]))
             elif isinstance(v, dict):
                 items.append((str(v.get("name", f"p{i}")), [v.get("x"), v.get("y")]))
@@ -149,7 +153,7 @@ def _points_from_data(data, where: str) -> list[tuple[str, tuple[float, float]]]
             raise Sd4MatchError(f"{where}: point {name!r} is {xy!r}, not [x, y]")
         out.append((name, (float(xy[0]), float(xy[1]))))
     if not out:
-        raise Sd4MatchError(f"{where}: holds no points")
+        raise Sd4MatchError(f"{where}: holds no points" + (f" (its {doubtful} marked \"reliable\": false are left out)" if doubtful else ""))
     return _unique_names(out, where)
 
 
@@ -502,71 +506,101 @@ def mark_reliable(matches: list[dict], max_cycle: float | None) -> list[dict]:
     return matches if max_cycle is None else [{**m, "reliable": reliable(m, max_cycle)} for m in matches]
 
 
-def transfer_targets(targets: str | Path, source: str | Path, out: str | Path) -> list[Path]:
-    """The pictures under ``targets`` a transfer places points on: not the source, and nothing
-    under ``out`` (an earlier transfer's ``sheet.png`` when ``--out`` lies inside ``--targets``)."""
-    src = Path(source).resolve()
-    files = [p for p in list_images(targets, exclude=out) if p.resolve() != src]
+def transfer_targets(targets: str | Path, source: str | Path | Sequence[str | Path], out: str | Path) -> list[Path]:
+    """The pictures under ``targets`` a transfer places points on: not the source (nor any of
+    several), and nothing under ``out`` (an earlier transfer's ``sheet.png`` when ``--out``
+    lies inside ``--targets``)."""
+    srcs = {Path(s).resolve() for s in ([source] if isinstance(source, (str, Path)) else source)}
+    files = [p for p in list_images(targets, exclude=out) if p.resolve() not in srcs]
     if not files:
         raise Sd4MatchError(f"{targets}: no images to transfer onto")
     return files
 
 
-def run_transfer(matcher: Matcher, source: str | Path, points: Sequence, targets: str | Path, out: str | Path, *, max_side: int = MAX_SIDE,
-                 progress: bool = True, sheet_columns: int = 4, sheet_targets: int = SHEET_TARGETS, max_cycle: float | None = None) -> list[Path]:
+def best_of_sources(per_source: Sequence[list[dict]], names: Sequence[str]) -> list[dict]:
+    """One match per point name from several sources' matches of one target (each source's
+    list holds the names it has): the one whose forward-backward ``cycle`` is smallest, then
+    the higher ``score``, then the earlier source; each with ``"from"``, its source's index."""
+    out = []
+    for name in names:
+        cands = [(m["cycle"], -m["score"], k, m) for k, ms in enumerate(per_source) for m in ms if m["name"] == name]
+        *_, k, m = min(cands, key=lambda c: c[:3])
+        out.append({**m, "from": k})
+    return out
+
+
+def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], points: Sequence, targets: str | Path, out: str | Path, *,
+                 max_side: int = MAX_SIDE, progress: bool = True, sheet_columns: int = 4, sheet_targets: int = SHEET_TARGETS,
+                 max_cycle: float | None = None) -> list[Path]:
     """``sd4match transfer``: place the named ``points`` of ``source`` on every image under
     ``targets``; write ``<name>.json`` per target, ``coco.json`` (all of them as COCO
     keypoints: ``coco_keypoints``) and ``sheet.png``; return the per-target JSON paths.
+
+    Several sources: ``source`` a list of pictures and ``points`` a list of their point lists
+    (a name may be on some of them only). Each target's point of a name is then the match from
+    the source whose match of it comes back closest (``best_of_sources``); its JSON lists the
+    ``sources`` and each point's ``from`` (an index into them) instead of one ``source``.
 
     With ``max_cycle``, a point whose forward-backward ``cycle`` exceeds it fails the check:
     ``"reliable": false`` in its target's JSON (which records ``max_cycle``), left unlabelled
     in ``coco.json`` and drawn hollow on the sheet.
 
-    The sheet shows the source, then ``sheet_targets`` targets a page: ``sheet.png``, then
-    ``sheet-2.png``, ``sheet-3.png``, ... (each page with the source first, one colour scale
-    for all). The source's features are extracted once; each target's once. Results are
+    The sheet shows the sources, then ``sheet_targets`` targets a page: ``sheet.png``, then
+    ``sheet-2.png``, ``sheet-3.png``, ... (each page with the sources first, one colour scale
+    for all). Each source's features are extracted once; each target's once. Results are
     written into a staging folder and moved into ``out`` only when every target succeeded,
     so a failure leaves an earlier run's ``out`` byte for byte as it was.
     """
     if sheet_targets < 1:
         raise Sd4MatchError(f"sheet_targets {sheet_targets}: a sheet shows at least one target")
     check_max_cycle(max_cycle)
-    a = open_image(source, max_side=max_side)
-    check_points(points, a)
+    several = not isinstance(source, (str, Path))
+    srcs, point_sets = (list(source), [named_points(ps) for ps in points]) if several else ([source], [named_points(points)])
+    if len(srcs) != len(point_sets) or not srcs:
+        raise Sd4MatchError(f"{len(srcs)} sources and {len(point_sets)} point lists: give each source its points")
+    pics = [open_image(s, max_side=max_side) for s in srcs]
+    for a, ps in zip(pics, point_sets):
+        check_points(ps, a)
+    names = list(dict.fromkeys(n for ps in point_sets for n, _ in ps))  # every name once, in the order first given
     root = Path(targets)
-    files = transfer_targets(root, source, out)
+    files = transfer_targets(root, srcs, out)
     out = Path(out)
+    src_doc = {"sources": [_describe(a, s) for a, s in zip(pics, srcs)]} if several else {"source": _describe(pics[0], srcs[0])}
     views: list[tuple[str, Image.Image, tuple, list]] = []  # small copies: the points are drawn once every score is known
     docs: dict[str, str] = {}
     found: list[tuple[str, tuple[int, int], list]] = []  # for coco.json
     for path, name in tqdm(list(zip(files, _target_names(files, root))), unit="image", desc="transfer", disable=not progress):
         b = open_image(path, max_side=max_side)
-        matches = mark_reliable(matcher.match_points(a, b, points), max_cycle)
-        doc = {"format": "sd4match-transfer-1", "source": _describe(a, source), "target": _describe(b, path),
-               "points": [{"name": m["name"], "x": m["target"][0], "y": m["target"][1], "score": m["score"], "cycle": m["cycle"],
+        per_source = [matcher.match_points(a, b, ps) for a, ps in zip(pics, point_sets)]
+        matches = mark_reliable(best_of_sources(per_source, names) if several else per_source[0], max_cycle)
+        origin = (lambda m: {"from": m["from"]}) if several else (lambda m: {})
+        doc = {"format": "sd4match-transfer-1", **src_doc, "target": _describe(b, path),
+               "points": [{"name": m["name"], "x": m["target"][0], "y": m["target"][1], "score": m["score"], "cycle": m["cycle"], **origin(m),
                            **({"reliable": m["reliable"]} if max_cycle is not None else {})} for m in matches],
                **({"max_cycle": max_cycle} if max_cycle is not None else {}),
-               "source_points": [{"name": m["name"], "x": m["source"][0], "y": m["source"][1]} for m in matches],
+               "source_points": [{"name": m["name"], "x": m["source"][0], "y": m["source"][1], **origin(m)} for m in matches],
                "settings": matcher.settings(), "model": matcher.featurizer.model_id, "sd4match": __version__}
         docs[f"{name}.json"] = json.dumps(doc, indent=2)
         found.append((path.relative_to(root).as_posix(), b.size, matches))
         views.append((name, b.image.copy().reduce(max(1, b.image.height // SHEET_TILE)), b.size, matches))  # at least a tile tall
     lo, hi = score_range([m["score"] for *_, ms in views for m in ms])
-    src_view = [{"name": n, "source": list(xy), "score": hi} for n, xy in points]  # the source's points in the top colour
-    src_tile = (f"source: {Path(a.name).name}", draw_points(a.image, a.size, src_view, key="source", lo=lo, hi=hi, height=SHEET_TILE))
+    src_tiles = [(f"source: {Path(a.name).name}", draw_points(a.image, a.size, [{"name": n, "source": list(xy), "score": hi} for n, xy in ps],
+                                                                key="source", lo=lo, hi=hi, height=SHEET_TILE))  # in the top colour
+                 for a, ps in zip(pics, point_sets)]
     pages = [views[i:i + sheet_targets] for i in range(0, len(views), sheet_targets)]
-    names = sheet_names(len(views), sheet_targets)
+    sheets = sheet_names(len(views), sheet_targets)
     with staged_dir(out) as stage:
         for fname, text in docs.items():
             (stage / fname).write_text(text, encoding="utf-8")
-        coco = coco_keypoints(found, [n for n, _ in points], matcher.category, max_cycle=max_cycle)
+        coco = coco_keypoints(found, names, matcher.category, max_cycle=max_cycle)
         (stage / f"{COCO_STEM}.json").write_text(json.dumps(coco, indent=1), encoding="utf-8")
-        for k, (page, fname) in enumerate(zip(pages, names), 1):
-            tiles = [src_tile] + [(name, draw_points(im, size, ms, key="target", lo=lo, hi=hi, height=SHEET_TILE)) for name, im, size, ms in page]
+        for k, (page, fname) in enumerate(zip(pages, sheets), 1):
+            tiles = src_tiles + [(name, draw_points(im, size, ms, key="target", lo=lo, hi=hi, height=SHEET_TILE)) for name, im, size, ms in page]
             words = f"page {k} of {len(pages)}: " if len(pages) > 1 else ""
             hollow = f"; hollow: cycle above {max_cycle:g}" if max_cycle is not None else ""
+            whose = "the sources' points" if several else "the source's points"
             sheet = score_legend(contact_sheet(tiles, columns=sheet_columns, tile_height=SHEET_TILE), lo, hi,
-                                 f"{words}score of each transferred point (cosine; the source's points in the top colour{hollow}):")
+                                 f"{words}score of each transferred point (cosine; {whose} in the top colour{hollow}):")
             sheet.save(stage / fname, format="PNG")
     return [out / fname for fname in docs]
 
