@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import fixture_dir
 from sd4match.cli import main
 from sd4match.errors import Sd4MatchError
 from sd4match.testing import tiny_sd
@@ -396,6 +397,72 @@ def test_transfer_cli_pairs_each_source_with_its_points(tmp_path, tiny, willow_p
     assert main([*base, *two[:6], "--points", f'{{"light": [{w + 5}, 10]}}', "--out", str(tmp_path / "z")]) == 2
     err = capsys.readouterr().err
     assert str(b) in err and "outside" in err and not (tmp_path / "z").exists()
+
+
+def test_coco_sources_read_an_annotation_tools_export():
+    """The AP-10K fixture's real COCO file: each annotated picture a source, its points those of
+    v > 0 named by its category's keypoints (read from the file here, independently)."""
+    from sd4match.usermatch import coco_sources
+
+    root = fixture_dir("ap-10k")
+    raw = json.loads((root / "test_ap10k.json").read_text())
+    got = coco_sources(root / "test_ap10k.json", root)
+    assert len(got) == len(raw["annotations"]) == 2
+    cats = {c["id"]: c["keypoints"] for c in raw["categories"]}
+    files = {im["id"]: im["file_name"] for im in raw["images"]}
+    for (picture, points), a in zip(got, raw["annotations"]):
+        k = a["keypoints"]
+        want = [(n, (float(k[3 * i]), float(k[3 * i + 1]))) for i, n in enumerate(cats[a["category_id"]]) if k[3 * i + 2] > 0]
+        assert picture == root / files[a["image_id"]] and points == want and 0 < len(points) < len(cats[a["category_id"]]) + 1
+    assert any(k[3 * i + 2] == 0 for a in raw["annotations"] for k in [a["keypoints"]] for i in range(len(k) // 3))  # some are left out
+
+
+def test_a_transfers_coco_json_corrected_seeds_the_next_transfer(tmp_path, featurizer, willow_pair, willow_root):
+    """coco.json back as --from-coco: every target with its points (those kept by the check);
+    a broken file is one line naming it and the problem."""
+    from sd4match.usermatch import coco_sources
+
+    targets = _targets(tmp_path / "targets", willow_root, 2)
+    written = run_transfer(Matcher(featurizer), willow_pair[0], {"a": (70.0, 150.0), "b": (150.0, 40.0)}, targets, tmp_path / "o", progress=False)
+    got = coco_sources(tmp_path / "o" / "coco.json", targets)
+    want = []
+    for w in written:
+        doc = json.loads(w.read_text())
+        want.append((Path(doc["target"]["path"]), [(p["name"], (p["x"], p["y"])) for p in doc["points"]]))
+    assert got == want
+    coco = json.loads((tmp_path / "o" / "coco.json").read_text())
+    bad = tmp_path / "bad.json"
+    for change, problem in ((lambda c: c.pop("categories"), "not a COCO keypoints file"),
+                            (lambda c: c["annotations"][0]["keypoints"].extend([1, 2, 2]), "3 keypoints, but its category names 2"),
+                            (lambda c: c["images"][0].update(file_name="gone.png"), "gone.png: missing"),
+                            (lambda c: [a.update(keypoints=[0, 0, 0, 0, 0, 0]) for a in c["annotations"]], "holds no labelled keypoint")):
+        broken = json.loads(json.dumps(coco))
+        change(broken)
+        bad.write_text(json.dumps(broken))
+        with pytest.raises(Sd4MatchError, match=problem):
+            coco_sources(bad, targets)
+    bad.write_text("{")
+    with pytest.raises(Sd4MatchError, match="bad.json: not valid JSON"):
+        coco_sources(bad, targets)
+
+
+def test_transfer_cli_from_coco(tmp_path, tiny, willow_root, capsys):
+    """--from-coco with --coco-images: the AP-10K fixture's two annotated animals are the
+    sources of a transfer onto other pictures; without any source, one line."""
+    from sd4match.usermatch import coco_sources
+
+    root = fixture_dir("ap-10k")
+    targets = _targets(tmp_path / "targets", willow_root, 2)
+    base = ["transfer", "--targets", str(targets), "--model", str(tiny), *MODEL_ARGS, "--no-progress"]
+    assert main([*base, "--from-coco", str(root / "test_ap10k.json"), "--coco-images", str(root), "--out", str(tmp_path / "o")]) == 0
+    srcs = coco_sources(root / "test_ap10k.json", root)
+    names = list(dict.fromkeys(n for _, ps in srcs for n, _ in ps))
+    for f in sorted(targets.glob("*.png")):
+        doc = json.loads((tmp_path / "o" / f"{f.stem}.json").read_text())
+        assert [d["path"] for d in doc["sources"]] == [str(p) for p, _ in srcs] and [p["name"] for p in doc["points"]] == names
+    assert "2 images from 2 sources" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "z")]) == 2
+    assert "no source: give --source and --points, or --from-coco" in capsys.readouterr().err and not (tmp_path / "z").exists()
 
 
 def test_a_transfer_output_seeds_the_next_without_its_doubtful_points(tmp_path):

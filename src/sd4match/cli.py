@@ -393,11 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_match)
 
     p = command("transfer", "place A's named points on every image of a folder; a JSON per image, coco.json and sheet.png")
-    p.add_argument("--source", required=True, type=Path, action="append",
+    p.add_argument("--source", type=Path, action="append",
                    help="image A; give --source and --points again for more annotated images: each target's point of a name then "
                         "comes from the source whose match of it comes back closest (smallest cycle)")
-    p.add_argument("--points", required=True, action="append",
+    p.add_argument("--points", action="append",
                    help="JSON of named points in A's pixels, a file or the text itself (or \"x,y;x,y\"); one --points per --source, in order")
+    p.add_argument("--from-coco", type=Path, default=None,
+                   help="COCO keypoints file (an annotation tool's export, or a corrected coco.json): every annotated picture is a source")
+    p.add_argument("--coco-images", type=Path, default=None, help="folder the --from-coco file's file_name values are relative to (default: --targets)")
     p.add_argument("--targets", required=True, type=Path, help="folder of images (searched recursively)")
     _max_cycle_arg(p, "its JSON, unlabelled in coco.json, hollow on the sheet")
     _prompt_args(p)
@@ -791,25 +794,35 @@ def cmd_match(args) -> int:
 
 def cmd_transfer(args) -> int:
     from sd4match.checks import check_picture, check_picture_headers
-    from sd4match.usermatch import SHEET_TARGETS, run_transfer, sheet_names, transfer_targets
+    from sd4match.data.images import oriented_size
+    from sd4match.usermatch import SHEET_TARGETS, check_points_within, coco_sources, run_transfer, sheet_names, transfer_targets
 
-    if len(args.source) != len(args.points):
-        raise Sd4MatchError(f"{len(args.source)} --source and {len(args.points)} --points: give each source its --points, in the same order")
-    points = []
-    for src, spec in zip(args.source, args.points):
-        check_picture(src)
-        points.append(_check_points(spec, src))
+    sources, specs = args.source or [], args.points or []
+    if len(sources) != len(specs):
+        raise Sd4MatchError(f"{len(sources)} --source and {len(specs)} --points: give each source its --points, in the same order")
+    if not sources and args.from_coco is None:
+        raise Sd4MatchError("no source: give --source and --points, or --from-coco")
     if not args.targets.is_dir():
         raise Sd4MatchError(f"--targets {args.targets}: no such folder")
-    files = transfer_targets(args.targets, args.source, args.out)
+    points = [_check_points(spec, src) for src, spec in zip(sources, specs)]
+    if args.from_coco is not None:
+        for src, ps in coco_sources(args.from_coco, args.coco_images or args.targets):
+            check_points_within(ps, str(src), oriented_size(src))
+            sources, points = [*sources, src], [*points, ps]
+    for src in dict.fromkeys(sources):
+        check_picture(src)
+    files = transfer_targets(args.targets, sources, args.out)
     check_picture_headers(files)  # a target that fails later leaves --out as it was
     _check_common(args)
-    one = len(args.source) == 1
-    written = run_transfer(load_matcher(args), args.source[0] if one else args.source, points[0] if one else points, args.targets, args.out,
+    one = len(sources) == 1
+    written = run_transfer(load_matcher(args), sources[0] if one else sources, points[0] if one else points, args.targets, args.out,
                            max_side=args.max_side, progress=not args.no_progress, max_cycle=args.max_cycle)
     pages = sheet_names(len(written))
     sheets = pages[0] if len(pages) == 1 else f"{pages[0]} to {pages[-1]} ({SHEET_TARGETS} images a page)"
-    print(f"{len(written)} images: one JSON each, all of them in coco.json (COCO keypoints), and {sheets} in {args.out}", file=sys.stderr)
+    n = len(written)
+    origin = f" from {len(sources)} sources" if not one else ""
+    print(f"{n} image{'s' if n != 1 else ''}{origin}: {'one JSON each' if n != 1 else 'its JSON'}, {'all of them' if n != 1 else 'it'} in coco.json "
+          f"(COCO keypoints), and {sheets} in {args.out}", file=sys.stderr)
     if args.max_cycle is not None:
         kept = [p["reliable"] for f in written for p in json.loads(f.read_text(encoding="utf-8"))["points"]]
         print(f"{kept.count(False)} of {len(kept)} points failed the forward-backward check (cycle above {args.max_cycle:g}): "

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from sd4match.batching import Batcher, Picture, per_pair
 from sd4match.config import MatchConfig
 from sd4match.data.images import fit_within, list_images, load_image, oriented_size
-from sd4match.errors import Sd4MatchError
+from sd4match.data.records import coco_keypoints as coco_values
+from sd4match.errors import DataError, Sd4MatchError
 from sd4match.features.base import rgb_image
 from sd4match.fileio import read_user_text, staged_dir
 from sd4match.matching import MATCH_RULES, border_contrast, dense_match, match_pixels, point_correlation
@@ -39,6 +40,8 @@ SHEET_TILE = 320  # pixel height of each picture of a transfer's sheet.png
 #: targets on one page of a transfer's sheet (with the source: 12 rows of 4); more go on
 #: sheet-2.png, sheet-3.png, ... (one sheet of a thousand targets is ~90,000 px tall: no viewer opens it)
 SHEET_TARGETS = 47
+#: the sources a sheet page shows (the first ones) before its targets, however many there are
+SHEET_SOURCES = 4
 
 MAX_SIDE = 2048  # larger pictures are downscaled before the model (which works at 768 or less)
 
@@ -517,6 +520,41 @@ def transfer_targets(targets: str | Path, source: str | Path | Sequence[str | Pa
     return files
 
 
+def coco_sources(path: str | Path, images: str | Path) -> list[tuple[Path, list[tuple[str, tuple[float, float]]]]]:
+    """The annotated pictures of a COCO keypoints file (an annotation tool's export, or a
+    ``transfer``'s corrected ``coco.json``) as transfer sources: (``images / file_name``, its
+    labelled points) for each annotation with a point of v > 0, named by its category's
+    ``keypoints``. Two annotations of one picture (two animals) are two sources."""
+    path = Path(path)
+    try:
+        d = json.loads(read_user_text(path, DataError))
+        files = {im["id"]: im["file_name"] for im in d["images"]}
+        names = {c["id"]: [str(n) for n in c["keypoints"]] for c in d["categories"] if "keypoints" in c}
+        annotations = list(d["annotations"])
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"not valid JSON ({e})") from None
+    except (TypeError, KeyError) as e:
+        raise DataError(path, f"not a COCO keypoints file (images, annotations and categories with keypoints; no {e})") from None
+    out = []
+    for k, a in enumerate(annotations):
+        where = f"{path}: annotation {a.get('id', k) if isinstance(a, dict) else k}"
+        if not isinstance(a, dict) or a.get("category_id") not in names or a.get("image_id") not in files:
+            raise Sd4MatchError(f"{where}: its category_id or image_id is not in the file's categories (with keypoints) or images")
+        kps = coco_values(a.get("keypoints"), where)
+        cat = names[a["category_id"]]
+        if len(kps) != len(cat):
+            raise Sd4MatchError(f"{where}: {len(kps)} keypoints, but its category names {len(cat)}")
+        points = [(n, (float(x), float(y))) for n, (x, y, v) in zip(cat, kps) if v > 0]
+        if points:
+            picture = Path(images) / files[a["image_id"]]
+            if not picture.is_file():
+                raise Sd4MatchError(f"{picture}: missing (annotated in {path}; pictures are looked up under {images})")
+            out.append((picture, _unique_names(points, where)))
+    if not out:
+        raise DataError(path, "holds no labelled keypoint (v > 0)")
+    return out
+
+
 def best_of_sources(per_source: Sequence[list[dict]], names: Sequence[str]) -> list[dict]:
     """One match per point name from several sources' matches of one target (each source's
     list holds the names it has): the one whose forward-backward ``cycle`` is smallest, then
@@ -545,9 +583,9 @@ def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], po
     ``"reliable": false`` in its target's JSON (which records ``max_cycle``), left unlabelled
     in ``coco.json`` and drawn hollow on the sheet.
 
-    The sheet shows the sources, then ``sheet_targets`` targets a page: ``sheet.png``, then
-    ``sheet-2.png``, ``sheet-3.png``, ... (each page with the sources first, one colour scale
-    for all). Each source's features are extracted once; each target's once. Results are
+    The sheet shows the sources (the first ``SHEET_SOURCES``), then ``sheet_targets``
+    targets a page: ``sheet.png``, then ``sheet-2.png``, ``sheet-3.png``, ... (each page with
+    the sources first, one colour scale for all). Each source's features are extracted once; each target's once. Results are
     written into a staging folder and moved into ``out`` only when every target succeeded,
     so a failure leaves an earlier run's ``out`` byte for byte as it was.
     """
@@ -586,7 +624,7 @@ def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], po
     lo, hi = score_range([m["score"] for *_, ms in views for m in ms])
     src_tiles = [(f"source: {Path(a.name).name}", draw_points(a.image, a.size, [{"name": n, "source": list(xy), "score": hi} for n, xy in ps],
                                                                 key="source", lo=lo, hi=hi, height=SHEET_TILE))  # in the top colour
-                 for a, ps in zip(pics, point_sets)]
+                 for a, ps in zip(pics[:SHEET_SOURCES], point_sets)]
     pages = [views[i:i + sheet_targets] for i in range(0, len(views), sheet_targets)]
     sheets = sheet_names(len(views), sheet_targets)
     with staged_dir(out) as stage:
@@ -599,6 +637,8 @@ def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], po
             words = f"page {k} of {len(pages)}: " if len(pages) > 1 else ""
             hollow = f"; hollow: cycle above {max_cycle:g}" if max_cycle is not None else ""
             whose = "the sources' points" if several else "the source's points"
+            if len(pics) > SHEET_SOURCES:
+                whose += f"; the first {SHEET_SOURCES} of {len(pics)} sources shown"
             sheet = score_legend(contact_sheet(tiles, columns=sheet_columns, tile_height=SHEET_TILE), lo, hi,
                                  f"{words}score of each transferred point (cosine; {whose} in the top colour{hollow}):")
             sheet.save(stage / fname, format="PNG")
