@@ -163,7 +163,7 @@ def _seed_arg(p) -> None:
 
 def _max_cycle_arg(p: argparse.ArgumentParser, where: str) -> None:
     """``--max-cycle`` of ``match`` and ``transfer``: ``where`` says what a failing point becomes."""
-    p.add_argument("--max-cycle", type=_number(float, above=0), default=None,
+    p.add_argument("--max-cycle", type=_number(float, above=0), default=None, metavar="C",
                    help="a point whose forward-backward cycle (its distance back in A over A's longer side) exceeds this, e.g. 0.05, "
                         f"is marked unreliable: \"reliable\": false in {where} (default: no threshold)")
 
@@ -398,9 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "comes from the source whose match of it comes back closest (smallest cycle)")
     p.add_argument("--points", action="append",
                    help="JSON of named points in A's pixels, a file or the text itself (or \"x,y;x,y\"); one --points per --source, in order")
-    p.add_argument("--from-coco", type=Path, default=None,
+    p.add_argument("--from-coco", type=Path, default=None, metavar="FILE",
                    help="COCO keypoints file (an annotation tool's export, or a corrected coco.json): every annotated picture is a source")
-    p.add_argument("--coco-images", type=Path, default=None, help="folder the --from-coco file's file_name values are relative to (default: --targets)")
+    p.add_argument("--coco-images", type=Path, default=None, metavar="DIR", help="folder the --from-coco file's file_name values are relative to (default: --targets)")
     p.add_argument("--targets", required=True, type=Path, help="folder of images (searched recursively)")
     _max_cycle_arg(p, "its JSON, unlabelled in coco.json, hollow on the sheet")
     _prompt_args(p)
