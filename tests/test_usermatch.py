@@ -431,6 +431,12 @@ def test_a_transfers_coco_json_corrected_seeds_the_next_transfer(tmp_path, featu
         want.append((Path(doc["target"]["path"]), [(p["name"], (p["x"], p["y"])) for p in doc["points"]]))
     assert got == want
     coco = json.loads((tmp_path / "o" / "coco.json").read_text())
+    # an export that also holds boxes of a category without keypoints (CVAT's, with a "car" box label): the same sources
+    mixed = json.loads(json.dumps(coco))
+    mixed["categories"].append({"id": 2, "name": "car", "supercategory": ""})
+    mixed["annotations"].append({"id": 9, "image_id": 1, "category_id": 2, "bbox": [0, 0, 5, 5], "area": 25, "iscrowd": 0, "segmentation": []})
+    (tmp_path / "mixed.json").write_text(json.dumps(mixed))
+    assert coco_sources(tmp_path / "mixed.json", targets) == want
     bad = tmp_path / "bad.json"
     for change, problem in ((lambda c: c.pop("categories"), "not a COCO keypoints file"),
                             (lambda c: c["annotations"][0]["keypoints"].extend([1, 2, 2]), "3 keypoints, but its category names 2"),

@@ -529,7 +529,7 @@ def coco_sources(path: str | Path, images: str | Path) -> list[tuple[Path, list[
     try:
         d = json.loads(read_user_text(path, DataError))
         files = {im["id"]: im["file_name"] for im in d["images"]}
-        names = {c["id"]: [str(n) for n in c["keypoints"]] for c in d["categories"] if "keypoints" in c}
+        names = {c["id"]: [str(n) for n in c.get("keypoints") or []] for c in d["categories"]}
         annotations = list(d["annotations"])
     except json.JSONDecodeError as e:
         raise DataError(path, f"not valid JSON ({e})") from None
@@ -539,9 +539,11 @@ def coco_sources(path: str | Path, images: str | Path) -> list[tuple[Path, list[
     for k, a in enumerate(annotations):
         where = f"{path}: annotation {a.get('id', k) if isinstance(a, dict) else k}"
         if not isinstance(a, dict) or a.get("category_id") not in names or a.get("image_id") not in files:
-            raise Sd4MatchError(f"{where}: its category_id or image_id is not in the file's categories (with keypoints) or images")
-        kps = coco_values(a.get("keypoints"), where)
+            raise Sd4MatchError(f"{where}: its category_id or image_id is not in the file's categories or images")
         cat = names[a["category_id"]]
+        if not cat or "keypoints" not in a:  # a box or outline of a category without keypoints: nothing to transfer
+            continue
+        kps = coco_values(a["keypoints"], where)
         if len(kps) != len(cat):
             raise Sd4MatchError(f"{where}: {len(kps)} keypoints, but its category names {len(cat)}")
         points = [(n, (float(x), float(y))) for n, (x, y, v) in zip(cat, kps) if v > 0]
