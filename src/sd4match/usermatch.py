@@ -587,9 +587,10 @@ def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], po
 
     The sheet shows the sources (the first ``SHEET_SOURCES``), then ``sheet_targets``
     targets a page: ``sheet.png``, then ``sheet-2.png``, ``sheet-3.png``, ... (each page with
-    the sources first, one colour scale for all). Each source's features are extracted once; each target's once. Results are
-    written into a staging folder and moved into ``out`` only when every target succeeded,
-    so a failure leaves an earlier run's ``out`` byte for byte as it was.
+    the sources first, one colour scale for all). Each source's features are extracted once,
+    each target's once (a per-pair prompt, CPM: each source-target pair's maps once).
+    Results are written into a staging folder and moved into ``out`` only when every target
+    succeeded, so a failure leaves an earlier run's ``out`` byte for byte as it was.
     """
     if sheet_targets < 1:
         raise Sd4MatchError(f"sheet_targets {sheet_targets}: a sheet shows at least one target")
