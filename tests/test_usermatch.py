@@ -471,6 +471,87 @@ def test_transfer_cli_from_coco(tmp_path, tiny, willow_root, capsys):
     assert "no source: give --source and --points, or --from-coco" in capsys.readouterr().err and not (tmp_path / "z").exists()
 
 
+def test_a_stopped_transfer_continues_where_it_stopped(tmp_path, featurizer, willow_pair, willow_root, extractions, monkeypatch):
+    """Each target done is kept beside --out until the transfer completes: after a Ctrl-C at
+    the third target, the same call extracts only the targets left (and the source) and writes
+    what an uninterrupted transfer writes; the kept file is then gone. A last line cut by the
+    stop is done again; other settings start over, with a warning."""
+    from sd4match.usermatch import transfer_partial
+
+    targets = _targets(tmp_path / "targets", willow_root, 4)
+    pts = {"a": (70.0, 150.0), "b": (150.0, 40.0)}
+    clean = tmp_path / "clean"
+    run_transfer(Matcher(featurizer), willow_pair[0], pts, targets, clean, progress=False)
+    want = {f.name: f.read_bytes() for f in clean.iterdir() if f.suffix == ".json"}
+
+    out, real, calls = tmp_path / "o", Matcher.match_points, []
+
+    def stop_at_third(self, a, b, points):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, a, b, points)
+
+    monkeypatch.setattr(Matcher, "match_points", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_transfer(Matcher(featurizer), willow_pair[0], pts, targets, out, progress=False)
+    monkeypatch.setattr(Matcher, "match_points", real)
+    kept = transfer_partial(out)
+    assert not out.exists() and len(kept.read_text().splitlines()) == 1 + 2  # its header, two targets
+    extractions.clear()
+    run_transfer(Matcher(featurizer), willow_pair[0], pts, targets, out, progress=False)
+    assert extractions == [1, 1, 1]  # the source, the two targets left
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.suffix == ".json"} == want and not kept.exists()
+
+    # a line cut by a stop: that target is done again
+    monkeypatch.setattr(Matcher, "match_points", stop_at_third)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run_transfer(Matcher(featurizer), willow_pair[0], pts, targets, out, progress=False)
+    monkeypatch.setattr(Matcher, "match_points", real)
+    kept.write_text(kept.read_text()[:-20])
+    extractions.clear()
+    run_transfer(Matcher(featurizer), willow_pair[0], pts, targets, out, progress=False)
+    assert extractions == [1, 1, 1, 1]  # the source, the cut target, the two left
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.suffix == ".json"} == want
+
+    # another seed: what was kept is not used
+    monkeypatch.setattr(Matcher, "match_points", stop_at_third)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run_transfer(Matcher(featurizer), willow_pair[0], pts, targets, out, progress=False)
+    monkeypatch.setattr(Matcher, "match_points", real)
+    extractions.clear()
+    with pytest.warns(UserWarning, match="an unfinished transfer of other sources, points or settings; this one starts over"):
+        run_transfer(Matcher(featurizer, seed=1), willow_pair[0], pts, targets, out, progress=False)
+    assert extractions == [1] * 5 and not kept.exists()
+    # what Ctrl-C or SIGTERM prints: where the targets done are
+    import argparse
+
+    from sd4match.cli import _stopped_line
+
+    assert _stopped_line(argparse.Namespace(command="transfer", out=out), "interrupted") == (
+        f"sd4match: interrupted; what was done is kept in {tmp_path / '.o.transfer-partial.jsonl'}: the same command continues it")
+
+
+def test_a_transfer_stopped_by_a_bad_picture_keeps_the_targets_done(tmp_path, featurizer, willow_pair, willow_root, extractions):
+    """A target whose header reads but whose pixels do not: the error names it and says the
+    targets done are kept; with the picture removed, the same command does only what is left."""
+    targets = _targets(tmp_path / "targets", willow_root, 3)
+    bad = targets / "zz_cut.png"
+    data = sorted(targets.glob("*.png"))[0].read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    from sd4match.usermatch import transfer_partial
+
+    with pytest.raises(Sd4MatchError, match=r"zz_cut.png: .*; the 3 targets done are kept: mend or remove the picture and run the same command again"):
+        run_transfer(Matcher(featurizer), willow_pair[0], {"a": (70.0, 150.0)}, targets, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists() and len(transfer_partial(tmp_path / "o").read_text().splitlines()) == 4
+    bad.unlink()
+    extractions.clear()
+    run_transfer(Matcher(featurizer), willow_pair[0], {"a": (70.0, 150.0)}, targets, tmp_path / "o", progress=False)
+    assert extractions == [] and len(list((tmp_path / "o").glob("*.json"))) == 4  # nothing: every target was kept; 3 JSONs and coco.json
+
+
 def test_a_transfer_output_seeds_the_next_without_its_doubtful_points(tmp_path):
     """Points marked "reliable": false failed their check: they are no seed for another transfer."""
     doc = {"points": [{"name": "a", "x": 1.0, "y": 2.0, "reliable": True}, {"name": "b", "x": 3.0, "y": 4.0, "reliable": False},

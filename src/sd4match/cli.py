@@ -1099,9 +1099,14 @@ CONTINUE = {
     "sweep": "the same command continues it (done cells are kept, a cut one resumes)",
     "reproduce": "the same command continues it (done rows are kept, a cut one resumes)",
     "features": "the same command continues it (stored maps are kept)",
+    "transfer": "the same command continues it",
 }
 
 
 def _stopped_line(args, what: str) -> str:
     hint, out = CONTINUE.get(args.command), getattr(args, "out", None)
+    if args.command == "transfer" and out is not None:  # beside its --out, which stays as an earlier run left it
+        from sd4match.usermatch import transfer_partial
+
+        out = transfer_partial(out)
     return f"sd4match: {what}" + (f"; what was done is kept in {out}: {hint}" if hint and out is not None else "")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,9 +28,9 @@ from sd4match.batching import Batcher, Picture, per_pair
 from sd4match.config import MatchConfig
 from sd4match.data.images import fit_within, list_images, load_image, oriented_size
 from sd4match.data.records import coco_keypoints as coco_values
-from sd4match.errors import DataError, Sd4MatchError
+from sd4match.errors import DataError, Sd4MatchError, Sd4MatchWarning
 from sd4match.features.base import rgb_image
-from sd4match.fileio import read_user_text, staged_dir
+from sd4match.fileio import atomic_write_text, read_user_text, staged_dir
 from sd4match.matching import MATCH_RULES, border_contrast, dense_match, match_pixels, point_correlation
 from sd4match.prompts import prompt_fingerprint, resolve_prompt
 from sd4match.store import Store, image_key
@@ -569,6 +570,55 @@ def best_of_sources(per_source: Sequence[list[dict]], names: Sequence[str]) -> l
     return out
 
 
+def _target_doc(matcher: Matcher, src_doc: dict, b: UserImage, path: Path, matches: list[dict], max_cycle: float | None) -> dict:
+    """A transfer's JSON of one target: its points (each with ``from`` when there are several
+    sources, ``reliable`` with a ``max_cycle``), the source points they came from, the settings."""
+    def origin(m):
+        return {"from": m["from"]} if "sources" in src_doc else {}
+
+    return {"format": "sd4match-transfer-1", **src_doc, "target": _describe(b, path),
+            "points": [{"name": m["name"], "x": m["target"][0], "y": m["target"][1], "score": m["score"], "cycle": m["cycle"], **origin(m),
+                        **({"reliable": m["reliable"]} if max_cycle is not None else {})} for m in matches],
+            **({"max_cycle": max_cycle} if max_cycle is not None else {}),
+            "source_points": [{"name": m["name"], "x": m["source"][0], "y": m["source"][1], **origin(m)} for m in matches],
+            "settings": matcher.settings(), "model": matcher.featurizer.model_id, "sd4match": __version__}
+
+
+#: the format of the file an unfinished transfer keeps its targets in (``transfer_partial``)
+PARTIAL_FORMAT = "sd4match-transfer-partial-1"
+
+
+def transfer_partial(out: str | Path) -> Path:
+    """Where a transfer keeps each target it has done until it finishes: beside ``out`` (so
+    that ``out`` stays as an earlier run left it), removed when the transfer is complete."""
+    out = Path(out)
+    return out.parent / f".{out.name}.transfer-partial.jsonl"
+
+
+def _kept_targets(path: Path, header: dict) -> dict[tuple[str, str], list]:
+    """{(target path under --targets, picture's content key): its matches} of an unfinished
+    transfer with the same ``header`` (sources, points, settings); nothing for another's,
+    with a warning. A last line cut by a stop is left out (that target is done again)."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    try:
+        same = json.loads(lines[0]) == header
+    except (IndexError, ValueError):
+        same = False
+    if not same:
+        warnings.warn(f"{path}: an unfinished transfer of other sources, points or settings; this one starts over", Sd4MatchWarning, stacklevel=3)
+        return {}
+    done = {}
+    for line in lines[1:]:
+        try:
+            d = json.loads(line)
+            done[(d["path"], d["key"])] = d["matches"]
+        except (ValueError, KeyError, TypeError):
+            break
+    return done
+
+
 def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], points: Sequence, targets: str | Path, out: str | Path, *,
                  max_side: int = MAX_SIDE, progress: bool = True, sheet_columns: int = 4, sheet_targets: int = SHEET_TARGETS,
                  max_cycle: float | None = None) -> list[Path]:
@@ -607,23 +657,36 @@ def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], po
     files = transfer_targets(root, srcs, out)
     out = Path(out)
     src_doc = {"sources": [_describe(a, s) for a, s in zip(pics, srcs)]} if several else {"source": _describe(pics[0], srcs[0])}
+    # each target done is kept, a line each, until the transfer is complete: the same command continues a stopped one
+    header = json.loads(json.dumps({"format": PARTIAL_FORMAT, "sources": [[a.key, ps] for a, ps in zip(pics, point_sets)], "max_side": max_side,
+                                    "settings": matcher.settings(), "prompt": matcher._prompt_id, "model": matcher.featurizer.model_id}, default=str))
+    partial = transfer_partial(out)
+    kept = _kept_targets(partial, header)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(partial, json.dumps(header) + "\n" + "".join(json.dumps({"path": k[0], "key": k[1], "matches": v}) + "\n" for k, v in kept.items()))
+    log = open(partial, "a", encoding="utf-8")
     views: list[tuple[str, Image.Image, tuple, list]] = []  # small copies: the points are drawn once every score is known
     docs: dict[str, str] = {}
     found: list[tuple[str, tuple[int, int], list]] = []  # for coco.json
-    for path, name in tqdm(list(zip(files, _target_names(files, root))), unit="image", desc="transfer", disable=not progress):
-        b = open_image(path, max_side=max_side)
-        per_source = [matcher.match_points(a, b, ps) for a, ps in zip(pics, point_sets)]
-        matches = mark_reliable(best_of_sources(per_source, names) if several else per_source[0], max_cycle)
-        origin = (lambda m: {"from": m["from"]}) if several else (lambda m: {})
-        doc = {"format": "sd4match-transfer-1", **src_doc, "target": _describe(b, path),
-               "points": [{"name": m["name"], "x": m["target"][0], "y": m["target"][1], "score": m["score"], "cycle": m["cycle"], **origin(m),
-                           **({"reliable": m["reliable"]} if max_cycle is not None else {})} for m in matches],
-               **({"max_cycle": max_cycle} if max_cycle is not None else {}),
-               "source_points": [{"name": m["name"], "x": m["source"][0], "y": m["source"][1], **origin(m)} for m in matches],
-               "settings": matcher.settings(), "model": matcher.featurizer.model_id, "sd4match": __version__}
-        docs[f"{name}.json"] = json.dumps(doc, indent=2)
-        found.append((path.relative_to(root).as_posix(), b.size, matches))
-        views.append((name, b.image.copy().reduce(max(1, b.image.height // SHEET_TILE)), b.size, matches))  # at least a tile tall
+    try:
+        for path, name in tqdm(list(zip(files, _target_names(files, root))), unit="image", desc="transfer", disable=not progress):
+            rel = path.relative_to(root).as_posix()
+            try:
+                b = open_image(path, max_side=max_side)
+            except Sd4MatchError as e:
+                raise Sd4MatchError(f"{e}; the {len(found)} targets done are kept: mend or remove the picture and run the same command again") from None
+            best = kept.get((rel, b.key))
+            if best is None:
+                per_source = [matcher.match_points(a, b, ps) for a, ps in zip(pics, point_sets)]
+                best = best_of_sources(per_source, names) if several else per_source[0]
+                log.write(json.dumps({"path": rel, "key": b.key, "matches": best}) + "\n")
+                log.flush()
+            matches = mark_reliable(best, max_cycle)
+            docs[f"{name}.json"] = json.dumps(_target_doc(matcher, src_doc, b, path, matches, max_cycle), indent=2)
+            found.append((rel, b.size, matches))
+            views.append((name, b.image.copy().reduce(max(1, b.image.height // SHEET_TILE)), b.size, matches))  # at least a tile tall
+    finally:
+        log.close()
     lo, hi = score_range([m["score"] for *_, ms in views for m in ms])
     src_tiles = [(f"source: {Path(a.name).name}", draw_points(a.image, a.size, [{"name": n, "source": list(xy), "score": hi} for n, xy in ps],
                                                                 key="source", lo=lo, hi=hi, height=SHEET_TILE))  # in the top colour
@@ -645,6 +708,7 @@ def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], po
             sheet = score_legend(contact_sheet(tiles, columns=sheet_columns, tile_height=SHEET_TILE), lo, hi,
                                  f"{words}score of each transferred point (cosine; {whose} in the top colour{hollow}):")
             sheet.save(stage / fname, format="PNG")
+    partial.unlink(missing_ok=True)
     return [out / fname for fname in docs]
 
 
