@@ -249,12 +249,13 @@ def test_every_target_gets_its_own_json_whatever_its_name(tmp_path, featurizer, 
     src = sorted((willow_root / "PF-dataset" / "car(S)").glob("*.png"))
     targets = tmp_path / "targets"
     (targets / "a").mkdir(parents=True)
-    for rel, f in zip(("a/x.png", "a__x.png", "coco.png", "x.png"), src):
+    rels = ("a/x.png", "a__x.png", "coco.png", "skipped.png", "x.png")
+    for rel, f in zip(rels, src):
         (targets / rel).write_bytes(f.read_bytes())
     written = run_transfer(Matcher(featurizer), willow_pair[0], [("a", (10.0, 10.0))], targets, tmp_path / "o", progress=False)
-    assert sorted(p.name for p in written) == ["a__x_png.json", "a__x_png_2.json", "coco_png.json", "x.json"]
-    assert sorted(json.loads(p.read_text())["target"]["path"] for p in written) == sorted(str(targets / r) for r in ("a/x.png", "a__x.png", "coco.png", "x.png"))
-    assert len(json.loads((tmp_path / "o" / "coco.json").read_text())["images"]) == 4
+    assert sorted(p.name for p in written) == ["a__x_png.json", "a__x_png_2.json", "coco_png.json", "skipped_png.json", "x.json"]
+    assert sorted(json.loads(p.read_text())["target"]["path"] for p in written) == sorted(str(targets / r) for r in rels)
+    assert len(json.loads((tmp_path / "o" / "coco.json").read_text())["images"]) == 5
 
 
 def test_a_transfer_sheet_is_paged_each_page_with_the_source(tmp_path, featurizer, willow_pair, willow_root):
@@ -550,6 +551,33 @@ def test_a_transfer_stopped_by_a_bad_picture_keeps_the_targets_done(tmp_path, fe
     extractions.clear()
     run_transfer(Matcher(featurizer), willow_pair[0], {"a": (70.0, 150.0)}, targets, tmp_path / "o", progress=False)
     assert extractions == [] and len(list((tmp_path / "o").glob("*.json"))) == 4  # nothing: every target was kept; 3 JSONs and coco.json
+
+
+def test_transfer_skip_bad_goes_past_unreadable_targets(tmp_path, tiny, willow_pair, willow_root, capsys):
+    """--skip-bad: a cut picture and a text file named .png are passed over and listed with
+    their problems in skipped.json; the others are transferred. Without it the text file is
+    refused before any model loads."""
+    targets = _targets(tmp_path / "targets", willow_root, 2)
+    data = sorted(targets.glob("*.png"))[0].read_bytes()
+    (targets / "cut.png").write_bytes(data[: len(data) // 2])
+    (targets / "notes.png").write_text("not a picture")
+    base = ["transfer", "--source", str(willow_pair[0]), "--points", '{"a": [70, 150]}', "--targets", str(targets), "--model", str(tiny), *MODEL_ARGS,
+            "--no-progress", "--out", str(tmp_path / "o")]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "notes.png" in err and "; --skip-bad goes past targets that cannot be read" in err and not (tmp_path / "o").exists()
+    assert main([*base, "--skip-bad"]) == 0
+    out = tmp_path / "o"
+    assert sorted(f.name for f in out.iterdir() if not f.name.startswith(".")) == sorted(
+        [f"{f.stem}.json" for f in targets.glob("*.png") if f.stem not in ("cut", "notes")] + ["coco.json", "sheet.png", "skipped.json"])
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert [d["path"] for d in skipped] == ["cut.png", "notes.png"] and all(d["problem"] for d in skipped)
+    assert len(json.loads((out / "coco.json").read_text())["images"]) == 2
+    err = capsys.readouterr().err
+    assert "2 targets could not be read and were skipped" in err and "the first: cut.png: " in err
+    for f in ("cut.png", "notes.png"):
+        (targets / f).unlink()
+    assert main([*base, "--skip-bad"]) == 0 and not (out / "skipped.json").exists()  # this run's files only
 
 
 def test_a_transfer_output_seeds_the_next_without_its_doubtful_points(tmp_path):

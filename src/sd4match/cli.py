@@ -406,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     _prompt_args(p)
     p.add_argument("--out", required=True, type=Path, help="output folder (files of an earlier run are replaced only when this run succeeds)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--skip-bad", action="store_true", help="go past targets that cannot be read: listed with their problems in skipped.json")
     _seed_arg(p)
     _model_args(p)
     p.set_defaults(func=cmd_transfer)
@@ -812,17 +813,25 @@ def cmd_transfer(args) -> int:
     for src in dict.fromkeys(sources):
         check_picture(src)
     files = transfer_targets(args.targets, sources, args.out)
-    check_picture_headers(files)  # a target that fails later leaves --out as it was
+    if not args.skip_bad:
+        try:
+            check_picture_headers(files)  # a target that fails later leaves --out as it was
+        except Sd4MatchError as e:
+            raise Sd4MatchError(f"{e}; --skip-bad goes past targets that cannot be read") from None
     _check_common(args)
     one = len(sources) == 1
     written = run_transfer(load_matcher(args), sources[0] if one else sources, points[0] if one else points, args.targets, args.out,
-                           max_side=args.max_side, progress=not args.no_progress, max_cycle=args.max_cycle)
+                           max_side=args.max_side, progress=not args.no_progress, max_cycle=args.max_cycle, skip_bad=args.skip_bad)
     pages = sheet_names(len(written))
     sheets = pages[0] if len(pages) == 1 else f"{pages[0]} to {pages[-1]} ({SHEET_TARGETS} images a page)"
     n = len(written)
     origin = f" from {len(sources)} sources" if not one else ""
     print(f"{n} image{'s' if n != 1 else ''}{origin}: {'one JSON each' if n != 1 else 'its JSON'}, {'all of them' if n != 1 else 'it'} in coco.json "
           f"(COCO keypoints), and {sheets} in {args.out}", file=sys.stderr)
+    if args.skip_bad and (args.out / "skipped.json").is_file():
+        bad = json.loads((args.out / "skipped.json").read_text(encoding="utf-8"))
+        print(f"{len(bad)} target{'s' if len(bad) != 1 else ''} could not be read and {'were' if len(bad) != 1 else 'was'} skipped "
+              f"(listed in {args.out / 'skipped.json'}), the first: {bad[0]['path']}: {bad[0]['problem']}", file=sys.stderr)
     if args.max_cycle is not None:
         kept = [p["reliable"] for f in written for p in json.loads(f.read_text(encoding="utf-8"))["points"]]
         print(f"{kept.count(False)} of {len(kept)} points failed the forward-backward check (cycle above {args.max_cycle:g}): "

@@ -446,19 +446,23 @@ def run_match(matcher: Matcher, src: str | Path, trg: str | Path, out: str | Pat
 
 #: the COCO keypoints file of a transfer (``coco.json``): no target's JSON takes its name
 COCO_STEM = "coco"
+#: the targets a ``--skip-bad`` transfer passed over, with their problems (written only when there are some)
+SKIPPED_STEM = "skipped"
 
 
 def _target_names(targets: Sequence[Path], root: Path) -> list[str]:
     """Each target's output name (``<name>.json``): its path under ``root`` with ``__`` for
-    ``/``; with its extension where two share a stem (or a stem is ``coco``), then a number
-    where names still meet (``a/x.jpg`` and ``a__x.jpg``): one file per target, always."""
+    ``/``; with its extension where two share a stem (or a stem is ``coco`` or ``skipped``, the
+    transfer's own files), then a number where names still meet (``a/x.jpg`` and ``a__x.jpg``):
+    one file per target, always."""
     stems = [t.relative_to(root).with_suffix("").as_posix().replace("/", "__") for t in targets]
-    dup = {s for s in stems if stems.count(s) > 1} | {COCO_STEM}
+    own = {COCO_STEM, SKIPPED_STEM}
+    dup = {s for s in stems if stems.count(s) > 1} | own
     names = [(s + "_" + t.suffix.lstrip(".").lower()) if s in dup else s for s, t in zip(stems, targets)]
     taken: set[str] = set()
     for i, n in enumerate(names):
         k, name = 1, n
-        while name in taken or name == COCO_STEM:
+        while name in taken or name in own:
             k += 1
             name = f"{n}_{k}"
         names[i] = name
@@ -621,7 +625,7 @@ def _kept_targets(path: Path, header: dict) -> dict[tuple[str, str], list]:
 
 def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], points: Sequence, targets: str | Path, out: str | Path, *,
                  max_side: int = MAX_SIDE, progress: bool = True, sheet_columns: int = 4, sheet_targets: int = SHEET_TARGETS,
-                 max_cycle: float | None = None) -> list[Path]:
+                 max_cycle: float | None = None, skip_bad: bool = False) -> list[Path]:
     """``sd4match transfer``: place the named ``points`` of ``source`` on every image under
     ``targets``; write ``<name>.json`` per target, ``coco.json`` (all of them as COCO
     keypoints: ``coco_keypoints``) and ``sheet.png``; return the per-target JSON paths.
@@ -634,6 +638,9 @@ def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], po
     With ``max_cycle``, a point whose forward-backward ``cycle`` exceeds it fails the check:
     ``"reliable": false`` in its target's JSON (which records ``max_cycle``), left unlabelled
     in ``coco.json`` and drawn hollow on the sheet.
+
+    A target that cannot be read stops the transfer (naming it), unless ``skip_bad``: then
+    it is passed over and listed, with its problem, in ``skipped.json``.
 
     The sheet shows the sources (the first ``SHEET_SOURCES``), then ``sheet_targets``
     targets a page: ``sheet.png``, then ``sheet-2.png``, ``sheet-3.png``, ... (each page with
@@ -668,13 +675,18 @@ def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], po
     views: list[tuple[str, Image.Image, tuple, list]] = []  # small copies: the points are drawn once every score is known
     docs: dict[str, str] = {}
     found: list[tuple[str, tuple[int, int], list]] = []  # for coco.json
+    skipped: list[dict] = []
     try:
         for path, name in tqdm(list(zip(files, _target_names(files, root))), unit="image", desc="transfer", disable=not progress):
             rel = path.relative_to(root).as_posix()
             try:
                 b = open_image(path, max_side=max_side)
             except Sd4MatchError as e:
-                raise Sd4MatchError(f"{e}; the {len(found)} targets done are kept: mend or remove the picture and run the same command again") from None
+                if skip_bad:
+                    skipped.append({"path": rel, "problem": getattr(e, "problem", str(e))})
+                    continue
+                raise Sd4MatchError(f"{e}; the {len(found)} targets done are kept: mend or remove the picture and run the same command again "
+                                    "(or skip the pictures that cannot be read: --skip-bad)") from None
             best = kept.get((rel, b.key))
             if best is None:
                 per_source = [matcher.match_points(a, b, ps) for a, ps in zip(pics, point_sets)]
@@ -687,6 +699,8 @@ def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], po
             views.append((name, b.image.copy().reduce(max(1, b.image.height // SHEET_TILE)), b.size, matches))  # at least a tile tall
     finally:
         log.close()
+    if not views:
+        raise Sd4MatchError(f"{root}: no target could be read ({len(skipped)} skipped: {skipped[0]['path']}: {skipped[0]['problem']}, ...)")
     lo, hi = score_range([m["score"] for *_, ms in views for m in ms])
     src_tiles = [(f"source: {Path(a.name).name}", draw_points(a.image, a.size, [{"name": n, "source": list(xy), "score": hi} for n, xy in ps],
                                                                 key="source", lo=lo, hi=hi, height=SHEET_TILE))  # in the top colour
@@ -698,6 +712,8 @@ def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], po
             (stage / fname).write_text(text, encoding="utf-8")
         coco = coco_keypoints(found, names, matcher.category, max_cycle=max_cycle)
         (stage / f"{COCO_STEM}.json").write_text(json.dumps(coco, indent=1), encoding="utf-8")
+        if skipped:
+            (stage / f"{SKIPPED_STEM}.json").write_text(json.dumps(skipped, indent=1), encoding="utf-8")
         for k, (page, fname) in enumerate(zip(pages, sheets), 1):
             tiles = src_tiles + [(name, draw_points(im, size, ms, key="target", lo=lo, hi=hi, height=SHEET_TILE)) for name, im, size, ms in page]
             words = f"page {k} of {len(pages)}: " if len(pages) > 1 else ""
