@@ -16,7 +16,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -599,28 +599,65 @@ def transfer_partial(out: str | Path) -> Path:
     return out.parent / f".{out.name}.transfer-partial.jsonl"
 
 
-def _kept_targets(path: Path, header: dict) -> dict[tuple[str, str], list]:
-    """{(target path under --targets, picture's content key): its matches} of an unfinished
-    transfer with the same ``header`` (sources, points, settings); nothing for another's,
-    with a warning. A last line cut by a stop is left out (that target is done again)."""
-    if not path.is_file():
-        return {}
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    try:
-        same = json.loads(lines[0]) == header
-    except (IndexError, ValueError):
-        same = False
-    if not same:
-        warnings.warn(f"{path}: an unfinished transfer of other sources, points or settings; this one starts over", Sd4MatchWarning, stacklevel=3)
-        return {}
-    done = {}
-    for line in lines[1:]:
-        try:
-            d = json.loads(line)
-            done[(d["path"], d["key"])] = d["matches"]
-        except (ValueError, KeyError, TypeError):
-            break
-    return done
+class _KeptTargets:
+    """What a transfer has done, a line a target beside ``out`` (``transfer_partial``) until it
+    is complete: read back when the same transfer (``header``: sources, points, settings) runs
+    again; another transfer's is dropped with a warning. A last line cut by a stop is left
+    out (that target is done again)."""
+
+    def __init__(self, out: Path, header: dict):
+        self.path, self.done = transfer_partial(out), {}
+        if self.path.is_file():
+            lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+            try:
+                same = json.loads(lines[0]) == header
+            except (IndexError, ValueError):
+                same = False
+            if not same:
+                warnings.warn(f"{self.path}: an unfinished transfer of other sources, points or settings; this one starts over",
+                              Sd4MatchWarning, stacklevel=3)
+            for line in lines[1:] if same else ():
+                try:
+                    d = json.loads(line)
+                    self.done[(d["path"], d["key"])] = d["matches"]
+                except (ValueError, KeyError, TypeError):
+                    break
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, "".join(json.dumps(d) + "\n" for d in [header, *(self._line(*k, v) for k, v in self.done.items())]))
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    @staticmethod
+    def _line(path: str, key: str, matches: list) -> dict:
+        return {"path": path, "key": key, "matches": matches}
+
+    def get(self, path: str, key: str) -> list | None:
+        """The matches kept for the target at ``path`` (under --targets) with content ``key``."""
+        return self.done.get((path, key))
+
+    def add(self, path: str, key: str, matches: list) -> None:
+        self.file.write(json.dumps(self._line(path, key, matches)) + "\n")
+        self.file.flush()
+
+
+def _sheet_pages(pics: Sequence[UserImage], point_sets: Sequence[list], views: Sequence[tuple], *, per_page: int, columns: int,
+                 max_cycle: float | None) -> Iterator[tuple[str, Image.Image]]:
+    """(file name, picture) of each page of a transfer's sheet, drawn one at a time: the first
+    ``SHEET_SOURCES`` sources with their points in the top colour, then ``per_page`` of the
+    ``views`` (name, small picture, original size, matches), one colour scale for all."""
+    lo, hi = score_range([m["score"] for *_, ms in views for m in ms])
+    src_tiles = [(f"source: {Path(a.name).name}", draw_points(a.image, a.size, [{"name": n, "source": list(xy), "score": hi} for n, xy in ps],
+                                                                key="source", lo=lo, hi=hi, height=SHEET_TILE))
+                 for a, ps in zip(pics[:SHEET_SOURCES], point_sets)]
+    whose = "the sources' points" if len(pics) > 1 else "the source's points"
+    if len(pics) > SHEET_SOURCES:
+        whose += f"; the first {SHEET_SOURCES} of {len(pics)} sources shown"
+    hollow = f"; hollow: cycle above {max_cycle:g}" if max_cycle is not None else ""
+    pages = [views[i:i + per_page] for i in range(0, len(views), per_page)]
+    for k, (page, fname) in enumerate(zip(pages, sheet_names(len(views), per_page)), 1):
+        tiles = src_tiles + [(name, draw_points(im, size, ms, key="target", lo=lo, hi=hi, height=SHEET_TILE)) for name, im, size, ms in page]
+        words = f"page {k} of {len(pages)}: " if len(pages) > 1 else ""
+        yield fname, score_legend(contact_sheet(tiles, columns=columns, tile_height=SHEET_TILE), lo, hi,
+                                  f"{words}score of each transferred point (cosine; {whose} in the top colour{hollow}):")
 
 
 def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], points: Sequence, targets: str | Path, out: str | Path, *,
@@ -667,11 +704,7 @@ def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], po
     # each target done is kept, a line each, until the transfer is complete: the same command continues a stopped one
     header = json.loads(json.dumps({"format": PARTIAL_FORMAT, "sources": [[a.key, ps] for a, ps in zip(pics, point_sets)], "max_side": max_side,
                                     "settings": matcher.settings(), "prompt": matcher._prompt_id, "model": matcher.featurizer.model_id}, default=str))
-    partial = transfer_partial(out)
-    kept = _kept_targets(partial, header)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(partial, json.dumps(header) + "\n" + "".join(json.dumps({"path": k[0], "key": k[1], "matches": v}) + "\n" for k, v in kept.items()))
-    log = open(partial, "a", encoding="utf-8")
+    kept = _KeptTargets(out, header)
     views: list[tuple[str, Image.Image, tuple, list]] = []  # small copies: the points are drawn once every score is known
     docs: dict[str, str] = {}
     found: list[tuple[str, tuple[int, int], list]] = []  # for coco.json
@@ -687,26 +720,19 @@ def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], po
                     continue
                 raise Sd4MatchError(f"{e}; the {len(found)} targets done are kept: mend or remove the picture and run the same command again "
                                     "(or skip the pictures that cannot be read: --skip-bad)") from None
-            best = kept.get((rel, b.key))
+            best = kept.get(rel, b.key)
             if best is None:
                 per_source = [matcher.match_points(a, b, ps) for a, ps in zip(pics, point_sets)]
                 best = best_of_sources(per_source, names) if several else per_source[0]
-                log.write(json.dumps({"path": rel, "key": b.key, "matches": best}) + "\n")
-                log.flush()
+                kept.add(rel, b.key, best)
             matches = mark_reliable(best, max_cycle)
             docs[f"{name}.json"] = json.dumps(_target_doc(matcher, src_doc, b, path, matches, max_cycle), indent=2)
             found.append((rel, b.size, matches))
             views.append((name, b.image.copy().reduce(max(1, b.image.height // SHEET_TILE)), b.size, matches))  # at least a tile tall
     finally:
-        log.close()
+        kept.file.close()
     if not views:
         raise Sd4MatchError(f"{root}: no target could be read ({len(skipped)} skipped: {skipped[0]['path']}: {skipped[0]['problem']}, ...)")
-    lo, hi = score_range([m["score"] for *_, ms in views for m in ms])
-    src_tiles = [(f"source: {Path(a.name).name}", draw_points(a.image, a.size, [{"name": n, "source": list(xy), "score": hi} for n, xy in ps],
-                                                                key="source", lo=lo, hi=hi, height=SHEET_TILE))  # in the top colour
-                 for a, ps in zip(pics[:SHEET_SOURCES], point_sets)]
-    pages = [views[i:i + sheet_targets] for i in range(0, len(views), sheet_targets)]
-    sheets = sheet_names(len(views), sheet_targets)
     with staged_dir(out) as stage:
         for fname, text in docs.items():
             (stage / fname).write_text(text, encoding="utf-8")
@@ -714,17 +740,9 @@ def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], po
         (stage / f"{COCO_STEM}.json").write_text(json.dumps(coco, indent=1), encoding="utf-8")
         if skipped:
             (stage / f"{SKIPPED_STEM}.json").write_text(json.dumps(skipped, indent=1), encoding="utf-8")
-        for k, (page, fname) in enumerate(zip(pages, sheets), 1):
-            tiles = src_tiles + [(name, draw_points(im, size, ms, key="target", lo=lo, hi=hi, height=SHEET_TILE)) for name, im, size, ms in page]
-            words = f"page {k} of {len(pages)}: " if len(pages) > 1 else ""
-            hollow = f"; hollow: cycle above {max_cycle:g}" if max_cycle is not None else ""
-            whose = "the sources' points" if several else "the source's points"
-            if len(pics) > SHEET_SOURCES:
-                whose += f"; the first {SHEET_SOURCES} of {len(pics)} sources shown"
-            sheet = score_legend(contact_sheet(tiles, columns=sheet_columns, tile_height=SHEET_TILE), lo, hi,
-                                 f"{words}score of each transferred point (cosine; {whose} in the top colour{hollow}):")
+        for fname, sheet in _sheet_pages(pics, point_sets, views, per_page=sheet_targets, columns=sheet_columns, max_cycle=max_cycle):
             sheet.save(stage / fname, format="PNG")
-    partial.unlink(missing_ok=True)
+    kept.path.unlink(missing_ok=True)
     return [out / fname for fname in docs]
 
 
