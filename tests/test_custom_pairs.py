@@ -154,3 +154,87 @@ def test_spair_pairs_exported_keep_their_geometry_aware_points(spair_root, tmp_p
     for agg in ("per_image", "per_point"):
         assert got[agg]["geo_aware"] == want[agg]["geo_aware"]
         assert 0 < got[agg]["geo_aware"]["all"]["0.1"] < 1  # the test can tell a subset from all or nothing
+
+
+# -- your own pairs from a COCO keypoints file (datasets prepare custom) -----------------------
+
+
+def _coco_folder(tmp_path, willow_root):
+    """Seven car pictures and a duck one, a COCO file as CVAT exports it: a 'car' skeleton of
+    three points (some unlabelled), a 'duck' one, and a box-only 'sign' label."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    cars = sorted((willow_root / "PF-dataset" / "car(S)").glob("*.png"))[:7]
+    duck = sorted((willow_root / "PF-dataset" / "duck(S)").glob("*.png"))[0]
+    for f in [*cars, duck]:
+        (photos / f.name).write_bytes(f.read_bytes())
+    images = [{"id": i + 1, "file_name": f.name, "width": Image.open(f).width, "height": Image.open(f).height} for i, f in enumerate([*cars, duck])]
+    vis = [[2, 2, 2], [2, 0, 2], [2, 2, 0], [0, 1, 2], [2, 2, 2], [0, 0, 2], [2, 2, 2]]  # car i's v per point (cars 2 and 5 share none)
+    anns = []
+    for i, v in enumerate(vis):
+        pts = [(10 + 5 * i, 20), (50, 30 + 3 * i), (90, 60)]
+        anns.append({"id": 100 + i, "image_id": i + 1, "category_id": 1, "bbox": [5, 10, 100 + i, 80], "area": 1,
+                     "keypoints": [c for (x, y), vv in zip(pts, v) for c in ((x, y, vv) if vv else (0, 0, 0))], "num_keypoints": sum(map(bool, v))})
+    anns.append({"id": 200, "image_id": 8, "category_id": 2, "bbox": [0, 0, 50, 50], "keypoints": [20, 20, 2, 30, 30, 2]})
+    anns.append({"id": 300, "image_id": 1, "category_id": 3, "bbox": [0, 0, 9, 9], "segmentation": []})
+    cats = [{"id": 1, "name": "car", "keypoints": ["wheel", "door", "roof"], "skeleton": []},
+            {"id": 2, "name": "duck", "keypoints": ["beak", "tail"], "skeleton": []}, {"id": 3, "name": "sign"}]
+    coco = photos / "annotations.json"
+    coco.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return coco, vis, anns, {im["id"]: im["file_name"] for im in images}
+
+
+def test_prepare_custom_pairs_from_a_coco_file(tmp_path, willow_root, capsys):
+    """Each category's pictures split apart (seeded), every two instances of a category within
+    a split a pair of the points labelled in both (worked out here from the v's), boxes as
+    [x1, y1, x2, y2], picture paths relative to the new root; read back as --dataset custom."""
+    coco, vis, anns, files = _coco_folder(tmp_path, willow_root)
+    root = tmp_path / "mine"
+    assert main(["datasets", "prepare", "custom", "--from", str(coco), "--root", str(root), "--val", "0", "--test", "0.3"]) == 0
+    err = capsys.readouterr().err
+    assert "custom at" in err and "trn" in err and "test" in err
+    splits = {s: [json.loads(l) for l in (root / f"{s}.jsonl").read_text().splitlines()] for s in ("trn", "test")}
+    assert not (root / "val.jsonl").exists()  # a share of 0: no val
+    pics = {s: {p[k] for p in ps for k in ("src", "trg")} for s, ps in splits.items()}
+    assert len(pics["test"]) == 2 and len(pics["trn"]) == 5 and not pics["test"] & pics["trn"]  # round(0.3 * 7) = 2 cars; the duck has no partner
+    name_of = {a["id"]: a for a in anns}
+    for split, pairs in splits.items():
+        cars = sorted(a["id"] for a in anns if a["category_id"] == 1 and f"../photos/{files[a['image_id']]}" in pics[split])
+        want = [(i, j) for k, i in enumerate(cars) for j in cars[k + 1:] if any(vis[i - 100][t] and vis[j - 100][t] for t in range(3))]
+        assert [p["id"] for p in pairs] == [f"{i}-{j}" for i, j in want]
+        for p, (i, j) in zip(pairs, want):
+            common = [t for t in range(3) if vis[i - 100][t] and vis[j - 100][t]]
+            a, b = name_of[i], name_of[j]
+            assert p["category"] == "car" and p["src"] == f"../photos/{files[a['image_id']]}" and p["trg"] == f"../photos/{files[b['image_id']]}"
+            assert p["src_kps"] == [a["keypoints"][3 * t:3 * t + 2] for t in common] and p["trg_kps"] == [b["keypoints"][3 * t:3 * t + 2] for t in common]
+            assert p["meta"] == {"kps_ids": [["wheel", "door", "roof"][t] for t in common]}
+            assert p["trg_bbox"] == [5, 10, 5 + b["bbox"][2], 90]
+    recs = open_dataset("custom", root).pairs("trn")
+    assert [r.id for r in recs] == [p["id"] for p in splits["trn"]] and recs[0].pck_base["standard"] == max(splits["trn"][0]["trg_bbox"][2] - 5, 80)
+    # the same seed makes the same lists; another root for another seed
+    again = tmp_path / "again"
+    assert main(["datasets", "prepare", "custom", "--from", str(coco), "--root", str(again), "--val", "0", "--test", "0.3"]) == 0
+    assert all((again / f).read_bytes() == (root / f).read_bytes() for f in ("trn.jsonl", "test.jsonl"))
+    # refusals, each one line and nothing written
+    capsys.readouterr()
+    assert main(["datasets", "prepare", "custom", "--from", str(coco), "--root", str(root)]) == 2
+    assert "already holds trn.jsonl; choose an empty --root" in capsys.readouterr().err
+    assert main(["datasets", "prepare", "custom", "--from", str(coco), "--root", str(tmp_path / "x"), "--val", "0.5", "--test", "0.5"]) == 2
+    assert "together below 1" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    bad = json.loads(coco.read_text())
+    bad["annotations"][0]["keypoints"][0] = 5000  # a point outside its picture: read back as --dataset custom reads it
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    assert main(["datasets", "prepare", "custom", "--from", str(tmp_path / "bad.json"), "--images", str(tmp_path / "photos"), "--root", str(tmp_path / "z")]) == 2
+    assert "lies outside the" in capsys.readouterr().err and not list((tmp_path / "z").glob("*.jsonl"))
+    (tmp_path / "photos" / files[3]).unlink()
+    assert main(["datasets", "prepare", "custom", "--from", str(coco), "--root", str(tmp_path / "y")]) == 2
+    assert f"{files[3]}: missing (annotated in {coco}" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_prepare_custom_without_boxes_scores_against_the_picture(tmp_path, willow_root):
+    """--no-boxes: no box written, so the PCK base is max(W, H) of the target picture."""
+    coco, vis, *_ = _coco_folder(tmp_path, willow_root)
+    assert main(["datasets", "prepare", "custom", "--from", str(coco), "--root", str(tmp_path / "r"), "--val", "0", "--test", "0", "--no-boxes"]) == 0
+    recs = open_dataset("custom", tmp_path / "r").pairs("trn")
+    assert len(recs) == 21 - 1  # every two of the 7 cars but the two that share no labelled point
+    assert all(r.trg_bbox is None and r.pck_base["standard"] == max(r.trg_size) for r in recs)

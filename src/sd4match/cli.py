@@ -325,12 +325,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_datasets_check)
     c = dsub.add_parser("prepare", help="build a dataset's correspondence layout from its official download (ap10k: as GeoAware-SC's notebook, "
-                                        "deterministically)", formatter_class=_Help)
-    c.add_argument("name", choices=["ap10k"], help="the dataset")
-    c.add_argument("--from", dest="source", required=True, type=Path, help="the official download (ap10k: annotations/ and data/)")
+                                        "deterministically), or your own pairs from a COCO keypoints file (custom)", formatter_class=_Help)
+    c.add_argument("name", choices=["ap10k", "custom"], help="the dataset")
+    c.add_argument("--from", dest="source", required=True, type=Path,
+                   help="ap10k: the official download (annotations/ and data/); custom: a COCO keypoints file (an annotation tool's export)")
     c.add_argument("--root", required=True, type=Path, help="the new dataset root (must not hold a layout yet)")
     c.add_argument("--crowd", type=Path, help="ap10k: GeoAware-SC's ap-10k_is_crowd.txt (default: the one in --from)")
-    c.add_argument("--copy", action="store_true", help="copy the pictures (default: hard links where the file system allows)")
+    c.add_argument("--copy", action="store_true", help="ap10k: copy the pictures (default: hard links where the file system allows)")
+    c.add_argument("--images", type=Path, help="custom: the folder the COCO file's file_name values are relative to (default: the file's folder)")
+    c.add_argument("--val", type=_number(float, at_least=0, at_most=0.9), default=0.1, help="custom: each category's share of pictures for val")
+    c.add_argument("--test", type=_number(float, at_least=0, at_most=0.9), default=0.2, help="custom: each category's share of pictures for test")
+    c.add_argument("--min-points", type=_number(int, at_least=1), default=1, help="custom: a pair needs this many points labelled in both pictures")
+    c.add_argument("--seed", type=int, default=0, help="custom: the seed of the pictures' split")
+    c.add_argument("--no-boxes", action="store_true", help="custom: PCK base from the target picture's size, not the annotations' boxes "
+                                                            "(for files whose boxes are the points' tight box, as a transfer's coco.json)")
     c.set_defaults(func=cmd_datasets_prepare)
 
     p = command("features", "extract and keep the feature maps of a folder of images")
@@ -617,10 +625,18 @@ def cmd_datasets_check(args) -> int:
 def cmd_datasets_prepare(args) -> int:
     from sd4match.checks import check_output_folder
     from sd4match.data import prepare_ap10k
+    from sd4match.data.coco import prepare_custom
 
     check_output_folder(args.root, "--root")
-    counts = prepare_ap10k(args.source, args.root, crowd=args.crowd, link=not args.copy)
-    print(f"{args.name} at {args.root}: " + ", ".join(f"{split} {n} pairs" for split, n in counts.items()), file=sys.stderr)
+    if args.name == "custom":
+        if not args.source.is_file():
+            raise Sd4MatchError(f"--from {args.source}: no such file (custom: a COCO keypoints file)")
+        made = prepare_custom(args.source, args.images or args.source.parent, args.root, val=args.val, test=args.test, seed=args.seed,
+                              min_points=args.min_points, boxes=not args.no_boxes)
+        counts = {split: f"{n['pairs']} pairs of {n['pictures']} pictures" for split, n in made.items()}
+    else:
+        counts = {split: f"{n} pairs" for split, n in prepare_ap10k(args.source, args.root, crowd=args.crowd, link=not args.copy).items()}
+    print(f"{args.name} at {args.root}: " + ", ".join(f"{split} {n}" for split, n in counts.items()), file=sys.stderr)
     print(f"read it with --dataset {args.name} --root {args.root}", file=sys.stderr)
     return 0
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from sd4match.batching import Batcher, Picture, per_pair
 from sd4match.config import MatchConfig
 from sd4match.data.images import fit_within, list_images, load_image, oriented_size
-from sd4match.data.records import coco_keypoints as coco_values
+from sd4match.data.coco import picture_of, read_coco_keypoints
 from sd4match.errors import DataError, Sd4MatchError, Sd4MatchWarning
 from sd4match.features.base import rgb_image
 from sd4match.fileio import atomic_write_text, read_user_text, staged_dir
@@ -529,34 +529,13 @@ def coco_sources(path: str | Path, images: str | Path) -> list[tuple[Path, list[
     """The annotated pictures of a COCO keypoints file (an annotation tool's export, or a
     ``transfer``'s corrected ``coco.json``) as transfer sources: (``images / file_name``, its
     labelled points) for each annotation with a point of v > 0, named by its category's
-    ``keypoints``. Two annotations of one picture (two animals) are two sources."""
-    path = Path(path)
-    try:
-        d = json.loads(read_user_text(path, DataError))
-        files = {im["id"]: im["file_name"] for im in d["images"]}
-        names = {c["id"]: [str(n) for n in c.get("keypoints") or []] for c in d["categories"]}
-        annotations = list(d["annotations"])
-    except json.JSONDecodeError as e:
-        raise DataError(path, f"not valid JSON ({e})") from None
-    except (TypeError, KeyError) as e:
-        raise DataError(path, f"not a COCO keypoints file (images, annotations and categories with keypoints; no {e})") from None
+    ``keypoints`` (``data.coco.read_coco_keypoints``). Two annotations of one picture (two
+    animals) are two sources."""
     out = []
-    for k, a in enumerate(annotations):
-        where = f"{path}: annotation {a.get('id', k) if isinstance(a, dict) else k}"
-        if not isinstance(a, dict) or a.get("category_id") not in names or a.get("image_id") not in files:
-            raise Sd4MatchError(f"{where}: its category_id or image_id is not in the file's categories or images")
-        cat = names[a["category_id"]]
-        if not cat or "keypoints" not in a:  # a box or outline of a category without keypoints: nothing to transfer
-            continue
-        kps = coco_values(a["keypoints"], where)
-        if len(kps) != len(cat):
-            raise Sd4MatchError(f"{where}: {len(kps)} keypoints, but its category names {len(cat)}")
-        points = [(n, (float(x), float(y))) for n, (x, y, v) in zip(cat, kps) if v > 0]
+    for inst in read_coco_keypoints(path):
+        points = [(n, (float(x), float(y))) for n, (x, y, _), keep in zip(inst.names, inst.points, inst.labelled) if keep]
         if points:
-            picture = Path(images) / files[a["image_id"]]
-            if not picture.is_file():
-                raise Sd4MatchError(f"{picture}: missing (annotated in {path}; pictures are looked up under {images})")
-            out.append((picture, _unique_names(points, where)))
+            out.append((picture_of(inst, images, path), points))
     if not out:
         raise DataError(path, "holds no labelled keypoint (v > 0)")
     return out
