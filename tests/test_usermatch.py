@@ -388,10 +388,14 @@ def test_transfer_cli_pairs_each_source_with_its_points(tmp_path, tiny, willow_p
     b = sorted(targets.glob("*.png"))[0]
     base = ["transfer", "--targets", str(targets), "--model", str(tiny), *MODEL_ARGS, "--no-progress"]
     two = ["--source", str(willow_pair[0]), "--points", '{"roof": [150, 40]}', "--source", str(b), "--points", '{"roof": [120, 50], "light": [40, 110]}']
-    assert main([*base, *two, "--out", str(tmp_path / "o")]) == 0
+    assert main([*base, *two, "--out", str(tmp_path / "o"), "--check"]) == 0
     doc = json.loads((tmp_path / "o" / f"{sorted(targets.glob('*.png'))[1].stem}.json").read_text())
     assert len(doc["sources"]) == 2 and [p["name"] for p in doc["points"]] == ["roof", "light"] and doc["points"][1]["from"] == 1
-    capsys.readouterr()
+    check = json.loads((tmp_path / "o" / "check.json").read_text())
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("check: leave-one-out") and table[1].split() == ["point", "points", "a=0.05", "a=0.1", "a=0.15"]
+    assert table[2].split() == ["roof", "2", *(f"{100 * check['by_point']['roof'][k]:.2f}" for k in ("0.05", "0.1", "0.15"))]
+    assert table[3].split()[:2] == ["all", "2"] and table[-1] == "values in %"
     assert main([*base, *two[:6], "--out", str(tmp_path / "z")]) == 2
     assert "2 --source and 1 --points" in capsys.readouterr().err
     w, h = Image.open(b).size
@@ -578,6 +582,32 @@ def test_transfer_skip_bad_goes_past_unreadable_targets(tmp_path, tiny, willow_p
     for f in ("cut.png", "notes.png"):
         (targets / f).unlink()
     assert main([*base, "--skip-bad"]) == 0 and not (out / "skipped.json").exists()  # this run's files only
+
+
+def test_the_check_predicts_each_source_from_the_others(tmp_path, featurizer, willow_root, capsys):
+    """--check on one picture annotated twice, the second disagreeing on "b" by one cell:
+    each source's "a" comes back exactly (nn on identical maps), its "b" lands on the other's
+    "b", an error of one cell's width (42 px of 300): wrong at 0.05 and 0.1, right at 0.15;
+    "c", which one source alone has, is not checked. A single source has nothing to check."""
+    rng = np.random.default_rng(1)
+    pic = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).resize((300, 200), Image.Resampling.BICUBIC)
+    for name in ("one.png", "two.png"):
+        pic.save(tmp_path / name)
+    a, b, c, d = (tuple(map(float, p)) for p in _cell_centre_pixels(featurizer, (300, 200), [[2, 3], [4, 4], [5, 4], [6, 1]]))
+    err = (c[0] - b[0]) / 300
+    assert c[1] == b[1] and 0.1 < err <= 0.15
+    targets = _targets(tmp_path / "targets", willow_root, 1)
+    one, two = {"a": a, "b": b, "c": d}, {"a": a, "b": c}
+    run_transfer(Matcher(featurizer, rule="nn"), [tmp_path / "one.png", tmp_path / "two.png"], [one, two], targets, tmp_path / "o",
+                 progress=False, check=True)
+    doc = json.loads((tmp_path / "o" / "check.json").read_text())
+    assert doc["alphas"] == [0.05, 0.1, 0.15] and set(doc["by_point"]) == {"a", "b"}
+    assert doc["by_point"]["a"] == {"n_points": 2, "0.05": 1.0, "0.1": 1.0, "0.15": 1.0}
+    assert doc["by_point"]["b"] == {"n_points": 2, "0.05": 0.0, "0.1": 0.0, "0.15": 1.0}
+    assert doc["all"] == {"n_points": 4, "0.05": 0.5, "0.1": 0.5, "0.15": 1.0}
+    assert [[p["error"] for p in s["points"]] for s in doc["sources"]] == [[0.0, round(err, 4)], [0.0, round(err, 4)]]
+    with pytest.raises(Sd4MatchError, match="give two or more"):
+        run_transfer(Matcher(featurizer), tmp_path / "one.png", one, targets, tmp_path / "z", progress=False, check=True)
 
 
 def test_a_transfer_output_seeds_the_next_without_its_doubtful_points(tmp_path):

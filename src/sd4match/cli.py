@@ -415,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (files of an earlier run are replaced only when this run succeeds)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--skip-bad", action="store_true", help="go past targets that cannot be read: listed with their problems in skipped.json")
+    p.add_argument("--check", action="store_true", help="several sources: also predict each source's points from the others and score them "
+                                                         "(check.json and a table: how well this transfer is likely to do)")
     _seed_arg(p)
     _model_args(p)
     p.set_defaults(func=cmd_transfer)
@@ -837,13 +839,16 @@ def cmd_transfer(args) -> int:
     _check_common(args)
     one = len(sources) == 1
     written = run_transfer(load_matcher(args), sources[0] if one else sources, points[0] if one else points, args.targets, args.out,
-                           max_side=args.max_side, progress=not args.no_progress, max_cycle=args.max_cycle, skip_bad=args.skip_bad)
+                           max_side=args.max_side, progress=not args.no_progress, max_cycle=args.max_cycle, skip_bad=args.skip_bad,
+                           check=args.check)
     pages = sheet_names(len(written))
     sheets = pages[0] if len(pages) == 1 else f"{pages[0]} to {pages[-1]} ({SHEET_TARGETS} images a page)"
     n = len(written)
     origin = f" from {len(sources)} sources" if not one else ""
     print(f"{n} image{'s' if n != 1 else ''}{origin}: {'one JSON each' if n != 1 else 'its JSON'}, {'all of them' if n != 1 else 'it'} in coco.json "
           f"(COCO keypoints), and {sheets} in {args.out}", file=sys.stderr)
+    if args.check:
+        print(_check_table(json.loads((args.out / "check.json").read_text(encoding="utf-8"))))
     if args.skip_bad and (args.out / "skipped.json").is_file():
         bad = json.loads((args.out / "skipped.json").read_text(encoding="utf-8"))
         print(f"{len(bad)} target{'s' if len(bad) != 1 else ''} could not be read and {'were' if len(bad) != 1 else 'was'} skipped "
@@ -853,6 +858,15 @@ def cmd_transfer(args) -> int:
         print(f"{kept.count(False)} of {len(kept)} points failed the forward-backward check (cycle above {args.max_cycle:g}): "
               "\"reliable\": false in their JSONs, unlabelled in coco.json, hollow on the sheet", file=sys.stderr)
     return 0
+
+
+def _check_table(doc: dict) -> str:
+    """A transfer's ``check.json`` as a table: PCK per point name and over all points."""
+    keys = [f"{a:g}" for a in doc["alphas"]]
+    width = max(10, *(len(n) + 2 for n in doc["by_point"]))
+    head = f"{'point':<{width}}{'points':>8}  " + "  ".join(f"{'a=' + k:>7}" for k in keys)
+    rows = [f"{n:<{width}}{v['n_points']:>8}  " + "  ".join(f"{100 * v[k]:7.2f}" for k in keys) for n, v in [*doc["by_point"].items(), ("all", doc["all"])]]
+    return "\n".join([f"check: {doc['protocol']}", head, *rows, "values in %"])
 
 
 def cmd_serve(args) -> int:

@@ -448,15 +448,17 @@ def run_match(matcher: Matcher, src: str | Path, trg: str | Path, out: str | Pat
 COCO_STEM = "coco"
 #: the targets a ``--skip-bad`` transfer passed over, with their problems (written only when there are some)
 SKIPPED_STEM = "skipped"
+#: a transfer's leave-one-out check over its sources (``--check``)
+CHECK_STEM = "check"
 
 
 def _target_names(targets: Sequence[Path], root: Path) -> list[str]:
     """Each target's output name (``<name>.json``): its path under ``root`` with ``__`` for
-    ``/``; with its extension where two share a stem (or a stem is ``coco`` or ``skipped``, the
-    transfer's own files), then a number where names still meet (``a/x.jpg`` and ``a__x.jpg``):
+    ``/``; with its extension where two share a stem (or a stem is ``coco``, ``skipped`` or
+    ``check``, the transfer's own files), then a number where names still meet (``a/x.jpg`` and ``a__x.jpg``):
     one file per target, always."""
     stems = [t.relative_to(root).with_suffix("").as_posix().replace("/", "__") for t in targets]
-    own = {COCO_STEM, SKIPPED_STEM}
+    own = {COCO_STEM, SKIPPED_STEM, CHECK_STEM}
     dup = {s for s in stems if stems.count(s) > 1} | own
     names = [(s + "_" + t.suffix.lstrip(".").lower()) if s in dup else s for s, t in zip(stems, targets)]
     taken: set[str] = set()
@@ -553,6 +555,40 @@ def best_of_sources(per_source: Sequence[list[dict]], names: Sequence[str]) -> l
     return out
 
 
+#: the thresholds of a transfer's leave-one-out check (``check_sources``)
+CHECK_ALPHAS = (0.05, 0.1, 0.15)
+
+
+def check_sources(matcher: Matcher, pics: Sequence[UserImage], point_sets: Sequence[list], alphas: Sequence[float] = CHECK_ALPHAS) -> dict:
+    """How well a transfer from these sources places points, measured on the sources: each
+    one's points predicted from the others as a target's are (``best_of_sources``), and
+    scored against its own: PCK@alpha with max(W, H) of its picture as the base, over all
+    points and per point name. A name no other source has is not checked."""
+    names = list(dict.fromkeys(n for ps in point_sets for n, _ in ps))
+    rows, per_source = [], []
+    for k, (b, truth) in enumerate(zip(pics, point_sets)):
+        others = [(a, ps) for j, (a, ps) in enumerate(zip(pics, point_sets)) if j != k]
+        have = {n for _, ps in others for n, _ in ps}
+        found = {m["name"]: m for m in best_of_sources([matcher.match_points(a, b, ps) for a, ps in others], [n for n in names if n in have])}
+        errs = []
+        for n, xy in truth:
+            if n in found:
+                err = float(np.linalg.norm(np.subtract(found[n]["target"], xy))) / max(b.size)
+                rows.append((n, err))
+                errs.append({"name": n, "error": round(err, 4), "predicted": found[n]["target"], "cycle": found[n]["cycle"]})
+        per_source.append({"path": b.name, "points": errs})
+    if not rows:
+        raise Sd4MatchError("no point of one source is named in another: the check predicts each source's points from the others")
+    keys = [f"{a:g}" for a in alphas]
+
+    def pck(errs):
+        return {"n_points": len(errs), **{k: float(np.mean([e <= a for e in errs])) for k, a in zip(keys, alphas)}}
+
+    return {"protocol": "leave-one-out over the sources: each source's points predicted from the others; "
+                        "correct within alpha x max(W, H) of its picture", "alphas": list(alphas), "all": pck([e for _, e in rows]),
+            "by_point": {n: pck([e for m, e in rows if m == n]) for n in names if any(m == n for m, _ in rows)}, "sources": per_source}
+
+
 def _target_doc(matcher: Matcher, src_doc: dict, b: UserImage, path: Path, matches: list[dict], max_cycle: float | None) -> dict:
     """A transfer's JSON of one target: its points (each with ``from`` when there are several
     sources, ``reliable`` with a ``max_cycle``), the source points they came from, the settings."""
@@ -641,7 +677,7 @@ def _sheet_pages(pics: Sequence[UserImage], point_sets: Sequence[list], views: S
 
 def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], points: Sequence, targets: str | Path, out: str | Path, *,
                  max_side: int = MAX_SIDE, progress: bool = True, sheet_columns: int = 4, sheet_targets: int = SHEET_TARGETS,
-                 max_cycle: float | None = None, skip_bad: bool = False) -> list[Path]:
+                 max_cycle: float | None = None, skip_bad: bool = False, check: bool = False) -> list[Path]:
     """``sd4match transfer``: place the named ``points`` of ``source`` on every image under
     ``targets``; write ``<name>.json`` per target, ``coco.json`` (all of them as COCO
     keypoints: ``coco_keypoints``) and ``sheet.png``; return the per-target JSON paths.
@@ -657,6 +693,9 @@ def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], po
 
     A target that cannot be read stops the transfer (naming it), unless ``skip_bad``: then
     it is passed over and listed, with its problem, in ``skipped.json``.
+
+    With ``check`` (several sources), ``check.json`` says how well the sources place each
+    other's points (``check_sources``): an estimate of the transfer's accuracy.
 
     The sheet shows the sources (the first ``SHEET_SOURCES``), then ``sheet_targets``
     targets a page: ``sheet.png``, then ``sheet-2.png``, ``sheet-3.png``, ... (each page with
@@ -676,6 +715,8 @@ def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], po
     for a, ps in zip(pics, point_sets):
         check_points(ps, a)
     names = list(dict.fromkeys(n for ps in point_sets for n, _ in ps))  # every name once, in the order first given
+    if check and len(pics) < 2:
+        raise Sd4MatchError("the check predicts each source's points from the other sources: give two or more")
     root = Path(targets)
     files = transfer_targets(root, srcs, out)
     out = Path(out)
@@ -710,6 +751,7 @@ def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], po
             views.append((name, b.image.copy().reduce(max(1, b.image.height // SHEET_TILE)), b.size, matches))  # at least a tile tall
     finally:
         kept.file.close()
+    checked = check_sources(matcher, pics, point_sets) if check else None
     if not views:
         raise Sd4MatchError(f"{root}: no target could be read ({len(skipped)} skipped: {skipped[0]['path']}: {skipped[0]['problem']}, ...)")
     with staged_dir(out) as stage:
@@ -719,6 +761,8 @@ def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], po
         (stage / f"{COCO_STEM}.json").write_text(json.dumps(coco, indent=1), encoding="utf-8")
         if skipped:
             (stage / f"{SKIPPED_STEM}.json").write_text(json.dumps(skipped, indent=1), encoding="utf-8")
+        if checked is not None:
+            (stage / f"{CHECK_STEM}.json").write_text(json.dumps(checked, indent=1), encoding="utf-8")
         for fname, sheet in _sheet_pages(pics, point_sets, views, per_page=sheet_targets, columns=sheet_columns, max_cycle=max_cycle):
             sheet.save(stage / fname, format="PNG")
     kept.path.unlink(missing_ok=True)
