@@ -610,6 +610,37 @@ def test_the_check_predicts_each_source_from_the_others(tmp_path, featurizer, wi
         run_transfer(Matcher(featurizer), tmp_path / "one.png", one, targets, tmp_path / "z", progress=False, check=True)
 
 
+def test_the_check_with_a_cycle_threshold_scores_what_it_keeps():
+    """check_sources with max_cycle, on matches set by hand: of 4 points, the 2 with a cycle
+    at most 0.1 are kept (share 0.5), one of them within 0.05 of its truth."""
+    from types import SimpleNamespace
+
+    from sd4match.usermatch import check_sources
+
+    pics = [SimpleNamespace(name=f"s{k}", size=(100, 50)) for k in range(2)]
+    sets = [[("a", (10.0, 10.0)), ("b", (50.0, 20.0))], [("a", (20.0, 10.0)), ("b", (50.0, 40.0))]]
+    # (from, to, name) -> (predicted target, cycle)
+    made = {("s1", "s0", "a"): ((11.0, 10.0), 0.02), ("s1", "s0", "b"): ((50.0, 30.0), 0.3),
+            ("s0", "s1", "a"): ((28.0, 10.0), 0.1), ("s0", "s1", "b"): ((50.0, 41.0), 0.5)}
+
+    class Stub:
+        def match_points(self, a, b, points):
+            return [{"name": n, "source": list(xy), "target": list(made[(a.name, b.name, n)][0]), "score": 0.5,
+                     "cycle": made[(a.name, b.name, n)][1]} for n, xy in points]
+
+    doc = check_sources(Stub(), pics, sets, max_cycle=0.1)
+    errors = [[p["error"] for p in s["points"]] for s in doc["sources"]]
+    assert errors == [[0.01, 0.1], [0.08, 0.01]]  # |predicted - truth| / 100
+    assert doc["all"] == {"n_points": 4, "0.05": 0.5, "0.1": 1.0, "0.15": 1.0}
+    assert doc["reliable"] == {"max_cycle": 0.1, "share": 0.5, "n_points": 2, "0.05": 0.5, "0.1": 1.0, "0.15": 1.0}
+    assert "reliable" not in check_sources(Stub(), pics, sets)
+    from sd4match.cli import _check_table
+
+    rows = [line.split() for line in _check_table(doc).splitlines()[2:-1]]
+    assert rows == [["a", "2", "50.00", "100.00", "100.00"], ["b", "2", "50.00", "100.00", "100.00"], ["all", "4", "50.00", "100.00", "100.00"],
+                    ["cycle", "<=", "0.1", "2", "50.00", "100.00", "100.00"]]
+
+
 def test_a_transfer_output_seeds_the_next_without_its_doubtful_points(tmp_path):
     """Points marked "reliable": false failed their check: they are no seed for another transfer."""
     doc = {"points": [{"name": "a", "x": 1.0, "y": 2.0, "reliable": True}, {"name": "b", "x": 3.0, "y": 4.0, "reliable": False},

@@ -559,11 +559,14 @@ def best_of_sources(per_source: Sequence[list[dict]], names: Sequence[str]) -> l
 CHECK_ALPHAS = (0.05, 0.1, 0.15)
 
 
-def check_sources(matcher: Matcher, pics: Sequence[UserImage], point_sets: Sequence[list], alphas: Sequence[float] = CHECK_ALPHAS) -> dict:
+def check_sources(matcher: Matcher, pics: Sequence[UserImage], point_sets: Sequence[list], alphas: Sequence[float] = CHECK_ALPHAS, *,
+                  max_cycle: float | None = None) -> dict:
     """How well a transfer from these sources places points, measured on the sources: each
     one's points predicted from the others as a target's are (``best_of_sources``), and
     scored against its own: PCK@alpha with max(W, H) of its picture as the base, over all
-    points and per point name. A name no other source has is not checked."""
+    points and per point name. A name no other source has is not checked. With
+    ``max_cycle``, also the share of points that pass the forward-backward check and their
+    PCK (``"reliable"``): what the threshold keeps, and how good what it keeps is."""
     names = list(dict.fromkeys(n for ps in point_sets for n, _ in ps))
     rows, per_source = [], []
     for k, (b, truth) in enumerate(zip(pics, point_sets)):
@@ -574,7 +577,7 @@ def check_sources(matcher: Matcher, pics: Sequence[UserImage], point_sets: Seque
         for n, xy in truth:
             if n in found:
                 err = float(np.linalg.norm(np.subtract(found[n]["target"], xy))) / max(b.size)
-                rows.append((n, err))
+                rows.append((n, err, reliable(found[n], max_cycle)))
                 errs.append({"name": n, "error": round(err, 4), "predicted": found[n]["target"], "cycle": found[n]["cycle"]})
         per_source.append({"path": b.name, "points": errs})
     if not rows:
@@ -584,9 +587,13 @@ def check_sources(matcher: Matcher, pics: Sequence[UserImage], point_sets: Seque
     def pck(errs):
         return {"n_points": len(errs), **{k: float(np.mean([e <= a for e in errs])) for k, a in zip(keys, alphas)}}
 
-    return {"protocol": "leave-one-out over the sources: each source's points predicted from the others; "
-                        "correct within alpha x max(W, H) of its picture", "alphas": list(alphas), "all": pck([e for _, e in rows]),
-            "by_point": {n: pck([e for m, e in rows if m == n]) for n in names if any(m == n for m, _ in rows)}, "sources": per_source}
+    out = {"protocol": "leave-one-out over the sources: each source's points predicted from the others; "
+                       "correct within alpha x max(W, H) of its picture", "alphas": list(alphas), "all": pck([e for _, e, _ in rows]),
+           "by_point": {n: pck([e for m, e, _ in rows if m == n]) for n in names if any(m == n for m, _, _ in rows)}, "sources": per_source}
+    if max_cycle is not None:
+        kept = [e for _, e, ok in rows if ok]
+        out["reliable"] = {"max_cycle": max_cycle, "share": len(kept) / len(rows), **(pck(kept) if kept else {"n_points": 0})}
+    return out
 
 
 def _target_doc(matcher: Matcher, src_doc: dict, b: UserImage, path: Path, matches: list[dict], max_cycle: float | None) -> dict:
@@ -751,7 +758,7 @@ def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], po
             views.append((name, b.image.copy().reduce(max(1, b.image.height // SHEET_TILE)), b.size, matches))  # at least a tile tall
     finally:
         kept.file.close()
-    checked = check_sources(matcher, pics, point_sets) if check else None
+    checked = check_sources(matcher, pics, point_sets, max_cycle=max_cycle) if check else None
     if not views:
         raise Sd4MatchError(f"{root}: no target could be read ({len(skipped)} skipped: {skipped[0]['path']}: {skipped[0]['problem']}, ...)")
     with staged_dir(out) as stage:
