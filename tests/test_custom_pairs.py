@@ -231,10 +231,13 @@ def test_prepare_custom_pairs_from_a_coco_file(tmp_path, willow_root, capsys):
     assert f"{files[3]}: missing (annotated in {coco}" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
 
-def test_prepare_custom_without_boxes_scores_against_the_picture(tmp_path, willow_root):
-    """--no-boxes: no box written, so the PCK base is max(W, H) of the target picture."""
+def test_prepare_custom_without_boxes_scores_against_the_picture(tmp_path, willow_root, capsys):
+    """--no-boxes: no box written, so the PCK base is max(W, H) of the target picture (and
+    ap10k's --copy is said to change nothing)."""
     coco, vis, *_ = _coco_folder(tmp_path, willow_root)
-    assert main(["datasets", "prepare", "custom", "--from", str(coco), "--root", str(tmp_path / "r"), "--val", "0", "--test", "0", "--no-boxes"]) == 0
+    assert main(["datasets", "prepare", "custom", "--from", str(coco), "--root", str(tmp_path / "r"), "--val", "0", "--test", "0", "--no-boxes",
+                 "--copy"]) == 0
+    assert "sd4match: warning: --copy changes nothing for custom" in capsys.readouterr().err
     recs = open_dataset("custom", tmp_path / "r").pairs("trn")
     assert len(recs) == 21 - 1  # every two of the 7 cars but the two that share no labelled point
     assert all(r.trg_bbox is None and r.pck_base["standard"] == max(r.trg_size) for r in recs)

@@ -474,6 +474,10 @@ def test_transfer_cli_from_coco(tmp_path, tiny, willow_root, capsys):
     assert "2 images from 2 sources" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "z")]) == 2
     assert "no source: give --source and --points, or --from-coco" in capsys.readouterr().err and not (tmp_path / "z").exists()
+    one = ["--source", str(root / "000000000004.jpg"), "--points", '{"nose": [400, 300]}']
+    assert main([*base, *one, "--check", "--coco-images", str(root), "--out", str(tmp_path / "z"), "--model", "no/such-model"]) == 2
+    err = capsys.readouterr().err  # before the model (none by that name) is looked for
+    assert "--coco-images" in err and "changes nothing without --from-coco" in err and "--check predicts each source's points" in err
 
 
 def test_a_stopped_transfer_continues_where_it_stopped(tmp_path, featurizer, willow_pair, willow_root, extractions, monkeypatch):

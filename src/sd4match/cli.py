@@ -630,6 +630,10 @@ def cmd_datasets_prepare(args) -> int:
     from sd4match.data.coco import prepare_custom
 
     check_output_folder(args.root, "--root")
+    mine = {"custom": ("images", "val", "test", "min_points", "seed", "no_boxes"), "ap10k": ("crowd", "copy")}[args.name]
+    defaults = {"images": None, "val": 0.1, "test": 0.2, "min_points": 1, "seed": 0, "no_boxes": False, "crowd": None, "copy": False}
+    _warn_changes_nothing([f"--{k.replace('_', '-')}" for k, v in defaults.items() if k not in mine and getattr(args, k) != v],
+                          tail=f" for {args.name}")
     if args.name == "custom":
         if not args.source.is_file():
             raise Sd4MatchError(f"--from {args.source}: no such file (custom: a COCO keypoints file)")
@@ -821,6 +825,8 @@ def cmd_transfer(args) -> int:
         raise Sd4MatchError(f"{len(sources)} --source and {len(specs)} --points: give each source its --points, in the same order")
     if not sources and args.from_coco is None:
         raise Sd4MatchError("no source: give --source and --points, or --from-coco")
+    _warn_changes_nothing([f"--coco-images {args.coco_images}"] if args.coco_images is not None and args.from_coco is None else [],
+                          tail=" without --from-coco")
     if not args.targets.is_dir():
         raise Sd4MatchError(f"--targets {args.targets}: no such folder")
     points = [_check_points(spec, src) for src, spec in zip(sources, specs)]
@@ -828,6 +834,8 @@ def cmd_transfer(args) -> int:
         for src, ps in coco_sources(args.from_coco, args.coco_images or args.targets):
             check_points_within(ps, str(src), oriented_size(src))
             sources, points = [*sources, src], [*points, ps]
+    if args.check and len(sources) < 2:
+        raise Sd4MatchError("--check predicts each source's points from the other sources: give two or more (--source/--points, --from-coco)")
     for src in dict.fromkeys(sources):
         check_picture(src)
     files = transfer_targets(args.targets, sources, args.out)

@@ -709,7 +709,9 @@ def run_transfer(matcher: Matcher, source: str | Path | Sequence[str | Path], po
     the sources first, one colour scale for all). Each source's features are extracted once,
     each target's once (a per-pair prompt, CPM: each source-target pair's maps once).
     Results are written into a staging folder and moved into ``out`` only when every target
-    succeeded, so a failure leaves an earlier run's ``out`` byte for byte as it was.
+    succeeded, so a failure leaves an earlier run's ``out`` byte for byte as it was; each
+    target's matches are kept as it is done (``transfer_partial``), so the same call after a
+    stop does only the targets left.
     """
     if sheet_targets < 1:
         raise Sd4MatchError(f"sheet_targets {sheet_targets}: a sheet shows at least one target")
