@@ -241,3 +241,7 @@ def test_prepare_custom_without_boxes_scores_against_the_picture(tmp_path, willo
     recs = open_dataset("custom", tmp_path / "r").pairs("trn")
     assert len(recs) == 21 - 1  # every two of the 7 cars but the two that share no labelled point
     assert all(r.trg_bbox is None and r.pck_base["standard"] == max(r.trg_size) for r in recs)
+    # --max-pairs: a seeded draw of that many, in the list's order
+    assert main(["datasets", "prepare", "custom", "--from", str(coco), "--root", str(tmp_path / "r5"), "--val", "0", "--test", "0", "--max-pairs", "5"]) == 0
+    few = [r.id for r in open_dataset("custom", tmp_path / "r5").pairs("trn")]
+    assert len(few) == 5 and few == [r.id for r in recs if r.id in few]

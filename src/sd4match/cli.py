@@ -336,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--val", type=_number(float, at_least=0, at_most=0.9), default=0.1, help="custom: each category's share of pictures for val")
     c.add_argument("--test", type=_number(float, at_least=0, at_most=0.9), default=0.2, help="custom: each category's share of pictures for test")
     c.add_argument("--min-points", type=_number(int, at_least=1), default=1, help="custom: a pair needs this many points labelled in both pictures")
-    c.add_argument("--seed", type=int, default=0, help="custom: the seed of the pictures' split")
+    c.add_argument("--max-pairs", type=_number(int, at_least=0), default=0,
+                   help="custom: at most this many pairs of a category in a split, drawn with --seed (0: every pair)")
+    c.add_argument("--seed", type=int, default=0, help="custom: the seed of the pictures' split (and of --max-pairs' draw)")
     c.add_argument("--no-boxes", action="store_true", help="custom: PCK base from the target picture's size, not the annotations' boxes "
                                                             "(for files whose boxes are the points' tight box, as a transfer's coco.json)")
     c.set_defaults(func=cmd_datasets_prepare)
@@ -630,15 +632,15 @@ def cmd_datasets_prepare(args) -> int:
     from sd4match.data.coco import prepare_custom
 
     check_output_folder(args.root, "--root")
-    mine = {"custom": ("images", "val", "test", "min_points", "seed", "no_boxes"), "ap10k": ("crowd", "copy")}[args.name]
-    defaults = {"images": None, "val": 0.1, "test": 0.2, "min_points": 1, "seed": 0, "no_boxes": False, "crowd": None, "copy": False}
+    mine = {"custom": ("images", "val", "test", "min_points", "max_pairs", "seed", "no_boxes"), "ap10k": ("crowd", "copy")}[args.name]
+    defaults = {"images": None, "val": 0.1, "test": 0.2, "min_points": 1, "max_pairs": 0, "seed": 0, "no_boxes": False, "crowd": None, "copy": False}
     _warn_changes_nothing([f"--{k.replace('_', '-')}" for k, v in defaults.items() if k not in mine and getattr(args, k) != v],
                           tail=f" for {args.name}")
     if args.name == "custom":
         if not args.source.is_file():
             raise Sd4MatchError(f"--from {args.source}: no such file (custom: a COCO keypoints file)")
         made = prepare_custom(args.source, args.images or args.source.parent, args.root, val=args.val, test=args.test, seed=args.seed,
-                              min_points=args.min_points, boxes=not args.no_boxes)
+                              min_points=args.min_points, boxes=not args.no_boxes, max_pairs=args.max_pairs)
         counts = {split: f"{n['pairs']} pairs of {n['pictures']} pictures" for split, n in made.items()}
     else:
         counts = {split: f"{n} pairs" for split, n in prepare_ap10k(args.source, args.root, crowd=args.crowd, link=not args.copy).items()}

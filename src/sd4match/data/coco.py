@@ -106,14 +106,16 @@ def _path_from(root: Path, picture: Path) -> str:
 
 
 def prepare_custom(coco: str | Path, images: str | Path, root: str | Path, *, val: float = 0.1, test: float = 0.2, seed: int = 0,
-                   min_points: int = 1, boxes: bool = True) -> dict[str, dict[str, int]]:
+                   min_points: int = 1, boxes: bool = True, max_pairs: int = 0) -> dict[str, dict[str, int]]:
     """Your own annotations as ``--dataset custom`` pair lists: ``root/{trn,val,test}.jsonl``.
 
     The pictures of each category (a picture goes with its first instance's category) are
     shuffled with ``seed``; ``round(test * n)`` of them are test's, ``round(val * n)`` val's,
-    the rest trn's (a share of one picture goes to trn: a pair needs two). Within a split, every two instances of a category on different pictures make
-    a pair (in file order, the earlier the source) when at least ``min_points`` points are
-    labelled in both; its points are those, with their names (the category's ``keypoints``)
+    the rest trn's (a share of one picture goes to trn: a pair needs two). Within a split,
+    every two instances of a category on different pictures make a pair (in file order, the
+    earlier the source) when at least ``min_points`` points are labelled in both (with
+    ``max_pairs``, at most that many of a category in a split, drawn with ``seed``, kept in
+    that order); its points are those, with their names (the category's ``keypoints``)
     as ``meta.kps_ids`` for results per keypoint, and its boxes the instances' (the PCK base:
     the target box, else the target picture; without ``boxes`` no box is written, so the base
     is the target picture's size: for files whose boxes are the points' tight box). A picture
@@ -125,8 +127,8 @@ def prepare_custom(coco: str | Path, images: str | Path, root: str | Path, *, va
     """
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise Sd4MatchError(f"val {val} and test {test}: each a share in [0, 1), together below 1 (the rest is trn)")
-    if min_points < 1:
-        raise Sd4MatchError(f"min_points {min_points}: a pair needs at least one point")
+    if min_points < 1 or max_pairs < 0:
+        raise Sd4MatchError(f"min_points {min_points}, max_pairs {max_pairs}: a pair needs a point; max_pairs is a count (0: every pair)")
     images, root = Path(images), Path(root)
     held = [s for s in SPLITS if (root / f"{s}.jsonl").exists()]
     if held:
@@ -146,17 +148,23 @@ def prepare_custom(coco: str | Path, images: str | Path, root: str | Path, *, va
         n_test, n_val = (k if k >= 2 else 0 for k in (round(test * n), round(val * n)))
         for i, f in enumerate(pics):
             split_of[f] = "test" if i < n_test else "val" if i < n_test + n_val else "trn"
+    groups: dict[tuple[str, str], list[CocoInstance]] = {}  # (split, category) -> its instances, in file order
+    for inst in instances:
+        groups.setdefault((split_of[inst.file_name], inst.category), []).append(inst)
     lines: dict[str, list[str]] = {s: [] for s in SPLITS}
     pictures: dict[str, set[str]] = {s: set() for s in SPLITS}
-    for i, a in enumerate(instances):
-        for b in instances[i + 1:]:
-            split = split_of[a.file_name]
-            if b.category != a.category or b.file_name == a.file_name or split_of[b.file_name] != split:
-                continue
-            both = np.nonzero(a.labelled & b.labelled)[0] if a.names == b.names else np.zeros(0, dtype=int)
-            if len(both) < min_points:
-                continue
-            pair = {"id": f"{a.id}-{b.id}", "category": a.category, "src": _path_from(root, images / a.file_name), "trg": _path_from(root, images / b.file_name),
+    paths = {inst.file_name: _path_from(root, images / inst.file_name) for inst in instances}
+    for (split, _), group in groups.items():
+        chosen = []
+        for i, a in enumerate(group):
+            for b in group[i + 1:]:
+                both = np.nonzero(a.labelled & b.labelled)[0] if a.names == b.names and a.file_name != b.file_name else ()
+                if len(both) >= min_points:
+                    chosen.append((a, b, both))
+        if max_pairs and len(chosen) > max_pairs:
+            chosen = [chosen[k] for k in sorted(rng.sample(range(len(chosen)), max_pairs))]
+        for a, b, both in chosen:
+            pair = {"id": f"{a.id}-{b.id}", "category": a.category, "src": paths[a.file_name], "trg": paths[b.file_name],
                     "src_kps": a.points[both, :2].tolist(), "trg_kps": b.points[both, :2].tolist(),
                     **{f"{side}_bbox": list(inst.bbox) for side, inst in (("src", a), ("trg", b)) if boxes and inst.bbox is not None},
                     "meta": {"kps_ids": [a.names[j] for j in both]}}
