@@ -440,8 +440,17 @@ def test_a_transfers_coco_json_corrected_seeds_the_next_transfer(tmp_path, featu
     mixed = json.loads(json.dumps(coco))
     mixed["categories"].append({"id": 2, "name": "car", "supercategory": ""})
     mixed["annotations"].append({"id": 9, "image_id": 1, "category_id": 2, "bbox": [0, 0, 5, 5], "area": 25, "iscrowd": 0, "segmentation": []})
+    mixed["annotations"].append({"id": 10, "image_id": 2, "category_id": 1, "bbox": [0, 0, 5, 5], "keypoints": []})  # a box not yet annotated
     (tmp_path / "mixed.json").write_text(json.dumps(mixed))
     assert coco_sources(tmp_path / "mixed.json", targets) == want
+    # file names as a Windows tool writes them
+    (targets / "sub").mkdir()
+    moved = targets / "sub" / Path(mixed["images"][0]["file_name"]).name
+    (targets / mixed["images"][0]["file_name"]).rename(moved)
+    mixed["images"][0]["file_name"] = "sub\\" + moved.name
+    (tmp_path / "mixed.json").write_text(json.dumps(mixed))
+    assert coco_sources(tmp_path / "mixed.json", targets)[0] == (moved, want[0][1])
+    moved.rename(targets / moved.name)
     bad = tmp_path / "bad.json"
     for change, problem in ((lambda c: c.pop("categories"), "not a COCO keypoints file"),
                             (lambda c: c["annotations"][0]["keypoints"].extend([1, 2, 2]), "3 keypoints, but its category names 2"),

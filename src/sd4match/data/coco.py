@@ -50,7 +50,7 @@ def read_coco_keypoints(path: str | Path) -> list[CocoInstance]:
     path = Path(path)
     try:
         d = json.loads(read_user_text(path, DataError))
-        files = {im["id"]: str(im["file_name"]) for im in d["images"]}
+        files = {im["id"]: str(im["file_name"]).replace("\\", "/") for im in d["images"]}  # a Windows tool's a\b.jpg is a/b.jpg
         cats = {c["id"]: (str(c.get("name", c["id"])), tuple(str(n) for n in c.get("keypoints") or ())) for c in d["categories"]}
         annotations = list(d["annotations"])
     except json.JSONDecodeError as e:
@@ -63,7 +63,7 @@ def read_coco_keypoints(path: str | Path) -> list[CocoInstance]:
         if not isinstance(a, dict) or a.get("category_id") not in cats or a.get("image_id") not in files:
             raise Sd4MatchError(f"{where}: its category_id or image_id is not in the file's categories or images")
         category, names = cats[a["category_id"]]
-        if not names or "keypoints" not in a:  # a box or outline of a category without keypoints: no points
+        if not names or not a.get("keypoints"):  # a box or outline (of a category without keypoints, or not yet annotated): no points
             continue
         points = coco_keypoints(a["keypoints"], where)
         if len(points) != len(names):
