@@ -78,6 +78,6 @@ def test_the_readmes_offline_examples_run_as_pasted(clone_folder):
     # what the commands say they write is there
     runs = clone_folder / "runs"
     for f in ("demo/matches.json", "demo/matches.png", "demo-birds/warped.png", "demo-birds/confidence.png", "demo-birds/dense.npz", "demo-birds/pca.png",
-              "features/index.json", "features/pca.png", "cat-dog/matches.json", "transfer/sheet.png", "transfer/coco.json", "transfer-2/coco.json", "my-prompt/prompt.safetensors", "my-prompt/config.json",
+              "features/index.json", "features/pca.png", "cat-dog/matches.json", "transfer/sheet.png", "transfer/coco.json", "transfer-2/coco.json", "transfer-2/check.json", "my-prompt/prompt.safetensors", "my-prompt/config.json",
               "willow-effnet/score.json", "willow-same-place/score.json", "willow-look/pairs.jsonl", "willow-look/worst.png"):
         assert (runs / f).is_file(), f
