@@ -60,7 +60,11 @@ def read_coco_keypoints(path: str | Path) -> list[CocoInstance]:
     out = []
     for k, a in enumerate(annotations):
         where = f"{path}: annotation {a.get('id', k) if isinstance(a, dict) else k}"
-        if not isinstance(a, dict) or a.get("category_id") not in cats or a.get("image_id") not in files:
+        try:
+            known = isinstance(a, dict) and a.get("category_id") in cats and a.get("image_id") in files
+        except TypeError:  # an id that is a list or an object
+            known = False
+        if not known:
             raise Sd4MatchError(f"{where}: its category_id or image_id is not in the file's categories or images")
         category, names = cats[a["category_id"]]
         if not names or not a.get("keypoints"):  # a box or outline (of a category without keypoints, or not yet annotated): no points
