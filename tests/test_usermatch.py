@@ -64,7 +64,7 @@ def test_match_cli_writes_json_and_picture(tmp_path, tiny, willow_pair):
     assert np.median(np.abs(arr[:, :720] - left)) < 1.0
 
 
-def test_match_marks_the_matches_that_fail_the_cycle_check(tmp_path, featurizer, willow_pair, capsys):
+def test_match_marks_the_matches_that_fail_the_cycle_check(tmp_path, featurizer, willow_pair):
     """``match --max-cycle``: each match's "reliable" is its cycle <= the threshold, with the
     threshold recorded; the matches themselves are those of a run without it."""
     a, b = willow_pair
@@ -291,7 +291,6 @@ def test_transfer_into_a_folder_inside_its_targets_never_reads_its_own_output(tm
             [f"{p.stem}.json" for p in targets.glob("*.png")] + ["coco.json", "sheet.png"])
 
 
-
 def test_coco_keypoints_leave_points_that_fail_the_cycle_check_unlabelled():
     """``max_cycle``: a point whose cycle exceeds it is COCO's "not labelled" [0, 0, 0], outside
     num_keypoints and the box; its score and cycle stay listed (values by hand)."""
@@ -338,7 +337,6 @@ def test_transfer_marks_points_that_fail_the_cycle_check(tmp_path, tiny, willow_
     with pytest.raises(SystemExit):
         main([*base, "--out", str(tmp_path / "z"), "--max-cycle", "0"])
     assert "must be above 0" in capsys.readouterr().err and not (tmp_path / "z").exists()
-
 
 
 def test_best_of_sources_takes_the_match_that_comes_back_closest():

@@ -40,7 +40,7 @@ def test_a_point_that_failed_its_check_is_a_ring_the_picture_seen_through_it():
     assert out.getpixel((75, 150)) == GREY and out.getpixel((225, 150)) == green
     assert green in [out.getpixel((75 + d, 150)) for d in range(1, r + 1)]  # the ring, in the point's colour
     assert out.getpixel((75 + r + 6, 150)) == GREY  # nothing beyond it
-    # matches: both ends of one that failed are rings (the line runs through them), the legend says so
+    # matches: both ends of one that failed are rings (the line runs through them)
     src = Image.new("RGB", (300, 300), GREY)
     ms = [{"name": "", "source": [150.0, 60.0], "target": [150.0, 60.0], "score": 1.0, "reliable": False},
           {"name": "", "source": [150.0, 240.0], "target": [150.0, 240.0], "score": 0.0}]

@@ -203,8 +203,8 @@ def draw_matches(src: Image.Image, trg: Image.Image, src_size: Sequence[int], tr
             _mark(draw, x, y, r, col, None, font, hollow=hollow)
             if labels and name:
                 placer.place(x, y, r, name, panel)
-    hollow = "; hollow: failed the forward-backward check" if any(e[-1] for e in ends) else ""
-    return _legend(canvas, lo, hi, f"match score (cosine{hollow}):", colour) if matches else canvas
+    rings = "; hollow: failed the forward-backward check" if any(e[-1] for e in ends) else ""
+    return _legend(canvas, lo, hi, f"match score (cosine{rings}):", colour) if matches else canvas
 
 
 RIGHT, WRONG = (40, 190, 70), (230, 40, 40)
