@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from sd4match.batching import Batcher
 from sd4match.config import EVAL_PRESETS, EvalConfig, MatchConfig, as_dict
-from sd4match.data import dataset_options, open_dataset
+from sd4match.data import DATASETS, dataset_options, open_dataset
 from sd4match.data.records import PairRecord, limit_record, limit_rule_changed, select_pairs
 from sd4match.errors import DataError, Sd4MatchError, Sd4MatchWarning, first_line
 from sd4match.features.registry import weights_revision
@@ -310,7 +310,7 @@ def check_held_out(prompt: Prompt | None, cfg: EvalConfig) -> None:
     """A warning when the prompt's training record says it learned from the split it is
     evaluated on (a benchmark's: its pairs do not depend on the root; your own data's may)."""
     t = prompt.config.training if prompt is not None else {}
-    if t.get("dataset") == cfg.dataset and t.get("split") == cfg.split and cfg.dataset not in ("synthetic", "custom"):
+    if t.get("dataset") == cfg.dataset and t.get("split") == cfg.split and not DATASETS[cfg.dataset].pairs_from_root:
         warnings.warn(f"the prompt was trained on {cfg.dataset}/{cfg.split}, the split it is evaluated on: its scores there are not held out, "
                       "and not comparable with published numbers", Sd4MatchWarning, stacklevel=3)
 

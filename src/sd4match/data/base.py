@@ -26,6 +26,9 @@ class PairDataset(abc.ABC):
     #: whether the layout has a pair list for every split (``datasets check`` names a missing one);
     #: a custom root holds the splits its owner wrote
     every_split: ClassVar[bool] = True
+    #: whether a split's pairs are made from what the root holds (your own pictures or lists):
+    #: the same dataset and split name may then be other pairs under another root
+    pairs_from_root: ClassVar[bool] = False
     #: the reader's own options (``open_dataset(name, root, **options)``; the CLI's ``--images``, ``--all-pairs``)
     options: ClassVar[tuple[str, ...]] = ()
     #: groupings of the pairs besides their category (``meta["groups"]``), reported by ``score``

@@ -39,6 +39,7 @@ class CustomPairs(PairDataset):
     splits = ("trn", "val", "test")
     base_rule = "bbox"
     every_split = False
+    pairs_from_root = True
     convention = "your own pairs: max(w, h) of the target box when given, else max(W, H) of the target picture"
 
     def layout_problem(self) -> str | None:

@@ -238,6 +238,7 @@ class SyntheticPairs(PairDataset):
     """
 
     name = "synthetic"
+    pairs_from_root = True
     splits = ("trn", "val", "test")
     base_rule = "image"
 
