@@ -872,15 +872,12 @@ def cmd_transfer(args) -> int:
 
 def _check_table(doc: dict) -> str:
     """A transfer's ``check.json`` as a table: PCK per point name and over all points."""
-    keys = [f"{a:g}" for a in doc["alphas"]]
-    width = max(10, *(len(n) + 2 for n in doc["by_point"]))
+    from sd4match.metrics import alpha_key, pck_rows
+
     scored = [*doc["by_point"].items(), ("all", doc["all"])]
     if "reliable" in doc and doc["reliable"]["n_points"]:  # what --max-cycle keeps
         scored.append((f"cycle <= {doc['reliable']['max_cycle']:g}", doc["reliable"]))
-        width = max(width, len(scored[-1][0]) + 2)
-    head = f"{'point':<{width}}{'points':>8}  " + "  ".join(f"{'a=' + k:>7}" for k in keys)
-    rows = [f"{n:<{width}}{v['n_points']:>8}  " + "  ".join(f"{100 * v[k]:7.2f}" for k in keys) for n, v in scored]
-    return "\n".join([f"check: {doc['protocol']}", head, *rows, "values in %"])
+    return "\n".join([f"check: {doc['protocol']}", *pck_rows("point", scored, [alpha_key(a) for a in doc["alphas"]]), "values in %"])
 
 
 def cmd_serve(args) -> int:

@@ -395,12 +395,17 @@ def keypoint_table(result: dict, title: str = "") -> str:
              "over its category's pairs"]
     names = result.get("keypoint_names", {})
     for cat, kps in result["by_keypoint"].items():
-        labels = {k: f"{k} {names[k]}" if k in names else k for k in kps}
-        width = max(10, *(len(v) + 2 for v in labels.values()))
-        lines += ["", f"[{cat}]", f"{'keypoint':<{width}}{'points':>8}  " + "  ".join(f"{'a=' + k:>7}" for k in keys)]
-        lines += [f"{labels[k]:<{width}}{v['n_points']:>8}  " + "  ".join(f"{100 * v[a]:7.2f}" for a in keys) for k, v in kps.items()]
+        lines += ["", f"[{cat}]", *pck_rows("keypoint", [(f"{k} {names[k]}" if k in names else k, v) for k, v in kps.items()], keys)]
     lines += ["", "values in %"]
     return "\n".join(lines)
+
+
+def pck_rows(first: str, rows: Sequence[tuple[str, dict]], keys: Sequence[str]) -> list[str]:
+    """A PCK table's lines: its header (``first`` names the first column), then one line per
+    ``(label, {"n_points": n, alpha key: share correct})``, the shares in %."""
+    width = max([10, *(len(label) + 2 for label, _ in rows)])
+    head = f"{first:<{width}}{'points':>8}  " + "  ".join(f"{'a=' + k:>7}" for k in keys)
+    return [head, *(f"{label:<{width}}{v['n_points']:>8}  " + "  ".join(f"{100 * v[k]:7.2f}" for k in keys) for label, v in rows)]
 
 
 def geo_aware_all(doc: dict) -> dict[str, dict[str, float]]:

@@ -32,6 +32,7 @@ from sd4match.errors import DataError, Sd4MatchError, Sd4MatchWarning
 from sd4match.features.base import rgb_image
 from sd4match.fileio import atomic_write_text, read_user_text, staged_dir
 from sd4match.matching import MATCH_RULES, border_contrast, dense_match, match_pixels, point_correlation
+from sd4match.metrics import alpha_key, pck_correct
 from sd4match.prompts import prompt_fingerprint, resolve_prompt
 from sd4match.store import Store, image_key
 from sd4match.version import __version__
@@ -573,25 +574,26 @@ def check_sources(matcher: Matcher, pics: Sequence[UserImage], point_sets: Seque
         others = [(a, ps) for j, (a, ps) in enumerate(zip(pics, point_sets)) if j != k]
         have = {n for _, ps in others for n, _ in ps}
         found = {m["name"]: m for m in best_of_sources([matcher.match_points(a, b, ps) for a, ps in others], [n for n in names if n in have])}
-        errs = []
-        for n, xy in truth:
-            if n in found:
-                err = float(np.linalg.norm(np.subtract(found[n]["target"], xy))) / max(b.size)
-                rows.append((n, err, reliable(found[n], max_cycle)))
-                errs.append({"name": n, "error": round(err, 4), "predicted": found[n]["target"], "cycle": found[n]["cycle"]})
-        per_source.append({"path": b.name, "points": errs})
+        checked = [(n, xy) for n, xy in truth if n in found]
+        if not checked:
+            per_source.append({"path": b.name, "points": []})
+            continue
+        pred, gt = np.array([found[n]["target"] for n, _ in checked], dtype=np.float64), np.array([xy for _, xy in checked], dtype=np.float64)
+        err = np.linalg.norm(pred - gt, axis=1) / max(b.size)
+        rows += [(n, ok, reliable(found[n], max_cycle)) for (n, _), ok in zip(checked, pck_correct(pred, gt, max(b.size), alphas))]
+        per_source.append({"path": b.name, "points": [{"name": n, "error": round(float(e), 4), "predicted": found[n]["target"], "cycle": found[n]["cycle"]}
+                                                      for (n, _), e in zip(checked, err)]})
     if not rows:
         raise Sd4MatchError("no point of one source is named in another: the check predicts each source's points from the others")
-    keys = [f"{a:g}" for a in alphas]
 
-    def pck(errs):
-        return {"n_points": len(errs), **{k: float(np.mean([e <= a for e in errs])) for k, a in zip(keys, alphas)}}
+    def pck(verdicts):
+        return {"n_points": len(verdicts), **{alpha_key(a): float(np.mean([v[i] for v in verdicts])) for i, a in enumerate(alphas)}}
 
     out = {"protocol": "leave-one-out over the sources: each source's points predicted from the others; "
-                       "correct within alpha x max(W, H) of its picture", "alphas": list(alphas), "all": pck([e for _, e, _ in rows]),
-           "by_point": {n: pck([e for m, e, _ in rows if m == n]) for n in names if any(m == n for m, _, _ in rows)}, "sources": per_source}
+                       "correct within alpha x max(W, H) of its picture", "alphas": list(alphas), "all": pck([ok for _, ok, _ in rows]),
+           "by_point": {n: pck([ok for m, ok, _ in rows if m == n]) for n in names if any(m == n for m, _, _ in rows)}, "sources": per_source}
     if max_cycle is not None:
-        kept = [e for _, e, ok in rows if ok]
+        kept = [ok for _, ok, keep in rows if keep]
         out["reliable"] = {"max_cycle": max_cycle, "share": len(kept) / len(rows), **(pck(kept) if kept else {"n_points": 0})}
     return out
 
