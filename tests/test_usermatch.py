@@ -454,6 +454,7 @@ def test_a_transfers_coco_json_corrected_seeds_the_next_transfer(tmp_path, featu
                             (lambda c: c["annotations"][0]["keypoints"].extend([1, 2, 2]), "3 keypoints, but its category names 2"),
                             (lambda c: c["images"][0].update(file_name="gone.png"), "gone.png: missing"),
                             (lambda c: c["annotations"][0].update(image_id=[1]), "annotation 1: its category_id or image_id is not in"),
+                            (lambda c: c["categories"][0].update(keypoints=["a", "a"]), "annotation 1: its category names a keypoint twice"),
                             (lambda c: [a.update(keypoints=[0, 0, 0, 0, 0, 0]) for a in c["annotations"]], "holds no labelled keypoint")):
         broken = json.loads(json.dumps(coco))
         change(broken)

@@ -53,6 +53,7 @@ def read_coco_keypoints(path: str | Path) -> list[CocoInstance]:
         files = {im["id"]: str(im["file_name"]).replace("\\", "/") for im in d["images"]}  # a Windows tool's a\b.jpg is a/b.jpg
         cats = {c["id"]: (str(c.get("name", c["id"])), tuple(str(n) for n in c.get("keypoints") or ())) for c in d["categories"]}
         annotations = list(d["annotations"])
+        twice = {cid for cid, (_, names) in cats.items() if len(set(names)) != len(names)}  # categories naming a keypoint twice
     except json.JSONDecodeError as e:
         raise DataError(path, f"not valid JSON ({e})") from None
     except (TypeError, KeyError, AttributeError) as e:
@@ -72,7 +73,7 @@ def read_coco_keypoints(path: str | Path) -> list[CocoInstance]:
         points = coco_keypoints(a["keypoints"], where)
         if len(points) != len(names):
             raise Sd4MatchError(f"{where}: {len(points)} keypoints, but its category names {len(names)}")
-        if len(set(names)) != len(names):
+        if a["category_id"] in twice:
             raise Sd4MatchError(f"{where}: its category names a keypoint twice; each point is told apart by its name")
         out.append(CocoInstance(str(a.get("id", k)), a["image_id"], files[a["image_id"]], category, names, points, _box(a.get("bbox"))))
     return out
@@ -157,7 +158,7 @@ def prepare_custom(coco: str | Path, images: str | Path, root: str | Path, *, va
         groups.setdefault((split_of[inst.file_name], inst.category), []).append(inst)
     lines: dict[str, list[str]] = {s: [] for s in SPLITS}
     pictures: dict[str, set[str]] = {s: set() for s in SPLITS}
-    paths = {inst.file_name: _path_from(root, images / inst.file_name) for inst in instances}
+    paths = {f: _path_from(root, images / f) for f in first_category}  # each picture once
     for (split, _), group in groups.items():
         chosen = []
         for i, a in enumerate(group):
