@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="custom: the seed of the pictures' split (and of --max-pairs' draw)")
     c.add_argument("--no-boxes", action="store_true", help="custom: PCK base from the target picture's size, not the annotations' boxes "
                                                             "(for files whose boxes are the points' tight box, as a transfer's coco.json)")
-    c.set_defaults(func=cmd_datasets_prepare)
+    c.set_defaults(func=cmd_datasets_prepare, flag_defaults={d: c.get_default(d) for ds in PREPARE_FLAGS.values() for d in ds})
 
     p = command("features", "extract and keep the feature maps of a folder of images")
     p.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
@@ -626,16 +626,18 @@ def cmd_datasets_check(args) -> int:
     return 0
 
 
+#: the flags of ``datasets prepare`` that one dataset reads (another's, given, change nothing)
+PREPARE_FLAGS = {"ap10k": ("crowd", "copy"), "custom": ("images", "val", "test", "min_points", "max_pairs", "seed", "no_boxes")}
+
+
 def cmd_datasets_prepare(args) -> int:
     from sd4match.checks import check_output_folder
     from sd4match.data import prepare_ap10k
     from sd4match.data.coco import prepare_custom
 
     check_output_folder(args.root, "--root")
-    mine = {"custom": ("images", "val", "test", "min_points", "max_pairs", "seed", "no_boxes"), "ap10k": ("crowd", "copy")}[args.name]
-    defaults = {"images": None, "val": 0.1, "test": 0.2, "min_points": 1, "max_pairs": 0, "seed": 0, "no_boxes": False, "crowd": None, "copy": False}
-    _warn_changes_nothing([f"--{k.replace('_', '-')}" for k, v in defaults.items() if k not in mine and getattr(args, k) != v],
-                          tail=f" for {args.name}")
+    others = [d for name, ds in PREPARE_FLAGS.items() if name != args.name for d in ds]
+    _warn_changes_nothing([f"--{d.replace('_', '-')}" for d in others if getattr(args, d) != args.flag_defaults[d]], tail=f" for {args.name}")
     if args.name == "custom":
         if not args.source.is_file():
             raise Sd4MatchError(f"--from {args.source}: no such file (custom: a COCO keypoints file)")
